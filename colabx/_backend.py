@@ -1,0 +1,87 @@
+"""Glue between torch tensors and the ``colabx._C`` kernels.
+
+The extension never sees a torch object: Python allocates every tensor, makes it contiguous and
+passes its address, sizes and dtype code; CUDA kernels also get the device index and the current
+stream handle. This keeps one build usable with any torch version.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from types import ModuleType
+
+import torch
+
+# Must match csrc/common/macros.h::DType.
+DTYPE_CODES: dict[torch.dtype, int] = {
+    torch.float32: 0,
+    torch.float16: 1,
+    torch.bfloat16: 2,
+    torch.float64: 3,
+    torch.uint8: 4,
+    torch.bool: 5,
+    torch.int32: 6,
+    torch.int64: 7,
+}
+
+
+@functools.cache
+def ext() -> ModuleType:
+    """The compiled extension; raises ImportError with a build hint when it is missing."""
+    try:
+        from colabx import _C
+    except ImportError as err:  # pragma: no cover - only without a build
+        raise ImportError(
+            "colabx's compiled extension colabx._C is missing; install the package with "
+            "`pip install .` (it builds the C++/CUDA kernels) instead of importing the source tree"
+        ) from err
+    return _C
+
+
+def dtype_code(t: torch.Tensor) -> int:
+    return DTYPE_CODES[t.dtype]
+
+
+def addr(t: torch.Tensor | None) -> int:
+    """Address of a contiguous tensor's first element (0 for None)."""
+    return 0 if t is None else t.data_ptr()
+
+
+def num_threads() -> int:
+    """CPU threads for a kernel call: follows ``torch.get_num_threads()``."""
+    return max(1, torch.get_num_threads())
+
+
+@functools.cache
+def cuda_kernels_available() -> bool:
+    """True when the extension was built with CUDA and its runtime sees a device."""
+    _C = ext()
+    return bool(_C.built_with_cuda) and _C.cuda_device_count() > 0
+
+
+def stream_of(t: torch.Tensor) -> int:
+    """The current CUDA stream handle on ``t``'s device."""
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def use_cuda_kernels(t: torch.Tensor, op: str) -> bool:
+    """Whether ``op`` on CUDA tensor ``t`` runs colabx's CUDA kernels.
+
+    False means the caller must run the pure-PyTorch reference twin; a warning says so once.
+    """
+    if cuda_kernels_available():
+        return True
+    _warn_fallback(op)
+    return False
+
+
+@functools.cache
+def _warn_fallback(op: str) -> None:
+    warnings.warn(
+        f"colabx.{op}: colabx was built without CUDA kernels (or its CUDA runtime sees no device); "
+        "running the pure-PyTorch reference on the GPU instead. Rebuild with nvcc on PATH "
+        "(COLABX_CUDA=on) for the fused kernels.",
+        RuntimeWarning,
+        stacklevel=3,
+    )

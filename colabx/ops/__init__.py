@@ -1,0 +1,1 @@
+"""The three fused CoLab ops; each module holds one op's autograd, dispatch and fake kernel."""

@@ -1,0 +1,2 @@
+def distance_transform(*args, **kwargs):
+    raise NotImplementedError("placeholder")

@@ -1,0 +1,18 @@
+// Host-side helpers shared by the CUDA kernels: error checks, stream/device handling.
+#pragma once
+
+#include <cstdint>
+
+namespace colabx::cuda {
+
+// Number of CUDA devices; 0 when no driver or device is present (never throws).
+int device_count();
+
+// Makes `device` current for this thread and returns the stream handle as cudaStream_t-compatible
+// pointer. Throws std::runtime_error naming `what` on failure.
+void* prepare(int device, uintptr_t stream, const char* what);
+
+// Throws std::runtime_error naming `what` if the last launch failed.
+void check_launch(const char* what);
+
+}  // namespace colabx::cuda
