@@ -1,0 +1,1 @@
+"""Per-op benchmark cases: each module exposes cases(device, quick) -> list[Case]."""
