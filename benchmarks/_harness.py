@@ -36,15 +36,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_callable(fn: Callable[[], object], device: torch.device, min_time_s: float = 0.5,
-                  warmup: int = 2, max_reps: int = 200) -> dict[str, float]:
+def time_callable(
+    fn: Callable[[], object],
+    device: torch.device,
+    min_time_s: float = 0.5,
+    warmup: int = 2,
+    max_reps: int = 200,
+) -> dict[str, float]:
     """Median and spread (ms) of ``fn`` after ``warmup`` calls; at least 5 timed runs."""
     for _ in range(warmup):
         fn()
     _sync(device)
     times: list[float] = []
     start_all = time.perf_counter()
-    while len(times) < 5 or (time.perf_counter() - start_all < min_time_s and len(times) < max_reps):
+    while len(times) < 5 or (
+        time.perf_counter() - start_all < min_time_s and len(times) < max_reps
+    ):
         if device.type == "cuda":
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
@@ -121,7 +128,9 @@ def format_table(rows: list[dict]) -> str:
         cells = [r["op"], r["size"]]
         for lab in labels:
             t = r["timings"].get(lab)
-            cells.append("—" if t is None else (f"{t['median_ms']:.3f}" if "median_ms" in t else "error"))
+            cells.append(
+                "—" if t is None else (f"{t['median_ms']:.3f}" if "median_ms" in t else "error")
+            )
         sp = r.get("speedup_vs", {})
         cells.append(", ".join(f"{k} {v:.2f}×" for k, v in sp.items()) or "—")
         bw = r.get("effective_TBps")

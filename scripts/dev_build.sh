@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # In-place developer build: compiles colabx._C into ./colabx so `PYTHONPATH=. pytest` works
 # without reinstalling. Usage: scripts/dev_build.sh [cpu|cuda] (default cpu; cuda compiles for
-# COLABX_CUDA_ARCHS, default 90). Build trees live under build/dev-<mode>.
+# COLABX_CUDA_ARCHS, default 90). Build trees live under build/dev-<mode>; the last build wins.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-cpu}
@@ -12,4 +12,4 @@ cmake -S . -B "build/dev-$mode" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DCOLABX_CUDA=$cuda_flag -DCOLABX_CUDA_ARCHS="${COLABX_CUDA_ARCHS:-90}" \
   -DPython_EXECUTABLE="$(command -v "$py")" -Dpybind11_DIR="$("$py" -m pybind11 --cmakedir)" >/dev/null
 cmake --build "build/dev-$mode"
-if [ "$mode" = cpu ]; then cp "build/dev-$mode"/_C*.so colabx/; fi
+cp "build/dev-$mode"/_C*.so colabx/

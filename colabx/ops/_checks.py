@@ -19,19 +19,21 @@ def check_tensor(x: object, name: str) -> torch.Tensor:
 def check_ndim(x: torch.Tensor, name: str, allowed: Sequence[int], layout: str) -> None:
     if x.dim() not in allowed:
         want = " or ".join(str(n) for n in allowed)
-        raise ValueError(f"{name} must have {want} dimensions ({layout}), got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must have {want} dimensions ({layout}), got shape {tuple(x.shape)}"
+        )
 
 
 def check_floating(x: torch.Tensor, name: str) -> None:
     if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}"
-        )
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
 
 
 def check_labels(x: torch.Tensor, name: str) -> None:
     if x.dtype not in LABEL_DTYPES:
-        raise TypeError(f"{name} must be an integer label tensor (uint8/int32/int64/bool), got {x.dtype}")
+        raise TypeError(
+            f"{name} must be an integer label tensor (uint8/int32/int64/bool), got {x.dtype}"
+        )
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
@@ -52,7 +54,9 @@ def check_shape(x: torch.Tensor, name: str, expected: Sequence[int], expected_de
         )
 
 
-def check_spacing(spacing: Sequence[float] | None, ndim: int, name: str = "spacing") -> tuple[float, ...] | None:
+def check_spacing(
+    spacing: Sequence[float] | None, ndim: int, name: str = "spacing"
+) -> tuple[float, ...] | None:
     """Per-axis voxel spacing: ``ndim`` finite positive numbers, or None for unit spacing."""
     if spacing is None:
         return None

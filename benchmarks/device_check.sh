@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU check, run on a machine with an NVIDIA GPU (no network needed):
+#   1. builds colabx._C in place with nvcc (sm_90 by default: COLABX_CUDA_ARCHS),
+#   2. runs the GPU tests (pytest -m cuda) and compute-sanitizer on one small case per kernel,
+#   3. runs bench_ops on CUDA (colabx vs eager twin vs torch.compile twin; EDT also vs cuCIM when
+#      it imports: carry its wheel in .whl/),
+# writing logs and JSON under $OUT (default benchmarks/results) and printing a summary table last.
+# Usage: benchmarks/device_check.sh [all|test|bench]   (default all; fits in ~8 minutes)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+stage=${1:-all}
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-16}
+py=${PYTHON:-python3}
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/colabx-site .whl/*.whl && export PYTHONPATH=/tmp/colabx-site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+t0=$SECONDS
+if ! PYTHON=$py COLABX_CUDA_ARCHS=${COLABX_CUDA_ARCHS:-90} scripts/dev_build.sh cuda \
+    >"$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"; echo "device_check: build failed"; exit 1
+fi
+echo "build: $((SECONDS - t0)) s"
+$py -c "import colabx._C as c, colabx._backend as b; print('cuda kernels:', c.built_with_cuda, 'devices:', c.cuda_device_count(), 'usable:', b.cuda_kernels_available())"
+
+status=0
+if [ "$stage" = all ] || [ "$stage" = test ]; then
+  t0=$SECONDS
+  timeout 300 $py -m pytest -q -m cuda tests -p no:cacheprovider --junitxml="$OUT/pytest_cuda.xml" \
+    >"$OUT/pytest_cuda.log" 2>&1 || status=1
+  grep -E "(passed|failed|error)" "$OUT/pytest_cuda.log" | tail -3
+  [ $status = 0 ] || grep -E "^(FAILED|ERROR)" "$OUT/pytest_cuda.log" | head -30
+  echo "gpu tests: $((SECONDS - t0)) s"
+  t0=$SECONDS
+  if command -v compute-sanitizer >/dev/null; then
+    timeout 240 compute-sanitizer --tool memcheck --error-exitcode 7 --print-limit 20 \
+      $py benchmarks/sanitize_cuda.py >"$OUT/sanitizer.log" 2>&1
+    rc=$?
+    tail -4 "$OUT/sanitizer.log"
+    [ $rc = 0 ] || { echo "compute-sanitizer: exit $rc"; status=1; }
+  else
+    echo "compute-sanitizer not found"
+  fi
+  echo "sanitizer: $((SECONDS - t0)) s"
+fi
+
+if [ "$stage" = all ] || [ "$stage" = bench ]; then
+  timeout 330 $py -m benchmarks.bench_ops --device cuda --min-time 0.3 \
+    --out "$OUT/ops_cuda.json" >"$OUT/bench_ops_cuda.log" 2>&1 || status=1
+  sed -n '/^| op /,$p' "$OUT/bench_ops_cuda.log"
+  [ $status = 0 ] || tail -20 "$OUT/bench_ops_cuda.log"
+fi
+exit $status
