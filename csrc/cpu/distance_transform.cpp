@@ -19,6 +19,11 @@ namespace colabx {
 namespace {
 
 constexpr int64_t kTile = 16;  // W-adjacent lines per tile: 64 bytes of float per position
+constexpr int64_t kMinVoxelsPerThread = 1 << 15;  // below this a thread is not worth spawning
+
+int64_t grain(int64_t voxels_per_item) {
+  return std::max<int64_t>(1, kMinVoxelsPerThread / std::max<int64_t>(1, voxels_per_item));
+}
 
 // Pass 1 over `rows` contiguous rows of length w starting at mask / out.
 void rows_pass(const uint8_t* mask, float* out, int64_t rows, int64_t w, float sw, bool invert,
@@ -88,7 +93,7 @@ void transform(const uint8_t* mask, float* out, int64_t batch, int64_t D, int64_
   const int64_t slices = batch * D;
   if (slices >= 2 * int64_t(num_threads) || slices >= 64) {
     // Fused rows + H pass per (item, slice).
-    parallel_for(slices, num_threads, 1, [&](int64_t b0, int64_t b1) {
+    parallel_for(slices, num_threads, grain(HW), [&](int64_t b0, int64_t b1) {
       std::vector<int32_t> gap;
       TileScratch s;
       s.reserve(H);
@@ -98,11 +103,11 @@ void transform(const uint8_t* mask, float* out, int64_t batch, int64_t D, int64_
       }
     });
   } else {
-    parallel_for(slices * H, num_threads, 16, [&](int64_t r0, int64_t r1) {
+    parallel_for(slices * H, num_threads, grain(W), [&](int64_t r0, int64_t r1) {
       std::vector<int32_t> gap;
       rows_pass(mask + r0 * W, out + r0 * W, r1 - r0, W, sw, invert, gap);
     });
-    parallel_for(slices * w_tiles, num_threads, 1, [&](int64_t i0, int64_t i1) {
+    parallel_for(slices * w_tiles, num_threads, grain(H * kTile), [&](int64_t i0, int64_t i1) {
       TileScratch s;
       s.reserve(H);
       for (int64_t i = i0; i < i1; ++i) {
@@ -114,7 +119,7 @@ void transform(const uint8_t* mask, float* out, int64_t batch, int64_t D, int64_
   if (!three_d) return;
   // D pass: lines at (item, h, w), stride H*W; tiles of kTile w-adjacent lines.
   const int64_t items = batch * H * w_tiles;
-  parallel_for(items, num_threads, 1, [&](int64_t i0, int64_t i1) {
+  parallel_for(items, num_threads, grain(D * kTile), [&](int64_t i0, int64_t i1) {
     TileScratch s;
     s.reserve(D);
     for (int64_t i = i0; i < i1; ++i) {
