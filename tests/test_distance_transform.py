@@ -285,3 +285,13 @@ def test_cuda_dtypes_noncontiguous_compile():
         close(colabx.distance_transform(t, (1.0, 2.0, 0.5)), expected)
     f = torch.compile(lambda m: colabx.distance_transform(m, (1.0, 2.0, 0.5)), fullgraph=True)
     close(f(torch.from_numpy(base).cuda()), expected)
+
+
+def test_twin_chunked_vs_scipy(monkeypatch):
+    import colabx.reference.distance_transform as ref
+
+    monkeypatch.setattr(ref, "_CHUNK_ELEMS", 1)  # force many chunks per axis
+    rng = np.random.default_rng(21)
+    mask = rng.random((2, 40, 7, 35)) < 0.01
+    sp = (0.7, 1.9, 1.1)
+    close(ref.distance_transform(torch.from_numpy(mask), sp), scipy_edt(mask, sp), rtol=1e-5)

@@ -96,7 +96,8 @@ def distance_transform(
         outside the mask ``edt(~mask)`` (positive), inside ``-(edt(mask) - 1)``, where
         ``edt(mask)`` is the distance to the nearest zero voxel; the ``- 1`` is in the same
         units as the distances (literally 1, as the reference code does, whatever the spacing),
-        so inside voxels touching the background get ``1 - spacing`` (0 in voxel units). Items
+        so an inside voxel whose nearest background voxel is its neighbour along an axis of
+        spacing s gets ``1 - s`` (0 in voxel units). Items
         with no boundary (no nonzero voxel, or no zero voxel) are 0 everywhere: the reference
         leaves an empty item blank, and a full item has no distance to the background (scipy
         would return distances to a phantom voxel outside the array there).

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-_CHUNK_ELEMS = 1 << 24  # elements of the broadcast [..., chunk, n] temporary
+_CHUNK_ELEMS = 1 << 24  # elements of the broadcast [..., chunk, n] temporary (soft cap)
+_MAX_CHUNKS = 16  # at most this many chunks per axis (keeps torch.compile graphs small)
 
 
 def _min_plus_axis(g: torch.Tensor, axis: int, s: float) -> torch.Tensor:
@@ -22,7 +23,7 @@ def _min_plus_axis(g: torch.Tensor, axis: int, s: float) -> torch.Tensor:
     pos = torch.arange(n, device=g.device, dtype=g.dtype)
     out = torch.empty_like(g)
     lines = max(1, g.numel() // n)
-    chunk = max(1, min(n, _CHUNK_ELEMS // max(1, lines * n)))
+    chunk = min(n, max(-(-n // _MAX_CHUNKS), _CHUNK_ELEMS // max(1, lines * n)))
     for x0 in range(0, n, chunk):
         x = pos[x0 : x0 + chunk]
         w = ((x[:, None] - pos[None, :]) * s) ** 2  # [chunk, n]
