@@ -34,7 +34,7 @@ def _level_shapes(shape: Sequence[int], strides3: Sequence[int]) -> list[tuple[i
     out = []
     for i in range(len(strides3) // 3):
         s = strides3[3 * i + 3 - nsp : 3 * i + 3]
-        out.append(tuple(n // v for n, v in zip(shape, s)))
+        out.append(tuple(n // v for n, v in zip(shape, s, strict=True)))
     return out
 
 
@@ -122,7 +122,7 @@ def _bwd(
         with torch.enable_grad():
             x = o.detach().requires_grad_(True)
             outs = context_labels_reference(x, y, d, num_classes, margin, tau, strides)
-            pairs = [(out, g) for out, g in zip(outs, grads) if g is not None]
+            pairs = [(out, g) for out, g in zip(outs, grads, strict=True) if g is not None]
             if not pairs:
                 return torch.zeros_like(o)
             (gx,) = torch.autograd.grad([p[0] for p in pairs], [x], [p[1] for p in pairs])
@@ -223,12 +223,15 @@ def context_labels(
     B, t = gen_logits.shape[0], gen_logits.shape[1]
     spatial = tuple(gen_logits.shape[2:])
     if t < 1:
-        raise ValueError(f"gen_logits must have t >= 1 channels, got shape {tuple(gen_logits.shape)}")
+        raise ValueError(
+            f"gen_logits must have t >= 1 channels, got shape {tuple(gen_logits.shape)}"
+        )
     expected = (B, *spatial)
+    desc = f"gen_logits of shape {tuple(gen_logits.shape)}"
     _checks.check_ndim(labels, "labels", (gen_logits.dim() - 1,), "[B, *S] matching gen_logits")
-    _checks.check_shape(labels, "labels", expected, f"gen_logits of shape {tuple(gen_logits.shape)}")
+    _checks.check_shape(labels, "labels", expected, desc)
     _checks.check_ndim(distance, "distance", (gen_logits.dim() - 1,), "[B, *S] matching gen_logits")
-    _checks.check_shape(distance, "distance", expected, f"gen_logits of shape {tuple(gen_logits.shape)}")
+    _checks.check_shape(distance, "distance", expected, desc)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int):
         raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__}")
     if num_classes < 2:
@@ -242,7 +245,8 @@ def context_labels(
         raise ValueError(f"tau must be > 0, got {tau}")
     strides = normalize_levels(levels, spatial)
     if validate and labels.numel() > 0 and labels.dtype != torch.bool:
-        lo, hi = int(labels.min()), int(labels.max())
+        lo_t, hi_t = torch.aminmax(labels)
+        lo, hi = int(lo_t), int(hi_t)
         if lo < 0 or hi >= num_classes:
             raise ValueError(
                 f"labels must lie in [0, num_classes={num_classes}), got values in [{lo}, {hi}]"

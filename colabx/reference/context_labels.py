@@ -47,19 +47,23 @@ def normalize_levels(levels: LevelsArg, spatial_shape: Sequence[int]) -> list[tu
                     raise TypeError(f"levels[{i}] must hold ints, got {tuple(s)}")
                 strides.append(tuple(s))
             else:
-                raise TypeError(f"levels[{i}] must be an int or a tuple of ints, got {type(s).__name__}")
+                raise TypeError(
+                    f"levels[{i}] must be an int or a tuple of ints, got {type(s).__name__}"
+                )
     else:
-        raise TypeError(f"levels must be an int or a sequence of strides, got {type(levels).__name__}")
+        raise TypeError(
+            f"levels must be an int or a sequence of strides, got {type(levels).__name__}"
+        )
     for i, s in enumerate(strides):
         if any(v < 1 for v in s):
             raise ValueError(f"levels[{i}] strides must be >= 1, got {s}")
-        if any(v > n for v, n in zip(s, spatial_shape)):
+        if any(v > n for v, n in zip(s, spatial_shape, strict=True)):
             raise ValueError(
                 f"levels[{i}] stride {s} exceeds the spatial size {tuple(spatial_shape)}"
             )
         if i > 0:
             prev = strides[i - 1]
-            if any(v < p or v % p for v, p in zip(s, prev)):
+            if any(v < p or v % p for v, p in zip(s, prev, strict=True)):
                 raise ValueError(
                     f"levels strides must be non-decreasing and each must divide the next per "
                     f"axis, got {prev} then {s} at levels[{i}]"
@@ -93,7 +97,6 @@ def context_labels_reference(
     nsp = gen_logits.dim() - 2
     strides = normalize_levels(levels, gen_logits.shape[2:])
     acc = torch.float64 if gen_logits.dtype == torch.float64 else torch.float32
-    t = gen_logits.shape[1]
     c = num_classes
     q = torch.softmax(gen_logits.to(acc), dim=1)
     d = distance.to(acc)

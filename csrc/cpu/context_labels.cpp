@@ -7,6 +7,13 @@
 // minima of M of the first pooled level gathered in a task-local buffer; coarser levels are then
 // built from those pooled statistics. Backward mirrors it: cell minima of M, pooled gradients
 // scattered down to first-pooled-level cells, then one softmax-backward pass over the voxels.
+// The voxel loops select between two computed values (ROI vs background); with the default
+// -ftrapping-math GCC keeps them as branches and refuses to vectorise. colabx never inspects
+// floating-point exception flags, so this file opts out.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 #include <algorithm>
 #include <limits>
 #include <stdexcept>
@@ -96,13 +103,15 @@ inline void row_mask(const A* d, int64_t W, A margin, A tau, A* M) {
 // Writes one row of level-0 labels (and mask) from q and M. out points at channel 0 of the row,
 // channel stride V.
 template <typename A, typename L>
-inline void row_write(const Plan& p, const A* q, const A* M, const L* y, int64_t W, A* out, int64_t V,
-                      A* mask) {
+inline void row_write(const Plan& p, const A* __restrict q, const A* __restrict M, const L* __restrict y,
+                      int64_t W, A* __restrict out, int64_t V, A* __restrict mask) {
   const int64_t c = p.c, t = p.t;
   {
     A* o0 = out;
-    for (int64_t w = 0; w < W; ++w)
-      o0[w] = y[w] > L(0) ? A(0) : ctxlab::context0_label(M[w], q[w]);
+    for (int64_t w = 0; w < W; ++w) {
+      const A v = ctxlab::context0_label(M[w], q[w]);
+      o0[w] = y[w] > L(0) ? A(0) : v;
+    }
   }
   for (int64_t j = 1; j < c; ++j) {
     A* oj = out + j * V;
@@ -111,7 +120,10 @@ inline void row_write(const Plan& p, const A* q, const A* M, const L* y, int64_t
   for (int64_t k = 1; k < t; ++k) {
     A* ok = out + ctxlab::context_channel(k, c) * V;
     const A* qk = q + k * W;
-    for (int64_t w = 0; w < W; ++w) ok[w] = y[w] > L(0) ? A(0) : ctxlab::contextk_label(M[w], qk[w]);
+    for (int64_t w = 0; w < W; ++w) {
+      const A v = ctxlab::contextk_label(M[w], qk[w]);
+      ok[w] = y[w] > L(0) ? A(0) : v;
+    }
   }
   if (mask)
     for (int64_t w = 0; w < W; ++w) mask[w] = y[w] > L(0) ? A(1) : M[w];
@@ -305,7 +317,10 @@ COLABX_SIMD_CLONES void backward_tasks(const Plan& p, const Tasks& tk, int64_t b
           for (int64_t k = 0; k < t; ++k) {
             A* gk = gq.data() + k * W;
             const A* gin = gr + ctxlab::context_channel(k, c) * V;
-            for (int64_t w = 0; w < W; ++w) gk[w] += yr[w] > L(0) ? A(0) : M[w] * gin[w];
+            for (int64_t w = 0; w < W; ++w) {
+              const A v = M[w] * gin[w];
+              gk[w] += yr[w] > L(0) ? A(0) : v;
+            }
           }
         }
         for (int64_t w = 0; w < W; ++w) sum[w] = A(0);
