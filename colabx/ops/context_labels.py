@@ -42,8 +42,24 @@ def _strides_from_flat(strides3: Sequence[int], nsp: int) -> list[tuple[int, ...
     return [tuple(strides3[3 * i + 3 - nsp : 3 * i + 3]) for i in range(len(strides3) // 3)]
 
 
-def _use_cuda(t: torch.Tensor, num_gen: int) -> bool:
-    return num_gen <= _CUDA_MAX_T and _backend.use_cuda_kernels(t, _OP)
+def _cuda_tile_fits(t: int, strides3: Sequence[int], elem: int) -> bool:
+    """Whether the CUDA tile (one coarsest cell) keeps its statistics in shared memory; mirrors
+    csrc/cuda/context_labels.cu::make_tile with a conservative 96 KiB budget."""
+    n = len(strides3) // 3
+    s1 = strides3[3:6] if n > 1 and tuple(strides3[:3]) == (1, 1, 1) else strides3[:3]
+    sc = strides3[3 * n - 3 :]
+    cells = 1
+    for a in range(3):
+        cells *= sc[a] // s1[a]
+    return cells * (t + 1) * elem <= 96 * 1024
+
+
+def _use_cuda(o: torch.Tensor, strides3: Sequence[int]) -> bool:
+    t = o.shape[1]
+    elem = 8 if o.dtype == torch.float64 else 4
+    if t > _CUDA_MAX_T or not _cuda_tile_fits(t, strides3, elem):
+        return False
+    return _backend.use_cuda_kernels(o, _OP)
 
 
 def _kernel_args(o: torch.Tensor, num_classes: int, strides3: list[int]) -> tuple:
@@ -68,7 +84,7 @@ def _fwd(
     K = num_classes + t - 1
     acc = _acc_dtype(o.dtype)
     shapes = _level_shapes(o.shape[2:], strides3)
-    if o.device.type == "cuda" and not _use_cuda(o, t):
+    if o.device.type == "cuda" and not _use_cuda(o, strides3):
         strides = _strides_from_flat(strides3, o.dim() - 2)
         outs, masks = context_labels_reference(o, y, d, num_classes, margin, tau, strides, True)
         return list(outs) + (list(masks) if with_mask else [])
@@ -114,10 +130,9 @@ def _bwd(
 ) -> torch.Tensor:
     """Gradient w.r.t. ``gen_logits`` given one incoming gradient per level (None = zero)."""
     o, y, d = gen_logits, labels, distance
-    t = o.shape[1]
     acc = _acc_dtype(o.dtype)
     grads = [None if g is None else g.to(acc).contiguous() for g in grads]
-    if o.device.type == "cuda" and not _use_cuda(o, t):
+    if o.device.type == "cuda" and not _use_cuda(o, strides3):
         strides = _strides_from_flat(strides3, o.dim() - 2)
         with torch.enable_grad():
             x = o.detach().requires_grad_(True)

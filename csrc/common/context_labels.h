@@ -98,11 +98,11 @@ struct Plan {
   int first_pooled = 0;            // index of the first pooled level (nlev when none)
   int64_t coarse[3] = {1, 1, 1};   // stride of the coarsest level (slab / tile alignment)
 
-  int64_t voxels() const { return S[0] * S[1] * S[2]; }
-  bool has_pooled() const { return first_pooled < nlev; }
-  int64_t level_voxels(int l) const { return Sl[l][0] * Sl[l][1] * Sl[l][2]; }
-  int64_t cell_volume(int l) const { return st[l][0] * st[l][1] * st[l][2]; }
-  const int64_t* p1() const { return st[first_pooled]; }
+  COLABX_HD int64_t voxels() const { return S[0] * S[1] * S[2]; }
+  COLABX_HD bool has_pooled() const { return first_pooled < nlev; }
+  COLABX_HD int64_t level_voxels(int l) const { return Sl[l][0] * Sl[l][1] * Sl[l][2]; }
+  COLABX_HD int64_t cell_volume(int l) const { return st[l][0] * st[l][1] * st[l][2]; }
+  COLABX_HD const int64_t* p1() const { return st[first_pooled]; }
 };
 
 // Builds and validates the plan. `spatial` has 2 or 3 entries; `strides` holds nlev * 3 values
