@@ -34,6 +34,7 @@ struct LevelPtrs {
 // Tile geometry of the pooled kernels (host computed, passed by value).
 struct Tile {
   int64_t TD, TH, TW;     // tile extent in voxels
+  int64_t s1z, s1y, s1x;  // first pooled level's stride (P1 cell size)
   int64_t n1z, n1y, n1x;  // P1 cells per tile per axis
   int64_t n1;             // P1 cells per tile
   int64_t ntz, nty, ntx;  // tiles per axis
@@ -161,7 +162,7 @@ __device__ __forceinline__ TileCoords tile_coords(const Tile& tl) {
 }
 
 template <typename T, typename L, int TMAX>
-__global__ void __launch_bounds__(256) fwd_tiled(Plan p, Tile tl, const T* __restrict__ o, const L* __restrict__ y,
+__global__ void __launch_bounds__(256, 2) fwd_tiled(Plan p, Tile tl, const T* __restrict__ o, const L* __restrict__ y,
                                                  const acc_t<T>* __restrict__ d, LevelPtrs<acc_t<T>> outs,
                                                  LevelPtrs<acc_t<T>> masks, acc_t<T> margin, acc_t<T> tau) {
   using A = acc_t<T>;
@@ -171,7 +172,7 @@ __global__ void __launch_bounds__(256) fwd_tiled(Plan p, Tile tl, const T* __res
   const TileCoords tc = tile_coords(tl);
   const int t = static_cast<int>(p.t);
   const int64_t D = p.S[0], H = p.S[1], W = p.S[2], HW = H * W, V = p.voxels();
-  const int64_t* s1 = p.p1();
+  const int64_t s1[3] = {tl.s1z, tl.s1y, tl.s1x};
   const T* ob = o + tc.b * p.t * V;
   const L* yb = y + tc.b * V;
   const A* db = d + tc.b * V;
@@ -249,7 +250,7 @@ __global__ void __launch_bounds__(256) fwd_tiled(Plan p, Tile tl, const T* __res
 }
 
 template <typename T, typename L, int TMAX>
-__global__ void __launch_bounds__(256) bwd_tiled(Plan p, Tile tl, LevelPtrs<const acc_t<T>> grads,
+__global__ void __launch_bounds__(256, 2) bwd_tiled(Plan p, Tile tl, LevelPtrs<const acc_t<T>> grads,
                                                  const T* __restrict__ o, const L* __restrict__ y,
                                                  const acc_t<T>* __restrict__ d, T* __restrict__ grad_o,
                                                  acc_t<T> margin, acc_t<T> tau) {
@@ -260,7 +261,7 @@ __global__ void __launch_bounds__(256) bwd_tiled(Plan p, Tile tl, LevelPtrs<cons
   const TileCoords tc = tile_coords(tl);
   const int t = static_cast<int>(p.t);
   const int64_t D = p.S[0], H = p.S[1], W = p.S[2], HW = H * W, V = p.voxels();
-  const int64_t* s1 = p.p1();
+  const int64_t s1[3] = {tl.s1z, tl.s1y, tl.s1x};
   const T* ob = o + tc.b * p.t * V;
   const L* yb = y + tc.b * V;
   const A* db = d + tc.b * V;
@@ -375,6 +376,9 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 Tile make_tile(const Plan& p, int device, size_t elem, size_t* smem) {
   const int64_t* s1 = p.p1();
   Tile tl;
+  tl.s1z = s1[0];
+  tl.s1y = s1[1];
+  tl.s1x = s1[2];
   tl.TD = p.coarse[0];
   tl.TH = p.coarse[1];
   const int64_t base = (p.coarse[0] / s1[0]) * (p.coarse[1] / s1[1]) * (p.coarse[2] / s1[2]);
@@ -419,6 +423,7 @@ void set_smem(Kernel kernel, size_t smem) {
 // Calls fn(std::integral_constant<int, TMAX>) for the register-array bound covering t.
 template <typename Fn>
 void dispatch_tmax(int64_t t, Fn&& fn) {
+  if (t <= 2) return fn(std::integral_constant<int, 2>{});
   if (t <= 4) return fn(std::integral_constant<int, 4>{});
   if (t <= ctxlab::kCudaMaxT) return fn(std::integral_constant<int, ctxlab::kCudaMaxT>{});
   throw std::invalid_argument("context_labels (CUDA): t must be <= " + std::to_string(ctxlab::kCudaMaxT));
