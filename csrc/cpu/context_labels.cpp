@@ -138,6 +138,7 @@ COLABX_SIMD_CLONES void forward_tasks(const Plan& p, const Tasks& tk, int64_t be
   const CellGrid g = make_grid(p, tk);
   std::vector<A> q(t * W), M(W), mx(W), sum(W);
   std::vector<A> csum(g.size() * t), cmin(g.size());  // first-pooled-level cell statistics
+  std::vector<A> racc(g.nH * t * W), rmin(g.nH * W);   // running row sums / minima per cell row
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / (tk.nD * tk.nH);
     const int64_t rem = task % (tk.nD * tk.nH);
@@ -154,21 +155,37 @@ COLABX_SIMD_CLONES void forward_tasks(const Plan& p, const Tasks& tk, int64_t be
           row_write(p, q.data(), M.data(), y + b * V + row, W, outs[0] + b * p.K * V + row, V,
                     masks[0] ? masks[0] + b * V + row : nullptr);
         if (g.nW > 0) {
-          const int64_t cell_row = (((dd - d0) / g.sD) * g.nH + (hh - h0) / g.sH) * g.nW;
-          for (int64_t k = 0; k < t; ++k) {
-            const A* qk = q.data() + k * W;
-            A* cs = csum.data() + k * g.size() + cell_row;
-            for (int64_t cw = 0; cw < g.nW; ++cw) {
-              A s = A(0);
-              for (int64_t i = 0; i < g.sW; ++i) s += qk[cw * g.sW + i];
-              cs[cw] += s;
-            }
+          // Accumulate the rows of a cell row contiguously (vectorised), reduce along W once
+          // when its last row is done.
+          const int64_t ci = dd - d0, hi = hh - h0, j1 = hi / g.sH;
+          const bool first = ci % g.sD == 0 && hi % g.sH == 0;
+          const bool last = ci % g.sD == g.sD - 1 && hi % g.sH == g.sH - 1;
+          A* ra = racc.data() + j1 * t * W;
+          A* rm = rmin.data() + j1 * W;
+          if (first) {
+            std::copy(q.begin(), q.end(), ra);
+            std::copy(M.begin(), M.end(), rm);
+          } else {
+            for (int64_t i = 0; i < t * W; ++i) ra[i] += q[i];
+            for (int64_t w = 0; w < W; ++w) rm[w] = std::min(rm[w], M[w]);
           }
-          A* cm = cmin.data() + cell_row;
-          for (int64_t cw = 0; cw < g.nW; ++cw) {
-            A m = cm[cw];
-            for (int64_t i = 0; i < g.sW; ++i) m = std::min(m, M[cw * g.sW + i]);
-            cm[cw] = m;
+          if (last) {
+            const int64_t cell_row = ((ci / g.sD) * g.nH + j1) * g.nW;
+            for (int64_t k = 0; k < t; ++k) {
+              const A* rk = ra + k * W;
+              A* cs = csum.data() + k * g.size() + cell_row;
+              for (int64_t cw = 0; cw < g.nW; ++cw) {
+                A sum_w = A(0);
+                for (int64_t i = 0; i < g.sW; ++i) sum_w += rk[cw * g.sW + i];
+                cs[cw] = sum_w;
+              }
+            }
+            A* cm = cmin.data() + cell_row;
+            for (int64_t cw = 0; cw < g.nW; ++cw) {
+              A m = rm[cw * g.sW];
+              for (int64_t i = 1; i < g.sW; ++i) m = std::min(m, rm[cw * g.sW + i]);
+              cm[cw] = m;
+            }
           }
         }
       }
