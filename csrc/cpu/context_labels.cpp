@@ -247,6 +247,7 @@ COLABX_SIMD_CLONES void backward_tasks(const Plan& p, const Tasks& tk, int64_t b
   const CellGrid g = make_grid(p, tk);
   std::vector<A> q(t * W), gq(t * W), M(W), mx(W), sum(W);
   std::vector<A> cmin(g.size()), cgrad(g.size() * t);
+  std::vector<A> mslab(p.has_pooled() ? tk.slabD * tk.slabH * W : 0);  // M of the slab
   bool any_pooled_grad = false;
   for (int l = p.first_pooled; l < p.nlev; ++l) any_pooled_grad |= grads[l] != nullptr;
   const A* g0 = p.level0_full ? grads[0] : nullptr;
@@ -259,14 +260,15 @@ COLABX_SIMD_CLONES void backward_tasks(const Plan& p, const Tasks& tk, int64_t b
     if (any_pooled_grad && g.nW > 0) {
       // 1. cell minima of M over the first pooled level's cells.
       std::fill(cmin.begin(), cmin.end(), std::numeric_limits<A>::infinity());
-      for (int64_t dd = d0; dd < std::min(d1, d0 + (tk.slabD / g.sD) * g.sD); ++dd)
+      for (int64_t dd = d0; dd < d1; ++dd)
         for (int64_t hh = h0; hh < h1; ++hh) {
           const int64_t row = dd * HW + hh * W;
-          row_mask(d + b * V + row, W, margin, tau, M.data());
+          A* Mrow = mslab.data() + ((dd - d0) * tk.slabH + (hh - h0)) * W;  // kept for step 3
+          row_mask(d + b * V + row, W, margin, tau, Mrow);
           A* cm = cmin.data() + (((dd - d0) / g.sD) * g.nH + (hh - h0) / g.sH) * g.nW;
           for (int64_t cw = 0; cw < g.nW; ++cw) {
             A m = cm[cw];
-            for (int64_t i = 0; i < g.sW; ++i) m = std::min(m, M[cw * g.sW + i]);
+            for (int64_t i = 0; i < g.sW; ++i) m = std::min(m, Mrow[cw * g.sW + i]);
             cm[cw] = m;
           }
         }
@@ -328,14 +330,18 @@ COLABX_SIMD_CLONES void backward_tasks(const Plan& p, const Tasks& tk, int64_t b
           }
         }
         if (g0) {
-          row_mask(d + b * V + row, W, margin, tau, M.data());
+          const A* Mr = M.data();
+          if (any_pooled_grad && g.nW > 0)
+            Mr = mslab.data() + ((dd - d0) * tk.slabH + (hh - h0)) * W;
+          else
+            row_mask(d + b * V + row, W, margin, tau, M.data());
           const L* yr = y + b * V + row;
           const A* gr = g0 + b * p.K * V + row;
           for (int64_t k = 0; k < t; ++k) {
             A* gk = gq.data() + k * W;
             const A* gin = gr + ctxlab::context_channel(k, c) * V;
             for (int64_t w = 0; w < W; ++w) {
-              const A v = M[w] * gin[w];
+              const A v = Mr[w] * gin[w];
               gk[w] += yr[w] > L(0) ? A(0) : v;
             }
           }
