@@ -242,8 +242,8 @@ def _as_list(x: object, name: str) -> tuple[list[Tensor], bool]:
         return [x], False
     if isinstance(x, (list, tuple)):
         if len(x) == 0:
-            raise ValueError(f"{name} must be a tensor or a non-empty list of tensors, got an empty "
-                             f"{type(x).__name__}")
+            raise ValueError(f"{name} must be a tensor or a non-empty list of tensors, got an "
+                             f"empty {type(x).__name__}")
         return [_checks.check_tensor(t, f"{name}[{i}]") for i, t in enumerate(x)], True
     raise TypeError(f"{name} must be a torch.Tensor or a list of tensors, got {type(x).__name__}")
 
