@@ -31,13 +31,18 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @functools.cache
-def _cuda_limits() -> tuple[int, int]:
+def _cuda_limits() -> tuple[int, int, int]:
     _C = _backend.ext()
-    return int(_C.dice_ce_loss_cuda_chunk), int(_C.dice_ce_loss_cuda_max_k)
+    return (int(_C.dice_ce_loss_cuda_chunk), int(_C.dice_ce_loss_cuda_max_k),
+            int(_C.dice_ce_loss_cuda_max_levels))
 
 
-def _use_cuda(t: Tensor, k: int) -> bool:
-    return _backend.use_cuda_kernels(t, _OP) and k <= _cuda_limits()[1]
+def _use_cuda(t: Tensor, k: int, n_levels: int = 1) -> bool:
+    """CUDA kernels for this call (else the twin): built, K and level count within limits."""
+    if not _backend.use_cuda_kernels(t, _OP):
+        return False
+    _, max_k, max_levels = _cuda_limits()
+    return k <= max_k and n_levels <= max_levels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,9 +74,10 @@ def _dce_fwd(logits: list[Tensor], targets: list[Tensor], dice_channels: list[in
             [z.data_ptr() for z in zs], [t.data_ptr() for t in ts], _backend.dtype_code(z0),
             [_backend.dtype_code(t) for t in ts], b, k, vs, dice_channels, weights, smooth,
             stats.data_ptr(), loss.data_ptr(), _backend.num_threads())
-    elif _use_cuda(z0, k):
+    elif _use_cuda(z0, k, n_levels):
         chunk = _cuda_limits()[0]
-        n_part = sum(b * ((v + chunk - 1) // chunk) for v in vs) * (3 * k + 1)
+        # per-block partials of every level, then L * B * (3K+1) float64 final sums
+        n_part = (sum(b * ((v + chunk - 1) // chunk) for v in vs) + n_levels * b) * (3 * k + 1)
         work = torch.empty(n_part, dtype=torch.float64, device=z0.device)
         _backend.ext().dice_ce_loss_forward_cuda(
             [z.data_ptr() for z in zs], [t.data_ptr() for t in ts], _backend.dtype_code(z0),
@@ -110,7 +116,7 @@ def _dce_bwd(grad: Tensor, logits: list[Tensor], targets: list[Tensor], stats: T
             dice_channels, weights, smooth, stats.data_ptr(), [g.data_ptr() for g in gz],
             [0 if _hard(t) else g.data_ptr() for t, g in zip(ts, gt, strict=True)],
             _backend.num_threads())
-    elif _use_cuda(z0, k):
+    elif _use_cuda(z0, k, len(zs)):
         _backend.ext().dice_ce_loss_backward_cuda(
             grad.data_ptr(), [z.data_ptr() for z in zs], [t.data_ptr() for t in ts],
             _backend.dtype_code(z0), [_backend.dtype_code(t) for t in ts], b, k, vs,

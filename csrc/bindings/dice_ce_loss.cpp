@@ -23,6 +23,7 @@ void register_dice_ce_loss(py::module_& m) {
 #if defined(COLABX_WITH_CUDA)
   m.attr("dice_ce_loss_cuda_chunk") = py::int_(cuda::kDceChunk);
   m.attr("dice_ce_loss_cuda_max_k") = py::int_(cuda::kDceMaxK);
+  m.attr("dice_ce_loss_cuda_max_levels") = py::int_(cuda::kDceMaxLevels);
   m.def("dice_ce_loss_forward_cuda", &dice_ce_loss_forward_cuda, nogil,
         "CUDA forward: per-block partials into workspace, fixed-order final reduction on device.");
   m.def("dice_ce_loss_backward_cuda", &dice_ce_loss_backward_cuda, nogil,
