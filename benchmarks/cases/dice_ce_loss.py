@@ -1,0 +1,82 @@
+"""Benchmark cases for colabx.dice_ce_loss and colabx.roi_bce_loss: forward + backward
+(∂logits and ∂targets) vs the pure-PyTorch twin, eager and torch.compile'd."""
+
+from __future__ import annotations
+
+import torch
+
+import colabx
+from benchmarks._harness import Case
+from colabx.reference import dice_ce_loss as ref
+
+
+def _fwd_bwd(loss_fn, wrt):
+    def run():
+        loss = loss_fn()
+        return torch.autograd.grad(loss, wrt)
+
+    return run
+
+
+def _dice_case(device: torch.device, b: int, k: int, spatial: tuple[int, ...],
+               logits_dtype: torch.dtype) -> Case:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    shape = (b, k, *spatial)
+    z = (2 * torch.randn(shape, generator=g)).to(device=device, dtype=logits_dtype)
+    y = torch.softmax(2 * torch.randn(shape, generator=g), 1).to(device)
+    z.requires_grad_()
+    y.requires_grad_()
+    compiled = torch.compile(ref.dice_ce_loss)
+    n = z.numel()
+    zb, yb = z.element_size(), y.element_size()
+    size = "x".join(str(s) for s in shape) + f" {str(logits_dtype).replace('torch.', '')}"
+    return Case(
+        op="dice_ce_loss fwd+bwd",
+        size=size,
+        impls={
+            "colabx": _fwd_bwd(lambda: colabx.dice_ce_loss(z, y), (z, y)),
+            "eager": _fwd_bwd(lambda: ref.dice_ce_loss(z, y), (z, y)),
+            "compile": _fwd_bwd(lambda: compiled(z, y), (z, y)),
+        },
+        # read logits and targets once, write ∂logits and ∂targets once
+        bytes_moved=2 * n * (zb + yb),
+        notes={"targets": "soft float32", "dice_channels": "1..K-1"},
+    )
+
+
+def _roi_case(device: torch.device, b: int, k: int, spatial: tuple[int, ...]) -> Case:
+    g = torch.Generator(device="cpu").manual_seed(1)
+    shape = (b, k, *spatial)
+    z = (2 * torch.randn(shape, generator=g)).to(device).requires_grad_()
+    lab = torch.randint(0, k, (b, *spatial), generator=g).to(device)
+    roi = list(range(1, k))
+    compiled = torch.compile(ref.roi_bce_loss)
+    return Case(
+        op="roi_bce_loss fwd+bwd",
+        size="x".join(str(s) for s in shape) + " float32, int64 labels",
+        impls={
+            # validate=False: what a training loop uses (no label-range pass / host sync)
+            "colabx": _fwd_bwd(lambda: colabx.roi_bce_loss(z, lab, roi, validate=False), (z,)),
+            "eager": _fwd_bwd(lambda: ref.roi_bce_loss(z, lab, roi), (z,)),
+            "compile": _fwd_bwd(lambda: compiled(z, lab, roi), (z,)),
+        },
+        bytes_moved=2 * z.numel() * z.element_size() + lab.numel() * lab.element_size(),
+    )
+
+
+def cases(device: torch.device, quick: bool = False) -> list[Case]:
+    if quick:
+        return [_dice_case(device, 2, 3, (16, 16, 16), torch.float32),
+                _roi_case(device, 2, 3, (16, 16, 16))]
+    if device.type == "cuda":
+        return [
+            _dice_case(device, 2, 3, (80, 80, 80), torch.float32),
+            _dice_case(device, 2, 3, (160, 160, 160), torch.float32),
+            _dice_case(device, 2, 3, (160, 160, 160), torch.bfloat16),
+            _roi_case(device, 2, 3, (160, 160, 160)),
+        ]
+    return [
+        _dice_case(device, 2, 3, (64, 64, 64), torch.float32),
+        _dice_case(device, 2, 3, (128, 128, 128), torch.float32),
+        _roi_case(device, 2, 3, (96, 96, 96)),
+    ]

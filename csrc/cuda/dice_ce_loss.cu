@@ -1,0 +1,645 @@
+// CUDA kernels of the fused softmax + CE + Dice loss and the ROI one-vs-all BCE.
+//
+// Layout [B, K, V]: a voxel's K channels are V apart. Each thread owns VEC consecutive voxels
+// per step (one 4..16-byte load per channel row; scalar loads at the ragged end or when the
+// rows are not aligned), with all K channels in registers (K <= KM, a compile-time bucket).
+//
+// Forward: grid (chunks of kDceChunk voxels, B). Each block reduces its 3K+1 sums (tp, Σp, Σŷ
+// per channel and the CE sum) with a fixed butterfly per warp and a fixed-order sum over warps,
+// and writes them to a float64 partials buffer; one finalize block sums the partials of every
+// (level, item, sum) in fixed order (lane-strided + butterfly, in double), writes the stats and
+// the scalar loss. No atomics: bitwise reproducible run to run.
+// Backward: same grid, traversed in reverse (the last chunks the forward read are likeliest in
+// L2); each block turns its item's stats + grad_out (read from device memory) into per-channel
+// coefficients in shared memory, recomputes p and writes ∂logits and ∂targets together.
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "common/dice_ce_loss.h"
+#include "common/dispatch.h"
+#include "cuda/dice_ce_loss.h"
+#include "cuda/runtime.h"
+
+namespace colabx::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+template <int KM>
+struct Bucket {
+  static constexpr int vec = KM <= 4 ? 4 : (KM <= 8 ? 2 : 1);
+  static constexpr int iters = kDceChunk / (kThreads * vec);
+  static_assert(iters * kThreads * vec == kDceChunk, "chunk must split evenly");
+};
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <typename T, int N>
+__device__ __forceinline__ void load_vec(const T* __restrict__ row, int64_t v0, int64_t V,
+                                         bool aligned, T (&out)[N]) {
+  if (aligned && v0 + N <= V) {
+    const Pack<T, N> p = *reinterpret_cast<const Pack<T, N>*>(row + v0);
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = p.v[j];
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = (v0 + j < V) ? row[v0 + j] : T{};
+  }
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_vec(T* __restrict__ row, int64_t v0, int64_t V, bool aligned,
+                                          const T (&in)[N]) {
+  if (aligned && v0 + N <= V) {
+    Pack<T, N> p;
+#pragma unroll
+    for (int j = 0; j < N; ++j) p.v[j] = in[j];
+    *reinterpret_cast<Pack<T, N>*>(row + v0) = p;
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+      if (v0 + j < V) row[v0 + j] = in[j];
+  }
+}
+
+template <typename A>
+__device__ __forceinline__ A warp_sum(A x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+template <typename T>
+__device__ __forceinline__ auto load_acc(T x) {
+  return static_cast<acc_t<T>>(to_float(x));
+}
+
+// Softmax of one voxel's channels (registers), as the CPU's softmax_tile: max, exp(z - max),
+// divide by the sum.
+template <int KM, typename A>
+__device__ __forceinline__ void softmax_regs(int K, A (&p)[KM]) {
+  A m = p[0];
+#pragma unroll
+  for (int k = 1; k < KM; ++k)
+    if (k < K) m = p[k] > m ? p[k] : m;
+  A s = A(0);
+#pragma unroll
+  for (int k = 0; k < KM; ++k)
+    if (k < K) {
+      p[k] = dce::acc_exp(p[k] - m);
+      s += p[k];
+    }
+#pragma unroll
+  for (int k = 0; k < KM; ++k)
+    if (k < K) p[k] = p[k] / s;
+}
+
+// ---- CE + Dice ----------------------------------------------------------------------------------
+
+template <typename TL, typename TT, bool HARD, int KM>
+__global__ void __launch_bounds__(kThreads)
+    dce_fwd_kernel(const TL* __restrict__ z, const TT* __restrict__ tg, int K, int64_t V,
+                   bool aligned, double* __restrict__ partial) {
+  using A = acc_t<TL>;
+  constexpr int VEC = Bucket<KM>::vec;
+  constexpr int NSM = 3 * KM + 1;
+  const int64_t chunk = blockIdx.x, b = blockIdx.y, nchunks = gridDim.x;
+  const TL* zb = z + b * K * V;
+  const TT* tb = HARD ? tg + b * V : tg + b * K * V;
+  A acc[NSM];
+#pragma unroll
+  for (int i = 0; i < NSM; ++i) acc[i] = A(0);
+
+#pragma unroll 1
+  for (int it = 0; it < Bucket<KM>::iters; ++it) {
+    const int64_t v0 = chunk * kDceChunk + (int64_t(it) * kThreads + threadIdx.x) * VEC;
+    if (v0 >= V) break;
+    TL zr[KM][VEC];
+    TT yr[HARD ? 1 : KM][VEC];
+#pragma unroll
+    for (int k = 0; k < KM; ++k)
+      if (k < K) load_vec(zb + k * V, v0, V, aligned, zr[k]);
+    if constexpr (HARD) {
+      load_vec(tb, v0, V, aligned, yr[0]);
+    } else {
+#pragma unroll
+      for (int k = 0; k < KM; ++k)
+        if (k < K) load_vec(tb + k * V, v0, V, aligned, yr[k]);
+    }
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      if (v0 + j >= V) continue;
+      A p[KM];
+#pragma unroll
+      for (int k = 0; k < KM; ++k) p[k] = k < K ? load_acc(zr[k][j]) : A(0);
+      softmax_regs<KM>(K, p);
+#pragma unroll
+      for (int k = 0; k < KM; ++k) {
+        if (k >= K) continue;
+        A y;
+        if constexpr (HARD)
+          y = static_cast<int64_t>(yr[0][j]) == k ? A(1) : A(0);
+        else
+          y = static_cast<A>(yr[k][j]);
+        acc[k] += p[k] * y;
+        acc[KM + k] += p[k];
+        acc[2 * KM + k] += y;
+        acc[3 * KM] += dce::ce_term(y, p[k]);
+      }
+    }
+  }
+
+  __shared__ A red[kWarps][NSM];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int i = 0; i < NSM; ++i) {
+    const A s = warp_sum(acc[i]);
+    if (lane == 0) red[warp][i] = s;
+  }
+  __syncthreads();
+  const int NS = 3 * K + 1;
+  for (int i = threadIdx.x; i < NS; i += kThreads) {
+    const int src = i < 3 * K ? (i / K) * KM + (i % K) : 3 * KM;
+    double s = 0.0;
+    for (int w = 0; w < kWarps; ++w) s += static_cast<double>(red[w][src]);
+    partial[(b * nchunks + chunk) * NS + i] = s;
+  }
+}
+
+struct LevelTable {
+  int n;
+  int64_t part_off[kDceMaxLevels];  // offset of the level's partials in the workspace
+  int64_t nchunks[kDceMaxLevels];
+  double inv_bv[kDceMaxLevels];  // 1 / (B V_l)
+  double weight[kDceMaxLevels];
+};
+
+__device__ __forceinline__ double warp_sum_d(double x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+template <typename A>
+__global__ void __launch_bounds__(kThreads)
+    dce_finalize_kernel(const double* __restrict__ partial, LevelTable lv, int B, int K,
+                        uint64_t dice_mask, double inv_bj, double smooth, double* __restrict__ sums,
+                        A* __restrict__ stats, A* __restrict__ loss) {
+  const int NS = 3 * K + 1;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t total = int64_t(lv.n) * B * NS;
+  for (int64_t idx = warp; idx < total; idx += kWarps) {
+    const int l = static_cast<int>(idx / (int64_t(B) * NS));
+    const int64_t rem = idx % (int64_t(B) * NS);
+    const int64_t b = rem / NS, i = rem % NS;
+    const int64_t nc = lv.nchunks[l];
+    const double* src = partial + lv.part_off[l] + b * nc * NS + i;
+    double s = 0.0;
+    for (int64_t c = lane; c < nc; c += 32) s += src[c * NS];
+    s = warp_sum_d(s);
+    if (lane == 0) {
+      sums[idx] = s;
+      stats[idx] = static_cast<A>(s);
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double out = 0.0;
+    for (int l = 0; l < lv.n; ++l) {
+      double ce = 0.0, dice = 0.0;
+      for (int b = 0; b < B; ++b) {
+        const double* sb = sums + (int64_t(l) * B + b) * NS;
+        ce += sb[3 * K];
+        for (int k = 0; k < K; ++k)
+          if ((dice_mask >> k) & 1u) dice += dce::dice_ratio(sb[k], sb[K + k], sb[2 * K + k], smooth);
+      }
+      out += lv.weight[l] * (ce * lv.inv_bv[l] - dice * inv_bj);
+    }
+    *loss = static_cast<A>(out);
+  }
+}
+
+template <typename TL, typename TT, bool HARD, int KM>
+__global__ void __launch_bounds__(kThreads)
+    dce_bwd_kernel(const TL* __restrict__ z, const TT* __restrict__ tg, int K, int64_t V,
+                   bool aligned, const acc_t<TL>* __restrict__ stats_l,
+                   const acc_t<TL>* __restrict__ grad_out, double weight, double inv_bv,
+                   double inv_bj, uint64_t dice_mask, double smooth, TL* __restrict__ gz,
+                   TT* __restrict__ gy) {
+  using A = acc_t<TL>;
+  constexpr int VEC = Bucket<KM>::vec;
+  const int64_t chunk = gridDim.x - 1 - blockIdx.x, b = gridDim.y - 1 - blockIdx.y;
+  __shared__ A coef[2 * KM + 1];
+  const int NS = 3 * K + 1;
+  if (threadIdx.x <= K) {
+    const A gw = grad_out[0] * static_cast<A>(weight);
+    if (threadIdx.x == K) {
+      coef[0] = gw * static_cast<A>(inv_bv);
+    } else {
+      const int k = threadIdx.x;
+      A alpha = A(0), beta = A(0);
+      if ((dice_mask >> k) & 1u) {
+        const A* sb = stats_l + b * NS;
+        dce::dice_coeffs<A>(sb[k], sb[K + k], sb[2 * K + k], static_cast<A>(smooth),
+                            -gw * static_cast<A>(inv_bj), &alpha, &beta);
+      }
+      coef[1 + k] = alpha;
+      coef[1 + KM + k] = beta;
+    }
+  }
+  __syncthreads();
+  const A c = coef[0];
+  const TL* zb = z + b * K * V;
+  const TT* tb = HARD ? tg + b * V : tg + b * K * V;
+  TL* gzb = gz + b * K * V;
+  TT* gyb = HARD ? nullptr : gy + b * K * V;
+
+#pragma unroll 1
+  for (int it = 0; it < Bucket<KM>::iters; ++it) {
+    const int64_t v0 = chunk * kDceChunk + (int64_t(it) * kThreads + threadIdx.x) * VEC;
+    if (v0 >= V) break;
+    TL zr[KM][VEC];
+    TT yr[HARD ? 1 : KM][VEC];
+#pragma unroll
+    for (int k = 0; k < KM; ++k)
+      if (k < K) load_vec(zb + k * V, v0, V, aligned, zr[k]);
+    if constexpr (HARD) {
+      load_vec(tb, v0, V, aligned, yr[0]);
+    } else {
+#pragma unroll
+      for (int k = 0; k < KM; ++k)
+        if (k < K) load_vec(tb + k * V, v0, V, aligned, yr[k]);
+    }
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      A p[KM], g[KM];
+#pragma unroll
+      for (int k = 0; k < KM; ++k) p[k] = k < K ? load_acc(zr[k][j]) : A(0);
+      softmax_regs<KM>(K, p);
+      A dot = A(0);
+#pragma unroll
+      for (int k = 0; k < KM; ++k) {
+        if (k >= K) continue;
+        A y;
+        if constexpr (HARD)
+          y = static_cast<int64_t>(yr[0][j]) == k ? A(1) : A(0);
+        else
+          y = static_cast<A>(yr[k][j]);
+        g[k] = dce::dce_grad_p(y, p[k], c, coef[1 + k], coef[1 + KM + k]);
+        dot += p[k] * g[k];
+        if constexpr (!HARD) yr[k][j] = store_as<TT>(dce::dce_grad_y(p[k], c, coef[1 + k], coef[1 + KM + k]));
+      }
+#pragma unroll
+      for (int k = 0; k < KM; ++k)
+        if (k < K) zr[k][j] = store_as<TL>(dce::softmax_grad(p[k], g[k], dot));
+    }
+#pragma unroll
+    for (int k = 0; k < KM; ++k) {
+      if (k >= K) continue;
+      store_vec(gzb + k * V, v0, V, aligned, zr[k]);
+      if constexpr (!HARD) store_vec(gyb + k * V, v0, V, aligned, yr[k]);
+    }
+  }
+}
+
+// ---- ROI BCE ------------------------------------------------------------------------------------
+
+template <typename TL, typename L, int KM>
+__global__ void __launch_bounds__(kThreads)
+    bce_fwd_kernel(const TL* __restrict__ z, const L* __restrict__ lab, int K, int64_t V,
+                   bool aligned, uint64_t roi_mask, double* __restrict__ partial) {
+  using A = acc_t<TL>;
+  constexpr int VEC = Bucket<KM>::vec;
+  const int64_t chunk = blockIdx.x, b = blockIdx.y, nchunks = gridDim.x;
+  const TL* zb = z + b * K * V;
+  const L* lb = lab + b * V;
+  A acc = A(0);
+#pragma unroll 1
+  for (int it = 0; it < Bucket<KM>::iters; ++it) {
+    const int64_t v0 = chunk * kDceChunk + (int64_t(it) * kThreads + threadIdx.x) * VEC;
+    if (v0 >= V) break;
+    TL zr[KM][VEC];
+    L lr[VEC];
+#pragma unroll
+    for (int k = 0; k < KM; ++k)
+      if (k < K) load_vec(zb + k * V, v0, V, aligned, zr[k]);
+    load_vec(lb, v0, V, aligned, lr);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      if (v0 + j >= V) continue;
+      A p[KM];
+#pragma unroll
+      for (int k = 0; k < KM; ++k) p[k] = k < K ? load_acc(zr[k][j]) : A(0);
+      softmax_regs<KM>(K, p);
+      const int64_t y = static_cast<int64_t>(lr[j]);
+#pragma unroll
+      for (int k = 0; k < KM; ++k)
+        if (k < K && ((roi_mask >> k) & 1u)) acc += dce::bce_term(y == k, p[k]);
+    }
+  }
+  __shared__ A red[kWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const A s = warp_sum(acc);
+  if (lane == 0) red[warp] = s;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double t = 0.0;
+    for (int w = 0; w < kWarps; ++w) t += static_cast<double>(red[w]);
+    partial[b * nchunks + chunk] = t;
+  }
+}
+
+template <typename A>
+__global__ void __launch_bounds__(kThreads)
+    bce_finalize_kernel(const double* __restrict__ partial, int64_t n, double scale,
+                        A* __restrict__ loss) {
+  __shared__ double red[kWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  double s = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += kThreads) s += partial[i];
+  s = warp_sum_d(s);
+  if (lane == 0) red[warp] = s;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double t = 0.0;
+    for (int w = 0; w < kWarps; ++w) t += red[w];
+    *loss = static_cast<A>(-t * scale);
+  }
+}
+
+template <typename TL, typename L, int KM>
+__global__ void __launch_bounds__(kThreads)
+    bce_bwd_kernel(const TL* __restrict__ z, const L* __restrict__ lab, int K, int64_t V,
+                   bool aligned, uint64_t roi_mask, const acc_t<TL>* __restrict__ grad_out,
+                   double inv_bv, TL* __restrict__ gz) {
+  using A = acc_t<TL>;
+  constexpr int VEC = Bucket<KM>::vec;
+  const int64_t chunk = gridDim.x - 1 - blockIdx.x, b = gridDim.y - 1 - blockIdx.y;
+  const A c = grad_out[0] * static_cast<A>(inv_bv);
+  const TL* zb = z + b * K * V;
+  const L* lb = lab + b * V;
+  TL* gzb = gz + b * K * V;
+#pragma unroll 1
+  for (int it = 0; it < Bucket<KM>::iters; ++it) {
+    const int64_t v0 = chunk * kDceChunk + (int64_t(it) * kThreads + threadIdx.x) * VEC;
+    if (v0 >= V) break;
+    TL zr[KM][VEC];
+    L lr[VEC];
+#pragma unroll
+    for (int k = 0; k < KM; ++k)
+      if (k < K) load_vec(zb + k * V, v0, V, aligned, zr[k]);
+    load_vec(lb, v0, V, aligned, lr);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      A p[KM], g[KM];
+#pragma unroll
+      for (int k = 0; k < KM; ++k) p[k] = k < K ? load_acc(zr[k][j]) : A(0);
+      softmax_regs<KM>(K, p);
+      const int64_t y = static_cast<int64_t>(lr[j]);
+      A dot = A(0);
+#pragma unroll
+      for (int k = 0; k < KM; ++k) {
+        g[k] = (k < K && ((roi_mask >> k) & 1u)) ? dce::bce_grad_p(y == k, p[k], c) : A(0);
+        dot += p[k] * g[k];
+      }
+#pragma unroll
+      for (int k = 0; k < KM; ++k)
+        if (k < K) zr[k][j] = store_as<TL>(dce::softmax_grad(p[k], g[k], dot));
+    }
+#pragma unroll
+    for (int k = 0; k < KM; ++k)
+      if (k < K) store_vec(gzb + k * V, v0, V, aligned, zr[k]);
+  }
+}
+
+// ---- host helpers -------------------------------------------------------------------------------
+
+template <typename Fn>
+void dispatch_km(int64_t K, Fn&& fn) {
+  if (K < 2 || K > kDceMaxK)
+    throw std::invalid_argument("dice_ce_loss (CUDA): K must be in 2.." + std::to_string(kDceMaxK) +
+                                ", got " + std::to_string(K));
+  if (K <= 4) return fn(std::integral_constant<int, 4>{});
+  if (K <= 8) return fn(std::integral_constant<int, 8>{});
+  return fn(std::integral_constant<int, 16>{});
+}
+
+template <typename TL, typename Fn>
+void dispatch_targets(int target_code, Fn&& fn) {
+  using A = acc_t<TL>;
+  const int want = std::is_same_v<A, double> ? int(DType::Float64) : int(DType::Float32);
+  const auto tc = static_cast<DType>(target_code);
+  if (tc == DType::Float32 || tc == DType::Float64 || tc == DType::Float16 ||
+      tc == DType::BFloat16) {
+    if (target_code != want)
+      throw std::invalid_argument("dice_ce_loss (CUDA): soft targets must have the compute dtype "
+                                  "of the logits");
+    fn(TypeTag<A>{}, std::false_type{});
+  } else {
+    dispatch_labels(target_code, "dice_ce_loss targets",
+                    [&](auto ttag) { fn(ttag, std::true_type{}); });
+  }
+}
+
+inline bool is_aligned(uintptr_t p, size_t bytes) { return p % bytes == 0; }
+
+uint64_t channel_mask(const std::vector<int64_t>& channels, int64_t K, const char* what) {
+  uint64_t m = 0;
+  for (int64_t j : channels) {
+    if (j < 0 || j >= K)
+      throw std::invalid_argument(std::string(what) + ": channel " + std::to_string(j) +
+                                  " out of range for K = " + std::to_string(K));
+    m |= uint64_t(1) << j;
+  }
+  return m;
+}
+
+inline int64_t num_chunks(int64_t V) { return (V + kDceChunk - 1) / kDceChunk; }
+
+void check_grid(int64_t B, int64_t nc, const char* what) {
+  if (B > 65535 || nc > 2147483647 || B < 1)
+    throw std::invalid_argument(std::string(what) + ": batch or volume too large for one launch");
+}
+
+}  // namespace
+}  // namespace colabx::cuda
+
+namespace colabx {
+
+using namespace colabx::cuda;
+
+void dice_ce_loss_forward_cuda(const std::vector<uintptr_t>& logits,
+                               const std::vector<uintptr_t>& targets, int logits_code,
+                               const std::vector<int>& target_codes, int64_t B, int64_t K,
+                               const std::vector<int64_t>& V,
+                               const std::vector<int64_t>& dice_channels,
+                               const std::vector<double>& weights, double smooth, uintptr_t stats,
+                               uintptr_t loss, uintptr_t workspace, int device, uintptr_t stream) {
+  const size_t L = logits.size();
+  if (L < 1 || L > size_t(kDceMaxLevels) || targets.size() != L || target_codes.size() != L ||
+      V.size() != L || weights.size() != L)
+    throw std::invalid_argument("dice_ce_loss_forward_cuda: bad per-level argument lengths");
+  const uint64_t dmask = channel_mask(dice_channels, K, "dice_ce_loss");
+  cudaStream_t st = static_cast<cudaStream_t>(prepare(device, stream, "dice_ce_loss"));
+  const int64_t NS = 3 * K + 1;
+  double* work = reinterpret_cast<double*>(workspace);
+  LevelTable lv{};
+  lv.n = static_cast<int>(L);
+  int64_t off = 0;
+  for (size_t l = 0; l < L; ++l) {
+    lv.part_off[l] = off;
+    lv.nchunks[l] = num_chunks(V[l]);
+    lv.inv_bv[l] = 1.0 / (double(B) * double(V[l]));
+    lv.weight[l] = weights[l];
+    off += B * lv.nchunks[l] * NS;
+    check_grid(B, lv.nchunks[l], "dice_ce_loss");
+  }
+  double* sums = work + off;  // L * B * NS doubles after the partials
+  dispatch_floating(logits_code, "dice_ce_loss logits", [&](auto ltag) {
+    using TL = typename decltype(ltag)::type;
+    using A = acc_t<TL>;
+    dispatch_km(K, [&](auto km) {
+      constexpr int KM = decltype(km)::value;
+      constexpr int VEC = Bucket<KM>::vec;
+      for (size_t l = 0; l < L; ++l) {
+        dispatch_targets<TL>(target_codes[l], [&](auto tt, auto hard) {
+          using TT = typename decltype(tt)::type;
+          constexpr bool HARD = decltype(hard)::value;
+          const bool aligned = V[l] % VEC == 0 && is_aligned(logits[l], sizeof(TL) * VEC) &&
+                               is_aligned(targets[l], sizeof(TT) * VEC);
+          const dim3 grid(static_cast<unsigned>(lv.nchunks[l]), static_cast<unsigned>(B));
+          dce_fwd_kernel<TL, TT, HARD, KM><<<grid, kThreads, 0, st>>>(
+              reinterpret_cast<const TL*>(logits[l]), reinterpret_cast<const TT*>(targets[l]),
+              static_cast<int>(K), V[l], aligned, work + lv.part_off[l]);
+          check_launch("dice_ce_loss forward");
+        });
+      }
+    });
+    dce_finalize_kernel<A><<<1, kThreads, 0, st>>>(
+        work, lv, static_cast<int>(B), static_cast<int>(K), dmask,
+        1.0 / (double(B) * double(dice_channels.size())), smooth, sums,
+        reinterpret_cast<A*>(stats), reinterpret_cast<A*>(loss));
+    check_launch("dice_ce_loss finalize");
+  });
+}
+
+void dice_ce_loss_backward_cuda(uintptr_t grad_out, const std::vector<uintptr_t>& logits,
+                                const std::vector<uintptr_t>& targets, int logits_code,
+                                const std::vector<int>& target_codes, int64_t B, int64_t K,
+                                const std::vector<int64_t>& V,
+                                const std::vector<int64_t>& dice_channels,
+                                const std::vector<double>& weights, double smooth, uintptr_t stats,
+                                const std::vector<uintptr_t>& grad_logits,
+                                const std::vector<uintptr_t>& grad_targets, int device,
+                                uintptr_t stream) {
+  const size_t L = logits.size();
+  if (L < 1 || targets.size() != L || target_codes.size() != L || V.size() != L ||
+      weights.size() != L || grad_logits.size() != L || grad_targets.size() != L)
+    throw std::invalid_argument("dice_ce_loss_backward_cuda: bad per-level argument lengths");
+  const uint64_t dmask = channel_mask(dice_channels, K, "dice_ce_loss");
+  cudaStream_t st = static_cast<cudaStream_t>(prepare(device, stream, "dice_ce_loss"));
+  const int64_t NS = 3 * K + 1;
+  const double inv_bj = 1.0 / (double(B) * double(dice_channels.size()));
+  dispatch_floating(logits_code, "dice_ce_loss logits", [&](auto ltag) {
+    using TL = typename decltype(ltag)::type;
+    using A = acc_t<TL>;
+    dispatch_km(K, [&](auto km) {
+      constexpr int KM = decltype(km)::value;
+      constexpr int VEC = Bucket<KM>::vec;
+      for (size_t l = 0; l < L; ++l) {
+        dispatch_targets<TL>(target_codes[l], [&](auto tt, auto hard) {
+          using TT = typename decltype(tt)::type;
+          constexpr bool HARD = decltype(hard)::value;
+          const int64_t nc = num_chunks(V[l]);
+          check_grid(B, nc, "dice_ce_loss");
+          if (!HARD && grad_targets[l] == 0)
+            throw std::invalid_argument("dice_ce_loss_backward_cuda: missing grad_targets");
+          const bool aligned = V[l] % VEC == 0 && is_aligned(logits[l], sizeof(TL) * VEC) &&
+                               is_aligned(grad_logits[l], sizeof(TL) * VEC) &&
+                               is_aligned(targets[l], sizeof(TT) * VEC) &&
+                               (HARD || is_aligned(grad_targets[l], sizeof(TT) * VEC));
+          const dim3 grid(static_cast<unsigned>(nc), static_cast<unsigned>(B));
+          dce_bwd_kernel<TL, TT, HARD, KM><<<grid, kThreads, 0, st>>>(
+              reinterpret_cast<const TL*>(logits[l]), reinterpret_cast<const TT*>(targets[l]),
+              static_cast<int>(K), V[l], aligned,
+              reinterpret_cast<const A*>(stats) + int64_t(l) * B * NS,
+              reinterpret_cast<const A*>(grad_out), weights[l], 1.0 / (double(B) * double(V[l])),
+              inv_bj, dmask, smooth, reinterpret_cast<TL*>(grad_logits[l]),
+              reinterpret_cast<TT*>(grad_targets[l]));
+          check_launch("dice_ce_loss backward");
+        });
+      }
+    });
+  });
+}
+
+void roi_bce_loss_forward_cuda(uintptr_t logits, uintptr_t labels, int logits_code, int label_code,
+                               int64_t B, int64_t K, int64_t V,
+                               const std::vector<int64_t>& roi_channels, uintptr_t loss,
+                               uintptr_t workspace, int device, uintptr_t stream) {
+  const uint64_t roi = channel_mask(roi_channels, K, "roi_bce_loss");
+  cudaStream_t st = static_cast<cudaStream_t>(prepare(device, stream, "roi_bce_loss"));
+  const int64_t nc = num_chunks(V);
+  check_grid(B, nc, "roi_bce_loss");
+  double* work = reinterpret_cast<double*>(workspace);
+  dispatch_floating(logits_code, "roi_bce_loss logits", [&](auto ltag) {
+    using TL = typename decltype(ltag)::type;
+    using A = acc_t<TL>;
+    dispatch_labels(label_code, "roi_bce_loss labels", [&](auto ttag) {
+      using Lb = typename decltype(ttag)::type;
+      dispatch_km(K, [&](auto km) {
+        constexpr int KM = decltype(km)::value;
+        constexpr int VEC = Bucket<KM>::vec;
+        const bool aligned = V % VEC == 0 && is_aligned(logits, sizeof(TL) * VEC) &&
+                             is_aligned(labels, sizeof(Lb) * VEC);
+        const dim3 grid(static_cast<unsigned>(nc), static_cast<unsigned>(B));
+        bce_fwd_kernel<TL, Lb, KM><<<grid, kThreads, 0, st>>>(
+            reinterpret_cast<const TL*>(logits), reinterpret_cast<const Lb*>(labels),
+            static_cast<int>(K), V, aligned, roi, work);
+        check_launch("roi_bce_loss forward");
+      });
+    });
+    bce_finalize_kernel<A><<<1, kThreads, 0, st>>>(work, B * nc, 1.0 / (double(B) * double(V)),
+                                                   reinterpret_cast<A*>(loss));
+    check_launch("roi_bce_loss finalize");
+  });
+}
+
+void roi_bce_loss_backward_cuda(uintptr_t grad_out, uintptr_t logits, uintptr_t labels,
+                                int logits_code, int label_code, int64_t B, int64_t K, int64_t V,
+                                const std::vector<int64_t>& roi_channels, uintptr_t grad_logits,
+                                int device, uintptr_t stream) {
+  const uint64_t roi = channel_mask(roi_channels, K, "roi_bce_loss");
+  cudaStream_t st = static_cast<cudaStream_t>(prepare(device, stream, "roi_bce_loss"));
+  const int64_t nc = num_chunks(V);
+  check_grid(B, nc, "roi_bce_loss");
+  dispatch_floating(logits_code, "roi_bce_loss logits", [&](auto ltag) {
+    using TL = typename decltype(ltag)::type;
+    using A = acc_t<TL>;
+    dispatch_labels(label_code, "roi_bce_loss labels", [&](auto ttag) {
+      using Lb = typename decltype(ttag)::type;
+      dispatch_km(K, [&](auto km) {
+        constexpr int KM = decltype(km)::value;
+        constexpr int VEC = Bucket<KM>::vec;
+        const bool aligned = V % VEC == 0 && is_aligned(logits, sizeof(TL) * VEC) &&
+                             is_aligned(grad_logits, sizeof(TL) * VEC) &&
+                             is_aligned(labels, sizeof(Lb) * VEC);
+        const dim3 grid(static_cast<unsigned>(nc), static_cast<unsigned>(B));
+        bce_bwd_kernel<TL, Lb, KM><<<grid, kThreads, 0, st>>>(
+            reinterpret_cast<const TL*>(logits), reinterpret_cast<const Lb*>(labels),
+            static_cast<int>(K), V, aligned, roi, reinterpret_cast<const A*>(grad_out),
+            1.0 / (double(B) * double(V)), reinterpret_cast<TL*>(grad_logits));
+        check_launch("roi_bce_loss backward");
+      });
+    });
+  });
+}
+
+}  // namespace colabx
