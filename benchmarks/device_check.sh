@@ -32,14 +32,14 @@ $py -c "import colabx._C as c, colabx._backend as b; print('cuda kernels:', c.bu
 status=0
 if [ "$stage" = all ] || [ "$stage" = test ]; then
   t0=$SECONDS
-  timeout 300 $py -m pytest -q -m cuda tests -p no:cacheprovider --junitxml="$OUT/pytest_cuda.xml" \
+  timeout 170 $py -m pytest -q -m cuda tests -p no:cacheprovider --junitxml="$OUT/pytest_cuda.xml" \
     >"$OUT/pytest_cuda.log" 2>&1 || status=1
   grep -E "(passed|failed|error)" "$OUT/pytest_cuda.log" | tail -3
   [ $status = 0 ] || grep -E "^(FAILED|ERROR)" "$OUT/pytest_cuda.log" | head -30
   echo "gpu tests: $((SECONDS - t0)) s"
   t0=$SECONDS
   if command -v compute-sanitizer >/dev/null; then
-    timeout 240 compute-sanitizer --tool memcheck --error-exitcode 7 --print-limit 20 \
+    timeout 120 compute-sanitizer --tool memcheck --error-exitcode 7 --print-limit 20 \
       $py benchmarks/sanitize_cuda.py >"$OUT/sanitizer.log" 2>&1
     rc=$?
     tail -4 "$OUT/sanitizer.log"
@@ -51,7 +51,7 @@ if [ "$stage" = all ] || [ "$stage" = test ]; then
 fi
 
 if [ "$stage" = all ] || [ "$stage" = bench ]; then
-  timeout 330 $py -m benchmarks.bench_ops --device cuda --min-time 0.3 \
+  timeout 260 $py -m benchmarks.bench_ops --device cuda --min-time 0.3 \
     --out "$OUT/ops_cuda.json" >"$OUT/bench_ops_cuda.log" 2>&1 || status=1
   sed -n '/^| op /,$p' "$OUT/bench_ops_cuda.log"
   [ $status = 0 ] || tail -20 "$OUT/bench_ops_cuda.log"
