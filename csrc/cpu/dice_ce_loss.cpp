@@ -264,6 +264,12 @@ void dispatch_targets(int target_code, Fn&& fn) {
 
 inline int64_t num_chunks(int64_t V) { return (V + kChunk - 1) / kChunk; }
 
+// Threads for a call touching `elements` values: spawning costs tens of microseconds, so small
+// calls (deep-supervision coarse levels, tests) stay on the calling thread.
+inline int threads_for(int64_t elements, int num_threads) {
+  return elements < (int64_t(1) << 17) ? 1 : std::max(1, num_threads);
+}
+
 // ---- CE + Dice ---------------------------------------------------------------------------------
 
 template <typename TL, typename TT, bool HARD>
@@ -272,7 +278,7 @@ void dce_forward_level(const TL* z, const TT* tg, int64_t B, int K, int64_t V, i
   using A = acc_t<TL>;
   const int NS = 3 * K + 1;
   const int64_t nc = num_chunks(V);
-  parallel_for(B * nc, num_threads, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(B * nc, threads_for(B * K * V, num_threads), 1, [&](int64_t begin, int64_t end) {
     std::vector<A> buf(size_t(K) * kTile * 3 + size_t(NS) * kTile + 2 * kTile);
     A* zt = buf.data();
     A* yt = zt + K * kTile;
@@ -311,7 +317,7 @@ void dce_backward_level(const TL* z, const TT* tg, int64_t B, int K, int64_t V,
   using A = acc_t<TL>;
   const int64_t nc = num_chunks(V);
   const bool want_gy = !HARD && gy != nullptr;
-  parallel_for(B * nc, num_threads, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(B * nc, threads_for(B * K * V, num_threads), 1, [&](int64_t begin, int64_t end) {
     std::vector<A> buf(size_t(K) * kTile * 6 + 2 * kTile);
     A* zt = buf.data();
     A* yt = zt + K * kTile;
@@ -361,7 +367,7 @@ double bce_forward(const TL* z, const L* lab, int64_t B, int K, int64_t V, const
   using A = acc_t<TL>;
   const int64_t nc = num_chunks(V);
   std::vector<double> partial(B * nc, 0.0);
-  parallel_for(B * nc, num_threads, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(B * nc, threads_for(B * K * V, num_threads), 1, [&](int64_t begin, int64_t end) {
     std::vector<A> buf(size_t(K) * kTile * 2 + 3 * kTile);
     std::vector<int32_t> lt(kTile);
     A* zt = buf.data();
@@ -394,7 +400,7 @@ void bce_backward(const TL* z, const L* lab, int64_t B, int K, int64_t V, const 
                   acc_t<TL> c, TL* gz, int num_threads) {
   using A = acc_t<TL>;
   const int64_t nc = num_chunks(V);
-  parallel_for(B * nc, num_threads, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(B * nc, threads_for(B * K * V, num_threads), 1, [&](int64_t begin, int64_t end) {
     std::vector<A> buf(size_t(K) * kTile * 4 + 2 * kTile);
     std::vector<int32_t> lt(kTile);
     A* zt = buf.data();
