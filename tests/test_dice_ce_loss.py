@@ -201,6 +201,25 @@ def test_non_contiguous_inputs():
     _compare([torch.randn(2, 3, 10, 12).transpose(2, 3)], [lab], torch.float32)
 
 
+def test_targets_without_grad_and_custom_op_path_agree():
+    """Eager fast path (skips ∂targets when not needed) == the custom ops used under compile."""
+    z = torch.randn(2, 3, 9, 10, 11)
+    y = _soft((2, 3, 9, 10, 11))
+    za = z.clone().requires_grad_()
+    la = colabx.dice_ce_loss(za, y)  # y does not require grad
+    la.backward()
+    zb, yb = z.clone().requires_grad_(), y.clone().requires_grad_()
+    lb, _ = torch.ops.colabx.dice_ce_loss_fwd([zb], [yb], [1, 2], [1.0], 1e-5)
+    lb.backward()
+    assert yb.grad is not None
+    assert torch.equal(la, lb) and torch.equal(za.grad, zb.grad)
+    lab = torch.randint(0, 3, (2, 9, 10, 11))
+    zc, zd = z.clone().requires_grad_(), z.clone().requires_grad_()
+    colabx.roi_bce_loss(zc, lab, [1]).backward()
+    torch.ops.colabx.roi_bce_loss_fwd(zd, lab, [1]).backward()
+    assert torch.equal(zc.grad, zd.grad)
+
+
 def test_thread_count_does_not_change_result():
     z = torch.randn(2, 3, 40, 40, 20)
     y = _soft((2, 3, 40, 40, 20))
@@ -262,6 +281,8 @@ def test_errors():
         colabx.dice_ce_loss(z[0], y[0])
     with pytest.raises(ValueError, match="K >= 2"):
         colabx.dice_ce_loss(z[:, :1], y[:, :1])
+    with pytest.raises(ValueError, match="logits must not be empty"):
+        colabx.dice_ce_loss(z[:, :, :0], y[:, :, :0])
     with pytest.raises(ValueError, match=r"targets values must be in 0\.\.2"):
         colabx.dice_ce_loss(z, lab + 1)
     with pytest.raises(ValueError, match="targets values"):

@@ -49,8 +49,11 @@ COLABX_HD float log_poly(float x) {
   const uint32_t u = float_to_bits(x);
   int32_t e = static_cast<int32_t>((u >> 23) & 0xffu) - 127;
   float m = bits_to_float((u & 0x7fffffu) | 0x3f800000u);  // [1, 2)
+  // Selects pick between values computed unconditionally: with -ftrapping-math (gcc's default)
+  // a select that would speculate an FP operation blocks if-conversion and so vectorisation.
   const bool big = m > 1.41421356237309505f;
-  m = big ? m * 0.5f : m;
+  const float mh = m * 0.5f;
+  m = big ? mh : m;
   e = big ? e + 1 : e;
   const float f = m - 1.0f;
   const float s = f / (2.0f + f);
@@ -137,7 +140,9 @@ COLABX_HD A softmax_grad(A p, A g, A dot) {
 // y log(p + 1e-6) + (1 − y) log(1 − p + 1e-6) for y in {0, 1}: one log of the selected argument.
 template <typename A>
 COLABX_HD A bce_arg(bool y, A p) {
-  return y ? p + bce_eps<A>() : (A(1) - p) + bce_eps<A>();
+  const A a1 = p + bce_eps<A>();
+  const A a0 = (A(1) - p) + bce_eps<A>();
+  return y ? a1 : a0;
 }
 template <typename A>
 COLABX_HD A bce_term(bool y, A p) {
@@ -148,7 +153,8 @@ COLABX_HD A bce_term(bool y, A p) {
 // -c / (p + 1e-6) if y else c / (1 - p + 1e-6).
 template <typename A>
 COLABX_HD A bce_grad_p(bool y, A p, A c) {
-  return (y ? -c : c) / bce_arg(y, p);
+  const A neg = -c;
+  return (y ? neg : c) / bce_arg(y, p);
 }
 
 }  // namespace colabx::dce

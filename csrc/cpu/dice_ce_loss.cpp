@@ -5,6 +5,14 @@
 // processed in tiles of kTile: each channel row of the tile is converted to the compute type,
 // then the math runs in loops over the tile's voxels (contiguous, branch-free: they vectorise,
 // with an AVX2 clone on x86-64). Per-task partial sums are combined in double in fixed order.
+//
+// gcc will not if-convert the selects of the polynomial exp/log (so the loops would not
+// vectorise) under its default -ftrapping-math; this file never inspects FP exception flags, so
+// it opts out. Set before any include so every function here, the shared inline math included,
+// carries the same options (no inlining mismatch).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
@@ -21,92 +29,111 @@ namespace colabx::dce_cpu {
 constexpr int64_t kChunk = 8192;
 constexpr int kTile = 64;
 
+// The tile bodies must be inlined into the AVX2 / baseline clones below to be compiled for them.
+#if defined(__GNUC__)
+#define COLABX_TILE inline __attribute__((always_inline))
+#else
+#define COLABX_TILE inline
+#endif
+
 // ---- tile math (compute type A; z, y, p, g are [K][kTile]) ------------------------------------
 
 template <typename A>
-inline void softmax_tile(int K, int T, const A* z, A* p, A* m, A* s) {
+COLABX_TILE void softmax_tile(int K, int T, const A* __restrict z, A* __restrict p,
+                              A* __restrict m, A* __restrict s) {
   for (int t = 0; t < T; ++t) m[t] = z[t];
-  for (int k = 1; k < K; ++k)
-    for (int t = 0; t < T; ++t) m[t] = z[k * kTile + t] > m[t] ? z[k * kTile + t] : m[t];
+  for (int k = 1; k < K; ++k) {
+    const A* __restrict zk = z + k * kTile;
+    for (int t = 0; t < T; ++t) m[t] = zk[t] > m[t] ? zk[t] : m[t];
+  }
   for (int t = 0; t < T; ++t) s[t] = A(0);
-  for (int k = 0; k < K; ++k)
+  for (int k = 0; k < K; ++k) {
+    const A* __restrict zk = z + k * kTile;
+    A* __restrict pk = p + k * kTile;
     for (int t = 0; t < T; ++t) {
-      const A e = dce::acc_exp(z[k * kTile + t] - m[t]);
-      p[k * kTile + t] = e;
+      const A e = dce::acc_exp(zk[t] - m[t]);
+      pk[t] = e;
       s[t] += e;
     }
-  for (int k = 0; k < K; ++k)
-    for (int t = 0; t < T; ++t) p[k * kTile + t] = p[k * kTile + t] / s[t];
+  }
+  for (int k = 0; k < K; ++k) {
+    A* __restrict pk = p + k * kTile;
+    for (int t = 0; t < T; ++t) pk[t] = pk[t] / s[t];
+  }
 }
 
 // acc is [3K + 1][kTile]: tp, Σp, Σŷ per channel, then ce.
 template <typename A>
-inline void dce_fwd_tile(int K, int T, const A* z, const A* y, A* p, A* m, A* s, A* acc) {
+COLABX_TILE void dce_fwd_tile(int K, int T, const A* z, const A* y, A* p, A* m, A* s, A* acc) {
   softmax_tile(K, T, z, p, m, s);
-  A* ce = acc + 3 * K * kTile;
+  A* __restrict ce = acc + 3 * K * kTile;
   for (int k = 0; k < K; ++k) {
-    A* tp = acc + k * kTile;
-    A* sp = acc + (K + k) * kTile;
-    A* sy = acc + (2 * K + k) * kTile;
-    const A* pk = p + k * kTile;
-    const A* yk = y + k * kTile;
-    for (int t = 0; t < T; ++t) {
-      tp[t] += pk[t] * yk[t];
-      sp[t] += pk[t];
-      sy[t] += yk[t];
-      ce[t] += dce::ce_term(yk[t], pk[t]);
-    }
+    A* __restrict tp = acc + k * kTile;
+    A* __restrict sp = acc + (K + k) * kTile;
+    A* __restrict sy = acc + (2 * K + k) * kTile;
+    const A* __restrict pk = p + k * kTile;
+    const A* __restrict yk = y + k * kTile;
+    // separate simple loops: gcc vectorises each, not the fused four-output one
+    for (int t = 0; t < T; ++t) tp[t] += pk[t] * yk[t];
+    for (int t = 0; t < T; ++t) sp[t] += pk[t];
+    for (int t = 0; t < T; ++t) sy[t] += yk[t];
+    for (int t = 0; t < T; ++t) ce[t] += dce::ce_term(yk[t], pk[t]);
   }
 }
 
 // coef = [C, alpha(K), beta(K)]. Writes gz and, when want_gy, gy ([K][kTile], compute type).
 template <typename A>
-inline void dce_bwd_tile(int K, int T, const A* z, const A* y, const A* coef, bool want_gy, A* p,
+COLABX_TILE void dce_bwd_tile(int K, int T, const A* z, const A* y, const A* coef, bool want_gy, A* p,
                          A* g, A* m, A* s, A* gz, A* gy) {
   softmax_tile(K, T, z, p, m, s);
   const A c = coef[0];
-  A* dot = s;  // s is free after the softmax
+  A* __restrict dot = s;  // s is free after the softmax
   for (int t = 0; t < T; ++t) dot[t] = A(0);
   for (int k = 0; k < K; ++k) {
     const A alpha = coef[1 + k], beta = coef[1 + K + k];
-    const A* pk = p + k * kTile;
-    const A* yk = y + k * kTile;
-    A* gk = g + k * kTile;
+    const A* __restrict pk = p + k * kTile;
+    const A* __restrict yk = y + k * kTile;
+    A* __restrict gk = g + k * kTile;
     for (int t = 0; t < T; ++t) {
       gk[t] = dce::dce_grad_p(yk[t], pk[t], c, alpha, beta);
       dot[t] += pk[t] * gk[t];
     }
     if (want_gy) {
-      A* gyk = gy + k * kTile;
+      A* __restrict gyk = gy + k * kTile;
       for (int t = 0; t < T; ++t) gyk[t] = dce::dce_grad_y(pk[t], c, alpha, beta);
     }
   }
-  for (int k = 0; k < K; ++k)
-    for (int t = 0; t < T; ++t)
-      gz[k * kTile + t] = dce::softmax_grad(p[k * kTile + t], g[k * kTile + t], dot[t]);
+  for (int k = 0; k < K; ++k) {
+    const A* __restrict pk = p + k * kTile;
+    const A* __restrict gk = g + k * kTile;
+    A* __restrict gzk = gz + k * kTile;
+    for (int t = 0; t < T; ++t) gzk[t] = dce::softmax_grad(pk[t], gk[t], dot[t]);
+  }
 }
 
 // ROI BCE: lab [kTile] (int32, -1 = none), roi [K] (1 = ROI channel). acc [kTile].
 template <typename A>
-inline void bce_fwd_tile(int K, int T, const A* z, const int32_t* lab, const uint8_t* roi, A* p,
+COLABX_TILE void bce_fwd_tile(int K, int T, const A* z, const int32_t* lab, const uint8_t* roi, A* p,
                          A* m, A* s, A* acc) {
   softmax_tile(K, T, z, p, m, s);
   for (int k = 0; k < K; ++k) {
     if (!roi[k]) continue;
-    const A* pk = p + k * kTile;
-    for (int t = 0; t < T; ++t) acc[t] += dce::bce_term(lab[t] == k, pk[t]);
+    const A* __restrict pk = p + k * kTile;
+    A* __restrict ac = acc;
+    const int32_t* __restrict lb = lab;
+    for (int t = 0; t < T; ++t) ac[t] += dce::bce_term(lb[t] == k, pk[t]);
   }
 }
 
 template <typename A>
-inline void bce_bwd_tile(int K, int T, const A* z, const int32_t* lab, const uint8_t* roi, A c,
+COLABX_TILE void bce_bwd_tile(int K, int T, const A* z, const int32_t* lab, const uint8_t* roi, A c,
                          A* p, A* g, A* m, A* s, A* gz) {
   softmax_tile(K, T, z, p, m, s);
-  A* dot = s;
+  A* __restrict dot = s;
   for (int t = 0; t < T; ++t) dot[t] = A(0);
   for (int k = 0; k < K; ++k) {
-    const A* pk = p + k * kTile;
-    A* gk = g + k * kTile;
+    const A* __restrict pk = p + k * kTile;
+    A* __restrict gk = g + k * kTile;
     if (roi[k]) {
       for (int t = 0; t < T; ++t) {
         gk[t] = dce::bce_grad_p(lab[t] == k, pk[t], c);
@@ -116,9 +143,12 @@ inline void bce_bwd_tile(int K, int T, const A* z, const int32_t* lab, const uin
       for (int t = 0; t < T; ++t) gk[t] = A(0);
     }
   }
-  for (int k = 0; k < K; ++k)
-    for (int t = 0; t < T; ++t)
-      gz[k * kTile + t] = dce::softmax_grad(p[k * kTile + t], g[k * kTile + t], dot[t]);
+  for (int k = 0; k < K; ++k) {
+    const A* __restrict pk = p + k * kTile;
+    const A* __restrict gk = g + k * kTile;
+    A* __restrict gzk = gz + k * kTile;
+    for (int t = 0; t < T; ++t) gzk[t] = dce::softmax_grad(pk[t], gk[t], dot[t]);
+  }
 }
 
 // float instances get an AVX2 clone (the hot loops); double runs the generic build.
@@ -234,6 +264,12 @@ void dispatch_targets(int target_code, Fn&& fn) {
 
 inline int64_t num_chunks(int64_t V) { return (V + kChunk - 1) / kChunk; }
 
+// Threads for a call touching `elements` values: spawning costs tens of microseconds, so small
+// calls (deep-supervision coarse levels, tests) stay on the calling thread.
+inline int threads_for(int64_t elements, int num_threads) {
+  return elements < (int64_t(1) << 17) ? 1 : std::max(1, num_threads);
+}
+
 // ---- CE + Dice ---------------------------------------------------------------------------------
 
 template <typename TL, typename TT, bool HARD>
@@ -242,7 +278,7 @@ void dce_forward_level(const TL* z, const TT* tg, int64_t B, int K, int64_t V, i
   using A = acc_t<TL>;
   const int NS = 3 * K + 1;
   const int64_t nc = num_chunks(V);
-  parallel_for(B * nc, num_threads, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(B * nc, threads_for(B * K * V, num_threads), 1, [&](int64_t begin, int64_t end) {
     std::vector<A> buf(size_t(K) * kTile * 3 + size_t(NS) * kTile + 2 * kTile);
     A* zt = buf.data();
     A* yt = zt + K * kTile;
@@ -281,7 +317,7 @@ void dce_backward_level(const TL* z, const TT* tg, int64_t B, int K, int64_t V,
   using A = acc_t<TL>;
   const int64_t nc = num_chunks(V);
   const bool want_gy = !HARD && gy != nullptr;
-  parallel_for(B * nc, num_threads, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(B * nc, threads_for(B * K * V, num_threads), 1, [&](int64_t begin, int64_t end) {
     std::vector<A> buf(size_t(K) * kTile * 6 + 2 * kTile);
     A* zt = buf.data();
     A* yt = zt + K * kTile;
@@ -331,7 +367,7 @@ double bce_forward(const TL* z, const L* lab, int64_t B, int K, int64_t V, const
   using A = acc_t<TL>;
   const int64_t nc = num_chunks(V);
   std::vector<double> partial(B * nc, 0.0);
-  parallel_for(B * nc, num_threads, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(B * nc, threads_for(B * K * V, num_threads), 1, [&](int64_t begin, int64_t end) {
     std::vector<A> buf(size_t(K) * kTile * 2 + 3 * kTile);
     std::vector<int32_t> lt(kTile);
     A* zt = buf.data();
@@ -364,7 +400,7 @@ void bce_backward(const TL* z, const L* lab, int64_t B, int K, int64_t V, const 
                   acc_t<TL> c, TL* gz, int num_threads) {
   using A = acc_t<TL>;
   const int64_t nc = num_chunks(V);
-  parallel_for(B * nc, num_threads, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(B * nc, threads_for(B * K * V, num_threads), 1, [&](int64_t begin, int64_t end) {
     std::vector<A> buf(size_t(K) * kTile * 4 + 2 * kTile);
     std::vector<int32_t> lt(kTile);
     A* zt = buf.data();

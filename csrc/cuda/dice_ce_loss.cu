@@ -259,7 +259,8 @@ __global__ void __launch_bounds__(kThreads)
   const TL* zb = z + b * K * V;
   const TT* tb = HARD ? tg + b * V : tg + b * K * V;
   TL* gzb = gz + b * K * V;
-  TT* gyb = HARD ? nullptr : gy + b * K * V;
+  TT* gyb = (HARD || gy == nullptr) ? nullptr : gy + b * K * V;
+  const bool want_gy = gyb != nullptr;  // uniform: ∂targets skipped when nobody needs them
 
 #pragma unroll 1
   for (int it = 0; it < Bucket<KM>::iters; ++it) {
@@ -294,7 +295,9 @@ __global__ void __launch_bounds__(kThreads)
           y = static_cast<A>(yr[k][j]);
         g[k] = dce::dce_grad_p(y, p[k], c, coef[1 + k], coef[1 + KM + k]);
         dot += p[k] * g[k];
-        if constexpr (!HARD) yr[k][j] = store_as<TT>(dce::dce_grad_y(p[k], c, coef[1 + k], coef[1 + KM + k]));
+        if constexpr (!HARD)
+          if (want_gy)
+            yr[k][j] = store_as<TT>(dce::dce_grad_y(p[k], c, coef[1 + k], coef[1 + KM + k]));
       }
 #pragma unroll
       for (int k = 0; k < KM; ++k)
@@ -304,7 +307,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int k = 0; k < KM; ++k) {
       if (k >= K) continue;
       store_vec(gzb + k * V, v0, V, aligned, zr[k]);
-      if constexpr (!HARD) store_vec(gyb + k * V, v0, V, aligned, yr[k]);
+      if constexpr (!HARD)
+        if (want_gy) store_vec(gyb + k * V, v0, V, aligned, yr[k]);
     }
   }
 }
@@ -559,12 +563,11 @@ void dice_ce_loss_backward_cuda(uintptr_t grad_out, const std::vector<uintptr_t>
           constexpr bool HARD = decltype(hard)::value;
           const int64_t nc = num_chunks(V[l]);
           check_grid(B, nc, "dice_ce_loss");
-          if (!HARD && grad_targets[l] == 0)
-            throw std::invalid_argument("dice_ce_loss_backward_cuda: missing grad_targets");
           const bool aligned = V[l] % VEC == 0 && is_aligned(logits[l], sizeof(TL) * VEC) &&
                                is_aligned(grad_logits[l], sizeof(TL) * VEC) &&
                                is_aligned(targets[l], sizeof(TT) * VEC) &&
-                               (HARD || is_aligned(grad_targets[l], sizeof(TT) * VEC));
+                               (HARD || grad_targets[l] == 0 ||
+                                is_aligned(grad_targets[l], sizeof(TT) * VEC));
           const dim3 grid(static_cast<unsigned>(nc), static_cast<unsigned>(B));
           dce_bwd_kernel<TL, TT, HARD, KM><<<grid, kThreads, 0, st>>>(
               reinterpret_cast<const TL*>(logits[l]), reinterpret_cast<const TT*>(targets[l]),
