@@ -45,6 +45,17 @@ def _use_cuda(t: Tensor, k: int, n_levels: int = 1) -> bool:
     return k <= max_k and n_levels <= max_levels
 
 
+def _kernels_for(t: Tensor, k: int, n_levels: int = 1) -> bool:
+    """Whether colabx's kernels take this call; if not, the public functions run the twin (a
+    plain differentiable PyTorch graph) instead of entering the custom ops."""
+    return t.device.type == "cpu" or (t.device.type == "cuda" and _use_cuda(t, k, n_levels))
+
+
+def _no_kernel(t: Tensor, k: int, n_levels: int = 1) -> RuntimeError:
+    return RuntimeError(f"{_OP}: no colabx kernel for {t.device} tensors with K={k}, "
+                        f"{n_levels} level(s); the public functions route such calls to the twin")
+
+
 # ---------------------------------------------------------------------------------------------
 # CE + Dice custom ops
 # ---------------------------------------------------------------------------------------------
@@ -84,9 +95,8 @@ def _dce_fwd_impl(logits: list[Tensor], targets: list[Tensor], dice_channels: li
             [_backend.dtype_code(t) for t in ts], b, k, vs, dice_channels, weights, smooth,
             stats.data_ptr(), loss.data_ptr(), work.data_ptr(), z0.device.index,
             _backend.stream_of(z0))
-    else:  # reference twin; its backward recomputes through autograd and ignores stats
-        loss.copy_(_ref.dice_ce_loss(zs, ts, dice_channels, weights, smooth))
-        stats.zero_()
+    else:
+        raise _no_kernel(z0, k, n_levels)
     return loss, stats
 
 
@@ -130,17 +140,7 @@ def _dce_bwd_impl(grad: Tensor, logits: list[Tensor], targets: list[Tensor], sta
             dice_channels, weights, smooth, stats.data_ptr(), [g.data_ptr() for g in gz],
             gt_addr, z0.device.index, _backend.stream_of(z0))
     else:
-        with torch.enable_grad():
-            zr = [z.detach().requires_grad_() for z in zs]
-            tr = [t if _hard(t) else t.detach().requires_grad_() for t in ts]
-            loss = _ref.dice_ce_loss(zr, tr, dice_channels, weights, smooth)
-            wrt = zr + [t for t in tr if not _hard(t)]
-            grads = torch.autograd.grad(loss, wrt, grad)
-        gz = [g.contiguous() for g in grads[: len(zr)]]
-        soft = iter(grads[len(zr):])
-        gt = [t.new_empty(0) if _hard(t) else next(soft).contiguous() for t in ts]
-        if not want_targets:
-            gt = [t.new_empty(0) for t in ts]
+        raise _no_kernel(z0, k, len(zs))
     return gz, gt
 
 
@@ -230,7 +230,7 @@ def _bce_fwd_impl(logits: Tensor, labels: Tensor, roi_channels: list[int]) -> Te
             v, roi_channels, loss.data_ptr(), work.data_ptr(), z.device.index,
             _backend.stream_of(z))
     else:
-        loss.copy_(_ref.roi_bce_loss(z, lab, roi_channels))
+        raise _no_kernel(z, k)
     return loss
 
 
@@ -259,10 +259,7 @@ def _bce_bwd_impl(grad: Tensor, logits: Tensor, labels: Tensor, roi_channels: li
             _backend.dtype_code(lab), b, k, v, roi_channels, gz.data_ptr(), z.device.index,
             _backend.stream_of(z))
     else:
-        with torch.enable_grad():
-            zr = z.detach().requires_grad_()
-            (g,) = torch.autograd.grad(_ref.roi_bce_loss(zr, lab, roi_channels), (zr,), grad)
-        gz = g.contiguous()
+        raise _no_kernel(z, k)
     return gz
 
 
@@ -482,6 +479,8 @@ def dice_ce_loss(logits: Tensor | Sequence[Tensor], targets: Tensor | Sequence[T
         raise TypeError(f"smooth must be a float, got {type(smooth).__name__}")
     if not (math.isfinite(smooth) and smooth > 0):
         raise ValueError(f"smooth must be finite and > 0, got {smooth}")
+    if not _kernels_for(z0, k, n):
+        return _ref.dice_ce_loss(zs, prepared, channels, weights, float(smooth))
     if torch.compiler.is_compiling():
         loss, _ = _dce_fwd(zs, prepared, channels, weights, float(smooth))
         return loss
@@ -528,6 +527,8 @@ def roi_bce_loss(logits: Tensor, labels: Tensor, roi_channels: Sequence[int], *,
     if validate:
         _check_label_range(lab, k, "labels")
     roi = _channels(roi_channels, k, "roi_channels")
+    if not _kernels_for(logits, k):
+        return _ref.roi_bce_loss(logits, lab, roi)
     if torch.compiler.is_compiling():
         return _bce_fwd(logits, lab, roi)
     return _RoiBCEEager.apply(roi, logits, lab)
