@@ -74,11 +74,12 @@ COLABX_HD A contextk_label(A M, A qk) {
   return M * qk;
 }
 
-// ROI class channel j (1..c-1) at a voxel with label y: one-hot, compared rather than indexed so
-// an out-of-range label never writes out of bounds.
-template <typename A, typename L>
-COLABX_HD A roi_label(L y, int64_t j) {
-  return static_cast<int64_t>(y) == j ? A(1) : A(0);
+// ROI class channel j (1..c-1) at a voxel with label y (both widened to one integer type by the
+// caller): one-hot, compared rather than indexed so an out-of-range label never writes out of
+// bounds.
+template <typename A, typename I>
+COLABX_HD A roi_label(I y, I j) {
+  return y == j ? A(1) : A(0);
 }
 
 // Softmax backward for one channel: q_j (g_j - sum_i q_i g_i).

@@ -95,6 +95,13 @@ inline void row_softmax(const T* o, int64_t V, int64_t t, int64_t W, A* q, A* mx
   }
 }
 
+// Widens one row of labels to int32 so the select loops run at float width (vectorise for uint8
+// and int64 labels alike). Labels are < num_classes, far inside int32.
+template <typename L>
+inline void row_labels(const L* __restrict y, int64_t W, int32_t* __restrict yi) {
+  for (int64_t w = 0; w < W; ++w) yi[w] = static_cast<int32_t>(y[w]);
+}
+
 template <typename A>
 inline void row_mask(const A* d, int64_t W, A margin, A tau, A* M) {
   for (int64_t w = 0; w < W; ++w) M[w] = ctxlab::mask_of_distance(d[w], margin, tau);
@@ -115,7 +122,8 @@ inline void row_write(const Plan& p, const A* __restrict q, const A* __restrict 
   }
   for (int64_t j = 1; j < c; ++j) {
     A* oj = out + j * V;
-    for (int64_t w = 0; w < W; ++w) oj[w] = ctxlab::roi_label<A>(y[w], j);
+    const L jj = static_cast<L>(j);  // L is int32_t here: rows are widened by row_labels
+    for (int64_t w = 0; w < W; ++w) oj[w] = ctxlab::roi_label<A>(y[w], jj);
   }
   for (int64_t k = 1; k < t; ++k) {
     A* ok = out + ctxlab::context_channel(k, c) * V;
@@ -137,6 +145,7 @@ COLABX_SIMD_CLONES void forward_tasks(const Plan& p, const Tasks& tk, int64_t be
   const int64_t t = p.t, W = p.S[2], HW = p.S[1] * W, V = p.voxels();
   const CellGrid g = make_grid(p, tk);
   std::vector<A> q(t * W), M(W), mx(W), sum(W);
+  std::vector<int32_t> yi(W);
   std::vector<A> csum(g.size() * t), cmin(g.size());  // first-pooled-level cell statistics
   std::vector<A> racc(g.nH * t * W), rmin(g.nH * W);   // running row sums / minima per cell row
   for (int64_t task = begin; task < end; ++task) {
@@ -151,9 +160,11 @@ COLABX_SIMD_CLONES void forward_tasks(const Plan& p, const Tasks& tk, int64_t be
         const int64_t row = dd * HW + hh * W;
         row_softmax(o + b * t * V + row, V, t, W, q.data(), mx.data(), sum.data());
         row_mask(d + b * V + row, W, margin, tau, M.data());
-        if (p.level0_full)
-          row_write(p, q.data(), M.data(), y + b * V + row, W, outs[0] + b * p.K * V + row, V,
+        if (p.level0_full) {
+          row_labels(y + b * V + row, W, yi.data());
+          row_write(p, q.data(), M.data(), yi.data(), W, outs[0] + b * p.K * V + row, V,
                     masks[0] ? masks[0] + b * V + row : nullptr);
+        }
         if (g.nW > 0) {
           // Accumulate the rows of a cell row contiguously (vectorised), reduce along W once
           // when its last row is done.
@@ -229,7 +240,8 @@ COLABX_SIMD_CLONES void forward_tasks(const Plan& p, const Tasks& tk, int64_t be
                               : (k == 0 ? ctxlab::context0_label(Ml, ql) : ctxlab::contextk_label(Ml, ql));
               out[ctxlab::context_channel(k, p.c) * Vl + o_idx] = v;
             }
-            for (int64_t jc = 1; jc < p.c; ++jc) out[jc * Vl + o_idx] = ctxlab::roi_label<A>(yl, jc);
+            for (int64_t jc = 1; jc < p.c; ++jc)
+              out[jc * Vl + o_idx] = ctxlab::roi_label<A>(static_cast<int64_t>(yl), jc);
             if (mask) mask[o_idx] = Ml;
           }
         }
@@ -246,6 +258,7 @@ COLABX_SIMD_CLONES void backward_tasks(const Plan& p, const Tasks& tk, int64_t b
   const int64_t t = p.t, W = p.S[2], HW = p.S[1] * W, V = p.voxels(), c = p.c;
   const CellGrid g = make_grid(p, tk);
   std::vector<A> q(t * W), gq(t * W), M(W), mx(W), sum(W);
+  std::vector<int32_t> yi(W);
   std::vector<A> cmin(g.size()), cgrad(g.size() * t);
   std::vector<A> mslab(p.has_pooled() ? tk.slabD * tk.slabH * W : 0);  // M of the slab
   bool any_pooled_grad = false;
@@ -335,14 +348,15 @@ COLABX_SIMD_CLONES void backward_tasks(const Plan& p, const Tasks& tk, int64_t b
             Mr = mslab.data() + ((dd - d0) * tk.slabH + (hh - h0)) * W;
           else
             row_mask(d + b * V + row, W, margin, tau, M.data());
-          const L* yr = y + b * V + row;
+          row_labels(y + b * V + row, W, yi.data());
+          const int32_t* yr = yi.data();
           const A* gr = g0 + b * p.K * V + row;
           for (int64_t k = 0; k < t; ++k) {
             A* gk = gq.data() + k * W;
             const A* gin = gr + ctxlab::context_channel(k, c) * V;
             for (int64_t w = 0; w < W; ++w) {
               const A v = Mr[w] * gin[w];
-              gk[w] += yr[w] > L(0) ? A(0) : v;
+              gk[w] += yr[w] > 0 ? A(0) : v;
             }
           }
         }

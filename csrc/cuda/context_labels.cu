@@ -84,7 +84,7 @@ __device__ __forceinline__ void voxel_write(const A (&q)[TMAX], A M, L y, int t,
                                             A* __restrict__ out, int64_t Vo, A* __restrict__ mask) {
   const bool roi = y > L(0);
   out[0] = roi ? A(0) : ctxlab::context0_label(M, q[0]);
-  for (int64_t j = 1; j < c; ++j) out[j * Vo] = ctxlab::roi_label<A>(y, j);
+  for (int64_t j = 1; j < c; ++j) out[j * Vo] = ctxlab::roi_label<A>(static_cast<int64_t>(y), j);
 #pragma unroll
   for (int k = 1; k < TMAX; ++k)
     if (k < t) out[(c - 1 + k) * Vo] = roi ? A(0) : ctxlab::contextk_label(M, q[k]);
