@@ -38,10 +38,6 @@ def _level_shapes(shape: Sequence[int], strides3: Sequence[int]) -> list[tuple[i
     return out
 
 
-def _strides_from_flat(strides3: Sequence[int], nsp: int) -> list[tuple[int, ...]]:
-    return [tuple(strides3[3 * i + 3 - nsp : 3 * i + 3]) for i in range(len(strides3) // 3)]
-
-
 def _cuda_tile_fits(t: int, strides3: Sequence[int], elem: int) -> bool:
     """Whether the CUDA tile (one coarsest cell) keeps its statistics in shared memory; mirrors
     csrc/cuda/context_labels.cu::make_tile with a conservative 96 KiB budget."""
@@ -66,28 +62,28 @@ def _kernel_args(o: torch.Tensor, num_classes: int, strides3: list[int]) -> tupl
     return (o.shape[0], o.shape[1], num_classes, list(o.shape[2:]), list(strides3))
 
 
-@torch.library.custom_op("colabx::context_labels_fwd", mutates_args=())
-def _fwd(
-    gen_logits: torch.Tensor,
-    labels: torch.Tensor,
-    distance: torch.Tensor,
+def _kernels_for(o: torch.Tensor, strides3: Sequence[int]) -> bool:
+    """Whether colabx's kernels take this call; if not, the public function runs the twin (a
+    plain differentiable PyTorch graph) instead of entering the kernels' autograd."""
+    return o.device.type == "cpu" or (o.device.type == "cuda" and _use_cuda(o, strides3))
+
+
+def _fwd_impl(
+    o: torch.Tensor,
+    y: torch.Tensor,
+    d: torch.Tensor,
     num_classes: int,
     margin: float,
     tau: float,
     strides3: list[int],
     with_mask: bool,
 ) -> list[torch.Tensor]:
-    """Per-level labels (then per-level masks when ``with_mask``). Inputs contiguous; distance
-    already in the accumulation dtype."""
-    o, y, d = gen_logits, labels, distance
+    """Per-level labels (then per-level masks when ``with_mask``) from the kernels. Inputs
+    contiguous; distance already in the accumulation dtype."""
     B, t = o.shape[0], o.shape[1]
     K = num_classes + t - 1
     acc = _acc_dtype(o.dtype)
     shapes = _level_shapes(o.shape[2:], strides3)
-    if o.device.type == "cuda" and not _use_cuda(o, strides3):
-        strides = _strides_from_flat(strides3, o.dim() - 2)
-        outs, masks = context_labels_reference(o, y, d, num_classes, margin, tau, strides, True)
-        return list(outs) + (list(masks) if with_mask else [])
     outs = [torch.empty((B, K, *s), dtype=acc, device=o.device) for s in shapes]
     masks = [torch.empty((B, *s), dtype=acc, device=o.device) for s in shapes] if with_mask else []
     if B == 0:
@@ -106,6 +102,20 @@ def _fwd(
     return outs + masks
 
 
+@torch.library.custom_op("colabx::context_labels_fwd", mutates_args=())
+def _fwd(
+    gen_logits: torch.Tensor,
+    labels: torch.Tensor,
+    distance: torch.Tensor,
+    num_classes: int,
+    margin: float,
+    tau: float,
+    strides3: list[int],
+    with_mask: bool,
+) -> list[torch.Tensor]:
+    return _fwd_impl(gen_logits, labels, distance, num_classes, margin, tau, strides3, with_mask)
+
+
 @_fwd.register_fake
 def _(gen_logits, labels, distance, num_classes, margin, tau, strides3, with_mask):
     B, t = gen_logits.shape[0], gen_logits.shape[1]
@@ -117,31 +127,19 @@ def _(gen_logits, labels, distance, num_classes, margin, tau, strides3, with_mas
     return outs + masks
 
 
-@torch.library.custom_op("colabx::context_labels_bwd", mutates_args=())
-def _bwd(
-    grads: list[torch.Tensor | None],
-    gen_logits: torch.Tensor,
-    labels: torch.Tensor,
-    distance: torch.Tensor,
+def _bwd_impl(
+    grads: Sequence[torch.Tensor | None],
+    o: torch.Tensor,
+    y: torch.Tensor,
+    d: torch.Tensor,
     num_classes: int,
     margin: float,
     tau: float,
     strides3: list[int],
 ) -> torch.Tensor:
-    """Gradient w.r.t. ``gen_logits`` given one incoming gradient per level (None = zero)."""
-    o, y, d = gen_logits, labels, distance
+    """Gradient w.r.t. the generator logits from one incoming gradient per level (None = 0)."""
     acc = _acc_dtype(o.dtype)
     grads = [None if g is None else g.to(acc).contiguous() for g in grads]
-    if o.device.type == "cuda" and not _use_cuda(o, strides3):
-        strides = _strides_from_flat(strides3, o.dim() - 2)
-        with torch.enable_grad():
-            x = o.detach().requires_grad_(True)
-            outs = context_labels_reference(x, y, d, num_classes, margin, tau, strides)
-            pairs = [(out, g) for out, g in zip(outs, grads, strict=True) if g is not None]
-            if not pairs:
-                return torch.zeros_like(o)
-            (gx,) = torch.autograd.grad([p[0] for p in pairs], [x], [p[1] for p in pairs])
-        return gx
     grad_o = torch.empty_like(o)
     if o.shape[0] == 0:
         return grad_o
@@ -157,6 +155,20 @@ def _bwd(
     else:
         _C.context_labels_backward_cpu(*args, _backend.num_threads())
     return grad_o
+
+
+@torch.library.custom_op("colabx::context_labels_bwd", mutates_args=())
+def _bwd(
+    grads: list[torch.Tensor | None],
+    gen_logits: torch.Tensor,
+    labels: torch.Tensor,
+    distance: torch.Tensor,
+    num_classes: int,
+    margin: float,
+    tau: float,
+    strides3: list[int],
+) -> torch.Tensor:
+    return _bwd_impl(grads, gen_logits, labels, distance, num_classes, margin, tau, strides3)
 
 
 @_bwd.register_fake
@@ -180,6 +192,33 @@ def _backward(ctx, grads):
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _ContextLabelsEager(torch.autograd.Function):
+    """Eager fast path: the same kernels as the custom ops without their dispatch and pytree
+    overhead (tens of microseconds a call, which dominate on the GPU at training sizes). Under
+    torch.compile the public function uses the custom ops instead."""
+
+    @staticmethod
+    def forward(ctx, params, o, y, d):
+        num_classes, margin, tau, strides3, with_mask = params
+        res = _fwd_impl(o, y, d, num_classes, margin, tau, strides3, with_mask)
+        ctx.params = params
+        ctx.nlev = len(strides3) // 3
+        ctx.save_for_backward(o, y, d)
+        ctx.mark_non_differentiable(*res[ctx.nlev :])
+        ctx.set_materialize_grads(False)  # unused levels arrive as None: the kernel skips them
+        return tuple(res)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        o, y, d = ctx.saved_tensors
+        num_classes, margin, tau, strides3, _ = ctx.params
+        level_grads = grads[: ctx.nlev]
+        if all(g is None for g in level_grads):
+            return None, None, None, None
+        grad_o = _bwd_impl(level_grads, o, y, d, num_classes, margin, tau, strides3)
+        return None, grad_o, None, None
 
 
 def context_labels(
@@ -272,8 +311,13 @@ def context_labels(
     strides3 = []
     for s in strides:
         strides3 += [1] * (3 - len(s)) + list(s)
+    if not _kernels_for(gen_logits, strides3):
+        return context_labels_reference(
+            gen_logits, labels, distance, num_classes, margin, tau,
+            strides if not (isinstance(levels, int) and levels == 1) else 1, return_mask,
+        )
     acc = _acc_dtype(gen_logits.dtype)
-    res = _fwd(
+    args = (
         gen_logits.contiguous(),
         labels.contiguous(),
         distance.to(acc).contiguous(),
@@ -283,6 +327,10 @@ def context_labels(
         strides3,
         bool(return_mask),
     )
+    if torch.compiler.is_compiling():
+        res = _fwd(*args)
+    else:
+        res = _ContextLabelsEager.apply(args[3:], *args[:3])
     n = len(strides)
     outs = list(res[:n])
     masks = [m.detach() for m in res[n:]]

@@ -131,4 +131,6 @@ def distance_transform(
     sp = _checks.check_spacing(spacing, nsp)
     sp_list = [1.0] * nsp if sp is None else list(sp)
     m = _as_feature_bytes(mask.detach())
-    return _distance_transform_op(m, sp_list, signed)
+    if torch.compiler.is_compiling():
+        return _distance_transform_op(m, sp_list, signed)
+    return compute_distance_transform(m, sp_list, signed)  # eager: skip the custom-op dispatch
