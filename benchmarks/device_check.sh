@@ -6,6 +6,7 @@
 #      it imports: carry its wheel in .whl/),
 # writing logs and JSON under $OUT (default benchmarks/results) and printing a summary table last.
 # Usage: benchmarks/device_check.sh [all|test|bench]   (default all; fits in ~8 minutes)
+# COLABX_SKIP_BUILD=1 uses a colabx/_C*.so already in place (e.g. built elsewhere for this Python).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stage=${1:-all}
@@ -22,11 +23,13 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 t0=$SECONDS
-if ! PYTHON=$py COLABX_CUDA_ARCHS=${COLABX_CUDA_ARCHS:-90} scripts/dev_build.sh cuda \
+if [ "${COLABX_SKIP_BUILD:-0}" = 1 ]; then
+  echo "build: skipped (COLABX_SKIP_BUILD=1)"
+elif ! PYTHON=$py COLABX_CUDA_ARCHS=${COLABX_CUDA_ARCHS:-90} scripts/dev_build.sh cuda \
     >"$OUT/build.log" 2>&1; then
   tail -40 "$OUT/build.log"; echo "device_check: build failed"; exit 1
 fi
-echo "build: $((SECONDS - t0)) s"
+[ "${COLABX_SKIP_BUILD:-0}" = 1 ] || echo "build: $((SECONDS - t0)) s"
 $py -c "import colabx._C as c, colabx._backend as b; print('cuda kernels:', c.built_with_cuda, 'devices:', c.cuda_device_count(), 'usable:', b.cuda_kernels_available())"
 
 status=0
@@ -53,6 +56,9 @@ fi
 if [ "$stage" = all ] || [ "$stage" = bench ]; then
   timeout 260 $py -m benchmarks.bench_ops --device cuda --min-time 0.3 \
     --out "$OUT/ops_cuda.json" >"$OUT/bench_ops_cuda.log" 2>&1 || status=1
+  timeout 90 $py -m benchmarks.profile_kernels --out "$OUT/kernels.json" \
+    >"$OUT/profile_kernels.log" 2>&1 || status=1
+  cat "$OUT/profile_kernels.log"
   sed -n '/^| op /,$p' "$OUT/bench_ops_cuda.log"
   [ $status = 0 ] || tail -20 "$OUT/bench_ops_cuda.log"
 fi

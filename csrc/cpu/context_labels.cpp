@@ -7,12 +7,8 @@
 // minima of M of the first pooled level gathered in a task-local buffer; coarser levels are then
 // built from those pooled statistics. Backward mirrors it: cell minima of M, pooled gradients
 // scattered down to first-pooled-level cells, then one softmax-backward pass over the voxels.
-// The voxel loops select between two computed values (ROI vs background); with the default
-// -ftrapping-math GCC keeps them as branches and refuses to vectorise. colabx never inspects
-// floating-point exception flags, so this file opts out.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math")
-#endif
+// The voxel loops select between two computed values (ROI vs background); they vectorise
+// because CMakeLists.txt compiles the CPU sources with -fno-trapping-math.
 
 #include <algorithm>
 #include <limits>

@@ -5,14 +5,8 @@
 // processed in tiles of kTile: each channel row of the tile is converted to the compute type,
 // then the math runs in loops over the tile's voxels (contiguous, branch-free: they vectorise,
 // with an AVX2 clone on x86-64). Per-task partial sums are combined in double in fixed order.
-//
-// gcc will not if-convert the selects of the polynomial exp/log (so the loops would not
-// vectorise) under its default -ftrapping-math; this file never inspects FP exception flags, so
-// it opts out. Set before any include so every function here, the shared inline math included,
-// carries the same options (no inlining mismatch).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math")
-#endif
+// The selects of the polynomial exp/log if-convert (so the loops vectorise) only because
+// CMakeLists.txt compiles the CPU sources with -fno-trapping-math.
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
