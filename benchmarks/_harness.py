@@ -72,7 +72,39 @@ def time_callable(
     }
 
 
-def run_cases(cases: list[Case], device: torch.device, min_time_s: float = 0.5) -> list[dict]:
+GRAPH_LABELS = ("colabx", "eager", "compile")  # implementations also timed as CUDA-graph replays
+GRAPH_SUFFIX = "@graph"
+
+
+def graph_replay(fn: Callable[[], object]) -> Callable[[], object]:
+    """Captures one call of ``fn`` (after a warm-up on a side stream) into a CUDA graph and
+    returns its replay: the same GPU work without the host's launch and Python overhead."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _speedups(timings: dict[str, dict], ours: str, graph: bool) -> dict[str, float]:
+    base = timings.get(ours, {}).get("median_ms")
+    if not base:
+        return {}
+    return {
+        label: t["median_ms"] / base
+        for label, t in timings.items()
+        if label != ours and "median_ms" in t and label.endswith(GRAPH_SUFFIX) == graph
+    }
+
+
+def run_cases(
+    cases: list[Case], device: torch.device, min_time_s: float = 0.5, cuda_graphs: bool = False
+) -> list[dict]:
     """Times every implementation of every case; prints one line per measurement as it goes."""
     rows = []
     for case in cases:
@@ -85,17 +117,32 @@ def run_cases(cases: list[Case], device: torch.device, min_time_s: float = 0.5) 
             t = timings[label]
             shown = f"{t['median_ms']:.3f} ms" if "median_ms" in t else t["error"]
             print(f"  {case.op:<20} {case.size:<28} {label:<22} {shown}", flush=True)
+        if cuda_graphs and device.type == "cuda":
+            for label in GRAPH_LABELS:
+                if label not in case.impls or "median_ms" not in timings.get(label, {}):
+                    continue
+                try:
+                    t = time_callable(graph_replay(case.impls[label]), device, min_time_s)
+                except Exception as err:  # not capturable (host syncs, foreign streams)
+                    torch.cuda.synchronize(device)
+                    t = {"error": f"{type(err).__name__}: {err}"[:300]}
+                timings[label + GRAPH_SUFFIX] = t
+                shown = f"{t['median_ms']:.3f} ms" if "median_ms" in t else t["error"]
+                print(
+                    f"  {case.op:<20} {case.size:<28} {label + GRAPH_SUFFIX:<22} {shown}",
+                    flush=True,
+                )
         row = {"op": case.op, "size": case.size, "timings": timings, "notes": case.notes}
         ours = timings.get("colabx", {}).get("median_ms")
         if ours:
-            row["speedup_vs"] = {
-                label: t["median_ms"] / ours
-                for label, t in timings.items()
-                if label != "colabx" and "median_ms" in t
-            }
+            row["speedup_vs"] = _speedups(timings, "colabx", graph=False)
+            row["graph_speedup_vs"] = _speedups(timings, "colabx" + GRAPH_SUFFIX, graph=True)
             if case.bytes_moved:
                 row["bytes_moved"] = case.bytes_moved
                 row["effective_TBps"] = case.bytes_moved / (ours * 1e-3) / 1e12
+                graph_ms = timings.get("colabx" + GRAPH_SUFFIX, {}).get("median_ms")
+                if graph_ms:
+                    row["graph_effective_TBps"] = case.bytes_moved / (graph_ms * 1e-3) / 1e12
         rows.append(row)
     return rows
 
@@ -123,6 +170,9 @@ def format_table(rows: list[dict]) -> str:
             if label not in labels:
                 labels.append(label)
     head = ["op", "size"] + [f"{lab} ms" for lab in labels] + ["speedup vs others", "TB/s"]
+    graphs = any(r.get("graph_speedup_vs") for r in rows)
+    if graphs:
+        head += ["graph speedup", "graph TB/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["op"], r["size"]]
@@ -135,6 +185,11 @@ def format_table(rows: list[dict]) -> str:
         cells.append(", ".join(f"{k} {v:.2f}×" for k, v in sp.items()) or "—")
         bw = r.get("effective_TBps")
         cells.append(f"{bw:.2f}" if bw is not None else "—")
+        if graphs:
+            gsp = r.get("graph_speedup_vs", {})
+            cells.append(", ".join(f"{k} {v:.2f}×" for k, v in gsp.items()) or "—")
+            gbw = r.get("graph_effective_TBps")
+            cells.append(f"{gbw:.2f}" if gbw is not None else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

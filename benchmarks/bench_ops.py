@@ -27,6 +27,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="also time colabx/eager/compile as CUDA-graph replays (GPU time, no host overhead)",
+    )
+    parser.add_argument(
         "--min-time",
         type=float,
         default=0.5,
@@ -52,7 +57,12 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for op in args.ops:
         module = importlib.import_module(f"benchmarks.cases.{op}")
-        rows += run_cases(module.cases(device, quick=args.quick), device, min_time_s=args.min_time)
+        rows += run_cases(
+            module.cases(device, quick=args.quick),
+            device,
+            min_time_s=args.min_time,
+            cuda_graphs=args.cuda_graphs,
+        )
 
     table = format_table(rows)
     print("\n" + table)

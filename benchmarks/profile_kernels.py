@@ -64,8 +64,13 @@ def main() -> None:
         rows = []
         for ev in prof.key_averages():
             if ev.device_time_total > 0:
-                rows.append({"kernel": ev.key[:90], "calls": ev.count // args.reps,
-                             "us_per_rep": ev.device_time_total / args.reps})
+                rows.append(
+                    {
+                        "kernel": ev.key[:90],
+                        "calls": ev.count // args.reps,
+                        "us_per_rep": ev.device_time_total / args.reps,
+                    }
+                )
         rows.sort(key=lambda r: -r["us_per_rep"])
         result[name] = rows
         print(f"\n{name}")

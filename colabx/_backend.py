@@ -62,7 +62,16 @@ def cuda_kernels_available() -> bool:
 
 def stream_of(t: torch.Tensor) -> int:
     """The current CUDA stream handle on ``t``'s device."""
-    return torch.cuda.current_stream(t.device).cuda_stream
+    return _raw_stream(t.device.index)
+
+
+def _public_raw_stream(index: int) -> int:
+    return torch.cuda.current_stream(index).cuda_stream
+
+
+# torch's private raw-stream query (what inductor's generated code calls) skips building a
+# Stream object: microseconds per call on the hot path. The public API is the fallback.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", _public_raw_stream)
 
 
 def use_cuda_kernels(t: torch.Tensor, op: str) -> bool:

