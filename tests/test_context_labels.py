@@ -428,3 +428,48 @@ def test_cuda_large_t_and_big_strides_fall_back_or_run():
     b = context_labels(o, y, d, 2, levels=[1, 2, 4, 8, (16, 16, 32)])
     for x, z in zip(a, b, strict=True):
         torch.testing.assert_close(x.cpu(), z, **FP_TOL[torch.float32])
+
+
+# Geometries of the coalesced tiled kernels: partial tiles along every axis, 2D tiles stacked
+# along y, P1 x strides 1 / 2 / 4 (lane groups), level 0 pooled, anisotropic coarsest levels; and
+# strides whose P1 x stride does not divide 32 (the older tiled kernels).
+TILED_CASES = [
+    (2, 2, 2, (20, 40, 70), 4),
+    (1, 3, 3, (70, 100), 4),
+    (2, 2, 2, (9, 37, 45), [1, 2, 4, (8, 8, 16)]),
+    (1, 4, 2, (5, 24, 40), [1, (1, 2, 4), (1, 4, 8)]),
+    (1, 2, 3, (12, 18, 66), [(1, 1, 1), (1, 1, 1), (3, 3, 3)]),
+    (2, 2, 2, (10, 20, 36), [2, 4]),
+    (1, 2, 2, (9, 21, 50), [1, (1, 1, 3), (2, 2, 6)]),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", TILED_CASES, ids=_case_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_cuda_tiled_geometries(case, dtype):
+    B, t, c, S, lev = case
+    o, y, d = make_inputs(B, t, c, S, dtype, seed=31)
+    oc, yc, dc = o.cuda().requires_grad_(True), y.cuda(), d.cuda()
+    labs, masks = context_labels(oc, yc, dc, c, levels=lev, return_mask=True)
+    rlabs, rmasks = context_labels_reference(oc, yc, dc, c, levels=lev, return_mask=True)
+    for a, b in zip(as_list(labs), as_list(rlabs), strict=True):
+        torch.testing.assert_close(a, b.detach(), **FP_TOL[dtype])
+    for a, b in zip(as_list(masks), as_list(rmasks), strict=True):
+        torch.testing.assert_close(a, b, **FP_TOL[dtype])
+    tol = FP_TOL[dtype] if dtype in (torch.float32, torch.float64) else dict(atol=1e-2, rtol=1e-2)
+    grads = [torch.randn_like(a) for a in as_list(labs)]
+    (ga,) = torch.autograd.grad(as_list(labs), [oc], grads)
+    (gb,) = torch.autograd.grad(as_list(rlabs), [oc], grads)
+    torch.testing.assert_close(ga, gb, **tol)
+    # Only some levels used: the unused ones' gradients arrive as None.
+    for keep in ([0], [len(grads) - 1], list(range(1, len(grads)))):
+        labs = as_list(context_labels(oc, yc, dc, c, levels=lev))
+        rlabs = as_list(context_labels_reference(oc, yc, dc, c, levels=lev))
+        (ga,) = torch.autograd.grad([labs[i] for i in keep], [oc], [grads[i] for i in keep])
+        (gb,) = torch.autograd.grad([rlabs[i] for i in keep], [oc], [grads[i] for i in keep])
+        torch.testing.assert_close(ga, gb, **tol)
+    # Deterministic run to run.
+    again = as_list(context_labels(oc, yc, dc, c, levels=lev))
+    for a, b in zip(as_list(context_labels(oc, yc, dc, c, levels=lev)), again, strict=True):
+        assert torch.equal(a, b)

@@ -404,6 +404,26 @@ def test_cuda_dtypes_and_levels(dtype, spatial):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("k", [3, 7, 16])
+@pytest.mark.parametrize("hard", [False, True])
+def test_cuda_wide_logit_range_vs_twin_and_cpu(k, hard):
+    """Logit gaps of ~0..150 put p on both sides of 2^-80, where the fp32 CUDA kernels switch
+    between log-softmax and the exact log(p + 1e-32) (CE term and ∂ŷ)."""
+    g = torch.Generator().manual_seed(100 + k)
+    shape = (2, k, 23, 19, 7)
+    z = 25 * torch.randn(shape, generator=g)
+    t = (torch.randint(0, k, (2, *shape[2:]), generator=g) if hard else _soft(shape, gen=g))
+    lc, gc = _cuda_pair(colabx.dice_ce_loss, [z], [t])
+    lr, gr = _run(ref.dice_ce_loss, [z], [t])
+    lp, gp = _run(colabx.dice_ce_loss, [z], [t])
+    for want in ((lr, gr), (lp, gp)):
+        torch.testing.assert_close(lc, want[0], rtol=2e-5, atol=1e-7)
+        for a, w in zip(gc, want[1], strict=True):
+            s = w.abs().max()
+            torch.testing.assert_close(a / s, w / s, **GTOL[torch.float32])
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("mag", [1e4, 6e4])
 def test_cuda_fp16_extremes(mag):
     z = (mag * torch.randn(2, 3, 17, 9, 8).sign()).half().cuda()

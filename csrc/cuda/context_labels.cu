@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <numeric>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -52,8 +53,8 @@ __device__ __forceinline__ double inf_of<double>() {
 }
 
 // Softmax of one voxel's t logits (channel stride V) into q[0..t).
-template <typename T, int TMAX>
-__device__ __forceinline__ void voxel_softmax(const T* __restrict__ o, int64_t V, int t, acc_t<T> (&q)[TMAX]) {
+template <typename T, int TMAX, typename I>
+__device__ __forceinline__ void voxel_softmax(const T* __restrict__ o, I V, int t, acc_t<T> (&q)[TMAX]) {
   using A = acc_t<T>;
   A mx = static_cast<A>(to_float(o[0]));
   q[0] = mx;
@@ -79,12 +80,12 @@ __device__ __forceinline__ void voxel_softmax(const T* __restrict__ o, int64_t V
 }
 
 // Writes one voxel's K labels (channel stride Vo) and its mask.
-template <typename A, typename L, int TMAX>
-__device__ __forceinline__ void voxel_write(const A (&q)[TMAX], A M, L y, int t, int64_t c,
-                                            A* __restrict__ out, int64_t Vo, A* __restrict__ mask) {
+template <typename A, typename L, int TMAX, typename I>
+__device__ __forceinline__ void voxel_write(const A (&q)[TMAX], A M, L y, int t, I c,
+                                            A* __restrict__ out, I Vo, A* __restrict__ mask) {
   const bool roi = y > L(0);
   out[0] = roi ? A(0) : ctxlab::context0_label(M, q[0]);
-  for (int64_t j = 1; j < c; ++j) out[j * Vo] = ctxlab::roi_label<A>(static_cast<int64_t>(y), j);
+  for (I j = 1; j < c; ++j) out[j * Vo] = ctxlab::roi_label<A>(static_cast<int64_t>(y), static_cast<int64_t>(j));
 #pragma unroll
   for (int k = 1; k < TMAX; ++k)
     if (k < t) out[(c - 1 + k) * Vo] = roi ? A(0) : ctxlab::contextk_label(M, q[k]);
@@ -368,6 +369,328 @@ __global__ void __launch_bounds__(256, 2) bwd_tiled(Plan p, Tile tl, LevelPtrs<c
   }
 }
 
+// ------------------------------------------------------------------ coalesced tiled kernels
+//
+// Preconditions (checked on the host by make_tile2; otherwise the kernels above run): K * V and
+// the tile counts fit int32, the first pooled level's x stride s1x divides 32, TW (the tile's x
+// extent and its threads along x) is a multiple of 32 and of the coarsest x stride.
+// Block = TW x R threads; thread (lx, r) owns voxel column x = x0 + lx and the P1 cell rows
+// r, r + R, ... of the tile (a cell row = one P1 cell extent in z and y). A warp lies in one r,
+// so its 32 lanes read / write 32 consecutive voxels of one (z, y) row (coalesced, as the flat
+// kernels), every loop bound is warp-uniform, and the s1x lanes of one P1 cell combine their
+// partial sums with xor shuffles (all 32 lanes active). Pooled levels are reduced
+// hierarchically in shared memory: level l's per-cell sums / minima from level l-1's, one
+// barrier per level; each level's statistics are laid out [t][n_l] values then [n_l] values.
+struct Tile2 {
+  int TD, TH, TW, R;       // tile extent in voxels; row groups of threads (blockDim.x = TW * R)
+  int s1z, s1y, s1x;       // first pooled level's stride (P1 cell size)
+  int n1z, n1y, n1x;       // P1 cells per tile per axis
+  int ntz, nty, ntx;       // tiles per axis (per batch item)
+  int off[ctxlab::kMaxLevels];  // shared-memory offset (elements) of each pooled level's stats
+};
+
+// Tile-local cell counts of level l along each axis.
+struct LevelCells {
+  int sz, sy, sx, nz, ny, nx, n;
+};
+
+__device__ __forceinline__ LevelCells level_cells(const Plan& p, const Tile2& tl, int l) {
+  LevelCells c;
+  c.sz = static_cast<int>(p.st[l][0]);
+  c.sy = static_cast<int>(p.st[l][1]);
+  c.sx = static_cast<int>(p.st[l][2]);
+  c.nz = tl.TD / c.sz;
+  c.ny = tl.TH / c.sy;
+  c.nx = tl.TW / c.sx;
+  c.n = c.nz * c.ny * c.nx;
+  return c;
+}
+
+template <typename A>
+__device__ __forceinline__ A min_keep(A cur, A v) {  // NaN v never replaces (as the cell loops above)
+  return v < cur ? v : cur;
+}
+
+// Registers cap occupancy: the common case (fp32 accumulation, t <= 4) runs 6 blocks of 256.
+template <typename A, int TMAX>
+constexpr int tiled2_min_blocks() {
+  return (sizeof(A) == 4 && TMAX <= 4) ? 5 : 2;
+}
+
+template <typename T, typename L, int TMAX>
+__global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
+    fwd_tiled2(Plan p, Tile2 tl, const T* __restrict__ o, const L* __restrict__ y,
+               const acc_t<T>* __restrict__ d, LevelPtrs<acc_t<T>> outs, LevelPtrs<acc_t<T>> masks,
+               acc_t<T> margin, acc_t<T> tau) {
+  using A = acc_t<T>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  A* sm = reinterpret_cast<A*>(smem_raw);
+  const int t = static_cast<int>(p.t), c = static_cast<int>(p.c), K = static_cast<int>(p.K);
+  const int D = static_cast<int>(p.S[0]), H = static_cast<int>(p.S[1]), W = static_cast<int>(p.S[2]);
+  const int HW = H * W, V = D * HW;  // K * V < 2^31 (host precondition)
+  int bi = static_cast<int>(blockIdx.x);
+  const int x0 = (bi % tl.ntx) * tl.TW;
+  bi /= tl.ntx;
+  const int y0 = (bi % tl.nty) * tl.TH;
+  const int z0 = (bi / tl.nty) * tl.TD;
+  const int64_t b = blockIdx.y;
+  const int lx = static_cast<int>(threadIdx.x) % tl.TW, r = static_cast<int>(threadIdx.x) / tl.TW;
+  const int x = x0 + lx;
+  const bool xin = x < W;
+  const T* ob = o + b * t * V;
+  const L* yb = y + b * V;
+  const A* db = d + b * V;
+  A* out0 = p.level0_full ? outs.p[0] + b * K * V : nullptr;
+  A* mask0 = p.level0_full && masks.p[0] ? masks.p[0] + b * V : nullptr;
+  const int fp = p.first_pooled;
+
+  // 1. voxels: softmax once, level 0 written, P1 cell sums of q / minima of M into shared memory.
+  {
+    const int n1 = tl.n1z * tl.n1y * tl.n1x;
+    A* sq = sm + tl.off[fp];
+    A* smn = sq + t * n1;
+    for (int cr = r; cr < tl.n1z * tl.n1y; cr += tl.R) {  // warp-uniform
+      const int cz = cr / tl.n1y, cy = cr - cz * tl.n1y;
+      A qs[TMAX];
+#pragma unroll
+      for (int k = 0; k < TMAX; ++k) qs[k] = A(0);
+      A mn = inf_of<A>();
+      for (int a = 0; a < tl.s1z; ++a) {
+        const int z = z0 + cz * tl.s1z + a;
+        if (z >= D) break;  // warp-uniform
+        for (int e = 0; e < tl.s1y; ++e) {
+          const int yy = y0 + cy * tl.s1y + e;
+          if (yy >= H) break;  // warp-uniform
+          if (xin) {
+            const int v = z * HW + yy * W + x;
+            A q[TMAX];
+            voxel_softmax<T, TMAX>(ob + v, V, t, q);
+            const A M = ctxlab::mask_of_distance(db[v], margin, tau);
+            if (out0) voxel_write<A, L, TMAX>(q, M, yb[v], t, c, out0 + v, V, mask0 ? mask0 + v : nullptr);
+#pragma unroll
+            for (int k = 0; k < TMAX; ++k)
+              if (k < t) qs[k] += q[k];
+            mn = min_keep(mn, M);
+          }
+        }
+      }
+      // the s1x lanes of a P1 cell (aligned groups: s1x | 32, x0 % s1x == 0); all lanes active
+      for (int sh = 1; sh < tl.s1x; sh <<= 1) {
+#pragma unroll
+        for (int k = 0; k < TMAX; ++k)
+          if (k < t) qs[k] += __shfl_xor_sync(0xffffffffu, qs[k], sh);
+        mn = min_keep(mn, __shfl_xor_sync(0xffffffffu, mn, sh));
+      }
+      if (lx % tl.s1x == 0) {
+        const int cell = cr * tl.n1x + lx / tl.s1x;
+#pragma unroll
+        for (int k = 0; k < TMAX; ++k)
+          if (k < t) sq[k * n1 + cell] = qs[k];
+        smn[cell] = mn;
+      }
+    }
+  }
+  __syncthreads();
+
+  // 2. pooled levels, coarser from finer; each level's cells written to global memory.
+  for (int l = fp; l < p.nlev; ++l) {
+    const LevelCells lc = level_cells(p, tl, l);
+    A* sq = sm + tl.off[l];
+    A* smn = sq + t * lc.n;
+    LevelCells pc = lc;
+    const A* pq = sq;
+    if (l > fp) {
+      pc = level_cells(p, tl, l - 1);
+      pq = sm + tl.off[l - 1];
+    }
+    const A* pmn = pq + t * pc.n;
+    const int fz = lc.sz / pc.sz, fy = lc.sy / pc.sy, fx = lc.sx / pc.sx;
+    const int Slz = static_cast<int>(p.Sl[l][0]), Sly = static_cast<int>(p.Sl[l][1]);
+    const int Slx = static_cast<int>(p.Sl[l][2]);
+    const int Vl = Slz * Sly * Slx;
+    const A inv_vol = A(1) / static_cast<A>(p.cell_volume(l));
+    for (int cell = threadIdx.x; cell < lc.n; cell += blockDim.x) {
+      const int cx = cell % lc.nx, cy = (cell / lc.nx) % lc.ny, cz = cell / (lc.nx * lc.ny);
+      A qs[TMAX];
+      A mn;
+      if (l == fp) {
+#pragma unroll
+        for (int k = 0; k < TMAX; ++k) qs[k] = k < t ? sq[k * lc.n + cell] : A(0);
+        mn = smn[cell];
+      } else {
+#pragma unroll
+        for (int k = 0; k < TMAX; ++k) qs[k] = A(0);
+        mn = inf_of<A>();
+        for (int a = 0; a < fz; ++a)
+          for (int e = 0; e < fy; ++e)
+            for (int f = 0; f < fx; ++f) {
+              const int sub = ((cz * fz + a) * pc.ny + cy * fy + e) * pc.nx + cx * fx + f;
+#pragma unroll
+              for (int k = 0; k < TMAX; ++k)
+                if (k < t) qs[k] += pq[k * pc.n + sub];
+              mn = min_keep(mn, pmn[sub]);
+            }
+#pragma unroll
+        for (int k = 0; k < TMAX; ++k)
+          if (k < t) sq[k * lc.n + cell] = qs[k];
+        smn[cell] = mn;
+      }
+      const int rz = z0 / lc.sz + cz, ry = y0 / lc.sy + cy, rx = x0 / lc.sx + cx;
+      if (rz >= Slz || ry >= Sly || rx >= Slx) continue;  // partial cell: no output
+      const L yl = yb[(rz * lc.sz + lc.sz / 2) * HW + (ry * lc.sy + lc.sy / 2) * W + rx * lc.sx + lc.sx / 2];
+      if (yl > L(0)) mn = A(1);
+#pragma unroll
+      for (int k = 0; k < TMAX; ++k)
+        if (k < t) qs[k] *= inv_vol;
+      const int oi = (rz * Sly + ry) * Slx + rx;
+      voxel_write<A, L, TMAX>(qs, mn, yl, t, c, outs.p[l] + b * K * Vl + oi, Vl,
+                              masks.p[l] ? masks.p[l] + b * Vl + oi : nullptr);
+    }
+    if (l + 1 < p.nlev) __syncthreads();  // the next level reads this level's stats
+  }
+}
+
+template <typename T, typename L, int TMAX>
+__global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
+    bwd_tiled2(Plan p, Tile2 tl, LevelPtrs<const acc_t<T>> grads, const T* __restrict__ o,
+               const L* __restrict__ y, const acc_t<T>* __restrict__ d, T* __restrict__ grad_o,
+               acc_t<T> margin, acc_t<T> tau) {
+  using A = acc_t<T>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  A* sm = reinterpret_cast<A*>(smem_raw);
+  const int t = static_cast<int>(p.t), c = static_cast<int>(p.c), K = static_cast<int>(p.K);
+  const int D = static_cast<int>(p.S[0]), H = static_cast<int>(p.S[1]), W = static_cast<int>(p.S[2]);
+  const int HW = H * W, V = D * HW;
+  int bi = static_cast<int>(blockIdx.x);
+  const int x0 = (bi % tl.ntx) * tl.TW;
+  bi /= tl.ntx;
+  const int y0 = (bi % tl.nty) * tl.TH;
+  const int z0 = (bi / tl.nty) * tl.TD;
+  const int64_t b = blockIdx.y;
+  const int lx = static_cast<int>(threadIdx.x) % tl.TW, r = static_cast<int>(threadIdx.x) / tl.TW;
+  const int x = x0 + lx;
+  const bool xin = x < W;
+  const T* ob = o + b * t * V;
+  const L* yb = y + b * V;
+  const A* db = d + b * V;
+  const int fp = p.first_pooled;
+  bool any_pooled = false;
+  for (int l = fp; l < p.nlev; ++l) any_pooled |= grads.p[l] != nullptr;  // block-uniform
+
+  if (any_pooled) {
+    // 1. P1 cell minima of M.
+    const int n1 = tl.n1z * tl.n1y * tl.n1x;
+    A* smn = sm + tl.off[fp] + t * n1;
+    for (int cr = r; cr < tl.n1z * tl.n1y; cr += tl.R) {  // warp-uniform
+      const int cz = cr / tl.n1y, cy = cr - cz * tl.n1y;
+      A mn = inf_of<A>();
+      for (int a = 0; a < tl.s1z; ++a) {
+        const int z = z0 + cz * tl.s1z + a;
+        if (z >= D) break;
+        for (int e = 0; e < tl.s1y; ++e) {
+          const int yy = y0 + cy * tl.s1y + e;
+          if (yy >= H) break;
+          if (xin) mn = min_keep(mn, ctxlab::mask_of_distance(db[z * HW + yy * W + x], margin, tau));
+        }
+      }
+      for (int sh = 1; sh < tl.s1x; sh <<= 1) mn = min_keep(mn, __shfl_xor_sync(0xffffffffu, mn, sh));
+      if (lx % tl.s1x == 0) smn[cr * tl.n1x + lx / tl.s1x] = mn;
+    }
+    __syncthreads();
+
+    // 2. per level cell: minima (coarser from finer) and the pooled gradient [y_l = 0] M_l g_l /
+    //    vol_l per context (0 for partial cells, ROI cells and levels without a gradient).
+    for (int l = fp; l < p.nlev; ++l) {
+      const LevelCells lc = level_cells(p, tl, l);
+      A* sg = sm + tl.off[l];
+      A* smnl = sg + t * lc.n;
+      LevelCells pc = lc;
+      const A* pmn = smnl;
+      if (l > fp) {
+        pc = level_cells(p, tl, l - 1);
+        pmn = sm + tl.off[l - 1] + t * pc.n;
+      }
+      const int fz = lc.sz / pc.sz, fy = lc.sy / pc.sy, fx = lc.sx / pc.sx;
+      const int Slz = static_cast<int>(p.Sl[l][0]), Sly = static_cast<int>(p.Sl[l][1]);
+      const int Slx = static_cast<int>(p.Sl[l][2]);
+      const int Vl = Slz * Sly * Slx;
+      const A inv_vol = A(1) / static_cast<A>(p.cell_volume(l));
+      const A* gl = grads.p[l] ? grads.p[l] + b * K * Vl : nullptr;
+      for (int cell = threadIdx.x; cell < lc.n; cell += blockDim.x) {
+        const int cx = cell % lc.nx, cy = (cell / lc.nx) % lc.ny, cz = cell / (lc.nx * lc.ny);
+        A mn;
+        if (l == fp) {
+          mn = smnl[cell];
+        } else {
+          mn = inf_of<A>();
+          for (int a = 0; a < fz; ++a)
+            for (int e = 0; e < fy; ++e)
+              for (int f = 0; f < fx; ++f)
+                mn = min_keep(mn, pmn[((cz * fz + a) * pc.ny + cy * fy + e) * pc.nx + cx * fx + f]);
+          smnl[cell] = mn;
+        }
+        const int rz = z0 / lc.sz + cz, ry = y0 / lc.sy + cy, rx = x0 / lc.sx + cx;
+        bool live = gl != nullptr && rz < Slz && ry < Sly && rx < Slx;
+        if (live)
+          live = !(yb[(rz * lc.sz + lc.sz / 2) * HW + (ry * lc.sy + lc.sy / 2) * W + rx * lc.sx + lc.sx / 2] > L(0));
+        const A coef = mn * inv_vol;
+        const int oi = live ? (rz * Sly + ry) * Slx + rx : 0;
+        for (int k = 0; k < t; ++k)
+          sg[k * lc.n + cell] = live ? coef * gl[static_cast<int>(ctxlab::context_channel(k, c)) * Vl + oi] : A(0);
+      }
+      __syncthreads();  // the next level reads these minima; step 3 reads the gradients
+    }
+  }
+
+  // 3. softmax backward per voxel: level-0 gradient plus the pooled gradients of its cells,
+  //    summed in level order (as the kernel above: 0 + level fp + level fp+1 + ...).
+  const A* g0 = p.level0_full && grads.p[0] ? grads.p[0] + b * K * V : nullptr;
+  T* gob = grad_o + b * t * V;
+  for (int cr = r; cr < tl.n1z * tl.n1y; cr += tl.R) {
+    const int cz = cr / tl.n1y, cy = cr - cz * tl.n1y;
+    A gp[TMAX];
+#pragma unroll
+    for (int k = 0; k < TMAX; ++k) gp[k] = A(0);
+    if (any_pooled) {
+      const int vz = cz * tl.s1z, vy = cy * tl.s1y;  // tile-local origin of this P1 cell row
+      for (int l = fp; l < p.nlev; ++l) {
+        const LevelCells lc = level_cells(p, tl, l);
+        const A* sg = sm + tl.off[l];
+        const int cell = ((vz / lc.sz) * lc.ny + vy / lc.sy) * lc.nx + lx / lc.sx;
+#pragma unroll
+        for (int k = 0; k < TMAX; ++k)
+          if (k < t) gp[k] += sg[k * lc.n + cell];
+      }
+    }
+    if (!xin) continue;  // no shuffles below
+    for (int a = 0; a < tl.s1z; ++a) {
+      const int z = z0 + cz * tl.s1z + a;
+      if (z >= D) break;
+      for (int e = 0; e < tl.s1y; ++e) {
+        const int yy = y0 + cy * tl.s1y + e;
+        if (yy >= H) break;
+        const int v = z * HW + yy * W + x;
+        A q[TMAX];
+        voxel_softmax<T, TMAX>(ob + v, V, t, q);
+        const bool bg = g0 != nullptr && !(yb[v] > L(0));
+        const A M = bg ? ctxlab::mask_of_distance(db[v], margin, tau) : A(0);
+        A gq[TMAX];
+        A dot = A(0);
+#pragma unroll
+        for (int k = 0; k < TMAX; ++k) {
+          if (k < t) {
+            gq[k] = gp[k] + (bg ? M * g0[static_cast<int>(ctxlab::context_channel(k, c)) * V + v] : A(0));
+            dot += q[k] * gq[k];
+          }
+        }
+#pragma unroll
+        for (int k = 0; k < TMAX; ++k)
+          if (k < t) gob[k * V + v] = store_as<T>(ctxlab::softmax_backward(q[k], gq[k], dot));
+      }
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------- host
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -403,6 +726,55 @@ Tile make_tile(const Plan& p, int device, size_t elem, size_t* smem) {
   tl.ntx = ceil_div(p.S[2], tl.TW);
   *smem = bytes(mW);
   return tl;
+}
+
+// Tile of the coalesced kernels, or false when their preconditions do not hold (the kernels
+// above run then). *smem: dynamic shared memory bytes (kept <= 48 KiB: no opt-in needed).
+bool make_tile2(const Plan& p, size_t elem, Tile2* out, size_t* smem, unsigned* threads) {
+  constexpr int64_t kInt32Max = 2147483647;
+  const int64_t* s1 = p.p1();
+  if (p.B > 65535 || p.K * p.voxels() > kInt32Max) return false;
+  if (s1[2] > 32 || 32 % s1[2] != 0) return false;  // xor-shuffle groups of s1x lanes
+  const int64_t cz = p.coarse[0], cy = p.coarse[1], cx = p.coarse[2];
+  const int64_t TW = std::lcm<int64_t>(32, cx);
+  if (TW > 256 || cz * cy > 4096) return false;
+  // Stack coarse tiles along y (2D inputs, shallow tiles) towards ~2048 voxels per block.
+  int64_t my = 1;
+  while (cz * cy * (my + 1) * TW <= 2048 && cy * (my + 1) <= std::max<int64_t>(cy, p.S[1])) ++my;
+  const int64_t TD = cz, TH = cy * my;
+  const int64_t rows = (TD / s1[0]) * (TH / s1[1]);  // P1 cell rows per tile
+  const int64_t R = std::min<int64_t>(256 / TW, rows);
+  size_t total = 0;
+  Tile2 tl{};
+  for (int l = p.first_pooled; l < p.nlev; ++l) {
+    const int64_t n = (TD / p.st[l][0]) * (TH / p.st[l][1]) * (TW / p.st[l][2]);
+    tl.off[l] = static_cast<int>(total);
+    total += static_cast<size_t>(n) * static_cast<size_t>(p.t + 1);
+  }
+  if (total * elem > 48 * 1024) return false;
+  const int64_t ntz = ceil_div(p.S[0], TD), nty = ceil_div(p.S[1], TH), ntx = ceil_div(p.S[2], TW);
+  if (ntz * nty * ntx > kInt32Max) return false;
+  tl.TD = static_cast<int>(TD);
+  tl.TH = static_cast<int>(TH);
+  tl.TW = static_cast<int>(TW);
+  tl.R = static_cast<int>(R);
+  tl.s1z = static_cast<int>(s1[0]);
+  tl.s1y = static_cast<int>(s1[1]);
+  tl.s1x = static_cast<int>(s1[2]);
+  tl.n1z = static_cast<int>(TD / s1[0]);
+  tl.n1y = static_cast<int>(TH / s1[1]);
+  tl.n1x = static_cast<int>(TW / s1[2]);
+  tl.ntz = static_cast<int>(ntz);
+  tl.nty = static_cast<int>(nty);
+  tl.ntx = static_cast<int>(ntx);
+  *out = tl;
+  *smem = total * elem;
+  *threads = static_cast<unsigned>(TW * R);
+  return true;
+}
+
+dim3 tile2_grid(const Plan& p, const Tile2& tl) {
+  return dim3(static_cast<unsigned>(static_cast<int64_t>(tl.ntz) * tl.nty * tl.ntx), static_cast<unsigned>(p.B));
 }
 
 unsigned threads_for(int64_t n1) {
@@ -462,6 +834,15 @@ void context_labels_forward_cuda(const Plan& p, uintptr_t o, int o_dtype, uintpt
           return;
         }
         size_t smem = 0;
+        Tile2 tl2;
+        unsigned threads2 = 0;
+        if (make_tile2(p, sizeof(A), &tl2, &smem, &threads2)) {
+          fwd_tiled2<T, L, TMAX><<<tile2_grid(p, tl2), threads2, smem, st>>>(
+              p, tl2, reinterpret_cast<const T*>(o), reinterpret_cast<const L*>(y), reinterpret_cast<const A*>(d),
+              op, mp, static_cast<A>(margin), static_cast<A>(tau));
+          cuda::check_launch("context_labels forward (tiled, coalesced)");
+          return;
+        }
         const Tile tl = make_tile(p, device, sizeof(A), &smem);
         auto kernel = fwd_tiled<T, L, TMAX>;
         set_smem(kernel, smem);
@@ -498,6 +879,16 @@ void context_labels_backward_cuda(const Plan& p, const std::vector<uintptr_t>& g
           return;
         }
         size_t smem = 0;
+        Tile2 tl2;
+        unsigned threads2 = 0;
+        if (make_tile2(p, sizeof(A), &tl2, &smem, &threads2)) {
+          bwd_tiled2<T, L, TMAX><<<tile2_grid(p, tl2), threads2, smem, st>>>(
+              p, tl2, gp, reinterpret_cast<const T*>(o), reinterpret_cast<const L*>(y),
+              reinterpret_cast<const A*>(d), reinterpret_cast<T*>(grad_o), static_cast<A>(margin),
+              static_cast<A>(tau));
+          cuda::check_launch("context_labels backward (tiled, coalesced)");
+          return;
+        }
         const Tile tl = make_tile(p, device, sizeof(A), &smem);
         auto kernel = bwd_tiled<T, L, TMAX>;
         set_smem(kernel, smem);

@@ -6,7 +6,7 @@
 //
 // Forward: grid (chunks of kDceChunk voxels, B). Each block reduces its 3K+1 sums (tp, Σp, Σŷ
 // per channel and the CE sum) with a fixed butterfly per warp and a fixed-order sum over warps,
-// and writes them to a float64 partials buffer; one finalize block sums the partials of every
+// and writes them to a float64 partials buffer; one 1024-thread finalize block sums the partials of every
 // (level, item, sum) in fixed order (lane-strided + butterfly, in double), writes the stats and
 // the scalar loss. No atomics: bitwise reproducible run to run.
 // Backward: same grid, traversed in reverse (the last chunks the forward read are likeliest in
@@ -101,6 +101,88 @@ __device__ __forceinline__ void softmax_regs(int K, A (&p)[KM]) {
     if (k < K) p[k] = p[k] / s;
 }
 
+// fp32 fast path (GPU only; float64 keeps softmax_regs and the exact formulas).
+//
+// softmax_fast: as softmax_regs but one hardware reciprocal of the sum instead of K IEEE
+// divisions (p differs from e/s by at most ~2 ulp). Keeps d[k] = z_k - max and returns
+// log(s) so CE can use log-softmax. s = sum of exp(d) >= exp(0) = 1 (normal) for finite z.
+//
+// ce_log: log(p + 1e-32). For p >= 2^-80, ulp(p) >= 2^-103 ~ 9.9e-32, so p + 1e-32 rounds to p
+// in fp32 and log(p + 1e-32) = log p = d - log s (log-softmax; no cancellation: d <= 0 and
+// -log s <= 0). Below that (or NaN) the exact formula log_poly(p + 1e-32) is used. One log per
+// voxel instead of K; the rare exact path sits behind a branch taken only when some channel of
+// the voxel is tiny.
+// 1/x for normal x with |x| in [2^-126, 2^126] (here x in [1e-32, 16]): the hardware reciprocal,
+// relative error <= 2^-23 (PTX rcp.approx.ftz.f32), no slow path or subroutine call.
+__device__ __forceinline__ float fast_rcp(float x) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+
+constexpr float kLogSoftmaxMinP = 8.2718061255302767e-25f;  // 2^-80
+
+template <int KM>
+__device__ __forceinline__ float softmax_fast(int K, float (&p)[KM], float (&d)[KM]) {
+  float m = p[0];
+#pragma unroll
+  for (int k = 1; k < KM; ++k)
+    if (k < K) m = p[k] > m ? p[k] : m;
+  float s = 0.0f;
+#pragma unroll
+  for (int k = 0; k < KM; ++k)
+    if (k < K) {
+      d[k] = p[k] - m;
+      p[k] = dce::exp_poly(d[k]);
+      s += p[k];
+    }
+  const float inv = fast_rcp(s);
+#pragma unroll
+  for (int k = 0; k < KM; ++k)
+    if (k < K) p[k] *= inv;
+  return dce::log_poly(s);
+}
+
+// Softmax in registers: fp32 fast path (the log of the sum is dead code here and dropped),
+// float64 the exact one.
+template <int KM, typename A>
+__device__ __forceinline__ void softmax_any(int K, A (&p)[KM]) {
+  if constexpr (std::is_same_v<A, float>) {
+    float d[KM];
+    (void)softmax_fast<KM>(K, p, d);
+  } else {
+    softmax_regs<KM>(K, p);
+  }
+}
+
+// dce::bce_grad_p with the hardware reciprocal in fp32 (the argument is >= ~1e-6).
+template <typename A>
+__device__ __forceinline__ A bce_grad_p_fast(bool y, A p, A c) {
+  if constexpr (std::is_same_v<A, float>) {
+    return (y ? -c : c) * fast_rcp(dce::bce_arg(y, p));
+  } else {
+    return dce::bce_grad_p(y, p, c);
+  }
+}
+
+// lp[k] = log(p[k] + 1e-32) for k < K (see ce_log above).
+template <int KM>
+__device__ __forceinline__ void ce_logs(int K, const float (&p)[KM], const float (&d)[KM],
+                                        float logs, float (&lp)[KM]) {
+  bool tiny = false;
+#pragma unroll
+  for (int k = 0; k < KM; ++k)
+    if (k < K) {
+      lp[k] = d[k] - logs;
+      tiny |= !(p[k] >= kLogSoftmaxMinP);
+    }
+  if (tiny) {
+#pragma unroll
+    for (int k = 0; k < KM; ++k)
+      if (k < K && !(p[k] >= kLogSoftmaxMinP)) lp[k] = dce::log_poly(p[k] + dce::kCeEps);
+  }
+}
+
 // ---- CE + Dice ----------------------------------------------------------------------------------
 
 template <typename TL, typename TT, bool HARD, int KM>
@@ -136,10 +218,19 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       if (v0 + j >= V) continue;
-      A p[KM];
+      A p[KM], lp[KM];  // lp[k] = log(p[k] + 1e-32)
 #pragma unroll
       for (int k = 0; k < KM; ++k) p[k] = k < K ? load_acc(zr[k][j]) : A(0);
-      softmax_regs<KM>(K, p);
+      if constexpr (std::is_same_v<A, float>) {
+        float d[KM];
+        const float logs = softmax_fast<KM>(K, p, d);
+        ce_logs<KM>(K, p, d, logs, lp);
+      } else {
+        softmax_regs<KM>(K, p);
+#pragma unroll
+        for (int k = 0; k < KM; ++k)
+          if (k < K) lp[k] = dce::acc_log(p[k] + dce::ce_eps<A>());
+      }
 #pragma unroll
       for (int k = 0; k < KM; ++k) {
         if (k >= K) continue;
@@ -151,7 +242,7 @@ __global__ void __launch_bounds__(kThreads)
         acc[k] += p[k] * y;
         acc[KM + k] += p[k];
         acc[2 * KM + k] += y;
-        acc[3 * KM] += dce::ce_term(y, p[k]);
+        acc[3 * KM] += -(y * lp[k]);  // dce::ce_term
       }
     }
   }
@@ -187,22 +278,44 @@ __device__ __forceinline__ double warp_sum_d(double x) {
   return x;
 }
 
+// One block of kFinThreads: one warp per (level, item, sum) at a time. The partial loads were a
+// serial load->add chain per lane (latency bound, ~14 us at 2x1000 chunks); now each lane issues
+// kFinUnroll independent loads per step into separate accumulators, summed in a fixed order, so
+// the result stays bitwise reproducible run to run.
+constexpr int kFinThreads = 1024;
+constexpr int kFinWarps = kFinThreads / 32;
+constexpr int kFinUnroll = 4;
+
 template <typename A>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kFinThreads)
     dce_finalize_kernel(const double* __restrict__ partial, LevelTable lv, int B, int K,
                         uint64_t dice_mask, double inv_bj, double smooth, double* __restrict__ sums,
                         A* __restrict__ stats, A* __restrict__ loss) {
   const int NS = 3 * K + 1;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t total = int64_t(lv.n) * B * NS;
-  for (int64_t idx = warp; idx < total; idx += kWarps) {
+  for (int64_t idx = warp; idx < total; idx += kFinWarps) {
     const int l = static_cast<int>(idx / (int64_t(B) * NS));
     const int64_t rem = idx % (int64_t(B) * NS);
     const int64_t b = rem / NS, i = rem % NS;
     const int64_t nc = lv.nchunks[l];
     const double* src = partial + lv.part_off[l] + b * nc * NS + i;
-    double s = 0.0;
-    for (int64_t c = lane; c < nc; c += 32) s += src[c * NS];
+    double a[kFinUnroll];
+#pragma unroll
+    for (int u = 0; u < kFinUnroll; ++u) a[u] = 0.0;
+    for (int64_t c0 = lane; c0 < nc; c0 += 32 * kFinUnroll) {
+      double v[kFinUnroll];
+#pragma unroll
+      for (int u = 0; u < kFinUnroll; ++u) {
+        const int64_t c = c0 + int64_t(u) * 32;
+        v[u] = c < nc ? src[c * NS] : 0.0;
+      }
+#pragma unroll
+      for (int u = 0; u < kFinUnroll; ++u) a[u] += v[u];
+    }
+    double s = a[0];
+#pragma unroll
+    for (int u = 1; u < kFinUnroll; ++u) s += a[u];
     s = warp_sum_d(s);
     if (lane == 0) {
       sums[idx] = s;
@@ -283,21 +396,44 @@ __global__ void __launch_bounds__(kThreads)
       A p[KM], g[KM];
 #pragma unroll
       for (int k = 0; k < KM; ++k) p[k] = k < K ? load_acc(zr[k][j]) : A(0);
-      softmax_regs<KM>(K, p);
       A dot = A(0);
-#pragma unroll
-      for (int k = 0; k < KM; ++k) {
-        if (k >= K) continue;
-        A y;
-        if constexpr (HARD)
-          y = static_cast<int64_t>(yr[0][j]) == k ? A(1) : A(0);
-        else
-          y = static_cast<A>(yr[k][j]);
-        g[k] = dce::dce_grad_p(y, p[k], c, coef[1 + k], coef[1 + KM + k]);
-        dot += p[k] * g[k];
+      if constexpr (std::is_same_v<A, float>) {
+        // dce_grad_p / dce_grad_y with one reciprocal instead of a division and log-softmax
+        // instead of a log per channel (see softmax_fast / ce_logs).
+        float d[KM], lp[KM];
+        const float logs = softmax_fast<KM>(K, p, d);
         if constexpr (!HARD)
-          if (want_gy)
-            yr[k][j] = store_as<TT>(dce::dce_grad_y(p[k], c, coef[1 + k], coef[1 + KM + k]));
+          if (want_gy) ce_logs<KM>(K, p, d, logs, lp);
+#pragma unroll
+        for (int k = 0; k < KM; ++k) {
+          if (k >= K) continue;
+          float y;
+          if constexpr (HARD)
+            y = static_cast<int64_t>(yr[0][j]) == k ? 1.0f : 0.0f;
+          else
+            y = yr[k][j];
+          const float alpha = coef[1 + k], beta = coef[1 + KM + k];
+          g[k] = (-c * y) * fast_rcp(p[k] + dce::kCeEps) + (alpha * y + beta);
+          dot += p[k] * g[k];
+          if constexpr (!HARD)
+            if (want_gy) yr[k][j] = store_as<TT>(-c * lp[k] + (alpha * p[k] + beta));
+        }
+      } else {
+        softmax_regs<KM>(K, p);
+#pragma unroll
+        for (int k = 0; k < KM; ++k) {
+          if (k >= K) continue;
+          A y;
+          if constexpr (HARD)
+            y = static_cast<int64_t>(yr[0][j]) == k ? A(1) : A(0);
+          else
+            y = static_cast<A>(yr[k][j]);
+          g[k] = dce::dce_grad_p(y, p[k], c, coef[1 + k], coef[1 + KM + k]);
+          dot += p[k] * g[k];
+          if constexpr (!HARD)
+            if (want_gy)
+              yr[k][j] = store_as<TT>(dce::dce_grad_y(p[k], c, coef[1 + k], coef[1 + KM + k]));
+        }
       }
 #pragma unroll
       for (int k = 0; k < KM; ++k)
@@ -341,7 +477,7 @@ __global__ void __launch_bounds__(kThreads)
       A p[KM];
 #pragma unroll
       for (int k = 0; k < KM; ++k) p[k] = k < K ? load_acc(zr[k][j]) : A(0);
-      softmax_regs<KM>(K, p);
+      softmax_any<KM>(K, p);
       const int64_t y = static_cast<int64_t>(lr[j]);
 #pragma unroll
       for (int k = 0; k < KM; ++k)
@@ -405,12 +541,12 @@ __global__ void __launch_bounds__(kThreads)
       A p[KM], g[KM];
 #pragma unroll
       for (int k = 0; k < KM; ++k) p[k] = k < K ? load_acc(zr[k][j]) : A(0);
-      softmax_regs<KM>(K, p);
+      softmax_any<KM>(K, p);
       const int64_t y = static_cast<int64_t>(lr[j]);
       A dot = A(0);
 #pragma unroll
       for (int k = 0; k < KM; ++k) {
-        g[k] = (k < K && ((roi_mask >> k) & 1u)) ? dce::bce_grad_p(y == k, p[k], c) : A(0);
+        g[k] = (k < K && ((roi_mask >> k) & 1u)) ? bce_grad_p_fast(y == k, p[k], c) : A(0);
         dot += p[k] * g[k];
       }
 #pragma unroll
@@ -526,7 +662,7 @@ void dice_ce_loss_forward_cuda(const std::vector<uintptr_t>& logits,
         });
       }
     });
-    dce_finalize_kernel<A><<<1, kThreads, 0, st>>>(
+    dce_finalize_kernel<A><<<1, kFinThreads, 0, st>>>(
         work, lv, static_cast<int>(B), static_cast<int>(K), dmask,
         1.0 / (double(B) * double(dice_channels.size())), smooth, sums,
         reinterpret_cast<A*>(stats), reinterpret_cast<A*>(loss));
