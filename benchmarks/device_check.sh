@@ -54,7 +54,7 @@ if [ "$stage" = all ] || [ "$stage" = test ]; then
 fi
 
 if [ "$stage" = all ] || [ "$stage" = bench ]; then
-  timeout 260 $py -m benchmarks.bench_ops --device cuda --min-time 0.3 --cuda-graphs \
+  timeout 260 $py -m benchmarks.bench_ops --device cuda --min-time 0.2 --cuda-graphs \
     --out "$OUT/ops_cuda.json" >"$OUT/bench_ops_cuda.log" 2>&1 || status=1
   timeout 90 $py -m benchmarks.profile_kernels --out "$OUT/kernels.json" \
     >"$OUT/profile_kernels.log" 2>&1 || status=1
