@@ -143,28 +143,6 @@ __device__ __forceinline__ float softmax_fast(int K, float (&p)[KM], float (&d)[
   return dce::log_poly(s);
 }
 
-// Softmax in registers: fp32 fast path (the log of the sum is dead code here and dropped),
-// float64 the exact one.
-template <int KM, typename A>
-__device__ __forceinline__ void softmax_any(int K, A (&p)[KM]) {
-  if constexpr (std::is_same_v<A, float>) {
-    float d[KM];
-    (void)softmax_fast<KM>(K, p, d);
-  } else {
-    softmax_regs<KM>(K, p);
-  }
-}
-
-// dce::bce_grad_p with the hardware reciprocal in fp32 (the argument is >= ~1e-6).
-template <typename A>
-__device__ __forceinline__ A bce_grad_p_fast(bool y, A p, A c) {
-  if constexpr (std::is_same_v<A, float>) {
-    return (y ? -c : c) * fast_rcp(dce::bce_arg(y, p));
-  } else {
-    return dce::bce_grad_p(y, p, c);
-  }
-}
-
 // lp[k] = log(p[k] + 1e-32) for k < K (see ce_log above).
 template <int KM>
 __device__ __forceinline__ void ce_logs(int K, const float (&p)[KM], const float (&d)[KM],
@@ -477,7 +455,7 @@ __global__ void __launch_bounds__(kThreads)
       A p[KM];
 #pragma unroll
       for (int k = 0; k < KM; ++k) p[k] = k < K ? load_acc(zr[k][j]) : A(0);
-      softmax_any<KM>(K, p);
+      softmax_regs<KM>(K, p);
       const int64_t y = static_cast<int64_t>(lr[j]);
 #pragma unroll
       for (int k = 0; k < KM; ++k)
@@ -541,12 +519,12 @@ __global__ void __launch_bounds__(kThreads)
       A p[KM], g[KM];
 #pragma unroll
       for (int k = 0; k < KM; ++k) p[k] = k < K ? load_acc(zr[k][j]) : A(0);
-      softmax_any<KM>(K, p);
+      softmax_regs<KM>(K, p);
       const int64_t y = static_cast<int64_t>(lr[j]);
       A dot = A(0);
 #pragma unroll
       for (int k = 0; k < KM; ++k) {
-        g[k] = (k < K && ((roi_mask >> k) & 1u)) ? bce_grad_p_fast(y == k, p[k], c) : A(0);
+        g[k] = (k < K && ((roi_mask >> k) & 1u)) ? dce::bce_grad_p(y == k, p[k], c) : A(0);
         dot += p[k] * g[k];
       }
 #pragma unroll
