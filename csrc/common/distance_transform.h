@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cstdint>
+#include <stdexcept>
 #include <vector>
 
 #include "common/macros.h"
@@ -122,6 +123,32 @@ COLABX_HD void envelope_1d(const float* f, int64_t fs, float* out, int64_t os, V
 COLABX_HD float signed_combine(uint8_t m, float dout, float din) {
   if (m != 0) return din < COLABX_EDT_INF ? 1.0f - din : 0.0f;
   return dout < COLABX_EDT_INF ? dout : 0.0f;
+}
+
+// Host side: the validated geometry of one call, shared by the CPU and CUDA entry points.
+// 2D volumes are treated as D = 1; sp holds the (d, h, w) spacing, 1 where not given.
+struct Geometry {
+  bool three_d;
+  int64_t batch, D, H, W;
+  float sp[3];
+  bool empty() const { return batch == 0 || D == 0 || H == 0 || W == 0; }
+};
+
+inline Geometry make_geometry(int64_t batch, const std::vector<int64_t>& spatial,
+                              const std::vector<double>& spacing, bool signed_,
+                              uintptr_t scratch_addr) {
+  if (spatial.size() != 2 && spatial.size() != 3)
+    throw std::invalid_argument("distance_transform: mask must have 2 or 3 spatial dimensions");
+  if (spacing.size() != spatial.size())
+    throw std::invalid_argument("distance_transform: spacing must have one value per spatial axis");
+  if (signed_ && scratch_addr == 0)
+    throw std::invalid_argument("distance_transform: the signed transform needs a scratch buffer");
+  Geometry g{spatial.size() == 3, batch, spatial.size() == 3 ? spatial[0] : 1,
+             spatial[spatial.size() - 2], spatial.back(), {1.f, 1.f, 1.f}};
+  if (g.batch < 0 || g.D < 0 || g.H < 0 || g.W < 0)
+    throw std::invalid_argument("distance_transform: negative size");
+  for (size_t a = 0; a < spacing.size(); ++a) g.sp[3 - spacing.size() + a] = float(spacing[a]);
+  return g;
 }
 
 }  // namespace edt

@@ -137,30 +137,19 @@ void distance_transform_forward_cpu(uintptr_t mask_addr, uintptr_t out_addr, uin
                                     int64_t batch, const std::vector<int64_t>& spatial,
                                     const std::vector<double>& spacing, bool signed_,
                                     int num_threads) {
-  if (spatial.size() != 2 && spatial.size() != 3)
-    throw std::invalid_argument("distance_transform: mask must have 2 or 3 spatial dimensions");
-  if (spacing.size() != spatial.size())
-    throw std::invalid_argument("distance_transform: spacing must have one value per spatial axis");
-  if (signed_ && scratch_addr == 0)
-    throw std::invalid_argument("distance_transform: the signed transform needs a scratch buffer");
-  const bool three_d = spatial.size() == 3;
-  const int64_t D = three_d ? spatial[0] : 1;
-  const int64_t H = spatial[spatial.size() - 2], W = spatial.back();
-  if (batch < 0 || D < 0 || H < 0 || W < 0)
-    throw std::invalid_argument("distance_transform: negative size");
-  if (batch == 0 || D == 0 || H == 0 || W == 0) return;
-  if (D > INT32_MAX || H > INT32_MAX || W > INT32_MAX)
+  const edt::Geometry g = edt::make_geometry(batch, spatial, spacing, signed_, scratch_addr);
+  if (g.empty()) return;
+  if (g.D > INT32_MAX || g.H > INT32_MAX || g.W > INT32_MAX)
     throw std::invalid_argument("distance_transform: axis longer than 2^31 - 1");
-  float sp[3] = {1.f, 1.f, 1.f};
-  for (size_t a = 0; a < spacing.size(); ++a) sp[3 - spacing.size() + a] = float(spacing[a]);
+  const int64_t D = g.D, H = g.H, W = g.W;
   num_threads = std::max(1, num_threads);
 
   const auto* mask = reinterpret_cast<const uint8_t*>(mask_addr);
   auto* out = reinterpret_cast<float*>(out_addr);
-  transform(mask, out, batch, D, H, W, sp, three_d, false, num_threads);
+  transform(mask, out, batch, D, H, W, g.sp, g.three_d, false, num_threads);
   if (!signed_) return;
   auto* din = reinterpret_cast<float*>(scratch_addr);
-  transform(mask, din, batch, D, H, W, sp, three_d, true, num_threads);
+  transform(mask, din, batch, D, H, W, g.sp, g.three_d, true, num_threads);
   const int64_t total = batch * D * H * W;
   parallel_for(total, num_threads, 1 << 16, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) out[i] = edt::signed_combine(mask[i], out[i], din[i]);

@@ -366,22 +366,13 @@ void distance_transform_forward_cuda(uintptr_t mask_addr, uintptr_t out_addr,
                                      int64_t batch, const std::vector<int64_t>& spatial,
                                      const std::vector<double>& spacing, bool signed_, int device,
                                      uintptr_t stream) {
-  if (spatial.size() != 2 && spatial.size() != 3)
-    throw std::invalid_argument("distance_transform: mask must have 2 or 3 spatial dimensions");
-  if (spacing.size() != spatial.size())
-    throw std::invalid_argument("distance_transform: spacing must have one value per spatial axis");
-  if (signed_ && scratch_addr == 0)
-    throw std::invalid_argument("distance_transform: the signed transform needs a scratch buffer");
-  const bool three_d = spatial.size() == 3;
-  const int64_t D = three_d ? spatial[0] : 1;
-  const int64_t H = spatial[spatial.size() - 2], W = spatial.back();
-  if (batch < 0 || D < 0 || H < 0 || W < 0)
-    throw std::invalid_argument("distance_transform: negative size");
-  if (batch == 0 || D == 0 || H == 0 || W == 0) return;
+  const edt::Geometry g = edt::make_geometry(batch, spatial, spacing, signed_, scratch_addr);
+  if (g.empty()) return;
+  const int64_t D = g.D, H = g.H, W = g.W;
   if (W > kMaxRow || H > 65535 || D > 65535)
     throw std::invalid_argument("distance_transform: axis too long for the CUDA kernels");
-  float sp[3] = {1.f, 1.f, 1.f};
-  for (size_t a = 0; a < spacing.size(); ++a) sp[3 - spacing.size() + a] = float(spacing[a]);
+  const bool three_d = g.three_d;
+  const float* sp = g.sp;
 
   auto st = static_cast<cudaStream_t>(prepare(device, stream, "distance_transform"));
   const auto* mask = reinterpret_cast<const uint8_t*>(mask_addr);
