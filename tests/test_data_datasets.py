@@ -579,3 +579,31 @@ def test_error_msd_3d_image_for_two_channels(tmp_path):
     with _raises(r"brain_000\.nii\.gz: image of case 'brain_000' is 3D \(one channel\) but "
                  r"dataset\.json declares 2 channels"):
         load_dataset(root).load_case("brain_000")
+
+
+def test_dataset_error_is_value_error():
+    assert issubclass(DatasetError, ValueError)
+
+
+def test_ignore_label_is_not_foreground(tmp_path):
+    root = tmp_path / "ds"
+    make_nnunet(root, n_cases=1, n_channels=1)
+    _edit_json(root, labels={"background": 0, "organ": 1, "ignore": 2})
+    lbl = np.zeros(SHAPE, np.uint8)
+    lbl[0, 0, 0] = 2
+    _save(root / "labelsTr" / "case_000.nii.gz", lbl)
+    ds = load_dataset(root)
+    assert ds.ignore_label == 2
+    with _raises(r"no foreground anywhere"):
+        check_foreground(ds)
+
+
+def test_labels_ts_read_and_missing_one_refused(tmp_path):
+    root = tmp_path / "ds"
+    make_nnunet(root, n_channels=1, test=True)
+    _save(root / "labelsTs" / "test_000.nii.gz", np.ones(SHAPE, np.uint8))
+    ds = load_dataset(root)
+    np.testing.assert_array_equal(ds.load_case("test_000").label, np.ones(SHAPE))
+    (root / "labelsTs" / "test_000.nii.gz").rename(root / "labelsTs" / "other.nii.gz")
+    with _raises(r"labelsTs/test_000\.nii\.gz: label file is missing"):
+        load_dataset(root)
