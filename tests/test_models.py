@@ -258,3 +258,41 @@ def test_output_strides_drive_context_labels(nd, pools, size):
                                                                        strict=True))
     loss.backward()
     assert all(p.grad is not None for p in gen.parameters())
+
+
+def test_matches_functional_forward_by_parameter_index():
+    """A functional forward that indexes the parameters by position, as the reference's
+    ``functional_forward_trmode`` does (4 poolings of 2, DS): localization blocks 0-31, context
+    32-71, transposed convs 72-75, heads 76-79; stride-2 first convs; outputs finest first."""
+    import torch.nn.functional as F
+
+    m = tiny(1, 3, 3, num_pool=4, inplace_nonlin=False)
+    with torch.no_grad():  # non-trivial norm parameters
+        for mod in m.modules():
+            if isinstance(mod, nn.InstanceNorm3d):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.2, 0.2)
+    P = [p for _, p in m.named_parameters()]
+
+    def block(x, i, stride=1):
+        x = F.conv3d(x, P[i], P[i + 1], stride=stride, padding=1)
+        x = F.instance_norm(x, weight=P[i + 2], bias=P[i + 3], eps=1e-5)
+        return F.leaky_relu(x, 0.01)
+
+    x0 = torch.randn(2, 1, 32, 32, 16)
+    x, skips = x0, []
+    for s in range(5):  # 4 stages + bottleneck, 2 blocks each
+        x = block(x, 32 + 8 * s, stride=1 if s == 0 else 2)
+        x = block(x, 32 + 8 * s + 4)
+        skips.append(x)
+    outs = []
+    for u in range(4):
+        x = F.conv_transpose3d(x, P[72 + u], stride=2)
+        x = torch.cat((x, skips[3 - u]), dim=1)
+        x = block(x, 8 * u)
+        x = block(x, 8 * u + 4)
+        outs.append(F.conv3d(x, P[76 + u]))
+    expected = outs[::-1]
+    got = m(x0)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
