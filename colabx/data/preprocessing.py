@@ -1,0 +1,632 @@
+"""Preprocess a dataset once into a cached folder: crop, resample, normalise, distance maps.
+
+``preprocess_dataset(dataset, out_dir)`` turns every training case of a dataset read by
+:func:`colabx.data.datasets.load_dataset` into arrays ready for patch sampling, following nnU-Net
+v2's order of operations (crop → normalise → resample):
+
+1. **Crop to nonzero** (nnU-Net's ``crop_to_nonzero``): the bounding box of the union over channels
+   of ``image != 0`` is applied to the image, the label and the context map. An all-zero image is
+   not cropped. Foreground outside the box is lost, as in nnU-Net.
+2. **Normalise** per channel, the scheme chosen from the channel name (``"CT"``, any case → CT,
+   anything else → per-case z-score) unless ``modality`` overrides it:
+
+   * ``"ct"``: clip to the 0.5 / 99.5 percentiles of the foreground voxels (label > 0, the
+     ``ignore`` label excluded) of *all* training cases after cropping, then subtract the mean and
+     divide by the standard deviation of those same (unclipped) foreground voxels, as nnU-Net v2's
+     ``CTNormalization`` with its fingerprint. Every foreground voxel is used (no subsampling);
+     this holds 4 bytes per foreground voxel of the dataset in memory once.
+   * ``"zscore"``: per case and channel, mean and standard deviation over the nonzero region (the
+     crop mask: union over channels of ``image != 0``); voxels outside it are set to 0 (nnU-Net's
+     ``ZScoreNormalization`` with ``use_mask_for_norm``). An all-zero image uses every voxel.
+
+   Standard deviations below 1e-8 are replaced by 1e-8.
+3. **Resample** to ``target_spacing`` (default: the per-axis median spacing of the training cases)
+   onto the shape ``round(shape * spacing / target_spacing)`` (nnU-Net's rule), with
+   ``scipy.ndimage.zoom(..., grid_mode=True, mode="nearest")``: voxel *centres* are mapped
+   (``x_in = (x_out + 0.5) * n_in / n_out - 0.5``, as ``skimage.transform.resize`` used by nnU-Net)
+   and the edge is extended. Images: cubic spline (order 3), float32, which may overshoot the
+   clip range slightly. Label and context maps: **one-hot linear + argmax** — each class present
+   in the case is resampled as a 0/1 map with order 1 and every output voxel takes the class of
+   highest weight (ties → the lowest class value). This is nnU-Net's choice of order 1 on one-hot
+   maps (nnU-Net thresholds each class at 0.5 in turn; argmax is used here so that no voxel is left
+   unassigned where three classes meet), giving smooth boundaries where nearest-neighbour gives
+   staircases and shifts them by up to half a voxel; it can only produce classes present in the
+   input. A case whose shape does not change is not resampled (nnU-Net does the same). nnU-Net's
+   "separate z" resampling of very anisotropic data (order 0 across slices) is not done.
+4. **Distance map**: ``colabx.distance_transform(roi, spacing=target_spacing)`` with
+   ``roi = label > 0`` (the ``ignore`` label excluded): the distance in mm from each voxel to the
+   nearest ROI voxel, 0 on the ROI. A case without ROI gets ``+inf`` everywhere; it is stored as
+   is (IEEE +inf in a float32 ``.npy``), and ``plans.json`` records ``"roi_voxels": 0``.
+
+Output folder (``out_dir``)::
+
+    plans.json                  settings, target spacing, normalisation, fingerprint, per-case meta
+    {case}_image.npy            float32 [C, *S]
+    {case}_label.npy            int16 [*S]
+    {case}_distance.npy         float32 [*S] (mm; +inf when the case has no ROI)
+    {case}_context.npy          int16 [*S] (only when the dataset has contextTr/)
+
+Plain ``.npy`` (uncompressed) so a loader can memory-map a case and read patches without
+decompressing it. Every file is written to a temporary name in ``out_dir`` and moved into place with
+``os.replace``; ``plans.json`` is removed before any case is (re)written and written last, so a
+folder holding a ``plans.json`` is always complete and consistent with it, and a failed run leaves
+no ``plans.json`` and no half-written file.
+
+**Fingerprint**: SHA-256 of the format version, the settings (``target_spacing``, ``modality``),
+the dataset's ``dataset.json`` content and, for every input file (images, labels, context maps),
+its path relative to the dataset root, size and modification time (ns). When ``out_dir/plans.json``
+holds the same fingerprint and every file it lists exists, nothing is recomputed; any change reruns
+everything.
+
+**Parallelism**: ``num_workers > 0`` runs cases (and the CT statistics pass) in a ``spawn`` process
+pool; each worker writes its own case's files and returns only metadata, so results are identical
+to the serial run. Workers use one torch thread each.
+
+Only training cases are preprocessed (``imagesTs`` is not).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import scipy.ndimage as ndi
+
+from colabx.data.datasets import Case, Dataset, DatasetError, load_dataset
+from colabx.data.nifti import read_nifti
+
+__all__ = [
+    "PreprocessedCase",
+    "PreprocessedDataset",
+    "compute_fingerprint",
+    "crop_to_nonzero",
+    "load_preprocessed",
+    "normalization_schemes",
+    "preprocess_dataset",
+    "resample_image",
+    "resample_labels",
+    "target_shape",
+]
+
+#: Bumped whenever the output format or the computation changes; part of the fingerprint.
+FORMAT_VERSION = 1
+PLANS_NAME = "plans.json"
+CT_PERCENTILES = (0.5, 99.5)
+_STD_EPS = 1e-8
+_SCHEMES = ("ct", "zscore")
+
+
+# -- array operations -----------------------------------------------------------------------------
+
+
+def crop_to_nonzero(image: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray]:
+    """Bounding box of the union over channels of ``image != 0`` (nnU-Net's crop-to-nonzero).
+
+    Args:
+        image: ``[C, *S]``.
+
+    Returns:
+        ``(bbox, mask)``: one slice per spatial axis (the whole axis when the image is all zero)
+        and the nonzero mask ``[*S]`` of the *uncropped* image.
+    """
+    mask = np.any(image != 0, axis=0)
+    if not mask.any():
+        return tuple(slice(0, n) for n in mask.shape), mask
+    bbox = []
+    for ax in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != ax)
+        nz = np.flatnonzero(mask.any(axis=other))
+        bbox.append(slice(int(nz[0]), int(nz[-1]) + 1))
+    return tuple(bbox), mask
+
+
+def target_shape(shape: Sequence[int], spacing: Sequence[float],
+                 target_spacing: Sequence[float]) -> tuple[int, ...]:
+    """nnU-Net's resampled shape: ``round(shape * spacing / target_spacing)``, at least 1."""
+    return tuple(max(1, int(round(n * s / t)))
+                 for n, s, t in zip(shape, spacing, target_spacing, strict=True))
+
+
+def _zoom(arr: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
+    factors = [o / i for o, i in zip(shape, arr.shape, strict=True)]
+    out = ndi.zoom(arr, factors, order=order, mode="nearest", grid_mode=True, prefilter=order > 1)
+    if out.shape != shape:  # scipy rounds in*zoom; cannot differ for integer ratios, but check
+        raise AssertionError(f"zoom produced {out.shape}, expected {shape}")
+    return out
+
+
+def resample_image(image: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Resample ``image [C, *S]`` to ``[C, *shape]`` with cubic splines (order 3): a new float32
+    array (a copy when the shape is unchanged)."""
+    shape = tuple(int(n) for n in shape)
+    if tuple(image.shape[1:]) == shape:
+        return np.array(image, dtype=np.float32)  # a copy, as when resampling
+    return np.stack([_zoom(np.asarray(c, np.float32), shape, 3) for c in image]).astype(
+        np.float32, copy=False)
+
+
+def resample_labels(labels: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Resample a label map to ``shape``: one-hot per present class, order 1, argmax.
+
+    Ties go to the lowest class value. Only classes present in ``labels`` can appear. Same dtype.
+    """
+    shape = tuple(int(n) for n in shape)
+    if tuple(labels.shape) == shape:
+        return labels.copy()
+    classes = np.unique(labels)
+    out = np.full(shape, classes[0], dtype=labels.dtype)
+    if len(classes) == 1:
+        return out
+    best = _zoom((labels == classes[0]).astype(np.float32), shape, 1)
+    for c in classes[1:]:
+        w = _zoom((labels == c).astype(np.float32), shape, 1)
+        better = w > best
+        out[better] = c
+        np.maximum(best, w, out=best)
+    return out
+
+
+def normalization_schemes(channel_names: Sequence[str],
+                          modality: str | Sequence[str] | None = None) -> tuple[str, ...]:
+    """Per-channel scheme, ``"ct"`` or ``"zscore"``.
+
+    ``modality`` None: from the channel names (``"CT"`` in any case → ``"ct"``, else ``"zscore"``).
+    A string applies to every channel, a sequence gives one per channel; each is a modality name
+    (``"CT"`` → ct, e.g. ``"MR"`` → zscore) or a scheme name (``"ct"``, ``"zscore"``).
+    """
+    n = len(channel_names)
+    if modality is None:
+        names: Sequence[str] = channel_names
+    elif isinstance(modality, str):
+        names = [modality] * n
+    else:
+        names = list(modality)
+        if len(names) != n or not all(isinstance(m, str) for m in names):
+            raise ValueError(f"modality must be a string or {n} strings (one per channel "
+                             f"{list(channel_names)}), got {modality!r}")
+    return tuple("ct" if m.strip().lower() == "ct" else "zscore" for m in names)
+
+
+def _normalize(image: np.ndarray, mask: np.ndarray, schemes: Sequence[str],
+               ct_stats: Sequence[dict[str, float] | None]) -> tuple[np.ndarray, list[dict]]:
+    """Normalise the cropped ``image [C, *S]`` into a new float32 array; also return per channel
+    the statistics used for this case (zscore channels: mean and std; CT channels: nothing)."""
+    out = np.empty_like(image, dtype=np.float32)
+    used: list[dict] = []
+    region = mask if mask.any() else np.ones_like(mask)
+    for c, scheme in enumerate(schemes):
+        x = image[c].astype(np.float64)
+        if scheme == "ct":
+            st = ct_stats[c]
+            assert st is not None
+            x = (np.clip(x, st["lower"], st["upper"]) - st["mean"]) / max(st["std"], _STD_EPS)
+            used.append({})
+        else:
+            v = x[region]
+            mean, std = float(v.mean()), float(v.std())
+            x = (x - mean) / max(std, _STD_EPS)
+            x[~region] = 0.0
+            used.append({"mean": mean, "std": std})
+        out[c] = x
+    return out, used
+
+
+def _foreground(label: np.ndarray, ignore: int | None) -> np.ndarray:
+    fg = label > 0
+    if ignore is not None:
+        fg &= label != ignore
+    return fg
+
+
+def _distance(roi: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    import torch
+
+    from colabx import distance_transform
+
+    d = distance_transform(torch.from_numpy(np.ascontiguousarray(roi))[None],
+                           spacing=[float(s) for s in spacing])
+    return d[0].numpy()
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    _atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False))
+
+
+def _case_files(case_id: str, has_context: bool) -> dict[str, str]:
+    files = {k: f"{case_id}_{k}.npy" for k in ("image", "label", "distance")}
+    if has_context:
+        files["context"] = f"{case_id}_context.npy"
+    return files
+
+
+def _header_spacing(path: Path) -> tuple[float, ...]:
+    """Spacing from the NIfTI header only (no voxels); a bad file goes through ``read_nifti`` for
+    its error message."""
+    try:
+        hdr = nib.load(str(path)).header
+        ndim = len(hdr.get_data_shape())
+        spacing = tuple(float(z) for z in hdr.get_zooms()[: min(ndim, 3)])
+    except Exception:
+        return read_nifti(path).spacing  # raises DatasetError naming the file
+    if not all(np.isfinite(s) and s > 0 for s in spacing):
+        return read_nifti(path).spacing
+    return spacing
+
+
+# -- per-case work (module level: runs in worker processes) --------------------------------------
+
+
+@dataclass(frozen=True)
+class _Job:
+    dataset: Dataset
+    case: Case
+    out_dir: Path
+    schemes: tuple[str, ...]
+    ct_stats: tuple[dict[str, float] | None, ...]
+    target_spacing: tuple[float, ...]
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _ct_samples(args: tuple[Dataset, Case, tuple[int, ...]]) -> list[np.ndarray]:
+    """Foreground intensities (after cropping) of the CT channels of one case."""
+    dataset, case, channels = args
+    d = dataset.load_case(case)
+    bbox, _ = crop_to_nonzero(d.image)
+    assert d.label is not None
+    fg = _foreground(d.label[bbox], dataset.ignore_label)
+    return [d.image[(c, *bbox)][fg].astype(np.float32) for c in channels]
+
+
+def _process_case(job: _Job) -> dict[str, Any]:
+    ds, case = job.dataset, job.case
+    d = ds.load_case(case)
+    if d.label is None:
+        raise DatasetError(f"{case.images[0]}: training case {case.id!r} has no label file")
+    bbox, mask = crop_to_nonzero(d.image)
+    image = d.image[(slice(None), *bbox)]
+    label = d.label[bbox]
+    context = None if d.context is None else d.context[bbox]
+    image, used = _normalize(image, mask[bbox], job.schemes, job.ct_stats)
+    shape = target_shape(label.shape, d.spacing, job.target_spacing)
+    image = resample_image(image, shape)
+    label = resample_labels(label, shape)
+    if context is not None:
+        context = resample_labels(context, shape)
+    roi = _foreground(label, ds.ignore_label)
+    distance = _distance(roi, job.target_spacing)
+    files = _case_files(case.id, context is not None)
+    arrays = {"image": image, "label": label.astype(np.int16), "distance": distance}
+    if context is not None:
+        arrays["context"] = context.astype(np.int16)
+    for k, arr in arrays.items():
+        _save_npy(job.out_dir / files[k], arr)
+    return {
+        "files": files,
+        "original_shape": list(d.label.shape),
+        "original_spacing": list(d.spacing),
+        "crop_bbox": [[s.start, s.stop] for s in bbox],
+        "cropped_shape": [s.stop - s.start for s in bbox],
+        "shape": list(shape),
+        "classes": [int(x) for x in np.unique(label)],
+        "roi_voxels": int(np.count_nonzero(roi)),
+        "channel_stats": used,
+    }
+
+
+def _map(fn: Callable[[Any], Any], items: Sequence[Any], num_workers: int, progress: bool,
+         desc: str) -> list[Any]:
+    """``[fn(x) for x in items]`` in order, serially or in a spawn process pool, with a bar."""
+    bar = _progress(len(items), desc, progress)
+    try:
+        if num_workers <= 0 or len(items) <= 1:
+            out = []
+            for x in items:
+                out.append(fn(x))
+                bar.update(1)
+            return out
+        ctx = multiprocessing.get_context("spawn")
+        ex = ProcessPoolExecutor(max_workers=min(num_workers, len(items)), mp_context=ctx,
+                                 initializer=_worker_init)
+        try:
+            futures = [ex.submit(fn, x) for x in items]
+            out = []
+            for f in futures:  # in order; the first failure stops the rest
+                out.append(f.result())
+                bar.update(1)
+            return out
+        finally:
+            ex.shutdown(wait=True, cancel_futures=True)
+    finally:
+        bar.close()
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a declared dependency; tolerate its absence
+        return _NoBar()
+    return tqdm(total=total, desc=desc, unit="case")
+
+
+# -- the dataset ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PreprocessedCase:
+    """One preprocessed case (arrays memory-mapped read-only unless ``mmap=False``).
+
+    Attributes:
+        id: case id.
+        image: float32 ``[C, *S]``, normalised, at ``spacing``.
+        label: int16 ``[*S]``.
+        distance: float32 ``[*S]``: mm to the nearest ROI voxel (label > 0, ignore excluded); +inf
+            everywhere when the case has no ROI.
+        context: int16 ``[*S]`` or None.
+        spacing: the target spacing.
+        meta: the case's entry in ``plans.json``.
+    """
+
+    id: str
+    image: np.ndarray
+    label: np.ndarray
+    distance: np.ndarray
+    context: np.ndarray | None
+    spacing: tuple[float, ...]
+    meta: dict[str, Any] = field(repr=False)
+
+
+@dataclass
+class PreprocessedDataset:
+    """A preprocessed folder: ``plans.json`` and per-case ``.npy`` files.
+
+    Attributes:
+        root: the folder.
+        plans: the parsed ``plans.json``.
+        from_cache: True when :func:`preprocess_dataset` found the folder up to date and did
+            nothing.
+    """
+
+    root: Path
+    plans: dict[str, Any]
+    from_cache: bool = False
+
+    @property
+    def case_ids(self) -> list[str]:
+        return list(self.plans["cases"])
+
+    @property
+    def target_spacing(self) -> tuple[float, ...]:
+        return tuple(self.plans["target_spacing"])
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.plans["fingerprint"])
+
+    def __len__(self) -> int:
+        return len(self.plans["cases"])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.case_ids)
+
+    def load_case(self, case_id: str, *, mmap: bool = True) -> PreprocessedCase:
+        """Read one case's arrays (``mmap=True``: read-only memory maps)."""
+        meta = self.plans["cases"][case_id]
+        mode = "r" if mmap else None
+        arr = {k: np.load(self.root / f, mmap_mode=mode, allow_pickle=False)
+               for k, f in meta["files"].items()}
+        return PreprocessedCase(case_id, arr["image"], arr["label"], arr["distance"],
+                                arr.get("context"), self.target_spacing, meta)
+
+
+def load_preprocessed(out_dir: str | os.PathLike[str]) -> PreprocessedDataset:
+    """Open a folder written by :func:`preprocess_dataset`.
+
+    Raises:
+        FileNotFoundError: no ``plans.json`` (never preprocessed, or the last run failed) or a
+            listed file is missing.
+    """
+    root = Path(out_dir)
+    plans = json.loads((root / PLANS_NAME).read_text())
+    missing = _missing_files(root, plans)
+    if missing:
+        raise FileNotFoundError(f"{root / missing[0]}: preprocessed file listed in "
+                                f"{PLANS_NAME} is missing")
+    return PreprocessedDataset(root, plans)
+
+
+def _missing_files(root: Path, plans: dict[str, Any]) -> list[str]:
+    return [f for meta in plans.get("cases", {}).values() for f in meta["files"].values()
+            if not (root / f).is_file()]
+
+
+def _input_files(ds: Dataset) -> Iterable[Path]:
+    for c in ds.cases:
+        yield from c.images
+        if c.label is not None:
+            yield c.label
+        if c.context is not None:
+            yield c.context
+
+
+def compute_fingerprint(ds: Dataset, settings: dict[str, Any]) -> str:
+    """SHA-256 of the format version, settings, dataset.json and every input file's relative
+    path, size and mtime (ns)."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"format_version": FORMAT_VERSION, "settings": settings,
+                         "dataset_json": ds.json}, sort_keys=True, default=str).encode())
+    for p in _input_files(ds):
+        try:
+            st = p.stat()
+        except OSError as e:
+            raise DatasetError(f"{p}: cannot stat input file ({e})") from e
+        try:
+            rel = str(p.relative_to(ds.root))
+        except ValueError:
+            rel = str(p)
+        h.update(f"\n{rel}\t{st.st_size}\t{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def _check_spacing(target: Sequence[float], ndim: int) -> tuple[float, ...]:
+    try:
+        t = tuple(float(s) for s in target)
+    except TypeError as e:
+        raise ValueError(f"target_spacing must be a sequence of {ndim} floats, got "
+                         f"{target!r}") from e
+    if len(t) != ndim or not all(np.isfinite(s) and s > 0 for s in t):
+        raise ValueError(f"target_spacing must be {ndim} finite values > 0 (one per spatial axis, "
+                         f"array order), got {target!r}")
+    return t
+
+
+def preprocess_dataset(
+    dataset: Dataset | str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    target_spacing: Sequence[float] | None = None,
+    modality: str | Sequence[str] | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> PreprocessedDataset:
+    """Crop, normalise, resample and compute distance maps for every training case (see the module
+    docstring for each step), caching the result in ``out_dir``.
+
+    Args:
+        dataset: a :class:`~colabx.data.datasets.Dataset` or a dataset folder.
+        out_dir: output folder (created).
+        target_spacing: mm per spatial axis in array order; default the per-axis median spacing.
+        modality: overrides the channel names for choosing the normalisation (see
+            :func:`normalization_schemes`).
+        num_workers: 0 = serial; > 0 = that many worker processes.
+        progress: show tqdm progress bars.
+
+    Returns:
+        The :class:`PreprocessedDataset` (``from_cache`` True when nothing had to be done).
+
+    Raises:
+        DatasetError: a case's files are invalid (the message names the file), or the dataset has
+            no foreground anywhere. ``plans.json`` is then not written.
+        ValueError: bad ``target_spacing`` or ``modality``.
+    """
+    ds = dataset if isinstance(dataset, Dataset) else load_dataset(dataset)
+    out = Path(out_dir)
+    schemes = normalization_schemes(ds.channel_names, modality)
+    settings = {
+        "target_spacing": None if target_spacing is None else [float(s) for s in target_spacing],
+        "modality": modality if modality is None or isinstance(modality, str) else list(modality),
+    }
+    fingerprint = compute_fingerprint(ds, settings)
+    plans_path = out / PLANS_NAME
+    if plans_path.is_file():
+        try:
+            old = json.loads(plans_path.read_text())
+        except (OSError, ValueError):
+            old = None
+        if (isinstance(old, dict) and old.get("fingerprint") == fingerprint
+                and not _missing_files(out, old)):
+            return PreprocessedDataset(out, old, from_cache=True)
+    out.mkdir(parents=True, exist_ok=True)
+    plans_path.unlink(missing_ok=True)  # from here on the folder is invalid until written anew
+
+    spacings = [_header_spacing(c.images[0]) for c in ds.cases]
+    ndims = {len(s) for s in spacings}
+    if len(ndims) != 1:
+        raise DatasetError(f"{ds.root}: training cases mix 2D and 3D images "
+                           f"({sorted(ndims)} spatial axes)")
+    ndim = ndims.pop()
+    median = tuple(float(x) for x in np.median(np.array(spacings, np.float64), axis=0))
+    target = median if target_spacing is None else _check_spacing(target_spacing, ndim)
+
+    ct_channels = tuple(i for i, s in enumerate(schemes) if s == "ct")
+    ct_stats: list[dict[str, float] | None] = [None] * len(schemes)
+    if ct_channels:
+        samples = _map(_ct_samples, [(ds, c, ct_channels) for c in ds.cases], num_workers,
+                       progress, "CT intensity statistics")
+        for j, ch in enumerate(ct_channels):
+            v = np.concatenate([s[j] for s in samples]).astype(np.float64)
+            if v.size == 0:
+                raise DatasetError(f"{ds.root}: no foreground anywhere: CT normalisation needs "
+                                   "foreground voxels (label > 0) in the training labels")
+            lo, hi = np.percentile(v, CT_PERCENTILES)
+            ct_stats[ch] = {"lower": float(lo), "upper": float(hi), "mean": float(v.mean()),
+                            "std": float(v.std()), "voxels": int(v.size)}
+        del samples
+
+    jobs = [_Job(ds, c, out, schemes, tuple(ct_stats), target) for c in ds.cases]
+    metas = _map(_process_case, jobs, num_workers, progress, "preprocessing")
+    if not any(m["roi_voxels"] for m in metas):
+        raise DatasetError(f"{ds.root}: no foreground anywhere: every preprocessed training label "
+                           "map is background only; nothing to segment")
+
+    plans = {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fingerprint,
+        "settings": settings,
+        "dataset": {"root": str(ds.root), "name": ds.name, "layout": ds.layout,
+                    "channel_names": list(ds.channel_names), "labels": ds.labels,
+                    "ignore_label": ds.ignore_label},
+        "median_spacing": list(median),
+        "target_spacing": list(target),
+        "normalization": [
+            {"channel": i, "name": ds.channel_names[i], "scheme": s,
+             **({"percentiles": list(CT_PERCENTILES), **ct_stats[i]} if s == "ct" else
+                {"region": "nonzero (per case)"})}
+            for i, s in enumerate(schemes)
+        ],
+        "resampling": {
+            "image": "scipy.ndimage.zoom order 3, grid_mode=True, mode='nearest'",
+            "label": "one-hot per class, order 1, argmax (ties: lowest class)",
+            "shape": "round(shape * spacing / target_spacing)",
+        },
+        "distance": {"of": "label > 0 (ignore label excluded)", "units": "mm",
+                     "dtype": "float32", "no_roi": "+inf everywhere"},
+        "cases": {c.id: m for c, m in zip(ds.cases, metas, strict=True)},
+    }
+    text = json.dumps(plans, indent=1, allow_nan=False)
+    _atomic_write(plans_path, lambda f: f.write(text), mode="w")
+    return PreprocessedDataset(out, plans)
