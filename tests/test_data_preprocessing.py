@@ -1,0 +1,340 @@
+"""Preprocessing: crop, resample, normalisation, distance maps, fingerprint cache, parallel runs,
+atomic output. Tiny synthetic nnU-Net v2 datasets with anisotropic spacing, written with nibabel."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+
+from colabx.data.datasets import DatasetError, load_dataset
+from colabx.data.preprocessing import (
+    crop_to_nonzero,
+    load_preprocessed,
+    normalization_schemes,
+    preprocess_dataset,
+    resample_image,
+    resample_labels,
+    target_shape,
+)
+
+SHAPE = (22, 18, 9)
+BOX = (slice(3, 19), slice(2, 15), slice(1, 8))  # the nonzero (body) region
+SPACINGS = [(0.8, 1.0, 2.5), (0.9, 1.0, 3.0), (0.8, 1.2, 2.5)]  # anisotropic, median (0.8,1,2.5)
+LABELS = {"background": 0, "organ": 1, "tumour": 2}
+
+
+def _affine(spacing) -> np.ndarray:
+    a = np.diag([*spacing, 1.0])
+    a[:3, 3] = (10.0, -5.0, 3.0)
+    return a
+
+
+def _save(path: Path, arr: np.ndarray, spacing) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(arr, _affine(spacing)), str(path))
+    return path
+
+
+def _case(seed: int, n_channels: int, roi: bool = True):
+    """CT-like image (HU) zero outside BOX, organ (1) holding a tumour (2), context organs."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((n_channels, *SHAPE), np.float32)
+    label = np.zeros(SHAPE, np.uint8)
+    context = np.zeros(SHAPE, np.uint8)
+    x, y, z = np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij")
+    organ = ((x - 10 - seed) ** 2 / 25 + (y - 8) ** 2 / 16 + (z - 4) ** 2 / 4) <= 1
+    tumour = ((x - 10 - seed) ** 2 + (y - 8) ** 2 + (z - 4) ** 2) <= 3
+    other = ((x - 15) ** 2 / 4 + (y - 12) ** 2 / 4 + (z - 4) ** 2 / 4) <= 1
+    for c in range(n_channels):
+        body = rng.normal(-80, 30, size=SHAPE) + 400 * c
+        body[organ] += 140
+        body[tumour] += 90
+        body[other] += 200
+        body.flat[rng.integers(0, body.size, 4)] += 3000  # outliers the clip removes
+        image[c][BOX] = body[BOX]
+    if roi:
+        label[organ] = 1
+        label[tumour] = 2
+    context[organ] = 1
+    context[other] = 2
+    return image, label, context
+
+
+def make_ds(root: Path, n_cases: int = 3, channels=("CT",), context: bool = False,
+            empty: tuple[int, ...] = (), spacings=SPACINGS) -> dict[str, tuple]:
+    """nnU-Net v2 raw dataset; returns case id → (image, label, context, spacing)."""
+    root.mkdir(parents=True, exist_ok=True)
+    js = {"name": "Prep", "channel_names": {str(i): n for i, n in enumerate(channels)},
+          "labels": LABELS, "numTraining": n_cases, "file_ending": ".nii.gz"}
+    (root / "dataset.json").write_text(json.dumps(js))
+    out = {}
+    for k in range(n_cases):
+        cid = f"case_{k:03d}"
+        sp = spacings[k % len(spacings)]
+        image, label, ctx = _case(k, len(channels), roi=k not in empty)
+        for c in range(len(channels)):
+            _save(root / "imagesTr" / f"{cid}_{c:04d}.nii.gz", image[c], sp)
+        _save(root / "labelsTr" / f"{cid}.nii.gz", label, sp)
+        if context:
+            _save(root / "contextTr" / f"{cid}.nii.gz", ctx, sp)
+        out[cid] = (image, label, ctx, sp)
+    return out
+
+
+def _run(root: Path, out: Path, **kw):
+    kw.setdefault("progress", False)
+    return preprocess_dataset(load_dataset(root), out, **kw)
+
+
+# -- array operations -----------------------------------------------------------------------------
+
+
+def test_crop_to_nonzero_union_over_channels():
+    img = np.zeros((2, 10, 12, 6), np.float32)
+    img[0, 2:5, 3:4, 1:3] = 1.0
+    img[1, 4:8, 6:9, 2:5] = -2.0
+    bbox, mask = crop_to_nonzero(img)
+    assert bbox == (slice(2, 8), slice(3, 9), slice(1, 5))
+    assert mask.shape == (10, 12, 6) and mask.sum() == 3 * 1 * 2 + 4 * 3 * 3
+    bbox, mask = crop_to_nonzero(np.zeros((1, 4, 5, 6), np.float32))
+    assert bbox == (slice(0, 4), slice(0, 5), slice(0, 6)) and not mask.any()
+
+
+def test_resample_labels_one_hot_argmax_keeps_classes():
+    rng = np.random.default_rng(0)
+    lbl = ndi.zoom(rng.integers(0, 5, size=(6, 6, 4)), 3, order=0).astype(np.int16)  # blobs
+    lbl[lbl == 3] = 7  # a gap in the class values
+    for shape in [(11, 25, 5), (40, 13, 30), (18, 18, 12)]:
+        out = resample_labels(lbl, shape)
+        assert out.shape == shape and out.dtype == np.int16
+        assert set(np.unique(out)) <= set(np.unique(lbl))
+    # an integer upsampling reproduces each block's class at block centres
+    up = resample_labels(lbl, tuple(2 * n for n in lbl.shape))
+    np.testing.assert_array_equal(up[::2, ::2, ::2][1:-1, 1:-1, 1:-1][::3, ::3, ::3],
+                                  lbl[1:-1, 1:-1, 1:-1][::3, ::3, ::3])
+    assert resample_labels(np.full((3, 4, 5), 2, np.int16), (7, 2, 9)).tolist() == \
+        np.full((7, 2, 9), 2).tolist()
+
+
+def test_resample_image_order3_and_identity():
+    x = np.linspace(0, 1, 20, dtype=np.float32)
+    img = np.broadcast_to(x[:, None, None], (20, 6, 5))[None].copy()
+    out = resample_image(img, (40, 6, 5))
+    assert out.shape == (1, 40, 6, 5) and out.dtype == np.float32
+    # a linear ramp is reproduced by cubic splines away from the (edge-extended) border
+    xo = (np.arange(40) + 0.5) * 20 / 40 - 0.5
+    np.testing.assert_allclose(out[0, 12:-12, 2, 2], xo[12:-12] / 19, atol=1e-4)
+    assert resample_image(img, (20, 6, 5)) is not img
+    np.testing.assert_array_equal(resample_image(img, (20, 6, 5)), img)
+
+
+def test_normalization_schemes_from_names_and_override():
+    assert normalization_schemes(["CT", "T2", "ct"]) == ("ct", "zscore", "ct")
+    assert normalization_schemes(["CT", "T2"], "MR") == ("zscore", "zscore")
+    assert normalization_schemes(["x"], "CT") == ("ct",)
+    assert normalization_schemes(["a", "b"], ["ct", "zscore"]) == ("ct", "zscore")
+    with pytest.raises(ValueError, match="one per channel"):
+        normalization_schemes(["a", "b"], ["CT"])
+
+
+# -- the pipeline ---------------------------------------------------------------------------------
+
+
+def test_crop_bounds_shapes_and_median_spacing(tmp_path):
+    cases = make_ds(tmp_path / "ds", context=True)
+    pre = _run(tmp_path / "ds", tmp_path / "out")
+    target = pre.target_spacing
+    np.testing.assert_allclose(target, np.median(np.array(SPACINGS), axis=0))
+    assert pre.plans["median_spacing"] == list(target)
+    assert pre.case_ids == sorted(cases)
+    cropped = tuple(s.stop - s.start for s in BOX)
+    for cid, (_, _, _, sp) in cases.items():
+        c = pre.load_case(cid)
+        assert c.meta["crop_bbox"] == [[s.start, s.stop] for s in BOX]
+        assert c.meta["cropped_shape"] == list(cropped)
+        want = tuple(int(round(n * s / t)) for n, s, t in zip(cropped, sp, target, strict=True))
+        assert want == target_shape(cropped, sp, target)
+        assert c.image.shape == (1, *want) and c.image.dtype == np.float32
+        assert c.label.shape == c.distance.shape == c.context.shape == want
+        assert c.label.dtype == c.context.dtype == np.int16 and c.distance.dtype == np.float32
+        assert c.spacing == target
+    # a case at a different spacing really changed shape
+    assert pre.load_case("case_001").image.shape[1:] != cropped
+    explicit = _run(tmp_path / "ds", tmp_path / "out15", target_spacing=(1.5, 1.5, 1.5))
+    assert explicit.target_spacing == (1.5, 1.5, 1.5)
+    assert explicit.load_case("case_000").label.shape == target_shape(cropped, SPACINGS[0],
+                                                                      (1.5,) * 3)
+
+
+def test_label_and_context_values_preserved(tmp_path):
+    cases = make_ds(tmp_path / "ds", context=True)
+    pre = _run(tmp_path / "ds", tmp_path / "out", target_spacing=(0.6, 0.7, 1.3))
+    for cid, (_, label, ctx, _) in cases.items():
+        c = pre.load_case(cid)
+        assert set(np.unique(c.label)) == set(np.unique(label))  # no new class, none lost
+        assert set(np.unique(c.context)) == set(np.unique(ctx))
+        assert c.meta["classes"] == sorted(set(np.unique(label).tolist()))
+
+
+def test_ct_normalization_statistics(tmp_path):
+    cases = make_ds(tmp_path / "ds", spacings=[SPACINGS[0]])  # same spacing: no resampling
+    pre = _run(tmp_path / "ds", tmp_path / "out")
+    fg = np.concatenate([img[0][BOX][lbl[BOX] > 0] for img, lbl, _, _ in cases.values()])
+    fg = fg.astype(np.float64)
+    lo, hi = np.percentile(fg, [0.5, 99.5])
+    mean, std = fg.mean(), fg.std()
+    norm = pre.plans["normalization"][0]
+    assert norm["scheme"] == "ct" and norm["voxels"] == fg.size
+    np.testing.assert_allclose([norm["lower"], norm["upper"], norm["mean"], norm["std"]],
+                               [lo, hi, mean, std], rtol=1e-12)
+    for cid, (img, _, _, _) in cases.items():
+        want = (np.clip(img[0][BOX].astype(np.float64), lo, hi) - mean) / std
+        np.testing.assert_allclose(pre.load_case(cid).image[0], want, rtol=1e-5, atol=1e-5)
+    all_fg = np.concatenate([pre.load_case(c).image[0][pre.load_case(c).label > 0]
+                             for c in cases])
+    assert abs(all_fg.mean()) < 0.05 and 0.8 < all_fg.std() < 1.05  # clipping shrinks std a bit
+
+
+def test_mr_zscore_per_case_over_nonzero(tmp_path):
+    cases = make_ds(tmp_path / "ds", channels=("T2", "ADC"), spacings=[SPACINGS[0]])
+    pre = _run(tmp_path / "ds", tmp_path / "out")
+    assert [n["scheme"] for n in pre.plans["normalization"]] == ["zscore", "zscore"]
+    for cid, (img, _, _, _) in cases.items():
+        out = pre.load_case(cid).image
+        mask = np.any(img[:, BOX[0], BOX[1], BOX[2]] != 0, axis=0)
+        for ch in range(2):
+            x = img[ch][BOX][mask].astype(np.float64)
+            stats = pre.plans["cases"][cid]["channel_stats"][ch]
+            np.testing.assert_allclose([stats["mean"], stats["std"]], [x.mean(), x.std()],
+                                       rtol=1e-10)
+            np.testing.assert_allclose(out[ch][mask].mean(), 0, atol=1e-5)
+            np.testing.assert_allclose(out[ch][mask].std(), 1, rtol=1e-5)
+            assert (out[ch][~mask] == 0).all()
+    # per case: the cases' statistics differ
+    s = [pre.plans["cases"][c]["channel_stats"][0]["mean"] for c in cases]
+    assert len(set(s)) == len(s)
+    # modality override: the same dataset as CT
+    ct = _run(tmp_path / "ds", tmp_path / "out_ct", modality="CT")
+    assert [n["scheme"] for n in ct.plans["normalization"]] == ["ct", "ct"]
+
+
+def test_distance_maps_equal_scipy_on_resampled_label(tmp_path):
+    make_ds(tmp_path / "ds")
+    pre = _run(tmp_path / "ds", tmp_path / "out")
+    for cid in pre:
+        c = pre.load_case(cid)
+        roi = np.asarray(c.label) > 0
+        assert roi.any() and c.meta["roi_voxels"] == roi.sum()
+        want = ndi.distance_transform_edt(~roi, sampling=pre.target_spacing)
+        np.testing.assert_allclose(c.distance, want, rtol=1e-6, atol=1e-5)
+        assert (c.distance[roi] == 0).all()
+
+
+def test_empty_roi_case_gets_inf_distances(tmp_path):
+    make_ds(tmp_path / "ds", empty=(1,))
+    pre = _run(tmp_path / "ds", tmp_path / "out")
+    c = pre.load_case("case_001", mmap=False)
+    assert c.meta["roi_voxels"] == 0 and (c.label == 0).all()
+    assert np.isposinf(c.distance).all() and c.distance.dtype == np.float32
+    raw = np.load(tmp_path / "out" / "case_001_distance.npy")  # stored as IEEE +inf
+    assert np.isposinf(raw).all()
+    assert np.isfinite(pre.load_case("case_000").distance).all()
+
+
+def test_no_foreground_anywhere_refused(tmp_path):
+    make_ds(tmp_path / "ds", channels=("T1",), empty=(0, 1, 2))
+    with pytest.raises(DatasetError, match="no foreground anywhere"):
+        _run(tmp_path / "ds", tmp_path / "out")
+    assert not (tmp_path / "out" / "plans.json").exists()
+    make_ds(tmp_path / "ct", empty=(0, 1, 2))
+    with pytest.raises(DatasetError, match="no foreground anywhere"):
+        _run(tmp_path / "ct", tmp_path / "out_ct")
+
+
+def _mtimes(out: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+
+def test_fingerprint_skips_unchanged_and_reruns_on_change(tmp_path):
+    root, out = tmp_path / "ds", tmp_path / "out"
+    make_ds(root)
+    first = _run(root, out)
+    assert not first.from_cache
+    before = _mtimes(out)
+    second = _run(root, out)
+    assert second.from_cache and second.fingerprint == first.fingerprint
+    assert _mtimes(out) == before  # nothing rewritten
+    # an input file changes → rerun
+    lbl_path = root / "labelsTr" / "case_002.nii.gz"
+    lbl = np.asarray(nib.load(str(lbl_path)).dataobj).copy()
+    lbl[lbl == 2] = 1
+    _save(lbl_path, lbl, SPACINGS[2])
+    st = lbl_path.stat()
+    os.utime(lbl_path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    third = _run(root, out)
+    assert not third.from_cache and third.fingerprint != first.fingerprint
+    assert 2 not in np.unique(third.load_case("case_002").label)
+    assert _run(root, out).from_cache
+    # a setting changes → rerun
+    fourth = _run(root, out, target_spacing=(1.0, 1.0, 2.0))
+    assert not fourth.from_cache and fourth.target_spacing == (1.0, 1.0, 2.0)
+    assert load_preprocessed(out).plans == fourth.plans
+    # a deleted output file → rerun
+    (out / "case_000_distance.npy").unlink()
+    fifth = _run(root, out, target_spacing=(1.0, 1.0, 2.0))
+    assert not fifth.from_cache and (out / "case_000_distance.npy").is_file()
+
+
+def test_serial_equals_parallel(tmp_path):
+    make_ds(tmp_path / "ds", n_cases=4, channels=("CT", "PET"), context=True, empty=(3,))
+    serial = _run(tmp_path / "ds", tmp_path / "serial")
+    par = _run(tmp_path / "ds", tmp_path / "par", num_workers=2)
+    assert par.plans["cases"] == serial.plans["cases"]
+    assert par.plans["normalization"] == serial.plans["normalization"]
+    assert par.fingerprint == serial.fingerprint
+    for cid in serial:
+        a, b = serial.load_case(cid), par.load_case(cid)
+        for k in ("image", "label", "distance", "context"):
+            np.testing.assert_array_equal(getattr(a, k), getattr(b, k), err_msg=f"{cid} {k}")
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_failed_case_leaves_no_plans_and_no_partial_files(tmp_path, num_workers):
+    root, out = tmp_path / "ds", tmp_path / "out"
+    make_ds(root, channels=("T2",))
+    assert not _run(root, out).from_cache  # a complete earlier result
+    bad = root / "labelsTr" / "case_001.nii.gz"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])  # truncated gzip
+    with pytest.raises(DatasetError, match=r"case_001\.nii\.gz.*truncated"):
+        _run(root, out, num_workers=num_workers)
+    assert not (out / "plans.json").exists()  # the stale plans were invalidated
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp") or p.name.startswith(".")]
+    for p in out.glob("*.npy"):  # whatever is there is a complete file
+        np.load(p)
+    with pytest.raises(FileNotFoundError):
+        load_preprocessed(out)
+
+
+def test_progress_bar_can_be_disabled(tmp_path, capsys):
+    make_ds(tmp_path / "ds", n_cases=2)
+    _run(tmp_path / "ds", tmp_path / "a", progress=False)
+    err = capsys.readouterr().err
+    assert "preprocessing" not in err
+    preprocess_dataset(tmp_path / "ds", tmp_path / "b", progress=True)  # path accepted too
+    err = capsys.readouterr().err
+    assert "preprocessing" in err and "CT intensity statistics" in err
+
+
+def test_bad_target_spacing(tmp_path):
+    make_ds(tmp_path / "ds", n_cases=1)
+    with pytest.raises(ValueError, match="target_spacing must be 3 finite values"):
+        _run(tmp_path / "ds", tmp_path / "out", target_spacing=(1.0, 1.0))
+    with pytest.raises(ValueError, match="target_spacing"):
+        _run(tmp_path / "ds", tmp_path / "out", target_spacing=(1.0, 0.0, 1.0))
