@@ -73,7 +73,7 @@ import multiprocessing
 import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -348,29 +348,39 @@ def _process_case(job: _Job) -> dict[str, Any]:
     }
 
 
-def _map(fn: Callable[[Any], Any], items: Sequence[Any], num_workers: int, progress: bool,
-         desc: str) -> list[Any]:
-    """``[fn(x) for x in items]`` in order, serially or in a spawn process pool, with a bar."""
+def _pool(num_workers: int, n_items: int) -> ProcessPoolExecutor | None:
+    """A ``spawn`` process pool (fork is unsafe once torch has started its threads), or None."""
+    if num_workers <= 0 or n_items <= 1:
+        return None
+    return ProcessPoolExecutor(max_workers=min(num_workers, n_items),
+                               mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init)
+
+
+def _map(fn: Callable[[Any], Any], items: Sequence[Any], pool: ProcessPoolExecutor | None,
+         progress: bool, desc: str) -> list[Any]:
+    """``[fn(x) for x in items]`` in order, serially or in ``pool``, with a progress bar. The
+    first failure (in item order) is raised once the items already running have finished; the
+    ones not started are cancelled."""
     bar = _progress(len(items), desc, progress)
+    out: list[Any] = []
     try:
-        if num_workers <= 0 or len(items) <= 1:
-            out = []
+        if pool is None:
             for x in items:
                 out.append(fn(x))
                 bar.update(1)
             return out
-        ctx = multiprocessing.get_context("spawn")
-        ex = ProcessPoolExecutor(max_workers=min(num_workers, len(items)), mp_context=ctx,
-                                 initializer=_worker_init)
+        futures = [pool.submit(fn, x) for x in items]
         try:
-            futures = [ex.submit(fn, x) for x in items]
-            out = []
-            for f in futures:  # in order; the first failure stops the rest
+            for f in futures:
                 out.append(f.result())
                 bar.update(1)
-            return out
-        finally:
-            ex.shutdown(wait=True, cancel_futures=True)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            wait(futures)
+            raise
+        return out
     finally:
         bar.close()
 
@@ -584,21 +594,26 @@ def preprocess_dataset(
 
     ct_channels = tuple(i for i, s in enumerate(schemes) if s == "ct")
     ct_stats: list[dict[str, float] | None] = [None] * len(schemes)
-    if ct_channels:
-        samples = _map(_ct_samples, [(ds, c, ct_channels) for c in ds.cases], num_workers,
-                       progress, "CT intensity statistics")
-        for j, ch in enumerate(ct_channels):
-            v = np.concatenate([s[j] for s in samples]).astype(np.float64)
-            if v.size == 0:
-                raise DatasetError(f"{ds.root}: no foreground anywhere: CT normalisation needs "
-                                   "foreground voxels (label > 0) in the training labels")
-            lo, hi = np.percentile(v, CT_PERCENTILES)
-            ct_stats[ch] = {"lower": float(lo), "upper": float(hi), "mean": float(v.mean()),
-                            "std": float(v.std()), "voxels": int(v.size)}
-        del samples
-
-    jobs = [_Job(ds, c, out, schemes, tuple(ct_stats), target) for c in ds.cases]
-    metas = _map(_process_case, jobs, num_workers, progress, "preprocessing")
+    pool = _pool(num_workers, len(ds.cases))
+    try:
+        if ct_channels:
+            samples = _map(_ct_samples, [(ds, c, ct_channels) for c in ds.cases], pool, progress,
+                           "CT intensity statistics")
+            for j, ch in enumerate(ct_channels):
+                v = np.concatenate([s[j] for s in samples]).astype(np.float64)
+                if v.size == 0:
+                    raise DatasetError(f"{ds.root}: no foreground anywhere: CT normalisation "
+                                       "needs foreground voxels (label > 0) in the training "
+                                       "labels")
+                lo, hi = np.percentile(v, CT_PERCENTILES)
+                ct_stats[ch] = {"lower": float(lo), "upper": float(hi), "mean": float(v.mean()),
+                                "std": float(v.std()), "voxels": int(v.size)}
+            del samples, v
+        jobs = [_Job(ds, c, out, schemes, tuple(ct_stats), target) for c in ds.cases]
+        metas = _map(_process_case, jobs, pool, progress, "preprocessing")
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     if not any(m["roi_voxels"] for m in metas):
         raise DatasetError(f"{ds.root}: no foreground anywhere: every preprocessed training label "
                            "map is background only; nothing to segment")
