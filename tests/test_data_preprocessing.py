@@ -338,3 +338,22 @@ def test_bad_target_spacing(tmp_path):
         _run(tmp_path / "ds", tmp_path / "out", target_spacing=(1.0, 1.0))
     with pytest.raises(ValueError, match="target_spacing"):
         _run(tmp_path / "ds", tmp_path / "out", target_spacing=(1.0, 0.0, 1.0))
+
+
+def test_ignore_label_is_not_roi(tmp_path):
+    root = tmp_path / "ds"
+    make_ds(root, n_cases=2, channels=("T2",))
+    js = json.loads((root / "dataset.json").read_text())
+    js["labels"]["ignore"] = 3
+    (root / "dataset.json").write_text(json.dumps(js))
+    lbl_path = root / "labelsTr" / "case_000.nii.gz"
+    lbl = np.asarray(nib.load(str(lbl_path)).dataobj).copy()
+    lbl[BOX[0].start:BOX[0].start + 3] = 3  # a slab of ignore, away from the organ
+    _save(lbl_path, lbl, SPACINGS[0])
+    pre = _run(root, tmp_path / "out")
+    c = pre.load_case("case_000")
+    roi = (np.asarray(c.label) > 0) & (np.asarray(c.label) != 3)
+    assert (np.asarray(c.label) == 3).any() and c.meta["roi_voxels"] == roi.sum()
+    np.testing.assert_allclose(c.distance, ndi.distance_transform_edt(
+        ~roi, sampling=pre.target_spacing), rtol=1e-6, atol=1e-5)
+    assert (c.distance[np.asarray(c.label) == 3] > 0).all()

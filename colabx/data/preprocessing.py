@@ -56,7 +56,9 @@ no ``plans.json`` and no half-written file.
 the dataset's ``dataset.json`` content and, for every input file (images, labels, context maps),
 its path relative to the dataset root, size and modification time (ns). When ``out_dir/plans.json``
 holds the same fingerprint and every file it lists exists, nothing is recomputed; any change reruns
-everything.
+everything. Contents are not hashed: a file rewritten with the same size and the same mtime is not
+noticed. Files of cases no longer in the dataset are left in ``out_dir`` (not listed in
+``plans.json``, so never read).
 
 **Parallelism**: ``num_workers > 0`` runs cases (and the CT statistics pass) in a ``spawn`` process
 pool; each worker writes its own case's files and returns only metadata, so results are identical
