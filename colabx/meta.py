@@ -285,7 +285,7 @@ class MetaStep:
         loss = self._loss(z, yhat)
         loss.backward()
         seg_optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
     def __call__(self, *args, **kwargs):
         return self.step(*args, **kwargs)
