@@ -180,4 +180,4 @@ def reference_plain_step(f, g, x, y, d, num_classes: int, seg_optimizer,
     loss = dice_ce_loss(f(x), yhat)
     loss.backward()
     seg_optimizer.step()
-    return float(loss)
+    return float(loss.detach())
