@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, vmap
 
+from colabx._grouped import grouped_unet_forward
 from colabx.ops.context_labels import context_labels
 from colabx.ops.dice_ce_loss import dice_ce_loss, roi_bce_loss
 from colabx.reference import dice_ce_loss as _twin
@@ -42,7 +43,7 @@ __all__ = ["MetaConfig", "MetaStep", "MetaStepInfo", "UpdateCounter"]
 
 _MODES = ("batched", "per_sample")
 _META_GRADS = ("fd", "exact")
-_THETA_PM = ("vmap", "sequential")
+_THETA_PM = ("sequential", "vmap", "grouped")
 
 
 @dataclass
@@ -171,6 +172,10 @@ class MetaStep:
                 out = vmap(lambda p, xx: functional_call(f, p, (xx,)), in_dims=(0, None))(
                     stacked, x)
                 return [z.flatten(0, 1) for z in _as_list(out)]
+            if self.config.theta_pm == "grouped":
+                sets = [{n: p + eps * v[n] for n, p in params.items()},
+                        {n: p - eps * v[n] for n, p in params.items()}]
+                return grouped_unet_forward(f, sets, x)
             zp = _as_list(functional_call(f, {n: p + eps * v[n] for n, p in params.items()},
                                           (x,)))
             zm = _as_list(functional_call(f, {n: p - eps * v[n] for n, p in params.items()},

@@ -84,16 +84,19 @@ def test_batch_of_one_equals_reference():
     assert _rel(ours, _ggrad(g)) < 1e-5
 
 
+@pytest.mark.parametrize("variant", ["vmap", "grouped"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-3)])
-def test_vmapped_theta_pm_equals_sequential(dtype, tol):
-    f, g, x, y, d = _setup(dtype=dtype)
+@pytest.mark.parametrize("nd,size,ds", [(2, 16, True), (3, 8, False)])
+def test_batched_theta_pm_equals_sequential(variant, dtype, tol, nd, size, ds):
+    f, g, x, y, d = _setup(nd=nd, size=size, ds=ds, dtype=dtype)
     ms = MetaStep(f, g, MetaConfig(2, MARGIN, TAU, theta_pm="sequential"))
     params = {n: p.detach() for n, p in f.named_parameters()}
     v = {n: torch.randn_like(p) for n, p in params.items()}
     eps = torch.tensor(1e-3, dtype=dtype)
     zs = ms._theta_pm_logits(params, v, eps, x)
-    ms.config.theta_pm = "vmap"
+    ms.config.theta_pm = variant
     zv = ms._theta_pm_logits(params, v, eps, x)
+    assert len(zv) == len(zs) == (2 if ds else 1)
     for a, b in zip(zv, zs, strict=True):
         assert a.shape == b.shape and not a.requires_grad
         torch.testing.assert_close(a, b, rtol=1e-12 if dtype == torch.float64 else 1e-5,
