@@ -39,7 +39,7 @@ from colabx.ops.context_labels import context_labels
 from colabx.ops.dice_ce_loss import dice_ce_loss, roi_bce_loss
 from colabx.reference import dice_ce_loss as _twin
 
-__all__ = ["MetaConfig", "MetaStep", "MetaStepInfo", "UpdateCounter"]
+__all__ = ["MetaConfig", "MetaStep", "MetaStepInfo", "UpdateCounter", "current_lr"]
 
 _MODES = ("batched", "per_sample")
 _META_GRADS = ("fd", "exact")
@@ -58,12 +58,14 @@ class MetaConfig:
         ``"per_sample"`` (the reference's semantics; one of each per sample, the optimizer
         stepping after every sample).
     meta_grad : ``"fd"`` (finite difference, default) or ``"exact"`` (double backward).
-    theta_pm : ``"sequential"`` (θ+ then θ−, two functional calls; default) or ``"vmap"`` (one
-        ``torch.func.vmap`` of the functional call over the stacked parameter sets). Either way
-        no autograd graph and one fused loss call on ``[z+; z−]``. Default from a CPU
-        measurement (2 threads, B=2, 3D 32³ with 8 base features: θ± forwards 0.08 s sequential
-        vs 0.60 s vmap; 48³ with 30: 1.1 s vs 2.5 s: vmap's batched-weight convolutions are
-        slower on the CPU); the GPU comparison is pending.
+    theta_pm : how the θ+ and θ− forwards run, always without autograd graph, then ONE fused loss
+        call on ``[z+; z−]``: ``"sequential"`` (two functional calls; default), ``"vmap"``
+        (``torch.func.vmap`` of the functional call over the two stacked parameter sets) or
+        ``"grouped"`` (one U-Net with every layer's two parameter sets concatenated and
+        ``groups=2`` convolutions, :mod:`colabx._grouped`). Default from CPU timings (2 threads,
+        B=2, θ± forwards, median): 3D 48³, 30 base features, 4 pools: sequential 1.12 s, grouped
+        1.96 s, vmap 2.37 s; 3D 32³, 8 features, 3 pools: 62 / 47 / 65 ms. The GPU comparison is
+        pending.
     amp : autocast the generator, the inner step and the L_ROI forwards in ``amp_dtype``; the θ±
         forwards always run with autocast disabled, in the parameters' dtype.
     skip_without_roi : skip the generator update when the batch (sample, per-sample) has no ROI
@@ -105,6 +107,11 @@ class MetaStepInfo:
     l_roi: float = 0.0
     v_norm: float = 0.0
     eps: float = 0.0
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    """α for :meth:`MetaStep.step`: the learning rate of the optimizer's first parameter group."""
+    return float(optimizer.param_groups[0]["lr"])
 
 
 class UpdateCounter:

@@ -255,7 +255,22 @@ def test_exact_mode_per_sample_and_3d_runs():
     assert len(info) == 2 and torch.isfinite(_ggrad(g)).all() and _ggrad(g).norm() > 0
 
 
+def test_instance_norm_train_and_eval_mode_agree():
+    # The functional calls run the modules' own forward; InstanceNorm without running stats
+    # normalises per sample in both modes, so the step does not depend on f.train()/f.eval().
+    f, g, x, y, d = _setup()
+    ms = MetaStep(f, g, MetaConfig(2, MARGIN, TAU))
+    f.train()
+    ms.step(x, y, d, LR)
+    a = _ggrad(g)
+    f.eval()
+    ms.step(x, y, d, LR)
+    assert torch.equal(a, _ggrad(g))
+
+
 def test_update_counter_and_config_errors():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.03)
+    assert cmeta.current_lr(opt) == 0.03
     c = UpdateCounter(3)
     assert [c.tick() for _ in range(7)] == [True, False, False, True, False, False, True]
     with pytest.raises(ValueError):
