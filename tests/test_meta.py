@@ -236,6 +236,9 @@ def test_zero_v_skips_without_nan(monkeypatch):
 
 
 def test_amp_runs_on_cpu():
+    # bf16 autocast for the generator, inner-step and L_ROI forwards; θ± stay fp32. Measured vs
+    # the float64 step (2D / 3D): fp32 1.4e-5 / 4.1e-5 relative error; amp 24% / 36% (cosine
+    # 0.971 / 0.932) at this tiny net, from both the generator and f in bf16 (13-29% each).
     f, g, x, y, d = _setup(dtype=torch.float32)
     ms = MetaStep(f, g, MetaConfig(2, MARGIN, TAU))
     ms.step(x, y, d, LR)
@@ -244,7 +247,7 @@ def test_amp_runs_on_cpu():
     info = ms.step(x, y, d, LR)
     amp = _ggrad(g)
     assert not info[0].skipped and torch.isfinite(amp).all()
-    assert torch.nn.functional.cosine_similarity(amp, ref, dim=0) > 0.5
+    assert torch.nn.functional.cosine_similarity(amp, ref, dim=0) > 0.9
     assert ms.plain_step(x, y, d, torch.optim.SGD(f.parameters(), lr=LR)) > 0
 
 
