@@ -8,8 +8,9 @@ On a batch ``(x, y, d)`` (images, integer labels, distance to the ROI):
    levels, Dice over channels 1..K−1, default level weights), α = the current learning rate;
 3. v = ∇θ* L_ROI(f_θ*(x), y) (L_ROI = :func:`colabx.roi_bce_loss` on channels 1..c−1, full
    resolution);
-4. ε = fd_eps/‖v‖, θ± = θ ± εv; the θ+ and θ− forwards (one after the other, or batched by
-   ``torch.func`` vmap over the two parameter sets) under ``no_grad``, autocast off;
+4. ε = fd_eps/‖v‖, θ± = θ ± εv; the θ+ and θ− forwards (one after the other, batched by
+   ``torch.func`` vmap over the two parameter sets, or as one grouped-convolution U-Net; see
+   ``MetaConfig.theta_pm``) under ``no_grad``, autocast off;
    G± = ∂L_seg(f_θ±(x), ŷ)/∂ŷ from ONE fused loss call on the concatenated ``[z+; z−]``;
 5. ONE backward of −α (G+ − G−)/(2ε) through context_labels and g_ω fills the generator's
    ``.grad``;
@@ -200,10 +201,11 @@ class MetaStep:
             loss = self._loss(z, leaf)
             gl = torch.autograd.grad(loss, leaf)
         b = x.shape[0]
-        return [(gr[:b] - gr[b:]) / eps for gr in gl]  # 2·(G+/2 − G−/2)/(2ε)
+        return [(gr[:b] - gr[b:]) / eps for gr in gl]  # (G+/2 − G−/2)/ε = (G+ − G−)/(2ε)
 
     def _upstream_exact(self, params, v, x, yhat_d: list[Tensor]) -> list[Tensor]:
-        """∂/∂ŷ ⟨v, ∇θ L_seg(f_θ(x), ŷ)⟩ by double backward through the twin loss, in fp32."""
+        """∂/∂ŷ ⟨v, ∇θ L_seg(f_θ(x), ŷ)⟩ by double backward through the twin loss
+        (autocast off, the parameters' dtype)."""
         f = self.f
         leaf = [t.clone().requires_grad_() for t in yhat_d]
         p_req = {n: p.detach().requires_grad_() for n, p in params.items()}
