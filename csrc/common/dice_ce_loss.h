@@ -7,6 +7,11 @@
 // Dice's denominator 2tp + fp + fn + s equals Σp + Σŷ + s (fp = Σp − tp, fn = Σŷ − tp).
 #pragma once
 
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "common/dispatch.h"
 #include "common/macros.h"
 
 namespace colabx::dce {
@@ -155,6 +160,29 @@ template <typename A>
 COLABX_HD A bce_grad_p(bool y, A p, A c) {
   const A neg = -c;
   return (y ? neg : c) / bce_arg(y, p);
+}
+
+// ---- host: dispatch of (logits type, targets type), shared by the CPU and CUDA entry points ----
+
+// fn(TypeTag<TT>, std::bool_constant<HARD>) for logits of type TL: soft targets must be in the
+// compute type of the logits (float32, or float64 for float64 logits); hard labels any int type.
+template <typename TL, typename Fn>
+void dispatch_targets(int target_code, const char* what, Fn&& fn) {
+  using A = acc_t<TL>;
+  const int want = std::is_same_v<A, double> ? int(DType::Float64) : int(DType::Float32);
+  const auto tc = static_cast<DType>(target_code);
+  if (tc == DType::Float32 || tc == DType::Float64 || tc == DType::Float16 ||
+      tc == DType::BFloat16) {
+    if (target_code != want)
+      throw std::invalid_argument(std::string(what) +
+                                  ": soft targets must have the compute dtype of the logits (code " +
+                                  std::to_string(want) + "), got code " +
+                                  std::to_string(target_code));
+    fn(TypeTag<A>{}, std::false_type{});
+  } else {
+    dispatch_labels(target_code, "dice_ce_loss targets",
+                    [&](auto ttag) { fn(ttag, std::true_type{}); });
+  }
 }
 
 }  // namespace colabx::dce

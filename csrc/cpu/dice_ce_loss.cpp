@@ -234,27 +234,6 @@ inline void store_rows(const A* src, int64_t V, int K, int64_t v0, int n, T* bas
   }
 }
 
-// ---- dispatch of (logits type, targets type) ---------------------------------------------------
-
-// fn(TypeTag<TT>, std::bool_constant<HARD>) for logits of type TL: soft targets must be in the
-// compute type of the logits (float32, or float64 for float64 logits); hard labels any int type.
-template <typename TL, typename Fn>
-void dispatch_targets(int target_code, Fn&& fn) {
-  using A = acc_t<TL>;
-  const int want = std::is_same_v<A, double> ? int(DType::Float64) : int(DType::Float32);
-  const auto tc = static_cast<DType>(target_code);
-  if (tc == DType::Float32 || tc == DType::Float64 || tc == DType::Float16 ||
-      tc == DType::BFloat16) {
-    if (target_code != want)
-      throw std::invalid_argument(
-          "dice_ce_loss: soft targets must have the compute dtype of the logits (code " +
-          std::to_string(want) + "), got code " + std::to_string(target_code));
-    fn(TypeTag<A>{}, std::false_type{});
-  } else {
-    dispatch_labels(target_code, "dice_ce_loss targets",
-                    [&](auto ttag) { fn(ttag, std::true_type{}); });
-  }
-}
 
 inline int64_t num_chunks(int64_t V) { return (V + kChunk - 1) / kChunk; }
 
@@ -444,7 +423,7 @@ void dice_ce_loss_forward_cpu(const std::vector<uintptr_t>& logits,
     for (size_t l = 0; l < L; ++l) {
       const int64_t nc = num_chunks(V[l]);
       std::vector<double> partial(size_t(B * nc) * NS, 0.0);
-      dispatch_targets<TL>(target_codes[l], [&](auto tt, auto hard) {
+      dce::dispatch_targets<TL>(target_codes[l], "dice_ce_loss", [&](auto tt, auto hard) {
         using TT = typename decltype(tt)::type;
         dce_forward_level<TL, TT, decltype(hard)::value>(
             reinterpret_cast<const TL*>(logits[l]), reinterpret_cast<const TT*>(targets[l]), B,
@@ -505,7 +484,7 @@ void dice_ce_loss_backward_cpu(uintptr_t grad_out, const std::vector<uintptr_t>&
           cb[1 + K + k] = beta;
         }
       }
-      dispatch_targets<TL>(target_codes[l], [&](auto tt, auto hard) {
+      dce::dispatch_targets<TL>(target_codes[l], "dice_ce_loss", [&](auto tt, auto hard) {
         using TT = typename decltype(tt)::type;
         dce_backward_level<TL, TT, decltype(hard)::value>(
             reinterpret_cast<const TL*>(logits[l]), reinterpret_cast<const TT*>(targets[l]), B,

@@ -69,6 +69,24 @@ __device__ __forceinline__ void store_vec(T* __restrict__ row, int64_t v0, int64
   }
 }
 
+// One thread's tile: VEC voxels from v0 of every channel row of the logits and of the targets
+// (one row of hard labels, or K rows of soft targets).
+template <bool HARD, int KM, int VEC, typename TL, typename TT>
+__device__ __forceinline__ void load_tile(const TL* __restrict__ zb, const TT* __restrict__ tb,
+                                          int K, int64_t v0, int64_t V, bool aligned,
+                                          TL (&zr)[KM][VEC], TT (&yr)[HARD ? 1 : KM][VEC]) {
+#pragma unroll
+  for (int k = 0; k < KM; ++k)
+    if (k < K) load_vec(zb + k * V, v0, V, aligned, zr[k]);
+  if constexpr (HARD) {
+    load_vec(tb, v0, V, aligned, yr[0]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < KM; ++k)
+      if (k < K) load_vec(tb + k * V, v0, V, aligned, yr[k]);
+  }
+}
+
 template <typename A>
 __device__ __forceinline__ A warp_sum(A x) {
 #pragma unroll
@@ -183,16 +201,7 @@ __global__ void __launch_bounds__(kThreads)
     if (v0 >= V) break;
     TL zr[KM][VEC];
     TT yr[HARD ? 1 : KM][VEC];
-#pragma unroll
-    for (int k = 0; k < KM; ++k)
-      if (k < K) load_vec(zb + k * V, v0, V, aligned, zr[k]);
-    if constexpr (HARD) {
-      load_vec(tb, v0, V, aligned, yr[0]);
-    } else {
-#pragma unroll
-      for (int k = 0; k < KM; ++k)
-        if (k < K) load_vec(tb + k * V, v0, V, aligned, yr[k]);
-    }
+    load_tile<HARD>(zb, tb, K, v0, V, aligned, zr, yr);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       if (v0 + j >= V) continue;
@@ -359,16 +368,7 @@ __global__ void __launch_bounds__(kThreads)
     if (v0 >= V) break;
     TL zr[KM][VEC];
     TT yr[HARD ? 1 : KM][VEC];
-#pragma unroll
-    for (int k = 0; k < KM; ++k)
-      if (k < K) load_vec(zb + k * V, v0, V, aligned, zr[k]);
-    if constexpr (HARD) {
-      load_vec(tb, v0, V, aligned, yr[0]);
-    } else {
-#pragma unroll
-      for (int k = 0; k < KM; ++k)
-        if (k < K) load_vec(tb + k * V, v0, V, aligned, yr[k]);
-    }
+    load_tile<HARD>(zb, tb, K, v0, V, aligned, zr, yr);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       A p[KM], g[KM];
@@ -549,22 +549,6 @@ void dispatch_km(int64_t K, Fn&& fn) {
   return fn(std::integral_constant<int, 16>{});
 }
 
-template <typename TL, typename Fn>
-void dispatch_targets(int target_code, Fn&& fn) {
-  using A = acc_t<TL>;
-  const int want = std::is_same_v<A, double> ? int(DType::Float64) : int(DType::Float32);
-  const auto tc = static_cast<DType>(target_code);
-  if (tc == DType::Float32 || tc == DType::Float64 || tc == DType::Float16 ||
-      tc == DType::BFloat16) {
-    if (target_code != want)
-      throw std::invalid_argument("dice_ce_loss (CUDA): soft targets must have the compute dtype "
-                                  "of the logits");
-    fn(TypeTag<A>{}, std::false_type{});
-  } else {
-    dispatch_labels(target_code, "dice_ce_loss targets",
-                    [&](auto ttag) { fn(ttag, std::true_type{}); });
-  }
-}
 
 inline bool is_aligned(uintptr_t p, size_t bytes) { return p % bytes == 0; }
 
@@ -627,7 +611,7 @@ void dice_ce_loss_forward_cuda(const std::vector<uintptr_t>& logits,
       constexpr int KM = decltype(km)::value;
       constexpr int VEC = Bucket<KM>::vec;
       for (size_t l = 0; l < L; ++l) {
-        dispatch_targets<TL>(target_codes[l], [&](auto tt, auto hard) {
+        dce::dispatch_targets<TL>(target_codes[l], "dice_ce_loss (CUDA)", [&](auto tt, auto hard) {
           using TT = typename decltype(tt)::type;
           constexpr bool HARD = decltype(hard)::value;
           const bool aligned = V[l] % VEC == 0 && is_aligned(logits[l], sizeof(TL) * VEC) &&
@@ -672,7 +656,7 @@ void dice_ce_loss_backward_cuda(uintptr_t grad_out, const std::vector<uintptr_t>
       constexpr int KM = decltype(km)::value;
       constexpr int VEC = Bucket<KM>::vec;
       for (size_t l = 0; l < L; ++l) {
-        dispatch_targets<TL>(target_codes[l], [&](auto tt, auto hard) {
+        dce::dispatch_targets<TL>(target_codes[l], "dice_ce_loss (CUDA)", [&](auto tt, auto hard) {
           using TT = typename decltype(tt)::type;
           constexpr bool HARD = decltype(hard)::value;
           const int64_t nc = num_chunks(V[l]);

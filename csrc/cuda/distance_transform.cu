@@ -38,6 +38,25 @@ constexpr int kBig = 1 << 30;   // "no feature on this side" sentinel for row po
 constexpr int kFar = 1 << 29;   // gaps at least this large mean "none"
 constexpr int kMaxRow = 1 << 28;
 
+// Inclusive warp scans over the lanes: max over lanes 0..lane, min over lanes lane..31.
+__device__ __forceinline__ int warp_prefix_max(int val, int lane) {
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const int y = __shfl_up_sync(kFull, val, off);
+    if (lane >= off) val = max(val, y);
+  }
+  return val;
+}
+
+__device__ __forceinline__ int warp_suffix_min(int val, int lane) {
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const int y = __shfl_down_sync(kFull, val, off);
+    if (lane + off < 32) val = min(val, y);
+  }
+  return val;
+}
+
 __global__ void rows_kernel(const uint8_t* __restrict__ mask, float* __restrict__ out,
                             int64_t rows, int w, float sw, bool invert) {
   const int lane = threadIdx.x & 31;
@@ -51,12 +70,7 @@ __global__ void rows_kernel(const uint8_t* __restrict__ mask, float* __restrict_
     for (int c0 = 0; c0 < w; c0 += 32) {
       const int x = c0 + lane;
       int val = (x < w && edt::is_feature(m[x], invert)) ? x : -kBig;
-#pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {
-        const int y = __shfl_up_sync(kFull, val, off);
-        if (lane >= off) val = max(val, y);
-      }
-      val = max(val, carry);
+      val = max(warp_prefix_max(val, lane), carry);
       carry = __shfl_sync(kFull, val, 31);
       if (x < w) gap[x] = x - val;
     }
@@ -64,12 +78,7 @@ __global__ void rows_kernel(const uint8_t* __restrict__ mask, float* __restrict_
     for (int c0 = ((w - 1) / 32) * 32; c0 >= 0; c0 -= 32) {
       const int x = c0 + lane;
       int val = (x < w && edt::is_feature(m[x], invert)) ? x : kBig;
-#pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {
-        const int y = __shfl_down_sync(kFull, val, off);
-        if (lane + off < 32) val = min(val, y);
-      }
-      val = min(val, carry);
+      val = min(warp_suffix_min(val, lane), carry);
       carry = __shfl_sync(kFull, val, 0);
       // Same lane wrote gap[x] in the first scan: a same-thread read-after-write.
       if (x < w) o[x] = edt::row_sq_dist(gap[x], val - x, kFar, sw);
@@ -102,12 +111,7 @@ __global__ void rows_reg_kernel(const uint8_t* __restrict__ mask, float* __restr
     for (int i = 0; i < R; ++i) {
       const int x = i * 32 + lane;
       int val = feat[i] ? x : -kBig;
-#pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {
-        const int y = __shfl_up_sync(kFull, val, off);
-        if (lane >= off) val = max(val, y);
-      }
-      val = max(val, carry);
+      val = max(warp_prefix_max(val, lane), carry);
       carry = __shfl_sync(kFull, val, 31);
       gap[i] = x - val;
     }
@@ -116,12 +120,7 @@ __global__ void rows_reg_kernel(const uint8_t* __restrict__ mask, float* __restr
     for (int i = R - 1; i >= 0; --i) {
       const int x = i * 32 + lane;
       int val = feat[i] ? x : kBig;
-#pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {
-        const int y = __shfl_down_sync(kFull, val, off);
-        if (lane + off < 32) val = min(val, y);
-      }
-      val = min(val, carry);
+      val = min(warp_suffix_min(val, lane), carry);
       carry = __shfl_sync(kFull, val, 0);
       if (x < w) o[x] = edt::row_sq_dist(gap[i], val - x, kFar, sw);
     }
