@@ -61,6 +61,20 @@ CellGrid make_grid(const Plan& p, const Tasks& k) {
   return g;
 }
 
+// Reduces with `op` the fD x fH x fW first-pooled-level cells that make up cell (i, j, rW) of a
+// coarser level, from a task-local buffer laid out [g.nD][g.nH][g.nW].
+template <typename A, typename Op>
+inline A reduce_cells(const A* base, const CellGrid& g, int64_t i, int64_t j, int64_t rW,
+                      int64_t fD, int64_t fH, int64_t fW, A init, Op op) {
+  A r = init;
+  for (int64_t a = 0; a < fD; ++a)
+    for (int64_t bb = 0; bb < fH; ++bb) {
+      const A* row = base + ((i * fD + a) * g.nH + j * fH + bb) * g.nW + rW * fW;
+      for (int64_t e = 0; e < fW; ++e) r = op(r, row[e]);
+    }
+  return r;
+}
+
 // Row softmax: q[k * W + w] = softmax over k of o[k * V + w]. Channels are converted to the
 // accumulation type first so the arithmetic loops are plain contiguous float/double loops.
 template <typename T, typename A>
@@ -213,24 +227,16 @@ COLABX_SIMD_CLONES void forward_tasks(const Plan& p, const Tasks& tk, int64_t be
           if (rH >= p.Sl[l][1]) continue;
           const L* yrow = y + b * V + (rD * s[0] + s[0] / 2) * HW + (rH * s[1] + s[1] / 2) * W;
           for (int64_t rW = 0; rW < SlW; ++rW) {
-            A Ml = std::numeric_limits<A>::infinity();
-            for (int64_t a = 0; a < fD; ++a)
-              for (int64_t bb = 0; bb < fH; ++bb) {
-                const A* cm = cmin.data() + ((i * fD + a) * g.nH + j * fH + bb) * g.nW + rW * fW;
-                for (int64_t e = 0; e < fW; ++e) Ml = std::min(Ml, cm[e]);
-              }
+            A Ml = reduce_cells(cmin.data(), g, i, j, rW, fD, fH, fW,
+                                std::numeric_limits<A>::infinity(),
+                                [](A x, A v) { return std::min(x, v); });
             const L yl = yrow[rW * s[2] + s[2] / 2];
             const int64_t o_idx = rD * SlHW + rH * SlW + rW;
             const bool roi = yl > L(0);
             if (roi) Ml = A(1);
             for (int64_t k = 0; k < t; ++k) {
-              A qs = A(0);
-              for (int64_t a = 0; a < fD; ++a)
-                for (int64_t bb = 0; bb < fH; ++bb) {
-                  const A* cs = csum.data() + k * g.size() +
-                                ((i * fD + a) * g.nH + j * fH + bb) * g.nW + rW * fW;
-                  for (int64_t e = 0; e < fW; ++e) qs += cs[e];
-                }
+              const A qs = reduce_cells(csum.data() + k * g.size(), g, i, j, rW, fD, fH, fW, A(0),
+                                        [](A x, A v) { return x + v; });
               const A ql = qs * inv_vol;
               const A v = roi ? A(0)
                               : (k == 0 ? ctxlab::context0_label(Ml, ql) : ctxlab::contextk_label(Ml, ql));
@@ -298,12 +304,9 @@ COLABX_SIMD_CLONES void backward_tasks(const Plan& p, const Tasks& tk, int64_t b
             const L* yrow = y + b * V + (rD * s[0] + s[0] / 2) * HW + (rH * s[1] + s[1] / 2) * W;
             for (int64_t rW = 0; rW < SlW; ++rW) {
               if (yrow[rW * s[2] + s[2] / 2] > L(0)) continue;
-              A Ml = std::numeric_limits<A>::infinity();
-              for (int64_t a = 0; a < fD; ++a)
-                for (int64_t bb = 0; bb < fH; ++bb) {
-                  const A* cm = cmin.data() + ((i * fD + a) * g.nH + j * fH + bb) * g.nW + rW * fW;
-                  for (int64_t e = 0; e < fW; ++e) Ml = std::min(Ml, cm[e]);
-                }
+              const A Ml = reduce_cells(cmin.data(), g, i, j, rW, fD, fH, fW,
+                                        std::numeric_limits<A>::infinity(),
+                                        [](A x, A v) { return std::min(x, v); });
               const A coef = Ml * inv_vol;
               const int64_t o_idx = rD * SlHW + rH * SlW + rW;
               for (int64_t k = 0; k < t; ++k) {
