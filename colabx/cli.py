@@ -123,7 +123,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from colabx.inference.predict import predict_folder
+    from colabx.inference.run import predict_folder
 
     predict_folder(args.run, args.input, args.output, checkpoint=args.checkpoint,
                    device=args.device, overlap=args.overlap, mirror=args.mirror)
@@ -131,12 +131,13 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from colabx.inference.metrics import evaluate_folders, format_summary, write_summary
+    from colabx.inference.metrics import evaluate_folders, write_summary
+    from colabx.train.evaluation import format_metrics
 
-    result = evaluate_folders(args.predictions, args.reference, args.labels)
+    result = evaluate_folders(args.predictions, args.reference, args.labels, progress=True)
     out = args.out or args.predictions / "summary.json"
     write_summary(result, out)
-    print(format_summary(result))
+    print(format_metrics(result))
     print(f"written: {out}")
     return 0
 

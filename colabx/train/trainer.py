@@ -253,7 +253,7 @@ class Trainer:
         self.batches = PatchBatches(
             self.pre, self.train_ids, patch_size=patch, batch_size=cfg.batch_size,
             seed=cfg.seed, roi_fraction=cfg.roi_fraction,
-            augment=_augment_config(cfg.augment, spacing), with_context=cfg.mode == "manual",
+            augment=_augment_config(cfg.augment), with_context=cfg.mode == "manual",
             samples=slice(rank * local, (rank + 1) * local))
 
     def _fit_kmeans(self) -> tuple[list[float], float | None]:
@@ -291,6 +291,7 @@ class Trainer:
             "dataset": {"root": str(self.dataset.root), "preprocessed": str(self.pre.root),
                         "labels": self.dataset.labels, "channel_names":
                         list(self.dataset.channel_names), "val_ids": self.val_ids},
+            "plans": {k: v for k, v in self.pre.plans.items() if k != "cases"},
             "log": self.log.rows if self.log is not None else [],
         }
 
@@ -454,10 +455,10 @@ class Trainer:
         self.dist.barrier()
 
 
-def _augment_config(enabled: bool, spacing):
+def _augment_config(enabled: bool):
     from colabx.data.augmentation import AugmentConfig
 
-    return AugmentConfig.for_spacing(spacing) if enabled else None
+    return AugmentConfig() if enabled else None
 
 
 def _mean(v: list[float]) -> float:
