@@ -203,7 +203,14 @@ class Trainer:
         shapes = np.array([self.pre.plans["cases"][i]["shape"] for i in self.train_ids])
         median = [int(v) for v in np.median(shapes, axis=0)]
         budget = 128 ** 3 if self.device.type == "cuda" else 64 ** 3
-        patch = cfg.patch_size or auto_patch_size(median, spacing, budget)
+        if cfg.patch_size:
+            patch = list(cfg.patch_size)
+        elif cfg.dataset is None:
+            from colabx.data.phantom import PRESETS as PHANTOMS
+
+            patch = list(PHANTOMS[cfg.phantom_preset].patch_size)
+        else:
+            patch = auto_patch_size(median, spacing, budget)
         if len(patch) != len(spacing):
             raise ValueError(f"patch_size: {patch} has {len(patch)} axes, the data "
                              f"{len(spacing)}")
