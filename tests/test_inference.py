@@ -308,8 +308,9 @@ def test_raw_round_trip_anisotropic(tmp_path):
                              progress=False)
     meta = pre.plans["cases"]["case"]
     assert meta["shape"] != meta["cropped_shape"]
-    pred, _ = predict_raw_case(_oracle(pre.plans, inten), [tmp_path / "raw/imagesTr/case_0000.nii.gz"],
-                               pre.plans, (16, 16, 16), mirror_axes=(0, 1, 2))
+    images = [tmp_path / "raw/imagesTr/case_0000.nii.gz"]
+    pred, _ = predict_raw_case(_oracle(pre.plans, inten), images, pre.plans, (16, 16, 16),
+                               mirror_axes=(0, 1, 2))
     m = evaluate_case(pred, label, 3, spacing)
     assert m[1]["dice"] >= 0.95 and m[2]["dice"] >= 0.95, m
     assert not pred[tuple(slice(None) if i else slice(0, 2) for i in range(3))].any()
@@ -321,8 +322,9 @@ def test_save_prediction(tmp_path):
     affine[:3, 3] = (1.0, 2.0, 3.0)
     hdr = nib.Nifti1Header()
     hdr.set_data_dtype(np.float32)
-    nib.save(nib.Nifti1Image(np.random.rand(6, 5, 4).astype(np.float32), affine, hdr), str(ref))
-    lab = np.random.default_rng(0).integers(0, 3, (6, 5, 4))
+    rng = np.random.default_rng(0)
+    nib.save(nib.Nifti1Image(rng.random((6, 5, 4), np.float32), affine, hdr), str(ref))
+    lab = rng.integers(0, 3, (6, 5, 4))
     (tmp_path / "out").mkdir()
     out = save_prediction(torch.from_numpy(lab), ref, tmp_path / "out" / "case.nii.gz")
     img = nib.load(str(out))
@@ -339,3 +341,17 @@ def test_save_prediction(tmp_path):
         save_prediction(lab, ref, tmp_path / "x.npy")
     with pytest.raises(ValueError, match=r"\[0, 32767\]"):
         save_prediction(lab - 1, ref, tmp_path / "x.nii.gz")
+
+
+@pytest.mark.parametrize("src,dst", [((7, 12, 5), (9, 10, 13)), ((11, 6), (4, 15))])
+def test_logit_resampling_matches_forward_convention(src, dst):
+    """Logits go back with the voxel-centre mapping and edge handling of the forward resampling
+    (scipy zoom, grid_mode=True, mode='nearest'), at order 1."""
+    from colabx.inference.predict import _resize_logits
+
+    z = np.random.default_rng(0).normal(size=(2, *src)).astype(np.float32)
+    got = _resize_logits(torch.from_numpy(z)[None], dst)[0].numpy()
+    for k in range(2):
+        factors = [d / s for d, s in zip(dst, src, strict=True)]
+        want = ndi.zoom(z[k], factors, order=1, mode="nearest", grid_mode=True)
+        np.testing.assert_allclose(got[k], want, atol=1e-5)
