@@ -227,16 +227,15 @@ def sliding_window_logits(
     weight = (gaussian_importance_map(patch, device=device) if gaussian
               else torch.ones(patch, device=device))
 
-    starts = [()]
-    for s in steps:
-        starts = [(*t, v) for t in starts for v in s]
-    tiles = [(b, tuple(slice(v, v + p) for v, p in zip(st, patch, strict=True)))
-             for b in range(x.shape[0]) for st in starts]
+    windows: list[tuple[slice, ...]] = [()]
+    for s, p in zip(steps, patch, strict=True):
+        windows = [(*w, slice(v, v + p)) for w in windows for v in s]
+    tiles = [(b, w) for b in range(x.shape[0]) for w in windows]
 
     logits: torch.Tensor | None = None
     norm = torch.zeros(padded, dtype=torch.float32, device=device)
-    for st in starts:
-        norm[tuple(slice(v, v + p) for v, p in zip(st, patch, strict=True))] += weight
+    for w in windows:
+        norm[w] += weight
 
     bar = None
     if progress:
