@@ -1,0 +1,41 @@
+"""Inference and evaluation: sliding-window logits, the CoLab prediction rule, prediction of raw
+NIfTI cases in their original grid, and segmentation metrics (Dice, sensitivity, precision,
+HD95) per case and per folder."""
+
+from colabx.inference.metrics import (
+    METRICS,
+    evaluate_case,
+    evaluate_folders,
+    hd95,
+    summarize,
+    write_summary,
+)
+from colabx.inference.predict import (
+    predict_case,
+    predict_labels,
+    predict_raw_case,
+    roi_probabilities,
+    save_prediction,
+)
+from colabx.inference.sliding_window import (
+    gaussian_importance_map,
+    sliding_window_logits,
+    sliding_window_steps,
+)
+
+__all__ = [
+    "METRICS",
+    "evaluate_case",
+    "evaluate_folders",
+    "gaussian_importance_map",
+    "hd95",
+    "predict_case",
+    "predict_labels",
+    "predict_raw_case",
+    "roi_probabilities",
+    "save_prediction",
+    "sliding_window_logits",
+    "sliding_window_steps",
+    "summarize",
+    "write_summary",
+]

@@ -1,0 +1,255 @@
+"""From logits to label maps, and from raw NIfTI files to a prediction in the original grid.
+
+``predict_labels`` applies the prediction rule of DESIGN.md (argmax over all K = c + t - 1
+channels; the context channels 0 and c..K-1 all mean background). ``predict_raw_case`` runs the
+training preprocessing of :mod:`colabx.data.preprocessing` on a case's raw files (crop to nonzero,
+normalise with the stored statistics, cubic resampling to the target spacing), sliding-window
+inference, then inverts the geometry as nnU-Net does: the logits are resampled linearly back to
+the cropped original shape (same voxel-centre mapping as the forward resampling), turned into
+labels, and pasted into a background volume of the original shape.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from colabx.data.datasets import Case, Dataset, DatasetError
+from colabx.data.preprocessing import (
+    _atomic_write,
+    _normalize,
+    crop_to_nonzero,
+    resample_image,
+    target_shape,
+)
+from colabx.inference.sliding_window import Model, sliding_window_logits
+
+__all__ = [
+    "predict_case",
+    "predict_labels",
+    "predict_raw_case",
+    "roi_probabilities",
+    "save_prediction",
+]
+
+_NIFTI_ENDINGS = (".nii.gz", ".nii")
+
+
+def _check_logits(logits: torch.Tensor, num_classes: int) -> None:
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating-point tensor [B, K, *S], got "
+                        f"{getattr(logits, 'dtype', type(logits).__name__)}")
+    if logits.dim() < 3:
+        raise ValueError(f"logits must be [B, K, *S], got shape {tuple(logits.shape)}")
+    k = logits.shape[1]
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) \
+            or not 2 <= num_classes <= k:
+        raise ValueError(f"num_classes must be an int in [2, K={k}] (classes incl. background; "
+                         f"K = num_classes + t - 1 logit channels), got {num_classes!r}")
+
+
+def _context_max(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
+    ctx = logits[:, :1]
+    if logits.shape[1] > num_classes:
+        ctx = torch.cat([ctx, logits[:, num_classes:]], dim=1)
+    return ctx.amax(dim=1)
+
+
+def predict_labels(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Label map from CoLab logits (DESIGN.md's rule).
+
+    Args:
+        logits: ``[B, K, *S]`` floating, channels ``[context 0, ROI 1..c-1, contexts c..K-1]``.
+        num_classes: ``c``, classes including background (``2 <= c <= K``).
+
+    Returns:
+        int64 ``[B, *S]`` on the logits' device: ``j`` in ``1..c-1`` where ROI channel ``j`` is
+        the largest ROI channel (ties: the lowest ``j``) and strictly beats every context channel;
+        0 (background) elsewhere, ties with a context channel included.
+    """
+    _check_logits(logits, num_classes)
+    roi_max, roi_arg = logits[:, 1:num_classes].max(dim=1)
+    return torch.where(roi_max > _context_max(logits, num_classes), roi_arg + 1, 0)
+
+
+def roi_probabilities(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class probabilities ``[B, c, *S]`` float32 from CoLab logits ``[B, K, *S]``.
+
+    Softmax over all K channels; channel ``j`` in ``1..c-1`` is the ROI channel's probability and
+    channel 0 the summed probability of the t context channels, so the c channels sum to 1. (Their
+    argmax can differ from :func:`predict_labels`, which compares ROI logits with the *largest*
+    context logit, as the reference's argmax does.)
+    """
+    _check_logits(logits, num_classes)
+    p = torch.softmax(logits.float(), dim=1)
+    background = p[:, :1].clone()
+    if p.shape[1] > num_classes:
+        background += p[:, num_classes:].sum(dim=1, keepdim=True)
+    return torch.cat([background, p[:, 1:num_classes]], dim=1)
+
+
+def predict_case(
+    model: Model,
+    image: torch.Tensor | np.ndarray,
+    num_classes: int,
+    patch_size: Sequence[int],
+    **kwargs: Any,
+) -> torch.Tensor:
+    """Label map of one preprocessed image.
+
+    Args:
+        model: the segmentation network (see :func:`sliding_window_logits`).
+        image: float ``[C, *S]``, normalised as in preprocessing (e.g.
+            ``PreprocessedDataset.load_case(id).image``).
+        num_classes: ``c``, classes including background.
+        patch_size: tile size, one int per spatial axis.
+        **kwargs: ``overlap``, ``gaussian``, ``mirror_axes``, ``batch_size``, ``amp``,
+            ``progress`` of :func:`sliding_window_logits`.
+
+    Returns:
+        int64 ``[*S]`` on the model's device.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(image)) if isinstance(image, np.ndarray) else image
+    if x.dim() != len(patch_size) + 1:
+        raise ValueError(f"image must be [C, *S] with {len(patch_size)} spatial axes (as "
+                         f"patch_size), got shape {tuple(x.shape)}")
+    logits = sliding_window_logits(model, x, patch_size, **kwargs)
+    return predict_labels(logits, num_classes)[0]
+
+
+def _reader(plans: dict[str, Any]) -> Dataset:
+    """A Dataset carrying only what :meth:`Dataset.load_image` needs (channel names), so raw
+    files get the same reading and checks as in training."""
+    d = plans["dataset"]
+    return Dataset(root=Path(d["root"]), layout=d["layout"], name=d["name"],
+                   channel_names=tuple(d["channel_names"]), labels=dict(d["labels"]),
+                   file_ending=".nii.gz", cases=[], ignore_label=d.get("ignore_label"))
+
+
+def _num_classes(plans: dict[str, Any]) -> int:
+    d = plans["dataset"]
+    ignore = d.get("ignore_label")
+    return max(v for v in d["labels"].values() if v != ignore) + 1
+
+
+def _resize_logits(logits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Linear resampling ``[1, K, *S] -> [1, K, *shape]`` with voxel centres mapped as the forward
+    resampling does (``align_corners=False`` is scipy's ``grid_mode=True``; edges clamped)."""
+    if tuple(logits.shape[2:]) == shape:
+        return logits
+    mode = "bilinear" if len(shape) == 2 else "trilinear"
+    return F.interpolate(logits, size=shape, mode=mode, align_corners=False)
+
+
+def predict_raw_case(
+    model: Model,
+    images: Sequence[str | os.PathLike[str]],
+    plans: dict[str, Any],
+    patch_size: Sequence[int],
+    *,
+    num_classes: int | None = None,
+    **kwargs: Any,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Predict one raw case and return the label map in its original voxel grid.
+
+    The preprocessing of training is applied with the plans' settings: crop to the nonzero
+    bounding box, per-channel normalisation (CT: the stored dataset statistics; z-score: this
+    case's nonzero region), cubic resampling to ``plans["target_spacing"]``. The logits are
+    resampled linearly back to the cropped shape, turned into labels with
+    :func:`predict_labels`, and pasted into a zero (background) volume of the original shape.
+
+    Args:
+        model: the segmentation network.
+        images: the case's image files, one per channel in channel order, or one 4D file (MSD).
+        plans: the parsed ``plans.json`` of the preprocessed training set.
+        patch_size: tile size in the preprocessed grid.
+        num_classes: ``c``; default from the plans' labels (largest value, ignore excluded, + 1).
+        **kwargs: options of :func:`sliding_window_logits`.
+
+    Returns:
+        ``(label, affine)``: int16 ``[*S]`` in the first image file's grid and its 4×4 affine.
+
+    Raises:
+        DatasetError: unreadable or inconsistent image files (the message names the file).
+        ValueError: plans whose spatial dimensionality or channel count does not fit the image.
+    """
+    paths = tuple(Path(p) for p in ([images] if isinstance(images, (str, os.PathLike))
+                                    else images))
+    if not paths:
+        raise ValueError("images must name at least one NIfTI file")
+    reader = _reader(plans)
+    image, spacing, affine = reader.load_image(Case(paths[0].name, paths))
+    target = tuple(float(s) for s in plans["target_spacing"])
+    if len(target) != len(spacing):
+        raise ValueError(f"{paths[0]}: image has {len(spacing)} spatial axes but the plans' "
+                         f"target spacing {target} has {len(target)}")
+    norm = plans["normalization"]
+    schemes = [n["scheme"] for n in norm]
+    ct_stats = [n if n["scheme"] == "ct" else None for n in norm]
+    c = _num_classes(plans) if num_classes is None else num_classes
+
+    bbox, mask = crop_to_nonzero(image)
+    cropped = image[(slice(None), *bbox)]
+    x, _ = _normalize(cropped, mask[bbox], schemes, ct_stats)
+    x = resample_image(x, target_shape(cropped.shape[1:], spacing, target))
+    logits = sliding_window_logits(model, torch.from_numpy(x), patch_size, **kwargs)
+    logits = _resize_logits(logits, tuple(cropped.shape[1:]))
+    label = np.zeros(image.shape[1:], np.int16)
+    label[bbox] = predict_labels(logits, c)[0].to(torch.int16).cpu().numpy()
+    return label, affine
+
+
+def save_prediction(label: np.ndarray | torch.Tensor, reference: str | os.PathLike[str],
+                    out_path: str | os.PathLike[str]) -> Path:
+    """Write a label map as NIfTI with the reference file's header and affine, atomically.
+
+    Args:
+        label: integer ``[*S]`` with ``S`` the reference's spatial shape (its first 2 or 3 axes).
+        reference: the NIfTI file whose grid the labels are in (e.g. the case's first image).
+        out_path: ``.nii.gz`` (gzip-compressed) or ``.nii``.
+
+    The data type is uint8 when every value fits, else int16; no intensity scaling is stored. The
+    file is written to a temporary name in the same folder and moved into place.
+
+    Returns:
+        ``out_path`` as a Path.
+
+    Raises:
+        DatasetError: the reference cannot be read.
+        ValueError: bad file ending, shape mismatch, or values outside ``[0, 32767]``.
+    """
+    out = Path(out_path)
+    if not out.name.endswith(_NIFTI_ENDINGS):
+        raise ValueError(f"{out}: out_path must end with .nii.gz or .nii")
+    arr = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
+    if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
+        raise ValueError(f"label must be an integer array, got {arr.dtype}")
+    try:
+        ref = nib.load(str(reference))
+    except Exception as e:
+        raise DatasetError(f"{reference}: cannot read the reference NIfTI file ({e})") from e
+    spatial = tuple(ref.shape[:arr.ndim])
+    if arr.ndim not in (2, 3) or arr.shape != spatial:
+        raise ValueError(f"label shape {arr.shape} differs from the spatial shape {spatial} of "
+                         f"{reference} (shape {ref.shape})")
+    lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+    if lo < 0 or hi > np.iinfo(np.int16).max:
+        raise ValueError(f"label values must be in [0, 32767] to be saved, got [{lo}, {hi}]")
+    dtype = np.uint8 if hi <= np.iinfo(np.uint8).max else np.int16
+    header = ref.header.copy()
+    header.set_data_dtype(dtype)
+    img = nib.Nifti1Image(arr.astype(dtype), ref.affine, header)
+    img.header.set_slope_inter(1.0, 0.0)
+    data = img.to_bytes()
+    if out.name.endswith(".gz"):
+        data = gzip.compress(data, compresslevel=6, mtime=0)
+    _atomic_write(out, lambda f: f.write(data))
+    return out
