@@ -265,19 +265,20 @@ def sample_spatial(config: AugmentConfig, ndim: int, generator: torch.Generator,
     return SpatialParams(matrix, z, mirror, bool(rotate or scaled))
 
 
-def _grid(params: SpatialParams, src: Sequence[int], out: Sequence[int],
-          device: torch.device) -> torch.Tensor:
-    """``affine_grid`` (align_corners=False) for source index ``S//2 + M (x - P//2)``."""
-    s = np.asarray(src, float)
-    p = np.asarray(out, float)
-    m = params.matrix
-    a = np.asarray([n // 2 for n in src], float)
-    b = np.asarray([n // 2 for n in out], float)
-    lin = (2.0 / s)[:, None] * m * (p / 2.0)[None, :]
-    const = 2.0 / s * (a + m @ ((p - 1) / 2.0 - b)) + 1.0 / s - 1.0
-    theta = np.concatenate([lin[::-1, ::-1], const[::-1, None]], axis=1)  # grid order: x = last
-    theta_t = torch.as_tensor(theta, dtype=torch.float32, device=device)[None]
-    return F.affine_grid(theta_t, [1, 1, *out], align_corners=False)
+def _source_coords(params: SpatialParams, src: Sequence[int], out: Sequence[int],
+                   device: torch.device) -> torch.Tensor:
+    """Source index ``S//2 + M (x - P//2)`` of every output voxel, float32 ``[*P, d]``, source
+    axes in REVERSED order (grid_sample's x = last axis). Built as a broadcast sum of one term
+    per output axis: cheaper than ``affine_grid``'s per-voxel matrix product."""
+    d = len(out)
+    m = torch.as_tensor(params.matrix[::-1].copy(), dtype=torch.float32, device=device)
+    coords = torch.as_tensor([n // 2 for n in src][::-1], dtype=torch.float32, device=device)
+    for j, p in enumerate(out):
+        x = torch.arange(p, dtype=torch.float32, device=device) - p // 2
+        shape = [1] * d + [d]
+        shape[j] = p
+        coords = coords + (x[:, None] * m[:, j]).view(shape)
+    return coords
 
 
 def _spatial(sample: dict[str, torch.Tensor], params: SpatialParams,
@@ -287,24 +288,35 @@ def _spatial(sample: dict[str, torch.Tensor], params: SpatialParams,
     src = tuple(label.shape)
     out = dict(sample)
     if params.resample:
-        grid = _grid(params, src, size, image.device)
-        finite = torch.isfinite(distance)
-        dist0 = torch.where(finite, distance, torch.zeros((), dtype=distance.dtype,
-                                                           device=distance.device))
-        lin = torch.cat([image.float(), dist0.float()[None]])[None]
-        lin = F.grid_sample(lin, grid, mode="bilinear", padding_mode="border",
+        dev = image.device
+        coords = _source_coords(params, src, size, dev)
+        s_rev = torch.as_tensor(src[::-1], dtype=torch.float32, device=dev)
+        grid = ((2 * coords + 1) / s_rev - 1)[None]  # align_corners=False normalisation
+        # linear: image channels and distance in one call (+inf of a case without ROI -> 0 here,
+        # restored below from the nearest sample)
+        lin = torch.empty((image.shape[0] + 1, *src), dtype=torch.float32, device=dev)
+        lin[:-1].copy_(image)
+        lin[-1].copy_(distance).nan_to_num_(posinf=0.0)
+        lin = F.grid_sample(lin[None], grid, mode="bilinear", padding_mode="border",
                             align_corners=False)[0]
-        near = [label, finite] + ([] if context is None else [context])
-        near_t = torch.stack([x.float() for x in near])[None]
-        near_t = F.grid_sample(near_t, grid, mode="nearest", padding_mode="border",
-                               align_corners=False)[0]
+        # nearest: one flat index per output voxel, gathered from the integer maps directly
+        idx = torch.minimum(torch.round(coords).clamp_min_(0), s_rev - 1).long()
+        flat = idx[..., 0]
+        stride = 1
+        for k in range(1, len(src)):
+            stride *= src[len(src) - k]
+            flat = flat + idx[..., k] * stride
+
+        def nearest(x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(-1)[flat]
+
         out["image"] = lin[:-1].to(image.dtype)
-        inf = torch.full((), math.inf, dtype=distance.dtype, device=distance.device)
-        out["distance"] = torch.where(near_t[1] > 0.5, lin[-1].to(distance.dtype) * params.scale,
-                                      inf)
-        out["label"] = near_t[0].to(label.dtype)
+        inf = torch.full((), math.inf, dtype=distance.dtype, device=dev)
+        out["distance"] = torch.where(torch.isinf(nearest(distance)), inf,
+                                      lin[-1].to(distance.dtype) * params.scale)
+        out["label"] = nearest(label)
         if context is not None:
-            out["context"] = near_t[2].to(context.dtype)
+            out["context"] = nearest(context)
     else:
         if any(s < p for s, p in zip(src, size, strict=True)):
             raise ValueError(f"sample is {src}, smaller than patch_size {size}")
