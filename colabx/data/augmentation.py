@@ -24,7 +24,8 @@ plain centre crop; mirroring is an exact flip either way.
   ROI at the output spacing, up to interpolation error (sub-voxel). Recomputing would also be
   wrong: the patch does not see ROI outside it. With in-plane-only scaling of anisotropic data
   the through-plane part of a distance is not rescaled (an approximation, error below a factor
-  ``max(s, 1/s)``). A case without ROI keeps +inf.
+  ``max(s, 1/s)``). A case without ROI keeps +inf (a distance map is expected to be finite
+  everywhere or +inf everywhere, as preprocessing writes it).
 
 **Intensity** (image only, after the spatial transform, nnU-Net v2's order): Gaussian noise
 (p = 0.1, variance U(0, 0.1), same field scale for all channels), Gaussian blur (p = 0.2, per
