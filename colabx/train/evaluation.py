@@ -39,7 +39,7 @@ def validate(tr: Trainer) -> dict[str, float]:
         case = tr.pre.load_case(cid)
         pred = predict_case(tr.f, np.asarray(case.image), tr.num_classes, tr.plan.patch_size,
                             overlap=cfg.overlap, amp=tr.amp_dtype)
-        per_case.append(evaluate_case(pred.cpu(), torch.from_numpy(np.asarray(case.label)),
+        per_case.append(evaluate_case(pred.cpu(), np.array(case.label),
                                       tr.num_classes, case.spacing,
                                       ignore_label=tr.dataset.ignore_label, compute_hd95=False))
     fg = summarize(per_case)["foreground_mean"]
@@ -87,6 +87,7 @@ def final_evaluation(tr: Trainer) -> dict[str, Any]:
     if tests:
         where = f"{len(tests)} held-out test cases (imagesTs/labelsTs, original grid)"
         out_dir = tr.out / "predictions_test"
+        out_dir.mkdir(parents=True, exist_ok=True)
         for k in tests:
             label, _ = predict_raw_case(tr.f, k.images, tr.pre.plans, tr.plan.patch_size,
                                         num_classes=c, overlap=cfg.overlap, amp=tr.amp_dtype)
