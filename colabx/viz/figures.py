@@ -85,7 +85,8 @@ def context_snapshot(image: np.ndarray, label: np.ndarray, targets: np.ndarray,
     ctx = [0, *range(num_classes, targets.shape[0])]
     n = 2 + len(ctx)
     fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.8))
-    axes[0].imshow(image.T, cmap="gray", origin="lower")
+    lo, hi = np.percentile(image, (1, 99))
+    axes[0].imshow(image.T, cmap="gray", origin="lower", vmin=lo, vmax=max(hi, lo + 1e-6))
     axes[0].set_title("image")
     axes[1].imshow(label.T, cmap="viridis", origin="lower", interpolation="nearest")
     axes[1].set_title("label")
