@@ -39,7 +39,6 @@ from colabx.reference.meta import (
 )
 
 NUM_CLASSES, CONTEXTS, LR = 2, 2, 0.01  # c, t, α (nnU-Net's initial learning rate)
-IMPLS = ("colabx", "restructured", "reference")
 DEFAULT_VARIANT = "theta_pm=sequential, meta_grad=fd"
 
 
