@@ -22,6 +22,7 @@ import copy
 import ctypes
 import gc
 import math
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -398,6 +399,7 @@ def main(argv: list[str] | None = None) -> dict:
     info["cudnn_benchmark"] = torch.backends.cudnn.benchmark
     info["default_cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
     info["default_matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
+    info["loadavg_1_5_15_start"] = os.getloadavg()  # a shared machine: was anything else running?
     print(f"# colabx bench_meta_step on {info.get('gpu', info['cpu'])} ({info['device']}), "
           f"torch {info['torch']}, {info['torch_threads']} CPU threads; {size.label()}, "
           f"c={NUM_CLASSES}, t={CONTEXTS}", flush=True)
@@ -419,6 +421,7 @@ def main(argv: list[str] | None = None) -> dict:
     payload["rows"] = time_rows(build_rows(size, device, x, y, d), device, args.min_time,
                                 warmup=1 if args.quick else 2)
     payload["ratios"] = derived_ratios(payload["rows"])
+    info["loadavg_1_5_15_after_timings"] = os.getloadavg()
     write_json(out_path, payload)  # the timings survive a timeout in the accuracy part
     payload["accuracy"] = accuracy(size, device, x, y, d)
     payload["complete"] = True
