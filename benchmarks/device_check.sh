@@ -4,8 +4,10 @@
 #   2. runs the GPU tests (pytest -m cuda) and compute-sanitizer on one small case per kernel,
 #   3. runs bench_ops on CUDA (colabx vs eager twin vs torch.compile twin; EDT also vs cuCIM when
 #      it imports: carry its wheel in .whl/),
-# writing logs and JSON under $OUT (default benchmarks/results) and printing a summary table last.
-# Usage: benchmarks/device_check.sh [all|test|bench]   (default all; fits in ~8 minutes)
+#   4. runs bench_meta_step on CUDA (colabx MetaStep vs the reference-style and restructured
+#      PyTorch meta steps, B=2, 80³, 30 features; at most 120 s),
+# writing logs and JSON under $OUT (default benchmarks/results) and printing summary tables last.
+# Usage: benchmarks/device_check.sh [all|test|bench|meta]   (default all; fits in ~8 minutes)
 # COLABX_SKIP_BUILD=1 uses a colabx/_C*.so already in place (e.g. built elsewhere for this Python).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -61,5 +63,17 @@ if [ "$stage" = all ] || [ "$stage" = bench ]; then
   cat "$OUT/profile_kernels.log"
   sed -n '/^| op /,$p' "$OUT/bench_ops_cuda.log"
   [ $status = 0 ] || tail -20 "$OUT/bench_ops_cuda.log"
+fi
+
+if [ "$stage" = all ] || [ "$stage" = meta ]; then
+  t0=$SECONDS
+  # the JSON is written after the timings and again after the float64 accuracy part, so a
+  # timeout in the latter keeps the timings
+  timeout 120 $py -m benchmarks.bench_meta_step --device cuda --min-time 0.2 \
+    --out "$OUT/meta_cuda.json" >"$OUT/bench_meta_cuda.log" 2>&1 \
+    || { echo "bench_meta_step: failed or timed out"; status=1; }
+  sed -n '/^| part /,$p' "$OUT/bench_meta_cuda.log"
+  grep -q '^| part ' "$OUT/bench_meta_cuda.log" || tail -20 "$OUT/bench_meta_cuda.log"
+  echo "meta bench: $((SECONDS - t0)) s"
 fi
 exit $status
