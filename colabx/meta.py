@@ -30,6 +30,7 @@ either mode, exactly as the reference's modules do.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -145,6 +146,21 @@ class GradReducer(Protocol):
         """True when ``flag`` is True on any process."""
 
 
+@contextmanager
+def _no_tf32():
+    """Full fp32 convolutions and matmuls: TF32 in the θ± passes costs ~2% meta-gradient error
+    (DESIGN.md)."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    old = matmul.allow_tf32
+    matmul.allow_tf32 = False
+    try:
+        with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
+                         deterministic=cudnn.deterministic, allow_tf32=False):
+            yield
+    finally:
+        matmul.allow_tf32 = old
+
+
 def _as_list(z) -> list[Tensor]:
     return list(z) if isinstance(z, (list, tuple)) else [z]
 
@@ -195,7 +211,7 @@ class MetaStep:
         """Logits of f_θ+ and f_θ− concatenated along the batch: per level ``[2B, K, *S_l]``,
         the first B rows θ+. No autograd graph, autocast off."""
         f = self.f
-        with torch.no_grad(), self._autocast(x, False):
+        with torch.no_grad(), self._autocast(x, False), _no_tf32():
             if self.config.theta_pm == "vmap":
                 stacked = {n: torch.stack((p + eps * v[n], p - eps * v[n]))
                            for n, p in params.items()}
@@ -231,7 +247,7 @@ class MetaStep:
         f = self.f
         leaf = [t.clone().requires_grad_() for t in yhat_d]
         p_req = {n: p.detach().requires_grad_() for n, p in params.items()}
-        with torch.enable_grad(), self._autocast(x, False):
+        with torch.enable_grad(), self._autocast(x, False), _no_tf32():
             z = _as_list(functional_call(f, p_req, (x,)))
             loss = _twin.dice_ce_loss(z, leaf)
             gth = torch.autograd.grad(loss, list(p_req.values()), create_graph=True)

@@ -49,7 +49,8 @@ def test_every_mode_trains_and_evaluates(cache, tmp_path, mode):
                  "checkpoint_final.pth", "evaluation.json", "evaluation.csv",
                  "snapshots/epoch_0001.png"):
         assert (tmp_path / name).is_file(), name
-    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
+    events = list((tmp_path / "tensorboard").iterdir())
+    assert any(p.name.startswith("events.out.tfevents") for p in events)
     assert len(list((tmp_path / "predictions_test").glob("*.nii.gz"))) == 2
     rows = list(csv.DictReader((tmp_path / "log.csv").open()))
     assert len(rows) == 1 and float(rows[0]["train_loss"]) > 0 and rows[0]["val_dsc"] != ""

@@ -141,9 +141,6 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         elif self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        # The meta step's finite difference needs full fp32 in the θ± passes (no TF32).
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
         if self.dist.enabled and self.cfg.batch_size % self.dist.world_size:
             raise ValueError(f"batch_size: {cfg.batch_size} is not divisible by the "
                              f"{self.dist.world_size} processes")
