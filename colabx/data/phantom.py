@@ -7,7 +7,7 @@ structures share the ROI's local appearance. Each case is a torso slab in HU:
 * **liver** (context 1, the ROI organ): a large smoothly deformed ellipsoid holding 1–4
   hypodense **tumours** (label 1; random blobs fully inside it);
 * **spleen** (context 2): a smaller organ on the other side with nearly the liver's mean
-  intensity (a few HU darker, blotchier texture) holding 2–4 **look-alikes** (cysts/infarcts)
+  intensity (a few HU darker, blotchier texture) holding 3–5 **look-alikes** (cysts/infarcts)
   drawn from exactly the tumours' distribution of size, shape, intensity and texture;
 * **kidneys** (context 3) and the **spine** (context 4), clearly different.
 
@@ -257,7 +257,7 @@ def generate_case(index: int, *, seed: int = 0, preset: str = "default") -> Phan
     kidneys = (organ((-36, by + 30, 0), (12, 14, 28), 4, 0.12, 0.4)
                | organ((36, by + 30, 0), (12, 14, 28), 4, 0.12, 0.4))
     spine = organ((0, by + body_semi[1] - 20, 0), (13, 12, 1e6), 2, 0.05, 0.2)
-    spleen = organ((34, by + 2, 0), (20, 22, 34), 5, 0.15, 0.5) & inner
+    spleen = organ((34, by + 2, 0), (22, 24, 36), 5, 0.15, 0.5) & inner
     liver = organ((-26, by - 6, 0), (32, 30, 40), 5, 0.15, 0.4) & inner
     context = np.zeros(g.shape, np.uint8)
     for value, m in ((3, kidneys & inner), (4, spine & inner), (2, spleen), (1, liver)):
@@ -265,7 +265,7 @@ def generate_case(index: int, *, seed: int = 0, preset: str = "default") -> Phan
     liver, spleen = context == 1, context == 2
 
     tumour, t_core = _lesions(g, rng, liver, int(rng.integers(1, 5)))
-    lookalike, l_core = _lesions(g, rng, spleen, int(rng.integers(2, 5)))
+    lookalike, l_core = _lesions(g, rng, spleen, int(rng.integers(3, 6)))
 
     img = np.full(g.shape, _HU_AIR, np.float32)
     img[body] = _HU_FAT
