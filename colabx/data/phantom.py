@@ -35,6 +35,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+from tqdm import tqdm
 
 __all__ = [
     "CONTEXT_NAMES",
@@ -329,20 +330,14 @@ def _build(folder: Path, p: PhantomPreset, preset: str, seed: int, num_cases: in
     for split in ("Tr", "Ts") if num_test else ("Tr",):
         for kind in ("images", "labels", "context"):
             (folder / f"{kind}{split}").mkdir(parents=True)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(jobs), desc=f"phantom {preset}", unit="case")
+    bar = tqdm(total=len(jobs), desc=f"phantom {preset}", unit="case", disable=not progress)
     for split, cid, index in jobs:
         case = generate_case(index, seed=seed, preset=preset)
         _save_nifti(folder / f"images{split}" / f"{cid}_0000.nii.gz", case.image, affine, np.int16)
         _save_nifti(folder / f"labels{split}" / f"{cid}.nii.gz", case.label, affine, np.uint8)
         _save_nifti(folder / f"context{split}" / f"{cid}.nii.gz", case.context, affine, np.uint8)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        bar.update(1)
+    bar.close()
     js = _dataset_json(p, preset, seed, num_cases, num_test)
     (folder / "dataset.json").write_text(json.dumps(js, indent=2) + "\n", encoding="utf-8")
 
@@ -436,9 +431,10 @@ def phantom_dataset(preset: str = "default", *, seed: int = 0,
         _build(tmp, p, preset, seed, p.num_train, p.num_test, progress=False)
         try:
             os.replace(tmp, out)
-        except OSError:  # another process renamed its copy first (out is a non-empty folder)
+        except OSError as e:  # another process renamed its copy first (out is not empty)
             if not (out / "dataset.json").is_file():
-                raise
+                raise OSError(f"{out}: cache folder exists without a dataset.json; remove it "
+                              f"to regenerate the phantom ({e})") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
