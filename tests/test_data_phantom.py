@@ -220,3 +220,12 @@ def test_out_dir_is_a_file(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(ValueError, match="not a folder"):
         write_phantom(tmp_path / "f", preset="tiny")
+
+
+def test_phantom_dataset_refuses_a_foreign_cache_folder(tmp_path):
+    junk = tmp_path / f"phantom-tiny-seed0-v{GENERATOR_VERSION}"
+    junk.mkdir()
+    (junk / "stray.txt").write_text("x")
+    with pytest.raises(OSError, match="without a dataset.json"):
+        phantom_dataset("tiny", cache_dir=tmp_path)
+    assert _siblings(tmp_path) == [junk.name]
