@@ -227,8 +227,12 @@ class Trainer:
         self.dist.broadcast_module(self.f)
         if self.g is not None:
             self.dist.broadcast_module(self.g)
-        self.opt = torch.optim.SGD(self.f.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                   nesterov=True, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "sgd":
+            self.opt = torch.optim.SGD(self.f.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                       nesterov=True, weight_decay=cfg.weight_decay)
+        else:
+            self.opt = torch.optim.AdamW(self.f.parameters(), lr=cfg.lr,
+                                         weight_decay=cfg.weight_decay)
         self.gen_opt = torch.optim.Adam(self.g.parameters(), lr=cfg.gen_lr) \
             if self.g is not None else None
         self.scaler = torch.amp.GradScaler(self.device.type,
