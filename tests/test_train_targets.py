@@ -72,6 +72,8 @@ def test_kmeans_clusters_by_intensity_inside_body():
 def test_pooling_plan_follows_spacing():
     k = pool_kernel_sizes([64, 64, 16], [1.5, 1.5, 4.0], num_pool=3)
     assert k == [[2, 2, 1], [2, 2, 2], [2, 2, 2]]
+    assert pool_kernel_sizes([48, 48, 16], [1.5, 1.5, 3.0], num_pool=3) == \
+        [[2, 2, 1], [2, 2, 2], [2, 2, 2]]
     assert pool_kernel_sizes([32, 32, 32], [1, 1, 1]) == [[2, 2, 2]] * 3
     assert pool_kernel_sizes([64, 48], [1.0, 1.0], num_pool=2) == [[2, 2], [2, 2]]
     with pytest.raises(ValueError, match="num_pool"):

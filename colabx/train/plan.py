@@ -1,7 +1,7 @@
 """Network plan from the data: patch size, pooling per stage, and building the networks.
 
 nnU-Net's rule for the pooling kernels: at each stage an axis is halved when its current spacing
-is at most twice the finest current spacing (so anisotropic data first pools in-plane, which is
+is less than twice the finest current spacing (so anisotropic data first pools in-plane, which is
 the reference's ``[2, 2, 1]`` first pooling) and at least 4 voxels remain; at most ``max_pool``
 stages (default 5), fewer when ``num_pool`` says so.
 """
@@ -33,7 +33,7 @@ def pool_kernel_sizes(patch_size: Sequence[int], spacing: Sequence[float],
             if any(n // 2 >= 4 for n in size) else None
         if finest is None:
             break
-        k = [2 if (n % 2 == 0 and n // 2 >= 4 and s <= 2 * finest) else 1
+        k = [2 if (n % 2 == 0 and n // 2 >= 4 and s < 2 * finest) else 1
              for n, s in zip(size, sp, strict=True)]
         if all(v == 1 for v in k):
             break
