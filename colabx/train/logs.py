@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,14 @@ class RunLog:
         self.rows: list[dict[str, Any]] = list(rows or [])
         self._tb = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"),
-                                     purge_step=len(self.rows) or None)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # a declared dependency, but a bare GPU box may lack it
+                warnings.warn("tensorboard is not installed: no TensorBoard events for this run "
+                              "(log.csv and progress.png are still written)", stacklevel=2)
+            else:
+                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"),
+                                         purge_step=len(self.rows) or None)
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
