@@ -4,12 +4,14 @@
 preset) and prints the held-out metrics. Every training option is a :class:`TrainConfig` field;
 its flag is the field name with dashes, a YAML file given by ``--config`` may set any of them, and
 flags given on the command line override the file. Multi-GPU: ``torchrun --nproc-per-node N -m
-colabx train ...`` (or ``torchrun ... $(which colabx) train ...``).
+colabx train ...``. Errors in options, data or files print one message naming the problem and
+exit with status 2 (``COLABX_DEBUG=1`` shows the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import MISSING, fields
@@ -172,13 +174,12 @@ _COMMANDS = {"train": _train, "predict": _predict, "evaluate": _evaluate,
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``colabx`` console script."""
-    from colabx.data.nifti import DatasetError
-    from colabx.train.config import ConfigError
-
     args = _parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except (ConfigError, DatasetError, FileExistsError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad options, data or files: a message, not a traceback
+        if os.environ.get("COLABX_DEBUG"):
+            raise
         print(f"colabx {args.command}: error: {e}", file=sys.stderr)
         return 2
 
