@@ -6,8 +6,10 @@
 #      it imports: carry its wheel in .whl/),
 #   4. runs bench_meta_step on CUDA (colabx MetaStep vs the reference-style and restructured
 #      PyTorch meta steps, B=2, 80³, 30 features; at most 120 s),
+#   5. runs bench_train and bench_data on the phantom (trainer patches/s consumed vs loader
+#      patches/s delivered with 4/8/12 workers; at most 150 s; nibabel and pyyaml wheels in .whl/),
 # writing logs and JSON under $OUT (default benchmarks/results) and printing summary tables last.
-# Usage: benchmarks/device_check.sh [all|test|bench|meta]   (default all; fits in ~8 minutes)
+# Usage: benchmarks/device_check.sh [all|test|bench|meta|train]   (default all; fits in ~8 minutes)
 # COLABX_SKIP_BUILD=1 uses a colabx/_C*.so already in place (e.g. built elsewhere for this Python).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -75,5 +77,19 @@ if [ "$stage" = all ] || [ "$stage" = meta ]; then
   sed -n '/^| part /,$p' "$OUT/bench_meta_cuda.log"
   grep -q '^| part ' "$OUT/bench_meta_cuda.log" || tail -20 "$OUT/bench_meta_cuda.log"
   echo "meta bench: $((SECONDS - t0)) s"
+fi
+
+if [ "$stage" = all ] || [ "$stage" = train ]; then
+  t0=$SECONDS
+  export COLABX_CACHE=${COLABX_CACHE:-/tmp/colabx-cache}
+  timeout 90 $py -m benchmarks.bench_train --device cuda --iterations 10 --workers 4 8 12 \
+    --out "$OUT/train_cuda.json" >"$OUT/bench_train_cuda.log" 2>&1 \
+    || { echo "bench_train: failed or timed out"; status=1; }
+  grep '^|' "$OUT/bench_train_cuda.log" || tail -20 "$OUT/bench_train_cuda.log"
+  timeout 60 $py -m benchmarks.bench_data --workers 4 8 12 --iterations 20 \
+    --out "$OUT/data_gpu_host.json" >"$OUT/bench_data.log" 2>&1 \
+    || { echo "bench_data: failed or timed out"; status=1; }
+  grep '^|' "$OUT/bench_data.log" || tail -20 "$OUT/bench_data.log"
+  echo "train/data bench: $((SECONDS - t0)) s"
 fi
 exit $status

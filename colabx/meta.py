@@ -29,7 +29,10 @@ either mode, exactly as the reference's modules do.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -40,7 +43,8 @@ from colabx.ops.context_labels import context_labels
 from colabx.ops.dice_ce_loss import dice_ce_loss, roi_bce_loss
 from colabx.reference import dice_ce_loss as _twin
 
-__all__ = ["MetaConfig", "MetaStep", "MetaStepInfo", "UpdateCounter", "current_lr"]
+__all__ = ["GradReducer", "MetaConfig", "MetaStep", "MetaStepInfo", "UpdateCounter",
+           "current_lr"]
 
 _MODES = ("batched", "per_sample")
 _META_GRADS = ("fd", "exact")
@@ -131,6 +135,32 @@ class UpdateCounter:
         return due
 
 
+class GradReducer(Protocol):
+    """How a data-parallel run combines what the meta step computes on its local batch
+    (:class:`colabx.train.distributed.ProcessGroupReducer` for torch.distributed)."""
+
+    def mean_(self, tensors: Sequence[Tensor]) -> None:
+        """Replace each tensor, in place, by its mean over the processes."""
+
+    def any(self, flag: bool) -> bool:
+        """True when ``flag`` is True on any process."""
+
+
+@contextmanager
+def _no_tf32():
+    """Full fp32 convolutions and matmuls: TF32 in the θ± passes costs ~2% meta-gradient error
+    (DESIGN.md)."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    old = matmul.allow_tf32
+    matmul.allow_tf32 = False
+    try:
+        with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
+                         deterministic=cudnn.deterministic, allow_tf32=False):
+            yield
+    finally:
+        matmul.allow_tf32 = old
+
+
 def _as_list(z) -> list[Tensor]:
     return list(z) if isinstance(z, (list, tuple)) else [z]
 
@@ -143,10 +173,18 @@ class MetaStep:
     overwritten) and, when an optimizer is given, steps it; ``plain_step(x, y, d, seg_optimizer)``
     is the ordinary update of θ. ``x [B, C, *S]``, ``y [B, *S]`` int labels, ``d [B, *S]``
     distances (+inf for items without ROI). ``f``'s parameters are never changed by ``step``.
+
+    With a ``reducer`` (data-parallel training, batched mode), each process passes its share of
+    the global batch; the inner-step gradient and v are averaged over the processes, so θ*, ε and
+    θ± are those of the global batch, and the generator gradient each process leaves in ``.grad``
+    is its share: averaging it over the processes (the caller's job, like any parameter gradient)
+    gives the single-process gradient of the global batch (equal local batch sizes).
     """
 
-    def __init__(self, f: torch.nn.Module, g: torch.nn.Module, config: MetaConfig) -> None:
+    def __init__(self, f: torch.nn.Module, g: torch.nn.Module, config: MetaConfig,
+                 reducer: GradReducer | None = None) -> None:
         self.f, self.g, self.config = f, g, config
+        self.reducer = reducer
         self.roi_channels = list(range(1, config.num_classes))
 
     # -- pieces ------------------------------------------------------------------------------
@@ -173,7 +211,7 @@ class MetaStep:
         """Logits of f_θ+ and f_θ− concatenated along the batch: per level ``[2B, K, *S_l]``,
         the first B rows θ+. No autograd graph, autocast off."""
         f = self.f
-        with torch.no_grad(), self._autocast(x, False):
+        with torch.no_grad(), self._autocast(x, False), _no_tf32():
             if self.config.theta_pm == "vmap":
                 stacked = {n: torch.stack((p + eps * v[n], p - eps * v[n]))
                            for n, p in params.items()}
@@ -209,7 +247,7 @@ class MetaStep:
         f = self.f
         leaf = [t.clone().requires_grad_() for t in yhat_d]
         p_req = {n: p.detach().requires_grad_() for n, p in params.items()}
-        with torch.enable_grad(), self._autocast(x, False):
+        with torch.enable_grad(), self._autocast(x, False), _no_tf32():
             z = _as_list(functional_call(f, p_req, (x,)))
             loss = _twin.dice_ce_loss(z, leaf)
             gth = torch.autograd.grad(loss, list(p_req.values()), create_graph=True)
@@ -219,7 +257,10 @@ class MetaStep:
     def _generator_grad(self, x: Tensor, y: Tensor, d: Tensor, lr: float) -> MetaStepInfo:
         """Steps 1-5 on one batch; the ω-gradient is ACCUMULATED into g's ``.grad``."""
         c = self.config
-        if c.skip_without_roi and not bool((y > 0).any()):
+        has_roi = bool((y > 0).any())
+        if self.reducer is not None:
+            has_roi = self.reducer.any(has_roi)
+        if c.skip_without_roi and not has_roi:
             return MetaStepInfo(skipped=True)
         f = self.f
         yhat = _as_list(self.labels(x, y, d))                        # 1. graph to ω kept
@@ -233,6 +274,8 @@ class MetaStep:
                 z = f(x)
             l_seg = self._loss(z, yhat_d[0] if single else yhat_d)
             grads = torch.autograd.grad(l_seg, plist)
+            if self.reducer is not None:
+                self.reducer.mean_(grads)
             star = {n: (params[n] - lr * gr).requires_grad_()
                     for n, gr in zip(names, grads, strict=True)}
             with self._autocast(x, c.amp):                              # 3. v = ∇θ* L_ROI
@@ -242,6 +285,8 @@ class MetaStep:
             vl = torch.autograd.grad(l_roi, list(star.values()), allow_unused=True,
                                      materialize_grads=True)
         v = {n: t.to(params[n].dtype) for n, t in zip(names, vl, strict=True)}
+        if self.reducer is not None:
+            self.reducer.mean_(list(v.values()))
         acc = torch.float64 if plist[0].dtype == torch.float64 else torch.float32
         vnorm = torch.sqrt(sum((t.to(acc) ** 2).sum() for t in v.values()))
         vn = float(vnorm)

@@ -1,0 +1,83 @@
+"""Prediction with a trained run: load its checkpoint, segment a folder of raw NIfTI images.
+
+A checkpoint carries the network plan and the preprocessing plans (target spacing, normalisation,
+labels), so a run directory, or a single checkpoint file, is all ``colabx predict`` needs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from colabx.data.datasets import _scan_images
+from colabx.data.nifti import DatasetError
+from colabx.inference.predict import predict_raw_case, save_prediction
+
+__all__ = ["load_trained_model", "predict_folder"]
+
+
+def _checkpoint_path(run: Path, which: str) -> Path:
+    if run.is_file():
+        return run
+    p = run / f"checkpoint_{which}.pth"
+    if not p.is_file():
+        have = sorted(x.name for x in run.glob("checkpoint_*.pth")) if run.is_dir() else []
+        raise FileNotFoundError(f"{p}: no such checkpoint"
+                                f"{f' (the run has {have})' if have else ''}")
+    return p
+
+
+def load_trained_model(run: str | os.PathLike[str], checkpoint: str = "final",
+                       device: str | torch.device = "cpu"
+                       ) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
+    """The segmentation network of a run (eval mode, on ``device``), its network plan and the
+    preprocessing plans. ``run`` is a run directory (``checkpoint`` = final, best or latest) or a
+    checkpoint file."""
+    from colabx.train.checkpoint import load_checkpoint
+    from colabx.train.plan import NetworkPlan, build_networks
+
+    state = load_checkpoint(_checkpoint_path(Path(run), checkpoint))
+    plan = NetworkPlan(**{**state["plan"], "with_generator": False})
+    dev = torch.device(device)
+    f, _ = build_networks(plan, dev)
+    f.load_state_dict(state["model"])
+    f.eval()
+    return f, state["plan"], state["plans"]
+
+
+def predict_folder(run: str | os.PathLike[str], input_dir: str | os.PathLike[str],
+                   output_dir: str | os.PathLike[str], *, checkpoint: str = "final",
+                   device: str = "auto", overlap: float = 0.5, mirror: bool = False,
+                   file_ending: str = ".nii.gz", progress: bool = True) -> list[Path]:
+    """Segment every case ``{case}_{XXXX}{file_ending}`` of ``input_dir`` into
+    ``output_dir/{case}{file_ending}`` (the images' grid and header; written atomically).
+
+    Raises:
+        FileNotFoundError: no checkpoint, or no input folder.
+        DatasetError: input files misnamed, missing channels, unreadable or inconsistent.
+    """
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    f, plan, plans = load_trained_model(run, checkpoint, dev)
+    src = Path(input_dir)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: no such input folder")
+    cases = _scan_images(src, file_ending, plan["in_channels"])
+    if not cases:
+        raise DatasetError(f"{src}: no images named {{case}}_{{XXXX}}{file_ending}")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    mirror_axes = tuple(range(plan["spatial_dims"])) if mirror else ()
+    amp = torch.bfloat16 if torch.device(dev).type == "cuda" else None
+    from tqdm.auto import tqdm
+
+    written = []
+    for cid, images in tqdm(sorted(cases.items()), desc="predicting", unit="case",
+                            disable=not progress):
+        label, _ = predict_raw_case(f, images, plans, plan["patch_size"],
+                                    num_classes=plan["num_classes"], overlap=overlap,
+                                    mirror_axes=mirror_axes, amp=amp)
+        written.append(save_prediction(label, images[0], out / f"{cid}{file_ending}"))
+    return written

@@ -1,0 +1,501 @@
+"""The CoLab trainer: data → networks → (meta step +) SGD → validation → checkpoints.
+
+One :class:`Trainer` per process. Per iteration (global batch index ``i``, deterministic data):
+
+1. the batch of iteration ``i`` (this process's slice of it under ``torchrun``);
+2. learning rates from the poly schedule (θ: SGD Nesterov; ω: Adam), ``α`` = θ's current LR;
+3. ``colab`` mode, every ``meta_period`` iterations: :meth:`colabx.meta.MetaStep.step` leaves the
+   generator gradient, which is averaged over processes before Adam steps ω;
+4. targets (from the updated generator, or the mode's fixed rule) and the ordinary update of θ:
+   fused Dice+CE over the deep-supervision levels, gradients averaged over processes, norm
+   clipped, SGD step (through a GradScaler for fp16).
+
+After each ``val_every`` epochs rank 0 validates by sliding window on held-out cases and writes
+the logs and the checkpoints (``checkpoint_latest.pth``, ``checkpoint_best.pth`` by validation
+DSC, ``checkpoint_final.pth``). ``resume=True`` continues from ``checkpoint_latest.pth`` exactly:
+the data of each iteration is a function of (seed, iteration), and every state that changes
+during training is in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from colabx.data import load_dataset
+from colabx.data.loader import PatchBatches, make_loader
+from colabx.data.preprocessing import (
+    PreprocessedDataset,
+    load_preprocessed,
+    preprocess_dataset,
+)
+from colabx.meta import MetaConfig, MetaStep, UpdateCounter
+from colabx.ops.dice_ce_loss import dice_ce_loss
+from colabx.train import evaluation
+from colabx.train.checkpoint import (
+    capture_rng,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from colabx.train.config import PRESETS, TrainConfig, save_config
+from colabx.train.distributed import Dist, ProcessGroupReducer
+from colabx.train.logs import RunLog
+from colabx.train.plan import NetworkPlan, auto_patch_size, build_networks, pool_kernel_sizes
+from colabx.train.targets import FixedTargets, fit_intensity_clusters
+
+__all__ = ["Trainer", "cache_dir", "default_config", "preprocessed_key"]
+
+CHECKPOINT_FORMAT = 1
+#: Held-out split seed: the same validation cases for every mode and training seed.
+SPLIT_SEED = 12345
+
+
+def cache_dir() -> Path:
+    """``$COLABX_CACHE`` or ``~/.cache/colabx``."""
+    return Path(os.environ.get("COLABX_CACHE") or Path.home() / ".cache" / "colabx")
+
+
+def default_config(dataset: str | None = None, **overrides: Any) -> TrainConfig:
+    """The configuration ``colabx train`` starts from: the ``phantom-cpu`` preset without a
+    dataset, nnU-Net-like defaults with one."""
+    base = dict(PRESETS["phantom-cpu"]) if dataset is None else {}
+    return TrainConfig(dataset=dataset, **{**base, **overrides})
+
+
+def _poly(base: float, it: int, total: int, exponent: float) -> float:
+    return base * (1.0 - min(it, total) / total) ** exponent
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+class Trainer:
+    """Trains one configuration into ``out_dir`` (see the module docstring).
+
+    Args:
+        cfg: the resolved configuration (ignored, except ``device``/``threads``/``num_workers``/
+            ``progress``, when resuming: the checkpoint's configuration is used).
+        out_dir: the run directory.
+        dist: this process's place in a ``torchrun`` run (default: single process).
+        resume: continue from ``out_dir/checkpoint_latest.pth``.
+        echo: where progress lines go (rank 0 only).
+    """
+
+    def __init__(self, cfg: TrainConfig, out_dir: str | Path, *, dist: Dist | None = None,
+                 resume: bool = False, echo: Callable[[str], None] = print) -> None:
+        self.out = Path(out_dir)
+        self.dist = dist or Dist()
+        self.echo = echo if self.dist.is_main else (lambda s: None)
+        state = None
+        if resume:
+            state = load_checkpoint(self.out / "checkpoint_latest.pth")
+            keep = {k: getattr(cfg, k) for k in ("device", "threads", "num_workers", "progress")}
+            cfg = TrainConfig(**{**state["config"], **keep})
+        self.cfg = cfg
+        self._setup_runtime()
+        self._setup_data()
+        self._setup_model()
+        self.start_epoch, self.best_dsc = 0, -1.0
+        self.iteration_losses: list[float] = []
+        rows = None
+        if state is not None:
+            rows = self._load_state(state)
+        self.log = RunLog(self.out, rows, tensorboard=self.dist.is_main) \
+            if self.dist.is_main else None
+        if self.dist.is_main:
+            save_config(self.cfg, self.out / "config.yaml")
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def _setup_runtime(self) -> None:
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.device == "auto":
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+        else:
+            dev = cfg.device
+        if dev.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise RuntimeError(f"device: {cfg.device!r} requested but CUDA is not available")
+            if self.dist.enabled:
+                dev = f"cuda:{self.dist.local_rank}"
+        self.device = torch.device(dev)
+        amp = cfg.amp if cfg.amp != "auto" else ("bf16" if self.device.type == "cuda" else "none")
+        if amp != "none" and self.device.type != "cuda":
+            raise ValueError(f"amp: {amp} mixed precision needs a CUDA device")
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        torch.manual_seed(cfg.seed)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        if self.dist.enabled and self.cfg.batch_size % self.dist.world_size:
+            raise ValueError(f"batch_size: {cfg.batch_size} is not divisible by the "
+                             f"{self.dist.world_size} processes")
+        if self.dist.enabled and cfg.meta_mode == "per_sample":
+            raise ValueError("meta_mode: per_sample is the single-process reference semantics; "
+                             "use batched with several processes")
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        if cfg.dataset is None:
+            from colabx.data.phantom import phantom_dataset
+
+            root = Path(phantom_dataset(cfg.phantom_preset)) if self.dist.is_main else None
+            self.dist.barrier()
+            root = root or Path(phantom_dataset(cfg.phantom_preset))
+        else:
+            root = Path(cfg.dataset)
+        self.dataset = load_dataset(root)
+        pre_dir = Path(cfg.preprocessed) if cfg.preprocessed else (
+            cache_dir() / "preprocessed" / preprocessed_key(self.dataset))
+        if self.dist.is_main:
+            pre = preprocess_dataset(self.dataset, pre_dir, target_spacing=cfg.target_spacing,
+                                     num_workers=min(4, os.cpu_count() or 1),
+                                     progress=cfg.progress)
+            if not pre.from_cache:
+                self.echo(f"preprocessed {len(pre)} cases into {pre_dir}")
+        self.dist.barrier()
+        self.pre: PreprocessedDataset = load_preprocessed(pre_dir)
+        ids = sorted(self.pre.case_ids)
+        n_val = 0 if cfg.val_fraction == 0 or len(ids) < 2 else \
+            max(1, round(cfg.val_fraction * len(ids)))
+        order = np.random.default_rng(SPLIT_SEED).permutation(len(ids))
+        self.val_ids = sorted(ids[i] for i in order[:n_val])
+        self.train_ids = sorted(ids[i] for i in order[n_val:])
+        labels = {v for k, v in self.dataset.labels.items() if v != self.dataset.ignore_label}
+        self.num_classes = max(labels) + 1
+        if cfg.mode == "manual" and any(self.pre.load_case(i).context is None
+                                        for i in self.train_ids):
+            raise ValueError(f"mode: manual needs manual context maps (contextTr/) in "
+                             f"{self.dataset.root}")
+
+    def _mode_t(self) -> int:
+        cfg = self.cfg
+        if cfg.mode == "vanilla":
+            return 1
+        if cfg.mode == "dilation":
+            return 2
+        if cfg.mode == "manual":
+            top = max(int(np.max(self.pre.load_case(i).context)) for i in self.train_ids)
+            return top + 1
+        return cfg.t
+
+    def _setup_model(self) -> None:
+        cfg = self.cfg
+        first = self.pre.load_case(self.train_ids[0])
+        spacing = self.pre.target_spacing
+        shapes = np.array([self.pre.plans["cases"][i]["shape"] for i in self.train_ids])
+        median = [int(v) for v in np.median(shapes, axis=0)]
+        budget = 128 ** 3 if self.device.type == "cuda" else 64 ** 3
+        if cfg.patch_size:
+            patch = list(cfg.patch_size)
+        elif cfg.dataset is None:
+            from colabx.data.phantom import PRESETS as PHANTOMS
+
+            patch = list(PHANTOMS[cfg.phantom_preset].patch_size)
+        else:
+            patch = auto_patch_size(median, spacing, budget)
+        if len(patch) != len(spacing):
+            raise ValueError(f"patch_size: {patch} has {len(patch)} axes, the data "
+                             f"{len(spacing)}")
+        kernels = pool_kernel_sizes(patch, spacing, cfg.num_pool)
+        div = np.prod(np.array(kernels), axis=0)
+        if any(p % d for p, d in zip(patch, div, strict=True)):
+            raise ValueError(f"patch_size: {patch} must be divisible by the total pooling "
+                             f"{div.tolist()}")
+        self.t = self._mode_t()
+        self.plan = NetworkPlan(
+            in_channels=int(first.image.shape[0]), num_classes=self.num_classes, t=self.t,
+            spatial_dims=len(patch), patch_size=list(patch), pool_kernel_sizes=kernels,
+            base_features=cfg.base_features, max_features=cfg.max_features,
+            deep_supervision=cfg.deep_supervision, with_generator=cfg.mode == "colab")
+        torch.manual_seed(cfg.seed)
+        self.f, self.g = build_networks(self.plan, self.device)
+        self.dist.broadcast_module(self.f)
+        if self.g is not None:
+            self.dist.broadcast_module(self.g)
+        if cfg.optimizer == "sgd":
+            self.opt = torch.optim.SGD(self.f.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                       nesterov=True, weight_decay=cfg.weight_decay)
+        else:
+            self.opt = torch.optim.AdamW(self.f.parameters(), lr=cfg.lr,
+                                         weight_decay=cfg.weight_decay)
+        self.gen_opt = torch.optim.Adam(self.g.parameters(), lr=cfg.gen_lr) \
+            if self.g is not None else None
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=self.amp_dtype == torch.float16)
+        self.levels = self.f.output_strides if cfg.deep_supervision else 1
+        self.f_run = torch.compile(self.f) if cfg.compile else self.f
+        if cfg.mode == "colab":
+            mc = MetaConfig(num_classes=self.num_classes, margin=cfg.margin, tau=cfg.tau,
+                            mode=cfg.meta_mode, meta_grad=cfg.meta_grad, theta_pm=cfg.theta_pm,
+                            amp=self.amp_dtype is not None,
+                            amp_dtype=self.amp_dtype or torch.bfloat16)
+            self.meta = MetaStep(self.f, self.g, mc,
+                                 ProcessGroupReducer() if self.dist.enabled else None)
+            self.fixed = None
+        else:
+            self.meta = None
+            centres, body = None, None
+            if cfg.mode == "kmeans":
+                centres, body = self._fit_kmeans()
+            self.fixed = FixedTargets(cfg.mode, self.num_classes, self.t, self.levels,
+                                      cfg.margin, cfg.tau, cluster_centres=centres,
+                                      body_threshold=body)
+        self.counter = UpdateCounter(cfg.meta_period)
+        world, rank = self.dist.world_size, self.dist.rank
+        local = cfg.batch_size // world
+        self.batches = PatchBatches(
+            self.pre, self.train_ids, patch_size=patch, batch_size=cfg.batch_size,
+            seed=cfg.seed, roi_fraction=cfg.roi_fraction,
+            augment=_augment_config(cfg.augment), with_context=cfg.mode == "manual",
+            samples=slice(rank * local, (rank + 1) * local))
+
+    def _fit_kmeans(self) -> tuple[list[float], float | None]:
+        """Cluster centres of background intensities inside the body (first channel)."""
+        norm = self.pre.plans["normalization"][0]
+        body = None
+        if norm["scheme"] == "ct":
+            hu = min(max(-500.0, norm["lower"]), norm["upper"])
+            body = (hu - norm["mean"]) / max(norm["std"], 1e-8) + 1e-6
+        rng = np.random.default_rng(self.cfg.seed)
+        samples = []
+        for cid in self.train_ids:
+            c = self.pre.load_case(cid)
+            img, lab = np.asarray(c.image[0]).ravel(), np.asarray(c.label).ravel()
+            keep = lab == 0 if body is None else (lab == 0) & (img > body)
+            v = img[keep]
+            if v.size > 100_000:
+                v = rng.choice(v, 100_000, replace=False)
+            samples.append(v)
+        return fit_intensity_clusters(np.concatenate(samples), self.t, self.cfg.seed), body
+
+    # -- state ----------------------------------------------------------------------------------
+    def _state(self, epoch: int) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(), "plan": self.plan.to_dict(),
+            "epoch": epoch, "iteration": epoch * self.cfg.iterations,
+            "model": self.f.state_dict(),
+            "generator": self.g.state_dict() if self.g is not None else None,
+            "optimizer": self.opt.state_dict(),
+            "gen_optimizer": self.gen_opt.state_dict() if self.gen_opt is not None else None,
+            "scaler": self.scaler.state_dict(), "rng": capture_rng(),
+            "meta_counter": self.counter.iteration, "best_dsc": self.best_dsc,
+            "kmeans": None if self.fixed is None or self.fixed.centres is None else
+            {"centres": list(self.fixed.centres), "body_threshold": self.fixed.body_threshold},
+            "dataset": {"root": str(self.dataset.root), "preprocessed": str(self.pre.root),
+                        "labels": self.dataset.labels, "channel_names":
+                        list(self.dataset.channel_names), "val_ids": self.val_ids},
+            "plans": {k: v for k, v in self.pre.plans.items() if k != "cases"},
+            "log": self.log.rows if self.log is not None else [],
+        }
+
+    def _load_state(self, state: dict[str, Any]) -> list[dict[str, Any]]:
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint format {state.get('format')} is not supported")
+        self.f.load_state_dict(state["model"])
+        if self.g is not None:
+            self.g.load_state_dict(state["generator"])
+            self.gen_opt.load_state_dict(state["gen_optimizer"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        restore_rng(state["rng"])
+        self.counter.iteration = state["meta_counter"]
+        self.start_epoch, self.best_dsc = state["epoch"], state["best_dsc"]
+        return list(state["log"])[: self.start_epoch]
+
+    def _save(self, name: str, epoch: int) -> None:
+        save_checkpoint(self.out / name, self._state(epoch))
+
+    # -- one iteration --------------------------------------------------------------------------
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_iteration(self, it: int, batch: dict[str, Any]) -> dict[str, float]:
+        """One iteration on ``batch`` (this process's slice of global iteration ``it``)."""
+        cfg, dev = self.cfg, self.device
+        x = batch["image"].to(dev, non_blocking=True)
+        y = batch["label"].to(dev, non_blocking=True)
+        d = batch["distance"].to(dev, non_blocking=True)
+        total = cfg.epochs * cfg.iterations
+        lr = _poly(cfg.lr, it, total, cfg.poly_exponent)
+        _set_lr(self.opt, lr)
+        out: dict[str, float] = {"lr": lr}
+        if self.meta is not None:
+            gen_lr = _poly(cfg.gen_lr, it, total, cfg.poly_exponent)
+            _set_lr(self.gen_opt, gen_lr)
+            out["gen_lr"] = gen_lr
+            if self.counter.tick():
+                out.update(self._meta_update(x, y, d, lr))
+            with torch.no_grad():
+                targets = self.meta.labels(x, y, d)
+        else:
+            ctx = batch.get("context")
+            targets = self.fixed.targets(x, y, d, None if ctx is None else ctx.to(dev))
+        self.opt.zero_grad(set_to_none=True)
+        with self._autocast():
+            z = self.f_run(x)
+        loss = dice_ce_loss(z, targets, validate=False)
+        self.scaler.scale(loss).backward()
+        self.dist.mean_grads(self.f.parameters())
+        if cfg.grad_clip > 0:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.f.parameters(), cfg.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        out["train_loss"] = float(loss.detach())
+        return out
+
+    def _meta_update(self, x, y, d, lr: float) -> dict[str, float]:
+        if self.cfg.meta_mode == "per_sample":
+            infos = self.meta.step(x, y, d, lr, self.gen_opt)
+        else:
+            infos = self.meta.step(x, y, d, lr)
+            if not infos[0].skipped:
+                self.dist.mean_grads(self.g.parameters())
+                self.gen_opt.step()
+        done = [i for i in infos if not i.skipped]
+        return {"meta_skipped": float(len(infos) - len(done)),
+                "meta_l_seg": _mean([i.l_seg for i in done]),
+                "meta_l_roi": _mean([i.l_roi for i in done]),
+                "meta_v_norm": _mean([i.v_norm for i in done])}
+
+    # -- the run --------------------------------------------------------------------------------
+    def run(self, max_epochs: int | None = None) -> dict[str, Any] | None:
+        """Train from the current epoch to ``cfg.epochs`` (or stop after ``max_epochs`` more
+        epochs, leaving a resumable run), then evaluate. Returns the final evaluation (rank 0;
+        None when stopped early or on other ranks)."""
+        cfg = self.cfg
+        stop = cfg.epochs if max_epochs is None else min(cfg.epochs,
+                                                         self.start_epoch + max_epochs)
+        if self.start_epoch >= cfg.epochs:
+            self.echo(f"{self.out}: already trained {cfg.epochs} epochs")
+        else:
+            self._describe()
+        workers = cfg.num_workers if cfg.num_workers >= 0 else \
+            min(4, max(0, (os.cpu_count() or 1) - 1))
+        loader = make_loader(self.batches, start=self.start_epoch * cfg.iterations,
+                             stop=stop * cfg.iterations, num_workers=workers,
+                             pin_memory=self.device.type == "cuda")
+        batches = iter(loader)
+        for epoch in range(self.start_epoch, stop):
+            self._epoch(epoch, batches)
+        del batches, loader
+        if stop < cfg.epochs:
+            return None
+        result = None
+        if self.dist.is_main:
+            self._save("checkpoint_final.pth", cfg.epochs)
+            result = evaluation.final_evaluation(self)
+        self.dist.barrier()
+        if self.log is not None:
+            self.log.close()
+        return result
+
+    def _describe(self) -> None:
+        p, cfg = self.plan, self.cfg
+        nparam = sum(q.numel() for q in self.f.parameters())
+        self.echo(
+            f"colabx train: mode {cfg.mode} (t={p.t}, K={p.out_channels}), dataset "
+            f"{self.dataset.name} ({len(self.train_ids)} train / {len(self.val_ids)} val cases),"
+            f" patch {p.patch_size}, pooling {p.pool_kernel_sizes}, {nparam / 1e6:.2f} M "
+            f"parameters, device {self.device}"
+            f"{f' x{self.dist.world_size} processes' if self.dist.enabled else ''}, "
+            f"{cfg.epochs} epochs x {cfg.iterations} iterations, batch {cfg.batch_size}")
+
+    def _epoch(self, epoch: int, batches) -> None:
+        cfg = self.cfg
+        self.f.train()
+        if self.g is not None:
+            self.g.train()
+        t0, data_time = time.perf_counter(), 0.0
+        stats: dict[str, list[float]] = {}
+        bar = _bar(cfg.iterations, f"epoch {epoch + 1}/{cfg.epochs}",
+                   cfg.progress and self.dist.is_main)
+        for k in range(cfg.iterations):
+            ts = time.perf_counter()
+            batch = next(batches)
+            data_time += time.perf_counter() - ts
+            out = self.train_iteration(epoch * cfg.iterations + k, batch)
+            self.iteration_losses.append(out["train_loss"])
+            for key, v in out.items():
+                stats.setdefault(key, []).append(v)
+            bar.update(1)
+            bar.set_postfix(loss=f"{out['train_loss']:.3f}")
+        bar.close()
+        row: dict[str, Any] = {"epoch": epoch + 1, "iteration": (epoch + 1) * cfg.iterations}
+        for key, vals in stats.items():
+            finite = [v for v in vals if math.isfinite(v)]
+            row[key] = float(np.mean(finite)) if finite else float("nan")
+        if "meta_skipped" in stats:
+            row["meta_skipped"] = float(np.sum(stats["meta_skipped"]))
+        row["lr"], row["data_time"] = stats["lr"][-1], data_time
+        if self.dist.is_main:
+            if self.val_ids and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
+                row.update(evaluation.validate(self))
+            if cfg.snapshot_every and (epoch + 1) % cfg.snapshot_every == 0:
+                evaluation.snapshot(self, epoch + 1)
+            row["epoch_time"] = time.perf_counter() - t0
+            self.log.add(row)
+            self.echo(_summary_line(row, cfg.epochs))
+            improved = row.get("val_dsc", -1.0) > self.best_dsc
+            if improved:
+                self.best_dsc = row["val_dsc"]
+            if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
+                self._save("checkpoint_latest.pth", epoch + 1)
+            if improved:
+                self._save("checkpoint_best.pth", epoch + 1)
+        self.dist.barrier()
+
+
+def _augment_config(enabled: bool):
+    from colabx.data.augmentation import AugmentConfig
+
+    return AugmentConfig() if enabled else None
+
+
+def _mean(v: list[float]) -> float:
+    return float(np.mean(v)) if v else float("nan")
+
+
+def preprocessed_key(dataset) -> str:
+    """The cache folder name of a dataset's preprocessed copy: its name and a hash of its path."""
+    import hashlib
+
+    digest = hashlib.sha1(str(Path(dataset.root).resolve()).encode()).hexdigest()[:10]
+    return f"{dataset.name}-{digest}"
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="it", leave=False, disable=not enabled,
+                dynamic_ncols=True)
+
+
+def _summary_line(row: dict[str, Any], epochs: int) -> str:
+    parts = [f"epoch {row['epoch']}/{epochs}", f"loss {row['train_loss']:.4f}"]
+    if math.isfinite(row.get("meta_l_roi", float("nan"))):
+        parts.append(f"L_roi {row['meta_l_roi']:.4f}")
+    if "val_dsc" in row:
+        parts.append(f"val DSC {row['val_dsc']:.3f} sens {row['val_sensitivity']:.3f} "
+                     f"prec {row['val_precision']:.3f}")
+    parts.append(f"lr {row['lr']:.2e}")
+    if "epoch_time" in row:
+        parts.append(f"{row['epoch_time']:.1f} s (data {row['data_time']:.1f} s)")
+    return "  ".join(parts)

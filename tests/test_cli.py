@@ -1,0 +1,66 @@
+"""The ``colabx`` command line: make-phantom, preprocess, train errors, predict and evaluate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from colabx.cli import main
+from colabx.data import load_dataset
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli") / "phantom"
+    assert main(["make-phantom", str(d), "--preset", "tiny", "--cases", "3",
+                 "--test-cases", "1"]) == 0
+    return d
+
+
+def test_make_phantom_writes_an_nnunet_dataset(phantom, capsys):
+    ds = load_dataset(phantom)
+    assert len(ds.cases) == 3 and len(ds.test_cases) == 1
+    assert main(["make-phantom", str(phantom), "--preset", "tiny"]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_preprocess_then_cached(phantom, tmp_path, capsys):
+    out = tmp_path / "pre"
+    assert main(["preprocess", str(phantom), "--out", str(out), "--workers", "0"]) == 0
+    assert (out / "plans.json").is_file() and "written" in capsys.readouterr().out
+    assert main(["preprocess", str(phantom), "--out", str(out), "--workers", "0"]) == 0
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_train_option_errors_name_the_key(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("epochs: 2\nlearnig_rate: 0.1\n")
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert "learnig_rate: unknown configuration key" in capsys.readouterr().err
+    assert main(["train", "--t", "1", "--mode", "colab"]) == 2
+    assert "t: mode 'colab' needs t >= 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--resume needs --out"):
+        main(["train", "--resume"])
+
+
+def test_train_predict_evaluate(phantom, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("COLABX_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    args = ["train", str(phantom), "--mode", "vanilla", "--epochs", "1", "--iterations", "2",
+            "--base-features", "4", "--num-pool", "2", "--patch-size", "16", "16", "8",
+            "--num-workers", "0", "--no-progress", "--threads", "1", "--out", str(run)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "final evaluation on 1 held-out test cases" in out and "DSC" in out
+    with pytest.raises(SystemExit, match="already holds a run"):
+        main(args)
+    preds = tmp_path / "preds"
+    assert main(["predict", str(run), str(phantom / "imagesTs"), str(preds), "--device",
+                 "cpu"]) == 0
+    assert sorted(p.name for p in preds.iterdir()) == ["phantom_test_000.nii.gz"]
+    assert main(["evaluate", str(preds), str(phantom / "labelsTs"), "--labels",
+                 str(phantom / "dataset.json")]) == 0
+    summary = json.loads((preds / "summary.json").read_text())
+    assert summary["num_cases"] == 1 and 0 <= summary["foreground_mean"]["dice"] <= 1
+    assert "mean" in capsys.readouterr().out

@@ -1,0 +1,89 @@
+"""Trainer configuration: YAML with a safe loader, errors naming the key, CLI flags for every
+option."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import pytest
+
+from colabx.cli import _parser
+from colabx.train.config import ConfigError, TrainConfig, from_mapping, load_config, save_config
+
+
+def test_defaults_are_valid_and_roundtrip_yaml(tmp_path):
+    cfg = TrainConfig(mode="manual", patch_size=[32, 32, 16], target_spacing=[1.5, 1.5, 3.0])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("mode", "colabb", "mode: must be one of"),
+    ("t", 0, "t: must be >= 1"),
+    ("t", 2.5, "t: expected int"),
+    ("lr", 0.0, "lr: must be > 0"),
+    ("lr", float("nan"), "lr: expected a finite number"),
+    ("val_fraction", 0.95, "val_fraction: must be <= 0.9"),
+    ("patch_size", [32, 32], None),
+    ("patch_size", [32, 2, 32], "patch_size: every size must be >= 4"),
+    ("patch_size", [32, 32, 32, 32], "patch_size: 2 or 3 sizes"),
+    ("augment", "yes", "augment: expected bool"),
+    ("epochs", True, "epochs: expected int"),
+    ("device", "tpu", "device: expected auto, cpu"),
+    ("tau", 0.0, "tau: must be > 0"),
+])
+def test_bad_values_name_the_key(key, value, match):
+    if match is None:
+        assert from_mapping({key: value}).patch_size == value
+        return
+    with pytest.raises(ConfigError, match=match):
+        from_mapping({key: value})
+
+
+def test_colab_needs_two_contexts():
+    with pytest.raises(ConfigError, match="t: mode 'colab' needs t >= 2"):
+        TrainConfig(mode="colab", t=1)
+    assert TrainConfig(mode="vanilla", t=1).t == 1
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("epochs: 3\nlearning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="learning_rate: unknown configuration key"):
+        load_config(p)
+
+
+def test_yaml_is_read_with_the_safe_loader(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("epochs: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(p)
+
+
+def test_yaml_not_a_mapping(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(p)
+
+
+def test_int_for_float_is_accepted():
+    assert from_mapping({"lr": 1}).lr == 1.0
+
+
+def test_help_documents_every_option():
+    sub = _parser()._subparsers._group_actions[0].choices["train"]
+    text = sub.format_help()
+    for f in fields(TrainConfig):
+        if f.name != "dataset":
+            assert "--" + f.name.replace("_", "-") in text, f.name
+
+
+def test_cli_flags_parse_to_config_types():
+    ns = _parser().parse_args(["train", "--mode", "vanilla", "--patch-size", "32", "32", "16",
+                               "--no-augment", "--lr", "0.02", "--epochs", "3"])
+    flags = {k: v for k, v in vars(ns).items()
+             if k not in {"command", "config", "out", "resume", "dataset"}}
+    cfg = from_mapping(flags)
+    assert (cfg.mode, cfg.patch_size, cfg.augment, cfg.lr, cfg.epochs) == \
+        ("vanilla", [32, 32, 16], False, 0.02, 3)
