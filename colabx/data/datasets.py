@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from colabx.data.nifti import DatasetError, NiftiVolume, read_nifti
+from colabx.data.nifti import DatasetError, NiftiVolume, read_label_map, read_nifti
 
 __all__ = [
     "Case",
@@ -205,43 +205,10 @@ class Dataset:
         path = case.context if context else case.label
         if path is None:
             return None
-        what = "context" if context else "label"
-        vol = read_nifti(path, what)
-        data = vol.data
-        if data.ndim == 4 and data.shape[3] == 1:
-            data = data[..., 0]
-        if data.ndim not in (2, 3):
-            raise DatasetError(f"{path}: expected a 2D or 3D {what} map, got shape {data.shape}")
-        if not np.issubdtype(data.dtype, np.integer):
-            if not np.issubdtype(data.dtype, np.floating) and data.dtype != np.bool_:
-                raise DatasetError(f"{path}: {what} map has unsupported dtype {data.dtype}")
-            finite = np.isfinite(data)
-            if not finite.all():
-                raise DatasetError(
-                    f"{path}: {what} map has {data.size - int(finite.sum())} non-finite value(s)"
-                )
-            frac = data != np.round(data)
-            if frac.any():
-                examples = np.unique(data[frac])[:5].tolist()
-                raise DatasetError(
-                    f"{path}: {what} map has non-integer values, e.g. {examples}; "
-                    "labels must be whole numbers"
-                )
-        values = np.unique(data)
-        allowed = self.label_values
+        # Context maps hold their own classes (organs, structures): any non-negative integers.
         if context:
-            # Context maps hold their own classes (organs, structures); they only need to be
-            # non-negative integers.
-            unknown = [int(x) for x in values if x < 0]
-            expect = "non-negative integers"
-        else:
-            unknown = [int(x) for x in values if int(x) not in allowed]
-            expect = f"dataset.json labels {sorted(allowed)}"
-        if unknown:
-            raise DatasetError(
-                f"{path}: {what} map has value(s) {unknown[:10]} not in {expect}"
-            )
-        return NiftiVolume(np.asarray(data, dtype=np.int16), vol.spacing, vol.affine, path)
+            return read_label_map(path, "context")
+        return read_label_map(path, "label", self.label_values, "dataset.json labels")
 
     def load_case(self, case: Case | str) -> CaseData:
         """Read one case: image, label (and context map when present), spacing and affine.

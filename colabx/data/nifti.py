@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import gzip
 import zlib
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-__all__ = ["DatasetError", "NiftiVolume", "read_nifti"]
+__all__ = ["DatasetError", "NiftiVolume", "read_label_map", "read_nifti"]
 
 
 class DatasetError(ValueError):
@@ -93,3 +94,54 @@ def read_nifti(path: str | Path, what: str = "image") -> NiftiVolume:
                            "(must be finite and > 0)")
     return NiftiVolume(data=data, spacing=spacing, affine=np.asarray(img.affine, np.float64),
                        path=path)
+
+
+def read_label_map(path: str | Path, what: str = "label",
+                   allowed: Collection[int] | None = None,
+                   allowed_from: str = "the labels") -> NiftiVolume:
+    """Read an integer label map (labels, context maps, predictions) and check its values.
+
+    A trailing singleton fourth axis is dropped; float files are accepted when every value is a
+    finite whole number.
+
+    Args:
+        path: the file.
+        what: its role in error messages ("label", "context", "prediction", ...).
+        allowed: the values it may hold; None: any non-negative integer.
+        allowed_from: where ``allowed`` comes from, for the error message.
+
+    Returns:
+        The volume with ``int16`` data.
+
+    Raises:
+        DatasetError: unreadable file (see :func:`read_nifti`), not 2D/3D, non-finite or
+            non-integer values, or values outside ``allowed``.
+    """
+    vol = read_nifti(path, what)
+    path, data = vol.path, vol.data
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim not in (2, 3):
+        raise DatasetError(f"{path}: expected a 2D or 3D {what} map, got shape {data.shape}")
+    if not np.issubdtype(data.dtype, np.integer):
+        if not np.issubdtype(data.dtype, np.floating) and data.dtype != np.bool_:
+            raise DatasetError(f"{path}: {what} map has unsupported dtype {data.dtype}")
+        finite = np.isfinite(data)
+        if not finite.all():
+            raise DatasetError(
+                f"{path}: {what} map has {data.size - int(finite.sum())} non-finite value(s)")
+        frac = data != np.round(data)
+        if frac.any():
+            examples = np.unique(data[frac])[:5].tolist()
+            raise DatasetError(f"{path}: {what} map has non-integer values, e.g. {examples}; "
+                               "labels must be whole numbers")
+    values = np.unique(data)
+    if allowed is None:
+        unknown = [int(x) for x in values if x < 0]
+        expect = "non-negative integers"
+    else:
+        unknown = [int(x) for x in values if int(x) not in allowed]
+        expect = f"{allowed_from} {sorted(allowed)}"
+    if unknown:
+        raise DatasetError(f"{path}: {what} map has value(s) {unknown[:10]} not in {expect}")
+    return NiftiVolume(np.asarray(data, dtype=np.int16), vol.spacing, vol.affine, path)

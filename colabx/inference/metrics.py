@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from colabx.data.datasets import _check_same_grid
-from colabx.data.nifti import DatasetError, NiftiVolume, read_nifti
+from colabx.data.nifti import DatasetError, read_label_map
 from colabx.data.preprocessing import _atomic_write
 from colabx.ops.distance_transform import compute_distance_transform
 
@@ -227,24 +227,6 @@ def _case_files(folder: Path, ending: str, what: str) -> dict[str, Path]:
             if p.is_file() and p.name.endswith(ending) and not p.name.startswith(".")}
 
 
-def _read_labels(path: Path, what: str, allowed: set[int]) -> NiftiVolume:
-    vol = read_nifti(path, what)
-    data = vol.data
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim not in (2, 3):
-        raise DatasetError(f"{path}: expected a 2D or 3D {what} map, got shape {data.shape}")
-    if not np.issubdtype(data.dtype, np.integer):
-        if not np.all(np.isfinite(data)) or np.any(data != np.round(data)):
-            raise DatasetError(f"{path}: {what} map has non-integer values")
-    data = data.astype(np.int64)
-    unknown = sorted(set(np.unique(data).tolist()) - allowed)
-    if unknown:
-        raise DatasetError(f"{path}: {what} map has value(s) {unknown[:10]} not among the "
-                           f"labels {sorted(allowed)}")
-    return NiftiVolume(data, vol.spacing, vol.affine, path)
-
-
 def evaluate_folders(
     pred_dir: str | os.PathLike[str],
     ref_dir: str | os.PathLike[str],
@@ -305,8 +287,8 @@ def evaluate_folders(
     cases: dict[str, Any] = {}
     try:
         for cid in ids:
-            r = _read_labels(refs[cid], "reference", allowed)
-            p = _read_labels(preds[cid], "prediction", allowed - {ignore})
+            r = read_label_map(refs[cid], "reference", allowed)
+            p = read_label_map(preds[cid], "prediction", allowed - {ignore})
             if p.data.shape != r.data.shape:
                 raise DatasetError(f"{p.path}: prediction shape {p.data.shape} differs from "
                                    f"reference shape {r.data.shape} ({r.path})")
