@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import colabx
 from colabx.train.checkpoint import load_checkpoint
 from colabx.train.config import TrainConfig, save_config
 from colabx.train.trainer import Trainer
@@ -89,13 +90,16 @@ def test_ddp_gloo_two_processes_equal_single_process(cache, tmp_path):
     single = Trainer(cfg, tmp_path / "single", echo=lambda s: None)
     single.run()
     save_config(cfg, tmp_path / "cfg.yaml")
+    # the processes import the colabx this test imported (installed or built in place), run
+    # outside the checkout so that its source tree cannot shadow an installed package
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
+        [str(Path(colabx.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
         "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            "--nproc-per-node", "2", "-m", "colabx", "train", "--config",
            str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "ddp")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ddp = load_checkpoint(tmp_path / "ddp" / "checkpoint_final.pth")
     for name, t in ddp["model"].items():
