@@ -112,4 +112,4 @@ def test_ddp_gloo_two_processes_equal_single_process(cache, tmp_path):
     moved_ddp = torch.cat([(ddp["generator"][n] - init[n]).flatten() for n in init])
     moved_one = torch.cat([(single.g.state_dict()[n] - init[n]).flatten() for n in init])
     assert moved_one.norm() > 0
-    assert (moved_ddp - moved_one).norm() / moved_one.norm() < 1e-2
+    assert (moved_ddp - moved_one).norm() / moved_one.norm() < 5e-3   # measured 2.8e-4
