@@ -113,3 +113,13 @@ def test_ddp_gloo_two_processes_equal_single_process(cache, tmp_path):
     moved_one = torch.cat([(single.g.state_dict()[n] - init[n]).flatten() for n in init])
     assert moved_one.norm() > 0
     assert (moved_ddp - moved_one).norm() / moved_one.norm() < 5e-3   # measured 2.8e-4
+
+
+@pytest.mark.slow
+def test_compile_option_trains(cache, tmp_path):
+    tr = Trainer(_cfg(mode="colab", compile=True, snapshot_every=0), tmp_path,
+                 echo=lambda s: None)
+    assert tr.f_run is not tr.f
+    result = tr.run()
+    assert all(torch.isfinite(torch.tensor(v)) for v in tr.iteration_losses)
+    assert 0.0 <= result["foreground_mean"]["dice"] <= 1.0
