@@ -26,7 +26,7 @@ import scipy.ndimage as ndi
 import torch
 
 import colabx
-from benchmarks._harness import machine_info, time_callable, write_json
+from colabx.bench.harness import machine_info, time_callable, write_json
 from colabx.data.augmentation import AugmentConfig
 from colabx.data.loader import PatchBatches, make_loader
 from colabx.data.preprocessing import PreprocessedDataset, preprocess_dataset

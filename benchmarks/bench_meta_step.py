@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from benchmarks._harness import machine_info, time_callable, write_json
 from colabx import distance_transform
+from colabx.bench.harness import machine_info, time_callable, write_json
 from colabx.meta import MetaConfig, MetaStep
 from colabx.models import UNet, task_generator
 from colabx.reference.meta import (

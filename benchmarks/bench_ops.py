@@ -1,82 +1,10 @@
-"""Benchmark colabx's fused ops against their pure-PyTorch twins (eager and torch.compile) and,
-for the distance transform, scipy, the `edt` package and cuCIM when they are installed.
+"""``python -m benchmarks.bench_ops``: :mod:`colabx.bench.ops` (also ``colabx bench``) with its
+JSON written under ``benchmarks/results/`` (see that module for the options)."""
 
-Every ratio is taken against a baseline measured in the same run. Prints a markdown table and
-writes JSON (machine info + every timing).
+import sys
 
-    python -m benchmarks.bench_ops                      # CPU, issue sizes
-    python -m benchmarks.bench_ops --device cuda --out results/ops_cuda.json
-    python -m benchmarks.bench_ops --quick              # tiny sizes: a smoke run
-"""
-
-from __future__ import annotations
-
-import argparse
-import importlib
-
-import torch
-
-from benchmarks._harness import format_table, machine_info, run_cases, write_json
-
-OPS = ("dice_ce_loss", "context_labels", "distance_transform")
-
-
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
-    parser.add_argument(
-        "--cuda-graphs",
-        action="store_true",
-        help="also time colabx/eager/compile as CUDA-graph replays (GPU time, no host overhead)",
-    )
-    parser.add_argument(
-        "--min-time",
-        type=float,
-        default=0.5,
-        help="seconds of timed repetitions per implementation (default 0.5)",
-    )
-    parser.add_argument(
-        "--out",
-        default="benchmarks/results/ops_{device}.json",
-        help="JSON output path ({device} is substituted)",
-    )
-    args = parser.parse_args(argv)
-
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda given but torch sees no CUDA device")
-    info = machine_info(device)
-    print(
-        f"# colabx bench_ops on {info.get('gpu', info['cpu'])} ({info['device']}), "
-        f"torch {info['torch']}, {info['torch_threads']} CPU threads",
-        flush=True,
-    )
-
-    rows = []
-    for op in args.ops:
-        module = importlib.import_module(f"benchmarks.cases.{op}")
-        rows += run_cases(
-            module.cases(device, quick=args.quick),
-            device,
-            min_time_s=args.min_time,
-            cuda_graphs=args.cuda_graphs,
-        )
-
-    table = format_table(rows)
-    print("\n" + table)
-    payload = {
-        "machine": info,
-        "command": "python -m benchmarks.bench_ops " + " ".join(argv or []),
-        "quick": args.quick,
-        "rows": rows,
-    }
-    write_json(args.out.format(device=device.type), payload)
-    return payload
-
+from colabx.bench.ops import main
 
 if __name__ == "__main__":
-    import sys
-
-    main(sys.argv[1:])
+    main(sys.argv[1:], prog="python -m benchmarks.bench_ops",
+         default_out="benchmarks/results/ops_{device}.json")

@@ -12,7 +12,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import colabx
-from benchmarks._harness import write_json
+from colabx.bench.harness import write_json
 
 
 def _workloads(dev: torch.device) -> dict[str, callable]:

@@ -1,4 +1,4 @@
-"""``colabx`` command line: train, predict, evaluate, preprocess, make-phantom.
+"""``colabx`` command line: train, predict, evaluate, preprocess, make-phantom, bench.
 
 ``colabx train`` with no arguments trains CoLab on the built-in phantom (the ``phantom-cpu``
 preset) and prints the held-out metrics. Every training option is a :class:`TrainConfig` field;
@@ -91,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--target-spacing", type=float, nargs="+", help="mm per array axis")
     pp.add_argument("--workers", type=int, default=2, help="worker processes")
 
+    sub.add_parser("bench", add_help=False,
+                   help="time the fused ops against their pure-PyTorch twins (colabx bench -h)")
+
     ph = sub.add_parser("make-phantom", help="write the built-in phantom in the nnU-Net layout")
     ph.add_argument("out", type=Path, help="output folder (must be empty or absent)")
     ph.add_argument("--cases", type=int, help="training cases (default: the preset's)")
@@ -178,6 +181,12 @@ _COMMANDS = {"train": _train, "predict": _predict, "evaluate": _evaluate,
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``colabx`` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own parser: colabx.bench.ops
+        from colabx.bench.ops import main as bench
+
+        bench(argv[1:])
+        return 0
     args = _parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)

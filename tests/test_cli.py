@@ -64,3 +64,13 @@ def test_train_predict_evaluate(phantom, tmp_path, monkeypatch, capsys):
     summary = json.loads((preds / "summary.json").read_text())
     assert summary["num_cases"] == 1 and 0 <= summary["foreground_mean"]["dice"] <= 1
     assert "mean" in capsys.readouterr().out
+
+
+def test_bench_compares_with_the_twins(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--ops", "distance_transform", "--min-time", "0",
+                 "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    labels = {k for row in payload["rows"] for k in row["timings"]}
+    assert {"colabx", "eager", "scipy"} <= labels
+    assert "| distance_transform |" in capsys.readouterr().out

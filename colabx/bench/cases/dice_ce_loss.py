@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 import colabx
-from benchmarks._harness import Case
+from colabx.bench.harness import Case
 from colabx.reference import dice_ce_loss as ref
 
 

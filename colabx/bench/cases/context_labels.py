@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks._harness import Case
 from colabx import context_labels
+from colabx.bench.harness import Case
 from colabx.reference.context_labels import context_labels_reference
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 import colabx
-from benchmarks._harness import Case
+from colabx.bench.harness import Case
 from colabx.reference.distance_transform import distance_transform as twin
 
 SPACING = (0.8, 0.8, 2.5)
