@@ -73,7 +73,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -84,6 +83,7 @@ import nibabel as nib
 import numpy as np
 import scipy.ndimage as ndi
 
+from colabx._io import atomic_write
 from colabx.data.datasets import Case, Dataset, DatasetError, load_dataset
 from colabx.data.nifti import read_nifti
 
@@ -243,25 +243,8 @@ def _distance(roi: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
 # -- files ----------------------------------------------------------------------------------------
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    _atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False))
+    atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False))
 
 
 def _case_files(case_id: str, has_context: bool) -> dict[str, str]:
@@ -645,5 +628,5 @@ def preprocess_dataset(
         "cases": {c.id: m for c, m in zip(ds.cases, metas, strict=True)},
     }
     text = json.dumps(plans, indent=1, allow_nan=False)
-    _atomic_write(plans_path, lambda f: f.write(text), mode="w")
+    atomic_write(plans_path, lambda f: f.write(text), mode="w")
     return PreprocessedDataset(out, plans)

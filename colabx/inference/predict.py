@@ -22,9 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from colabx._io import atomic_write
 from colabx.data.datasets import Case, Dataset, DatasetError
 from colabx.data.preprocessing import (
-    _atomic_write,
     _normalize,
     crop_to_nonzero,
     resample_image,
@@ -251,5 +251,5 @@ def save_prediction(label: np.ndarray | torch.Tensor, reference: str | os.PathLi
     data = img.to_bytes()
     if out.name.endswith(".gz"):
         data = gzip.compress(data, compresslevel=6, mtime=0)
-    _atomic_write(out, lambda f: f.write(data))
+    atomic_write(out, lambda f: f.write(data))
     return out

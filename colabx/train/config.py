@@ -244,7 +244,7 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
     """Write the resolved configuration as YAML (atomically)."""
-    from colabx.train.checkpoint import atomic_write_text
+    from colabx._io import atomic_write_text
 
     atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 

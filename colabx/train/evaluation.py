@@ -30,19 +30,24 @@ if TYPE_CHECKING:
 __all__ = ["final_evaluation", "format_metrics", "snapshot", "validate"]
 
 
+def _score_preprocessed(tr: Trainer, ids: list[str], hd95: bool) -> dict[str, dict]:
+    """Per-class metrics of each case in ``ids``, predicted by sliding window in the
+    preprocessed grid."""
+    out = {}
+    for cid in ids:
+        case = tr.pre.load_case(cid)
+        pred = predict_case(tr.f, np.asarray(case.image), tr.num_classes, tr.plan.patch_size,
+                            overlap=tr.cfg.overlap, amp=tr.amp_dtype)
+        out[cid] = evaluate_case(pred.cpu(), np.array(case.label), tr.num_classes, case.spacing,
+                                 ignore_label=tr.dataset.ignore_label, compute_hd95=hd95)
+    return out
+
+
 def validate(tr: Trainer) -> dict[str, float]:
     """Sliding-window prediction of the validation cases (preprocessed grid)."""
     cfg = tr.cfg
     ids = tr.val_ids[: cfg.val_cases] if cfg.val_cases else tr.val_ids
-    per_case = []
-    for cid in ids:
-        case = tr.pre.load_case(cid)
-        pred = predict_case(tr.f, np.asarray(case.image), tr.num_classes, tr.plan.patch_size,
-                            overlap=cfg.overlap, amp=tr.amp_dtype)
-        per_case.append(evaluate_case(pred.cpu(), np.array(case.label),
-                                      tr.num_classes, case.spacing,
-                                      ignore_label=tr.dataset.ignore_label, compute_hd95=False))
-    fg = summarize(per_case)["foreground_mean"]
+    fg = summarize(_score_preprocessed(tr, ids, hd95=False).values())["foreground_mean"]
     return {"val_dsc": fg["dice"], "val_sensitivity": fg["sensitivity"],
             "val_precision": fg["precision"]}
 
@@ -87,7 +92,6 @@ def final_evaluation(tr: Trainer) -> dict[str, Any]:
     if tests:
         where = f"{len(tests)} held-out test cases (imagesTs/labelsTs, original grid)"
         out_dir = tr.out / "predictions_test"
-        out_dir.mkdir(parents=True, exist_ok=True)
         for k in tests:
             label, _ = predict_raw_case(tr.f, k.images, tr.pre.plans, tr.plan.patch_size,
                                         num_classes=c, overlap=cfg.overlap, amp=tr.amp_dtype)
@@ -97,13 +101,8 @@ def final_evaluation(tr: Trainer) -> dict[str, Any]:
                                                     ignore_label=tr.dataset.ignore_label)}
     else:
         where = f"{len(tr.val_ids)} validation cases (preprocessed grid)"
-        for cid in tr.val_ids:
-            case = tr.pre.load_case(cid)
-            pred = predict_case(tr.f, np.asarray(case.image), c, tr.plan.patch_size,
-                                overlap=cfg.overlap, amp=tr.amp_dtype)
-            cases[cid] = {"metrics": evaluate_case(pred.cpu(), np.asarray(case.label), c,
-                                                   case.spacing,
-                                                   ignore_label=tr.dataset.ignore_label)}
+        cases = {cid: {"metrics": m}
+                 for cid, m in _score_preprocessed(tr, tr.val_ids, hd95=True).items()}
     result = summarize(c_["metrics"] for c_ in cases.values())
     classes = {n: v for n, v in tr.dataset.labels.items()
                if v != 0 and v != tr.dataset.ignore_label}

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from colabx.train.checkpoint import atomic_write_text
+from colabx._io import atomic_write_text
 
 __all__ = ["RunLog"]
 

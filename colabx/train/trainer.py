@@ -177,10 +177,6 @@ class Trainer:
         self.train_ids = sorted(ids[i] for i in order[n_val:])
         labels = {v for k, v in self.dataset.labels.items() if v != self.dataset.ignore_label}
         self.num_classes = max(labels) + 1
-        if cfg.mode == "manual" and any(self.pre.load_case(i).context is None
-                                        for i in self.train_ids):
-            raise ValueError(f"mode: manual needs manual context maps (contextTr/) in "
-                             f"{self.dataset.root}")
 
     def _mode_t(self) -> int:
         cfg = self.cfg
@@ -189,13 +185,18 @@ class Trainer:
         if cfg.mode == "dilation":
             return 2
         if cfg.mode == "manual":
-            top = max(int(np.max(self.pre.load_case(i).context)) for i in self.train_ids)
+            top = 0
+            for i in self.train_ids:
+                ctx = self.pre.load_case(i).context
+                if ctx is None:
+                    raise ValueError(f"mode: manual needs manual context maps (contextTr/) in "
+                                     f"{self.dataset.root}")
+                top = max(top, int(np.max(ctx)))
             return top + 1
         return cfg.t
 
     def _setup_model(self) -> None:
         cfg = self.cfg
-        first = self.pre.load_case(self.train_ids[0])
         spacing = self.pre.target_spacing
         shapes = np.array([self.pre.plans["cases"][i]["shape"] for i in self.train_ids])
         median = [int(v) for v in np.median(shapes, axis=0)]
@@ -218,7 +219,7 @@ class Trainer:
                              f"{div.tolist()}")
         self.t = self._mode_t()
         self.plan = NetworkPlan(
-            in_channels=int(first.image.shape[0]), num_classes=self.num_classes, t=self.t,
+            in_channels=len(self.dataset.channel_names), num_classes=self.num_classes, t=self.t,
             spatial_dims=len(patch), patch_size=list(patch), pool_kernel_sizes=kernels,
             base_features=cfg.base_features, max_features=cfg.max_features,
             deep_supervision=cfg.deep_supervision, with_generator=cfg.mode == "colab")

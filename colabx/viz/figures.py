@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from colabx.train.checkpoint import atomic_write  # noqa: E402
+from colabx._io import atomic_write  # noqa: E402
 
 __all__ = ["context_snapshot", "progress_figure"]
 
