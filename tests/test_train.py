@@ -123,3 +123,24 @@ def test_compile_option_trains(cache, tmp_path):
     result = tr.run()
     assert all(torch.isfinite(torch.tensor(v)) for v in tr.iteration_losses)
     assert 0.0 <= result["foreground_mean"]["dice"] <= 1.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a CPU-only machine")
+@pytest.mark.parametrize("kw,exc,match", [
+    ({"amp": "bf16"}, ValueError, "amp: bf16 mixed precision needs a CUDA device"),
+    ({"device": "cuda"}, RuntimeError, "device: 'cuda' requested but CUDA is not available"),
+])
+def test_device_errors_name_the_option(tmp_path, kw, exc, match):
+    with pytest.raises(exc, match=match):
+        Trainer(_cfg(**kw), tmp_path)
+
+
+def test_manual_mode_without_context_maps(cache, tmp_path):
+    import shutil
+
+    from colabx.data.phantom import write_phantom
+
+    ds = write_phantom(tmp_path / "ds", preset="tiny", num_cases=2, num_test=1)
+    shutil.rmtree(ds / "contextTr")
+    with pytest.raises(ValueError, match=r"mode: manual needs manual context maps \(contextTr/\)"):
+        Trainer(_cfg(mode="manual", dataset=str(ds)), tmp_path / "run")
