@@ -4,16 +4,23 @@
 // per step (one 4..16-byte load per channel row; scalar loads at the ragged end or when the
 // rows are not aligned), with all K channels in registers (K <= KM, a compile-time bucket).
 //
-// Forward: grid (chunks of kDceChunk voxels, B). Each block reduces its 3K+1 sums (tp, Σp, Σŷ
-// per channel and the CE sum) with a fixed butterfly per warp and a fixed-order sum over warps,
-// and writes them to a float64 partials buffer; one 1024-thread finalize block sums the partials of every
-// (level, item, sum) in fixed order (lane-strided + butterfly, in double), writes the stats and
-// the scalar loss. No atomics: bitwise reproducible run to run.
-// Backward: same grid, traversed in reverse (the last chunks the forward read are likeliest in
-// L2); each block turns its item's stats + grad_out (read from device memory) into per-channel
-// coefficients in shared memory, recomputes p and writes ∂logits and ∂targets together.
+// Grids are (G, B): G grid-stride blocks per item, sized so the whole batch is one resident
+// wave (SMs x occupancy / B, at most one per kDceChunk voxels), each block stepping over tiles
+// of kThreads * VEC voxels. No partly filled last wave, and few partials to finalize.
+// Forward: each block reduces its 3K+1 sums (tp, Σp, Σŷ per channel and the CE sum) with a fixed
+// butterfly per warp and a fixed-order sum over warps, and writes them to a float64 partials
+// buffer laid out [B][3K+1][G]; one 1024-thread finalize block sums each (level, item, sum) run
+// in fixed order (lane-strided + butterfly, in double), writes the stats and the scalar loss. No
+// atomics: bitwise reproducible run to run on a given device (G depends on its SM count).
+// Backward: tiles in descending order (each item's last tiles, read last by the forward, are the
+// likeliest in L2); each block turns its item's stats + grad_out (read from device memory) into
+// per-channel coefficients in shared memory once, recomputes p and writes ∂logits and ∂targets
+// together.
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -32,41 +39,85 @@ constexpr int kWarps = kThreads / 32;
 template <int KM>
 struct Bucket {
   static constexpr int vec = KM <= 4 ? 4 : (KM <= 8 ? 2 : 1);
-  static constexpr int iters = kDceChunk / (kThreads * vec);
-  static_assert(iters * kThreads * vec == kDceChunk, "chunk must split evenly");
+  static constexpr int64_t tile = int64_t(kThreads) * vec;  // voxels per block step
+  static_assert(kDceChunk % tile == 0, "a workspace chunk is a whole number of tiles");
 };
 
+// A row segment of N elements of T moves as 32-bit words with the widest global access its size
+// allows (one LDG/STG.128 per 16 bytes). Stores are inline PTX st.global.v4/v2:
+// a plain copy of an aligned struct, or of a uint4, was split by nvcc into four scalar stores
+// for the gradient rows (SASS of dce_bwd_kernel, CUDA 13.0). Segments under 4 bytes (N uint8
+// labels, one 16-bit value) stay element-wise.
 template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
+constexpr bool kWordVec = sizeof(T) * N >= 4 && (sizeof(T) * N) % 4 == 0;
 
+template <int W>
+__device__ __forceinline__ void load_words(const uint32_t* __restrict__ src, uint32_t (&w)[W]) {
+  if constexpr (W % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < W; i += 4) {
+      const uint4 q = __ldg(reinterpret_cast<const uint4*>(src) + i / 4);
+      w[i] = q.x;
+      w[i + 1] = q.y;
+      w[i + 2] = q.z;
+      w[i + 3] = q.w;
+    }
+  } else if constexpr (W == 2) {
+    const uint2 q = __ldg(reinterpret_cast<const uint2*>(src));
+    w[0] = q.x;
+    w[1] = q.y;
+  } else {
+    static_assert(W == 1, "row segments are 4, 8 or a multiple of 16 bytes");
+    w[0] = __ldg(src);
+  }
+}
+
+template <int W>
+__device__ __forceinline__ void store_words(uint32_t* __restrict__ dst, const uint32_t (&w)[W]) {
+  if constexpr (W % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < W; i += 4)
+      asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(dst + i), "r"(w[i]),
+                   "r"(w[i + 1]), "r"(w[i + 2]), "r"(w[i + 3]));
+  } else if constexpr (W == 2) {
+    asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(dst), "r"(w[0]), "r"(w[1]));
+  } else {
+    static_assert(W == 1, "row segments are 4, 8 or a multiple of 16 bytes");
+    dst[0] = w[0];
+  }
+}
+
+// out[j] = row[v0 + j] for j < N; vector access when `aligned` (row + v0 aligned to sizeof(T) * N)
+// and the segment is whole, element-wise at the ragged end (zeros past V).
 template <typename T, int N>
 __device__ __forceinline__ void load_vec(const T* __restrict__ row, int64_t v0, int64_t V,
                                          bool aligned, T (&out)[N]) {
-  if (aligned && v0 + N <= V) {
-    const Pack<T, N> p = *reinterpret_cast<const Pack<T, N>*>(row + v0);
-#pragma unroll
-    for (int j = 0; j < N; ++j) out[j] = p.v[j];
-  } else {
-#pragma unroll
-    for (int j = 0; j < N; ++j) out[j] = (v0 + j < V) ? row[v0 + j] : T{};
+  if constexpr (kWordVec<T, N>) {
+    if (aligned && v0 + N <= V) {
+      uint32_t w[sizeof(T) * N / 4];
+      load_words(reinterpret_cast<const uint32_t*>(row + v0), w);
+      memcpy(out, w, sizeof(w));
+      return;
+    }
   }
+#pragma unroll
+  for (int j = 0; j < N; ++j) out[j] = (v0 + j < V) ? row[v0 + j] : T{};
 }
 
 template <typename T, int N>
 __device__ __forceinline__ void store_vec(T* __restrict__ row, int64_t v0, int64_t V, bool aligned,
                                           const T (&in)[N]) {
-  if (aligned && v0 + N <= V) {
-    Pack<T, N> p;
-#pragma unroll
-    for (int j = 0; j < N; ++j) p.v[j] = in[j];
-    *reinterpret_cast<Pack<T, N>*>(row + v0) = p;
-  } else {
-#pragma unroll
-    for (int j = 0; j < N; ++j)
-      if (v0 + j < V) row[v0 + j] = in[j];
+  if constexpr (kWordVec<T, N>) {
+    if (aligned && v0 + N <= V) {
+      uint32_t w[sizeof(T) * N / 4];
+      memcpy(w, in, sizeof(w));
+      store_words(reinterpret_cast<uint32_t*>(row + v0), w);
+      return;
+    }
   }
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+    if (v0 + j < V) row[v0 + j] = in[j];
 }
 
 // One thread's tile: VEC voxels from v0 of every channel row of the logits and of the targets
@@ -127,7 +178,7 @@ __device__ __forceinline__ void softmax_regs(int K, A (&p)[KM]) {
 //
 // ce_log: log(p + 1e-32). For p >= 2^-80, ulp(p) >= 2^-103 ~ 9.9e-32, so p + 1e-32 rounds to p
 // in fp32 and log(p + 1e-32) = log p = d - log s (log-softmax; no cancellation: d <= 0 and
-// -log s <= 0). Below that (or NaN) the exact formula log_poly(p + 1e-32) is used. One log per
+// -log s <= 0). Below that (or NaN) log(p + 1e-32) itself is taken. One log per
 // voxel instead of K; the rare exact path sits behind a branch taken only when some channel of
 // the voxel is tiny.
 // 1/x for normal x with |x| in [2^-126, 2^126] (here x in [1e-32, 16]): the hardware reciprocal,
@@ -151,14 +202,14 @@ __device__ __forceinline__ float softmax_fast(int K, float (&p)[KM], float (&d)[
   for (int k = 0; k < KM; ++k)
     if (k < K) {
       d[k] = p[k] - m;
-      p[k] = dce::exp_poly(d[k]);
+      p[k] = dce::acc_exp(d[k]);
       s += p[k];
     }
   const float inv = fast_rcp(s);
 #pragma unroll
   for (int k = 0; k < KM; ++k)
     if (k < K) p[k] *= inv;
-  return dce::log_poly(s);
+  return dce::acc_log(s);
 }
 
 // lp[k] = log(p[k] + 1e-32) for k < K (see ce_log above).
@@ -175,7 +226,7 @@ __device__ __forceinline__ void ce_logs(int K, const float (&p)[KM], const float
   if (tiny) {
 #pragma unroll
     for (int k = 0; k < KM; ++k)
-      if (k < K && !(p[k] >= kLogSoftmaxMinP)) lp[k] = dce::log_poly(p[k] + dce::kCeEps);
+      if (k < K && !(p[k] >= kLogSoftmaxMinP)) lp[k] = dce::acc_log(p[k] + dce::kCeEps);
   }
 }
 
@@ -188,7 +239,9 @@ __global__ void __launch_bounds__(kThreads)
   using A = acc_t<TL>;
   constexpr int VEC = Bucket<KM>::vec;
   constexpr int NSM = 3 * KM + 1;
-  const int64_t chunk = blockIdx.x, b = blockIdx.y, nchunks = gridDim.x;
+  constexpr int64_t kTile = Bucket<KM>::tile;
+  const int64_t g = blockIdx.x, G = gridDim.x, b = blockIdx.y;
+  const int64_t ntiles = (V + kTile - 1) / kTile;
   const TL* zb = z + b * K * V;
   const TT* tb = HARD ? tg + b * V : tg + b * K * V;
   A acc[NSM];
@@ -196,9 +249,9 @@ __global__ void __launch_bounds__(kThreads)
   for (int i = 0; i < NSM; ++i) acc[i] = A(0);
 
 #pragma unroll 1
-  for (int it = 0; it < Bucket<KM>::iters; ++it) {
-    const int64_t v0 = chunk * kDceChunk + (int64_t(it) * kThreads + threadIdx.x) * VEC;
-    if (v0 >= V) break;
+  for (int64_t t = g; t < ntiles; t += G) {
+    const int64_t v0 = t * kTile + int64_t(threadIdx.x) * VEC;
+    if (v0 >= V) continue;  // ragged end of the last tile
     TL zr[KM][VEC];
     TT yr[HARD ? 1 : KM][VEC];
     load_tile<HARD>(zb, tb, K, v0, V, aligned, zr, yr);
@@ -247,14 +300,14 @@ __global__ void __launch_bounds__(kThreads)
     const int src = i < 3 * K ? (i / K) * KM + (i % K) : 3 * KM;
     double s = 0.0;
     for (int w = 0; w < kWarps; ++w) s += static_cast<double>(red[w][src]);
-    partial[(b * nchunks + chunk) * NS + i] = s;
+    partial[(b * NS + i) * G + g] = s;  // [B][NS][G]: the finalize reads each sum's run coalesced
   }
 }
 
 struct LevelTable {
   int n;
   int64_t part_off[kDceMaxLevels];  // offset of the level's partials in the workspace
-  int64_t nchunks[kDceMaxLevels];
+  int64_t nparts[kDceMaxLevels];    // partials per (item, sum): the level's blocks per item
   double inv_bv[kDceMaxLevels];  // 1 / (B V_l)
   double weight[kDceMaxLevels];
 };
@@ -265,10 +318,10 @@ __device__ __forceinline__ double warp_sum_d(double x) {
   return x;
 }
 
-// One block of kFinThreads: one warp per (level, item, sum) at a time. The partial loads were a
-// serial load->add chain per lane (latency bound, ~14 us at 2x1000 chunks); now each lane issues
-// kFinUnroll independent loads per step into separate accumulators, summed in a fixed order, so
-// the result stays bitwise reproducible run to run.
+// One block of kFinThreads: one warp per (level, item, sum) at a time, reading that sum's
+// partials as one contiguous run (coalesced). Each lane issues kFinUnroll independent loads per
+// step into separate accumulators, summed in a fixed order, so the result stays bitwise
+// reproducible run to run.
 constexpr int kFinThreads = 1024;
 constexpr int kFinWarps = kFinThreads / 32;
 constexpr int kFinUnroll = 4;
@@ -285,8 +338,8 @@ __global__ void __launch_bounds__(kFinThreads)
     const int l = static_cast<int>(idx / (int64_t(B) * NS));
     const int64_t rem = idx % (int64_t(B) * NS);
     const int64_t b = rem / NS, i = rem % NS;
-    const int64_t nc = lv.nchunks[l];
-    const double* src = partial + lv.part_off[l] + b * nc * NS + i;
+    const int64_t nc = lv.nparts[l];
+    const double* src = partial + lv.part_off[l] + (b * NS + i) * nc;
     double a[kFinUnroll];
 #pragma unroll
     for (int u = 0; u < kFinUnroll; ++u) a[u] = 0.0;
@@ -295,7 +348,7 @@ __global__ void __launch_bounds__(kFinThreads)
 #pragma unroll
       for (int u = 0; u < kFinUnroll; ++u) {
         const int64_t c = c0 + int64_t(u) * 32;
-        v[u] = c < nc ? src[c * NS] : 0.0;
+        v[u] = c < nc ? src[c] : 0.0;
       }
 #pragma unroll
       for (int u = 0; u < kFinUnroll; ++u) a[u] += v[u];
@@ -326,8 +379,14 @@ __global__ void __launch_bounds__(kFinThreads)
   }
 }
 
+// Four resident blocks per SM for float math with K <= 4 (ptxas then fits 64 registers: one 8-byte
+// spill outside the voxel loop for fp32, none for bf16/fp16; left alone it chose 80 registers and
+// 3 blocks). Wider buckets and float64 would spill hundreds of bytes, so they keep the default.
+template <typename A, int KM>
+constexpr int kBwdMinBlocks = (sizeof(A) == 4 && KM <= 4) ? 4 : 1;
+
 template <typename TL, typename TT, bool HARD, int KM>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kBwdMinBlocks<acc_t<TL>, KM>)
     dce_bwd_kernel(const TL* __restrict__ z, const TT* __restrict__ tg, int K, int64_t V,
                    bool aligned, const acc_t<TL>* __restrict__ stats_l,
                    const acc_t<TL>* __restrict__ grad_out, double weight, double inv_bv,
@@ -335,13 +394,19 @@ __global__ void __launch_bounds__(kThreads)
                    TT* __restrict__ gy) {
   using A = acc_t<TL>;
   constexpr int VEC = Bucket<KM>::vec;
-  const int64_t chunk = gridDim.x - 1 - blockIdx.x, b = gridDim.y - 1 - blockIdx.y;
-  __shared__ A coef[2 * KM + 1];
+  constexpr int64_t kTile = Bucket<KM>::tile;
+  const int64_t g = blockIdx.x, G = gridDim.x, b = blockIdx.y;
+  const int64_t ntiles = (V + kTile - 1) / kTile;
+  // Per-channel Dice coefficients (aligned, so the voxel loop reads them with vector LDS) and
+  // the CE scale.
+  __shared__ alignas(16) A alpha_s[KM];
+  __shared__ alignas(16) A beta_s[KM];
+  __shared__ A ce_scale;
   const int NS = 3 * K + 1;
   if (threadIdx.x <= K) {
     const A gw = grad_out[0] * static_cast<A>(weight);
     if (threadIdx.x == K) {
-      coef[0] = gw * static_cast<A>(inv_bv);
+      ce_scale = gw * static_cast<A>(inv_bv);
     } else {
       const int k = threadIdx.x;
       A alpha = A(0), beta = A(0);
@@ -350,22 +415,24 @@ __global__ void __launch_bounds__(kThreads)
         dce::dice_coeffs<A>(sb[k], sb[K + k], sb[2 * K + k], static_cast<A>(smooth),
                             -gw * static_cast<A>(inv_bj), &alpha, &beta);
       }
-      coef[1 + k] = alpha;
-      coef[1 + KM + k] = beta;
+      alpha_s[k] = alpha;
+      beta_s[k] = beta;
     }
   }
   __syncthreads();
-  const A c = coef[0];
+  const A c = ce_scale;
   const TL* zb = z + b * K * V;
   const TT* tb = HARD ? tg + b * V : tg + b * K * V;
   TL* gzb = gz + b * K * V;
   TT* gyb = (HARD || gy == nullptr) ? nullptr : gy + b * K * V;
   const bool want_gy = gyb != nullptr;  // uniform: ∂targets skipped when nobody needs them
 
+  // Tiles in descending order: the forward ends on each item's last tiles, which are then the
+  // likeliest to still be in L2.
 #pragma unroll 1
-  for (int it = 0; it < Bucket<KM>::iters; ++it) {
-    const int64_t v0 = chunk * kDceChunk + (int64_t(it) * kThreads + threadIdx.x) * VEC;
-    if (v0 >= V) break;
+  for (int64_t t = ntiles - 1 - g; t >= 0; t -= G) {
+    const int64_t v0 = t * kTile + int64_t(threadIdx.x) * VEC;
+    if (v0 >= V) continue;  // ragged end of the last tile
     TL zr[KM][VEC];
     TT yr[HARD ? 1 : KM][VEC];
     load_tile<HARD>(zb, tb, K, v0, V, aligned, zr, yr);
@@ -390,7 +457,7 @@ __global__ void __launch_bounds__(kThreads)
             y = static_cast<int64_t>(yr[0][j]) == k ? 1.0f : 0.0f;
           else
             y = yr[k][j];
-          const float alpha = coef[1 + k], beta = coef[1 + KM + k];
+          const float alpha = alpha_s[k], beta = beta_s[k];
           g[k] = (-c * y) * fast_rcp(p[k] + dce::kCeEps) + (alpha * y + beta);
           dot += p[k] * g[k];
           if constexpr (!HARD)
@@ -406,11 +473,11 @@ __global__ void __launch_bounds__(kThreads)
             y = static_cast<int64_t>(yr[0][j]) == k ? A(1) : A(0);
           else
             y = static_cast<A>(yr[k][j]);
-          g[k] = dce::dce_grad_p(y, p[k], c, coef[1 + k], coef[1 + KM + k]);
+          g[k] = dce::dce_grad_p(y, p[k], c, alpha_s[k], beta_s[k]);
           dot += p[k] * g[k];
           if constexpr (!HARD)
             if (want_gy)
-              yr[k][j] = store_as<TT>(dce::dce_grad_y(p[k], c, coef[1 + k], coef[1 + KM + k]));
+              yr[k][j] = store_as<TT>(dce::dce_grad_y(p[k], c, alpha_s[k], beta_s[k]));
         }
       }
 #pragma unroll
@@ -435,14 +502,16 @@ __global__ void __launch_bounds__(kThreads)
                    bool aligned, uint64_t roi_mask, double* __restrict__ partial) {
   using A = acc_t<TL>;
   constexpr int VEC = Bucket<KM>::vec;
-  const int64_t chunk = blockIdx.x, b = blockIdx.y, nchunks = gridDim.x;
+  constexpr int64_t kTile = Bucket<KM>::tile;
+  const int64_t g = blockIdx.x, G = gridDim.x, b = blockIdx.y;
+  const int64_t ntiles = (V + kTile - 1) / kTile;
   const TL* zb = z + b * K * V;
   const L* lb = lab + b * V;
   A acc = A(0);
 #pragma unroll 1
-  for (int it = 0; it < Bucket<KM>::iters; ++it) {
-    const int64_t v0 = chunk * kDceChunk + (int64_t(it) * kThreads + threadIdx.x) * VEC;
-    if (v0 >= V) break;
+  for (int64_t t = g; t < ntiles; t += G) {
+    const int64_t v0 = t * kTile + int64_t(threadIdx.x) * VEC;
+    if (v0 >= V) continue;
     TL zr[KM][VEC];
     L lr[VEC];
 #pragma unroll
@@ -470,7 +539,7 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) {
     double t = 0.0;
     for (int w = 0; w < kWarps; ++w) t += static_cast<double>(red[w]);
-    partial[b * nchunks + chunk] = t;
+    partial[b * G + g] = t;
   }
 }
 
@@ -499,15 +568,17 @@ __global__ void __launch_bounds__(kThreads)
                    double inv_bv, TL* __restrict__ gz) {
   using A = acc_t<TL>;
   constexpr int VEC = Bucket<KM>::vec;
-  const int64_t chunk = gridDim.x - 1 - blockIdx.x, b = gridDim.y - 1 - blockIdx.y;
+  constexpr int64_t kTile = Bucket<KM>::tile;
+  const int64_t g = blockIdx.x, G = gridDim.x, b = blockIdx.y;
+  const int64_t ntiles = (V + kTile - 1) / kTile;
   const A c = grad_out[0] * static_cast<A>(inv_bv);
   const TL* zb = z + b * K * V;
   const L* lb = lab + b * V;
   TL* gzb = gz + b * K * V;
 #pragma unroll 1
-  for (int it = 0; it < Bucket<KM>::iters; ++it) {
-    const int64_t v0 = chunk * kDceChunk + (int64_t(it) * kThreads + threadIdx.x) * VEC;
-    if (v0 >= V) break;
+  for (int64_t t = ntiles - 1 - g; t >= 0; t -= G) {
+    const int64_t v0 = t * kTile + int64_t(threadIdx.x) * VEC;
+    if (v0 >= V) continue;
     TL zr[KM][VEC];
     L lr[VEC];
 #pragma unroll
@@ -565,9 +636,42 @@ uint64_t channel_mask(const std::vector<int64_t>& channels, int64_t K, const cha
 
 inline int64_t num_chunks(int64_t V) { return (V + kDceChunk - 1) / kDceChunk; }
 
-void check_grid(int64_t B, int64_t nc, const char* what) {
-  if (B > 65535 || nc > 2147483647 || B < 1)
-    throw std::invalid_argument(std::string(what) + ": batch or volume too large for one launch");
+void check_grid(int64_t B, const char* what) {
+  if (B > 65535 || B < 1)
+    throw std::invalid_argument(std::string(what) + ": batch of " + std::to_string(B) +
+                                " items is outside 1..65535 for one launch");
+}
+
+void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
+}
+
+constexpr int kMaxCachedDevices = 64;
+
+// Blocks of Kernel resident on the whole device at kThreads (SMs x occupancy), cached per device:
+// the occupancy query costs microseconds, which the host path of a small call cannot spare.
+template <auto Kernel>
+int64_t resident_blocks(int device) {
+  static std::atomic<int> cache[kMaxCachedDevices];
+  const bool cacheable = device >= 0 && device < kMaxCachedDevices;
+  if (cacheable) {
+    const int hit = cache[device].load(std::memory_order_relaxed);
+    if (hit > 0) return hit;
+  }
+  int sms = 0, per_sm = 0;
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+             "dice_ce_loss: SM count query");
+  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, kThreads, 0),
+             "dice_ce_loss: occupancy query");
+  const int n = std::max(1, sms * per_sm);
+  if (cacheable) cache[device].store(n, std::memory_order_relaxed);
+  return n;
+}
+
+// Grid-stride blocks per item: one resident wave over the batch (so no partly filled last wave),
+// at most one block per workspace chunk (the partials Python sized the workspace for).
+inline int64_t blocks_per_item(int64_t resident, int64_t B, int64_t V) {
+  return std::clamp<int64_t>(resident / B, 1, num_chunks(V));
 }
 
 }  // namespace
@@ -592,18 +696,17 @@ void dice_ce_loss_forward_cuda(const std::vector<uintptr_t>& logits,
   cudaStream_t st = static_cast<cudaStream_t>(prepare(device, stream, "dice_ce_loss"));
   const int64_t NS = 3 * K + 1;
   double* work = reinterpret_cast<double*>(workspace);
+  check_grid(B, "dice_ce_loss");
   LevelTable lv{};
   lv.n = static_cast<int>(L);
-  int64_t off = 0;
+  int64_t capacity = 0;  // the partials Python allocated: B * NS per workspace chunk
   for (size_t l = 0; l < L; ++l) {
-    lv.part_off[l] = off;
-    lv.nchunks[l] = num_chunks(V[l]);
     lv.inv_bv[l] = 1.0 / (double(B) * double(V[l]));
     lv.weight[l] = weights[l];
-    off += B * lv.nchunks[l] * NS;
-    check_grid(B, lv.nchunks[l], "dice_ce_loss");
+    capacity += B * num_chunks(V[l]) * NS;
   }
-  double* sums = work + off;  // L * B * NS doubles after the partials
+  double* sums = work + capacity;  // L * B * NS doubles after the partials
+  int64_t off = 0;
   dispatch_floating(logits_code, "dice_ce_loss logits", [&](auto ltag) {
     using TL = typename decltype(ltag)::type;
     using A = acc_t<TL>;
@@ -616,8 +719,13 @@ void dice_ce_loss_forward_cuda(const std::vector<uintptr_t>& logits,
           constexpr bool HARD = decltype(hard)::value;
           const bool aligned = V[l] % VEC == 0 && is_aligned(logits[l], sizeof(TL) * VEC) &&
                                is_aligned(targets[l], sizeof(TT) * VEC);
-          const dim3 grid(static_cast<unsigned>(lv.nchunks[l]), static_cast<unsigned>(B));
-          dce_fwd_kernel<TL, TT, HARD, KM><<<grid, kThreads, 0, st>>>(
+          constexpr auto kernel = dce_fwd_kernel<TL, TT, HARD, KM>;
+          const int64_t G = blocks_per_item(resident_blocks<kernel>(device), B, V[l]);
+          lv.part_off[l] = off;
+          lv.nparts[l] = G;
+          off += B * G * NS;
+          const dim3 grid(static_cast<unsigned>(G), static_cast<unsigned>(B));
+          kernel<<<grid, kThreads, 0, st>>>(
               reinterpret_cast<const TL*>(logits[l]), reinterpret_cast<const TT*>(targets[l]),
               static_cast<int>(K), V[l], aligned, work + lv.part_off[l]);
           check_launch("dice_ce_loss forward");
@@ -659,15 +767,16 @@ void dice_ce_loss_backward_cuda(uintptr_t grad_out, const std::vector<uintptr_t>
         dce::dispatch_targets<TL>(target_codes[l], "dice_ce_loss (CUDA)", [&](auto tt, auto hard) {
           using TT = typename decltype(tt)::type;
           constexpr bool HARD = decltype(hard)::value;
-          const int64_t nc = num_chunks(V[l]);
-          check_grid(B, nc, "dice_ce_loss");
+          check_grid(B, "dice_ce_loss");
           const bool aligned = V[l] % VEC == 0 && is_aligned(logits[l], sizeof(TL) * VEC) &&
                                is_aligned(grad_logits[l], sizeof(TL) * VEC) &&
                                is_aligned(targets[l], sizeof(TT) * VEC) &&
                                (HARD || grad_targets[l] == 0 ||
                                 is_aligned(grad_targets[l], sizeof(TT) * VEC));
-          const dim3 grid(static_cast<unsigned>(nc), static_cast<unsigned>(B));
-          dce_bwd_kernel<TL, TT, HARD, KM><<<grid, kThreads, 0, st>>>(
+          constexpr auto kernel = dce_bwd_kernel<TL, TT, HARD, KM>;
+          const int64_t G = blocks_per_item(resident_blocks<kernel>(device), B, V[l]);
+          const dim3 grid(static_cast<unsigned>(G), static_cast<unsigned>(B));
+          kernel<<<grid, kThreads, 0, st>>>(
               reinterpret_cast<const TL*>(logits[l]), reinterpret_cast<const TT*>(targets[l]),
               static_cast<int>(K), V[l], aligned,
               reinterpret_cast<const A*>(stats) + int64_t(l) * B * NS,
@@ -687,9 +796,9 @@ void roi_bce_loss_forward_cuda(uintptr_t logits, uintptr_t labels, int logits_co
                                uintptr_t workspace, int device, uintptr_t stream) {
   const uint64_t roi = channel_mask(roi_channels, K, "roi_bce_loss");
   cudaStream_t st = static_cast<cudaStream_t>(prepare(device, stream, "roi_bce_loss"));
-  const int64_t nc = num_chunks(V);
-  check_grid(B, nc, "roi_bce_loss");
+  check_grid(B, "roi_bce_loss");
   double* work = reinterpret_cast<double*>(workspace);
+  int64_t n_part = 0;
   dispatch_floating(logits_code, "roi_bce_loss logits", [&](auto ltag) {
     using TL = typename decltype(ltag)::type;
     using A = acc_t<TL>;
@@ -700,14 +809,17 @@ void roi_bce_loss_forward_cuda(uintptr_t logits, uintptr_t labels, int logits_co
         constexpr int VEC = Bucket<KM>::vec;
         const bool aligned = V % VEC == 0 && is_aligned(logits, sizeof(TL) * VEC) &&
                              is_aligned(labels, sizeof(Lb) * VEC);
-        const dim3 grid(static_cast<unsigned>(nc), static_cast<unsigned>(B));
-        bce_fwd_kernel<TL, Lb, KM><<<grid, kThreads, 0, st>>>(
+        constexpr auto kernel = bce_fwd_kernel<TL, Lb, KM>;
+        const int64_t G = blocks_per_item(resident_blocks<kernel>(device), B, V);
+        n_part = B * G;
+        const dim3 grid(static_cast<unsigned>(G), static_cast<unsigned>(B));
+        kernel<<<grid, kThreads, 0, st>>>(
             reinterpret_cast<const TL*>(logits), reinterpret_cast<const Lb*>(labels),
             static_cast<int>(K), V, aligned, roi, work);
         check_launch("roi_bce_loss forward");
       });
     });
-    bce_finalize_kernel<A><<<1, kThreads, 0, st>>>(work, B * nc, 1.0 / (double(B) * double(V)),
+    bce_finalize_kernel<A><<<1, kThreads, 0, st>>>(work, n_part, 1.0 / (double(B) * double(V)),
                                                    reinterpret_cast<A*>(loss));
     check_launch("roi_bce_loss finalize");
   });
@@ -719,8 +831,7 @@ void roi_bce_loss_backward_cuda(uintptr_t grad_out, uintptr_t logits, uintptr_t 
                                 int device, uintptr_t stream) {
   const uint64_t roi = channel_mask(roi_channels, K, "roi_bce_loss");
   cudaStream_t st = static_cast<cudaStream_t>(prepare(device, stream, "roi_bce_loss"));
-  const int64_t nc = num_chunks(V);
-  check_grid(B, nc, "roi_bce_loss");
+  check_grid(B, "roi_bce_loss");
   dispatch_floating(logits_code, "roi_bce_loss logits", [&](auto ltag) {
     using TL = typename decltype(ltag)::type;
     using A = acc_t<TL>;
@@ -732,8 +843,10 @@ void roi_bce_loss_backward_cuda(uintptr_t grad_out, uintptr_t logits, uintptr_t 
         const bool aligned = V % VEC == 0 && is_aligned(logits, sizeof(TL) * VEC) &&
                              is_aligned(grad_logits, sizeof(TL) * VEC) &&
                              is_aligned(labels, sizeof(Lb) * VEC);
-        const dim3 grid(static_cast<unsigned>(nc), static_cast<unsigned>(B));
-        bce_bwd_kernel<TL, Lb, KM><<<grid, kThreads, 0, st>>>(
+        constexpr auto kernel = bce_bwd_kernel<TL, Lb, KM>;
+        const int64_t G = blocks_per_item(resident_blocks<kernel>(device), B, V);
+        const dim3 grid(static_cast<unsigned>(G), static_cast<unsigned>(B));
+        kernel<<<grid, kThreads, 0, st>>>(
             reinterpret_cast<const TL*>(logits), reinterpret_cast<const Lb*>(labels),
             static_cast<int>(K), V, aligned, roi, reinterpret_cast<const A*>(grad_out),
             1.0 / (double(B) * double(V)), reinterpret_cast<TL*>(grad_logits));

@@ -6,7 +6,8 @@
 
 namespace colabx {
 namespace cuda {
-// Voxels per (item, block) partial sum in the forward kernels; Python sizes the workspace with it.
+// The forward kernels launch at most one block (one partial sum) per kDceChunk voxels of an
+// item; Python sizes the workspace with it.
 constexpr int kDceChunk = 4096;
 // Largest K the CUDA kernels take (all channels of a voxel live in registers); Python runs the
 // reference twin above it.
