@@ -95,9 +95,10 @@ __device__ __forceinline__ void voxel_write(const A (&q)[TMAX], A M, L y, int t,
 // ------------------------------------------------------------------------------ flat kernels
 
 template <typename T, typename L, int TMAX>
-__global__ void __launch_bounds__(256) fwd_flat(Plan p, const T* __restrict__ o, const L* __restrict__ y,
-                                                const acc_t<T>* __restrict__ d, acc_t<T>* __restrict__ out,
-                                                acc_t<T>* __restrict__ mask, acc_t<T> margin, acc_t<T> tau) {
+__global__ void __launch_bounds__(256)
+    fwd_flat(const __grid_constant__ Plan p, const T* __restrict__ o, const L* __restrict__ y,
+             const acc_t<T>* __restrict__ d, acc_t<T>* __restrict__ out,
+             acc_t<T>* __restrict__ mask, acc_t<T> margin, acc_t<T> tau) {
   using A = acc_t<T>;
   const int64_t V = p.voxels();
   const int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -112,9 +113,10 @@ __global__ void __launch_bounds__(256) fwd_flat(Plan p, const T* __restrict__ o,
 }
 
 template <typename T, typename L, int TMAX>
-__global__ void __launch_bounds__(256) bwd_flat(Plan p, const acc_t<T>* __restrict__ g, const T* __restrict__ o,
-                                                const L* __restrict__ y, const acc_t<T>* __restrict__ d,
-                                                T* __restrict__ grad_o, acc_t<T> margin, acc_t<T> tau) {
+__global__ void __launch_bounds__(256)
+    bwd_flat(const __grid_constant__ Plan p, const acc_t<T>* __restrict__ g,
+             const T* __restrict__ o, const L* __restrict__ y, const acc_t<T>* __restrict__ d,
+             T* __restrict__ grad_o, acc_t<T> margin, acc_t<T> tau) {
   using A = acc_t<T>;
   const int64_t V = p.voxels();
   const int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -163,9 +165,11 @@ __device__ __forceinline__ TileCoords tile_coords(const Tile& tl) {
 }
 
 template <typename T, typename L, int TMAX>
-__global__ void __launch_bounds__(256, 2) fwd_tiled(Plan p, Tile tl, const T* __restrict__ o, const L* __restrict__ y,
-                                                 const acc_t<T>* __restrict__ d, LevelPtrs<acc_t<T>> outs,
-                                                 LevelPtrs<acc_t<T>> masks, acc_t<T> margin, acc_t<T> tau) {
+__global__ void __launch_bounds__(256, 2)
+    fwd_tiled(const __grid_constant__ Plan p, const __grid_constant__ Tile tl,
+              const T* __restrict__ o, const L* __restrict__ y, const acc_t<T>* __restrict__ d,
+              const __grid_constant__ LevelPtrs<acc_t<T>> outs,
+              const __grid_constant__ LevelPtrs<acc_t<T>> masks, acc_t<T> margin, acc_t<T> tau) {
   using A = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   A* s_q = reinterpret_cast<A*>(smem_raw);  // [t][n1] cell sums of q
@@ -251,10 +255,11 @@ __global__ void __launch_bounds__(256, 2) fwd_tiled(Plan p, Tile tl, const T* __
 }
 
 template <typename T, typename L, int TMAX>
-__global__ void __launch_bounds__(256, 2) bwd_tiled(Plan p, Tile tl, LevelPtrs<const acc_t<T>> grads,
-                                                 const T* __restrict__ o, const L* __restrict__ y,
-                                                 const acc_t<T>* __restrict__ d, T* __restrict__ grad_o,
-                                                 acc_t<T> margin, acc_t<T> tau) {
+__global__ void __launch_bounds__(256, 2)
+    bwd_tiled(const __grid_constant__ Plan p, const __grid_constant__ Tile tl,
+              const __grid_constant__ LevelPtrs<const acc_t<T>> grads, const T* __restrict__ o,
+              const L* __restrict__ y, const acc_t<T>* __restrict__ d, T* __restrict__ grad_o,
+              acc_t<T> margin, acc_t<T> tau) {
   using A = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   A* s_g = reinterpret_cast<A*>(smem_raw);  // [t][n1] pooled gradient per P1 cell
@@ -419,9 +424,10 @@ constexpr int tiled2_min_blocks() {
 
 template <typename T, typename L, int TMAX>
 __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
-    fwd_tiled2(Plan p, Tile2 tl, const T* __restrict__ o, const L* __restrict__ y,
-               const acc_t<T>* __restrict__ d, LevelPtrs<acc_t<T>> outs, LevelPtrs<acc_t<T>> masks,
-               acc_t<T> margin, acc_t<T> tau) {
+    fwd_tiled2(const __grid_constant__ Plan p, const __grid_constant__ Tile2 tl,
+               const T* __restrict__ o, const L* __restrict__ y, const acc_t<T>* __restrict__ d,
+               const __grid_constant__ LevelPtrs<acc_t<T>> outs,
+               const __grid_constant__ LevelPtrs<acc_t<T>> masks, acc_t<T> margin, acc_t<T> tau) {
   using A = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   A* sm = reinterpret_cast<A*>(smem_raw);
@@ -552,7 +558,8 @@ __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
 
 template <typename T, typename L, int TMAX>
 __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
-    bwd_tiled2(Plan p, Tile2 tl, LevelPtrs<const acc_t<T>> grads, const T* __restrict__ o,
+    bwd_tiled2(const __grid_constant__ Plan p, const __grid_constant__ Tile2 tl,
+               const __grid_constant__ LevelPtrs<const acc_t<T>> grads, const T* __restrict__ o,
                const L* __restrict__ y, const acc_t<T>* __restrict__ d, T* __restrict__ grad_o,
                acc_t<T> margin, acc_t<T> tau) {
   using A = acc_t<T>;

@@ -328,9 +328,9 @@ constexpr int kFinUnroll = 4;
 
 template <typename A>
 __global__ void __launch_bounds__(kFinThreads)
-    dce_finalize_kernel(const double* __restrict__ partial, LevelTable lv, int B, int K,
-                        uint64_t dice_mask, double inv_bj, double smooth, double* __restrict__ sums,
-                        A* __restrict__ stats, A* __restrict__ loss) {
+    dce_finalize_kernel(const double* __restrict__ partial, const __grid_constant__ LevelTable lv,
+                        int B, int K, uint64_t dice_mask, double inv_bj, double smooth,
+                        double* __restrict__ sums, A* __restrict__ stats, A* __restrict__ loss) {
   const int NS = 3 * K + 1;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t total = int64_t(lv.n) * B * NS;
