@@ -5,7 +5,8 @@ and prints, per kernel matching ``--match``, what ptxas reports plus the residen
 blocks per SM those registers allow. It is how kernel changes are checked on a machine without a
 GPU; the timings still come from ``benchmarks/device_check.sh``.
 
-    python -m benchmarks.kernel_resources [--arch 90] [--match REGEX] [--out FILE.json]
+    python -m benchmarks.kernel_resources [--arch 90] [--match REGEX] [--files A.cu ...]
+                                          [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -75,13 +76,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="90", help="SM architecture, e.g. 90 (H100/H200) or 80")
     ap.add_argument("--match", default=DEFAULT_MATCH, help="regex over demangled kernel names")
+    ap.add_argument("--files", nargs="+", help="only these csrc/cuda sources (default: all)")
     ap.add_argument("--out", help="write the rows as JSON here")
     args = ap.parse_args(argv)
+    pattern = re.compile(args.match)
+    sources = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+    if args.files:
+        missing = set(args.files) - {s.name for s in sources}
+        if missing:
+            sys.exit(f"no such CUDA source under csrc/cuda: {', '.join(sorted(missing))}")
+        sources = [s for s in sources if s.name in args.files]
     if shutil.which("nvcc") is None:
         sys.exit("nvcc not found: this report compiles the CUDA sources")
-    pattern = re.compile(args.match)
-    rows = [r for src in sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
-            for r in ptxas_report(src, args.arch) if pattern.search(r["kernel"])]
+    rows = [r for src in sources for r in ptxas_report(src, args.arch)
+            if pattern.search(r["kernel"])]
     print(f"sm_{args.arch}: registers, stack/spill bytes, 256-thread blocks per SM by registers")
     print(f"{'kernel':<58} {'regs':>4} {'stack':>5} {'spill st/ld':>11} {'blocks':>6}")
     for r in rows:
