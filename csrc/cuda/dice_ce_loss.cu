@@ -4,14 +4,15 @@
 // per step (one 4..16-byte load per channel row; scalar loads at the ragged end or when the
 // rows are not aligned), with all K channels in registers (K <= KM, a compile-time bucket).
 //
-// Grids are (G, B): G grid-stride blocks per item, sized so the whole batch is one resident
-// wave (SMs x occupancy / B, at most one per kDceChunk voxels), each block stepping over tiles
-// of kThreads * VEC voxels. No partly filled last wave, and few partials to finalize.
-// Forward: each block reduces its 3K+1 sums (tp, Σp, Σŷ per channel and the CE sum) with a fixed
-// butterfly per warp and a fixed-order sum over warps, and writes them to a float64 partials
-// buffer laid out [B][3K+1][G]; one 1024-thread finalize block sums each (level, item, sum) run
-// in fixed order (lane-strided + butterfly, in double), writes the stats and the scalar loss. No
-// atomics: bitwise reproducible run to run on a given device (G depends on its SM count).
+// Grids are (G, B): G grid-stride blocks per item, each stepping over tiles of kThreads * VEC
+// voxels; G fills whole waves of the device's resident blocks (SMs x occupancy; see
+// blocks_per_item), at most one forward block per kDceChunk voxels. Few partials to finalize.
+// Forward: each block reduces its 3K+1 sums (tp, Σp, Σŷ per channel and the CE sum): 16 voxels
+// per thread in fp32, a fixed butterfly per warp into per-warp float64 running sums, a
+// fixed-order sum over warps, written to a float64 partials buffer laid out [B][3K+1][G]; one
+// 1024-thread finalize block sums each (level, item, sum) run in fixed order (lane-strided +
+// butterfly, in double), writes the stats and the scalar loss. No atomics: bitwise reproducible
+// run to run on a given device (G depends on its SM count and the batch).
 // Backward: tiles in descending order (each item's last tiles, read last by the forward, are the
 // likeliest in L2); each block turns its item's stats + grad_out (read from device memory) into
 // per-channel coefficients in shared memory once, recomputes p and writes ∂logits and ∂targets
@@ -42,6 +43,11 @@ struct Bucket {
   static constexpr int64_t tile = int64_t(kThreads) * vec;  // voxels per block step
   static_assert(kDceChunk % tile == 0, "a workspace chunk is a whole number of tiles");
 };
+
+// Tiles a forward thread sums in the accumulator type before its warp flushes them to float64:
+// one workspace chunk's worth, 16 voxels per thread in every bucket.
+template <int KM>
+constexpr int kFlushTiles = static_cast<int>(kDceChunk / Bucket<KM>::tile);
 
 // A row segment of N elements of T moves as 32-bit words with the widest global access its size
 // allows (one LDG/STG.128 per 16 bytes). Stores are inline PTX st.global.v4/v2:
@@ -77,10 +83,12 @@ __device__ __forceinline__ void store_words(uint32_t* __restrict__ dst, const ui
   if constexpr (W % 4 == 0) {
 #pragma unroll
     for (int i = 0; i < W; i += 4)
-      asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(dst + i), "r"(w[i]),
-                   "r"(w[i + 1]), "r"(w[i + 2]), "r"(w[i + 3]));
+      asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(
+                       __cvta_generic_to_global(dst + i)),
+                   "r"(w[i]), "r"(w[i + 1]), "r"(w[i + 2]), "r"(w[i + 3]));
   } else if constexpr (W == 2) {
-    asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(dst), "r"(w[0]), "r"(w[1]));
+    asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(__cvta_generic_to_global(dst)),
+                 "r"(w[0]), "r"(w[1]));
   } else {
     static_assert(W == 1, "row segments are 4, 8 or a multiple of 16 bytes");
     dst[0] = w[0];
@@ -240,67 +248,82 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int VEC = Bucket<KM>::vec;
   constexpr int NSM = 3 * KM + 1;
   constexpr int64_t kTile = Bucket<KM>::tile;
-  const int64_t g = blockIdx.x, G = gridDim.x, b = blockIdx.y;
+  const int64_t blk = blockIdx.x, nblk = gridDim.x, b = blockIdx.y;
   const int64_t ntiles = (V + kTile - 1) / kTile;
   const TL* zb = z + b * K * V;
   const TT* tb = HARD ? tg + b * V : tg + b * K * V;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  // Each thread sums at most kFlushTiles tiles (16 voxels) in the accumulator type; then its
+  // warp's butterfly total goes into that warp's float64 running sums. A block can walk
+  // thousands of tiles (large V or B), which fp32 running sums would not hold to fp32 accuracy.
+  __shared__ double wsum[kWarps][NSM];
   A acc[NSM];
 #pragma unroll
-  for (int i = 0; i < NSM; ++i) acc[i] = A(0);
+  for (int i = 0; i < NSM; ++i) {
+    acc[i] = A(0);
+    if (lane == 0) wsum[warp][i] = 0.0;
+  }
+  const auto flush = [&]() {
+#pragma unroll
+    for (int i = 0; i < NSM; ++i) {
+      const A s = warp_sum(acc[i]);
+      if (lane == 0) wsum[warp][i] += static_cast<double>(s);
+      acc[i] = A(0);
+    }
+  };
 
+  int pending = 0;  // tiles summed in acc since the last flush (block-uniform)
 #pragma unroll 1
-  for (int64_t t = g; t < ntiles; t += G) {
+  for (int64_t t = blk; t < ntiles; t += nblk) {
     const int64_t v0 = t * kTile + int64_t(threadIdx.x) * VEC;
-    if (v0 >= V) continue;  // ragged end of the last tile
-    TL zr[KM][VEC];
-    TT yr[HARD ? 1 : KM][VEC];
-    load_tile<HARD>(zb, tb, K, v0, V, aligned, zr, yr);
+    if (v0 < V) {  // only the last tile can be ragged
+      TL zr[KM][VEC];
+      TT yr[HARD ? 1 : KM][VEC];
+      load_tile<HARD>(zb, tb, K, v0, V, aligned, zr, yr);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      if (v0 + j >= V) continue;
-      A p[KM], lp[KM];  // lp[k] = log(p[k] + 1e-32)
+      for (int j = 0; j < VEC; ++j) {
+        if (v0 + j >= V) continue;
+        A p[KM], lp[KM];  // lp[k] = log(p[k] + 1e-32)
 #pragma unroll
-      for (int k = 0; k < KM; ++k) p[k] = k < K ? load_acc(zr[k][j]) : A(0);
-      if constexpr (std::is_same_v<A, float>) {
-        float d[KM];
-        const float logs = softmax_fast<KM>(K, p, d);
-        ce_logs<KM>(K, p, d, logs, lp);
-      } else {
-        softmax_regs<KM>(K, p);
+        for (int k = 0; k < KM; ++k) p[k] = k < K ? load_acc(zr[k][j]) : A(0);
+        if constexpr (std::is_same_v<A, float>) {
+          float d[KM];
+          const float logs = softmax_fast<KM>(K, p, d);
+          ce_logs<KM>(K, p, d, logs, lp);
+        } else {
+          softmax_regs<KM>(K, p);
 #pragma unroll
-        for (int k = 0; k < KM; ++k)
-          if (k < K) lp[k] = dce::acc_log(p[k] + dce::ce_eps<A>());
-      }
+          for (int k = 0; k < KM; ++k)
+            if (k < K) lp[k] = dce::acc_log(p[k] + dce::ce_eps<A>());
+        }
 #pragma unroll
-      for (int k = 0; k < KM; ++k) {
-        if (k >= K) continue;
-        A y;
-        if constexpr (HARD)
-          y = static_cast<int64_t>(yr[0][j]) == k ? A(1) : A(0);
-        else
-          y = static_cast<A>(yr[k][j]);
-        acc[k] += p[k] * y;
-        acc[KM + k] += p[k];
-        acc[2 * KM + k] += y;
-        acc[3 * KM] += -(y * lp[k]);  // dce::ce_term
+        for (int k = 0; k < KM; ++k) {
+          if (k >= K) continue;
+          A y;
+          if constexpr (HARD)
+            y = static_cast<int64_t>(yr[0][j]) == k ? A(1) : A(0);
+          else
+            y = static_cast<A>(yr[k][j]);
+          acc[k] += p[k] * y;
+          acc[KM + k] += p[k];
+          acc[2 * KM + k] += y;
+          acc[3 * KM] += -(y * lp[k]);  // dce::ce_term
+        }
       }
     }
+    if (++pending == kFlushTiles<KM>) {  // outside the branch: the flush shuffles whole warps
+      pending = 0;
+      flush();
+    }
   }
-
-  __shared__ A red[kWarps][NSM];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int i = 0; i < NSM; ++i) {
-    const A s = warp_sum(acc[i]);
-    if (lane == 0) red[warp][i] = s;
-  }
+  flush();
   __syncthreads();
   const int NS = 3 * K + 1;
   for (int i = threadIdx.x; i < NS; i += kThreads) {
     const int src = i < 3 * K ? (i / K) * KM + (i % K) : 3 * KM;
     double s = 0.0;
-    for (int w = 0; w < kWarps; ++w) s += static_cast<double>(red[w][src]);
-    partial[(b * NS + i) * G + g] = s;  // [B][NS][G]: the finalize reads each sum's run coalesced
+    for (int w = 0; w < kWarps; ++w) s += wsum[w][src];
+    partial[(b * NS + i) * nblk + blk] = s;  // [B][NS][G]: the finalize reads each run coalesced
   }
 }
 
@@ -395,7 +418,7 @@ __global__ void __launch_bounds__(kThreads, kBwdMinBlocks<acc_t<TL>, KM>)
   using A = acc_t<TL>;
   constexpr int VEC = Bucket<KM>::vec;
   constexpr int64_t kTile = Bucket<KM>::tile;
-  const int64_t g = blockIdx.x, G = gridDim.x, b = blockIdx.y;
+  const int64_t blk = blockIdx.x, nblk = gridDim.x, b = blockIdx.y;
   const int64_t ntiles = (V + kTile - 1) / kTile;
   // Per-channel Dice coefficients (aligned, so the voxel loop reads them with vector LDS) and
   // the CE scale.
@@ -430,7 +453,7 @@ __global__ void __launch_bounds__(kThreads, kBwdMinBlocks<acc_t<TL>, KM>)
   // Tiles in descending order: the forward ends on each item's last tiles, which are then the
   // likeliest to still be in L2.
 #pragma unroll 1
-  for (int64_t t = ntiles - 1 - g; t >= 0; t -= G) {
+  for (int64_t t = ntiles - 1 - blk; t >= 0; t -= nblk) {
     const int64_t v0 = t * kTile + int64_t(threadIdx.x) * VEC;
     if (v0 >= V) continue;  // ragged end of the last tile
     TL zr[KM][VEC];
@@ -503,43 +526,52 @@ __global__ void __launch_bounds__(kThreads)
   using A = acc_t<TL>;
   constexpr int VEC = Bucket<KM>::vec;
   constexpr int64_t kTile = Bucket<KM>::tile;
-  const int64_t g = blockIdx.x, G = gridDim.x, b = blockIdx.y;
+  const int64_t blk = blockIdx.x, nblk = gridDim.x, b = blockIdx.y;
   const int64_t ntiles = (V + kTile - 1) / kTile;
   const TL* zb = z + b * K * V;
   const L* lb = lab + b * V;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __shared__ double wsum[kWarps];  // per-warp float64 running sums, as in dce_fwd_kernel
+  if (lane == 0) wsum[warp] = 0.0;
   A acc = A(0);
+  int pending = 0;
 #pragma unroll 1
-  for (int64_t t = g; t < ntiles; t += G) {
+  for (int64_t t = blk; t < ntiles; t += nblk) {
     const int64_t v0 = t * kTile + int64_t(threadIdx.x) * VEC;
-    if (v0 >= V) continue;
-    TL zr[KM][VEC];
-    L lr[VEC];
-#pragma unroll
-    for (int k = 0; k < KM; ++k)
-      if (k < K) load_vec(zb + k * V, v0, V, aligned, zr[k]);
-    load_vec(lb, v0, V, aligned, lr);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      if (v0 + j >= V) continue;
-      A p[KM];
-#pragma unroll
-      for (int k = 0; k < KM; ++k) p[k] = k < K ? load_acc(zr[k][j]) : A(0);
-      softmax_regs<KM>(K, p);
-      const int64_t y = static_cast<int64_t>(lr[j]);
+    if (v0 < V) {
+      TL zr[KM][VEC];
+      L lr[VEC];
 #pragma unroll
       for (int k = 0; k < KM; ++k)
-        if (k < K && ((roi_mask >> k) & 1u)) acc += dce::bce_term(y == k, p[k]);
+        if (k < K) load_vec(zb + k * V, v0, V, aligned, zr[k]);
+      load_vec(lb, v0, V, aligned, lr);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        if (v0 + j >= V) continue;
+        A p[KM];
+#pragma unroll
+        for (int k = 0; k < KM; ++k) p[k] = k < K ? load_acc(zr[k][j]) : A(0);
+        softmax_regs<KM>(K, p);
+        const int64_t y = static_cast<int64_t>(lr[j]);
+#pragma unroll
+        for (int k = 0; k < KM; ++k)
+          if (k < K && ((roi_mask >> k) & 1u)) acc += dce::bce_term(y == k, p[k]);
+      }
+    }
+    if (++pending == kFlushTiles<KM>) {
+      pending = 0;
+      const A s = warp_sum(acc);
+      if (lane == 0) wsum[warp] += static_cast<double>(s);
+      acc = A(0);
     }
   }
-  __shared__ A red[kWarps];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const A s = warp_sum(acc);
-  if (lane == 0) red[warp] = s;
+  if (lane == 0) wsum[warp] += static_cast<double>(s);
   __syncthreads();
   if (threadIdx.x == 0) {
-    double t = 0.0;
-    for (int w = 0; w < kWarps; ++w) t += static_cast<double>(red[w]);
-    partial[b * G + g] = t;
+    double total = 0.0;
+    for (int w = 0; w < kWarps; ++w) total += wsum[w];
+    partial[b * nblk + blk] = total;
   }
 }
 
@@ -569,14 +601,14 @@ __global__ void __launch_bounds__(kThreads)
   using A = acc_t<TL>;
   constexpr int VEC = Bucket<KM>::vec;
   constexpr int64_t kTile = Bucket<KM>::tile;
-  const int64_t g = blockIdx.x, G = gridDim.x, b = blockIdx.y;
+  const int64_t blk = blockIdx.x, nblk = gridDim.x, b = blockIdx.y;
   const int64_t ntiles = (V + kTile - 1) / kTile;
   const A c = grad_out[0] * static_cast<A>(inv_bv);
   const TL* zb = z + b * K * V;
   const L* lb = lab + b * V;
   TL* gzb = gz + b * K * V;
 #pragma unroll 1
-  for (int64_t t = ntiles - 1 - g; t >= 0; t -= G) {
+  for (int64_t t = ntiles - 1 - blk; t >= 0; t -= nblk) {
     const int64_t v0 = t * kTile + int64_t(threadIdx.x) * VEC;
     if (v0 >= V) continue;
     TL zr[KM][VEC];
@@ -636,10 +668,13 @@ uint64_t channel_mask(const std::vector<int64_t>& channels, int64_t K, const cha
 
 inline int64_t num_chunks(int64_t V) { return (V + kDceChunk - 1) / kDceChunk; }
 
-void check_grid(int64_t B, const char* what) {
+void check_sizes(int64_t B, int64_t V, const char* what) {
   if (B > 65535 || B < 1)
     throw std::invalid_argument(std::string(what) + ": batch of " + std::to_string(B) +
                                 " items is outside 1..65535 for one launch");
+  if (V < 1)
+    throw std::invalid_argument(std::string(what) + ": " + std::to_string(V) +
+                                " voxels per item; the kernels need at least one");
 }
 
 void check_cuda(cudaError_t err, const char* what) {
@@ -668,10 +703,26 @@ int64_t resident_blocks(int device) {
   return n;
 }
 
-// Grid-stride blocks per item: one resident wave over the batch (so no partly filled last wave),
-// at most one block per workspace chunk (the partials Python sized the workspace for).
-inline int64_t blocks_per_item(int64_t resident, int64_t B, int64_t V) {
-  return std::clamp<int64_t>(resident / B, 1, num_chunks(V));
+template <int KM>
+int64_t num_tiles(int64_t V) {
+  return (V + Bucket<KM>::tile - 1) / Bucket<KM>::tile;
+}
+
+// Grid-stride blocks per item (at most `cap`). Blocks get equal work (within one tile), so a
+// launch costs about waves x tiles per block, waves = ceil(G B / resident): of the block counts
+// that fill 1..8 whole waves, keep the cheapest (the fewest blocks among equals: fewer partials).
+// B = 2 at 160^3 gives one wave; B = 67 on 132 slots gives several full waves, not 67 blocks.
+inline int64_t blocks_per_item(int64_t resident, int64_t B, int64_t ntiles, int64_t cap) {
+  int64_t best = 1, best_cost = -1;
+  for (int64_t waves_target = 1; waves_target <= 8; ++waves_target) {
+    const int64_t G = std::clamp<int64_t>(waves_target * resident / B, 1, cap);
+    const int64_t cost = ((G * B + resident - 1) / resident) * ((ntiles + G - 1) / G);
+    if (best_cost < 0 || cost < best_cost) {
+      best = G;
+      best_cost = cost;
+    }
+  }
+  return best;
 }
 
 }  // namespace
@@ -696,11 +747,11 @@ void dice_ce_loss_forward_cuda(const std::vector<uintptr_t>& logits,
   cudaStream_t st = static_cast<cudaStream_t>(prepare(device, stream, "dice_ce_loss"));
   const int64_t NS = 3 * K + 1;
   double* work = reinterpret_cast<double*>(workspace);
-  check_grid(B, "dice_ce_loss");
   LevelTable lv{};
   lv.n = static_cast<int>(L);
   int64_t capacity = 0;  // the partials Python allocated: B * NS per workspace chunk
   for (size_t l = 0; l < L; ++l) {
+    check_sizes(B, V[l], "dice_ce_loss");
     lv.inv_bv[l] = 1.0 / (double(B) * double(V[l]));
     lv.weight[l] = weights[l];
     capacity += B * num_chunks(V[l]) * NS;
@@ -720,7 +771,9 @@ void dice_ce_loss_forward_cuda(const std::vector<uintptr_t>& logits,
           const bool aligned = V[l] % VEC == 0 && is_aligned(logits[l], sizeof(TL) * VEC) &&
                                is_aligned(targets[l], sizeof(TT) * VEC);
           constexpr auto kernel = dce_fwd_kernel<TL, TT, HARD, KM>;
-          const int64_t G = blocks_per_item(resident_blocks<kernel>(device), B, V[l]);
+          // at most one block per workspace chunk: the partials Python sized the workspace for
+          const int64_t G = blocks_per_item(resident_blocks<kernel>(device), B,
+                                            num_tiles<KM>(V[l]), num_chunks(V[l]));
           lv.part_off[l] = off;
           lv.nparts[l] = G;
           off += B * G * NS;
@@ -767,14 +820,15 @@ void dice_ce_loss_backward_cuda(uintptr_t grad_out, const std::vector<uintptr_t>
         dce::dispatch_targets<TL>(target_codes[l], "dice_ce_loss (CUDA)", [&](auto tt, auto hard) {
           using TT = typename decltype(tt)::type;
           constexpr bool HARD = decltype(hard)::value;
-          check_grid(B, "dice_ce_loss");
+          check_sizes(B, V[l], "dice_ce_loss");
           const bool aligned = V[l] % VEC == 0 && is_aligned(logits[l], sizeof(TL) * VEC) &&
                                is_aligned(grad_logits[l], sizeof(TL) * VEC) &&
                                is_aligned(targets[l], sizeof(TT) * VEC) &&
                                (HARD || grad_targets[l] == 0 ||
                                 is_aligned(grad_targets[l], sizeof(TT) * VEC));
           constexpr auto kernel = dce_bwd_kernel<TL, TT, HARD, KM>;
-          const int64_t G = blocks_per_item(resident_blocks<kernel>(device), B, V[l]);
+          const int64_t nt = num_tiles<KM>(V[l]);
+          const int64_t G = blocks_per_item(resident_blocks<kernel>(device), B, nt, nt);
           const dim3 grid(static_cast<unsigned>(G), static_cast<unsigned>(B));
           kernel<<<grid, kThreads, 0, st>>>(
               reinterpret_cast<const TL*>(logits[l]), reinterpret_cast<const TT*>(targets[l]),
@@ -796,7 +850,7 @@ void roi_bce_loss_forward_cuda(uintptr_t logits, uintptr_t labels, int logits_co
                                uintptr_t workspace, int device, uintptr_t stream) {
   const uint64_t roi = channel_mask(roi_channels, K, "roi_bce_loss");
   cudaStream_t st = static_cast<cudaStream_t>(prepare(device, stream, "roi_bce_loss"));
-  check_grid(B, "roi_bce_loss");
+  check_sizes(B, V, "roi_bce_loss");
   double* work = reinterpret_cast<double*>(workspace);
   int64_t n_part = 0;
   dispatch_floating(logits_code, "roi_bce_loss logits", [&](auto ltag) {
@@ -810,7 +864,8 @@ void roi_bce_loss_forward_cuda(uintptr_t logits, uintptr_t labels, int logits_co
         const bool aligned = V % VEC == 0 && is_aligned(logits, sizeof(TL) * VEC) &&
                              is_aligned(labels, sizeof(Lb) * VEC);
         constexpr auto kernel = bce_fwd_kernel<TL, Lb, KM>;
-        const int64_t G = blocks_per_item(resident_blocks<kernel>(device), B, V);
+        const int64_t G = blocks_per_item(resident_blocks<kernel>(device), B, num_tiles<KM>(V),
+                                          num_chunks(V));
         n_part = B * G;
         const dim3 grid(static_cast<unsigned>(G), static_cast<unsigned>(B));
         kernel<<<grid, kThreads, 0, st>>>(
@@ -831,7 +886,7 @@ void roi_bce_loss_backward_cuda(uintptr_t grad_out, uintptr_t logits, uintptr_t 
                                 int device, uintptr_t stream) {
   const uint64_t roi = channel_mask(roi_channels, K, "roi_bce_loss");
   cudaStream_t st = static_cast<cudaStream_t>(prepare(device, stream, "roi_bce_loss"));
-  check_grid(B, "roi_bce_loss");
+  check_sizes(B, V, "roi_bce_loss");
   dispatch_floating(logits_code, "roi_bce_loss logits", [&](auto ltag) {
     using TL = typename decltype(ltag)::type;
     using A = acc_t<TL>;
@@ -844,7 +899,8 @@ void roi_bce_loss_backward_cuda(uintptr_t grad_out, uintptr_t logits, uintptr_t 
                              is_aligned(grad_logits, sizeof(TL) * VEC) &&
                              is_aligned(labels, sizeof(Lb) * VEC);
         constexpr auto kernel = bce_bwd_kernel<TL, Lb, KM>;
-        const int64_t G = blocks_per_item(resident_blocks<kernel>(device), B, V);
+        const int64_t nt = num_tiles<KM>(V);
+        const int64_t G = blocks_per_item(resident_blocks<kernel>(device), B, nt, nt);
         const dim3 grid(static_cast<unsigned>(G), static_cast<unsigned>(B));
         kernel<<<grid, kThreads, 0, st>>>(
             reinterpret_cast<const TL*>(logits), reinterpret_cast<const Lb*>(labels),
