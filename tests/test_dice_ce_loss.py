@@ -459,6 +459,34 @@ def test_cuda_determinism():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("k,side", [(3, 160), (16, 128)])
+def test_cuda_sums_hold_when_blocks_walk_many_tiles(k, side):
+    # One item of 2-4M voxels: every block of the grid-stride forward walks tens of tiles
+    # (K = 16 fits one block per SM). Near-uniform logits make each Σp a long sum of nearly
+    # equal terms, where long running fp32 sums drift; the kernels flush to float64 every 16
+    # voxels per thread, so loss and gradients match the float64 twin at fp32 tolerance.
+    g = torch.Generator().manual_seed(7)
+    shape = (1, k, side, side, side)
+    z = 1e-3 * torch.randn(shape, generator=g)
+    y = torch.softmax(1e-3 * torch.randn(shape, generator=g), 1)
+    zc, yc = z.cuda().requires_grad_(), y.cuda().requires_grad_()
+    loss = colabx.dice_ce_loss(zc, yc)
+    loss.backward()
+    zd, yd = z.double().requires_grad_(), y.double().requires_grad_()
+    want = ref.dice_ce_loss(zd, yd)
+    want.backward()
+    torch.testing.assert_close(loss.double().cpu(), want.detach(), rtol=2e-5, atol=1e-7)
+    for got, exp in ((zc.grad, zd.grad), (yc.grad, yd.grad)):
+        s = exp.abs().max()
+        torch.testing.assert_close(got.double().cpu() / s, exp / s, **GTOL[torch.float32])
+    lab = (y.argmax(1)).cuda()
+    lb = colabx.roi_bce_loss(z.cuda(), lab, list(range(1, k)))
+    torch.testing.assert_close(lb.double().cpu(), ref.roi_bce_loss(z.double(), lab.cpu(),
+                                                                    list(range(1, k))),
+                               rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("b,k,spatial", CASES + [(2, 20, (9, 7))])
 def test_cuda_roi_bce(b, k, spatial):
     z = 3 * torch.randn((b, k, *spatial))
