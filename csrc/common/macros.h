@@ -117,10 +117,15 @@ COLABX_HD uint16_t float_to_half_bits(float f) {
 
 COLABX_HD float bf16_bits_to_float(uint16_t b) { return bits_to_float(uint32_t(b) << 16); }
 
+// Round-to-nearest-even float -> bfloat16 (one F2FP instruction on the device).
 COLABX_HD uint16_t float_to_bf16_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+#else
   const uint32_t u = float_to_bits(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);  // quiet nan
   return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+#endif
 }
 
 // Uniform load/store for the scalar types the kernels are templated on.
