@@ -76,27 +76,9 @@ COLABX_HD float log_poly(float x) {
   return special ? bad : y;
 }
 
-// exp and log as the kernels use them. Host: exp_poly / log_poly above. Device: CUDA's expf
-// (<= 2 ulp; range reduction around the MUFU.EX2 unit, 10 SASS instructions against the
-// polynomial's 19) and logf (<= 1 ulp; no division, where log_poly's f / (2 + f) costs an IEEE
-// divide with its slow-path call). The loss kernels are issue-bound on this math (bf16 logits,
-// 25 % fewer bytes, ran slower than fp32 on the H200), and the GPU tests hold the CUDA results
-// to the twin and to the CPU kernels at fp32 tolerance.
-COLABX_HD float acc_exp(float x) {
-#if defined(__CUDA_ARCH__)
-  return expf(x);
-#else
-  return exp_poly(x);
-#endif
-}
+COLABX_HD float acc_exp(float x) { return exp_poly(x); }
 COLABX_HD double acc_exp(double x) { return exp(x); }
-COLABX_HD float acc_log(float x) {
-#if defined(__CUDA_ARCH__)
-  return logf(x);
-#else
-  return log_poly(x);
-#endif
-}
+COLABX_HD float acc_log(float x) { return log_poly(x); }
 COLABX_HD double acc_log(double x) { return log(x); }
 
 template <typename A>
