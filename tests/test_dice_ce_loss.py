@@ -479,7 +479,7 @@ def test_cuda_sums_hold_when_blocks_walk_many_tiles(k, side):
     for got, exp in ((zc.grad, zd.grad), (yc.grad, yd.grad)):
         s = exp.abs().max()
         torch.testing.assert_close(got.double().cpu() / s, exp / s, **GTOL[torch.float32])
-    lab = (y.argmax(1)).cuda()
+    lab = y.argmax(1).cuda()
     lb = colabx.roi_bce_loss(z.cuda(), lab, list(range(1, k)))
     torch.testing.assert_close(lb.double().cpu(), ref.roi_bce_loss(z.double(), lab.cpu(),
                                                                     list(range(1, k))),

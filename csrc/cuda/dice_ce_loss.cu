@@ -44,6 +44,12 @@ struct Bucket {
   static_assert(kDceChunk % tile == 0, "a workspace chunk is a whole number of tiles");
 };
 
+// Tiles of V voxels (the last may be ragged): the grid-stride step count, host and device.
+template <int KM>
+__host__ __device__ __forceinline__ int64_t num_tiles(int64_t V) {
+  return (V + Bucket<KM>::tile - 1) / Bucket<KM>::tile;
+}
+
 // Tiles a forward thread sums in the accumulator type before its warp flushes them to float64:
 // one workspace chunk's worth, 16 voxels per thread in every bucket.
 template <int KM>
@@ -146,11 +152,33 @@ __device__ __forceinline__ void load_tile(const TL* __restrict__ zb, const TT* _
   }
 }
 
+// Target of channel k at the tile's voxel j: one-hot of the hard label, or the soft target.
+template <bool HARD, typename A, typename TT, int R, int VEC>
+__device__ __forceinline__ A target_value(const TT (&yr)[R][VEC], int k, int j) {
+  if constexpr (HARD)
+    return static_cast<int64_t>(yr[0][j]) == k ? A(1) : A(0);
+  else
+    return static_cast<A>(yr[k][j]);
+}
+
 template <typename A>
 __device__ __forceinline__ A warp_sum(A x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
+}
+
+// Adds the warp's butterfly totals of acc[0..N) to that warp's float64 running sums (lane 0
+// writes them) and zeroes acc. All lanes of the warp must call it together.
+template <int N, typename A>
+__device__ __forceinline__ void flush_to_warp_sums(A (&acc)[N], double* __restrict__ wsum,
+                                                   int lane) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const A s = warp_sum(acc[i]);
+    if (lane == 0) wsum[i] += static_cast<double>(s);
+    acc[i] = A(0);
+  }
 }
 
 template <typename T>
@@ -259,7 +287,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int NSM = 3 * KM + 1;
   constexpr int64_t kTile = Bucket<KM>::tile;
   const int64_t blk = blockIdx.x, nblk = gridDim.x, b = blockIdx.y;
-  const int64_t ntiles = (V + kTile - 1) / kTile;
+  const int64_t ntiles = num_tiles<KM>(V);
   const TL* zb = z + b * K * V;
   const TT* tb = HARD ? tg + b * V : tg + b * K * V;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -273,15 +301,6 @@ __global__ void __launch_bounds__(kThreads)
     acc[i] = A(0);
     if (lane == 0) wsum[warp][i] = 0.0;
   }
-  const auto flush = [&]() {
-#pragma unroll
-    for (int i = 0; i < NSM; ++i) {
-      const A s = warp_sum(acc[i]);
-      if (lane == 0) wsum[warp][i] += static_cast<double>(s);
-      acc[i] = A(0);
-    }
-  };
-
   int pending = 0;  // tiles summed in acc since the last flush (block-uniform)
 #pragma unroll 1
   for (int64_t t = blk; t < ntiles; t += nblk) {
@@ -309,11 +328,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int k = 0; k < KM; ++k) {
           if (k >= K) continue;
-          A y;
-          if constexpr (HARD)
-            y = static_cast<int64_t>(yr[0][j]) == k ? A(1) : A(0);
-          else
-            y = static_cast<A>(yr[k][j]);
+          const A y = target_value<HARD, A>(yr, k, j);
           acc[k] += p[k] * y;
           acc[KM + k] += p[k];
           acc[2 * KM + k] += y;
@@ -323,10 +338,10 @@ __global__ void __launch_bounds__(kThreads)
     }
     if (++pending == kFlushTiles<KM>) {  // outside the branch: the flush shuffles whole warps
       pending = 0;
-      flush();
+      flush_to_warp_sums(acc, wsum[warp], lane);
     }
   }
-  flush();
+  flush_to_warp_sums(acc, wsum[warp], lane);
   __syncthreads();
   const int NS = 3 * K + 1;
   for (int i = threadIdx.x; i < NS; i += kThreads) {
@@ -429,7 +444,7 @@ __global__ void __launch_bounds__(kThreads, kBwdMinBlocks<acc_t<TL>, KM>)
   constexpr int VEC = Bucket<KM>::vec;
   constexpr int64_t kTile = Bucket<KM>::tile;
   const int64_t blk = blockIdx.x, nblk = gridDim.x, b = blockIdx.y;
-  const int64_t ntiles = (V + kTile - 1) / kTile;
+  const int64_t ntiles = num_tiles<KM>(V);
   // Per-channel Dice coefficients (aligned, so the voxel loop reads them with vector LDS) and
   // the CE scale.
   __shared__ alignas(16) A alpha_s[KM];
@@ -485,11 +500,7 @@ __global__ void __launch_bounds__(kThreads, kBwdMinBlocks<acc_t<TL>, KM>)
 #pragma unroll
         for (int k = 0; k < KM; ++k) {
           if (k >= K) continue;
-          float y;
-          if constexpr (HARD)
-            y = static_cast<int64_t>(yr[0][j]) == k ? 1.0f : 0.0f;
-          else
-            y = yr[k][j];
+          const float y = target_value<HARD, float>(yr, k, j);
           const float alpha = alpha_s[k], beta = beta_s[k];
           g[k] = (-c * y) * fast_rcp(p[k] + dce::kCeEps) + (alpha * y + beta);
           dot += p[k] * g[k];
@@ -501,11 +512,7 @@ __global__ void __launch_bounds__(kThreads, kBwdMinBlocks<acc_t<TL>, KM>)
 #pragma unroll
         for (int k = 0; k < KM; ++k) {
           if (k >= K) continue;
-          A y;
-          if constexpr (HARD)
-            y = static_cast<int64_t>(yr[0][j]) == k ? A(1) : A(0);
-          else
-            y = static_cast<A>(yr[k][j]);
+          const A y = target_value<HARD, A>(yr, k, j);
           g[k] = dce::dce_grad_p(y, p[k], c, alpha_s[k], beta_s[k]);
           dot += p[k] * g[k];
           if constexpr (!HARD)
@@ -537,13 +544,13 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int VEC = Bucket<KM>::vec;
   constexpr int64_t kTile = Bucket<KM>::tile;
   const int64_t blk = blockIdx.x, nblk = gridDim.x, b = blockIdx.y;
-  const int64_t ntiles = (V + kTile - 1) / kTile;
+  const int64_t ntiles = num_tiles<KM>(V);
   const TL* zb = z + b * K * V;
   const L* lb = lab + b * V;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   __shared__ double wsum[kWarps];  // per-warp float64 running sums, as in dce_fwd_kernel
   if (lane == 0) wsum[warp] = 0.0;
-  A acc = A(0);
+  A acc[1] = {A(0)};
   int pending = 0;
 #pragma unroll 1
   for (int64_t t = blk; t < ntiles; t += nblk) {
@@ -565,18 +572,15 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t y = static_cast<int64_t>(lr[j]);
 #pragma unroll
         for (int k = 0; k < KM; ++k)
-          if (k < K && ((roi_mask >> k) & 1u)) acc += dce::bce_term(y == k, p[k]);
+          if (k < K && ((roi_mask >> k) & 1u)) acc[0] += dce::bce_term(y == k, p[k]);
       }
     }
     if (++pending == kFlushTiles<KM>) {
       pending = 0;
-      const A s = warp_sum(acc);
-      if (lane == 0) wsum[warp] += static_cast<double>(s);
-      acc = A(0);
+      flush_to_warp_sums(acc, &wsum[warp], lane);
     }
   }
-  const A s = warp_sum(acc);
-  if (lane == 0) wsum[warp] += static_cast<double>(s);
+  flush_to_warp_sums(acc, &wsum[warp], lane);
   __syncthreads();
   if (threadIdx.x == 0) {
     double total = 0.0;
@@ -612,7 +616,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int VEC = Bucket<KM>::vec;
   constexpr int64_t kTile = Bucket<KM>::tile;
   const int64_t blk = blockIdx.x, nblk = gridDim.x, b = blockIdx.y;
-  const int64_t ntiles = (V + kTile - 1) / kTile;
+  const int64_t ntiles = num_tiles<KM>(V);
   const A c = grad_out[0] * static_cast<A>(inv_bv);
   const TL* zb = z + b * K * V;
   const L* lb = lab + b * V;
@@ -713,11 +717,6 @@ int64_t resident_blocks(int device) {
   return n;
 }
 
-template <int KM>
-int64_t num_tiles(int64_t V) {
-  return (V + Bucket<KM>::tile - 1) / Bucket<KM>::tile;
-}
-
 // Grid-stride blocks per item (at most `cap`). Blocks get equal work (within one tile), so a
 // launch costs about waves x tiles per block, waves = ceil(G B / resident): of the block counts
 // that fill 1..8 whole waves, keep the cheapest (the fewest blocks among equals: fewer partials).
@@ -733,6 +732,16 @@ inline int64_t blocks_per_item(int64_t resident, int64_t B, int64_t ntiles, int6
     }
   }
   return best;
+}
+
+// Blocks per item for Kernel (bucket KM) over V voxels. A forward kernel writes one partial per
+// block, so it gets at most one block per workspace chunk (what Python sized the workspace
+// for); a backward kernel at most one per tile.
+template <auto Kernel, int KM>
+int64_t grid_blocks(int device, int64_t B, int64_t V, bool writes_partials) {
+  const int64_t nt = num_tiles<KM>(V);
+  return blocks_per_item(resident_blocks<Kernel>(device), B, nt,
+                         writes_partials ? num_chunks(V) : nt);
 }
 
 }  // namespace
@@ -781,9 +790,7 @@ void dice_ce_loss_forward_cuda(const std::vector<uintptr_t>& logits,
           const bool aligned = V[l] % VEC == 0 && is_aligned(logits[l], sizeof(TL) * VEC) &&
                                is_aligned(targets[l], sizeof(TT) * VEC);
           constexpr auto kernel = dce_fwd_kernel<TL, TT, HARD, KM>;
-          // at most one block per workspace chunk: the partials Python sized the workspace for
-          const int64_t G = blocks_per_item(resident_blocks<kernel>(device), B,
-                                            num_tiles<KM>(V[l]), num_chunks(V[l]));
+          const int64_t G = grid_blocks<kernel, KM>(device, B, V[l], true);
           lv.part_off[l] = off;
           lv.nparts[l] = G;
           off += B * G * NS;
@@ -837,8 +844,7 @@ void dice_ce_loss_backward_cuda(uintptr_t grad_out, const std::vector<uintptr_t>
                                (HARD || grad_targets[l] == 0 ||
                                 is_aligned(grad_targets[l], sizeof(TT) * VEC));
           constexpr auto kernel = dce_bwd_kernel<TL, TT, HARD, KM>;
-          const int64_t nt = num_tiles<KM>(V[l]);
-          const int64_t G = blocks_per_item(resident_blocks<kernel>(device), B, nt, nt);
+          const int64_t G = grid_blocks<kernel, KM>(device, B, V[l], false);
           const dim3 grid(static_cast<unsigned>(G), static_cast<unsigned>(B));
           kernel<<<grid, kThreads, 0, st>>>(
               reinterpret_cast<const TL*>(logits[l]), reinterpret_cast<const TT*>(targets[l]),
@@ -874,8 +880,7 @@ void roi_bce_loss_forward_cuda(uintptr_t logits, uintptr_t labels, int logits_co
         const bool aligned = V % VEC == 0 && is_aligned(logits, sizeof(TL) * VEC) &&
                              is_aligned(labels, sizeof(Lb) * VEC);
         constexpr auto kernel = bce_fwd_kernel<TL, Lb, KM>;
-        const int64_t G = blocks_per_item(resident_blocks<kernel>(device), B, num_tiles<KM>(V),
-                                          num_chunks(V));
+        const int64_t G = grid_blocks<kernel, KM>(device, B, V, true);
         n_part = B * G;
         const dim3 grid(static_cast<unsigned>(G), static_cast<unsigned>(B));
         kernel<<<grid, kThreads, 0, st>>>(
@@ -909,8 +914,7 @@ void roi_bce_loss_backward_cuda(uintptr_t grad_out, uintptr_t logits, uintptr_t 
                              is_aligned(grad_logits, sizeof(TL) * VEC) &&
                              is_aligned(labels, sizeof(Lb) * VEC);
         constexpr auto kernel = bce_bwd_kernel<TL, Lb, KM>;
-        const int64_t nt = num_tiles<KM>(V);
-        const int64_t G = blocks_per_item(resident_blocks<kernel>(device), B, nt, nt);
+        const int64_t G = grid_blocks<kernel, KM>(device, B, V, false);
         const dim3 grid(static_cast<unsigned>(G), static_cast<unsigned>(B));
         kernel<<<grid, kThreads, 0, st>>>(
             reinterpret_cast<const TL*>(logits), reinterpret_cast<const Lb*>(labels),
