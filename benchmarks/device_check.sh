@@ -6,10 +6,11 @@
 #      it imports: carry its wheel in .whl/),
 #   4. runs bench_meta_step on CUDA (colabx MetaStep vs the reference-style and restructured
 #      PyTorch meta steps, B=2, 80³, 30 features; at most 120 s),
-#   5. runs bench_train and bench_data on the phantom (trainer patches/s consumed vs loader
+#   5. runs bench_compat on CUDA (the colabx.compat drop-ins vs the reference-style twins; 60 s),
+#   6. runs bench_train and bench_data on the phantom (trainer patches/s consumed vs loader
 #      patches/s delivered with 4/8/12 workers; at most 150 s; nibabel and pyyaml wheels in .whl/),
 # writing logs and JSON under $OUT (default benchmarks/results) and printing summary tables last.
-# Usage: benchmarks/device_check.sh [all|test|bench|meta|train]   (default all; fits in ~8 minutes)
+# Usage: benchmarks/device_check.sh [all|test|bench|meta|compat|train]   (default all; fits in ~8 minutes)
 # COLABX_SKIP_BUILD=1 uses a colabx/_C*.so already in place (e.g. built elsewhere for this Python).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -77,6 +78,16 @@ if [ "$stage" = all ] || [ "$stage" = meta ]; then
   sed -n '/^| part /,$p' "$OUT/bench_meta_cuda.log"
   grep -q '^| part ' "$OUT/bench_meta_cuda.log" || tail -20 "$OUT/bench_meta_cuda.log"
   echo "meta bench: $((SECONDS - t0)) s"
+fi
+
+if [ "$stage" = all ] || [ "$stage" = compat ]; then
+  t0=$SECONDS
+  timeout 60 $py -m benchmarks.bench_compat --device cuda --min-time 0.2 \
+    --out "$OUT/compat_cuda.json" >"$OUT/bench_compat_cuda.log" 2>&1 \
+    || { echo "bench_compat: failed or timed out"; status=1; }
+  sed -n '/^| op /,$p' "$OUT/bench_compat_cuda.log"
+  grep -q '^| op ' "$OUT/bench_compat_cuda.log" || tail -20 "$OUT/bench_compat_cuda.log"
+  echo "compat bench: $((SECONDS - t0)) s"
 fi
 
 if [ "$stage" = all ] || [ "$stage" = train ]; then

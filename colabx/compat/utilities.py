@@ -1,0 +1,93 @@
+"""Drop-in ``one_hot2dist`` and ``hessian_vector_product_Unet`` of the reference's
+``utilities.py``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from colabx.compat.common import calculate_loss
+from colabx.ops.distance_transform import distance_transform
+from colabx.reference.compat import one_hot2dist_reference
+
+__all__ = ["hessian_vector_product_Unet", "one_hot2dist"]
+
+#: Below this distance (voxel units) d² = round(d_f32²) recovers scipy's integer sum exactly.
+_EXACT_RECOVERY_MAX = 2048.0
+
+
+def one_hot2dist(seg: np.ndarray, resolution: Sequence[float] | None = None) -> np.ndarray:
+    """Signed distance map per channel, as the reference's ``utilities.one_hot2dist``.
+
+    Parameters
+    ----------
+    seg : ndarray ``[K, *S]`` (S 2D or 3D)
+        Channel masks (nonzero = inside), any dtype.
+    resolution : sequence of float, optional
+        Voxel spacing per spatial axis (scipy's ``sampling``); None: 1.
+
+    Returns
+    -------
+    ndarray
+        ``seg``'s shape and dtype (an integer ``seg`` truncates the distances, as in the
+        reference). Per channel with any voxel inside: outside, the Euclidean distance to the
+        nearest inside voxel; inside, −(distance to the nearest outside voxel − 1). Channels
+        without voxels are 0. With unit spacing the values are scipy's bit for bit (distances
+        below 2048 voxels); with a spacing they agree to float32 rounding.
+    """
+    seg = np.asarray(seg)
+    if seg.ndim not in (3, 4):
+        raise ValueError(f"one_hot2dist: seg must be [K, H, W] or [K, D, H, W], got shape "
+                         f"{seg.shape}")
+    inside = seg.astype(bool)
+    full = inside.reshape(len(seg), -1).all(axis=1)
+    d = distance_transform(torch.from_numpy(inside), spacing=resolution, signed=True).numpy()
+    d = d.astype(np.float64)
+    if resolution is None or bool(np.all(np.asarray(resolution, dtype=float) == 1.0)):
+        if np.abs(d).max(initial=0.0) < _EXACT_RECOVERY_MAX:
+            # scipy's float64 sqrt of the integer squared distance, recovered from float32
+            outside_part = np.sqrt(np.rint(np.where(inside, 0.0, d) ** 2))
+            inside_part = 1 - np.sqrt(np.rint((1 - np.where(inside, d, 1.0)) ** 2))
+            d = np.where(inside, inside_part, outside_part)
+    res = np.zeros_like(seg)
+    res[...] = d
+    for k in np.flatnonzero(full):
+        # no background: scipy measures to a voxel outside the array; defer to it
+        res[k] = one_hot2dist_reference(seg[k:k + 1], resolution)[0]
+    return res
+
+
+def hessian_vector_product_Unet(model, samplemodel, vector, inputnor_var, target_var,
+                                taskGenerated, criterion, args, loss_mask, BGclsindex, r=1e-2):
+    """The reference's finite-difference meta gradient (``utilities.hessian_vector_product_Unet``).
+
+    Returns ``[(∂L(θ+)/∂ω − ∂L(θ−)/∂ω) / (2R)]`` per parameter ω of ``samplemodel``, with
+    θ± = θ ± R·v, R = r/‖v‖, ``vector`` = v (one tensor per parameter of ``model``) and L the
+    drop-in :func:`~colabx.compat.calculate_loss`. ``model``'s parameters are perturbed in place
+    and restored by the same arithmetic as the reference (add, subtract twice, add), so they end
+    bit-identical to the reference's. Faster: the two forwards of ``model`` keep no autograd
+    graph, and one backward of L(θ+) − L(θ−) through the generator replaces two.
+    """
+    R = r / torch.cat([v.reshape(-1) for v in vector]).norm()
+    params = list(model.parameters())
+    if len(params) != len(vector):
+        raise ValueError(f"hessian_vector_product_Unet: vector has {len(vector)} tensors but "
+                         f"model has {len(params)} parameters")
+    for p, v in zip(params, vector, strict=True):
+        p.data.add_(R * v)
+    with torch.no_grad():
+        out_plus = model(inputnor_var)
+    for p, v in zip(params, vector, strict=True):
+        p.data.sub_(2 * R * v)
+    with torch.no_grad():
+        out_minus = model(inputnor_var)
+    for p, v in zip(params, vector, strict=True):
+        p.data.add_(R * v)
+    loss = (calculate_loss(args, target_var, out_plus, taskGenerated, loss_masks=loss_mask,
+                           BGcls=BGclsindex)
+            - calculate_loss(args, target_var, out_minus, taskGenerated, loss_masks=loss_mask,
+                             BGcls=BGclsindex))
+    grads = torch.autograd.grad(loss, list(samplemodel.parameters()))
+    return [g.div_(2 * R) for g in grads]
