@@ -3,6 +3,8 @@
 
 * ``calculate_loss`` forward + backward (∂output and ∂taskGenerated of every level), deep
   supervision, soft masks;
+* ``calcualte_loss_val`` (the meta loss and its nine diagnostics) forward + backward of the meta
+  loss, full resolution;
 * ``hessian_vector_product_Unet`` (one finite-difference meta gradient, the generator forward
   included: the reference frees its graph);
 * ``one_hot2dist`` of one foreground mask (CPU: it is a NumPy function).
@@ -24,10 +26,16 @@ import torch
 import torch.nn.functional as F
 
 from colabx.bench.harness import Case, format_table, machine_info, run_cases, write_json
-from colabx.compat import calculate_loss, hessian_vector_product_Unet, one_hot2dist
+from colabx.compat import (
+    calcualte_loss_val,
+    calculate_loss,
+    hessian_vector_product_Unet,
+    one_hot2dist,
+)
 from colabx.models import UNet, task_generator
 from colabx.reference.compat import (
     calculate_loss_reference,
+    calculate_loss_val_reference,
     hessian_vector_product_reference,
     one_hot2dist_reference,
 )
@@ -78,6 +86,22 @@ def loss_case(device: torch.device, batch: int, n: int, levels: int) -> Case:
                 impls={"colabx": run(calculate_loss), "reference": run(calculate_loss_reference)})
 
 
+def val_case(device: torch.device, batch: int, n: int) -> Case:
+    args = _args(4)
+    g = torch.Generator().manual_seed(2)
+    z = (2 * torch.randn(batch, 3, n, n, n, generator=g)).to(device).requires_grad_()
+    y = _blob_labels(batch, n, device)
+
+    def run(fn):
+        def go():
+            return torch.autograd.grad(fn(args, y, [z])[0], z)
+        return go
+
+    return Case(op="calcualte_loss_val fwd+bwd", size=f"{batch}x3x{n}^3",
+                impls={"colabx": run(calcualte_loss_val),
+                       "reference": run(calculate_loss_val_reference)})
+
+
 def hvp_case(device: torch.device, n: int, features: int, pools: int) -> Case:
     args = _args(2)
     torch.manual_seed(0)
@@ -122,12 +146,13 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if args.quick:
-        cases = [loss_case(device, 1, 16, 3), hvp_case(device, 16, 4, 2), dist_case((16, 16, 8))]
+        cases = [loss_case(device, 1, 16, 3), val_case(device, 1, 16), hvp_case(device, 16, 4, 2),
+                 dist_case((16, 16, 8))]
     elif device.type == "cuda":
-        cases = [loss_case(device, 2, 80, 4), hvp_case(device, 80, 30, 4),
+        cases = [loss_case(device, 2, 80, 4), val_case(device, 2, 80), hvp_case(device, 80, 30, 4),
                  dist_case((160, 160, 96))]
     else:
-        cases = [loss_case(device, 2, 48, 4), hvp_case(device, 32, 8, 3),
+        cases = [loss_case(device, 2, 48, 4), val_case(device, 2, 48), hvp_case(device, 32, 8, 3),
                  dist_case((160, 160, 96))]
     info = machine_info(device)
     print(f"# bench_compat on {info.get('gpu', info['cpu'])}, torch {info['torch']}, "

@@ -20,7 +20,8 @@ def test_quick_run_times_both_implementations_of_every_case(tmp_path):
     data = json.loads(out.read_text())
     assert data["machine"]["device"] == "cpu"
     ops = [r["op"] for r in data["rows"]]
-    assert ops == ["calculate_loss fwd+bwd", "hessian_vector_product_Unet", "one_hot2dist"]
+    assert ops == ["calculate_loss fwd+bwd", "calcualte_loss_val fwd+bwd",
+                   "hessian_vector_product_Unet", "one_hot2dist"]
     for r in data["rows"]:
         for label in ("colabx", "reference"):
             t = r["timings"][label]

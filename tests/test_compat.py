@@ -9,11 +9,17 @@ import scipy.ndimage as ndi
 import torch
 import torch.nn.functional as F
 
-from colabx.compat import calculate_loss, hessian_vector_product_Unet, one_hot2dist
+from colabx.compat import (
+    calcualte_loss_val,
+    calculate_loss,
+    hessian_vector_product_Unet,
+    one_hot2dist,
+)
 from colabx.compat.common import _resize_labels
 from colabx.models import UNet, task_generator
 from colabx.reference.compat import (
     calculate_loss_reference,
+    calculate_loss_val_reference,
     deep_supervision_weights,
     hessian_vector_product_reference,
     one_hot2dist_reference,
@@ -141,6 +147,21 @@ def test_calculate_loss_matches_the_reference(case, with_masks, spatial):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()) + 1e-12)
 
 
+@pytest.mark.parametrize("losstype, bg", [(0, 0), (1, 2)])
+def test_calculate_loss_gradient_reaches_a_differentiable_mask(losstype, bg):
+    """Without deep supervision the reference leaves loss_masks untouched, so a mask that
+    requires grad gets ∂loss/∂M through aux·M + e_bg·(1 − M)."""
+    args = _args(3, 2, deep=False)
+    y, z, q, m = _inputs(args, (9, 7, 6))
+    m = m.requires_grad_()
+    kwargs = dict(losstype=losstype, BGcls=bg)
+    ours = calculate_loss(args, y, z, q, loss_masks=m, **kwargs)
+    want = calculate_loss_reference(args, y, z, q, loss_masks=m, **kwargs)
+    for a, b in zip(torch.autograd.grad(ours, [m, q]), torch.autograd.grad(want, [m, q]),
+                    strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
 def test_calculate_loss_forces_the_ground_truth_into_every_masks_level():
     args = _args(3, 2, True, 3)
     y, zs, qs, ms = _inputs(args, (16, 16, 8))
@@ -195,6 +216,69 @@ def test_calculate_loss_half_precision_logits():
     torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
     g = torch.autograd.grad(ours, half[0])[0]
     assert g.dtype == torch.bfloat16 and torch.isfinite(g.float()).all()
+
+
+# --------------------------------------------------------------------------------------------
+# calcualte_loss_val (the reference's spelling)
+# --------------------------------------------------------------------------------------------
+
+VAL_CASES = [(2, 2, True, (16, 12, 10)), (3, 2, True, (9, 8, 7)), (2, 3, False, (12, 10, 8)),
+             (3, 2, False, (11, 9, 8)), (2, 4, True, (20, 17)), (4, 2, True, (8, 8, 8))]
+
+
+def _val_inputs(c, t, deep, spatial, dtype=torch.float32):
+    g = torch.Generator().manual_seed(c * 10 + t)
+    z = (3 * torch.randn(2, c + t - 1, *spatial, generator=g)).to(dtype).requires_grad_()
+    y = torch.randint(0, c, (2, *spatial), generator=g)
+    args = types.SimpleNamespace(NumsClass=c, taskcls=t, deepsupervision=deep)
+    sub = (slice(None), slice(None)) + (slice(None, None, 2),) * len(spatial)
+    return args, z, y, ([z, z[sub]] if deep else z)
+
+
+@pytest.mark.parametrize("c, t, deep, spatial", VAL_CASES, ids=str)
+def test_calcualte_loss_val_matches_the_reference(c, t, deep, spatial):
+    args, z, y, out = _val_inputs(c, t, deep, spatial)
+    ours, want = calcualte_loss_val(args, y, out), calculate_loss_val_reference(args, y, out)
+    assert len(ours) == len(want) == 10
+    for i, (a, b) in enumerate(zip(ours, want, strict=True)):
+        assert a.dim() == 0, i
+        torch.testing.assert_close(a, b.detach(), rtol=2e-6, atol=2e-6, msg=f"value {i}")
+    g_ours = torch.autograd.grad(ours[0], z)[0]
+    g_ref = torch.autograd.grad(want[0], z)[0]
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-5, atol=1e-5 * float(g_ref.abs().max()))
+    assert not any(v.requires_grad for v in ours[1:])  # diagnostics only
+
+
+def test_calcualte_loss_val_against_float64_formulas():
+    """Independent float64 recomputation of the BCE, Dice and specificity."""
+    args, z, y, out = _val_inputs(3, 2, False, (7, 6, 5), torch.float64)
+    vals = calcualte_loss_val(args, y, out)
+    p = torch.softmax(z.detach(), 1)
+    onehot = F.one_hot(y, 4).movedim(-1, 1).double()
+    pr, yr = p[:, 1:3], onehot[:, 1:3]
+    bce = -(yr * torch.log(pr + 1e-6) + (1 - yr) * torch.log(1 - pr + 1e-6)).mean(
+        (0, 2, 3, 4)).sum()
+    axes = (2, 3, 4)
+    tp = (pr * yr).sum(axes)
+    dice = -((2 * tp + 1e-5) / (pr.sum(axes) + yr.sum(axes) + 1e-5)).mean()
+    tn = ((1 - pr) * (1 - yr)).sum(axes)
+    spec = -((tn + 1e-5) / (tn + (pr * (1 - yr)).sum(axes) + 1e-5)).mean()
+    torch.testing.assert_close(vals[0].detach(), bce, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(vals[2], dice, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(vals[9], spec, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda y, out: (y.float(), out), "integer label"),
+    (lambda y, out: (y + 2, out), r"target_varval values must be in 0\.\.1"),
+    (lambda y, out: (y[:, 1:], out), "target_varval has shape"),
+    (lambda y, out: (y, [out[0][:, :1]]), "K >= NumsClass = 2"),
+])
+def test_calcualte_loss_val_bad_input(bad, match):
+    args, z, y, out = _val_inputs(2, 2, True, (8, 8, 8))
+    y, out = bad(y, out)
+    with pytest.raises((ValueError, TypeError), match=match):
+        calcualte_loss_val(args, y, out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,6 +407,21 @@ def test_cuda_calculate_loss_matches_the_reference_and_the_cpu(case):
         if b is not None:
             a = torch.zeros_like(b) if a is None else a
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()) + 1e-12)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("c, t, deep, spatial", VAL_CASES, ids=str)
+def test_cuda_calcualte_loss_val_matches_the_reference(c, t, deep, spatial):
+    args, z, y, out = _val_inputs(c, t, deep, spatial)
+    zc = z.detach().cuda().requires_grad_()
+    sub = (slice(None), slice(None)) + (slice(None, None, 2),) * len(spatial)
+    outc = [zc, zc[sub]] if deep else zc
+    ours = calcualte_loss_val(args, y.cuda(), outc)
+    want = calculate_loss_val_reference(args, y.cuda(), outc)
+    for a, b in zip(ours, want, strict=True):
+        torch.testing.assert_close(a, b.detach(), rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(torch.autograd.grad(ours[0], zc)[0],
+                               torch.autograd.grad(want[0], zc)[0], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.cuda

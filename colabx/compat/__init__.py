@@ -3,15 +3,18 @@
 Same names, signatures, results and side effects as the reference functions, on colabx's fused
 kernels. In an existing CoLab checkout, replace::
 
-    from common import calculate_loss
+    from common import calculate_loss, calcualte_loss_val
     from utilities import one_hot2dist, hessian_vector_product_Unet
 
 with::
 
-    from colabx.compat import calculate_loss, one_hot2dist, hessian_vector_product_Unet
+    from colabx.compat import (calculate_loss, calcualte_loss_val, one_hot2dist,
+                               hessian_vector_product_Unet)
 
 * :func:`calculate_loss` (``common.py``) — deep-supervision labels resized on the device instead
   of a CPU round trip per level, and CE + Dice of all levels in one fused call.
+* :func:`calcualte_loss_val` (``common.py``, the reference's spelling) — the meta loss L_ROI by
+  the fused ROI BCE; its nine logged diagnostics in one pass without autograd graphs.
 * :func:`hessian_vector_product_Unet` (``utilities.py``) — the θ± forwards without autograd
   graphs and one generator backward instead of two.
 * :func:`one_hot2dist` (``utilities.py``) — colabx's threaded exact EDT instead of scipy's.
@@ -20,7 +23,7 @@ Their pure-PyTorch/NumPy twins, which redo the reference's steps literally, are 
 :mod:`colabx.reference.compat`.
 """
 
-from colabx.compat.common import calculate_loss
+from colabx.compat.common import calcualte_loss_val, calculate_loss
 from colabx.compat.utilities import hessian_vector_product_Unet, one_hot2dist
 
-__all__ = ["calculate_loss", "hessian_vector_product_Unet", "one_hot2dist"]
+__all__ = ["calcualte_loss_val", "calculate_loss", "hessian_vector_product_Unet", "one_hot2dist"]

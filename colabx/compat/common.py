@@ -8,10 +8,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from colabx.ops.dice_ce_loss import dice_ce_loss
-from colabx.reference.compat import CE_EPS, deep_supervision_weights
+from colabx.ops.dice_ce_loss import dice_ce_loss, roi_bce_loss
+from colabx.reference.compat import BCE_EPS, CE_EPS, deep_supervision_weights
 
-__all__ = ["calculate_loss"]
+__all__ = ["calcualte_loss_val", "calculate_loss"]
 
 
 @functools.cache
@@ -36,32 +36,77 @@ def _one_hot(y: Tensor, k: int, dtype: torch.dtype) -> Tensor:
     return torch.nn.functional.one_hot(y, k).movedim(-1, 1).to(dtype)
 
 
-def _expanded_labels(args, y: Tensor, q: Tensor, k: int, deep: bool) -> Tensor:
-    """The reference's expanded labels of one level, ``[B, K, *S]``: context 0, the ROI classes,
-    contexts 1..t-1; ROI voxels one-hot. Deep supervision with ``vanilla``: one-hot everywhere;
-    with ``manuallabel``: the 3-class labels with channels 1 and 2 swapped."""
-    c = args.NumsClass
+class _SoftTargets(torch.autograd.Function):
+    """The reference's soft targets of one level, ``aux·M + e_bg·(1 − M)``, built channel by
+    channel instead of through one-hot, cat and where (whose backward zero-fills full tensors).
+
+    With ``q`` (the CoLab modes) ``aux`` is one-hot on the ROI voxels (``labels`` in 1..c-1) and
+    ``[q_0, 0, …, 0, q_1, …, q_{t-1}]`` elsewhere; without (``vanilla`` / ``manuallabel`` with deep
+    supervision) ``aux`` is one-hot of ``labels`` everywhere. ``mask`` None means M = 1. The
+    backward is one pass: ∂q = M·[not ROI]·g on the context channels; ∂M = Σ_j g_j·aux_j − g_bg.
+    """
+
+    @staticmethod
+    def forward(ctx, q, mask, labels, c, k, bg, with_q):
+        ctx.c, ctx.k, ctx.bg, ctx.with_q = c, k, bg, with_q
+        ctx.save_for_backward(q, mask, labels)
+        return _SoftTargets.build(q, mask, labels, c, k, bg, with_q)
+
+    @staticmethod
+    def build(q, mask, labels, c, k, bg, with_q, aux_only=False):
+        dtype = q.dtype
+        out = q.new_empty((q.shape[0], k, *q.shape[2:]))
+        keep = None if (mask is None or aux_only) else mask[:, 0]
+        if with_q:
+            ctx_w = ((labels <= 0) | (labels >= c)).to(dtype)
+            if keep is not None:
+                ctx_w = ctx_w * keep
+            out[:, 0] = q[:, 0] * ctx_w
+            out[:, c:] = q[:, 1:] * ctx_w.unsqueeze(1)
+            onehot_channels = range(1, c)
+        else:
+            onehot_channels = range(k)
+        for j in onehot_channels:
+            hit = (labels == j).to(dtype)
+            out[:, j] = hit if keep is None else hit * keep
+        if keep is not None:
+            out[:, bg] += 1 - keep
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, mask, labels = ctx.saved_tensors
+        c, bg = ctx.c, ctx.bg
+        grad_q = grad_mask = None
+        if ctx.needs_input_grad[0] and ctx.with_q:
+            w = ((labels <= 0) | (labels >= c)).to(grad.dtype)
+            if mask is not None:
+                w = w * mask[:, 0]
+            grad_q = torch.cat((grad[:, :1], grad[:, c:]), 1) * w.unsqueeze(1)
+        if ctx.needs_input_grad[1]:
+            aux = _SoftTargets.build(q, mask, labels, c, ctx.k, bg, ctx.with_q, aux_only=True)
+            grad_mask = (grad * aux).sum(1, keepdim=True) - grad[:, bg:bg + 1]
+        return grad_q, grad_mask, None, None, None, None, None
+
+
+def _soft_targets(args, y: Tensor, q: Tensor, mask: Tensor | None, k: int, bg: int,
+                  deep: bool) -> Tensor:
+    """The targets of one level. Deep supervision with ``vanilla``: one-hot everywhere; with
+    ``manuallabel``: the 3-class labels with channels 1 and 2 swapped."""
     if deep and args.manuallabel:
-        return _one_hot(y, 3, q.dtype)[:, [0, 2, 1]]
-    onehot = _one_hot(y, k, q.dtype)
-    if deep and args.vanilla:
-        return onehot
-    b, spatial = q.shape[0], q.shape[2:]
-    ctx = torch.cat((q[:, :1], q.new_zeros((b, c - 1, *spatial)), q[:, 1:]), 1)
-    return torch.where(((y > 0) & (y < c)).unsqueeze(1), onehot, ctx)
+        y = torch.where(y == 1, 2, torch.where(y == 2, 1, y))
+    with_q = not (deep and (args.vanilla or args.manuallabel))
+    return _SoftTargets.apply(q, mask, y, args.NumsClass, k, bg, with_q)
 
 
-def _combine(aux: Tensor, mask: Tensor | None, bg: int) -> Tensor:
-    """``aux·M + e_bg·(1 − M)``: outside the mask every voxel is class ``bg``."""
-    if mask is None:
-        return aux
-    comb = aux * mask
-    return torch.cat((comb[:, :bg], comb[:, bg:bg + 1] + (1 - mask), comb[:, bg + 1:]), 1)
+def _in_compute_dtype(z: Tensor) -> Tensor:
+    """float32 (float64 for float64 logits), as the fused ops compute."""
+    return z.to(torch.float64 if z.dtype == torch.float64 else torch.float32)
 
 
 def _cross_entropy(z: Tensor, targets: Tensor) -> Tensor:
     b, v = z.shape[0], z[0, 0].numel()
-    p = torch.softmax(z.float(), 1)
+    p = torch.softmax(_in_compute_dtype(z), 1)
     return -(targets * torch.log(p + CE_EPS)).sum() / (b * v)
 
 
@@ -71,6 +116,12 @@ def _check_level(name: str, x: Tensor, shape: tuple[int, ...], what: str) -> Non
     if tuple(x.shape) != shape:
         raise ValueError(f"calculate_loss: {name} has shape {tuple(x.shape)}, expected {shape} "
                          f"({what})")
+
+
+def _check_label_values(fn: str, name: str, labels: Tensor, n: int) -> None:
+    lo, hi = (int(v) for v in torch.aminmax(labels))
+    if lo < 0 or hi >= n:
+        raise ValueError(f"{fn}: {name} values must be in 0..{n - 1}, found {lo}..{hi}")
 
 
 def _levels(args, output, taskGenerated, loss_masks):
@@ -152,13 +203,9 @@ def calculate_loss(args, targets, output, taskGenerated, detach=False, criterion
     if tuple(targets.shape) != expected:
         raise ValueError(f"calculate_loss: targets has shape {tuple(targets.shape)}, expected "
                          f"{expected} (the full-resolution output without its channel axis)")
-    lo, hi = (int(v) for v in torch.aminmax(targets))
-    if lo < 0 or hi >= n_labels:
-        raise ValueError(f"calculate_loss: targets values must be in 0..{n_labels - 1}, found "
-                         f"{lo}..{hi}")
+    _check_label_values("calculate_loss", "targets", targets, n_labels)
     y_full = targets.to(zs[0].device).long()
     labels = [_resize_labels(y_full, z.shape[2:]) if deep else y_full for z in zs]
-    auxs = [_expanded_labels(args, y, q, k, deep) for y, q in zip(labels, qs, strict=True)]
     if deep:
         # the graph keeps its own forced copy: the caller's masks are updated in place (as the
         # reference does) but may be updated again before this loss is differentiated
@@ -173,11 +220,64 @@ def calculate_loss(args, targets, output, taskGenerated, detach=False, criterion
         ms = forced
     weights = deep_supervision_weights(len(zs)).tolist() if deep else [1.0]
     if losstype == 0:
-        combs = [_combine(a, m, 0) for a, m in zip(auxs, ms, strict=True)]
+        combs = [_soft_targets(args, y, q, m, k, 0, deep)
+                 for y, q, m in zip(labels, qs, ms, strict=True)]
         dice_to = c if detach and (args.vanilla or not deep) else c + args.taskcls - 1
         return dice_ce_loss(zs, combs, list(range(1, dice_to)), weights, validate=False)
     bg = int(BGcls)
     total = 0
-    for w, z, a, m in zip(weights, zs, auxs, ms, strict=True):
-        total = total + w * _cross_entropy(z, _combine(a, m, bg))
+    for w, z, y, q, m in zip(weights, zs, labels, qs, ms, strict=True):
+        total = total + w * _cross_entropy(z, _soft_targets(args, y, q, m, k, bg, deep))
     return total
+
+
+def calcualte_loss_val(args, target_varval, outputval, criterionbce=None):
+    """The reference's meta loss with its diagnostics (``common.calcualte_loss_val``, name as
+    spelt there), same signature and values.
+
+    ``outputval``: logits ``[B, K, *S]`` (with deep supervision a list whose first entry is the
+    full resolution); ``target_varval``: labels ``[B, *S]`` in ``0..c-1``. Returns ten 0-dim
+    tensors: the ROI one-vs-all BCE L_ROI (the meta loss; fused :func:`colabx.roi_bce_loss`,
+    differentiable), the same BCE again, −Dice, its positive and negative parts, the mean over
+    voxels of the largest context logit on background voxels and on ROI voxels, −precision,
+    −sensitivity and −specificity (soft, over the ROI classes). The nine diagnostics are computed
+    in one pass without autograd (they are detached; the reference only logs them).
+    ``criterionbce`` is unused, as in the reference.
+    """
+    c = args.NumsClass
+    z = outputval[0] if args.deepsupervision else outputval
+    if not isinstance(z, Tensor) or z.dim() not in (4, 5) or z.shape[1] < c:
+        raise ValueError("calcualte_loss_val: outputval must be a [B, K, *S] tensor (2D or 3D) "
+                         f"with K >= NumsClass = {c} (a list of levels with deep supervision)")
+    if not isinstance(target_varval, Tensor) or target_varval.dtype.is_floating_point:
+        raise TypeError("calcualte_loss_val: target_varval must be an integer label tensor")
+    if tuple(target_varval.shape) != (z.shape[0], *z.shape[2:]):
+        raise ValueError(f"calcualte_loss_val: target_varval has shape "
+                         f"{tuple(target_varval.shape)}, expected {(z.shape[0], *z.shape[2:])}")
+    _check_label_values("calcualte_loss_val", "target_varval", target_varval, c)
+    y = target_varval.to(z.device).long()
+    bce = roi_bce_loss(z, y, list(range(1, c)), validate=False)
+    with torch.no_grad():
+        b, k, v = z.shape[0], z.shape[1], z[0, 0].numel()
+        zf = _in_compute_dtype(z)
+        p = torch.softmax(zf, 1)
+        onehot = _one_hot(y, k, p.dtype)
+        axes = tuple(range(2, z.dim()))
+        p_roi, y_roi = p[:, 1:c], onehot[:, 1:c]
+        pos = -(torch.log(p_roi + BCE_EPS) * y_roi).sum() / (b * v)
+        neg = -(torch.log(1 - p_roi + BCE_EPS) * (1 - y_roi)).sum() / (b * v)
+        contexts = [0, *range(c, k)]
+        zc = zf[:, contexts]
+        on_bg = (zc * onehot[:, :1]).amax(1).sum() / (b * v)
+        roi = onehot[:, c - 1:c] if args.deepsupervision else onehot[:, 1:c]
+        on_roi = (zc * roi).amax(1, keepdim=True).sum() / (b * v)
+        tp = (p * onehot).sum(axes)[:, 1:c]
+        sum_p, sum_y = p.sum(axes)[:, 1:c], onehot.sum(axes)[:, 1:c]
+        fp, fn = sum_p - tp, sum_y - tp
+        tn = v - sum_p - sum_y + tp
+        s = 1e-5
+        dice = -((2 * tp + s) / (2 * tp + fp + fn + s)).mean()
+        prec = -((tp + s) / (tp + fp + s)).mean()
+        sens = -((tp + s) / (tp + fn + s)).mean()
+        spec = -((tn + s) / (tn + fp + s)).mean()
+    return bce, bce.detach(), dice, pos, neg, on_bg, on_roi, prec, sens, spec

@@ -41,18 +41,19 @@ def one_hot2dist(seg: np.ndarray, resolution: Sequence[float] | None = None) -> 
     if seg.ndim not in (3, 4):
         raise ValueError(f"one_hot2dist: seg must be [K, H, W] or [K, D, H, W], got shape "
                          f"{seg.shape}")
-    inside = seg.astype(bool)
-    full = inside.reshape(len(seg), -1).all(axis=1)
-    d = distance_transform(torch.from_numpy(inside), spacing=resolution, signed=True).numpy()
-    d = d.astype(np.float64)
+    if seg.size == 0:
+        return np.zeros_like(seg)
+    inside = torch.from_numpy(seg.astype(bool))
+    full = inside.reshape(len(seg), -1).all(dim=1).numpy()
+    d = distance_transform(inside, spacing=resolution, signed=True)
     if resolution is None or bool(np.all(np.asarray(resolution, dtype=float) == 1.0)):
-        if np.abs(d).max(initial=0.0) < _EXACT_RECOVERY_MAX:
-            # scipy's float64 sqrt of the integer squared distance, recovered from float32
-            outside_part = np.sqrt(np.rint(np.where(inside, 0.0, d) ** 2))
-            inside_part = 1 - np.sqrt(np.rint((1 - np.where(inside, d, 1.0)) ** 2))
-            d = np.where(inside, inside_part, outside_part)
+        if float(d.abs().max()) < _EXACT_RECOVERY_MAX:
+            # scipy's float64 sqrt of the integer squared distance, recovered from float32:
+            # inside, 1 - d is the float32 distance to the background exactly
+            e = torch.where(inside, 1 - d, d).double().square_().round_().sqrt_()
+            d = torch.where(inside, 1 - e, e)
     res = np.zeros_like(seg)
-    res[...] = d
+    res[...] = d.numpy()
     for k in np.flatnonzero(full):
         # no background: scipy measures to a voxel outside the array; defer to it
         res[k] = one_hot2dist_reference(seg[k:k + 1], resolution)[0]

@@ -23,6 +23,7 @@ import torch
 
 __all__ = [
     "calculate_loss_reference",
+    "calculate_loss_val_reference",
     "deep_supervision_weights",
     "hessian_vector_product_reference",
     "one_hot2dist_reference",
@@ -31,6 +32,7 @@ __all__ = [
 ]
 
 CE_EPS = 1e-32
+BCE_EPS = 1e-6
 
 
 def deep_supervision_weights(n: int) -> np.ndarray:
@@ -143,6 +145,47 @@ def calculate_loss_reference(args, targets, output, taskGenerated, detach=False,
         bg = 0
         total = total + _dice_term(z, aux, mask, dice_channels)
     return total + _ce(z, aux, mask, bg)
+
+
+def _soft_ratio(x, y, channels, ratio, smooth=1e-5):
+    """−mean over the batch and ``channels`` (without 0) of ``ratio(tp, fp, fn, tn)`` of
+    ``softmax(x)`` against the one-hot labels ``y`` (the reference's SoftPREC/SENS/SPECLoss)."""
+    e = torch.exp(x - x.max(1, keepdim=True)[0])
+    p = e / e.sum(1, keepdim=True)
+    axes = tuple(range(2, x.dim()))
+    tp = (p * y).sum(axes)
+    fp = (p * (1 - y)).sum(axes)
+    fn = ((1 - p) * y).sum(axes)
+    tn = ((1 - p) * (1 - y)).sum(axes)
+    r = ratio(tp, fp, fn, tn, smooth)
+    return -torch.cat([r[:, k] for k in channels if k != 0]).mean()
+
+
+def calculate_loss_val_reference(args, target_varval, outputval, criterionbce=None):
+    """The reference's meta loss and its diagnostics (``common.calcualte_loss_val``), at full
+    resolution: (BCE, BCE again, −Dice, positive BCE, negative BCE, mean max context logit on
+    background, the same on the last ROI class, −precision, −sensitivity, −specificity)."""
+    c = args.NumsClass
+    z = outputval[0] if args.deepsupervision else outputval
+    b, v = z.shape[0], z[0, 0].numel()
+    p_all = torch.softmax(z, 1)
+    onehot = _one_hot_scatter(target_varval, c, z)
+    p, y = p_all[:, 1:c], onehot[:, 1:c]
+    pos = -torch.log(p + BCE_EPS) * y
+    neg = -torch.log(1 - p + BCE_EPS) * (1 - y)
+    bce = (pos + neg).sum() / (b * v)
+    contexts = [0] + list(range(c, z.shape[1]))
+    on_bg = torch.max(z[:, contexts] * onehot[:, 0:1], dim=1, keepdim=True)[0]
+    roi = onehot[:, c - 1:c] if args.deepsupervision else onehot[:, 1:c]
+    on_roi = torch.max(z[:, contexts] * roi, dim=1, keepdim=True)[0]
+    full = _one_hot_scatter(target_varval, z.shape[1], z)
+    classes = list(range(c))
+    return (bce, (pos + neg).sum() / (b * v), soft_dice_reference(z, full, classes),
+            pos.sum() / (b * v), neg.sum() / (b * v), on_bg.sum() / (b * v),
+            on_roi.sum() / (b * v),
+            _soft_ratio(z, full, classes, lambda tp, fp, fn, tn, s: (tp + s) / (tp + fp + s)),
+            _soft_ratio(z, full, classes, lambda tp, fp, fn, tn, s: (tp + s) / (tp + fn + s)),
+            _soft_ratio(z, full, classes, lambda tp, fp, fn, tn, s: (tn + s) / (tn + fp + s)))
 
 
 def one_hot2dist_reference(seg: np.ndarray, resolution: Sequence[float] | None = None
