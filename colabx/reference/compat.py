@@ -55,18 +55,26 @@ def resize_labels_order0(labels: np.ndarray, shape: Sequence[int]) -> np.ndarray
     return out
 
 
-def soft_dice_reference(x: torch.Tensor, y: torch.Tensor, channels: Sequence[int],
-                        smooth: float = 1e-5) -> torch.Tensor:
-    """Minus the soft Dice of ``softmax(x)`` against one-hot / soft ``y``, averaged over the
-    batch and ``channels`` without 0 (the reference's SoftDiceLoss, no mask, per item)."""
+def _soft_ratio(x, y, channels, ratio, smooth=1e-5):
+    """−mean over the batch and ``channels`` (without 0) of ``ratio(tp, fp, fn, tn)`` of
+    ``softmax(x)`` against the one-hot labels ``y`` (the reference's SoftPREC/SENS/SPECLoss)."""
     e = torch.exp(x - x.max(1, keepdim=True)[0])
     p = e / e.sum(1, keepdim=True)
     axes = tuple(range(2, x.dim()))
     tp = (p * y).sum(axes)
     fp = (p * (1 - y)).sum(axes)
     fn = ((1 - p) * y).sum(axes)
-    dc = (2 * tp + smooth) / (2 * tp + fp + fn + smooth)
-    return -torch.cat([dc[:, k] for k in channels if k != 0]).mean()
+    tn = ((1 - p) * (1 - y)).sum(axes)
+    r = ratio(tp, fp, fn, tn, smooth)
+    return -torch.cat([r[:, k] for k in channels if k != 0]).mean()
+
+
+def soft_dice_reference(x: torch.Tensor, y: torch.Tensor, channels: Sequence[int],
+                        smooth: float = 1e-5) -> torch.Tensor:
+    """Minus the soft Dice of ``softmax(x)`` against one-hot / soft ``y``, averaged over the
+    batch and ``channels`` without 0 (the reference's SoftDiceLoss, no mask, per item)."""
+    return _soft_ratio(x, y, channels,
+                       lambda tp, fp, fn, tn, s: (2 * tp + s) / (2 * tp + fp + fn + s), smooth)
 
 
 def _one_hot_scatter(labels: torch.Tensor, channels: int, like: torch.Tensor) -> torch.Tensor:
@@ -145,20 +153,6 @@ def calculate_loss_reference(args, targets, output, taskGenerated, detach=False,
         bg = 0
         total = total + _dice_term(z, aux, mask, dice_channels)
     return total + _ce(z, aux, mask, bg)
-
-
-def _soft_ratio(x, y, channels, ratio, smooth=1e-5):
-    """−mean over the batch and ``channels`` (without 0) of ``ratio(tp, fp, fn, tn)`` of
-    ``softmax(x)`` against the one-hot labels ``y`` (the reference's SoftPREC/SENS/SPECLoss)."""
-    e = torch.exp(x - x.max(1, keepdim=True)[0])
-    p = e / e.sum(1, keepdim=True)
-    axes = tuple(range(2, x.dim()))
-    tp = (p * y).sum(axes)
-    fp = (p * (1 - y)).sum(axes)
-    fn = ((1 - p) * y).sum(axes)
-    tn = ((1 - p) * (1 - y)).sum(axes)
-    r = ratio(tp, fp, fn, tn, smooth)
-    return -torch.cat([r[:, k] for k in channels if k != 0]).mean()
 
 
 def calculate_loss_val_reference(args, target_varval, outputval, criterionbce=None):
