@@ -96,6 +96,8 @@ def _soft_targets(args, y: Tensor, q: Tensor, mask: Tensor | None, k: int, bg: i
     if deep and args.manuallabel:
         y = torch.where(y == 1, 2, torch.where(y == 2, 1, y))
     with_q = not (deep and (args.vanilla or args.manuallabel))
+    if not with_q:  # targets independent of the generator: no ∂targets pass in the loss
+        q = q.detach()
     return _SoftTargets.apply(q, mask, y, args.NumsClass, k, bg, with_q)
 
 
