@@ -1,6 +1,7 @@
 """colabx.compat (drop-ins for the public CoLab code) against the reference-style twins of
 colabx.reference.compat, and those twins against independent oracles (scipy, float64)."""
 
+import sys
 import types
 
 import numpy as np
@@ -9,6 +10,7 @@ import scipy.ndimage as ndi
 import torch
 import torch.nn.functional as F
 
+import colabx.compat
 from colabx.compat import (
     calcualte_loss_val,
     calculate_loss,
@@ -376,6 +378,70 @@ def test_hessian_vector_product_rejects_a_mismatched_vector():
     args, f, g, x, y, gen, masks, vector = _meta_setup(torch.float32)
     with pytest.raises(ValueError, match="vector has"):
         hessian_vector_product_Unet(f, g, vector[:-1], x, y, gen, None, args, masks, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# apply_to_reference
+# --------------------------------------------------------------------------------------------
+
+COMMON_PY = """
+from utilities import hessian_vector_product_Unet
+
+def calculate_loss(*args, **kwargs):
+    return "original"
+
+def calcualte_loss_val(*args, **kwargs):
+    return "original"
+
+def train_step():
+    return calculate_loss, hessian_vector_product_Unet
+"""
+
+UTILITIES_PY = """
+def one_hot2dist(seg, resolution=None):
+    return "original"
+
+def hessian_vector_product_Unet(*args, **kwargs):
+    return "original"
+"""
+
+
+@pytest.fixture
+def reference_modules(tmp_path, monkeypatch):
+    (tmp_path / "common.py").write_text(COMMON_PY)
+    (tmp_path / "utilities.py").write_text(UTILITIES_PY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("common", "utilities"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    yield
+    for name in ("common", "utilities"):
+        sys.modules.pop(name, None)
+
+
+def test_apply_to_reference_replaces_the_functions_the_reference_calls(reference_modules):
+    import common
+    import utilities
+
+    replaced = colabx.compat.apply_to_reference()
+    assert sorted(replaced) == ["common.calcualte_loss_val", "common.calculate_loss",
+                                "common.hessian_vector_product_Unet",
+                                "utilities.hessian_vector_product_Unet",
+                                "utilities.one_hot2dist"]
+    assert common.calculate_loss is calculate_loss
+    assert common.calcualte_loss_val is calcualte_loss_val
+    assert utilities.one_hot2dist is one_hot2dist
+    # the reference's own functions look the names up in their module at call time
+    assert common.train_step() == (calculate_loss, hessian_vector_product_Unet)
+
+
+def test_apply_to_reference_changes_nothing_when_a_module_is_not_the_reference():
+    common = types.ModuleType("common")
+    common.calculate_loss = common.calcualte_loss_val = common.hessian_vector_product_Unet = None
+    utilities = types.ModuleType("utilities")
+    utilities.one_hot2dist = None
+    with pytest.raises(AttributeError, match="has no hessian_vector_product_Unet"):
+        colabx.compat.apply_to_reference(common, utilities)
+    assert common.calculate_loss is None  # all or nothing
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,11 +19,21 @@ with::
   graphs and one generator backward instead of two.
 * :func:`one_hot2dist` (``utilities.py``) — colabx's threaded exact EDT instead of scipy's.
 
+Or, without editing imports, call :func:`apply_to_reference` once at the top of the
+reference's ``train.py``: it replaces those functions in its ``common`` and ``utilities`` modules.
+
 Their pure-PyTorch/NumPy twins, which redo the reference's steps literally, are in
 :mod:`colabx.reference.compat`.
 """
 
 from colabx.compat.common import calcualte_loss_val, calculate_loss
+from colabx.compat.patch import apply_to_reference
 from colabx.compat.utilities import hessian_vector_product_Unet, one_hot2dist
 
-__all__ = ["calcualte_loss_val", "calculate_loss", "hessian_vector_product_Unet", "one_hot2dist"]
+__all__ = [
+    "apply_to_reference",
+    "calcualte_loss_val",
+    "calculate_loss",
+    "hessian_vector_product_Unet",
+    "one_hot2dist",
+]

@@ -1,0 +1,73 @@
+"""Install the drop-ins into a running copy of the public CoLab code, in one call."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from colabx.compat.common import calcualte_loss_val, calculate_loss
+from colabx.compat.utilities import hessian_vector_product_Unet, one_hot2dist
+
+__all__ = ["apply_to_reference"]
+
+#: Module of the reference code → the names replaced in it.
+_REPLACEMENTS = {
+    "common": {
+        "calculate_loss": calculate_loss,
+        "calcualte_loss_val": calcualte_loss_val,
+        # common.py imports it from utilities by name, so its own binding is replaced too
+        "hessian_vector_product_Unet": hessian_vector_product_Unet,
+    },
+    "utilities": {
+        "one_hot2dist": one_hot2dist,
+        "hessian_vector_product_Unet": hessian_vector_product_Unet,
+    },
+}
+
+
+def apply_to_reference(common: ModuleType | None = None,
+                       utilities: ModuleType | None = None) -> list[str]:
+    """Replace the reference's hot functions by colabx's drop-ins, in place.
+
+    Call it once at the top of the reference's ``train.py`` (after its own imports)::
+
+        import colabx.compat
+        colabx.compat.apply_to_reference()
+
+    Parameters
+    ----------
+    common, utilities : module, optional
+        The reference's ``common`` and ``utilities`` modules; by default imported by those names
+        (so the reference's folder must be on ``sys.path``, as it is when its scripts run).
+
+    Returns
+    -------
+    list of str
+        The replaced attributes, as ``"module.name"``.
+
+    Raises
+    ------
+    ImportError
+        A module cannot be imported by its default name.
+    AttributeError
+        A module lacks one of the functions it is expected to define (not the reference code).
+
+    Code that already holds the originals (``from common import calculate_loss`` executed before
+    this call, in another module) keeps them; worker processes started with ``fork`` after the
+    call inherit the replacements, those started with ``spawn`` must call it again.
+    """
+    modules = {"common": common, "utilities": utilities}
+    for name, mod in modules.items():
+        if mod is None:
+            modules[name] = importlib.import_module(name)
+    for name, mod in modules.items():
+        missing = [attr for attr in _REPLACEMENTS[name] if not hasattr(mod, attr)]
+        if missing:
+            raise AttributeError(f"apply_to_reference: module {mod.__name__!r} has no "
+                                 f"{', '.join(missing)}; is it the CoLab reference's {name}.py?")
+    replaced = []
+    for name, mod in modules.items():
+        for attr, fn in _REPLACEMENTS[name].items():
+            setattr(mod, attr, fn)
+            replaced.append(f"{mod.__name__}.{attr}")
+    return replaced
