@@ -6,9 +6,9 @@
 #      it imports: carry its wheel in .whl/),
 #   4. runs bench_meta_step on CUDA (colabx MetaStep vs the reference-style and restructured
 #      PyTorch meta steps, B=2, 80³, 30 features; at most 120 s),
-#   5. runs bench_compat on CUDA (the colabx.compat drop-ins vs the reference-style twins; 60 s),
-#   6. runs bench_train and bench_data on the phantom (trainer patches/s consumed vs loader
+#   5. runs bench_train and bench_data on the phantom (trainer patches/s consumed vs loader
 #      patches/s delivered with 4/8/12 workers; at most 150 s; nibabel and pyyaml wheels in .whl/),
+#   6. runs bench_compat on CUDA (the colabx.compat drop-ins vs the reference-style twins; 60 s),
 # writing logs and JSON under $OUT (default benchmarks/results) and printing summary tables last.
 # Usage: benchmarks/device_check.sh [all|test|bench|meta|compat|train]   (default all; fits in ~8 minutes)
 # COLABX_SKIP_BUILD=1 uses a colabx/_C*.so already in place (e.g. built elsewhere for this Python).
@@ -80,16 +80,6 @@ if [ "$stage" = all ] || [ "$stage" = meta ]; then
   echo "meta bench: $((SECONDS - t0)) s"
 fi
 
-if [ "$stage" = all ] || [ "$stage" = compat ]; then
-  t0=$SECONDS
-  timeout 60 $py -m benchmarks.bench_compat --device cuda --min-time 0.2 \
-    --out "$OUT/compat_cuda.json" >"$OUT/bench_compat_cuda.log" 2>&1 \
-    || { echo "bench_compat: failed or timed out"; status=1; }
-  sed -n '/^| op /,$p' "$OUT/bench_compat_cuda.log"
-  grep -q '^| op ' "$OUT/bench_compat_cuda.log" || tail -20 "$OUT/bench_compat_cuda.log"
-  echo "compat bench: $((SECONDS - t0)) s"
-fi
-
 if [ "$stage" = all ] || [ "$stage" = train ]; then
   t0=$SECONDS
   export COLABX_CACHE=${COLABX_CACHE:-/tmp/colabx-cache}
@@ -102,5 +92,15 @@ if [ "$stage" = all ] || [ "$stage" = train ]; then
     || { echo "bench_data: failed or timed out"; status=1; }
   grep '^|' "$OUT/bench_data.log" || tail -20 "$OUT/bench_data.log"
   echo "train/data bench: $((SECONDS - t0)) s"
+fi
+
+if [ "$stage" = all ] || [ "$stage" = compat ]; then
+  t0=$SECONDS
+  timeout 60 $py -m benchmarks.bench_compat --device cuda --min-time 0.2 \
+    --out "$OUT/compat_cuda.json" >"$OUT/bench_compat_cuda.log" 2>&1 \
+    || { echo "bench_compat: failed or timed out"; status=1; }
+  sed -n '/^| op /,$p' "$OUT/bench_compat_cuda.log"
+  grep -q '^| op ' "$OUT/bench_compat_cuda.log" || tail -20 "$OUT/bench_compat_cuda.log"
+  echo "compat bench: $((SECONDS - t0)) s"
 fi
 exit $status
