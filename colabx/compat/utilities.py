@@ -67,25 +67,27 @@ def hessian_vector_product_Unet(model, samplemodel, vector, inputnor_var, target
     Returns ``[(∂L(θ+)/∂ω − ∂L(θ−)/∂ω) / (2R)]`` per parameter ω of ``samplemodel``, with
     θ± = θ ± R·v, R = r/‖v‖, ``vector`` = v (one tensor per parameter of ``model``) and L the
     drop-in :func:`~colabx.compat.calculate_loss`. ``model``'s parameters are perturbed in place
-    and restored by the same arithmetic as the reference (add, subtract twice, add), so they end
-    bit-identical to the reference's. Faster: the two forwards of ``model`` keep no autograd
-    graph, and one backward of L(θ+) − L(θ−) through the generator replaces two.
+    and restored by the same arithmetic as the reference (+R·v, −2R·v, +R·v with R as the
+    scalar alpha of ``add_``/``sub_``), so they end bit-identical to the reference's. Faster:
+    the two forwards of ``model`` keep no autograd graph, and one backward of L(θ+) − L(θ−)
+    through the generator replaces two.
     """
     R = r / torch.cat([v.reshape(-1) for v in vector]).norm()
+    r_step = float(R)  # the reference passes R as the scalar alpha of add_/sub_
     params = list(model.parameters())
     if len(params) != len(vector):
         raise ValueError(f"hessian_vector_product_Unet: vector has {len(vector)} tensors but "
                          f"model has {len(params)} parameters")
     for p, v in zip(params, vector, strict=True):
-        p.data.add_(R * v)
+        p.data.add_(v, alpha=r_step)
     with torch.no_grad():
         out_plus = model(inputnor_var)
     for p, v in zip(params, vector, strict=True):
-        p.data.sub_(2 * R * v)
+        p.data.sub_(v, alpha=2 * r_step)
     with torch.no_grad():
         out_minus = model(inputnor_var)
     for p, v in zip(params, vector, strict=True):
-        p.data.add_(R * v)
+        p.data.add_(v, alpha=r_step)
     loss = (calculate_loss(args, target_var, out_plus, taskGenerated, loss_masks=loss_mask,
                            BGcls=BGclsindex)
             - calculate_loss(args, target_var, out_minus, taskGenerated, loss_masks=loss_mask,

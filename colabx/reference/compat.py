@@ -203,17 +203,18 @@ def hessian_vector_product_reference(model, samplemodel, vector, inputnor_var, t
     """The reference's finite-difference product: θ ± R·v with R = r/‖v‖, a full forward and a
     separate generator backward on each side, θ restored by adding back, (g+ − g−)/(2R)."""
     R = r / torch.cat([v.reshape(-1) for v in vector]).norm()
+    r_step = float(R)  # the reference passes R as the scalar alpha of add_/sub_
     params = list(model.parameters())
     for p, v in zip(params, vector, strict=True):
-        p.data.add_(R * v)
+        p.data.add_(v, alpha=r_step)
     loss = loss_fn(args, target_var, model(inputnor_var), taskGenerated, loss_masks=loss_mask,
                    BGcls=BGclsindex)
     grads_p = torch.autograd.grad(loss, list(samplemodel.parameters()), retain_graph=True)
     for p, v in zip(params, vector, strict=True):
-        p.data.sub_(2 * R * v)
+        p.data.sub_(v, alpha=2 * r_step)
     loss = loss_fn(args, target_var, model(inputnor_var), taskGenerated, loss_masks=loss_mask,
                    BGcls=BGclsindex)
     grads_n = torch.autograd.grad(loss, list(samplemodel.parameters()))
     for p, v in zip(params, vector, strict=True):
-        p.data.add_(R * v)
+        p.data.add_(v, alpha=r_step)
     return [(gp - gn).div_(2 * R) for gp, gn in zip(grads_p, grads_n, strict=True)]
