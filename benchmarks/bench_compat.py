@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from colabx import distance_transform
 from colabx.bench.harness import Case, format_table, machine_info, run_cases, write_json
 from colabx.compat import (
     calcualte_loss_val,
@@ -57,8 +58,6 @@ def _blob_labels(batch: int, n: int, device: torch.device) -> torch.Tensor:
 
 
 def _masks(y: torch.Tensor, levels: int) -> list[torch.Tensor]:
-    from colabx import distance_transform
-
     d = distance_transform(y > 0).unsqueeze(1)
     m = torch.exp((12 - d) / 8).clamp(max=1)
     return [m if lvl == 0 else -F.max_pool3d(-m, 2**lvl) for lvl in range(levels)]
@@ -126,8 +125,9 @@ def hvp_case(device: torch.device, n: int, features: int, pools: int) -> Case:
                                      loss_fn=calculate_loss_reference)})
 
 
-def dist_case(shape: tuple[int, ...]) -> Case:
-    y = _blob_labels(1, shape[0], torch.device("cpu"))[0].numpy()[:, :, : shape[2]]
+def dist_case(n: int, depth: int) -> Case:
+    """One n×n×depth foreground mask."""
+    y = _blob_labels(1, n, torch.device("cpu"))[0].numpy()[:, :, :depth]
     seg = (y > 0).astype(np.int32)[None]
     return Case(op="one_hot2dist", size="1x" + "x".join(map(str, seg.shape[1:])) + " int32",
                 impls={"colabx": lambda: one_hot2dist(seg),
@@ -147,13 +147,13 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cudnn.benchmark = True
     if args.quick:
         cases = [loss_case(device, 1, 16, 3), val_case(device, 1, 16), hvp_case(device, 16, 4, 2),
-                 dist_case((16, 16, 8))]
+                 dist_case(16, 8)]
     elif device.type == "cuda":
         cases = [loss_case(device, 2, 80, 4), val_case(device, 2, 80), hvp_case(device, 80, 30, 4),
-                 dist_case((160, 160, 96))]
+                 dist_case(160, 96)]
     else:
         cases = [loss_case(device, 2, 48, 4), val_case(device, 2, 48), hvp_case(device, 32, 8, 3),
-                 dist_case((160, 160, 96))]
+                 dist_case(160, 96)]
     info = machine_info(device)
     print(f"# bench_compat on {info.get('gpu', info['cpu'])}, torch {info['torch']}, "
           f"{info['torch_threads']} CPU threads", flush=True)

@@ -22,11 +22,11 @@ from colabx.models import UNet, task_generator
 from colabx.reference.compat import (
     calculate_loss_reference,
     calculate_loss_val_reference,
-    deep_supervision_weights,
     hessian_vector_product_reference,
     one_hot2dist_reference,
     resize_labels_order0,
 )
+from colabx.reference.dice_ce_loss import default_level_weights
 
 
 def _args(c=2, t=2, deep=True, n=3, vanilla=False, manual=False):
@@ -94,8 +94,8 @@ def test_reference_resize_is_order0_zoom_per_item():
 
 
 def test_deep_supervision_weights():
-    np.testing.assert_allclose(deep_supervision_weights(4), np.array([1, 0.5, 0.25, 0]) / 1.75)
-    np.testing.assert_allclose(deep_supervision_weights(1), [1.0])
+    np.testing.assert_allclose(default_level_weights(4), np.array([1, 0.5, 0.25, 0]) / 1.75)
+    np.testing.assert_allclose(default_level_weights(1), [1.0])
 
 
 # --------------------------------------------------------------------------------------------

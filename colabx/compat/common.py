@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from colabx.ops.dice_ce_loss import dice_ce_loss, roi_bce_loss
-from colabx.reference.compat import BCE_EPS, CE_EPS, deep_supervision_weights
+from colabx.ops.dice_ce_loss import _compute_dtype, dice_ce_loss, roi_bce_loss
+from colabx.reference.dice_ce_loss import BCE_EPS, CE_EPS, default_level_weights
 
 __all__ = ["calcualte_loss_val", "calculate_loss"]
 
@@ -36,6 +36,12 @@ def _one_hot(y: Tensor, k: int, dtype: torch.dtype) -> Tensor:
     return torch.nn.functional.one_hot(y, k).movedim(-1, 1).to(dtype)
 
 
+def _context_weight(labels: Tensor, mask: Tensor | None, c: int, dtype: torch.dtype) -> Tensor:
+    """M·[not ROI] per voxel ``[B, *S]``: where the generator's contexts enter the targets."""
+    w = ((labels <= 0) | (labels >= c)).to(dtype)
+    return w if mask is None else w * mask[:, 0]
+
+
 class _SoftTargets(torch.autograd.Function):
     """The reference's soft targets of one level, ``aux·M + e_bg·(1 − M)``, built channel by
     channel instead of through one-hot, cat and where (whose backward zero-fills full tensors).
@@ -58,9 +64,7 @@ class _SoftTargets(torch.autograd.Function):
         out = q.new_empty((q.shape[0], k, *q.shape[2:]))
         keep = None if (mask is None or aux_only) else mask[:, 0]
         if with_q:
-            ctx_w = ((labels <= 0) | (labels >= c)).to(dtype)
-            if keep is not None:
-                ctx_w = ctx_w * keep
+            ctx_w = _context_weight(labels, None if aux_only else mask, c, dtype)
             out[:, 0] = q[:, 0] * ctx_w
             out[:, c:] = q[:, 1:] * ctx_w.unsqueeze(1)
             onehot_channels = range(1, c)
@@ -79,9 +83,7 @@ class _SoftTargets(torch.autograd.Function):
         c, bg = ctx.c, ctx.bg
         grad_q = grad_mask = None
         if ctx.needs_input_grad[0] and ctx.with_q:
-            w = ((labels <= 0) | (labels >= c)).to(grad.dtype)
-            if mask is not None:
-                w = w * mask[:, 0]
+            w = _context_weight(labels, mask, c, grad.dtype)
             grad_q = torch.cat((grad[:, :1], grad[:, c:]), 1) * w.unsqueeze(1)
         if ctx.needs_input_grad[1]:
             aux = _SoftTargets.build(q, mask, labels, c, ctx.k, bg, ctx.with_q, aux_only=True)
@@ -101,14 +103,9 @@ def _soft_targets(args, y: Tensor, q: Tensor, mask: Tensor | None, k: int, bg: i
     return _SoftTargets.apply(q, mask, y, args.NumsClass, k, bg, with_q)
 
 
-def _in_compute_dtype(z: Tensor) -> Tensor:
-    """float32 (float64 for float64 logits), as the fused ops compute."""
-    return z.to(torch.float64 if z.dtype == torch.float64 else torch.float32)
-
-
 def _cross_entropy(z: Tensor, targets: Tensor) -> Tensor:
     b, v = z.shape[0], z[0, 0].numel()
-    p = torch.softmax(_in_compute_dtype(z), 1)
+    p = torch.softmax(z.to(_compute_dtype(z.dtype)), 1)
     return -(targets * torch.log(p + CE_EPS)).sum() / (b * v)
 
 
@@ -220,7 +217,7 @@ def calculate_loss(args, targets, output, taskGenerated, detach=False, criterion
                 m = m_new
             forced.append(m)
         ms = forced
-    weights = deep_supervision_weights(len(zs)).tolist() if deep else [1.0]
+    weights = default_level_weights(len(zs)) if deep else [1.0]
     if losstype == 0:
         combs = [_soft_targets(args, y, q, m, k, 0, deep)
                  for y, q, m in zip(labels, qs, ms, strict=True)]
@@ -261,7 +258,7 @@ def calcualte_loss_val(args, target_varval, outputval, criterionbce=None):
     bce = roi_bce_loss(z, y, list(range(1, c)), validate=False)
     with torch.no_grad():
         b, k, v = z.shape[0], z.shape[1], z[0, 0].numel()
-        zf = _in_compute_dtype(z)
+        zf = z.to(_compute_dtype(z.dtype))
         p = torch.softmax(zf, 1)
         onehot = _one_hot(y, k, p.dtype)
         axes = tuple(range(2, z.dim()))

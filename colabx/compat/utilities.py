@@ -10,7 +10,7 @@ import torch
 
 from colabx.compat.common import calculate_loss
 from colabx.ops.distance_transform import distance_transform
-from colabx.reference.compat import one_hot2dist_reference
+from colabx.reference.compat import add_scaled_, one_hot2dist_reference
 
 __all__ = ["hessian_vector_product_Unet", "one_hot2dist"]
 
@@ -73,21 +73,18 @@ def hessian_vector_product_Unet(model, samplemodel, vector, inputnor_var, target
     through the generator replaces two.
     """
     R = r / torch.cat([v.reshape(-1) for v in vector]).norm()
-    r_step = float(R)  # the reference passes R as the scalar alpha of add_/sub_
+    step = float(R)  # one host read; the reference passes R as add_'s scalar alpha
     params = list(model.parameters())
     if len(params) != len(vector):
         raise ValueError(f"hessian_vector_product_Unet: vector has {len(vector)} tensors but "
                          f"model has {len(params)} parameters")
-    for p, v in zip(params, vector, strict=True):
-        p.data.add_(v, alpha=r_step)
+    add_scaled_(params, vector, step)
     with torch.no_grad():
         out_plus = model(inputnor_var)
-    for p, v in zip(params, vector, strict=True):
-        p.data.sub_(v, alpha=2 * r_step)
+    add_scaled_(params, vector, -2 * step)
     with torch.no_grad():
         out_minus = model(inputnor_var)
-    for p, v in zip(params, vector, strict=True):
-        p.data.add_(v, alpha=r_step)
+    add_scaled_(params, vector, step)
     loss = (calculate_loss(args, target_var, out_plus, taskGenerated, loss_masks=loss_mask,
                            BGcls=BGclsindex)
             - calculate_loss(args, target_var, out_minus, taskGenerated, loss_masks=loss_mask,

@@ -83,7 +83,7 @@ import nibabel as nib
 import numpy as np
 import scipy.ndimage as ndi
 
-from colabx._io import atomic_write
+from colabx._io import atomic_write, atomic_write_text
 from colabx.data.datasets import Case, Dataset, DatasetError, load_dataset
 from colabx.data.nifti import read_nifti
 
@@ -628,5 +628,5 @@ def preprocess_dataset(
         "cases": {c.id: m for c, m in zip(ds.cases, metas, strict=True)},
     }
     text = json.dumps(plans, indent=1, allow_nan=False)
-    atomic_write(plans_path, lambda f: f.write(text), mode="w")
+    atomic_write_text(plans_path, text)
     return PreprocessedDataset(out, plans)

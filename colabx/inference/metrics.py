@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from colabx._io import atomic_write
+from colabx._io import atomic_write_text
 from colabx.data.datasets import _check_same_grid
 from colabx.data.nifti import DatasetError, read_label_map
 from colabx.ops.distance_transform import compute_distance_transform
@@ -330,7 +330,7 @@ def write_summary(result: Mapping[str, Any], path: str | os.PathLike[str]) -> li
     """
     out = Path(path)
     text = json.dumps(_jsonable(result), indent=1, allow_nan=False)
-    atomic_write(out, lambda f: f.write(text), mode="w")
+    atomic_write_text(out, text)
     written = [out]
     if "cases" in result:
         names = {v: n for n, v in result.get("labels", {}).items()}
@@ -341,6 +341,6 @@ def write_summary(result: Mapping[str, Any], path: str | os.PathLike[str]) -> li
             for j, m in case["metrics"].items():
                 w.writerow([cid, j, names.get(j, ""), *(m[k] for k in METRICS)])
         csv_path = out.with_suffix(".csv")
-        atomic_write(csv_path, lambda f: f.write(buf.getvalue()), mode="w")
+        atomic_write_text(csv_path, buf.getvalue())
         written.append(csv_path)
     return written

@@ -21,26 +21,17 @@ import numpy as np
 import scipy.ndimage as ndi
 import torch
 
+from colabx.reference.dice_ce_loss import BCE_EPS, CE_EPS, default_level_weights
+
 __all__ = [
     "calculate_loss_reference",
     "calculate_loss_val_reference",
-    "deep_supervision_weights",
     "hessian_vector_product_reference",
+    "add_scaled_",
     "one_hot2dist_reference",
     "resize_labels_order0",
     "soft_dice_reference",
 ]
-
-CE_EPS = 1e-32
-BCE_EPS = 1e-6
-
-
-def deep_supervision_weights(n: int) -> np.ndarray:
-    """1/2^i for levels 0..n-1, the last of several levels set to 0, normalised to sum 1."""
-    w = np.array([1 / 2**i for i in range(n)])
-    if n > 1:
-        w[-1] = 0
-    return w / w.sum()
 
 
 def resize_labels_order0(labels: np.ndarray, shape: Sequence[int]) -> np.ndarray:
@@ -129,7 +120,7 @@ def calculate_loss_reference(args, targets, output, taskGenerated, detach=False,
     total = 0
     if args.deepsupervision:
         host = targets.detach().cpu().numpy()
-        weights = deep_supervision_weights(args.downsampling)
+        weights = default_level_weights(args.downsampling)
         for lvl in range(args.downsampling):
             z, q = output[lvl], taskGenerated[lvl]
             y = torch.as_tensor(resize_labels_order0(host, z.shape[2:])).long().to(z.device)
@@ -197,24 +188,28 @@ def one_hot2dist_reference(seg: np.ndarray, resolution: Sequence[float] | None =
     return res
 
 
+def add_scaled_(params, vector, alpha: float) -> None:
+    """``p.data += alpha·v`` for each parameter, with ``alpha`` as the scalar alpha of ``add_``:
+    the reference's arithmetic for θ ± R·v (``sub_(v, alpha=a)`` is ``add_(v, alpha=-a)``)."""
+    for p, v in zip(params, vector, strict=True):
+        p.data.add_(v, alpha=alpha)
+
+
 def hessian_vector_product_reference(model, samplemodel, vector, inputnor_var, target_var,
                                      taskGenerated, criterion, args, loss_mask, BGclsindex,
                                      r=1e-2, loss_fn=calculate_loss_reference):
     """The reference's finite-difference product: θ ± R·v with R = r/‖v‖, a full forward and a
     separate generator backward on each side, θ restored by adding back, (g+ − g−)/(2R)."""
     R = r / torch.cat([v.reshape(-1) for v in vector]).norm()
-    r_step = float(R)  # the reference passes R as the scalar alpha of add_/sub_
+    step = float(R)  # one host read; the reference passes R as add_'s scalar alpha
     params = list(model.parameters())
-    for p, v in zip(params, vector, strict=True):
-        p.data.add_(v, alpha=r_step)
+    add_scaled_(params, vector, step)
     loss = loss_fn(args, target_var, model(inputnor_var), taskGenerated, loss_masks=loss_mask,
                    BGcls=BGclsindex)
     grads_p = torch.autograd.grad(loss, list(samplemodel.parameters()), retain_graph=True)
-    for p, v in zip(params, vector, strict=True):
-        p.data.sub_(v, alpha=2 * r_step)
+    add_scaled_(params, vector, -2 * step)
     loss = loss_fn(args, target_var, model(inputnor_var), taskGenerated, loss_masks=loss_mask,
                    BGcls=BGclsindex)
     grads_n = torch.autograd.grad(loss, list(samplemodel.parameters()))
-    for p, v in zip(params, vector, strict=True):
-        p.data.add_(v, alpha=r_step)
+    add_scaled_(params, vector, step)
     return [(gp - gn).div_(2 * R) for gp, gn in zip(grads_p, grads_n, strict=True)]
