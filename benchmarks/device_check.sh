@@ -10,11 +10,17 @@
 #      patches/s delivered with 4/8/12 workers; at most 150 s; nibabel and pyyaml wheels in .whl/),
 #   6. runs bench_compat on CUDA (the colabx.compat drop-ins vs the reference-style twins; 60 s),
 # writing logs and JSON under $OUT (default benchmarks/results) and printing summary tables last.
-# Usage: benchmarks/device_check.sh [all|test|bench|meta|compat|train]   (default all; fits in ~8 minutes)
+# Usage: benchmarks/device_check.sh [STAGE ...]   STAGE: all (default) | test | bench | train | meta | compat;
+#   stages run in the order given ("all" = test bench train meta compat). Each log and JSON lands in
+#   $OUT, and all of them again in $OUT/device_check.tgz (the device tool returns at most 8 files).
 # COLABX_SKIP_BUILD=1 uses a colabx/_C*.so already in place (e.g. built elsewhere for this Python).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:-all}
+stages=" ${*:-all} "
+[ "$stages" = " all " ] && stages=" test bench train meta compat "
+for s in $stages; do
+  case $s in test|bench|train|meta|compat) ;; *) echo "device_check: unknown stage '$s'"; exit 2 ;; esac
+done
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-16}
@@ -38,7 +44,10 @@ fi
 $py -c "import colabx._C as c, colabx._backend as b; print('cuda kernels:', c.built_with_cuda, 'devices:', c.cuda_device_count(), 'usable:', b.cuda_kernels_available())"
 
 status=0
-if [ "$stage" = all ] || [ "$stage" = test ]; then
+bundle() { tar czf /tmp/device_check.tgz -C "$OUT" --exclude device_check.tgz . && mv /tmp/device_check.tgz "$OUT/"; }
+trap bundle EXIT
+trap 'exit 143' TERM
+stage_test() {
   t0=$SECONDS
   timeout 170 $py -m pytest -q -m cuda tests -p no:cacheprovider --junitxml="$OUT/pytest_cuda.xml" \
     >"$OUT/pytest_cuda.log" 2>&1 || status=1
@@ -56,9 +65,9 @@ if [ "$stage" = all ] || [ "$stage" = test ]; then
     echo "compute-sanitizer not found"
   fi
   echo "sanitizer: $((SECONDS - t0)) s"
-fi
+}
 
-if [ "$stage" = all ] || [ "$stage" = bench ]; then
+stage_bench() {
   timeout 260 $py -m benchmarks.bench_ops --device cuda --min-time 0.2 --cuda-graphs \
     --out "$OUT/ops_cuda.json" >"$OUT/bench_ops_cuda.log" 2>&1 || status=1
   timeout 90 $py -m benchmarks.profile_kernels --out "$OUT/kernels.json" \
@@ -66,21 +75,9 @@ if [ "$stage" = all ] || [ "$stage" = bench ]; then
   cat "$OUT/profile_kernels.log"
   sed -n '/^| op /,$p' "$OUT/bench_ops_cuda.log"
   [ $status = 0 ] || tail -20 "$OUT/bench_ops_cuda.log"
-fi
+}
 
-if [ "$stage" = all ] || [ "$stage" = meta ]; then
-  t0=$SECONDS
-  # the JSON is written after the timings and again after the float64 accuracy part, so a
-  # timeout in the latter keeps the timings
-  timeout 120 $py -m benchmarks.bench_meta_step --device cuda --min-time 0.2 \
-    --out "$OUT/meta_cuda.json" >"$OUT/bench_meta_cuda.log" 2>&1 \
-    || { echo "bench_meta_step: failed or timed out"; status=1; }
-  sed -n '/^| part /,$p' "$OUT/bench_meta_cuda.log"
-  grep -q '^| part ' "$OUT/bench_meta_cuda.log" || tail -20 "$OUT/bench_meta_cuda.log"
-  echo "meta bench: $((SECONDS - t0)) s"
-fi
-
-if [ "$stage" = all ] || [ "$stage" = train ]; then
+stage_train() {
   t0=$SECONDS
   export COLABX_CACHE=${COLABX_CACHE:-/tmp/colabx-cache}
   timeout 90 $py -m benchmarks.bench_train --device cuda --iterations 10 --workers 4 8 12 \
@@ -92,9 +89,21 @@ if [ "$stage" = all ] || [ "$stage" = train ]; then
     || { echo "bench_data: failed or timed out"; status=1; }
   grep '^|' "$OUT/bench_data.log" || tail -20 "$OUT/bench_data.log"
   echo "train/data bench: $((SECONDS - t0)) s"
-fi
+}
 
-if [ "$stage" = all ] || [ "$stage" = compat ]; then
+stage_meta() {
+  t0=$SECONDS
+  # the JSON is written after the timings and again after the float64 accuracy part, so a
+  # timeout in the latter keeps the timings
+  timeout 120 $py -m benchmarks.bench_meta_step --device cuda --min-time 0.2 \
+    --out "$OUT/meta_cuda.json" >"$OUT/bench_meta_cuda.log" 2>&1 \
+    || { echo "bench_meta_step: failed or timed out"; status=1; }
+  sed -n '/^| part /,$p' "$OUT/bench_meta_cuda.log"
+  grep -q '^| part ' "$OUT/bench_meta_cuda.log" || tail -20 "$OUT/bench_meta_cuda.log"
+  echo "meta bench: $((SECONDS - t0)) s"
+}
+
+stage_compat() {
   t0=$SECONDS
   timeout 60 $py -m benchmarks.bench_compat --device cuda --min-time 0.2 \
     --out "$OUT/compat_cuda.json" >"$OUT/bench_compat_cuda.log" 2>&1 \
@@ -102,5 +111,7 @@ if [ "$stage" = all ] || [ "$stage" = compat ]; then
   sed -n '/^| op /,$p' "$OUT/bench_compat_cuda.log"
   grep -q '^| op ' "$OUT/bench_compat_cuda.log" || tail -20 "$OUT/bench_compat_cuda.log"
   echo "compat bench: $((SECONDS - t0)) s"
-fi
+}
+
+for s in $stages; do "stage_$s"; done
 exit $status
