@@ -26,7 +26,7 @@ from colabx.reference.compat import (
     one_hot2dist_reference,
     resize_labels_order0,
 )
-from colabx.reference.dice_ce_loss import default_level_weights
+from colabx.reference.dice_ce_loss import BCE_EPS, default_level_weights
 
 
 def _args(c=2, t=2, deep=True, n=3, vanilla=False, manual=False):
@@ -237,6 +237,21 @@ def _val_inputs(c, t, deep, spatial, dtype=torch.float32):
     return args, z, y, ([z, z[sub]] if deep else z)
 
 
+def _assert_near_float64_val_grad(g, args, y, z):
+    """The reference's log(1 - p + 1e-6) makes the fp32 gradient at a voxel with 1 - p_roi ~ 1e-5
+    move by ~0.4 % when p moves by an ulp, so two fp32 implementations (the drop-in, torch's CUDA
+    softmax in the twin) may differ there by that much. ``g`` must stay within 4 ulp of p of the
+    float64 gradient, relative to 1 - p + 1e-6, plus 1e-5 of max|g|. On the CPU the drop-in and
+    the twin reach 0.27 of this bound; a 1e-4 relative error anywhere exceeds it 6-fold."""
+    z64 = z.detach().double().requires_grad_()
+    sub = (slice(None), slice(None)) + (slice(None, None, 2),) * (z.dim() - 2)
+    out64 = [z64, z64[sub]] if args.deepsupervision else z64
+    g64 = torch.autograd.grad(calculate_loss_val_reference(args, y, out64)[0], z64)[0]
+    p_roi = torch.softmax(z64.detach(), 1)[:, 1:args.NumsClass].sum(1, keepdim=True)
+    bound = 1e-5 * g64.abs().max() + g64.abs() * 8 * 2.0**-24 / (1 - p_roi + BCE_EPS)
+    assert float(((g.double() - g64).abs() / bound).max()) <= 1
+
+
 @pytest.mark.parametrize("c, t, deep, spatial", VAL_CASES, ids=str)
 def test_calcualte_loss_val_matches_the_reference(c, t, deep, spatial):
     args, z, y, out = _val_inputs(c, t, deep, spatial)
@@ -248,6 +263,7 @@ def test_calcualte_loss_val_matches_the_reference(c, t, deep, spatial):
     g_ours = torch.autograd.grad(ours[0], z)[0]
     g_ref = torch.autograd.grad(want[0], z)[0]
     torch.testing.assert_close(g_ours, g_ref, rtol=1e-5, atol=1e-5 * float(g_ref.abs().max()))
+    _assert_near_float64_val_grad(g_ours, args, y, z)
     assert not any(v.requires_grad for v in ours[1:])  # diagnostics only
 
 
@@ -486,8 +502,7 @@ def test_cuda_calcualte_loss_val_matches_the_reference(c, t, deep, spatial):
     want = calculate_loss_val_reference(args, y.cuda(), outc)
     for a, b in zip(ours, want, strict=True):
         torch.testing.assert_close(a, b.detach(), rtol=2e-6, atol=2e-6)
-    torch.testing.assert_close(torch.autograd.grad(ours[0], zc)[0],
-                               torch.autograd.grad(want[0], zc)[0], rtol=1e-5, atol=1e-7)
+    _assert_near_float64_val_grad(torch.autograd.grad(ours[0], zc)[0].cpu(), args, y, z)
 
 
 @pytest.mark.cuda

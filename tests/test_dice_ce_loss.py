@@ -464,7 +464,11 @@ def test_cuda_sums_hold_when_blocks_walk_many_tiles(k, side):
     # One item of 2-4M voxels: every block of the grid-stride forward walks tens of tiles
     # (K = 16 fits one block per SM). Near-uniform logits make each Σp a long sum of nearly
     # equal terms, where long running fp32 sums drift; the kernels flush to float64 every 16
-    # voxels per thread, so loss and gradients match the float64 twin at fp32 tolerance.
+    # voxels per thread, so the loss matches the float64 twin at fp32 tolerance. The logit
+    # gradient p_k (g_k - Σ_j p_j g_j) cancels to ~1e-3 of its terms here, so per-voxel fp32
+    # rounding alone costs the float32 twin 1.5e-5 of max|grad| at K = 16 (the CPU kernel the
+    # same): the gradients must stay within twice the float32 twin's own error (a relative
+    # drift of 1e-6 in a sum would cost ~1e-4).
     g = torch.Generator().manual_seed(7)
     shape = (1, k, side, side, side)
     z = 1e-3 * torch.randn(shape, generator=g)
@@ -472,13 +476,17 @@ def test_cuda_sums_hold_when_blocks_walk_many_tiles(k, side):
     zc, yc = z.cuda().requires_grad_(), y.cuda().requires_grad_()
     loss = colabx.dice_ce_loss(zc, yc)
     loss.backward()
+    z32, y32 = z.cuda().requires_grad_(), y.cuda().requires_grad_()
+    ref.dice_ce_loss(z32, y32).backward()
     zd, yd = z.double().requires_grad_(), y.double().requires_grad_()
     want = ref.dice_ce_loss(zd, yd)
     want.backward()
     torch.testing.assert_close(loss.double().cpu(), want.detach(), rtol=2e-5, atol=1e-7)
-    for got, exp in ((zc.grad, zd.grad), (yc.grad, yd.grad)):
+    for got, fp32, exp in ((zc.grad, z32.grad, zd.grad), (yc.grad, y32.grad, yd.grad)):
         s = exp.abs().max()
-        torch.testing.assert_close(got.double().cpu() / s, exp / s, **GTOL[torch.float32])
+        err = float(((got.double().cpu() - exp) / s).abs().max())
+        fp32_err = float(((fp32.double().cpu() - exp) / s).abs().max())
+        assert err <= max(GTOL[torch.float32]["atol"], 2 * fp32_err), (err, fp32_err)
     lab = y.argmax(1).cuda()
     lb = colabx.roi_bce_loss(z.cuda(), lab, list(range(1, k)))
     torch.testing.assert_close(lb.double().cpu(), ref.roi_bce_loss(z.double(), lab.cpu(),
