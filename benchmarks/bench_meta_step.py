@@ -41,6 +41,7 @@ from colabx.reference.meta import (
 
 NUM_CLASSES, CONTEXTS, LR = 2, 2, 0.01  # c, t, α (nnU-Net's initial learning rate)
 DEFAULT_VARIANT = "theta_pm=sequential, meta_grad=fd"
+TF32_VARIANT = DEFAULT_VARIANT + ", fd_tf32"  # θ± forwards with TF32 (MetaConfig.fd_tf32)
 
 
 @dataclass(frozen=True)
@@ -188,8 +189,8 @@ def _rows_for(f: UNet, g: UNet, ds: bool, cuda: bool, x: Tensor, y: Tensor, d: T
         opt = sgd()
         return lambda: ms.plain_step(x, y, d, opt)
 
-    def restructured() -> object:
-        return restructured_meta_step(f, g, x, y, d, NUM_CLASSES, LR, **kw)
+    def restructured(**opts) -> Callable[[], object]:
+        return lambda: restructured_meta_step(f, g, x, y, d, NUM_CLASSES, LR, **kw, **opts)
 
     def reference() -> object:
         return reference_meta_step(f, g, x, y, d, NUM_CLASSES, LR, **kw)
@@ -202,7 +203,7 @@ def _rows_for(f: UNet, g: UNet, ds: bool, cuda: bool, x: Tensor, y: Tensor, d: T
     rows = [
         Row("meta", "colabx", ds, DEFAULT_VARIANT, "default", meta(colabx())),
         Row("plain", "colabx", ds, "", "default", plain(colabx())),
-        Row("meta", "restructured", ds, "", "default", restructured),
+        Row("meta", "restructured", ds, "", "default", restructured()),
         Row("meta", "reference", ds, "", "default", reference),
         Row("plain", "reference", ds, "", "default", reference_plain),
     ]
@@ -218,7 +219,11 @@ def _rows_for(f: UNet, g: UNet, ds: bool, cuda: bool, x: Tensor, y: Tensor, d: T
             Row("plain", "colabx", ds, "", "amp", plain(colabx(amp=True))),
             Row("meta", "colabx", ds, DEFAULT_VARIANT, "tf32_off", meta(colabx())),
             Row("plain", "colabx", ds, "", "tf32_off", plain(colabx())),
-            Row("meta", "restructured", ds, "", "tf32_off", restructured),
+            Row("meta", "restructured", ds, "", "tf32_off", restructured()),
+            Row("meta", "restructured", ds, "", "amp", restructured(amp=True)),
+            Row("meta", "colabx", ds, TF32_VARIANT, "default", meta(colabx(fd_tf32=True))),
+            Row("meta", "colabx", ds, TF32_VARIANT, "amp", meta(colabx(amp=True, fd_tf32=True))),
+            Row("meta", "restructured", ds, "fd_tf32", "default", restructured(fd_tf32=True)),
         ]
     return rows
 
@@ -226,7 +231,8 @@ def _rows_for(f: UNet, g: UNet, ds: bool, cuda: bool, x: Tensor, y: Tensor, d: T
 def build_rows(size: Size, device: torch.device, x: Tensor, y: Tensor, d: Tensor) -> list[Row]:
     """Every timed row: per deep-supervision setting the three meta parts and the two plain
     steps; with deep supervision the θ± variants and the exact meta-gradient; on CUDA bf16
-    autocast and TF32 off (colabx and the restructured meta part)."""
+    autocast and TF32 off (colabx and the restructured meta part), and the meta parts with TF32
+    θ± forwards (``fd_tf32``)."""
     margin, tau = mask_params(size)
     rows: list[Row] = []
     for ds in (True, False):
@@ -255,10 +261,16 @@ def time_rows(rows: list[Row], device: torch.device, min_time_s: float,
     return out
 
 
-def _find(results: list[dict], part: str, impl: str, ds: bool, precision: str) -> dict | None:
+def _find(results: list[dict], part: str, impl: str, ds: bool, precision: str,
+          fd_tf32: bool = False) -> dict | None:
+    """The row of the default variant, or with ``fd_tf32`` the meta parts whose θ± forwards
+    use TF32 (the plain steps and the reference-style meta part have no θ± precision)."""
+    variants = ("", DEFAULT_VARIANT)
+    if fd_tf32 and part == "meta" and impl != "reference":
+        variants = ("fd_tf32", TF32_VARIANT)
     for r in results:
         if (r["part"], r["impl"], r["ds"], r["precision"]) == (part, impl, ds, precision) \
-                and r["variant"] in ("", DEFAULT_VARIANT) and "median_ms" in r["timing"]:
+                and r["variant"] in variants and "median_ms" in r["timing"]:
             return r
     return None
 
@@ -274,17 +286,23 @@ RATIOS = (
 
 
 def derived_ratios(results: list[dict]) -> list[dict]:
-    """The issue's ratios, per (deep supervision, precision) setting where both sides ran."""
+    """The issue's ratios, per (deep supervision, precision) setting where both sides ran; the
+    settings with TF32 θ± forwards (``MetaConfig.fd_tf32``) are labelled "…, θ± TF32"."""
     out = []
+    settings = [(prec, False) for prec in ("default", "amp", "tf32_off")]
+    settings += [("default", True), ("amp", True)]
     for ds in (True, False):
-        for prec in ("default", "amp", "tf32_off"):
-            def ms(part, impl, ds=ds, prec=prec):
-                r = _find(results, part, impl, ds, prec)
+        for prec, fd_tf32 in settings:
+            def ms(part, impl, ds=ds, prec=prec, fd_tf32=fd_tf32):
+                r = _find(results, part, impl, ds, prec, fd_tf32)
                 return r["timing"]["median_ms"] if r else None
 
-            def mem(impl, ds=ds, prec=prec):
-                r = _find(results, "meta", impl, ds, prec)
+            def mem(impl, ds=ds, prec=prec, fd_tf32=fd_tf32):
+                r = _find(results, "meta", impl, ds, prec, fd_tf32)
                 return r["memory"]["growth_mb"] if r and r["memory"] else None
+
+            if fd_tf32 and not (_find(results, "meta", "colabx", ds, prec, True)):
+                continue
 
             cm, cp, sm = ms("meta", "colabx"), ms("plain", "colabx"), ms("meta", "restructured")
             rm, rp = ms("meta", "reference"), ms("plain", "reference")
@@ -301,7 +319,8 @@ def derived_ratios(results: list[dict]) -> list[dict]:
                     continue
                 met = None if target is None else (
                     values[name] <= target if cmp == "<=" else values[name] >= target)
-                out.append({"ratio": name, "ds": ds, "precision": prec, "value": values[name],
+                label = f"{prec}, θ± TF32" if fd_tf32 else prec
+                out.append({"ratio": name, "ds": ds, "precision": label, "value": values[name],
                             "gpu_target": f"{cmp} {target}" if target else None,
                             "meets_gpu_target": met})
     return out
@@ -323,20 +342,28 @@ def accuracy(size: Size, device: torch.device, x: Tensor, y: Tensor, d: Tensor) 
     """Relative error ‖g − g64‖/‖g64‖ and cosine of colabx's generator gradient (deep
     supervision, batched, sequential θ±) against the same step with float64 copies of the nets
     and inputs, for fd and exact meta-gradients; on CUDA for fp32 (TF32 off), torch's default
-    TF32 settings and bf16 autocast. Also fd against exact, both in float64."""
+    TF32 settings and bf16 autocast, and (fd only) the last two with TF32 θ± forwards. Also fd
+    against exact, both in float64."""
     margin, tau = mask_params(size)
     f, g = make_nets(size, True, device)
     f64, g64 = copy.deepcopy(f).double(), copy.deepcopy(g).double()
     x64, d64 = x.double(), d.double()
-    precisions = (("fp32, TF32 off", False, False), ("torch default TF32", None, False),
-                  ("amp bf16", False, True)) if device.type == "cuda" else (("fp32", None, False),)
+    precisions = (("fp32, TF32 off", False, False, False),
+                  ("torch default TF32", None, False, False),
+                  ("amp bf16", False, True, False),
+                  ("torch default TF32, θ± TF32", None, False, True),
+                  ("amp bf16, θ± TF32", None, True, True)) \
+        if device.type == "cuda" else (("fp32", None, False, False),)
     out, exact64 = [], {}
     for mode in ("fd", "exact"):
         ref = _generator_grad(MetaStep(f64, g64, MetaConfig(NUM_CLASSES, margin, tau,
                                                             meta_grad=mode)), x64, y, d64)
         exact64[mode] = ref
-        for label, allow_tf32, amp in precisions:
-            ms = MetaStep(f, g, MetaConfig(NUM_CLASSES, margin, tau, meta_grad=mode, amp=amp))
+        for label, allow_tf32, amp, fd_tf32 in precisions:
+            if fd_tf32 and mode == "exact":
+                continue  # the exact meta-gradient always runs in full fp32
+            ms = MetaStep(f, g, MetaConfig(NUM_CLASSES, margin, tau, meta_grad=mode, amp=amp,
+                                           fd_tf32=fd_tf32))
             with tf32(allow_tf32):
                 got = _generator_grad(ms, x, y, d)
             out.append({"meta_grad": mode, "precision": label, **_compare(got, ref)})

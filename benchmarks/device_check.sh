@@ -5,7 +5,7 @@
 #   3. runs bench_ops on CUDA (colabx vs eager twin vs torch.compile twin; EDT also vs cuCIM when
 #      it imports: carry its wheel in .whl/),
 #   4. runs bench_meta_step on CUDA (colabx MetaStep vs the reference-style and restructured
-#      PyTorch meta steps, B=2, 80³, 30 features; at most 120 s),
+#      PyTorch meta steps, B=2, 80³, 30 features; at most 180 s),
 #   5. runs bench_train and bench_data on the phantom (trainer patches/s consumed vs loader
 #      patches/s delivered with 4/8/12 workers; at most 150 s; nibabel and pyyaml wheels in .whl/),
 #   6. runs bench_compat on CUDA (the colabx.compat drop-ins vs the reference-style twins; 60 s),
@@ -95,7 +95,7 @@ stage_meta() {
   t0=$SECONDS
   # the JSON is written after the timings and again after the float64 accuracy part, so a
   # timeout in the latter keeps the timings
-  timeout 120 $py -m benchmarks.bench_meta_step --device cuda --min-time 0.2 \
+  timeout 180 $py -m benchmarks.bench_meta_step --device cuda --min-time 0.2 \
     --out "$OUT/meta_cuda.json" >"$OUT/bench_meta_cuda.log" 2>&1 \
     || { echo "bench_meta_step: failed or timed out"; status=1; }
   sed -n '/^| part /,$p' "$OUT/bench_meta_cuda.log"

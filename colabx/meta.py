@@ -30,7 +30,6 @@ either mode, exactly as the reference's modules do.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -39,6 +38,7 @@ from torch import Tensor
 from torch.func import functional_call, vmap
 
 from colabx._grouped import grouped_unet_forward
+from colabx._precision import no_tf32, tf32_unless
 from colabx.ops.context_labels import context_labels
 from colabx.ops.dice_ce_loss import dice_ce_loss, roi_bce_loss
 from colabx.reference import dice_ce_loss as _twin
@@ -69,10 +69,14 @@ class MetaConfig:
         ``"grouped"`` (one U-Net with every layer's two parameter sets concatenated and
         ``groups=2`` convolutions, :mod:`colabx._grouped`). Default from CPU timings (2 threads,
         B=2, θ± forwards, median): 3D 48³, 30 base features, 4 pools: sequential 1.12 s, grouped
-        1.96 s, vmap 2.37 s; 3D 32³, 8 features, 3 pools: 62 / 47 / 65 ms. The GPU comparison is
-        pending.
+        1.96 s, vmap 2.37 s; 3D 32³, 8 features, 3 pools: 62 / 47 / 65 ms. On an H200 (B=2,
+        80³, 30 features, whole meta part): sequential 127 ms, grouped 157 ms, vmap 164 ms.
     amp : autocast the generator, the inner step and the L_ROI forwards in ``amp_dtype``; the θ±
         forwards always run with autocast disabled, in the parameters' dtype.
+    fd_tf32 : let the θ± forwards use TF32 convolutions and matmuls as torch's settings allow
+        (faster on Ampere and later GPUs); off by default, the θ± forwards run in full fp32
+        (TF32 there costs meta-gradient accuracy: ``benchmarks/RESULTS.md``). The exact
+        meta-gradient always runs in full fp32.
     skip_without_roi : skip the generator update when the batch (sample, per-sample) has no ROI
         voxel (its context labels do not depend on ω then: d = +inf, M = 0).
     validate : let the fused ops validate their inputs (a pass over the labels each call).
@@ -87,6 +91,7 @@ class MetaConfig:
     theta_pm: str = "sequential"
     amp: bool = False
     amp_dtype: torch.dtype = torch.bfloat16
+    fd_tf32: bool = False
     skip_without_roi: bool = True
     validate: bool = False
 
@@ -146,21 +151,6 @@ class GradReducer(Protocol):
         """True when ``flag`` is True on any process."""
 
 
-@contextmanager
-def _no_tf32():
-    """Full fp32 convolutions and matmuls: TF32 in the θ± passes costs ~2% meta-gradient error
-    (DESIGN.md)."""
-    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    old = matmul.allow_tf32
-    matmul.allow_tf32 = False
-    try:
-        with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
-                         deterministic=cudnn.deterministic, allow_tf32=False):
-            yield
-    finally:
-        matmul.allow_tf32 = old
-
-
 def _as_list(z) -> list[Tensor]:
     return list(z) if isinstance(z, (list, tuple)) else [z]
 
@@ -209,9 +199,9 @@ class MetaStep:
 
     def _theta_pm_logits(self, params: dict, v: dict, eps: Tensor, x: Tensor) -> list[Tensor]:
         """Logits of f_θ+ and f_θ− concatenated along the batch: per level ``[2B, K, *S_l]``,
-        the first B rows θ+. No autograd graph, autocast off."""
+        the first B rows θ+. No autograd graph, autocast off, TF32 only with ``fd_tf32``."""
         f = self.f
-        with torch.no_grad(), self._autocast(x, False), _no_tf32():
+        with torch.no_grad(), self._autocast(x, False), tf32_unless(self.config.fd_tf32):
             if self.config.theta_pm == "vmap":
                 stacked = {n: torch.stack((p + eps * v[n], p - eps * v[n]))
                            for n, p in params.items()}
@@ -247,7 +237,7 @@ class MetaStep:
         f = self.f
         leaf = [t.clone().requires_grad_() for t in yhat_d]
         p_req = {n: p.detach().requires_grad_() for n, p in params.items()}
-        with torch.enable_grad(), self._autocast(x, False), _no_tf32():
+        with torch.enable_grad(), self._autocast(x, False), no_tf32():
             z = _as_list(functional_call(f, p_req, (x,)))
             loss = _twin.dice_ce_loss(z, leaf)
             gth = torch.autograd.grad(loss, list(p_req.values()), create_graph=True)

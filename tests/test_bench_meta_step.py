@@ -13,7 +13,12 @@ ROOT = str(Path(__file__).resolve().parents[1])
 if ROOT not in sys.path:
     sys.path.append(ROOT)
 
-from benchmarks.bench_meta_step import main  # noqa: E402
+from benchmarks.bench_meta_step import (  # noqa: E402
+    DEFAULT_VARIANT,
+    TF32_VARIANT,
+    derived_ratios,
+    main,
+)
 
 
 def test_quick_run_has_every_implementation(tmp_path):
@@ -45,3 +50,28 @@ def test_quick_run_has_every_implementation(tmp_path):
     assert set(acc) == {"fd", "exact"}
     for a in acc.values():  # measured 3e-5 (fd) and 1e-6 (exact) relative error
         assert a["rel_error"] < 1e-3 and a["cosine"] > 0.9999
+
+
+def _row(part, impl, variant, precision, ms, mb=100.0):
+    return {"part": part, "impl": impl, "ds": True, "variant": variant, "precision": precision,
+            "timing": {"median_ms": ms}, "memory": {"growth_mb": mb}}
+
+
+def test_ratios_pair_the_theta_pm_tf32_rows_with_each_other():
+    rows = [_row("meta", "colabx", DEFAULT_VARIANT, "default", 120.0),
+            _row("meta", "colabx", TF32_VARIANT, "default", 80.0, 90.0),
+            _row("meta", "colabx", "theta_pm=vmap, meta_grad=fd", "default", 999.0),
+            _row("plain", "colabx", "", "default", 40.0),
+            _row("meta", "restructured", "", "default", 150.0),
+            _row("meta", "restructured", "fd_tf32", "default", 110.0, 95.0),
+            _row("meta", "reference", "", "default", 300.0),
+            _row("plain", "reference", "", "default", 50.0)]
+    got = {(r["ratio"], r["precision"]): r["value"] for r in derived_ratios(rows)}
+    assert got[("colabx meta / colabx plain", "default")] == 3.0
+    assert got[("colabx meta / colabx plain", "default, θ± TF32")] == 2.0
+    assert got[("restructured meta / colabx meta", "default")] == 1.25
+    assert got[("restructured meta / colabx meta", "default, θ± TF32")] == 110.0 / 80.0
+    assert got[("(reference meta + plain) / (colabx meta + plain)", "default, θ± TF32")] \
+        == 350.0 / 120.0
+    assert got[("peak memory colabx meta / restructured meta", "default, θ± TF32")] == 90.0 / 95.0
+    assert not any(p.startswith("amp") for _, p in got)  # no amp rows, no amp ratios

@@ -25,6 +25,7 @@ import copy
 import torch
 from torch.func import functional_call
 
+from colabx._precision import tf32_unless
 from colabx.reference.context_labels import context_labels_reference
 from colabx.reference.dice_ce_loss import dice_ce_loss, roi_bce_loss
 
@@ -121,8 +122,9 @@ def reference_meta_step(f, g, x, y, d, num_classes: int, lr: float, gen_optimize
 
 
 def restructured_meta_step(f, g, x, y, d, num_classes: int, lr: float, gen_optimizer=None,
-                           margin: float = 30.0, tau: float = 20.0,
-                           fd_eps: float = 0.01) -> dict:
+                           margin: float = 30.0, tau: float = 20.0, fd_eps: float = 0.01,
+                           amp: bool = False, amp_dtype: torch.dtype = torch.bfloat16,
+                           fd_tf32: bool = False) -> dict:
     """colabx's algorithm in plain PyTorch: batched, sequential θ±, one generator backward.
 
     ŷ = context_labels(g(x)) once (graph kept); θ* = θ − lr ∇θ L_seg(f_θ(x), ŷ) over the batch;
@@ -130,6 +132,9 @@ def restructured_meta_step(f, g, x, y, d, num_classes: int, lr: float, gen_optim
     other); G± = ∂L_seg(f_θ±(x), ŷ)/∂ŷ on a detached ŷ; one backward of −lr (G+ − G−)/(2ε)
     through context_labels and g. The generator's ``.grad`` is overwritten; ``gen_optimizer``,
     if given, then steps. Skipped (grads None, no step) when the batch has no ROI or ‖v‖ = 0.
+    Precision as :class:`colabx.meta.MetaConfig`: ``amp`` autocasts the generator, inner-step
+    and L_ROI forwards to ``amp_dtype``; the θ± forwards run without autocast, in full fp32
+    unless ``fd_tf32``.
     """
     levels = _levels(f)
     roi = list(range(1, num_classes))
@@ -137,15 +142,22 @@ def restructured_meta_step(f, g, x, y, d, num_classes: int, lr: float, gen_optim
         p.grad = None
     if not bool((y > 0).any()):
         return {"skipped": True, "v_norm": 0.0}
-    yhat = _labels(g, x, y, d, num_classes, margin, tau, levels)
+    autocast = torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp)
+    with autocast:
+        o = g(x)
+    yhat = context_labels_reference(o, y, d, num_classes, margin, tau, levels)
     yhat_d = _detach(yhat)
     names = [n for n, _ in f.named_parameters()]
     params = [p for _, p in f.named_parameters()]
-    loss = dice_ce_loss(f(x), yhat_d)
+    with autocast:
+        z = f(x)
+    loss = dice_ce_loss(z, yhat_d)
     grads = torch.autograd.grad(loss, params)
     star = {n: (p.detach() - lr * gr).requires_grad_()
             for n, p, gr in zip(names, params, grads, strict=True)}
-    lroi = roi_bce_loss(_full_res(functional_call(f, star, (x,))), y, roi)
+    with autocast:
+        z_star = _full_res(functional_call(f, star, (x,)))
+    lroi = roi_bce_loss(z_star, y, roi)
     v = torch.autograd.grad(lroi, list(star.values()), allow_unused=True,
                             materialize_grads=True)
     vnorm = torch.sqrt(sum((t.double() ** 2).sum() for t in v))
@@ -154,7 +166,8 @@ def restructured_meta_step(f, g, x, y, d, num_classes: int, lr: float, gen_optim
     eps = fd_eps / vnorm.to(params[0].dtype)
     gs = []
     for sign in (1.0, -1.0):
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False), \
+                tf32_unless(fd_tf32):
             pp = {n: p.detach() + sign * eps * vt
                   for n, p, vt in zip(names, params, v, strict=True)}
             z = functional_call(f, pp, (x,))

@@ -1,0 +1,30 @@
+"""Precision contexts shared by the meta step and its pure-PyTorch twin."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+
+import torch
+
+__all__ = ["no_tf32", "tf32_unless"]
+
+
+@contextmanager
+def no_tf32() -> Iterator[None]:
+    """Full fp32 convolutions and matmuls inside the block (cuDNN's and cuBLAS's TF32 off); the
+    previous settings come back on exit. No effect on the CPU."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    old = matmul.allow_tf32
+    matmul.allow_tf32 = False
+    try:
+        with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
+                         deterministic=cudnn.deterministic, allow_tf32=False):
+            yield
+    finally:
+        matmul.allow_tf32 = old
+
+
+def tf32_unless(allow_tf32: bool) -> AbstractContextManager[None]:
+    """:func:`no_tf32` unless ``allow_tf32``, which leaves torch's settings as they are."""
+    return nullcontext() if allow_tf32 else no_tf32()
