@@ -60,6 +60,13 @@ def test_every_mode_trains_and_evaluates(cache, tmp_path, mode):
     assert state["epoch"] == 1 and (state["generator"] is not None) == (mode == "colab")
 
 
+@pytest.mark.parametrize("fd_tf32", [False, True])
+def test_meta_step_options_reach_the_meta_step(cache, tmp_path, fd_tf32):
+    tr = Trainer(_cfg(mode="colab", theta_pm="grouped", fd_tf32=fd_tf32), tmp_path,
+                 echo=lambda s: None)
+    assert (tr.meta.config.theta_pm, tr.meta.config.fd_tf32) == ("grouped", fd_tf32)
+
+
 def test_resume_continues_exactly(cache, tmp_path):
     cfg = _cfg(mode="colab", epochs=2, iterations=3, snapshot_every=0, val_cases=1)
     full = Trainer(cfg, tmp_path / "full", echo=lambda s: None)

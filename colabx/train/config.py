@@ -80,6 +80,9 @@ class TrainConfig:
                           "backward)", choices=("fd", "exact"), group="method")
     theta_pm: str = _opt("sequential", "how the theta+/- forwards run",
                          choices=("sequential", "vmap", "grouped"), group="method")
+    fd_tf32: bool = _opt(False, "let the theta+/- forwards use TF32 on the GPU (faster; the "
+                         "finite difference loses accuracy, see benchmarks/RESULTS.md)",
+                         group="method")
     gen_lr: float = _opt(3e-4, "task-generator Adam learning rate (poly decay)", lo=0.0,
                          lo_open=True, group="method")
     # -- network --------------------------------------------------------------------------------
