@@ -42,6 +42,13 @@ from colabx.reference.meta import (
 NUM_CLASSES, CONTEXTS, LR = 2, 2, 0.01  # c, t, α (nnU-Net's initial learning rate)
 DEFAULT_VARIANT = "theta_pm=sequential, meta_grad=fd"
 TF32_VARIANT = DEFAULT_VARIANT + ", fd_tf32"  # θ± forwards with TF32 (MetaConfig.fd_tf32)
+RECOMPUTE_VARIANT = DEFAULT_VARIANT + ", recompute_generator"
+# options timed on CUDA: the meta-part variant of each implementation that has it, and the label
+# of their ratios (the other rows of a ratio are the default ones)
+OPTIONS = {
+    "fd_tf32": ({"colabx": TF32_VARIANT, "restructured": "fd_tf32"}, "θ± TF32"),
+    "recompute_generator": ({"colabx": RECOMPUTE_VARIANT}, "generator recomputed"),
+}
 
 
 @dataclass(frozen=True)
@@ -213,6 +220,8 @@ def _rows_for(f: UNet, g: UNet, ds: bool, cuda: bool, x: Tensor, y: Tensor, d: T
                  meta(colabx(theta_pm=tp))) for tp in ("vmap", "grouped")]
     rows.append(Row("meta", "colabx", ds, "theta_pm=sequential, meta_grad=exact", "default",
                     meta(colabx(meta_grad="exact"))))
+    rows.append(Row("meta", "colabx", ds, RECOMPUTE_VARIANT, "default",
+                    meta(colabx(recompute_generator=True))))
     if cuda:
         rows += [
             Row("meta", "colabx", ds, DEFAULT_VARIANT, "amp", meta(colabx(amp=True))),
@@ -224,15 +233,17 @@ def _rows_for(f: UNet, g: UNet, ds: bool, cuda: bool, x: Tensor, y: Tensor, d: T
             Row("meta", "colabx", ds, TF32_VARIANT, "default", meta(colabx(fd_tf32=True))),
             Row("meta", "colabx", ds, TF32_VARIANT, "amp", meta(colabx(amp=True, fd_tf32=True))),
             Row("meta", "restructured", ds, "fd_tf32", "default", restructured(fd_tf32=True)),
+            Row("meta", "colabx", ds, RECOMPUTE_VARIANT, "amp",
+                meta(colabx(amp=True, recompute_generator=True))),
         ]
     return rows
 
 
 def build_rows(size: Size, device: torch.device, x: Tensor, y: Tensor, d: Tensor) -> list[Row]:
     """Every timed row: per deep-supervision setting the three meta parts and the two plain
-    steps; with deep supervision the θ± variants and the exact meta-gradient; on CUDA bf16
-    autocast and TF32 off (colabx and the restructured meta part), and the meta parts with TF32
-    θ± forwards (``fd_tf32``)."""
+    steps; with deep supervision the θ± variants, the exact meta-gradient and the recomputed
+    generator; on CUDA bf16 autocast and TF32 off (colabx and the restructured meta part), and
+    the meta parts with TF32 θ± forwards (``fd_tf32``)."""
     margin, tau = mask_params(size)
     rows: list[Row] = []
     for ds in (True, False):
@@ -262,12 +273,12 @@ def time_rows(rows: list[Row], device: torch.device, min_time_s: float,
 
 
 def _find(results: list[dict], part: str, impl: str, ds: bool, precision: str,
-          fd_tf32: bool = False) -> dict | None:
-    """The row of the default variant, or with ``fd_tf32`` the meta parts whose θ± forwards
-    use TF32 (the plain steps and the reference-style meta part have no θ± precision)."""
-    variants = ("", DEFAULT_VARIANT)
-    if fd_tf32 and part == "meta" and impl != "reference":
-        variants = ("fd_tf32", TF32_VARIANT)
+          option: str | None = None) -> dict | None:
+    """The row of the default variant, or for an ``option`` of :data:`OPTIONS` the meta part
+    of the implementations that have that option."""
+    variants: tuple[str, ...] = ("", DEFAULT_VARIANT)
+    if option is not None and part == "meta" and impl in OPTIONS[option][0]:
+        variants = (OPTIONS[option][0][impl],)
     for r in results:
         if (r["part"], r["impl"], r["ds"], r["precision"]) == (part, impl, ds, precision) \
                 and r["variant"] in variants and "median_ms" in r["timing"]:
@@ -286,22 +297,22 @@ RATIOS = (
 
 
 def derived_ratios(results: list[dict]) -> list[dict]:
-    """The issue's ratios, per (deep supervision, precision) setting where both sides ran; the
-    settings with TF32 θ± forwards (``MetaConfig.fd_tf32``) are labelled "…, θ± TF32"."""
+    """The issue's ratios, per (deep supervision, precision) setting where both sides ran, and
+    per option of :data:`OPTIONS` that ran (labelled "<precision>, <option label>")."""
     out = []
-    settings = [(prec, False) for prec in ("default", "amp", "tf32_off")]
-    settings += [("default", True), ("amp", True)]
+    settings = [(prec, None) for prec in ("default", "amp", "tf32_off")]
+    settings += [(prec, opt) for opt in OPTIONS for prec in ("default", "amp")]
     for ds in (True, False):
-        for prec, fd_tf32 in settings:
-            def ms(part, impl, ds=ds, prec=prec, fd_tf32=fd_tf32):
-                r = _find(results, part, impl, ds, prec, fd_tf32)
+        for prec, option in settings:
+            def ms(part, impl, ds=ds, prec=prec, option=option):
+                r = _find(results, part, impl, ds, prec, option)
                 return r["timing"]["median_ms"] if r else None
 
-            def mem(impl, ds=ds, prec=prec, fd_tf32=fd_tf32):
-                r = _find(results, "meta", impl, ds, prec, fd_tf32)
+            def mem(impl, ds=ds, prec=prec, option=option):
+                r = _find(results, "meta", impl, ds, prec, option)
                 return r["memory"]["growth_mb"] if r and r["memory"] else None
 
-            if fd_tf32 and not (_find(results, "meta", "colabx", ds, prec, True)):
+            if option is not None and not _find(results, "meta", "colabx", ds, prec, option):
                 continue
 
             cm, cp, sm = ms("meta", "colabx"), ms("plain", "colabx"), ms("meta", "restructured")
@@ -319,7 +330,7 @@ def derived_ratios(results: list[dict]) -> list[dict]:
                     continue
                 met = None if target is None else (
                     values[name] <= target if cmp == "<=" else values[name] >= target)
-                label = f"{prec}, θ± TF32" if fd_tf32 else prec
+                label = prec if option is None else f"{prec}, {OPTIONS[option][1]}"
                 out.append({"ratio": name, "ds": ds, "precision": label, "value": values[name],
                             "gpu_target": f"{cmp} {target}" if target else None,
                             "meets_gpu_target": met})

@@ -15,6 +15,7 @@ if ROOT not in sys.path:
 
 from benchmarks.bench_meta_step import (  # noqa: E402
     DEFAULT_VARIANT,
+    RECOMPUTE_VARIANT,
     TF32_VARIANT,
     derived_ratios,
     main,
@@ -57,7 +58,7 @@ def _row(part, impl, variant, precision, ms, mb=100.0):
             "timing": {"median_ms": ms}, "memory": {"growth_mb": mb}}
 
 
-def test_ratios_pair_the_theta_pm_tf32_rows_with_each_other():
+def test_ratios_pair_each_option_with_its_baseline():
     rows = [_row("meta", "colabx", DEFAULT_VARIANT, "default", 120.0),
             _row("meta", "colabx", TF32_VARIANT, "default", 80.0, 90.0),
             _row("meta", "colabx", "theta_pm=vmap, meta_grad=fd", "default", 999.0),
@@ -65,7 +66,8 @@ def test_ratios_pair_the_theta_pm_tf32_rows_with_each_other():
             _row("meta", "restructured", "", "default", 150.0),
             _row("meta", "restructured", "fd_tf32", "default", 110.0, 95.0),
             _row("meta", "reference", "", "default", 300.0),
-            _row("plain", "reference", "", "default", 50.0)]
+            _row("plain", "reference", "", "default", 50.0),
+            _row("meta", "colabx", RECOMPUTE_VARIANT, "default", 130.0, 75.0)]
     got = {(r["ratio"], r["precision"]): r["value"] for r in derived_ratios(rows)}
     assert got[("colabx meta / colabx plain", "default")] == 3.0
     assert got[("colabx meta / colabx plain", "default, θ± TF32")] == 2.0
@@ -74,4 +76,8 @@ def test_ratios_pair_the_theta_pm_tf32_rows_with_each_other():
     assert got[("(reference meta + plain) / (colabx meta + plain)", "default, θ± TF32")] \
         == 350.0 / 120.0
     assert got[("peak memory colabx meta / restructured meta", "default, θ± TF32")] == 90.0 / 95.0
+    # the recompute option pairs colabx's variant with the default restructured row
+    assert got[("colabx meta / colabx plain", "default, generator recomputed")] == 130.0 / 40.0
+    assert got[("peak memory colabx meta / restructured meta", "default, generator recomputed")] \
+        == 0.75
     assert not any(p.startswith("amp") for _, p in got)  # no amp rows, no amp ratios

@@ -322,3 +322,17 @@ def test_theta_pm_forwards_run_without_tf32_unless_asked(fd_tf32, monkeypatch):
         seen_twin = len(seen)
         restructured_meta_step(f, g, x, y, d, 2, LR, margin=MARGIN, tau=TAU, fd_tf32=fd_tf32)
     assert seen[:seen_twin] == [fd_tf32] * 2 and seen[seen_twin:] == [fd_tf32] * 2
+
+
+@pytest.mark.parametrize("mode,meta_grad", [("batched", "fd"), ("per_sample", "fd"),
+                                            ("batched", "exact")])
+def test_recomputed_generator_gives_the_same_gradient(mode, meta_grad):
+    f, g, x, y, d = _setup(nd=2, size=16)
+    grads = []
+    for recompute in (False, True):
+        cfg = MetaConfig(2, MARGIN, TAU, mode=mode, meta_grad=meta_grad,
+                         recompute_generator=recompute)
+        MetaStep(f, g, cfg).step(x, y, d, LR)
+        grads.append(_ggrad(g))
+    assert grads[0].norm() > 0
+    assert _rel(grads[1], grads[0]) < 1e-12

@@ -60,11 +60,12 @@ def test_every_mode_trains_and_evaluates(cache, tmp_path, mode):
     assert state["epoch"] == 1 and (state["generator"] is not None) == (mode == "colab")
 
 
-@pytest.mark.parametrize("fd_tf32", [False, True])
-def test_meta_step_options_reach_the_meta_step(cache, tmp_path, fd_tf32):
-    tr = Trainer(_cfg(mode="colab", theta_pm="grouped", fd_tf32=fd_tf32), tmp_path,
-                 echo=lambda s: None)
-    assert (tr.meta.config.theta_pm, tr.meta.config.fd_tf32) == ("grouped", fd_tf32)
+@pytest.mark.parametrize("flag", [False, True])
+def test_meta_step_options_reach_the_meta_step(cache, tmp_path, flag):
+    tr = Trainer(_cfg(mode="colab", theta_pm="grouped", fd_tf32=flag, recompute_generator=flag),
+                 tmp_path, echo=lambda s: None)
+    mc = tr.meta.config
+    assert (mc.theta_pm, mc.fd_tf32, mc.recompute_generator) == ("grouped", flag, flag)
 
 
 def test_resume_continues_exactly(cache, tmp_path):

@@ -83,6 +83,10 @@ class TrainConfig:
     fd_tf32: bool = _opt(False, "let the theta+/- forwards use TF32 on the GPU (faster; the "
                          "finite difference loses accuracy, see benchmarks/RESULTS.md)",
                          group="method")
+    recompute_generator: bool = _opt(False, "recompute the task generator's forward before "
+                                     "the meta step's backward instead of holding its "
+                                     "activations (lower peak memory, one more forward)",
+                                     group="method")
     gen_lr: float = _opt(3e-4, "task-generator Adam learning rate (poly decay)", lo=0.0,
                          lo_open=True, group="method")
     # -- network --------------------------------------------------------------------------------

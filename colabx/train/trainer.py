@@ -243,7 +243,8 @@ class Trainer:
         if cfg.mode == "colab":
             mc = MetaConfig(num_classes=self.num_classes, margin=cfg.margin, tau=cfg.tau,
                             mode=cfg.meta_mode, meta_grad=cfg.meta_grad, theta_pm=cfg.theta_pm,
-                            fd_tf32=cfg.fd_tf32, amp=self.amp_dtype is not None,
+                            fd_tf32=cfg.fd_tf32, recompute_generator=cfg.recompute_generator,
+                            amp=self.amp_dtype is not None,
                             amp_dtype=self.amp_dtype or torch.bfloat16)
             self.meta = MetaStep(self.f, self.g, mc,
                                  ProcessGroupReducer() if self.dist.enabled else None)
