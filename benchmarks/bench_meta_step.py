@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from colabx import distance_transform
+from colabx._precision import tf32_unless
 from colabx.bench.harness import machine_info, time_callable, write_json
 from colabx.meta import MetaConfig, MetaStep
 from colabx.models import UNet, task_generator
@@ -43,8 +44,8 @@ NUM_CLASSES, CONTEXTS, LR = 2, 2, 0.01  # c, t, α (nnU-Net's initial learning r
 DEFAULT_VARIANT = "theta_pm=sequential, meta_grad=fd"
 TF32_VARIANT = DEFAULT_VARIANT + ", fd_tf32"  # θ± forwards with TF32 (MetaConfig.fd_tf32)
 RECOMPUTE_VARIANT = DEFAULT_VARIANT + ", recompute_generator"
-# options timed on CUDA: the meta-part variant of each implementation that has it, and the label
-# of their ratios (the other rows of a ratio are the default ones)
+# options of the meta part: the variant name of each implementation that has the option, and the
+# label of its ratios (the other rows of a ratio are the default ones)
 OPTIONS = {
     "fd_tf32": ({"colabx": TF32_VARIANT, "restructured": "fd_tf32"}, "θ± TF32"),
     "recompute_generator": ({"colabx": RECOMPUTE_VARIANT}, "generator recomputed"),
@@ -108,21 +109,6 @@ def mask_params(size: Size) -> tuple[float, float]:
 
 
 # -- precision and memory ----------------------------------------------------------------------
-@contextlib.contextmanager
-def tf32(enabled: bool | None):
-    """TF32 for cuDNN convolutions and cuBLAS matmuls on (True) or off (False) inside the block;
-    ``None`` leaves torch's settings (the default: cuDNN TF32 on, matmul TF32 off)."""
-    if enabled is None:
-        yield
-        return
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
-
-
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as fh:
         for line in fh:
@@ -258,7 +244,7 @@ def time_rows(rows: list[Row], device: torch.device, min_time_s: float,
     row as it goes."""
     out = []
     for row in rows:
-        with tf32(False if row.precision == "tf32_off" else None):
+        with tf32_unless(row.precision != "tf32_off"):
             try:
                 timing = time_callable(row.fn, device, min_time_s=min_time_s, warmup=warmup)
                 memory = peak_memory_mb(row.fn, device)
@@ -359,23 +345,23 @@ def accuracy(size: Size, device: torch.device, x: Tensor, y: Tensor, d: Tensor) 
     f, g = make_nets(size, True, device)
     f64, g64 = copy.deepcopy(f).double(), copy.deepcopy(g).double()
     x64, d64 = x.double(), d.double()
-    precisions = (("fp32, TF32 off", False, False, False),
-                  ("torch default TF32", None, False, False),
-                  ("amp bf16", False, True, False),
-                  ("torch default TF32, θ± TF32", None, False, True),
-                  ("amp bf16, θ± TF32", None, True, True)) \
-        if device.type == "cuda" else (("fp32", None, False, False),)
+    precisions = (("fp32, TF32 off", True, False, False),  # label, TF32 off, amp, fd_tf32
+                  ("torch default TF32", False, False, False),
+                  ("amp bf16", True, True, False),
+                  ("torch default TF32, θ± TF32", False, False, True),
+                  ("amp bf16, θ± TF32", False, True, True)) \
+        if device.type == "cuda" else (("fp32", False, False, False),)
     out, exact64 = [], {}
     for mode in ("fd", "exact"):
         ref = _generator_grad(MetaStep(f64, g64, MetaConfig(NUM_CLASSES, margin, tau,
                                                             meta_grad=mode)), x64, y, d64)
         exact64[mode] = ref
-        for label, allow_tf32, amp, fd_tf32 in precisions:
+        for label, tf32_off, amp, fd_tf32 in precisions:
             if fd_tf32 and mode == "exact":
                 continue  # the exact meta-gradient always runs in full fp32
             ms = MetaStep(f, g, MetaConfig(NUM_CLASSES, margin, tau, meta_grad=mode, amp=amp,
                                            fd_tf32=fd_tf32))
-            with tf32(allow_tf32):
+            with tf32_unless(not tf32_off):
                 got = _generator_grad(ms, x, y, d)
             out.append({"meta_grad": mode, "precision": label, **_compare(got, ref)})
     out.append({"meta_grad": "fd vs exact", "precision": "float64",

@@ -12,7 +12,8 @@
 # writing logs and JSON under $OUT (default benchmarks/results) and printing summary tables last.
 # Usage: benchmarks/device_check.sh [STAGE ...]   STAGE: all (default) | test | bench | train | meta | compat;
 #   stages run in the order given ("all" = test bench train meta compat). Each log and JSON lands in
-#   $OUT, and all of them again in $OUT/device_check.tgz (the device tool returns at most 8 files).
+#   $OUT, and, when $OUT is given, all of them again in $OUT/device_check.tgz (the device tool
+#   returns at most 8 files).
 # COLABX_SKIP_BUILD=1 uses a colabx/_C*.so already in place (e.g. built elsewhere for this Python).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,11 @@ stages=" ${*:-all} "
 for s in $stages; do
   case $s in test|bench|train|meta|compat) ;; *) echo "device_check: unknown stage '$s'"; exit 2 ;; esac
 done
+bundle() { tar czf /tmp/device_check.tgz -C "$OUT" --exclude device_check.tgz . && mv /tmp/device_check.tgz "$OUT/"; }
+# a given $OUT (the device tool's) gets the archive, also after a failed build; the default
+# benchmarks/results holds the committed results, which need none
+[ -n "${OUT:-}" ] && trap bundle EXIT
+trap 'exit 143' TERM
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-16}
@@ -44,15 +50,25 @@ fi
 $py -c "import colabx._C as c, colabx._backend as b; print('cuda kernels:', c.built_with_cuda, 'devices:', c.cuda_device_count(), 'usable:', b.cuda_kernels_available())"
 
 status=0
-bundle() { tar czf /tmp/device_check.tgz -C "$OUT" --exclude device_check.tgz . && mv /tmp/device_check.tgz "$OUT/"; }
-trap bundle EXIT
-trap 'exit 143' TERM
+# run_logged SECONDS LOG MODULE ARGS...: `python -m MODULE ARGS...` under a timeout, output into
+# $OUT/LOG; a failure or timeout is reported and fails the check
+run_logged() {
+  local limit=$1 log=$2
+  shift 2
+  timeout "$limit" $py -m "$@" >"$OUT/$log" 2>&1 || { echo "$1: failed or timed out"; status=1; }
+}
+
+# show_table LOG PATTERN: $OUT/LOG from its first line matching PATTERN on, or its tail
+show_table() {
+  if grep -q "$2" "$OUT/$1"; then sed -n "/$2/,\$p" "$OUT/$1"; else tail -20 "$OUT/$1"; fi
+}
+
 stage_test() {
   t0=$SECONDS
-  timeout 170 $py -m pytest -q -m cuda tests -p no:cacheprovider --junitxml="$OUT/pytest_cuda.xml" \
-    >"$OUT/pytest_cuda.log" 2>&1 || status=1
+  run_logged 170 pytest_cuda.log pytest -q -m cuda tests -p no:cacheprovider \
+    --junitxml="$OUT/pytest_cuda.xml"
   grep -E "(passed|failed|error)" "$OUT/pytest_cuda.log" | tail -3
-  [ $status = 0 ] || grep -E "^(FAILED|ERROR)" "$OUT/pytest_cuda.log" | head -30
+  grep -E "^(FAILED|ERROR)" "$OUT/pytest_cuda.log" | head -30
   echo "gpu tests: $((SECONDS - t0)) s"
   t0=$SECONDS
   if command -v compute-sanitizer >/dev/null; then
@@ -68,26 +84,24 @@ stage_test() {
 }
 
 stage_bench() {
-  timeout 260 $py -m benchmarks.bench_ops --device cuda --min-time 0.2 --cuda-graphs \
-    --out "$OUT/ops_cuda.json" >"$OUT/bench_ops_cuda.log" 2>&1 || status=1
-  timeout 90 $py -m benchmarks.profile_kernels --out "$OUT/kernels.json" \
-    >"$OUT/profile_kernels.log" 2>&1 || status=1
+  t0=$SECONDS
+  run_logged 260 bench_ops_cuda.log benchmarks.bench_ops --device cuda --min-time 0.2 \
+    --cuda-graphs --out "$OUT/ops_cuda.json"
+  run_logged 90 profile_kernels.log benchmarks.profile_kernels --out "$OUT/kernels.json"
   cat "$OUT/profile_kernels.log"
-  sed -n '/^| op /,$p' "$OUT/bench_ops_cuda.log"
-  [ $status = 0 ] || tail -20 "$OUT/bench_ops_cuda.log"
+  show_table bench_ops_cuda.log '^| op '
+  echo "ops bench: $((SECONDS - t0)) s"
 }
 
 stage_train() {
   t0=$SECONDS
   export COLABX_CACHE=${COLABX_CACHE:-/tmp/colabx-cache}
-  timeout 90 $py -m benchmarks.bench_train --device cuda --iterations 10 --workers 4 8 12 \
-    --out "$OUT/train_cuda.json" >"$OUT/bench_train_cuda.log" 2>&1 \
-    || { echo "bench_train: failed or timed out"; status=1; }
-  grep '^|' "$OUT/bench_train_cuda.log" || tail -20 "$OUT/bench_train_cuda.log"
-  timeout 60 $py -m benchmarks.bench_data --workers 4 8 12 --iterations 20 \
-    --out "$OUT/data_gpu_host.json" >"$OUT/bench_data.log" 2>&1 \
-    || { echo "bench_data: failed or timed out"; status=1; }
-  grep '^|' "$OUT/bench_data.log" || tail -20 "$OUT/bench_data.log"
+  run_logged 90 bench_train_cuda.log benchmarks.bench_train --device cuda --iterations 10 \
+    --workers 4 8 12 --out "$OUT/train_cuda.json"
+  show_table bench_train_cuda.log '^|'
+  run_logged 60 bench_data.log benchmarks.bench_data --workers 4 8 12 --iterations 20 \
+    --out "$OUT/data_gpu_host.json"
+  show_table bench_data.log '^|'
   echo "train/data bench: $((SECONDS - t0)) s"
 }
 
@@ -95,21 +109,17 @@ stage_meta() {
   t0=$SECONDS
   # the JSON is written after the timings and again after the float64 accuracy part, so a
   # timeout in the latter keeps the timings
-  timeout 180 $py -m benchmarks.bench_meta_step --device cuda --min-time 0.2 \
-    --out "$OUT/meta_cuda.json" >"$OUT/bench_meta_cuda.log" 2>&1 \
-    || { echo "bench_meta_step: failed or timed out"; status=1; }
-  sed -n '/^| part /,$p' "$OUT/bench_meta_cuda.log"
-  grep -q '^| part ' "$OUT/bench_meta_cuda.log" || tail -20 "$OUT/bench_meta_cuda.log"
+  run_logged 180 bench_meta_cuda.log benchmarks.bench_meta_step --device cuda --min-time 0.2 \
+    --out "$OUT/meta_cuda.json"
+  show_table bench_meta_cuda.log '^| part '
   echo "meta bench: $((SECONDS - t0)) s"
 }
 
 stage_compat() {
   t0=$SECONDS
-  timeout 60 $py -m benchmarks.bench_compat --device cuda --min-time 0.2 \
-    --out "$OUT/compat_cuda.json" >"$OUT/bench_compat_cuda.log" 2>&1 \
-    || { echo "bench_compat: failed or timed out"; status=1; }
-  sed -n '/^| op /,$p' "$OUT/bench_compat_cuda.log"
-  grep -q '^| op ' "$OUT/bench_compat_cuda.log" || tail -20 "$OUT/bench_compat_cuda.log"
+  run_logged 60 bench_compat_cuda.log benchmarks.bench_compat --device cuda --min-time 0.2 \
+    --out "$OUT/compat_cuda.json"
+  show_table bench_compat_cuda.log '^| op '
   echo "compat bench: $((SECONDS - t0)) s"
 }
 

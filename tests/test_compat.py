@@ -233,8 +233,14 @@ def _val_inputs(c, t, deep, spatial, dtype=torch.float32):
     z = (3 * torch.randn(2, c + t - 1, *spatial, generator=g)).to(dtype).requires_grad_()
     y = torch.randint(0, c, (2, *spatial), generator=g)
     args = types.SimpleNamespace(NumsClass=c, taskcls=t, deepsupervision=deep)
-    sub = (slice(None), slice(None)) + (slice(None, None, 2),) * len(spatial)
-    return args, z, y, ([z, z[sub]] if deep else z)
+    return args, z, y, _val_output(z, deep)
+
+
+def _val_output(z, deep):
+    """The network output calcualte_loss_val sees: z, or with deep supervision z and a
+    stride-2 view as the second level."""
+    sub = (slice(None), slice(None)) + (slice(None, None, 2),) * (z.dim() - 2)
+    return [z, z[sub]] if deep else z
 
 
 def _assert_near_float64_val_grad(g, args, y, z):
@@ -244,8 +250,7 @@ def _assert_near_float64_val_grad(g, args, y, z):
     float64 gradient, relative to 1 - p + 1e-6, plus 1e-5 of max|g|. On the CPU the drop-in and
     the twin reach 0.27 of this bound; a 1e-4 relative error anywhere exceeds it 6-fold."""
     z64 = z.detach().double().requires_grad_()
-    sub = (slice(None), slice(None)) + (slice(None, None, 2),) * (z.dim() - 2)
-    out64 = [z64, z64[sub]] if args.deepsupervision else z64
+    out64 = _val_output(z64, args.deepsupervision)
     g64 = torch.autograd.grad(calculate_loss_val_reference(args, y, out64)[0], z64)[0]
     p_roi = torch.softmax(z64.detach(), 1)[:, 1:args.NumsClass].sum(1, keepdim=True)
     bound = 1e-5 * g64.abs().max() + g64.abs() * 8 * 2.0**-24 / (1 - p_roi + BCE_EPS)
@@ -496,8 +501,7 @@ def test_cuda_calculate_loss_matches_the_reference_and_the_cpu(case):
 def test_cuda_calcualte_loss_val_matches_the_reference(c, t, deep, spatial):
     args, z, y, out = _val_inputs(c, t, deep, spatial)
     zc = z.detach().cuda().requires_grad_()
-    sub = (slice(None), slice(None)) + (slice(None, None, 2),) * len(spatial)
-    outc = [zc, zc[sub]] if deep else zc
+    outc = _val_output(zc, deep)
     ours = calcualte_loss_val(args, y.cuda(), outc)
     want = calculate_loss_val_reference(args, y.cuda(), outc)
     for a, b in zip(ours, want, strict=True):

@@ -20,6 +20,7 @@ without deep supervision) and the generator ``g`` (``t`` outputs, no deep superv
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -40,8 +41,11 @@ def _full_res(out):
     return out[0] if isinstance(out, (list, tuple)) else out
 
 
-def _labels(g, x, y, d, num_classes, margin, tau, levels):
-    return context_labels_reference(g(x), y, d, num_classes, margin, tau, levels)
+def _labels(g, x, y, d, num_classes, margin, tau, levels, autocast=None):
+    """context_labels(g(x)), the generator's forward under ``autocast`` when given."""
+    with autocast if autocast is not None else contextlib.nullcontext():
+        o = g(x)
+    return context_labels_reference(o, y, d, num_classes, margin, tau, levels)
 
 
 def _detach(yhat):
@@ -143,9 +147,7 @@ def restructured_meta_step(f, g, x, y, d, num_classes: int, lr: float, gen_optim
     if not bool((y > 0).any()):
         return {"skipped": True, "v_norm": 0.0}
     autocast = torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp)
-    with autocast:
-        o = g(x)
-    yhat = context_labels_reference(o, y, d, num_classes, margin, tau, levels)
+    yhat = _labels(g, x, y, d, num_classes, margin, tau, levels, autocast)
     yhat_d = _detach(yhat)
     names = [n for n, _ in f.named_parameters()]
     params = [p for _, p in f.named_parameters()]
