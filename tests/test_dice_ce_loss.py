@@ -387,14 +387,15 @@ def test_cuda_vs_twin_and_cpu(b, k, spatial, hard):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("spatial", [(7, 6, 5), (33, 64)])
-def test_cuda_dtypes_and_levels(dtype, spatial):
+@pytest.mark.parametrize("k", [2, 3, 4])  # the kernels' exact-K buckets
+def test_cuda_dtypes_and_levels(dtype, spatial, k):
     g = torch.Generator().manual_seed(2)
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
-    z = [(2 * torch.randn((2, 4, *spatial), generator=g)).to(dtype),
-         torch.randn((2, 4, *[max(1, s // 2) for s in spatial]), generator=g).to(dtype)]
+    z = [(2 * torch.randn((2, k, *spatial), generator=g)).to(dtype),
+         torch.randn((2, k, *[max(1, s // 2) for s in spatial]), generator=g).to(dtype)]
     t = [_soft(tuple(z[0].shape), dtype=cdt, gen=g),
-         torch.randint(0, 4, (2, *z[1].shape[2:]), generator=g)]
-    kw = dict(level_weights=[0.7, 0.3], dice_channels=[0, 3])
+         torch.randint(0, k, (2, *z[1].shape[2:]), generator=g)]
+    kw = dict(level_weights=[0.7, 0.3], dice_channels=[0, k - 1])
     lc, gc = _cuda_pair(colabx.dice_ce_loss, z, t, **kw)
     lr, gr = _run(ref.dice_ce_loss, z, t, **kw)
     torch.testing.assert_close(lc, lr, **TOL[dtype])

@@ -37,6 +37,13 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
+// Buckets of up to 4 channels hold exactly K channels (dispatch_km): each kernel then replaces
+// its K argument by the constant KM, so every `k < K` test on the voxel path folds away. With K
+// at run time in a 4-wide bucket, the fp32 forward's tile loop was 1647 SASS instructions for
+// 4 voxels and the backward's 2179; K = 3 exact compiles them to 1080 and 1275 (CUDA 13.0, sm_90).
+template <int KM>
+constexpr bool kExactK = KM <= 4;
+
 template <int KM>
 struct Bucket {
   static constexpr int vec = KM <= 4 ? 4 : (KM <= 8 ? 2 : 1);
@@ -282,6 +289,7 @@ template <typename TL, typename TT, bool HARD, int KM>
 __global__ void __launch_bounds__(kThreads)
     dce_fwd_kernel(const TL* __restrict__ z, const TT* __restrict__ tg, int K, int64_t V,
                    bool aligned, double* __restrict__ partial) {
+  if constexpr (kExactK<KM>) K = KM;
   using A = acc_t<TL>;
   constexpr int VEC = Bucket<KM>::vec;
   constexpr int NSM = 3 * KM + 1;
@@ -440,6 +448,7 @@ __global__ void __launch_bounds__(kThreads, kBwdMinBlocks<acc_t<TL>, KM>)
                    const acc_t<TL>* __restrict__ grad_out, double weight, double inv_bv,
                    double inv_bj, uint64_t dice_mask, double smooth, TL* __restrict__ gz,
                    TT* __restrict__ gy) {
+  if constexpr (kExactK<KM>) K = KM;
   using A = acc_t<TL>;
   constexpr int VEC = Bucket<KM>::vec;
   constexpr int64_t kTile = Bucket<KM>::tile;
@@ -540,6 +549,7 @@ template <typename TL, typename L, int KM>
 __global__ void __launch_bounds__(kThreads)
     bce_fwd_kernel(const TL* __restrict__ z, const L* __restrict__ lab, int K, int64_t V,
                    bool aligned, uint64_t roi_mask, double* __restrict__ partial) {
+  if constexpr (kExactK<KM>) K = KM;
   using A = acc_t<TL>;
   constexpr int VEC = Bucket<KM>::vec;
   constexpr int64_t kTile = Bucket<KM>::tile;
@@ -612,6 +622,7 @@ __global__ void __launch_bounds__(kThreads)
     bce_bwd_kernel(const TL* __restrict__ z, const L* __restrict__ lab, int K, int64_t V,
                    bool aligned, uint64_t roi_mask, const acc_t<TL>* __restrict__ grad_out,
                    double inv_bv, TL* __restrict__ gz) {
+  if constexpr (kExactK<KM>) K = KM;
   using A = acc_t<TL>;
   constexpr int VEC = Bucket<KM>::vec;
   constexpr int64_t kTile = Bucket<KM>::tile;
@@ -661,7 +672,9 @@ void dispatch_km(int64_t K, Fn&& fn) {
   if (K < 2 || K > kDceMaxK)
     throw std::invalid_argument("dice_ce_loss (CUDA): K must be in 2.." + std::to_string(kDceMaxK) +
                                 ", got " + std::to_string(K));
-  if (K <= 4) return fn(std::integral_constant<int, 4>{});
+  if (K == 2) return fn(std::integral_constant<int, 2>{});
+  if (K == 3) return fn(std::integral_constant<int, 3>{});
+  if (K == 4) return fn(std::integral_constant<int, 4>{});
   if (K <= 8) return fn(std::integral_constant<int, 8>{});
   return fn(std::integral_constant<int, 16>{});
 }
