@@ -52,16 +52,24 @@ __device__ __forceinline__ double inf_of<double>() {
   return __longlong_as_double(0x7ff0000000000000ll);
 }
 
-// Softmax of one voxel's t logits (channel stride V) into q[0..t).
+// One voxel's t logits (channel stride V) into raw[0..t).
 template <typename T, int TMAX, typename I>
-__device__ __forceinline__ void voxel_softmax(const T* __restrict__ o, I V, int t, acc_t<T> (&q)[TMAX]) {
+__device__ __forceinline__ void voxel_load(const T* __restrict__ o, I V, int t, T (&raw)[TMAX]) {
+#pragma unroll
+  for (int k = 0; k < TMAX; ++k)
+    if (k < t) raw[k] = o[k * V];
+}
+
+// Softmax of one voxel's t logits raw[0..t) into q[0..t).
+template <typename T, int TMAX>
+__device__ __forceinline__ void softmax_of(const T (&raw)[TMAX], int t, acc_t<T> (&q)[TMAX]) {
   using A = acc_t<T>;
-  A mx = static_cast<A>(to_float(o[0]));
+  A mx = static_cast<A>(to_float(raw[0]));
   q[0] = mx;
 #pragma unroll
   for (int k = 1; k < TMAX; ++k) {
     if (k < t) {
-      q[k] = static_cast<A>(to_float(o[k * V]));
+      q[k] = static_cast<A>(to_float(raw[k]));
       mx = q[k] > mx ? q[k] : mx;
     }
   }
@@ -77,6 +85,14 @@ __device__ __forceinline__ void voxel_softmax(const T* __restrict__ o, I V, int 
 #pragma unroll
   for (int k = 0; k < TMAX; ++k)
     if (k < t) q[k] *= inv;
+}
+
+// Softmax of one voxel's t logits (channel stride V) into q[0..t).
+template <typename T, int TMAX, typename I>
+__device__ __forceinline__ void voxel_softmax(const T* __restrict__ o, I V, int t, acc_t<T> (&q)[TMAX]) {
+  T raw[TMAX];
+  voxel_load<T, TMAX>(o, V, t, raw);
+  softmax_of<T, TMAX>(raw, t, q);
 }
 
 // Writes one voxel's K labels (channel stride Vo) and its mask.
@@ -411,15 +427,67 @@ __device__ __forceinline__ LevelCells level_cells(const Plan& p, const Tile2& tl
   return c;
 }
 
+// Voxels of a P1 cell row one thread loads before using any (all their loads in flight at once;
+// one voxel at a time, the tiled kernels waited on each voxel's loads in turn and ran at half the
+// flat kernels' bytes/s; batched, run 5 on an H200 at 2x2x160^3 with 4 levels: forward 190 ->
+// 160 us, backward 272 -> 242 us). Wider t loads more per voxel and batches fewer, so the values
+// stay in registers (t <= 2: 4 voxels, t <= 4: 2, wider: 1).
+template <int TMAX>
+constexpr int kRowBatch = TMAX <= 2 ? 4 : (TMAX <= 4 ? 2 : 1);
+
+// Voxel i (0 <= i < s1z * s1y, z-major) of the P1 cell row starting at (zc, yc) in column x:
+// its index, or -1 past the row or the volume.
+__device__ __forceinline__ int row_voxel(const Tile2& tl, int i, int zc, int yc, int x, int D,
+                                         int H, int W) {
+  const int a = i / tl.s1y, z = zc + a, yy = yc + (i - a * tl.s1y);
+  return (i < tl.s1z * tl.s1y && z < D && yy < H) ? (z * H + yy) * W + x : -1;
+}
+
 template <typename A>
 __device__ __forceinline__ A min_keep(A cur, A v) {  // NaN v never replaces (as the cell loops above)
   return v < cur ? v : cur;
 }
 
-// Registers cap occupancy: the common case (fp32 accumulation, t <= 4) runs 6 blocks of 256.
+// Pooled levels whose per-cell global loads in the backward (the label at the cell's centre and
+// the incoming gradient) a thread issues for its first cell of each level at the start, in flight
+// through the minima pass: level by level, each cost a memory round trip with the block otherwise
+// idle between barriers (run 5, H200: bwd_tiled2 242 -> 233 us at 2x2x160^3, 4 levels). Covers
+// the common 4-level deep supervision; cells beyond a thread's first, and further levels, load
+// in the level loop. (The forward's centre labels, loaded the same way before its barrier,
+// made it slower, 160 -> 184 us: they are L2 hits there, read by the voxel pass just before.)
+constexpr int kPrefetchLevels = 4;
+
+// a[i] for a run-time i < N without indexing the register array (which would move it to local
+// memory): a chain of selects.
+template <int N, typename X>
+__device__ __forceinline__ X pick(const X (&a)[N], int i) {
+  X r = a[0];
+#pragma unroll
+  for (int j = 1; j < N; ++j)
+    if (i == j) r = a[j];
+  return r;
+}
+
+// Global index of the centre voxel of tile-local cell `cell` of level l (whose labels decide the
+// level's ROI), or -1 when the cell lies past the level's extent (a partial cell: no output).
+// *out_index: the cell's index in the level's output plane.
+__device__ __forceinline__ int cell_center(const Plan& p, const LevelCells& lc, int l, int cell,
+                                           int z0, int y0, int x0, int H, int W,
+                                           int* out_index = nullptr) {
+  const int cx = cell % lc.nx, cy = (cell / lc.nx) % lc.ny, cz = cell / (lc.nx * lc.ny);
+  const int rz = z0 / lc.sz + cz, ry = y0 / lc.sy + cy, rx = x0 / lc.sx + cx;
+  const int Sly = static_cast<int>(p.Sl[l][1]), Slx = static_cast<int>(p.Sl[l][2]);
+  if (rz >= p.Sl[l][0] || ry >= Sly || rx >= Slx) return -1;
+  if (out_index) *out_index = (rz * Sly + ry) * Slx + rx;
+  return ((rz * lc.sz + lc.sz / 2) * H + ry * lc.sy + lc.sy / 2) * W + rx * lc.sx + lc.sx / 2;
+}
+
+// Registers cap occupancy: the common case (fp32 accumulation, t <= 4) runs 3 blocks of 256, the
+// 80 registers its batched row loads (kRowBatch) need without spilling; each thread keeps 4
+// voxels' loads in flight, where 5 blocks at 48 registers kept one (and spill 100+ bytes batched).
 template <typename A, int TMAX>
 constexpr int tiled2_min_blocks() {
-  return (sizeof(A) == 4 && TMAX <= 4) ? 5 : 2;
+  return (sizeof(A) == 4 && TMAX <= 4) ? 3 : 2;
 }
 
 template <typename T, typename L, int TMAX>
@@ -452,7 +520,8 @@ __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
 
   // 1. voxels: softmax once, level 0 written, P1 cell sums of q / minima of M into shared memory.
   {
-    const int n1 = tl.n1z * tl.n1y * tl.n1x;
+    constexpr int NB = kRowBatch<TMAX>;
+    const int n1 = tl.n1z * tl.n1y * tl.n1x, nrow = tl.s1z * tl.s1y;
     A* sq = sm + tl.off[fp];
     A* smn = sq + t * n1;
     for (int cr = r; cr < tl.n1z * tl.n1y; cr += tl.R) {  // warp-uniform
@@ -461,23 +530,33 @@ __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
 #pragma unroll
       for (int k = 0; k < TMAX; ++k) qs[k] = A(0);
       A mn = inf_of<A>();
-      for (int a = 0; a < tl.s1z; ++a) {
-        const int z = z0 + cz * tl.s1z + a;
-        if (z >= D) break;  // warp-uniform
-        for (int e = 0; e < tl.s1y; ++e) {
-          const int yy = y0 + cy * tl.s1y + e;
-          if (yy >= H) break;  // warp-uniform
-          if (xin) {
-            const int v = z * HW + yy * W + x;
-            A q[TMAX];
-            voxel_softmax<T, TMAX>(ob + v, V, t, q);
-            const A M = ctxlab::mask_of_distance(db[v], margin, tau);
-            if (out0) voxel_write<A, L, TMAX>(q, M, yb[v], t, c, out0 + v, V, mask0 ? mask0 + v : nullptr);
+      const int zc = z0 + cz * tl.s1z, yc = y0 + cy * tl.s1y;
+      for (int i0 = 0; xin && i0 < nrow; i0 += NB) {
+        int vv[NB];
+        T raw[NB][TMAX];
+        A dv[NB];
+        L yv[NB];
 #pragma unroll
-            for (int k = 0; k < TMAX; ++k)
-              if (k < t) qs[k] += q[k];
-            mn = min_keep(mn, M);
+        for (int j = 0; j < NB; ++j) {
+          vv[j] = row_voxel(tl, i0 + j, zc, yc, x, D, H, W);
+          if (vv[j] >= 0) {
+            voxel_load<T, TMAX>(ob + vv[j], V, t, raw[j]);
+            dv[j] = db[vv[j]];
+            if (out0) yv[j] = yb[vv[j]];
           }
+        }
+#pragma unroll
+        for (int j = 0; j < NB; ++j) {
+          if (vv[j] < 0) continue;
+          A q[TMAX];
+          softmax_of<T, TMAX>(raw[j], t, q);
+          const A M = ctxlab::mask_of_distance(dv[j], margin, tau);
+          if (out0)
+            voxel_write<A, L, TMAX>(q, M, yv[j], t, c, out0 + vv[j], V, mask0 ? mask0 + vv[j] : nullptr);
+#pragma unroll
+          for (int k = 0; k < TMAX; ++k)
+            if (k < t) qs[k] += q[k];
+          mn = min_keep(mn, M);
         }
       }
       // the s1x lanes of a P1 cell (aligned groups: s1x | 32, x0 % s1x == 0); all lanes active
@@ -584,21 +663,58 @@ __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
   bool any_pooled = false;
   for (int l = fp; l < p.nlev; ++l) any_pooled |= grads.p[l] != nullptr;  // block-uniform
 
+  // The centre label and incoming gradient of this thread's first cell per pooled level, in
+  // flight through step 1 (live: a cell in range, with a gradient, outside the ROI; gradients
+  // only for t <= 4, whose registers fit).
+  constexpr bool kPre = TMAX <= 4;
+  L lab1[kPrefetchLevels];
+  A g1[kPrefetchLevels][TMAX];
+  bool in1[kPrefetchLevels];
+  if (kPre && any_pooled) {
+#pragma unroll
+    for (int i = 0; i < kPrefetchLevels; ++i) {
+      const int l = fp + i;
+      in1[i] = false;
+      lab1[i] = L(0);
+#pragma unroll
+      for (int k = 0; k < TMAX; ++k) g1[i][k] = A(0);
+      if (l >= p.nlev || grads.p[l] == nullptr) continue;
+      const LevelCells lc = level_cells(p, tl, l);
+      int oi = 0;
+      const int ci = static_cast<int>(threadIdx.x) < lc.n
+                         ? cell_center(p, lc, l, threadIdx.x, z0, y0, x0, H, W, &oi)
+                         : -1;
+      if (ci < 0) continue;
+      in1[i] = true;
+      lab1[i] = yb[ci];
+      const int Vl = static_cast<int>(p.level_voxels(l));
+      const A* gl = grads.p[l] + b * K * Vl;
+#pragma unroll
+      for (int k = 0; k < TMAX; ++k)
+        if (k < t) g1[i][k] = gl[static_cast<int>(ctxlab::context_channel(k, c)) * Vl + oi];
+    }
+  }
+
   if (any_pooled) {
     // 1. P1 cell minima of M.
-    const int n1 = tl.n1z * tl.n1y * tl.n1x;
+    constexpr int NB = 2 * kRowBatch<TMAX>;  // one value per voxel
+    const int n1 = tl.n1z * tl.n1y * tl.n1x, nrow = tl.s1z * tl.s1y;
     A* smn = sm + tl.off[fp] + t * n1;
     for (int cr = r; cr < tl.n1z * tl.n1y; cr += tl.R) {  // warp-uniform
       const int cz = cr / tl.n1y, cy = cr - cz * tl.n1y;
+      const int zc = z0 + cz * tl.s1z, yc = y0 + cy * tl.s1y;
       A mn = inf_of<A>();
-      for (int a = 0; a < tl.s1z; ++a) {
-        const int z = z0 + cz * tl.s1z + a;
-        if (z >= D) break;
-        for (int e = 0; e < tl.s1y; ++e) {
-          const int yy = y0 + cy * tl.s1y + e;
-          if (yy >= H) break;
-          if (xin) mn = min_keep(mn, ctxlab::mask_of_distance(db[z * HW + yy * W + x], margin, tau));
+      for (int i0 = 0; xin && i0 < nrow; i0 += NB) {
+        int vv[NB];
+        A dv[NB];
+#pragma unroll
+        for (int j = 0; j < NB; ++j) {
+          vv[j] = row_voxel(tl, i0 + j, zc, yc, x, D, H, W);
+          if (vv[j] >= 0) dv[j] = db[vv[j]];
         }
+#pragma unroll
+        for (int j = 0; j < NB; ++j)
+          if (vv[j] >= 0) mn = min_keep(mn, ctxlab::mask_of_distance(dv[j], margin, tau));
       }
       for (int sh = 1; sh < tl.s1x; sh <<= 1) mn = min_keep(mn, __shfl_xor_sync(0xffffffffu, mn, sh));
       if (lx % tl.s1x == 0) smn[cr * tl.n1x + lx / tl.s1x] = mn;
@@ -636,11 +752,23 @@ __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
                 mn = min_keep(mn, pmn[((cz * fz + a) * pc.ny + cy * fy + e) * pc.nx + cx * fx + f]);
           smnl[cell] = mn;
         }
+        const A coef = mn * inv_vol;
+        const int i1 = l - fp;
+        if (kPre && cell == static_cast<int>(threadIdx.x) && i1 < kPrefetchLevels) {
+          const bool live = pick(in1, i1) && !(pick(lab1, i1) > L(0));
+#pragma unroll
+          for (int k = 0; k < TMAX; ++k) {
+            A gk[kPrefetchLevels];
+#pragma unroll
+            for (int j = 0; j < kPrefetchLevels; ++j) gk[j] = g1[j][k];
+            if (k < t) sg[k * lc.n + cell] = live ? coef * pick(gk, i1) : A(0);
+          }
+          continue;
+        }
         const int rz = z0 / lc.sz + cz, ry = y0 / lc.sy + cy, rx = x0 / lc.sx + cx;
         bool live = gl != nullptr && rz < Slz && ry < Sly && rx < Slx;
         if (live)
           live = !(yb[(rz * lc.sz + lc.sz / 2) * HW + (ry * lc.sy + lc.sy / 2) * W + rx * lc.sx + lc.sx / 2] > L(0));
-        const A coef = mn * inv_vol;
         const int oi = live ? (rz * Sly + ry) * Slx + rx : 0;
         for (int k = 0; k < t; ++k)
           sg[k * lc.n + cell] = live ? coef * gl[static_cast<int>(ctxlab::context_channel(k, c)) * Vl + oi] : A(0);
@@ -653,6 +781,8 @@ __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
   //    summed in level order (as the kernel above: 0 + level fp + level fp+1 + ...).
   const A* g0 = p.level0_full && grads.p[0] ? grads.p[0] + b * K * V : nullptr;
   T* gob = grad_o + b * t * V;
+  constexpr int NB = kRowBatch<TMAX>;
+  const int nrow = tl.s1z * tl.s1y;
   for (int cr = r; cr < tl.n1z * tl.n1y; cr += tl.R) {
     const int cz = cr / tl.n1y, cy = cr - cz * tl.n1y;
     A gp[TMAX];
@@ -670,29 +800,44 @@ __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
       }
     }
     if (!xin) continue;  // no shuffles below
-    for (int a = 0; a < tl.s1z; ++a) {
-      const int z = z0 + cz * tl.s1z + a;
-      if (z >= D) break;
-      for (int e = 0; e < tl.s1y; ++e) {
-        const int yy = y0 + cy * tl.s1y + e;
-        if (yy >= H) break;
-        const int v = z * HW + yy * W + x;
+    const int zc = z0 + cz * tl.s1z, yc = y0 + cy * tl.s1y;
+    for (int i0 = 0; i0 < nrow; i0 += NB) {
+      int vv[NB];
+      T raw[NB][TMAX];
+      L yv[NB];
+      A dv[NB], gv[NB][TMAX];  // the level-0 gradient's context channels
+#pragma unroll
+      for (int j = 0; j < NB; ++j) {
+        vv[j] = row_voxel(tl, i0 + j, zc, yc, x, D, H, W);
+        if (vv[j] < 0) continue;
+        voxel_load<T, TMAX>(ob + vv[j], V, t, raw[j]);
+        if (g0) {
+          yv[j] = yb[vv[j]];
+          dv[j] = db[vv[j]];
+#pragma unroll
+          for (int k = 0; k < TMAX; ++k)
+            if (k < t) gv[j][k] = g0[static_cast<int>(ctxlab::context_channel(k, c)) * V + vv[j]];
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < NB; ++j) {
+        if (vv[j] < 0) continue;
         A q[TMAX];
-        voxel_softmax<T, TMAX>(ob + v, V, t, q);
-        const bool bg = g0 != nullptr && !(yb[v] > L(0));
-        const A M = bg ? ctxlab::mask_of_distance(db[v], margin, tau) : A(0);
+        softmax_of<T, TMAX>(raw[j], t, q);
+        const bool bg = g0 != nullptr && !(yv[j] > L(0));
+        const A M = bg ? ctxlab::mask_of_distance(dv[j], margin, tau) : A(0);
         A gq[TMAX];
         A dot = A(0);
 #pragma unroll
         for (int k = 0; k < TMAX; ++k) {
           if (k < t) {
-            gq[k] = gp[k] + (bg ? M * g0[static_cast<int>(ctxlab::context_channel(k, c)) * V + v] : A(0));
+            gq[k] = gp[k] + (bg ? M * gv[j][k] : A(0));
             dot += q[k] * gq[k];
           }
         }
 #pragma unroll
         for (int k = 0; k < TMAX; ++k)
-          if (k < t) gob[k * V + v] = store_as<T>(ctxlab::softmax_backward(q[k], gq[k], dot));
+          if (k < t) gob[k * V + vv[j]] = store_as<T>(ctxlab::softmax_backward(q[k], gq[k], dot));
       }
     }
   }
