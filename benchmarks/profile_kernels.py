@@ -20,6 +20,7 @@ def _workloads(dev: torch.device) -> dict[str, callable]:
     s = (160, 160, 160)
     z = torch.randn(2, 3, *s, generator=g).to(dev).requires_grad_()
     zb = z.detach().bfloat16().requires_grad_()
+    zh = z.detach().half().requires_grad_()
     y = torch.softmax(torch.randn(2, 3, *s, generator=g), 1).to(dev).requires_grad_()
     o = torch.randn(2, 2, *s, generator=g).to(dev).requires_grad_()
     lab = (torch.rand(2, *s, generator=g) > 0.9).long().to(dev)
@@ -40,6 +41,7 @@ def _workloads(dev: torch.device) -> dict[str, callable]:
     return {
         "dice_ce_loss 2x3x160^3 fp32": dice(z),
         "dice_ce_loss 2x3x160^3 bf16": dice(zb),
+        "dice_ce_loss 2x3x160^3 fp16": dice(zh),
         "context_labels 2x2x160^3 L=1": ctx(1),
         "context_labels 2x2x160^3 L=4": ctx(4),
         "distance_transform 256^3": lambda: colabx.distance_transform(m256, (0.8, 0.8, 2.5)),
