@@ -33,7 +33,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 @functools.cache
 def _cuda_limits() -> tuple[int, int, int]:
     _C = _backend.ext()
-    return (int(_C.dice_ce_loss_cuda_chunk), int(_C.dice_ce_loss_cuda_max_k),
+    return (int(_C.dice_ce_loss_cuda_partial_voxels), int(_C.dice_ce_loss_cuda_max_k),
             int(_C.dice_ce_loss_cuda_max_levels))
 
 
@@ -86,9 +86,9 @@ def _dce_fwd_impl(logits: list[Tensor], targets: list[Tensor], dice_channels: li
             [_backend.dtype_code(t) for t in ts], b, k, vs, dice_channels, weights, smooth,
             stats.data_ptr(), loss.data_ptr(), _backend.num_threads())
     elif _use_cuda(z0, k, n_levels):
-        chunk = _cuda_limits()[0]
+        per = _cuda_limits()[0]  # voxels per partial slot
         # per-block partials of every level, then L * B * (3K+1) float64 final sums
-        n_part = (sum(b * ((v + chunk - 1) // chunk) for v in vs) + n_levels * b) * (3 * k + 1)
+        n_part = (sum(b * ((v + per - 1) // per) for v in vs) + n_levels * b) * (3 * k + 1)
         work = torch.empty(n_part, dtype=torch.float64, device=z0.device)
         _backend.ext().dice_ce_loss_forward_cuda(
             [z.data_ptr() for z in zs], [t.data_ptr() for t in ts], _backend.dtype_code(z0),
@@ -223,8 +223,8 @@ def _bce_fwd_impl(logits: Tensor, labels: Tensor, roi_channels: list[int]) -> Te
             z.data_ptr(), lab.data_ptr(), _backend.dtype_code(z), _backend.dtype_code(lab), b, k,
             v, roi_channels, loss.data_ptr(), _backend.num_threads())
     elif _use_cuda(z, k):
-        chunk = _cuda_limits()[0]
-        work = torch.empty(b * ((v + chunk - 1) // chunk), dtype=torch.float64, device=z.device)
+        per = _cuda_limits()[0]  # voxels per partial slot
+        work = torch.empty(b * ((v + per - 1) // per), dtype=torch.float64, device=z.device)
         _backend.ext().roi_bce_loss_forward_cuda(
             z.data_ptr(), lab.data_ptr(), _backend.dtype_code(z), _backend.dtype_code(lab), b, k,
             v, roi_channels, loss.data_ptr(), work.data_ptr(), z.device.index,

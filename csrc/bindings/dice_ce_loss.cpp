@@ -21,7 +21,7 @@ void register_dice_ce_loss(py::module_& m) {
   m.def("roi_bce_loss_backward_cpu", &roi_bce_loss_backward_cpu, nogil,
         "ROI one-vs-all BCE backward (grad w.r.t. logits).");
 #if defined(COLABX_WITH_CUDA)
-  m.attr("dice_ce_loss_cuda_chunk") = py::int_(cuda::kDceChunk);
+  m.attr("dice_ce_loss_cuda_partial_voxels") = py::int_(cuda::kDcePartialVoxels);
   m.attr("dice_ce_loss_cuda_max_k") = py::int_(cuda::kDceMaxK);
   m.attr("dice_ce_loss_cuda_max_levels") = py::int_(cuda::kDceMaxLevels);
   m.def("dice_ce_loss_forward_cuda", &dice_ce_loss_forward_cuda, nogil,

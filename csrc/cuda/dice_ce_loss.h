@@ -6,9 +6,9 @@
 
 namespace colabx {
 namespace cuda {
-// The forward kernels launch at most one block (one partial sum) per kDceChunk voxels of an
-// item; Python sizes the workspace with it.
-constexpr int kDceChunk = 4096;
+// The forward kernels launch at most one block (one partial sum) per tile of an item, and no
+// tile is smaller than kDcePartialVoxels voxels; Python sizes the workspace with it.
+constexpr int kDcePartialVoxels = 256;
 // Largest K the CUDA kernels take (all channels of a voxel live in registers); Python runs the
 // reference twin above it.
 constexpr int kDceMaxK = 16;
@@ -16,7 +16,7 @@ constexpr int kDceMaxK = 16;
 constexpr int kDceMaxLevels = 16;
 }  // namespace cuda
 
-// workspace: float64, sum_l B*ceil(V_l/kDceChunk)*(3K+1) + L*B*(3K+1) entries.
+// workspace: float64, sum_l B*ceil(V_l/kDcePartialVoxels)*(3K+1) + L*B*(3K+1) entries.
 void dice_ce_loss_forward_cuda(const std::vector<uintptr_t>& logits,
                                const std::vector<uintptr_t>& targets, int logits_code,
                                const std::vector<int>& target_codes, int64_t B, int64_t K,
@@ -35,7 +35,7 @@ void dice_ce_loss_backward_cuda(uintptr_t grad_out, const std::vector<uintptr_t>
                                 const std::vector<uintptr_t>& grad_targets, int device,
                                 uintptr_t stream);
 
-// workspace: float64, B*ceil(V/kDceChunk) entries.
+// workspace: float64, B*ceil(V/kDcePartialVoxels) entries.
 void roi_bce_loss_forward_cuda(uintptr_t logits, uintptr_t labels, int logits_code, int label_code,
                                int64_t B, int64_t K, int64_t V,
                                const std::vector<int64_t>& roi_channels, uintptr_t loss,
