@@ -3,7 +3,8 @@
 #   1. builds colabx._C in place with nvcc (sm_90 by default: COLABX_CUDA_ARCHS),
 #   2. runs the GPU tests (pytest -m cuda) and compute-sanitizer on one small case per kernel,
 #   3. runs bench_ops on CUDA (colabx vs eager twin vs torch.compile twin; EDT also vs cuCIM when
-#      it imports: carry its wheel in .whl/),
+#      it imports: carry its wheel in .whl/), profile_kernels, and sweep_context_rows (the
+#      pooled context_labels kernels' automatic thread rows per block against fixed ones),
 #   4. runs bench_meta_step on CUDA (colabx MetaStep vs the reference-style and restructured
 #      PyTorch meta steps, B=2, 80³, 30 features; at most 180 s),
 #   5. runs bench_train and bench_data on the phantom (trainer patches/s consumed vs loader
@@ -89,6 +90,8 @@ stage_bench() {
     --cuda-graphs --out "$OUT/ops_cuda.json"
   run_logged 90 profile_kernels.log benchmarks.profile_kernels --out "$OUT/kernels.json"
   cat "$OUT/profile_kernels.log"
+  run_logged 60 sweep_context_rows.log benchmarks.sweep_context_rows --out "$OUT/context_rows.json"
+  show_table sweep_context_rows.log '^ *size '
   show_table bench_ops_cuda.log '^| op '
   echo "ops bench: $((SECONDS - t0)) s"
 }

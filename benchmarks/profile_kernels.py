@@ -18,6 +18,8 @@ from colabx.bench.harness import write_json
 def _workloads(dev: torch.device) -> dict[str, callable]:
     g = torch.Generator(device="cpu").manual_seed(0)
     s = (160, 160, 160)
+    z80 = torch.randn(2, 3, 80, 80, 80, generator=g).to(dev).requires_grad_()
+    y80 = torch.softmax(torch.randn(2, 3, 80, 80, 80, generator=g), 1).to(dev).requires_grad_()
     z = torch.randn(2, 3, *s, generator=g).to(dev).requires_grad_()
     zb = z.detach().bfloat16().requires_grad_()
     zh = z.detach().half().requires_grad_()
@@ -27,8 +29,8 @@ def _workloads(dev: torch.device) -> dict[str, callable]:
     dist = colabx.distance_transform(lab.bool())
     m256 = (torch.rand(1, 256, 256, 256, generator=g) > 0.999).to(dev)
 
-    def dice(zz):
-        return lambda: torch.autograd.grad(colabx.dice_ce_loss(zz, y), (zz, y))
+    def dice(zz, yy=y):
+        return lambda: torch.autograd.grad(colabx.dice_ce_loss(zz, yy), (zz, yy))
 
     def ctx(levels):
         def run():
@@ -39,6 +41,7 @@ def _workloads(dev: torch.device) -> dict[str, callable]:
         return run
 
     return {
+        "dice_ce_loss 2x3x80^3 fp32": dice(z80, y80),
         "dice_ce_loss 2x3x160^3 fp32": dice(z),
         "dice_ce_loss 2x3x160^3 bf16": dice(zb),
         "dice_ce_loss 2x3x160^3 fp16": dice(zh),

@@ -13,9 +13,13 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <map>
+#include <mutex>
 #include <numeric>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <type_traits>
 
 #include "common/context_labels.h"
@@ -448,25 +452,11 @@ __device__ __forceinline__ A min_keep(A cur, A v) {  // NaN v never replaces (as
   return v < cur ? v : cur;
 }
 
-// Pooled levels whose per-cell global loads in the backward (the label at the cell's centre and
-// the incoming gradient) a thread issues for its first cell of each level at the start, in flight
-// through the minima pass: level by level, each cost a memory round trip with the block otherwise
-// idle between barriers (run 5, H200: bwd_tiled2 242 -> 233 us at 2x2x160^3, 4 levels). Covers
-// the common 4-level deep supervision; cells beyond a thread's first, and further levels, load
-// in the level loop. (The forward's centre labels, loaded the same way before its barrier,
-// made it slower, 160 -> 184 us: they are L2 hits there, read by the voxel pass just before.)
-constexpr int kPrefetchLevels = 4;
-
-// a[i] for a run-time i < N without indexing the register array (which would move it to local
-// memory): a chain of selects.
-template <int N, typename X>
-__device__ __forceinline__ X pick(const X (&a)[N], int i) {
-  X r = a[0];
-#pragma unroll
-  for (int j = 1; j < N; ++j)
-    if (i == j) r = a[j];
-  return r;
-}
+// Cells of one pooled level a thread takes at once in the level steps: their global loads (the
+// centre label; in the backward also the incoming gradient) are all issued before any is used,
+// one round trip per batch where one cell at a time waited on each in turn.
+template <int TMAX>
+constexpr int kLevelBatch = TMAX <= 2 ? 8 : (TMAX <= 4 ? 4 : 1);
 
 // Global index of the centre voxel of tile-local cell `cell` of level l (whose labels decide the
 // level's ROI), or -1 when the cell lies past the level's extent (a partial cell: no output).
@@ -578,6 +568,7 @@ __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
   __syncthreads();
 
   // 2. pooled levels, coarser from finer; each level's cells written to global memory.
+  constexpr int NC = kLevelBatch<TMAX>;
   for (int l = fp; l < p.nlev; ++l) {
     const LevelCells lc = level_cells(p, tl, l);
     A* sq = sm + tl.off[l];
@@ -590,46 +581,55 @@ __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
     }
     const A* pmn = pq + t * pc.n;
     const int fz = lc.sz / pc.sz, fy = lc.sy / pc.sy, fx = lc.sx / pc.sx;
-    const int Slz = static_cast<int>(p.Sl[l][0]), Sly = static_cast<int>(p.Sl[l][1]);
-    const int Slx = static_cast<int>(p.Sl[l][2]);
-    const int Vl = Slz * Sly * Slx;
+    const int Vl = static_cast<int>(p.level_voxels(l));
     const A inv_vol = A(1) / static_cast<A>(p.cell_volume(l));
-    for (int cell = threadIdx.x; cell < lc.n; cell += blockDim.x) {
-      const int cx = cell % lc.nx, cy = (cell / lc.nx) % lc.ny, cz = cell / (lc.nx * lc.ny);
-      A qs[TMAX];
-      A mn;
-      if (l == fp) {
+    for (int c0 = threadIdx.x; c0 < lc.n; c0 += NC * blockDim.x) {
+      int oi[NC];
+      L yl[NC];
 #pragma unroll
-        for (int k = 0; k < TMAX; ++k) qs[k] = k < t ? sq[k * lc.n + cell] : A(0);
-        mn = smn[cell];
-      } else {
+      for (int j = 0; j < NC; ++j) {
+        const int cell = c0 + j * static_cast<int>(blockDim.x);
+        const int ci = cell < lc.n ? cell_center(p, lc, l, cell, z0, y0, x0, H, W, &oi[j]) : -1;
+        if (ci < 0) oi[j] = -1;
+        yl[j] = ci < 0 ? L(0) : yb[ci];
+      }
 #pragma unroll
-        for (int k = 0; k < TMAX; ++k) qs[k] = A(0);
-        mn = inf_of<A>();
-        for (int a = 0; a < fz; ++a)
-          for (int e = 0; e < fy; ++e)
-            for (int f = 0; f < fx; ++f) {
-              const int sub = ((cz * fz + a) * pc.ny + cy * fy + e) * pc.nx + cx * fx + f;
+      for (int j = 0; j < NC; ++j) {
+        const int cell = c0 + j * static_cast<int>(blockDim.x);
+        if (cell >= lc.n) break;
+        A qs[TMAX];
+        A mn;
+        if (l == fp) {
 #pragma unroll
-              for (int k = 0; k < TMAX; ++k)
-                if (k < t) qs[k] += pq[k * pc.n + sub];
-              mn = min_keep(mn, pmn[sub]);
-            }
+          for (int k = 0; k < TMAX; ++k) qs[k] = k < t ? sq[k * lc.n + cell] : A(0);
+          mn = smn[cell];
+        } else {
+          const int cx = cell % lc.nx, cy = (cell / lc.nx) % lc.ny, cz = cell / (lc.nx * lc.ny);
+#pragma unroll
+          for (int k = 0; k < TMAX; ++k) qs[k] = A(0);
+          mn = inf_of<A>();
+          for (int a = 0; a < fz; ++a)
+            for (int e = 0; e < fy; ++e)
+              for (int f = 0; f < fx; ++f) {
+                const int sub = ((cz * fz + a) * pc.ny + cy * fy + e) * pc.nx + cx * fx + f;
+#pragma unroll
+                for (int k = 0; k < TMAX; ++k)
+                  if (k < t) qs[k] += pq[k * pc.n + sub];
+                mn = min_keep(mn, pmn[sub]);
+              }
+#pragma unroll
+          for (int k = 0; k < TMAX; ++k)
+            if (k < t) sq[k * lc.n + cell] = qs[k];
+          smn[cell] = mn;
+        }
+        if (oi[j] < 0) continue;  // partial cell: no output
+        if (yl[j] > L(0)) mn = A(1);
 #pragma unroll
         for (int k = 0; k < TMAX; ++k)
-          if (k < t) sq[k * lc.n + cell] = qs[k];
-        smn[cell] = mn;
+          if (k < t) qs[k] *= inv_vol;
+        voxel_write<A, L, TMAX>(qs, mn, yl[j], t, c, outs.p[l] + b * K * Vl + oi[j], Vl,
+                                masks.p[l] ? masks.p[l] + b * Vl + oi[j] : nullptr);
       }
-      const int rz = z0 / lc.sz + cz, ry = y0 / lc.sy + cy, rx = x0 / lc.sx + cx;
-      if (rz >= Slz || ry >= Sly || rx >= Slx) continue;  // partial cell: no output
-      const L yl = yb[(rz * lc.sz + lc.sz / 2) * HW + (ry * lc.sy + lc.sy / 2) * W + rx * lc.sx + lc.sx / 2];
-      if (yl > L(0)) mn = A(1);
-#pragma unroll
-      for (int k = 0; k < TMAX; ++k)
-        if (k < t) qs[k] *= inv_vol;
-      const int oi = (rz * Sly + ry) * Slx + rx;
-      voxel_write<A, L, TMAX>(qs, mn, yl, t, c, outs.p[l] + b * K * Vl + oi, Vl,
-                              masks.p[l] ? masks.p[l] + b * Vl + oi : nullptr);
     }
     if (l + 1 < p.nlev) __syncthreads();  // the next level reads this level's stats
   }
@@ -663,37 +663,29 @@ __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
   bool any_pooled = false;
   for (int l = fp; l < p.nlev; ++l) any_pooled |= grads.p[l] != nullptr;  // block-uniform
 
-  // The centre label and incoming gradient of this thread's first cell per pooled level, in
-  // flight through step 1 (live: a cell in range, with a gradient, outside the ROI; gradients
-  // only for t <= 4, whose registers fit).
-  constexpr bool kPre = TMAX <= 4;
-  L lab1[kPrefetchLevels];
-  A g1[kPrefetchLevels][TMAX];
-  bool in1[kPrefetchLevels];
-  if (kPre && any_pooled) {
+  // Per cell of a pooled level: its centre label and incoming gradient, NC cells per thread at
+  // once (one round trip). The first batch of the first pooled level loads before step 1, in
+  // flight through the minima pass. oi[j] < 0: no gradient there (partial cell, or none given).
+  constexpr int NC = kLevelBatch<TMAX>;
+  L yl[NC];
+  int oi[NC];
+  A gv[NC][TMAX];
+  auto load_cells = [&](int l, int c0) {
+    const LevelCells lc = level_cells(p, tl, l);
+    const int Vl = static_cast<int>(p.level_voxels(l));
+    const A* gl = grads.p[l] ? grads.p[l] + b * K * Vl : nullptr;
 #pragma unroll
-    for (int i = 0; i < kPrefetchLevels; ++i) {
-      const int l = fp + i;
-      in1[i] = false;
-      lab1[i] = L(0);
-#pragma unroll
-      for (int k = 0; k < TMAX; ++k) g1[i][k] = A(0);
-      if (l >= p.nlev || grads.p[l] == nullptr) continue;
-      const LevelCells lc = level_cells(p, tl, l);
-      int oi = 0;
-      const int ci = static_cast<int>(threadIdx.x) < lc.n
-                         ? cell_center(p, lc, l, threadIdx.x, z0, y0, x0, H, W, &oi)
-                         : -1;
-      if (ci < 0) continue;
-      in1[i] = true;
-      lab1[i] = yb[ci];
-      const int Vl = static_cast<int>(p.level_voxels(l));
-      const A* gl = grads.p[l] + b * K * Vl;
+    for (int j = 0; j < NC; ++j) {
+      const int cell = c0 + j * static_cast<int>(blockDim.x);
+      const int ci = gl && cell < lc.n ? cell_center(p, lc, l, cell, z0, y0, x0, H, W, &oi[j]) : -1;
+      if (ci < 0) oi[j] = -1;
+      yl[j] = ci < 0 ? L(0) : yb[ci];
 #pragma unroll
       for (int k = 0; k < TMAX; ++k)
-        if (k < t) g1[i][k] = gl[static_cast<int>(ctxlab::context_channel(k, c)) * Vl + oi];
+        gv[j][k] = ci >= 0 && k < t ? gl[static_cast<int>(ctxlab::context_channel(k, c)) * Vl + oi[j]] : A(0);
     }
-  }
+  };
+  if (any_pooled) load_cells(fp, threadIdx.x);
 
   if (any_pooled) {
     // 1. P1 cell minima of M.
@@ -734,44 +726,31 @@ __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
         pmn = sm + tl.off[l - 1] + t * pc.n;
       }
       const int fz = lc.sz / pc.sz, fy = lc.sy / pc.sy, fx = lc.sx / pc.sx;
-      const int Slz = static_cast<int>(p.Sl[l][0]), Sly = static_cast<int>(p.Sl[l][1]);
-      const int Slx = static_cast<int>(p.Sl[l][2]);
-      const int Vl = Slz * Sly * Slx;
       const A inv_vol = A(1) / static_cast<A>(p.cell_volume(l));
-      const A* gl = grads.p[l] ? grads.p[l] + b * K * Vl : nullptr;
-      for (int cell = threadIdx.x; cell < lc.n; cell += blockDim.x) {
-        const int cx = cell % lc.nx, cy = (cell / lc.nx) % lc.ny, cz = cell / (lc.nx * lc.ny);
-        A mn;
-        if (l == fp) {
-          mn = smnl[cell];
-        } else {
-          mn = inf_of<A>();
-          for (int a = 0; a < fz; ++a)
-            for (int e = 0; e < fy; ++e)
-              for (int f = 0; f < fx; ++f)
-                mn = min_keep(mn, pmn[((cz * fz + a) * pc.ny + cy * fy + e) * pc.nx + cx * fx + f]);
-          smnl[cell] = mn;
-        }
-        const A coef = mn * inv_vol;
-        const int i1 = l - fp;
-        if (kPre && cell == static_cast<int>(threadIdx.x) && i1 < kPrefetchLevels) {
-          const bool live = pick(in1, i1) && !(pick(lab1, i1) > L(0));
+      for (int c0 = threadIdx.x; c0 < lc.n; c0 += NC * blockDim.x) {
+        if (l > fp || c0 != static_cast<int>(threadIdx.x)) load_cells(l, c0);
 #pragma unroll
-          for (int k = 0; k < TMAX; ++k) {
-            A gk[kPrefetchLevels];
-#pragma unroll
-            for (int j = 0; j < kPrefetchLevels; ++j) gk[j] = g1[j][k];
-            if (k < t) sg[k * lc.n + cell] = live ? coef * pick(gk, i1) : A(0);
+        for (int j = 0; j < NC; ++j) {
+          const int cell = c0 + j * static_cast<int>(blockDim.x);
+          if (cell >= lc.n) break;
+          A mn;
+          if (l == fp) {
+            mn = smnl[cell];
+          } else {
+            const int cx = cell % lc.nx, cy = (cell / lc.nx) % lc.ny, cz = cell / (lc.nx * lc.ny);
+            mn = inf_of<A>();
+            for (int a = 0; a < fz; ++a)
+              for (int e = 0; e < fy; ++e)
+                for (int f = 0; f < fx; ++f)
+                  mn = min_keep(mn, pmn[((cz * fz + a) * pc.ny + cy * fy + e) * pc.nx + cx * fx + f]);
+            smnl[cell] = mn;
           }
-          continue;
+          const A coef = mn * inv_vol;
+          const bool live = oi[j] >= 0 && !(yl[j] > L(0));
+#pragma unroll
+          for (int k = 0; k < TMAX; ++k)
+            if (k < t) sg[k * lc.n + cell] = live ? coef * gv[j][k] : A(0);
         }
-        const int rz = z0 / lc.sz + cz, ry = y0 / lc.sy + cy, rx = x0 / lc.sx + cx;
-        bool live = gl != nullptr && rz < Slz && ry < Sly && rx < Slx;
-        if (live)
-          live = !(yb[(rz * lc.sz + lc.sz / 2) * HW + (ry * lc.sy + lc.sy / 2) * W + rx * lc.sx + lc.sx / 2] > L(0));
-        const int oi = live ? (rz * Sly + ry) * Slx + rx : 0;
-        for (int k = 0; k < t; ++k)
-          sg[k * lc.n + cell] = live ? coef * gl[static_cast<int>(ctxlab::context_channel(k, c)) * Vl + oi] : A(0);
       }
       __syncthreads();  // the next level reads these minima; step 3 reads the gradients
     }
@@ -882,7 +861,8 @@ Tile make_tile(const Plan& p, int device, size_t elem, size_t* smem) {
 
 // Tile of the coalesced kernels, or false when their preconditions do not hold (the kernels
 // above run then). *smem: dynamic shared memory bytes (kept <= 48 KiB: no opt-in needed).
-bool make_tile2(const Plan& p, size_t elem, Tile2* out, size_t* smem, unsigned* threads) {
+// out->R is the most thread rows a block can use; tile2_threads sets the number it gets.
+bool make_tile2(const Plan& p, size_t elem, Tile2* out, size_t* smem) {
   constexpr int64_t kInt32Max = 2147483647;
   const int64_t* s1 = p.p1();
   if (p.B > 65535 || p.K * p.voxels() > kInt32Max) return false;
@@ -895,7 +875,7 @@ bool make_tile2(const Plan& p, size_t elem, Tile2* out, size_t* smem, unsigned* 
   while (cz * cy * (my + 1) * TW <= 2048 && cy * (my + 1) <= std::max<int64_t>(cy, p.S[1])) ++my;
   const int64_t TD = cz, TH = cy * my;
   const int64_t rows = (TD / s1[0]) * (TH / s1[1]);  // P1 cell rows per tile
-  const int64_t R = std::min<int64_t>(256 / TW, rows);
+  const int64_t R = std::min<int64_t>(256 / TW, rows);  // the most; tile2_threads picks
   size_t total = 0;
   Tile2 tl{};
   for (int l = p.first_pooled; l < p.nlev; ++l) {
@@ -921,8 +901,50 @@ bool make_tile2(const Plan& p, size_t elem, Tile2* out, size_t* smem, unsigned* 
   tl.ntx = static_cast<int>(ntx);
   *out = tl;
   *smem = total * elem;
-  *threads = static_cast<unsigned>(TW * R);
   return true;
+}
+
+// Blocks of `kernel` (`threads` threads, `smem` dynamic bytes) resident on the whole device,
+// cached: the occupancy query costs microseconds, which a small call's host path cannot spare.
+int resident_blocks(const void* kernel, int threads, size_t smem, int device) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, size_t, int>, int> cache;
+  const auto key = std::make_tuple(kernel, threads, smem, device);
+  std::lock_guard<std::mutex> lock(mu);
+  const auto hit = cache.find(key);
+  if (hit != cache.end()) return hit->second;
+  int sms = 0, per_sm = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem) != cudaSuccess)
+    throw std::runtime_error("context_labels: occupancy query failed");
+  return cache[key] = std::max(1, sms * per_sm);
+}
+
+// Thread rows per block of the coalesced tiled kernels (sets tl->R; returns blockDim.x). The
+// most rows whose blocks all fit in one wave, else 2: a block's level steps (barriers, per-cell
+// loads) stall all its warps, so smaller blocks keep more warps streaming voxels, as long as
+// there are enough of them. H200, 2x2x160^3 with 4 levels (4000 tiles, more than one wave at
+// any rows), forward + backward kernels by rows 8 / 4 / 2 / 1: 443 / 380 / 359 / 394 us; at
+// 80^3 (600 tiles) 81 / 64 / 90 / 150 us, where 4 rows is the most that fit one wave.
+// COLABX_CONTEXT_LABELS_ROWS=R overrides the choice (clamped to 1..most), for
+// benchmarks/sweep_context_rows.py.
+template <typename Kernel>
+unsigned tile2_threads(Kernel kernel, const Plan& p, Tile2* tl, size_t smem, int device) {
+  const int most = tl->R;
+  int rows = std::min(2, most);
+  if (const char* env = std::getenv("COLABX_CONTEXT_LABELS_ROWS")) {
+    rows = std::clamp(std::atoi(env), 1, most);
+  } else {
+    const int64_t blocks = p.B * int64_t(tl->ntz) * tl->nty * tl->ntx;
+    for (int r = most; r > 2; r = r / 2) {
+      if (blocks <= resident_blocks(reinterpret_cast<const void*>(kernel), tl->TW * r, smem, device)) {
+        rows = r;
+        break;
+      }
+    }
+  }
+  tl->R = rows;
+  return static_cast<unsigned>(tl->TW * rows);
 }
 
 dim3 tile2_grid(const Plan& p, const Tile2& tl) {
@@ -987,9 +1009,10 @@ void context_labels_forward_cuda(const Plan& p, uintptr_t o, int o_dtype, uintpt
         }
         size_t smem = 0;
         Tile2 tl2;
-        unsigned threads2 = 0;
-        if (make_tile2(p, sizeof(A), &tl2, &smem, &threads2)) {
-          fwd_tiled2<T, L, TMAX><<<tile2_grid(p, tl2), threads2, smem, st>>>(
+        if (make_tile2(p, sizeof(A), &tl2, &smem)) {
+          constexpr auto kernel2 = fwd_tiled2<T, L, TMAX>;
+          const unsigned threads2 = tile2_threads(kernel2, p, &tl2, smem, device);
+          kernel2<<<tile2_grid(p, tl2), threads2, smem, st>>>(
               p, tl2, reinterpret_cast<const T*>(o), reinterpret_cast<const L*>(y), reinterpret_cast<const A*>(d),
               op, mp, static_cast<A>(margin), static_cast<A>(tau));
           cuda::check_launch("context_labels forward (tiled, coalesced)");
@@ -1032,9 +1055,10 @@ void context_labels_backward_cuda(const Plan& p, const std::vector<uintptr_t>& g
         }
         size_t smem = 0;
         Tile2 tl2;
-        unsigned threads2 = 0;
-        if (make_tile2(p, sizeof(A), &tl2, &smem, &threads2)) {
-          bwd_tiled2<T, L, TMAX><<<tile2_grid(p, tl2), threads2, smem, st>>>(
+        if (make_tile2(p, sizeof(A), &tl2, &smem)) {
+          constexpr auto kernel2 = bwd_tiled2<T, L, TMAX>;
+          const unsigned threads2 = tile2_threads(kernel2, p, &tl2, smem, device);
+          kernel2<<<tile2_grid(p, tl2), threads2, smem, st>>>(
               p, tl2, gp, reinterpret_cast<const T*>(o), reinterpret_cast<const L*>(y),
               reinterpret_cast<const A*>(d), reinterpret_cast<T*>(grad_o), static_cast<A>(margin),
               static_cast<A>(tau));
