@@ -70,18 +70,20 @@ class MetaConfig:
         ``groups=2`` convolutions, :mod:`colabx._grouped`). Default from CPU timings (2 threads,
         B=2, θ± forwards, median): 3D 48³, 30 base features, 4 pools: sequential 1.12 s, grouped
         1.96 s, vmap 2.37 s; 3D 32³, 8 features, 3 pools: 62 / 47 / 65 ms. On an H200 (B=2,
-        80³, 30 features, whole meta part): sequential 127 ms, grouped 157 ms, vmap 164 ms.
+        80³, 30 features, whole meta part): sequential 129 ms, grouped 151 ms, vmap 157 ms.
     amp : autocast the generator, the inner step and the L_ROI forwards in ``amp_dtype``; the θ±
         forwards always run with autocast disabled, in the parameters' dtype.
     fd_tf32 : let the θ± forwards use TF32 convolutions and matmuls as torch's settings allow
-        (faster on Ampere and later GPUs); off by default, the θ± forwards run in full fp32
-        (TF32 there costs meta-gradient accuracy: ``benchmarks/RESULTS.md``). The exact
-        meta-gradient always runs in full fp32.
+        (faster on Ampere and later GPUs); off by default, the θ± forwards run in full fp32.
+        On an H200 (B=2, 80³, 30 features) TF32 θ± make the meta part 6 % faster (121 vs
+        129 ms) and the fd meta-gradient's relative error 3.8e-2 instead of 3.3e-2
+        (``benchmarks/RESULTS.md``). The exact meta-gradient always runs in full fp32.
     recompute_generator : run the generator forward of step 1 without autograd graph and again,
         with graph, just before the backward of step 5 (one more generator forward per meta
         update), so the generator's activations are not held through f's passes: the same
-        gradient, a lower peak (``benchmarks/bench_meta_step.py`` on the CPU, B=2, 32³, 8
-        features: peak growth 84 vs 95 MiB, 5 % slower).
+        gradient, a lower peak. Off by default; turn it on when memory binds. On an H200
+        (B=2, 80³, 30 features) the meta part's peak growth falls to 0.60× (2221 vs 3696 MiB)
+        for 6 % more time; on the CPU (B=2, 32³, 8 features) 84 vs 95 MiB, 5 % slower.
     skip_without_roi : skip the generator update when the batch (sample, per-sample) has no ROI
         voxel (its context labels do not depend on ω then: d = +inf, M = 0).
     validate : let the fused ops validate their inputs (a pass over the labels each call).
