@@ -10,8 +10,10 @@
 #   5. runs bench_train and bench_data on the phantom (trainer patches/s consumed vs loader
 #      patches/s delivered with 4/8/12 workers; at most 150 s; nibabel and pyyaml wheels in .whl/),
 #   6. runs bench_compat on CUDA (the colabx.compat drop-ins vs the reference-style twins; 60 s),
+#   7. only when asked (stage ncu): Nsight Compute on the pooled context_labels kernels and the
+#      80^3 loss kernels (throughput, occupancy, warp stalls; ~60 s), into $OUT/ncu.txt,
 # writing logs and JSON under $OUT (default benchmarks/results) and printing summary tables last.
-# Usage: benchmarks/device_check.sh [STAGE ...]   STAGE: all (default) | test | bench | train | meta | compat;
+# Usage: benchmarks/device_check.sh [STAGE ...]   STAGE: all (default) | test | bench | train | meta | compat | ncu;
 #   stages run in the order given ("all" = test bench train meta compat). Each log and JSON lands in
 #   $OUT, and, when $OUT is given, all of them again in $OUT/device_check.tgz (the device tool
 #   returns at most 8 files).
@@ -21,7 +23,7 @@ cd "$(dirname "$0")/.."
 stages=" ${*:-all} "
 [ "$stages" = " all " ] && stages=" test bench train meta compat "
 for s in $stages; do
-  case $s in test|bench|train|meta|compat) ;; *) echo "device_check: unknown stage '$s'"; exit 2 ;; esac
+  case $s in test|bench|train|meta|compat|ncu) ;; *) echo "device_check: unknown stage '$s'"; exit 2 ;; esac
 done
 bundle() { tar czf /tmp/device_check.tgz -C "$OUT" --exclude device_check.tgz . && mv /tmp/device_check.tgz "$OUT/"; }
 # a given $OUT (the device tool's) gets the archive, also after a failed build; the default
@@ -124,6 +126,22 @@ stage_compat() {
     --out "$OUT/compat_cuda.json"
   show_table bench_compat_cuda.log '^| op '
   echo "compat bench: $((SECONDS - t0)) s"
+}
+
+stage_ncu() {
+  t0=$SECONDS
+  if ! command -v ncu >/dev/null; then echo "ncu not found"; return; fi
+  local w
+  for w in "context_labels 2x2x160^3 L=4" "dice_ce_loss 2x3x80^3 fp32"; do
+    echo "== $w" >>"$OUT/ncu.txt"
+    timeout 90 ncu -k 'regex:tiled2|dce_' --section SpeedOfLight --section MemoryWorkloadAnalysis \
+      --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
+      $py -m benchmarks.profile_kernels --once "$w" 2>&1 | grep -v '^==PROF==' >>"$OUT/ncu.txt" \
+      || { echo "ncu ($w): failed or timed out"; status=1; }
+  done
+  grep -E '^  [a-z_ ]*void|Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy' \
+    "$OUT/ncu.txt"
+  echo "ncu: $((SECONDS - t0)) s"
 }
 
 for s in $stages; do "stage_$s"; done

@@ -2,6 +2,7 @@
 a slow op spends its time in. Prints one table per op and writes JSON.
 
     python -m benchmarks.profile_kernels --out benchmarks/results/kernels.json
+    python -m benchmarks.profile_kernels --once "context_labels 2x2x160^3 L=4"   # under ncu
 """
 
 from __future__ import annotations
@@ -55,10 +56,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/kernels.json")
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--once", metavar="WORKLOAD",
+                        help="run this workload once, unprofiled (for Nsight Compute), and exit")
     args = parser.parse_args()
     dev = torch.device("cuda")
+    workloads = _workloads(dev)
+    if args.once is not None:
+        if args.once not in workloads:
+            parser.error(f"--once: unknown workload {args.once!r}; one of {sorted(workloads)}")
+        workloads[args.once]()
+        torch.cuda.synchronize()
+        return
     result = {}
-    for name, fn in _workloads(dev).items():
+    for name, fn in workloads.items():
         for _ in range(3):
             fn()
         torch.cuda.synchronize()
