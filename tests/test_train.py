@@ -78,6 +78,9 @@ def test_resume_continues_exactly(cache, tmp_path):
     resumed = Trainer(cfg, tmp_path / "part", resume=True, echo=lambda s: None)
     assert resumed.start_epoch == 1
     resumed.run()
+    # every iteration booked once, as floats, though each is read back one iteration late
+    assert len(full.iteration_losses) == 6
+    assert all(type(v) is float for v in full.iteration_losses)
     assert resumed.iteration_losses == full.iteration_losses[3:]
     for a, b in zip(full.f.state_dict().values(), resumed.f.state_dict().values(), strict=True):
         assert torch.equal(a, b)

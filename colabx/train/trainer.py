@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from colabx.data import load_dataset
 from colabx.data.loader import PatchBatches, make_loader
@@ -328,8 +329,11 @@ class Trainer:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def train_iteration(self, it: int, batch: dict[str, Any]) -> dict[str, float]:
-        """One iteration on ``batch`` (this process's slice of global iteration ``it``)."""
+    def train_iteration(self, it: int, batch: dict[str, Any]) -> dict[str, float | Tensor]:
+        """One iteration on ``batch`` (this process's slice of global iteration ``it``).
+
+        ``train_loss`` comes back as a 0-dim tensor on the device, not read back: reading it
+        waits for the iteration's GPU work, which :meth:`_epoch` does one iteration late."""
         cfg, dev = self.cfg, self.device
         x = batch["image"].to(dev, non_blocking=True)
         y = batch["label"].to(dev, non_blocking=True)
@@ -337,7 +341,7 @@ class Trainer:
         total = cfg.epochs * cfg.iterations
         lr = _poly(cfg.lr, it, total, cfg.poly_exponent)
         _set_lr(self.opt, lr)
-        out: dict[str, float] = {"lr": lr}
+        out: dict[str, float | Tensor] = {"lr": lr}
         if self.meta is not None:
             gen_lr = _poly(cfg.gen_lr, it, total, cfg.poly_exponent)
             _set_lr(self.gen_opt, gen_lr)
@@ -360,7 +364,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.f.parameters(), cfg.grad_clip)
         self.scaler.step(self.opt)
         self.scaler.update()
-        out["train_loss"] = float(loss.detach())
+        out["train_loss"] = loss.detach()
         return out
 
     def _meta_update(self, x, y, d, lr: float) -> dict[str, float]:
@@ -420,6 +424,15 @@ class Trainer:
             f"{f' x{self.dist.world_size} processes' if self.dist.enabled else ''}, "
             f"{cfg.epochs} epochs x {cfg.iterations} iterations, batch {cfg.batch_size}")
 
+    def _book(self, out: dict[str, float | Tensor], stats: dict[str, list[float]], bar) -> None:
+        """Records one finished iteration's numbers (device scalars read back here)."""
+        vals = {key: float(v) for key, v in out.items()}
+        self.iteration_losses.append(vals["train_loss"])
+        for key, v in vals.items():
+            stats.setdefault(key, []).append(v)
+        bar.update(1)
+        bar.set_postfix(loss=f"{vals['train_loss']:.3f}")
+
     def _epoch(self, epoch: int, batches) -> None:
         cfg = self.cfg
         self.f.train()
@@ -429,16 +442,20 @@ class Trainer:
         stats: dict[str, list[float]] = {}
         bar = _bar(cfg.iterations, f"epoch {epoch + 1}/{cfg.epochs}",
                    cfg.progress and self.dist.is_main)
+        previous = None
         for k in range(cfg.iterations):
             ts = time.perf_counter()
             batch = next(batches)
             data_time += time.perf_counter() - ts
             out = self.train_iteration(epoch * cfg.iterations + k, batch)
-            self.iteration_losses.append(out["train_loss"])
-            for key, v in out.items():
-                stats.setdefault(key, []).append(v)
-            bar.update(1)
-            bar.set_postfix(loss=f"{out['train_loss']:.3f}")
+            # Book the previous iteration now that this one is queued: reading its loss waits
+            # for the GPU to finish it, never to drain the queue (a read of this iteration's
+            # loss would leave the GPU idle while the host prepares the next).
+            if previous is not None:
+                self._book(previous, stats, bar)
+            previous = out
+        if previous is not None:
+            self._book(previous, stats, bar)
         bar.close()
         row: dict[str, Any] = {"epoch": epoch + 1, "iteration": (epoch + 1) * cfg.iterations}
         for key, vals in stats.items():
