@@ -14,12 +14,9 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <map>
-#include <mutex>
 #include <numeric>
 #include <stdexcept>
 #include <string>
-#include <tuple>
 #include <type_traits>
 
 #include "common/context_labels.h"
@@ -472,6 +469,25 @@ __device__ __forceinline__ int cell_center(const Plan& p, const LevelCells& lc, 
   return ((rz * lc.sz + lc.sz / 2) * H + ry * lc.sy + lc.sy / 2) * W + rx * lc.sx + lc.sx / 2;
 }
 
+// Level l's cells c0, c0 + blockDim.x, ... (NC of them): their centre labels yl and their indices
+// oi in the level's output plane, all loads issued before any is used; per_cell(j, in) adds a
+// cell's own loads (in: the cell has an output). oi[j] = -1 (label 0) for a cell past the
+// level's extent or the tile, and for every cell when !wanted.
+template <int NC, typename L, typename PerCell>
+__device__ __forceinline__ void load_cells(const Plan& p, const LevelCells& lc, int l, int c0,
+                                           bool wanted, int z0, int y0, int x0, int H, int W,
+                                           const L* __restrict__ yb, int (&oi)[NC], L (&yl)[NC],
+                                           PerCell&& per_cell) {
+#pragma unroll
+  for (int j = 0; j < NC; ++j) {
+    const int cell = c0 + j * static_cast<int>(blockDim.x);
+    const int ci = wanted && cell < lc.n ? cell_center(p, lc, l, cell, z0, y0, x0, H, W, &oi[j]) : -1;
+    if (ci < 0) oi[j] = -1;
+    yl[j] = ci < 0 ? L(0) : yb[ci];
+    per_cell(j, ci >= 0);
+  }
+}
+
 // Registers cap occupancy: the common case (fp32 accumulation, t <= 4) runs 3 blocks of 256, the
 // 80 registers its batched row loads (kRowBatch) need without spilling; each thread keeps 4
 // voxels' loads in flight, where 5 blocks at 48 registers kept one (and spill 100+ bytes batched).
@@ -586,13 +602,7 @@ __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
     for (int c0 = threadIdx.x; c0 < lc.n; c0 += NC * blockDim.x) {
       int oi[NC];
       L yl[NC];
-#pragma unroll
-      for (int j = 0; j < NC; ++j) {
-        const int cell = c0 + j * static_cast<int>(blockDim.x);
-        const int ci = cell < lc.n ? cell_center(p, lc, l, cell, z0, y0, x0, H, W, &oi[j]) : -1;
-        if (ci < 0) oi[j] = -1;
-        yl[j] = ci < 0 ? L(0) : yb[ci];
-      }
+      load_cells<NC>(p, lc, l, c0, true, z0, y0, x0, H, W, yb, oi, yl, [](int, bool) {});
 #pragma unroll
       for (int j = 0; j < NC; ++j) {
         const int cell = c0 + j * static_cast<int>(blockDim.x);
@@ -670,22 +680,17 @@ __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
   L yl[NC];
   int oi[NC];
   A gv[NC][TMAX];
-  auto load_cells = [&](int l, int c0) {
+  auto load_level = [&](int l, int c0) {
     const LevelCells lc = level_cells(p, tl, l);
     const int Vl = static_cast<int>(p.level_voxels(l));
     const A* gl = grads.p[l] ? grads.p[l] + b * K * Vl : nullptr;
-#pragma unroll
-    for (int j = 0; j < NC; ++j) {
-      const int cell = c0 + j * static_cast<int>(blockDim.x);
-      const int ci = gl && cell < lc.n ? cell_center(p, lc, l, cell, z0, y0, x0, H, W, &oi[j]) : -1;
-      if (ci < 0) oi[j] = -1;
-      yl[j] = ci < 0 ? L(0) : yb[ci];
+    load_cells<NC>(p, lc, l, c0, gl != nullptr, z0, y0, x0, H, W, yb, oi, yl, [&](int j, bool in) {
 #pragma unroll
       for (int k = 0; k < TMAX; ++k)
-        gv[j][k] = ci >= 0 && k < t ? gl[static_cast<int>(ctxlab::context_channel(k, c)) * Vl + oi[j]] : A(0);
-    }
+        gv[j][k] = in && k < t ? gl[static_cast<int>(ctxlab::context_channel(k, c)) * Vl + oi[j]] : A(0);
+    });
   };
-  if (any_pooled) load_cells(fp, threadIdx.x);
+  if (any_pooled) load_level(fp, threadIdx.x);
 
   if (any_pooled) {
     // 1. P1 cell minima of M.
@@ -728,7 +733,7 @@ __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
       const int fz = lc.sz / pc.sz, fy = lc.sy / pc.sy, fx = lc.sx / pc.sx;
       const A inv_vol = A(1) / static_cast<A>(p.cell_volume(l));
       for (int c0 = threadIdx.x; c0 < lc.n; c0 += NC * blockDim.x) {
-        if (l > fp || c0 != static_cast<int>(threadIdx.x)) load_cells(l, c0);
+        if (l > fp || c0 != static_cast<int>(threadIdx.x)) load_level(l, c0);
 #pragma unroll
         for (int j = 0; j < NC; ++j) {
           const int cell = c0 + j * static_cast<int>(blockDim.x);
@@ -904,22 +909,6 @@ bool make_tile2(const Plan& p, size_t elem, Tile2* out, size_t* smem) {
   return true;
 }
 
-// Blocks of `kernel` (`threads` threads, `smem` dynamic bytes) resident on the whole device,
-// cached: the occupancy query costs microseconds, which a small call's host path cannot spare.
-int resident_blocks(const void* kernel, int threads, size_t smem, int device) {
-  static std::mutex mu;
-  static std::map<std::tuple<const void*, int, size_t, int>, int> cache;
-  const auto key = std::make_tuple(kernel, threads, smem, device);
-  std::lock_guard<std::mutex> lock(mu);
-  const auto hit = cache.find(key);
-  if (hit != cache.end()) return hit->second;
-  int sms = 0, per_sm = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem) != cudaSuccess)
-    throw std::runtime_error("context_labels: occupancy query failed");
-  return cache[key] = std::max(1, sms * per_sm);
-}
-
 // Thread rows per block of the coalesced tiled kernels (sets tl->R; returns blockDim.x). The
 // most rows whose blocks all fit in one wave, else 2: a block's level steps (barriers, per-cell
 // loads) stall all its warps, so smaller blocks keep more warps streaming voxels, as long as
@@ -937,7 +926,8 @@ unsigned tile2_threads(Kernel kernel, const Plan& p, Tile2* tl, size_t smem, int
   } else {
     const int64_t blocks = p.B * int64_t(tl->ntz) * tl->nty * tl->ntx;
     for (int r = most; r > 2; r = r / 2) {
-      if (blocks <= resident_blocks(reinterpret_cast<const void*>(kernel), tl->TW * r, smem, device)) {
+      if (blocks <= cuda::resident_blocks(reinterpret_cast<const void*>(kernel), tl->TW * r, smem,
+                                          device, "context_labels")) {
         rows = r;
         break;
       }

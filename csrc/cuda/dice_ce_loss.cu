@@ -20,7 +20,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -706,32 +705,6 @@ void check_sizes(int64_t B, int64_t V, const char* what) {
                                 " voxels per item; the kernels need at least one");
 }
 
-void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
-}
-
-constexpr int kMaxCachedDevices = 64;
-
-// Blocks of Kernel resident on the whole device at kThreads (SMs x occupancy), cached per device:
-// the occupancy query costs microseconds, which the host path of a small call cannot spare.
-template <auto Kernel>
-int64_t resident_blocks(int device) {
-  static std::atomic<int> cache[kMaxCachedDevices];
-  const bool cacheable = device >= 0 && device < kMaxCachedDevices;
-  if (cacheable) {
-    const int hit = cache[device].load(std::memory_order_relaxed);
-    if (hit > 0) return hit;
-  }
-  int sms = 0, per_sm = 0;
-  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
-             "dice_ce_loss: SM count query");
-  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, kThreads, 0),
-             "dice_ce_loss: occupancy query");
-  const int n = std::max(1, sms * per_sm);
-  if (cacheable) cache[device].store(n, std::memory_order_relaxed);
-  return n;
-}
-
 // Grid-stride blocks per item (at most `cap`). Blocks get equal work (within one tile), so a
 // launch costs about waves x tiles per block, waves = ceil(G B / resident): of the block counts
 // that fill 1..8 whole waves, keep the cheapest (the fewest blocks among equals: fewer partials).
@@ -757,7 +730,9 @@ inline int64_t blocks_per_item(int64_t resident, int64_t B, int64_t ntiles, int6
 template <auto Kernel, int KM>
 int64_t grid_blocks(int device, int64_t B, int64_t V) {
   const int64_t nt = num_tiles<KM>(V);
-  return blocks_per_item(resident_blocks<Kernel>(device), B, nt, nt);
+  const int resident = resident_blocks(reinterpret_cast<const void*>(Kernel), kThreads, 0, device,
+                                       "dice_ce_loss");
+  return blocks_per_item(resident, B, nt, nt);
 }
 
 }  // namespace

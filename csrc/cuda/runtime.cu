@@ -1,7 +1,11 @@
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 
 #include "cuda/runtime.h"
 
@@ -28,6 +32,22 @@ void check_launch(const char* what) {
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
     throw std::runtime_error(std::string(what) + ": CUDA launch failed: " + cudaGetErrorString(err));
+}
+
+int resident_blocks(const void* kernel, int threads, size_t smem, int device, const char* what) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, size_t, int>, int> cache;
+  const auto key = std::make_tuple(kernel, threads, smem, device);
+  std::lock_guard<std::mutex> lock(mu);
+  const auto hit = cache.find(key);
+  if (hit != cache.end()) return hit->second;
+  int sms = 0, per_sm = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess)
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string(what) + ": occupancy query failed: " + cudaGetErrorString(err));
+  return cache[key] = std::max(1, sms * per_sm);
 }
 
 }  // namespace colabx::cuda

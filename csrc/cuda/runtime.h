@@ -1,6 +1,7 @@
 // Host-side helpers shared by the CUDA kernels: error checks, stream/device handling.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 namespace colabx::cuda {
@@ -14,5 +15,11 @@ void* prepare(int device, uintptr_t stream, const char* what);
 
 // Throws std::runtime_error naming `what` if the last launch failed.
 void check_launch(const char* what);
+
+// Blocks of `kernel` (`threads` per block, `smem` dynamic shared bytes) resident on the whole
+// device at once (SMs x occupancy, at least 1), cached per (kernel, threads, smem, device): the
+// occupancy query costs microseconds, which a small call's host path cannot spare. Throws
+// std::runtime_error naming `what` when a query fails.
+int resident_blocks(const void* kernel, int threads, size_t smem, int device, const char* what);
 
 }  // namespace colabx::cuda
