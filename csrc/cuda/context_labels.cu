@@ -53,6 +53,14 @@ __device__ __forceinline__ double inf_of<double>() {
   return __longlong_as_double(0x7ff0000000000000ll);
 }
 
+// The number of contexts a kernel of bucket TMAX sees: buckets up to 4 hold exactly TMAX
+// (dispatch_tmax), so t is a compile-time constant there and every `k < t` test on the voxel
+// path folds away; the wide bucket reads it from the plan.
+template <int TMAX>
+__host__ __device__ __forceinline__ int exact_t(int64_t t) {
+  return TMAX <= 4 ? TMAX : static_cast<int>(t);
+}
+
 // One voxel's t logits (channel stride V) into raw[0..t).
 template <typename T, int TMAX, typename I>
 __device__ __forceinline__ void voxel_load(const T* __restrict__ o, I V, int t, T (&raw)[TMAX]) {
@@ -121,7 +129,7 @@ __global__ void __launch_bounds__(256)
   const int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t b = blockIdx.y;
   if (v >= V) return;
-  const int t = static_cast<int>(p.t);
+  const int t = exact_t<TMAX>(p.t);
   A q[TMAX];
   voxel_softmax<T, TMAX>(o + b * p.t * V + v, V, t, q);
   const A M = ctxlab::mask_of_distance(d[b * V + v], margin, tau);
@@ -139,7 +147,7 @@ __global__ void __launch_bounds__(256)
   const int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t b = blockIdx.y;
   if (v >= V) return;
-  const int t = static_cast<int>(p.t);
+  const int t = exact_t<TMAX>(p.t);
   A q[TMAX];
   voxel_softmax<T, TMAX>(o + b * p.t * V + v, V, t, q);
   A gq[TMAX];
@@ -192,7 +200,7 @@ __global__ void __launch_bounds__(256, 2)
   A* s_q = reinterpret_cast<A*>(smem_raw);  // [t][n1] cell sums of q
   A* s_m = s_q + p.t * tl.n1;               // [n1]    cell minima of M
   const TileCoords tc = tile_coords(tl);
-  const int t = static_cast<int>(p.t);
+  const int t = exact_t<TMAX>(p.t);
   const int64_t D = p.S[0], H = p.S[1], W = p.S[2], HW = H * W, V = p.voxels();
   const int64_t s1[3] = {tl.s1z, tl.s1y, tl.s1x};
   const T* ob = o + tc.b * p.t * V;
@@ -282,7 +290,7 @@ __global__ void __launch_bounds__(256, 2)
   A* s_g = reinterpret_cast<A*>(smem_raw);  // [t][n1] pooled gradient per P1 cell
   A* s_m = s_g + p.t * tl.n1;               // [n1]    cell minima of M
   const TileCoords tc = tile_coords(tl);
-  const int t = static_cast<int>(p.t);
+  const int t = exact_t<TMAX>(p.t);
   const int64_t D = p.S[0], H = p.S[1], W = p.S[2], HW = H * W, V = p.voxels();
   const int64_t s1[3] = {tl.s1z, tl.s1y, tl.s1x};
   const T* ob = o + tc.b * p.t * V;
@@ -505,7 +513,7 @@ __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
   using A = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   A* sm = reinterpret_cast<A*>(smem_raw);
-  const int t = static_cast<int>(p.t), c = static_cast<int>(p.c), K = static_cast<int>(p.K);
+  const int t = exact_t<TMAX>(p.t), c = static_cast<int>(p.c), K = static_cast<int>(p.K);
   const int D = static_cast<int>(p.S[0]), H = static_cast<int>(p.S[1]), W = static_cast<int>(p.S[2]);
   const int HW = H * W, V = D * HW;  // K * V < 2^31 (host precondition)
   int bi = static_cast<int>(blockIdx.x);
@@ -654,7 +662,7 @@ __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
   using A = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   A* sm = reinterpret_cast<A*>(smem_raw);
-  const int t = static_cast<int>(p.t), c = static_cast<int>(p.c), K = static_cast<int>(p.K);
+  const int t = exact_t<TMAX>(p.t), c = static_cast<int>(p.c), K = static_cast<int>(p.K);
   const int D = static_cast<int>(p.S[0]), H = static_cast<int>(p.S[1]), W = static_cast<int>(p.S[2]);
   const int HW = H * W, V = D * HW;
   int bi = static_cast<int>(blockIdx.x);
@@ -956,11 +964,14 @@ void set_smem(Kernel kernel, size_t smem) {
   }
 }
 
-// Calls fn(std::integral_constant<int, TMAX>) for the register-array bound covering t.
+// Calls fn(std::integral_constant<int, TMAX>) for the register-array bound covering t: t itself
+// up to 4 (exact_t), else one wide bucket.
 template <typename Fn>
 void dispatch_tmax(int64_t t, Fn&& fn) {
-  if (t <= 2) return fn(std::integral_constant<int, 2>{});
-  if (t <= 4) return fn(std::integral_constant<int, 4>{});
+  if (t == 1) return fn(std::integral_constant<int, 1>{});
+  if (t == 2) return fn(std::integral_constant<int, 2>{});
+  if (t == 3) return fn(std::integral_constant<int, 3>{});
+  if (t == 4) return fn(std::integral_constant<int, 4>{});
   if (t <= ctxlab::kCudaMaxT) return fn(std::integral_constant<int, ctxlab::kCudaMaxT>{});
   throw std::invalid_argument("context_labels (CUDA): t must be <= " + std::to_string(ctxlab::kCudaMaxT));
 }
