@@ -1,6 +1,9 @@
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
+
 #include "bindings/registry.h"
+#include "common/fast_divmod.h"
 
 #if defined(COLABX_WITH_CUDA)
 #include "cuda/runtime.h"
@@ -16,6 +19,14 @@ PYBIND11_MODULE(_C, m) {
   m.attr("built_with_cuda") = false;
   m.def("cuda_device_count", [] { return 0; });
 #endif
+  // Test hook: the CUDA kernels' index division, run on the host over int32 numerators.
+  m.def("_fast_divmod", [](int64_t divisor, uintptr_t n, uintptr_t q, uintptr_t r, int64_t count) {
+    const colabx::FastDivmod fd(divisor);
+    const auto* np = reinterpret_cast<const int32_t*>(n);
+    auto* qp = reinterpret_cast<int32_t*>(q);
+    auto* rp = reinterpret_cast<int32_t*>(r);
+    for (int64_t i = 0; i < count; ++i) qp[i] = fd.divmod(np[i], &rp[i]);
+  });
   colabx::register_context_labels(m);
   colabx::register_distance_transform(m);
   colabx::register_dice_ce_loss(m);
