@@ -10,7 +10,12 @@
 //   pooled gradients scattered into P1 cells in shared memory (one barrier per level, levels in
 //   order, so the sums are deterministic) -> one softmax-backward pass over the voxels.
 // Every thread uses a fixed summation order: results are bitwise reproducible run to run.
+//
+// tests/cuda_emulation compiles this file for host threads (COLABX_CUDA_EMULATION: no CUDA
+// runtime; the kernels and the tile geometry only) and runs the kernels on CPU test machines.
+#if !defined(COLABX_CUDA_EMULATION)
 #include <cuda_runtime.h>
+#endif
 
 #include <algorithm>
 #include <cstdlib>
@@ -21,7 +26,10 @@
 
 #include "common/context_labels.h"
 #include "common/dispatch.h"
+#include "common/fast_divmod.h"
+#if !defined(COLABX_CUDA_EMULATION)
 #include "cuda/runtime.h"
+#endif
 
 namespace colabx {
 namespace {
@@ -411,29 +419,49 @@ __global__ void __launch_bounds__(256, 2)
 // partial sums with xor shuffles (all 32 lanes active). Pooled levels are reduced
 // hierarchically in shared memory: level l's per-cell sums / minima from level l-1's, one
 // barrier per level; each level's statistics are laid out [t][n_l] values then [n_l] values.
+// All index math divides by host-built FastDivmods: the run-time integer divisions it replaced
+// were ~20 instructions each, several per voxel in the backward's gradient gather.
+//
+// One pooled level in tile-local terms.
+struct Level2 {
+  int sz, sy, sx;           // stride: the level's cell size in voxels
+  int nz, ny, nx, n;        // cells per tile per axis, and in all
+  int fz, fy, fx;           // cells of the previous pooled level per cell and axis (first: 1)
+  int Slz, Sly, Slx;        // the level's output size (cells past it are partial: no output)
+  int off;                  // shared-memory offset (elements) of the level's statistics
+  FastDivmod div_nx, div_ny;          // tile-local cell index -> (z, y, x)
+  FastDivmod div_pz, div_py, div_sx;  // P1 cell row (z, y), lane x -> this level's cell (z, y, x)
+};
+
 struct Tile2 {
-  int TD, TH, TW, R;       // tile extent in voxels; row groups of threads (blockDim.x = TW * R)
-  int s1z, s1y, s1x;       // first pooled level's stride (P1 cell size)
-  int n1z, n1y, n1x;       // P1 cells per tile per axis
-  int ntz, nty, ntx;       // tiles per axis (per batch item)
-  int off[ctxlab::kMaxLevels];  // shared-memory offset (elements) of each pooled level's stats
+  int TD, TH, TW, R;        // tile extent in voxels; row groups of threads (blockDim.x = TW * R)
+  int s1z, s1y, s1x;        // first pooled level's stride (P1 cell size)
+  int ntz, nty, ntx;        // tiles per axis (per batch item)
+  FastDivmod div_TW, div_s1y, div_s1x, div_ntx, div_nty;
+  Level2 lv[ctxlab::kMaxLevels];  // pooled levels first_pooled..nlev-1
 };
 
-// Tile-local cell counts of level l along each axis.
-struct LevelCells {
-  int sz, sy, sx, nz, ny, nx, n;
+// A block's tile and a thread's place in it.
+struct TilePos {
+  int tz, ty, tx;  // tile index per axis
+  int z0, y0, x0;  // tile origin (voxels)
+  int lx, r;       // thread column (x0 + lx) and row group
 };
 
-__device__ __forceinline__ LevelCells level_cells(const Plan& p, const Tile2& tl, int l) {
-  LevelCells c;
-  c.sz = static_cast<int>(p.st[l][0]);
-  c.sy = static_cast<int>(p.st[l][1]);
-  c.sx = static_cast<int>(p.st[l][2]);
-  c.nz = tl.TD / c.sz;
-  c.ny = tl.TH / c.sy;
-  c.nx = tl.TW / c.sx;
-  c.n = c.nz * c.ny * c.nx;
-  return c;
+__device__ __forceinline__ TilePos tile_pos(const Tile2& tl) {
+  TilePos tp;
+  const int q = tl.div_ntx.divmod(static_cast<int>(blockIdx.x), &tp.tx);
+  tp.tz = tl.div_nty.divmod(q, &tp.ty);
+  tp.z0 = tp.tz * tl.TD;
+  tp.y0 = tp.ty * tl.TH;
+  tp.x0 = tp.tx * tl.TW;
+  tp.r = tl.div_TW.divmod(static_cast<int>(threadIdx.x), &tp.lx);
+  return tp;
+}
+
+// Tile-local cell index of a level -> its (z, y, x) in the tile.
+__device__ __forceinline__ void cell_coords(const Level2& lv, int cell, int* cz, int* cy, int* cx) {
+  *cz = lv.div_ny.divmod(lv.div_nx.divmod(cell, cx), cy);
 }
 
 // Voxels of a P1 cell row one thread loads before using any (all their loads in flight at once;
@@ -448,7 +476,8 @@ constexpr int kRowBatch = TMAX <= 2 ? 4 : (TMAX <= 4 ? 2 : 1);
 // its index, or -1 past the row or the volume.
 __device__ __forceinline__ int row_voxel(const Tile2& tl, int i, int zc, int yc, int x, int D,
                                          int H, int W) {
-  const int a = i / tl.s1y, z = zc + a, yy = yc + (i - a * tl.s1y);
+  int e;
+  const int z = zc + tl.div_s1y.divmod(i, &e), yy = yc + e;
   return (i < tl.s1z * tl.s1y && z < D && yy < H) ? (z * H + yy) * W + x : -1;
 }
 
@@ -463,33 +492,32 @@ __device__ __forceinline__ A min_keep(A cur, A v) {  // NaN v never replaces (as
 template <int TMAX>
 constexpr int kLevelBatch = TMAX <= 2 ? 8 : (TMAX <= 4 ? 4 : 1);
 
-// Global index of the centre voxel of tile-local cell `cell` of level l (whose labels decide the
+// Global index of the centre voxel of tile-local cell `cell` of a level (whose labels decide the
 // level's ROI), or -1 when the cell lies past the level's extent (a partial cell: no output).
-// *out_index: the cell's index in the level's output plane.
-__device__ __forceinline__ int cell_center(const Plan& p, const LevelCells& lc, int l, int cell,
-                                           int z0, int y0, int x0, int H, int W,
-                                           int* out_index = nullptr) {
-  const int cx = cell % lc.nx, cy = (cell / lc.nx) % lc.ny, cz = cell / (lc.nx * lc.ny);
-  const int rz = z0 / lc.sz + cz, ry = y0 / lc.sy + cy, rx = x0 / lc.sx + cx;
-  const int Sly = static_cast<int>(p.Sl[l][1]), Slx = static_cast<int>(p.Sl[l][2]);
-  if (rz >= p.Sl[l][0] || ry >= Sly || rx >= Slx) return -1;
-  if (out_index) *out_index = (rz * Sly + ry) * Slx + rx;
-  return ((rz * lc.sz + lc.sz / 2) * H + ry * lc.sy + lc.sy / 2) * W + rx * lc.sx + lc.sx / 2;
+// *out_index: the cell's index in the level's output plane. The tile's origin in the level's
+// cells is (tz nz, ty ny, tx nx): the tile extent is a multiple of every level's stride.
+__device__ __forceinline__ int cell_center(const Level2& lv, const TilePos& tp, int cell, int H,
+                                           int W, int* out_index) {
+  int cz, cy, cx;
+  cell_coords(lv, cell, &cz, &cy, &cx);
+  const int rz = tp.tz * lv.nz + cz, ry = tp.ty * lv.ny + cy, rx = tp.tx * lv.nx + cx;
+  if (rz >= lv.Slz || ry >= lv.Sly || rx >= lv.Slx) return -1;
+  *out_index = (rz * lv.Sly + ry) * lv.Slx + rx;
+  return ((rz * lv.sz + (lv.sz >> 1)) * H + ry * lv.sy + (lv.sy >> 1)) * W + rx * lv.sx + (lv.sx >> 1);
 }
 
-// Level l's cells c0, c0 + blockDim.x, ... (NC of them): their centre labels yl and their indices
+// A level's cells c0, c0 + blockDim.x, ... (NC of them): their centre labels yl and their indices
 // oi in the level's output plane, all loads issued before any is used; per_cell(j, in) adds a
 // cell's own loads (in: the cell has an output). oi[j] = -1 (label 0) for a cell past the
 // level's extent or the tile, and for every cell when !wanted.
 template <int NC, typename L, typename PerCell>
-__device__ __forceinline__ void load_cells(const Plan& p, const LevelCells& lc, int l, int c0,
-                                           bool wanted, int z0, int y0, int x0, int H, int W,
-                                           const L* __restrict__ yb, int (&oi)[NC], L (&yl)[NC],
-                                           PerCell&& per_cell) {
+__device__ __forceinline__ void load_cells(const Level2& lv, const TilePos& tp, int c0, bool wanted,
+                                           int H, int W, const L* __restrict__ yb, int (&oi)[NC],
+                                           L (&yl)[NC], PerCell&& per_cell) {
 #pragma unroll
   for (int j = 0; j < NC; ++j) {
     const int cell = c0 + j * static_cast<int>(blockDim.x);
-    const int ci = wanted && cell < lc.n ? cell_center(p, lc, l, cell, z0, y0, x0, H, W, &oi[j]) : -1;
+    const int ci = wanted && cell < lv.n ? cell_center(lv, tp, cell, H, W, &oi[j]) : -1;
     if (ci < 0) oi[j] = -1;
     yl[j] = ci < 0 ? L(0) : yb[ci];
     per_cell(j, ci >= 0);
@@ -516,14 +544,10 @@ __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
   const int t = exact_t<TMAX>(p.t), c = static_cast<int>(p.c), K = static_cast<int>(p.K);
   const int D = static_cast<int>(p.S[0]), H = static_cast<int>(p.S[1]), W = static_cast<int>(p.S[2]);
   const int HW = H * W, V = D * HW;  // K * V < 2^31 (host precondition)
-  int bi = static_cast<int>(blockIdx.x);
-  const int x0 = (bi % tl.ntx) * tl.TW;
-  bi /= tl.ntx;
-  const int y0 = (bi % tl.nty) * tl.TH;
-  const int z0 = (bi / tl.nty) * tl.TD;
+  const TilePos tp = tile_pos(tl);
   const int64_t b = blockIdx.y;
-  const int lx = static_cast<int>(threadIdx.x) % tl.TW, r = static_cast<int>(threadIdx.x) / tl.TW;
-  const int x = x0 + lx;
+  const int lx = tp.lx, r = tp.r, z0 = tp.z0, y0 = tp.y0;
+  const int x = tp.x0 + lx;
   const bool xin = x < W;
   const T* ob = o + b * t * V;
   const L* yb = y + b * V;
@@ -535,11 +559,13 @@ __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
   // 1. voxels: softmax once, level 0 written, P1 cell sums of q / minima of M into shared memory.
   {
     constexpr int NB = kRowBatch<TMAX>;
-    const int n1 = tl.n1z * tl.n1y * tl.n1x, nrow = tl.s1z * tl.s1y;
-    A* sq = sm + tl.off[fp];
-    A* smn = sq + t * n1;
-    for (int cr = r; cr < tl.n1z * tl.n1y; cr += tl.R) {  // warp-uniform
-      const int cz = cr / tl.n1y, cy = cr - cz * tl.n1y;
+    const Level2& l1 = tl.lv[fp];
+    const int nrow = tl.s1z * tl.s1y;
+    A* sq = sm + l1.off;
+    A* smn = sq + t * l1.n;
+    for (int cr = r; cr < l1.nz * l1.ny; cr += tl.R) {  // warp-uniform
+      int cy;
+      const int cz = l1.div_ny.divmod(cr, &cy);
       A qs[TMAX];
 #pragma unroll
       for (int k = 0; k < TMAX; ++k) qs[k] = A(0);
@@ -580,11 +606,13 @@ __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
           if (k < t) qs[k] += __shfl_xor_sync(0xffffffffu, qs[k], sh);
         mn = min_keep(mn, __shfl_xor_sync(0xffffffffu, mn, sh));
       }
-      if (lx % tl.s1x == 0) {
-        const int cell = cr * tl.n1x + lx / tl.s1x;
+      int lane_in_cell;
+      const int cx = tl.div_s1x.divmod(lx, &lane_in_cell);
+      if (lane_in_cell == 0) {
+        const int cell = cr * l1.nx + cx;
 #pragma unroll
         for (int k = 0; k < TMAX; ++k)
-          if (k < t) sq[k * n1 + cell] = qs[k];
+          if (k < t) sq[k * l1.n + cell] = qs[k];
         smn[cell] = mn;
       }
     }
@@ -594,23 +622,18 @@ __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
   // 2. pooled levels, coarser from finer; each level's cells written to global memory.
   constexpr int NC = kLevelBatch<TMAX>;
   for (int l = fp; l < p.nlev; ++l) {
-    const LevelCells lc = level_cells(p, tl, l);
-    A* sq = sm + tl.off[l];
+    const Level2& lc = tl.lv[l];
+    const Level2& pc = tl.lv[l > fp ? l - 1 : l];  // the finer level (itself for the first)
+    A* sq = sm + lc.off;
     A* smn = sq + t * lc.n;
-    LevelCells pc = lc;
-    const A* pq = sq;
-    if (l > fp) {
-      pc = level_cells(p, tl, l - 1);
-      pq = sm + tl.off[l - 1];
-    }
+    const A* pq = sm + pc.off;
     const A* pmn = pq + t * pc.n;
-    const int fz = lc.sz / pc.sz, fy = lc.sy / pc.sy, fx = lc.sx / pc.sx;
     const int Vl = static_cast<int>(p.level_voxels(l));
     const A inv_vol = A(1) / static_cast<A>(p.cell_volume(l));
     for (int c0 = threadIdx.x; c0 < lc.n; c0 += NC * blockDim.x) {
       int oi[NC];
       L yl[NC];
-      load_cells<NC>(p, lc, l, c0, true, z0, y0, x0, H, W, yb, oi, yl, [](int, bool) {});
+      load_cells<NC>(lc, tp, c0, true, H, W, yb, oi, yl, [](int, bool) {});
 #pragma unroll
       for (int j = 0; j < NC; ++j) {
         const int cell = c0 + j * static_cast<int>(blockDim.x);
@@ -622,14 +645,15 @@ __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
           for (int k = 0; k < TMAX; ++k) qs[k] = k < t ? sq[k * lc.n + cell] : A(0);
           mn = smn[cell];
         } else {
-          const int cx = cell % lc.nx, cy = (cell / lc.nx) % lc.ny, cz = cell / (lc.nx * lc.ny);
+          int cz, cy, cx;
+          cell_coords(lc, cell, &cz, &cy, &cx);
 #pragma unroll
           for (int k = 0; k < TMAX; ++k) qs[k] = A(0);
           mn = inf_of<A>();
-          for (int a = 0; a < fz; ++a)
-            for (int e = 0; e < fy; ++e)
-              for (int f = 0; f < fx; ++f) {
-                const int sub = ((cz * fz + a) * pc.ny + cy * fy + e) * pc.nx + cx * fx + f;
+          for (int a = 0; a < lc.fz; ++a)
+            for (int e = 0; e < lc.fy; ++e)
+              for (int f = 0; f < lc.fx; ++f) {
+                const int sub = ((cz * lc.fz + a) * pc.ny + cy * lc.fy + e) * pc.nx + cx * lc.fx + f;
 #pragma unroll
                 for (int k = 0; k < TMAX; ++k)
                   if (k < t) qs[k] += pq[k * pc.n + sub];
@@ -665,14 +689,10 @@ __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
   const int t = exact_t<TMAX>(p.t), c = static_cast<int>(p.c), K = static_cast<int>(p.K);
   const int D = static_cast<int>(p.S[0]), H = static_cast<int>(p.S[1]), W = static_cast<int>(p.S[2]);
   const int HW = H * W, V = D * HW;
-  int bi = static_cast<int>(blockIdx.x);
-  const int x0 = (bi % tl.ntx) * tl.TW;
-  bi /= tl.ntx;
-  const int y0 = (bi % tl.nty) * tl.TH;
-  const int z0 = (bi / tl.nty) * tl.TD;
+  const TilePos tp = tile_pos(tl);
   const int64_t b = blockIdx.y;
-  const int lx = static_cast<int>(threadIdx.x) % tl.TW, r = static_cast<int>(threadIdx.x) / tl.TW;
-  const int x = x0 + lx;
+  const int lx = tp.lx, r = tp.r, z0 = tp.z0, y0 = tp.y0;
+  const int x = tp.x0 + lx;
   const bool xin = x < W;
   const T* ob = o + b * t * V;
   const L* yb = y + b * V;
@@ -689,10 +709,9 @@ __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
   int oi[NC];
   A gv[NC][TMAX];
   auto load_level = [&](int l, int c0) {
-    const LevelCells lc = level_cells(p, tl, l);
     const int Vl = static_cast<int>(p.level_voxels(l));
     const A* gl = grads.p[l] ? grads.p[l] + b * K * Vl : nullptr;
-    load_cells<NC>(p, lc, l, c0, gl != nullptr, z0, y0, x0, H, W, yb, oi, yl, [&](int j, bool in) {
+    load_cells<NC>(tl.lv[l], tp, c0, gl != nullptr, H, W, yb, oi, yl, [&](int j, bool in) {
 #pragma unroll
       for (int k = 0; k < TMAX; ++k)
         gv[j][k] = in && k < t ? gl[static_cast<int>(ctxlab::context_channel(k, c)) * Vl + oi[j]] : A(0);
@@ -703,10 +722,12 @@ __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
   if (any_pooled) {
     // 1. P1 cell minima of M.
     constexpr int NB = 2 * kRowBatch<TMAX>;  // one value per voxel
-    const int n1 = tl.n1z * tl.n1y * tl.n1x, nrow = tl.s1z * tl.s1y;
-    A* smn = sm + tl.off[fp] + t * n1;
-    for (int cr = r; cr < tl.n1z * tl.n1y; cr += tl.R) {  // warp-uniform
-      const int cz = cr / tl.n1y, cy = cr - cz * tl.n1y;
+    const Level2& l1 = tl.lv[fp];
+    const int nrow = tl.s1z * tl.s1y;
+    A* smn = sm + l1.off + t * l1.n;
+    for (int cr = r; cr < l1.nz * l1.ny; cr += tl.R) {  // warp-uniform
+      int cy;
+      const int cz = l1.div_ny.divmod(cr, &cy);
       const int zc = z0 + cz * tl.s1z, yc = y0 + cy * tl.s1y;
       A mn = inf_of<A>();
       for (int i0 = 0; xin && i0 < nrow; i0 += NB) {
@@ -722,23 +743,20 @@ __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
           if (vv[j] >= 0) mn = min_keep(mn, ctxlab::mask_of_distance(dv[j], margin, tau));
       }
       for (int sh = 1; sh < tl.s1x; sh <<= 1) mn = min_keep(mn, __shfl_xor_sync(0xffffffffu, mn, sh));
-      if (lx % tl.s1x == 0) smn[cr * tl.n1x + lx / tl.s1x] = mn;
+      int lane_in_cell;
+      const int cx = tl.div_s1x.divmod(lx, &lane_in_cell);
+      if (lane_in_cell == 0) smn[cr * l1.nx + cx] = mn;
     }
     __syncthreads();
 
     // 2. per level cell: minima (coarser from finer) and the pooled gradient [y_l = 0] M_l g_l /
     //    vol_l per context (0 for partial cells, ROI cells and levels without a gradient).
     for (int l = fp; l < p.nlev; ++l) {
-      const LevelCells lc = level_cells(p, tl, l);
-      A* sg = sm + tl.off[l];
+      const Level2& lc = tl.lv[l];
+      const Level2& pc = tl.lv[l > fp ? l - 1 : l];  // the finer level (itself for the first)
+      A* sg = sm + lc.off;
       A* smnl = sg + t * lc.n;
-      LevelCells pc = lc;
-      const A* pmn = smnl;
-      if (l > fp) {
-        pc = level_cells(p, tl, l - 1);
-        pmn = sm + tl.off[l - 1] + t * pc.n;
-      }
-      const int fz = lc.sz / pc.sz, fy = lc.sy / pc.sy, fx = lc.sx / pc.sx;
+      const A* pmn = sm + pc.off + t * pc.n;
       const A inv_vol = A(1) / static_cast<A>(p.cell_volume(l));
       for (int c0 = threadIdx.x; c0 < lc.n; c0 += NC * blockDim.x) {
         if (l > fp || c0 != static_cast<int>(threadIdx.x)) load_level(l, c0);
@@ -750,12 +768,14 @@ __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
           if (l == fp) {
             mn = smnl[cell];
           } else {
-            const int cx = cell % lc.nx, cy = (cell / lc.nx) % lc.ny, cz = cell / (lc.nx * lc.ny);
+            int cz, cy, cx;
+            cell_coords(lc, cell, &cz, &cy, &cx);
             mn = inf_of<A>();
-            for (int a = 0; a < fz; ++a)
-              for (int e = 0; e < fy; ++e)
-                for (int f = 0; f < fx; ++f)
-                  mn = min_keep(mn, pmn[((cz * fz + a) * pc.ny + cy * fy + e) * pc.nx + cx * fx + f]);
+            for (int a = 0; a < lc.fz; ++a)
+              for (int e = 0; e < lc.fy; ++e)
+                for (int f = 0; f < lc.fx; ++f)
+                  mn = min_keep(mn, pmn[((cz * lc.fz + a) * pc.ny + cy * lc.fy + e) * pc.nx +
+                                        cx * lc.fx + f]);
             smnl[cell] = mn;
           }
           const A coef = mn * inv_vol;
@@ -775,17 +795,18 @@ __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
   T* gob = grad_o + b * t * V;
   constexpr int NB = kRowBatch<TMAX>;
   const int nrow = tl.s1z * tl.s1y;
-  for (int cr = r; cr < tl.n1z * tl.n1y; cr += tl.R) {
-    const int cz = cr / tl.n1y, cy = cr - cz * tl.n1y;
+  const Level2& l1 = tl.lv[fp];
+  for (int cr = r; cr < l1.nz * l1.ny; cr += tl.R) {
+    int cy;
+    const int cz = l1.div_ny.divmod(cr, &cy);
     A gp[TMAX];
 #pragma unroll
     for (int k = 0; k < TMAX; ++k) gp[k] = A(0);
     if (any_pooled) {
-      const int vz = cz * tl.s1z, vy = cy * tl.s1y;  // tile-local origin of this P1 cell row
       for (int l = fp; l < p.nlev; ++l) {
-        const LevelCells lc = level_cells(p, tl, l);
-        const A* sg = sm + tl.off[l];
-        const int cell = ((vz / lc.sz) * lc.ny + vy / lc.sy) * lc.nx + lx / lc.sx;
+        const Level2& lc = tl.lv[l];
+        const A* sg = sm + lc.off;
+        const int cell = (lc.div_pz.div(cz) * lc.ny + lc.div_py.div(cy)) * lc.nx + lc.div_sx.div(lx);
 #pragma unroll
         for (int k = 0; k < TMAX; ++k)
           if (k < t) gp[k] += sg[k * lc.n + cell];
@@ -839,8 +860,9 @@ __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Tile for the pooled kernels, and the dynamic shared memory it needs.
-Tile make_tile(const Plan& p, int device, size_t elem, size_t* smem) {
+// Tile for the pooled kernels, and the dynamic shared memory it needs; `optin` is the device's
+// opt-in shared memory per block (bytes).
+Tile make_tile(const Plan& p, int optin, size_t elem, size_t* smem) {
   const int64_t* s1 = p.p1();
   Tile tl;
   tl.s1z = s1[0];
@@ -852,8 +874,6 @@ Tile make_tile(const Plan& p, int device, size_t elem, size_t* smem) {
   // Widen along W until a warp's cells span >= 32 P1 cells per row (coalescing), within W.
   int64_t mW = std::max<int64_t>(1, ceil_div(32 * s1[2], p.coarse[2]));
   mW = std::min(mW, std::max<int64_t>(1, ceil_div(p.S[2], p.coarse[2])));
-  int optin = 0;
-  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   const size_t limit = std::max<size_t>(48 * 1024, static_cast<size_t>(optin));
   auto bytes = [&](int64_t m) { return static_cast<size_t>(base * m) * static_cast<size_t>(p.t + 1) * elem; };
   while (mW > 1 && (bytes(mW) > 48 * 1024 || base * mW > 4096)) --mW;
@@ -892,9 +912,29 @@ bool make_tile2(const Plan& p, size_t elem, Tile2* out, size_t* smem) {
   size_t total = 0;
   Tile2 tl{};
   for (int l = p.first_pooled; l < p.nlev; ++l) {
-    const int64_t n = (TD / p.st[l][0]) * (TH / p.st[l][1]) * (TW / p.st[l][2]);
-    tl.off[l] = static_cast<int>(total);
-    total += static_cast<size_t>(n) * static_cast<size_t>(p.t + 1);
+    const int64_t* st = p.st[l];
+    const int64_t* prev = p.st[l > p.first_pooled ? l - 1 : l];
+    Level2& lv = tl.lv[l];
+    lv.sz = static_cast<int>(st[0]);
+    lv.sy = static_cast<int>(st[1]);
+    lv.sx = static_cast<int>(st[2]);
+    lv.nz = static_cast<int>(TD / st[0]);
+    lv.ny = static_cast<int>(TH / st[1]);
+    lv.nx = static_cast<int>(TW / st[2]);
+    lv.n = lv.nz * lv.ny * lv.nx;
+    lv.fz = static_cast<int>(st[0] / prev[0]);
+    lv.fy = static_cast<int>(st[1] / prev[1]);
+    lv.fx = static_cast<int>(st[2] / prev[2]);
+    lv.Slz = static_cast<int>(p.Sl[l][0]);
+    lv.Sly = static_cast<int>(p.Sl[l][1]);
+    lv.Slx = static_cast<int>(p.Sl[l][2]);
+    lv.off = static_cast<int>(total);
+    lv.div_nx = FastDivmod(lv.nx);
+    lv.div_ny = FastDivmod(lv.ny);
+    lv.div_pz = FastDivmod(st[0] / s1[0]);
+    lv.div_py = FastDivmod(st[1] / s1[1]);
+    lv.div_sx = FastDivmod(st[2]);
+    total += static_cast<size_t>(lv.n) * static_cast<size_t>(p.t + 1);
   }
   if (total * elem > 48 * 1024) return false;
   const int64_t ntz = ceil_div(p.S[0], TD), nty = ceil_div(p.S[1], TH), ntx = ceil_div(p.S[2], TW);
@@ -906,16 +946,48 @@ bool make_tile2(const Plan& p, size_t elem, Tile2* out, size_t* smem) {
   tl.s1z = static_cast<int>(s1[0]);
   tl.s1y = static_cast<int>(s1[1]);
   tl.s1x = static_cast<int>(s1[2]);
-  tl.n1z = static_cast<int>(TD / s1[0]);
-  tl.n1y = static_cast<int>(TH / s1[1]);
-  tl.n1x = static_cast<int>(TW / s1[2]);
   tl.ntz = static_cast<int>(ntz);
   tl.nty = static_cast<int>(nty);
   tl.ntx = static_cast<int>(ntx);
+  tl.div_TW = FastDivmod(TW);
+  tl.div_s1y = FastDivmod(s1[1]);
+  tl.div_s1x = FastDivmod(s1[2]);
+  tl.div_ntx = FastDivmod(ntx);
+  tl.div_nty = FastDivmod(nty);
   *out = tl;
   *smem = total * elem;
   return true;
 }
+
+dim3 tile2_grid(const Plan& p, const Tile2& tl) {
+  return dim3(static_cast<unsigned>(static_cast<int64_t>(tl.ntz) * tl.nty * tl.ntx), static_cast<unsigned>(p.B));
+}
+
+unsigned threads_for(int64_t n1) {
+  return static_cast<unsigned>(std::min<int64_t>(256, std::max<int64_t>(32, ceil_div(n1, 32) * 32)));
+}
+
+// Calls fn(std::integral_constant<int, TMAX>) for the register-array bound covering t: t itself
+// up to 4 (exact_t), else one wide bucket.
+template <typename Fn>
+void dispatch_tmax(int64_t t, Fn&& fn) {
+  if (t == 1) return fn(std::integral_constant<int, 1>{});
+  if (t == 2) return fn(std::integral_constant<int, 2>{});
+  if (t == 3) return fn(std::integral_constant<int, 3>{});
+  if (t == 4) return fn(std::integral_constant<int, 4>{});
+  if (t <= ctxlab::kCudaMaxT) return fn(std::integral_constant<int, ctxlab::kCudaMaxT>{});
+  throw std::invalid_argument("context_labels (CUDA): t must be <= " + std::to_string(ctxlab::kCudaMaxT));
+}
+
+dim3 flat_grid(const Plan& p) {
+  if (p.B > 65535) throw std::invalid_argument("context_labels (CUDA): batch larger than 65535");
+  return dim3(static_cast<unsigned>(ceil_div(p.voxels(), 256)), static_cast<unsigned>(p.B));
+}
+
+}  // namespace
+
+#if !defined(COLABX_CUDA_EMULATION)
+namespace {
 
 // Thread rows per block of the coalesced tiled kernels (sets tl->R; returns blockDim.x). The
 // most rows whose blocks all fit in one wave, else 2: a block's level steps (barriers, per-cell
@@ -945,14 +1017,6 @@ unsigned tile2_threads(Kernel kernel, const Plan& p, Tile2* tl, size_t smem, int
   return static_cast<unsigned>(tl->TW * rows);
 }
 
-dim3 tile2_grid(const Plan& p, const Tile2& tl) {
-  return dim3(static_cast<unsigned>(static_cast<int64_t>(tl.ntz) * tl.nty * tl.ntx), static_cast<unsigned>(p.B));
-}
-
-unsigned threads_for(int64_t n1) {
-  return static_cast<unsigned>(std::min<int64_t>(256, std::max<int64_t>(32, ceil_div(n1, 32) * 32)));
-}
-
 template <typename Kernel>
 void set_smem(Kernel kernel, size_t smem) {
   if (smem > 48 * 1024) {
@@ -964,21 +1028,11 @@ void set_smem(Kernel kernel, size_t smem) {
   }
 }
 
-// Calls fn(std::integral_constant<int, TMAX>) for the register-array bound covering t: t itself
-// up to 4 (exact_t), else one wide bucket.
-template <typename Fn>
-void dispatch_tmax(int64_t t, Fn&& fn) {
-  if (t == 1) return fn(std::integral_constant<int, 1>{});
-  if (t == 2) return fn(std::integral_constant<int, 2>{});
-  if (t == 3) return fn(std::integral_constant<int, 3>{});
-  if (t == 4) return fn(std::integral_constant<int, 4>{});
-  if (t <= ctxlab::kCudaMaxT) return fn(std::integral_constant<int, ctxlab::kCudaMaxT>{});
-  throw std::invalid_argument("context_labels (CUDA): t must be <= " + std::to_string(ctxlab::kCudaMaxT));
-}
-
-dim3 flat_grid(const Plan& p) {
-  if (p.B > 65535) throw std::invalid_argument("context_labels (CUDA): batch larger than 65535");
-  return dim3(static_cast<unsigned>(ceil_div(p.voxels(), 256)), static_cast<unsigned>(p.B));
+// The device's opt-in shared memory per block (bytes), which make_tile may use.
+int shared_optin(int device) {
+  int optin = 0;
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  return optin;
 }
 
 }  // namespace
@@ -1019,7 +1073,7 @@ void context_labels_forward_cuda(const Plan& p, uintptr_t o, int o_dtype, uintpt
           cuda::check_launch("context_labels forward (tiled, coalesced)");
           return;
         }
-        const Tile tl = make_tile(p, device, sizeof(A), &smem);
+        const Tile tl = make_tile(p, shared_optin(device), sizeof(A), &smem);
         auto kernel = fwd_tiled<T, L, TMAX>;
         set_smem(kernel, smem);
         const int64_t blocks = p.B * tl.ntz * tl.nty * tl.ntx;
@@ -1066,7 +1120,7 @@ void context_labels_backward_cuda(const Plan& p, const std::vector<uintptr_t>& g
           cuda::check_launch("context_labels backward (tiled, coalesced)");
           return;
         }
-        const Tile tl = make_tile(p, device, sizeof(A), &smem);
+        const Tile tl = make_tile(p, shared_optin(device), sizeof(A), &smem);
         auto kernel = bwd_tiled<T, L, TMAX>;
         set_smem(kernel, smem);
         const int64_t blocks = p.B * tl.ntz * tl.nty * tl.ntx;
@@ -1079,5 +1133,7 @@ void context_labels_backward_cuda(const Plan& p, const std::vector<uintptr_t>& g
     });
   });
 }
+
+#endif  // !COLABX_CUDA_EMULATION
 
 }  // namespace colabx
