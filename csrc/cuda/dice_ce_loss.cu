@@ -17,7 +17,12 @@
 // likeliest in L2); each block turns its item's stats + grad_out (read from device memory) into
 // per-channel coefficients in shared memory once, recomputes p and writes ∂logits and ∂targets
 // together.
+//
+// tests/cuda_emulation compiles this file for host threads (COLABX_CUDA_EMULATION: the CUDA
+// runtime and the inline PTX replaced, launches rewritten) and runs it on CPU test machines.
+#if !defined(COLABX_CUDA_EMULATION)
 #include <cuda_runtime.h>
+#endif
 
 #include <algorithm>
 #include <cstring>
@@ -28,7 +33,9 @@
 #include "common/dice_ce_loss.h"
 #include "common/dispatch.h"
 #include "cuda/dice_ce_loss.h"
+#if !defined(COLABX_CUDA_EMULATION)
 #include "cuda/runtime.h"
+#endif
 
 namespace colabx::cuda {
 namespace {
@@ -93,6 +100,9 @@ __device__ __forceinline__ void load_words(const uint32_t* __restrict__ src, uin
 
 template <int W>
 __device__ __forceinline__ void store_words(uint32_t* __restrict__ dst, const uint32_t (&w)[W]) {
+#if defined(COLABX_CUDA_EMULATION)
+  for (int i = 0; i < W; ++i) dst[i] = w[i];
+#else
   if constexpr (W % 4 == 0) {
 #pragma unroll
     for (int i = 0; i < W; i += 4)
@@ -106,6 +116,7 @@ __device__ __forceinline__ void store_words(uint32_t* __restrict__ dst, const ui
     static_assert(W == 1, "row segments are 4, 8 or a multiple of 16 bytes");
     dst[0] = w[0];
   }
+#endif
 }
 
 // out[j] = row[v0 + j] for j < N; vector access when `aligned` (row + v0 aligned to sizeof(T) * N)
@@ -227,9 +238,13 @@ __device__ __forceinline__ void softmax_regs(int K, A (&p)[KM]) {
 // 1/x for normal x with |x| in [2^-126, 2^126] (here x in [1e-32, 16]): the hardware reciprocal,
 // relative error <= 2^-23 (PTX rcp.approx.ftz.f32), no slow path or subroutine call.
 __device__ __forceinline__ float fast_rcp(float x) {
+#if defined(COLABX_CUDA_EMULATION)
+  return 1.0f / x;
+#else
   float r;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
   return r;
+#endif
 }
 
 constexpr float kLogSoftmaxMinP = 8.2718061255302767e-25f;  // 2^-80

@@ -17,8 +17,10 @@
 //   when n <= 256 (5 bytes per position: 5 blocks per SM instead of 4 at n = 256). Same
 //   arithmetic as edt::envelope_1d, so the results are bit-identical to lines_smem_kernel, which
 //   stays available (COLABX_EDT_LEGACY=1) for A/B checks.
+#if !defined(COLABX_CUDA_EMULATION)  // tests/cuda_emulation runs this file on host threads
 #include <cuda_pipeline_primitives.h>
 #include <cuda_runtime.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -28,7 +30,9 @@
 
 #include "common/distance_transform.h"
 #include "cuda/distance_transform.h"
+#if !defined(COLABX_CUDA_EMULATION)
 #include "cuda/runtime.h"
+#endif
 
 namespace colabx::cuda {
 namespace {

@@ -1,0 +1,81 @@
+// csrc/cuda/dice_ce_loss.cu on host threads (cuda_emulation.h), with its real host entry points:
+// tests/test_cuda_emulation.py rewrites the file's launches into dice_ce_loss.emu.cu (in the
+// build directory) and calls the C entry points below through ctypes.
+#include "cuda_emulation.h"
+
+#undef __shared__
+#define __shared__ static  // the kernels' fixed-size shared arrays (blocks run in turn)
+
+#include <cstdio>
+#include <vector>
+
+#include "dice_ce_loss.emu.cu"
+
+namespace {
+
+template <typename T>
+std::vector<T> vec(const T* p, int n) {
+  return std::vector<T>(p, p + n);
+}
+
+template <typename Fn>
+int guarded(char* err, int errlen, Fn&& fn) {
+  try {
+    fn();
+    return 0;
+  } catch (const std::exception& e) {
+    std::snprintf(err, static_cast<size_t>(errlen), "%s", e.what());
+    return 1;
+  }
+}
+
+}  // namespace
+
+extern "C" void emu_set_resident_blocks(int blocks) { cuda_emu::resident = blocks; }
+
+extern "C" int emu_dice_ce_loss_forward(int L, const uintptr_t* logits, const uintptr_t* targets,
+                                        int logits_code, const int* target_codes, int64_t B,
+                                        int64_t K, const int64_t* V, const int64_t* dice, int nd,
+                                        const double* weights, double smooth, uintptr_t stats,
+                                        uintptr_t loss, uintptr_t work, char* err, int errlen) {
+  return guarded(err, errlen, [&] {
+    colabx::dice_ce_loss_forward_cuda(vec(logits, L), vec(targets, L), logits_code,
+                                      vec(target_codes, L), B, K, vec(V, L), vec(dice, nd),
+                                      vec(weights, L), smooth, stats, loss, work, 0, 0);
+  });
+}
+
+extern "C" int emu_dice_ce_loss_backward(int L, uintptr_t grad_out, const uintptr_t* logits,
+                                         const uintptr_t* targets, int logits_code,
+                                         const int* target_codes, int64_t B, int64_t K,
+                                         const int64_t* V, const int64_t* dice, int nd,
+                                         const double* weights, double smooth, uintptr_t stats,
+                                         const uintptr_t* grad_logits,
+                                         const uintptr_t* grad_targets, char* err, int errlen) {
+  return guarded(err, errlen, [&] {
+    colabx::dice_ce_loss_backward_cuda(grad_out, vec(logits, L), vec(targets, L), logits_code,
+                                       vec(target_codes, L), B, K, vec(V, L), vec(dice, nd),
+                                       vec(weights, L), smooth, stats, vec(grad_logits, L),
+                                       vec(grad_targets, L), 0, 0);
+  });
+}
+
+extern "C" int emu_roi_bce_loss_forward(uintptr_t logits, uintptr_t labels, int logits_code,
+                                        int label_code, int64_t B, int64_t K, int64_t V,
+                                        const int64_t* roi, int nr, uintptr_t loss, uintptr_t work,
+                                        char* err, int errlen) {
+  return guarded(err, errlen, [&] {
+    colabx::roi_bce_loss_forward_cuda(logits, labels, logits_code, label_code, B, K, V,
+                                      vec(roi, nr), loss, work, 0, 0);
+  });
+}
+
+extern "C" int emu_roi_bce_loss_backward(uintptr_t grad_out, uintptr_t logits, uintptr_t labels,
+                                         int logits_code, int label_code, int64_t B, int64_t K,
+                                         int64_t V, const int64_t* roi, int nr,
+                                         uintptr_t grad_logits, char* err, int errlen) {
+  return guarded(err, errlen, [&] {
+    colabx::roi_bce_loss_backward_cuda(grad_out, logits, labels, logits_code, label_code, B, K, V,
+                                       vec(roi, nr), grad_logits, 0, 0);
+  });
+}

@@ -1,0 +1,40 @@
+// csrc/cuda/distance_transform.cu on host threads (cuda_emulation.h), with its real host entry
+// point: tests/test_cuda_emulation.py rewrites the file's launches into
+// distance_transform.emu.cu (in the build directory) and calls emu_distance_transform.
+#include "cuda_emulation.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+namespace colabx::cuda {
+namespace {
+alignas(16) float smem[cuda_emu::kSharedBytes / sizeof(float)];  // the kernels' extern __shared__
+}  // namespace
+}  // namespace colabx::cuda
+
+#include "distance_transform.emu.cu"
+
+// legacy: COLABX_EDT_LEGACY's kernels (rows_kernel, lines_smem_kernel). Returns 0, or 1 with the
+// error message in err.
+extern "C" int emu_distance_transform(uintptr_t mask, uintptr_t out, uintptr_t scratch,
+                                      uintptr_t workspace, int64_t batch, const int64_t* spatial,
+                                      const double* spacing, int nsp, int signed_, int legacy,
+                                      char* err, int errlen) {
+  try {
+    cuda_emu::dynamic_shared = reinterpret_cast<unsigned char*>(colabx::cuda::smem);
+    if (legacy)
+      setenv("COLABX_EDT_LEGACY", "1", 1);
+    else
+      unsetenv("COLABX_EDT_LEGACY");
+    colabx::cuda::distance_transform_forward_cuda(
+        mask, out, scratch, workspace, batch, std::vector<int64_t>(spatial, spatial + nsp),
+        std::vector<double>(spacing, spacing + nsp), signed_ != 0, 0, 0);
+    unsetenv("COLABX_EDT_LEGACY");
+    return 0;
+  } catch (const std::exception& e) {
+    unsetenv("COLABX_EDT_LEGACY");
+    std::snprintf(err, static_cast<size_t>(errlen), "%s", e.what());
+    return 1;
+  }
+}
