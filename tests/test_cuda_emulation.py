@@ -1,9 +1,9 @@
 """The CUDA kernels' device code on host threads (tests/cuda_emulation), against colabx's CPU
 kernels: the tile geometry, index math, grid sizing, barriers and warp shuffles of the GPU-only
-code paths are tested on machines without a GPU. context_labels' kernels are called one by one
-(each kernel forced); dice_ce_loss.cu and distance_transform.cu run through their real host
-entry points, their launches rewritten for the emulation. Timing is not tested: that needs the
-device script."""
+code paths are tested on machines without a GPU. Each .cu file is compiled with its launches
+rewritten for the emulation and runs through its real host entry points; context_labels' kernels
+are also called one by one (each kernel forced). Timing is not tested: that needs the device
+script."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def _launches_for_emulation(source: str) -> str:
 # whose launches are rewritten (included as <stem>.emu.cu), if any.
 LIBS = {
     "context_labels": ([CSRC / "cuda" / "context_labels.cu", CSRC / "common" / "context_labels.h",
-                        CSRC / "common" / "fast_divmod.h"], None),
+                        CSRC / "common" / "fast_divmod.h"], CSRC / "cuda" / "context_labels.cu"),
     "dice_ce_loss": ([CSRC / "cuda" / "dice_ce_loss.cu", CSRC / "cuda" / "dice_ce_loss.h",
                       CSRC / "common" / "dice_ce_loss.h"], CSRC / "cuda" / "dice_ce_loss.cu"),
     "distance_transform": ([CSRC / "cuda" / "distance_transform.cu",
@@ -100,10 +100,10 @@ def emu(emu_libs):
     """context_labels.cu's kernels, each callable by name."""
     so = ctypes.CDLL(str(emu_libs["context_labels"]))
     so.emu_context_labels.restype = ctypes.c_int
-    so.emu_context_labels.argtypes = [
-        ctypes.c_int, ctypes.c_char_p, ctypes.c_int, I64, I64, I64, P, ctypes.c_int, P,
-        ctypes.c_int, U64, ctypes.c_int, U64, ctypes.c_int, U64, P, P, U64, ctypes.c_double,
-        ctypes.c_double, ctypes.c_char_p, ctypes.c_int]
+    i, d = ctypes.c_int, ctypes.c_double
+    tail = [I64, I64, I64, P, i, P, i, U64, i, U64, i, U64, P, P, U64, d, d, ctypes.c_char_p, i]
+    so.emu_context_labels.argtypes = [i, ctypes.c_char_p, i, *tail]
+    so.emu_context_labels_entry.argtypes = [i, *tail]
     return so
 
 
@@ -143,13 +143,16 @@ def _call(emu, backward, kernel, rows, o, y, d, c, strides3, levels, masks=None,
     spatial = (ctypes.c_int64 * 3)(*o.shape[2:])
     strides = (ctypes.c_int64 * len(strides3))(*strides3)
     err = ctypes.create_string_buffer(512)
-    rc = emu.emu_context_labels(
-        int(backward), kernel.encode(), rows, o.shape[0], o.shape[1], c, spatial, o.dim() - 2,
-        strides, nlev, ctypes.c_uint64(o.data_ptr()), _backend.dtype_code(o),
-        ctypes.c_uint64(y.data_ptr()), _backend.dtype_code(y), ctypes.c_uint64(d.data_ptr()),
-        _addresses(levels), _addresses(masks) if masks else None,
-        ctypes.c_uint64(grad_o.data_ptr() if grad_o is not None else 0),
-        ctypes.c_double(margin), ctypes.c_double(tau), err, len(err))
+    args = (o.shape[0], o.shape[1], c, spatial, o.dim() - 2, strides, nlev,
+            ctypes.c_uint64(o.data_ptr()), _backend.dtype_code(o), ctypes.c_uint64(y.data_ptr()),
+            _backend.dtype_code(y), ctypes.c_uint64(d.data_ptr()), _addresses(levels),
+            _addresses(masks) if masks else None,
+            ctypes.c_uint64(grad_o.data_ptr() if grad_o is not None else 0),
+            ctypes.c_double(margin), ctypes.c_double(tau), err, len(err))
+    if kernel is None:  # the host entry points choose
+        rc = emu.emu_context_labels_entry(int(backward), *args)
+    else:
+        rc = emu.emu_context_labels(int(backward), kernel.encode(), rows, *args)
     if rc == 1:
         raise RuntimeError(err.value.decode())
     return rc == 0
@@ -179,7 +182,8 @@ def _strides3(levels, spatial):
 
 def _emulated(emu, kernel, rows, o, y, d, c, levels, grads):
     """Forward outputs and masks per level, and ∂o for `grads` (a None entry: no gradient),
-    from the emulated kernels; None when `kernel` does not take this geometry."""
+    from the emulated kernels (`kernel` None: the host entry points' choice); None when
+    `kernel` does not take this geometry."""
     strides3 = _strides3(levels, tuple(o.shape[2:]))
     acc = d.dtype
     K = c + o.shape[1] - 1
@@ -298,6 +302,31 @@ def test_flat_and_tiled_kernels_match_the_cpu_kernels(emu, kernel, case):
     probe = _emulated(emu, kernel, 0, o, y, d, c, lev, [None] * 8)
     grads = _upstream(probe[0], keep=range(len(probe[0])))
     _compare(_emulated(emu, kernel, 0, o, y, d, c, lev, grads), _on_cpu(o, y, d, c, lev, grads),
+             torch.float32)
+
+
+# (B, t, c, spatial, levels) through the host entry points: one level (flat kernel), P1 x
+# strides 2 and 3 (coalesced tiled, older tiled), 2D and 3D, the wide t bucket.
+ENTRY_CASES = [
+    (2, 3, 2, (9, 10, 11), 1),
+    (2, 2, 2, (11, 21, 37), 4),
+    (1, 6, 3, (21, 19), [1, 3]),
+    (1, 2, 2, (9, 11, 50), [1, (1, 1, 3), (2, 2, 6)]),
+    (2, 4, 2, (37, 45), 3),
+]
+
+
+@pytest.mark.parametrize("rows", [None, "1", "3"])
+@pytest.mark.parametrize("case", ENTRY_CASES, ids=_id)
+def test_host_entry_points_match_the_cpu_kernels(emu, case, rows, monkeypatch):
+    # rows None: the automatic thread rows (an occupancy query, emulated); else the override.
+    if rows is not None:
+        monkeypatch.setenv("COLABX_CONTEXT_LABELS_ROWS", rows)
+    B, t, c, S, lev = case
+    o, y, d = _inputs(B, t, c, S, torch.float32, seed=8)
+    probe = _emulated(emu, None, 0, o, y, d, c, lev, [None] * 8)
+    grads = _upstream(probe[0], keep=range(len(probe[0])))
+    _compare(_emulated(emu, None, 0, o, y, d, c, lev, grads), _on_cpu(o, y, d, c, lev, grads),
              torch.float32)
 
 

@@ -11,8 +11,8 @@
 //   order, so the sums are deterministic) -> one softmax-backward pass over the voxels.
 // Every thread uses a fixed summation order: results are bitwise reproducible run to run.
 //
-// tests/cuda_emulation compiles this file for host threads (COLABX_CUDA_EMULATION: no CUDA
-// runtime; the kernels and the tile geometry only) and runs the kernels on CPU test machines.
+// tests/cuda_emulation compiles this file for host threads (COLABX_CUDA_EMULATION: the CUDA
+// headers left out, launches rewritten) and runs it on CPU test machines.
 #if !defined(COLABX_CUDA_EMULATION)
 #include <cuda_runtime.h>
 #endif
@@ -984,11 +984,6 @@ dim3 flat_grid(const Plan& p) {
   return dim3(static_cast<unsigned>(ceil_div(p.voxels(), 256)), static_cast<unsigned>(p.B));
 }
 
-}  // namespace
-
-#if !defined(COLABX_CUDA_EMULATION)
-namespace {
-
 // Thread rows per block of the coalesced tiled kernels (sets tl->R; returns blockDim.x). The
 // most rows whose blocks all fit in one wave, else 2: a block's level steps (barriers, per-cell
 // loads) stall all its warps, so smaller blocks keep more warps streaming voxels, as long as
@@ -1133,7 +1128,5 @@ void context_labels_backward_cuda(const Plan& p, const std::vector<uintptr_t>& g
     });
   });
 }
-
-#endif  // !COLABX_CUDA_EMULATION
 
 }  // namespace colabx

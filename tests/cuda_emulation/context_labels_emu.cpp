@@ -1,6 +1,8 @@
-// csrc/cuda/context_labels.cu's kernels on host threads (cuda_emulation.h), behind a C entry
-// point that tests/test_cuda_emulation.py calls through ctypes. The kernel is named, not chosen:
-// "flat", "tiled" or "tiled2" (with `rows` thread rows per block; clamped to 1..most).
+// csrc/cuda/context_labels.cu on host threads (cuda_emulation.h): tests/test_cuda_emulation.py
+// rewrites the file's launches into context_labels.emu.cu (in the build directory) and calls,
+// through ctypes, emu_context_labels (one named kernel: "flat", "tiled" or "tiled2" with `rows`
+// thread rows per block, clamped to 1..most) or emu_context_labels_entry (the host entry points,
+// which choose the kernel and the rows themselves).
 #include "cuda_emulation.h"
 
 #include <string>
@@ -11,7 +13,7 @@ alignas(16) unsigned char smem_raw[cuda_emu::kSharedBytes];
 }  // namespace
 }  // namespace colabx
 
-#include "cuda/context_labels.cu"
+#include "context_labels.emu.cu"
 
 namespace colabx {
 namespace {
@@ -107,3 +109,30 @@ extern "C" int emu_context_labels(int backward, const char* kernel, int rows, in
     return 1;
   }
 }
+
+// The host entry points, as Python calls them. Returns 0, or 1 with the error message in err.
+extern "C" int emu_context_labels_entry(int backward, int64_t B, int64_t t, int64_t c,
+                                        const int64_t* spatial, int nsp, const int64_t* strides,
+                                        int nlev, uintptr_t o, int o_dtype, uintptr_t y,
+                                        int y_dtype, uintptr_t d, const uintptr_t* levels,
+                                        const uintptr_t* masks, uintptr_t grad_o, double margin,
+                                        double tau, char* err, int errlen) {
+  using namespace colabx;
+  try {
+    cuda_emu::dynamic_shared = smem_raw;
+    const ctxlab::Plan p = ctxlab::make_plan(B, t, c, spatial, nsp, strides, nlev);
+    const std::vector<uintptr_t> lv(levels, levels + nlev);
+    if (backward)
+      context_labels_backward_cuda(p, lv, o, o_dtype, y, y_dtype, d, grad_o, margin, tau, 0, 0);
+    else
+      context_labels_forward_cuda(p, o, o_dtype, y, y_dtype, d, lv,
+                                  masks ? std::vector<uintptr_t>(masks, masks + nlev)
+                                        : std::vector<uintptr_t>{},
+                                  margin, tau, 0, 0);
+    return 0;
+  } catch (const std::exception& e) {
+    std::snprintf(err, static_cast<size_t>(errlen), "%s", e.what());
+    return 1;
+  }
+}
+

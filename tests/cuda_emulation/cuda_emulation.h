@@ -208,6 +208,11 @@ inline void __pipeline_wait_prior(size_t) {}
 using cudaError_t = int;
 constexpr cudaError_t cudaSuccess = 0;
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin };
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
+  *value = static_cast<int>(cuda_emu::kSharedBytes);
+  return cudaSuccess;
+}
 template <typename Kernel>
 cudaError_t cudaFuncSetAttribute(Kernel, cudaFuncAttribute, int bytes) {
   return bytes <= static_cast<int>(cuda_emu::kSharedBytes) ? cudaSuccess : 1;
