@@ -222,6 +222,18 @@ def _compare(emulated, cpu, dtype):
     torch.testing.assert_close(g.float(), cg.float(), **GRAD_TOL[dtype])
 
 
+def _check_case(emu, kernel, rows, case, dtype=torch.float32, seed=0):
+    """Forward and backward (a gradient on every level) of `kernel` (None: the host entry
+    points' choice) against the CPU kernels."""
+    B, t, c, S, lev = case
+    o, y, d = _inputs(B, t, c, S, dtype, seed=seed)
+    probe = _emulated(emu, kernel, rows, o, y, d, c, lev, [None] * 8)
+    assert probe is not None, f"the {kernel} kernels should take this geometry"
+    grads = _upstream(probe[0], keep=range(len(probe[0])))
+    _compare(_emulated(emu, kernel, rows, o, y, d, c, lev, grads), _on_cpu(o, y, d, c, lev, grads),
+             dtype)
+
+
 # (B, t, c, spatial, levels) for the coalesced tiled kernels: partial tiles along every axis, 2D
 # tiles stacked along y, P1 x strides 1 / 2 / 4 (lane groups), level 0 pooled, anisotropic and
 # non-power-of-two strides, t = 1..5 (the exact-t kernels and the wide bucket).
@@ -245,13 +257,7 @@ def _id(case):
 @pytest.mark.parametrize("case", TILED2_CASES, ids=_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 def test_tiled2_kernels_match_the_cpu_kernels(emu, case, dtype):
-    B, t, c, S, lev = case
-    o, y, d = _inputs(B, t, c, S, dtype, seed=len(S) + t)
-    outs = _emulated(emu, "tiled2", 8, o, y, d, c, lev, [None] * 8)
-    assert outs is not None, "the coalesced tiled kernels should take this geometry"
-    grads = _upstream(outs[0], keep=range(len(outs[0])))
-    _compare(_emulated(emu, "tiled2", 2, o, y, d, c, lev, grads), _on_cpu(o, y, d, c, lev, grads),
-             dtype)
+    _check_case(emu, "tiled2", 2, case, dtype, seed=len(case[3]) + case[1])
 
 
 @pytest.mark.parametrize("case", TILED2_CASES[:4], ids=_id)
@@ -297,12 +303,7 @@ def test_tiled2_label_dtypes(emu, label_dtype):
     ("tiled", (1, 2, 2, (9, 11, 50), [1, (1, 1, 3), (2, 2, 6)])),
 ], ids=lambda v: v if isinstance(v, str) else _id(v))
 def test_flat_and_tiled_kernels_match_the_cpu_kernels(emu, kernel, case):
-    B, t, c, S, lev = case
-    o, y, d = _inputs(B, t, c, S, torch.float32, seed=7)
-    probe = _emulated(emu, kernel, 0, o, y, d, c, lev, [None] * 8)
-    grads = _upstream(probe[0], keep=range(len(probe[0])))
-    _compare(_emulated(emu, kernel, 0, o, y, d, c, lev, grads), _on_cpu(o, y, d, c, lev, grads),
-             torch.float32)
+    _check_case(emu, kernel, 0, case, seed=7)
 
 
 # (B, t, c, spatial, levels) through the host entry points: one level (flat kernel), P1 x
@@ -322,12 +323,7 @@ def test_host_entry_points_match_the_cpu_kernels(emu, case, rows, monkeypatch):
     # rows None: the automatic thread rows (an occupancy query, emulated); else the override.
     if rows is not None:
         monkeypatch.setenv("COLABX_CONTEXT_LABELS_ROWS", rows)
-    B, t, c, S, lev = case
-    o, y, d = _inputs(B, t, c, S, torch.float32, seed=8)
-    probe = _emulated(emu, None, 0, o, y, d, c, lev, [None] * 8)
-    grads = _upstream(probe[0], keep=range(len(probe[0])))
-    _compare(_emulated(emu, None, 0, o, y, d, c, lev, grads), _on_cpu(o, y, d, c, lev, grads),
-             torch.float32)
+    _check_case(emu, None, 0, case, seed=8)
 
 
 def test_tiled2_refuses_p1_x_strides_that_do_not_divide_32(emu):
