@@ -12,8 +12,13 @@
 #   6. runs bench_compat on CUDA (the colabx.compat drop-ins vs the reference-style twins; 60 s),
 #   7. only when asked (stage ncu): Nsight Compute on the pooled context_labels kernels and the
 #      80^3 loss kernels (throughput, occupancy, warp stalls; ~60 s), into $OUT/ncu.txt,
+#   8. only when asked (stage ab): a second build with -DCOLABX_CTX_FWD_MIN_BLOCKS=4 (the pooled
+#      context_labels forward in 64 registers) in its own tree, its context_labels GPU tests and
+#      the rows sweep (against the bench stage's sweep of the main build, same run), then the
+#      main build back in place (~3 min),
 # writing logs and JSON under $OUT (default benchmarks/results) and printing summary tables last.
-# Usage: benchmarks/device_check.sh [STAGE ...]   STAGE: all (default) | test | bench | train | meta | compat | ncu;
+# Usage: benchmarks/device_check.sh [STAGE ...]
+#   STAGE: all (default) | test | bench | train | meta | compat | ncu | ab;
 #   stages run in the order given ("all" = test bench train meta compat). Each log and JSON lands in
 #   $OUT, and, when $OUT is given, all of them again in $OUT/device_check.tgz (the device tool
 #   returns at most 8 files).
@@ -23,7 +28,7 @@ cd "$(dirname "$0")/.."
 stages=" ${*:-all} "
 [ "$stages" = " all " ] && stages=" test bench train meta compat "
 for s in $stages; do
-  case $s in test|bench|train|meta|compat|ncu) ;; *) echo "device_check: unknown stage '$s'"; exit 2 ;; esac
+  case $s in test|bench|train|meta|compat|ncu|ab) ;; *) echo "device_check: unknown stage '$s'"; exit 2 ;; esac
 done
 bundle() { tar czf /tmp/device_check.tgz -C "$OUT" --exclude device_check.tgz . && mv /tmp/device_check.tgz "$OUT/"; }
 # a given $OUT (the device tool's) gets the archive, also after a failed build; the default
@@ -142,6 +147,25 @@ stage_ncu() {
   grep -E '^  [a-z_ ]*void|Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy' \
     "$OUT/ncu.txt"
   echo "ncu: $((SECONDS - t0)) s"
+}
+
+stage_ab() {
+  t0=$SECONDS
+  local keep=/tmp/colabx-main-so
+  rm -rf "$keep" && mkdir -p "$keep" && cp colabx/_C*.so "$keep/"
+  if PYTHON=$py COLABX_CUDA_ARCHS=${COLABX_CUDA_ARCHS:-90} COLABX_BUILD_TAG=ab \
+      COLABX_CMAKE_ARGS="-DCMAKE_CUDA_FLAGS=-DCOLABX_CTX_FWD_MIN_BLOCKS=4" \
+      scripts/dev_build.sh cuda >"$OUT/build_ab.log" 2>&1; then
+    echo "ab build: $((SECONDS - t0)) s"
+    run_logged 120 pytest_ab.log pytest -q -m cuda tests/test_context_labels.py -p no:cacheprovider
+    grep -E "(passed|failed|error)" "$OUT/pytest_ab.log" | tail -2
+    run_logged 60 sweep_ab.log benchmarks.sweep_context_rows --out "$OUT/context_rows_ab.json"
+    show_table sweep_ab.log '^ *size '
+  else
+    tail -20 "$OUT/build_ab.log"; echo "device_check: ab build failed"; status=1
+  fi
+  cp "$keep"/_C*.so colabx/
+  echo "ab: $((SECONDS - t0)) s"
 }
 
 for s in $stages; do "stage_$s"; done

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # In-place developer build: compiles colabx._C into ./colabx so `PYTHONPATH=. pytest` works
 # without reinstalling. Usage: scripts/dev_build.sh [cpu|cuda] (default cpu; cuda compiles for
-# COLABX_CUDA_ARCHS, default 90). Build trees live under build/dev-<mode>; the last build wins.
+# COLABX_CUDA_ARCHS, default 90). Build trees live under build/dev-<mode>[-<COLABX_BUILD_TAG>];
+# COLABX_CMAKE_ARGS adds -D options (an experimental variant in its own tree); the last build wins.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-cpu}
 py=${PYTHON:-python}
 cuda_flag=off
 [ "$mode" = cuda ] && cuda_flag=on
-cmake -S . -B "build/dev-$mode" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+tree="build/dev-$mode${COLABX_BUILD_TAG:+-$COLABX_BUILD_TAG}"
+# shellcheck disable=SC2086  # COLABX_CMAKE_ARGS: extra -D options, split on spaces
+cmake -S . -B "$tree" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DCOLABX_CUDA=$cuda_flag -DCOLABX_CUDA_ARCHS="${COLABX_CUDA_ARCHS:-90}" \
-  -DPython_EXECUTABLE="$(command -v "$py")" -Dpybind11_DIR="$("$py" -m pybind11 --cmakedir)" >/dev/null
-cmake --build "build/dev-$mode"
-cp "build/dev-$mode"/_C*.so colabx/
+  -DPython_EXECUTABLE="$(command -v "$py")" -Dpybind11_DIR="$("$py" -m pybind11 --cmakedir)" \
+  ${COLABX_CMAKE_ARGS:-} >/dev/null
+cmake --build "$tree"
+cp "$tree"/_C*.so colabx/

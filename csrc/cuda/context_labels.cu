@@ -527,13 +527,19 @@ __device__ __forceinline__ void load_cells(const Level2& lv, const TilePos& tp, 
 // Registers cap occupancy: the common case (fp32 accumulation, t <= 4) runs 3 blocks of 256, the
 // 80 registers its batched row loads (kRowBatch) need without spilling; each thread keeps 4
 // voxels' loads in flight, where 5 blocks at 48 registers kept one (and spill 100+ bytes batched).
-template <typename A, int TMAX>
+// Since the index math lost its divisions, ptxas fits that forward in 64 registers without
+// spilling at 4 blocks (the backward would spill 100 bytes at t = 2). Not timed yet: a build with
+// -DCOLABX_CTX_FWD_MIN_BLOCKS=4 (benchmarks/device_check.sh stage ab) is the experiment.
+#ifndef COLABX_CTX_FWD_MIN_BLOCKS
+#define COLABX_CTX_FWD_MIN_BLOCKS 3
+#endif
+template <typename A, int TMAX, bool FWD>
 constexpr int tiled2_min_blocks() {
-  return (sizeof(A) == 4 && TMAX <= 4) ? 3 : 2;
+  return (sizeof(A) == 4 && TMAX <= 4) ? (FWD ? COLABX_CTX_FWD_MIN_BLOCKS : 3) : 2;
 }
 
 template <typename T, typename L, int TMAX>
-__global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
+__global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX, true>())
     fwd_tiled2(const __grid_constant__ Plan p, const __grid_constant__ Tile2 tl,
                const T* __restrict__ o, const L* __restrict__ y, const acc_t<T>* __restrict__ d,
                const __grid_constant__ LevelPtrs<acc_t<T>> outs,
@@ -678,7 +684,7 @@ __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
 }
 
 template <typename T, typename L, int TMAX>
-__global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX>())
+__global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX, false>())
     bwd_tiled2(const __grid_constant__ Plan p, const __grid_constant__ Tile2 tl,
                const __grid_constant__ LevelPtrs<const acc_t<T>> grads, const T* __restrict__ o,
                const L* __restrict__ y, const acc_t<T>* __restrict__ d, T* __restrict__ grad_o,
