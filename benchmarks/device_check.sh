@@ -12,10 +12,10 @@
 #   6. runs bench_compat on CUDA (the colabx.compat drop-ins vs the reference-style twins; 60 s),
 #   7. only when asked (stage ncu): Nsight Compute on the pooled context_labels kernels and the
 #      80^3 loss kernels (throughput, occupancy, warp stalls; ~60 s), into $OUT/ncu.txt,
-#   8. only when asked (stage ab): a second build with -DCOLABX_CTX_FWD_MIN_BLOCKS=4 (the pooled
-#      context_labels forward in 64 registers) in its own tree, its context_labels GPU tests and
-#      the rows sweep (against the bench stage's sweep of the main build, same run), then the
-#      main build back in place (~3 min),
+#   8. only when asked (stage ab): a second build, in its own tree, with the pooled context_labels
+#      kernels at 4 blocks per SM (-DCOLABX_CTX_FWD_MIN_BLOCKS=4 -DCOLABX_CTX_BWD_MIN_BLOCKS=4:
+#      64 registers), its context_labels GPU tests and the rows sweep (against the bench stage's
+#      sweep of the main build, same run), then the main build back in place (~3 min),
 # writing logs and JSON under $OUT (default benchmarks/results) and printing summary tables last.
 # Usage: benchmarks/device_check.sh [STAGE ...]
 #   STAGE: all (default) | test | bench | train | meta | compat | ncu | ab;
@@ -154,7 +154,7 @@ stage_ab() {
   local keep=/tmp/colabx-main-so
   rm -rf "$keep" && mkdir -p "$keep" && cp colabx/_C*.so "$keep/"
   if PYTHON=$py COLABX_CUDA_ARCHS=${COLABX_CUDA_ARCHS:-90} COLABX_BUILD_TAG=ab \
-      COLABX_CMAKE_ARGS="-DCMAKE_CUDA_FLAGS=-DCOLABX_CTX_FWD_MIN_BLOCKS=4" \
+      COLABX_CUDA_FLAGS="-DCOLABX_CTX_FWD_MIN_BLOCKS=4 -DCOLABX_CTX_BWD_MIN_BLOCKS=4" \
       scripts/dev_build.sh cuda >"$OUT/build_ab.log" 2>&1; then
     echo "ab build: $((SECONDS - t0)) s"
     run_logged 120 pytest_ab.log pytest -q -m cuda tests/test_context_labels.py -p no:cacheprovider

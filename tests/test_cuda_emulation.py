@@ -46,25 +46,31 @@ def _launches_for_emulation(source: str) -> str:
     return re.sub(r"__shared__\s+(alignas\(\d+\))", r"\1 __shared__", out)
 
 
-# The libraries: translation unit, the sources it compiles (for the cache key), and the .cu file
-# whose launches are rewritten (included as <stem>.emu.cu), if any.
+# The libraries: translation unit (tests/cuda_emulation/<unit>_emu.cpp), the sources it compiles
+# (for the cache key), the .cu file whose launches are rewritten (included as <stem>.emu.cu), and
+# extra compiler flags.
+CTX_SOURCES = [CSRC / "cuda" / "context_labels.cu", CSRC / "common" / "context_labels.h",
+               CSRC / "common" / "fast_divmod.h"]
 LIBS = {
-    "context_labels": ([CSRC / "cuda" / "context_labels.cu", CSRC / "common" / "context_labels.h",
-                        CSRC / "common" / "fast_divmod.h"], CSRC / "cuda" / "context_labels.cu"),
-    "dice_ce_loss": ([CSRC / "cuda" / "dice_ce_loss.cu", CSRC / "cuda" / "dice_ce_loss.h",
-                      CSRC / "common" / "dice_ce_loss.h"], CSRC / "cuda" / "dice_ce_loss.cu"),
-    "distance_transform": ([CSRC / "cuda" / "distance_transform.cu",
-                            CSRC / "cuda" / "distance_transform.h",
-                            CSRC / "common" / "distance_transform.h"],
-                           CSRC / "cuda" / "distance_transform.cu"),
+    "context_labels": ("context_labels", CTX_SOURCES, CSRC / "cuda" / "context_labels.cu", []),
+    # device_check.sh stage ab's variant: the pooled kernels at 4 blocks per SM (kBwdLean)
+    "context_labels_lean": ("context_labels", CTX_SOURCES, CSRC / "cuda" / "context_labels.cu",
+                            ["-DCOLABX_CTX_FWD_MIN_BLOCKS=4", "-DCOLABX_CTX_BWD_MIN_BLOCKS=4"]),
+    "dice_ce_loss": ("dice_ce_loss", [CSRC / "cuda" / "dice_ce_loss.cu",
+                                      CSRC / "cuda" / "dice_ce_loss.h",
+                                      CSRC / "common" / "dice_ce_loss.h"],
+                     CSRC / "cuda" / "dice_ce_loss.cu", []),
+    "distance_transform": ("distance_transform", [CSRC / "cuda" / "distance_transform.cu",
+                                                  CSRC / "cuda" / "distance_transform.h",
+                                                  CSRC / "common" / "distance_transform.h"],
+                           CSRC / "cuda" / "distance_transform.cu", []),
 }
 
 
 @pytest.fixture(scope="session")
 def emu_libs(request, tmp_path_factory) -> dict[str, Path]:
-    """tests/cuda_emulation/<name>_emu.cpp of every LIBS entry as a shared library, compiled
-    concurrently with the host C++ compiler and cached by the sources' hash in pytest's cache
-    (when it is enabled)."""
+    """Every LIBS entry as a shared library, compiled concurrently with the host C++ compiler and
+    cached by the sources' and flags' hash in pytest's cache (when it is enabled)."""
     cxx = shutil.which(os.environ.get("CXX", "g++"))
     if cxx is None:
         pytest.skip("needs a C++20 compiler (g++) to build the CUDA emulation")
@@ -72,9 +78,10 @@ def emu_libs(request, tmp_path_factory) -> dict[str, Path]:
     where = Path(cache.mkdir("cuda_emulation") if cache
                  else tmp_path_factory.mktemp("cuda_emulation"))
     libs, jobs = {}, []
-    for name, (sources, rewrite) in LIBS.items():
-        unit = EMU / f"{name}_emu.cpp"
-        key = hashlib.sha256(b"".join(p.read_bytes() for p in [unit, *COMMON, *sources]))
+    for name, (unit_name, sources, rewrite, flags) in LIBS.items():
+        unit = EMU / f"{unit_name}_emu.cpp"
+        key = hashlib.sha256(b"".join(p.read_bytes() for p in [unit, *COMMON, *sources]) +
+                             " ".join(flags).encode())
         lib = libs[name] = where / f"{name}_{key.hexdigest()[:16]}.so"
         if lib.exists():
             continue
@@ -84,8 +91,8 @@ def emu_libs(request, tmp_path_factory) -> dict[str, Path]:
             rewritten = _launches_for_emulation(rewrite.read_text())
             (gen / f"{rewrite.stem}.emu.cu").write_text(rewritten)
         tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-        cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", f"-I{CSRC}",
-               f"-I{gen}", "-o", str(tmp), str(unit)]
+        cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", *flags,
+               f"-I{CSRC}", f"-I{gen}", "-o", str(tmp), str(unit)]
         jobs.append((subprocess.Popen(cmd), tmp, lib, gen))
     for proc, tmp, lib, gen in jobs:
         if proc.wait() != 0:
@@ -95,16 +102,26 @@ def emu_libs(request, tmp_path_factory) -> dict[str, Path]:
     return libs
 
 
-@pytest.fixture(scope="session")
-def emu(emu_libs):
-    """context_labels.cu's kernels, each callable by name."""
-    so = ctypes.CDLL(str(emu_libs["context_labels"]))
+def _context_labels_lib(path: Path) -> ctypes.CDLL:
+    so = ctypes.CDLL(str(path))
     so.emu_context_labels.restype = ctypes.c_int
     i, d = ctypes.c_int, ctypes.c_double
     tail = [I64, I64, I64, P, i, P, i, U64, i, U64, i, U64, P, P, U64, d, d, ctypes.c_char_p, i]
     so.emu_context_labels.argtypes = [i, ctypes.c_char_p, i, *tail]
     so.emu_context_labels_entry.argtypes = [i, *tail]
     return so
+
+
+@pytest.fixture(scope="session")
+def emu(emu_libs):
+    """context_labels.cu's kernels, each callable by name, and its host entry points."""
+    return _context_labels_lib(emu_libs["context_labels"])
+
+
+@pytest.fixture(scope="session")
+def emu_lean(emu_libs):
+    """The same, built as device_check.sh's stage ab builds it (4 blocks per SM)."""
+    return _context_labels_lib(emu_libs["context_labels_lean"])
 
 
 @pytest.fixture(scope="session")
@@ -258,6 +275,12 @@ def _id(case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 def test_tiled2_kernels_match_the_cpu_kernels(emu, case, dtype):
     _check_case(emu, "tiled2", 2, case, dtype, seed=len(case[3]) + case[1])
+
+
+@pytest.mark.parametrize("case", TILED2_CASES, ids=_id)
+def test_tiled2_lean_variant_matches_the_cpu_kernels(emu_lean, case):
+    # The backward's other level-cell batching (4 cells, no early load) in the ab build.
+    _check_case(emu_lean, "tiled2", 2, case, seed=11)
 
 
 @pytest.mark.parametrize("case", TILED2_CASES[:4], ids=_id)

@@ -528,14 +528,22 @@ __device__ __forceinline__ void load_cells(const Level2& lv, const TilePos& tp, 
 // 80 registers its batched row loads (kRowBatch) need without spilling; each thread keeps 4
 // voxels' loads in flight, where 5 blocks at 48 registers kept one (and spill 100+ bytes batched).
 // Since the index math lost its divisions, ptxas fits that forward in 64 registers without
-// spilling at 4 blocks (the backward would spill 100 bytes at t = 2). Not timed yet: a build with
-// -DCOLABX_CTX_FWD_MIN_BLOCKS=4 (benchmarks/device_check.sh stage ab) is the experiment.
+// spilling at 4 blocks, and the backward too (12 bytes spilled at t = 2) once it holds 4 level
+// cells per batch instead of 8 and drops its early load of the first batch (kBwdLean). Not timed
+// yet: a build with -DCOLABX_CTX_FWD_MIN_BLOCKS=4 -DCOLABX_CTX_BWD_MIN_BLOCKS=4
+// (benchmarks/device_check.sh stage ab) is the experiment; the defaults are run 6's kernels.
 #ifndef COLABX_CTX_FWD_MIN_BLOCKS
 #define COLABX_CTX_FWD_MIN_BLOCKS 3
 #endif
+#ifndef COLABX_CTX_BWD_MIN_BLOCKS
+#define COLABX_CTX_BWD_MIN_BLOCKS 3
+#endif
+constexpr bool kBwdLean = COLABX_CTX_BWD_MIN_BLOCKS >= 4;
+
 template <typename A, int TMAX, bool FWD>
 constexpr int tiled2_min_blocks() {
-  return (sizeof(A) == 4 && TMAX <= 4) ? (FWD ? COLABX_CTX_FWD_MIN_BLOCKS : 3) : 2;
+  return (sizeof(A) == 4 && TMAX <= 4) ? (FWD ? COLABX_CTX_FWD_MIN_BLOCKS : COLABX_CTX_BWD_MIN_BLOCKS)
+                                       : 2;
 }
 
 template <typename T, typename L, int TMAX>
@@ -709,8 +717,9 @@ __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX, false>(
 
   // Per cell of a pooled level: its centre label and incoming gradient, NC cells per thread at
   // once (one round trip). The first batch of the first pooled level loads before step 1, in
-  // flight through the minima pass. oi[j] < 0: no gradient there (partial cell, or none given).
-  constexpr int NC = kLevelBatch<TMAX>;
+  // flight through the minima pass (not when kBwdLean). oi[j] < 0: no gradient there (partial
+  // cell, or none given).
+  constexpr int NC = kBwdLean ? std::min(4, kLevelBatch<TMAX>) : kLevelBatch<TMAX>;
   L yl[NC];
   int oi[NC];
   A gv[NC][TMAX];
@@ -723,7 +732,7 @@ __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX, false>(
         gv[j][k] = in && k < t ? gl[static_cast<int>(ctxlab::context_channel(k, c)) * Vl + oi[j]] : A(0);
     });
   };
-  if (any_pooled) load_level(fp, threadIdx.x);
+  if (!kBwdLean && any_pooled) load_level(fp, threadIdx.x);
 
   if (any_pooled) {
     // 1. P1 cell minima of M.
@@ -765,7 +774,7 @@ __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX, false>(
       const A* pmn = sm + pc.off + t * pc.n;
       const A inv_vol = A(1) / static_cast<A>(p.cell_volume(l));
       for (int c0 = threadIdx.x; c0 < lc.n; c0 += NC * blockDim.x) {
-        if (l > fp || c0 != static_cast<int>(threadIdx.x)) load_level(l, c0);
+        if (kBwdLean || l > fp || c0 != static_cast<int>(threadIdx.x)) load_level(l, c0);
 #pragma unroll
         for (int j = 0; j < NC; ++j) {
           const int cell = c0 + j * static_cast<int>(blockDim.x);
