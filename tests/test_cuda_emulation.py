@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_context_labels import make_inputs
 
 from colabx import _backend, context_labels, distance_transform
 from colabx.ops import dice_ce_loss as dce_op
@@ -176,18 +177,9 @@ def _call(emu, backward, kernel, rows, o, y, d, c, strides3, levels, masks=None,
 
 
 def _inputs(B, t, c, S, dtype, label_dtype=torch.int64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    o = (3 * torch.randn(B, t, *S, generator=g, dtype=torch.float64)).to(dtype)
-    y = torch.randint(0, c, (B, *S), generator=g)
-    y = torch.where(torch.rand(B, *S, generator=g) < 0.7, torch.zeros_like(y), y)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    d = (torch.rand(B, *S, generator=g, dtype=torch.float64) * 80.0)
-    d[y > 0] = 0.0
-    d.view(-1)[::7] = 30.0  # exactly at the margin
-    if B > 1:
-        d[-1] = float("inf")
-        y[-1] = 0
-    return o, y.to(label_dtype), d.to(acc)
+    """test_context_labels' inputs, with the distance in the kernels' accumulation dtype."""
+    o, y, d = make_inputs(B, t, c, S, dtype, seed=seed, label_dtype=label_dtype)
+    return o, y, d.to(torch.float64 if dtype == torch.float64 else torch.float32)
 
 
 def _strides3(levels, spatial):
@@ -363,10 +355,6 @@ def test_emulation_reports_bad_geometry(emu):
 
 # ---------------------------------------------------------------------------------- dice_ce_loss
 
-def _ptrs(tensors):
-    return (ctypes.c_uint64 * len(tensors))(*[0 if x is None else x.data_ptr() for x in tensors])
-
-
 def _ints(values, ctype=ctypes.c_int64):
     return (ctype * max(1, len(values)))(*values)
 
@@ -402,9 +390,9 @@ def _emulated_loss(emu_loss, zs, ts, dice, weights, smooth, grad_value):
     loss = torch.empty((), dtype=cdt)
     err = ctypes.create_string_buffer(512)
     codes = [_backend.dtype_code(t) for t in ts]
-    common = (_ptrs(zs), _ptrs(ts), _backend.dtype_code(zs[0]), _ints(codes, ctypes.c_int), B, K,
-              _ints(V), _ints(dice), len(dice), (ctypes.c_double * L)(*weights),
-              ctypes.c_double(smooth))
+    common = (_addresses(zs), _addresses(ts), _backend.dtype_code(zs[0]),
+              _ints(codes, ctypes.c_int), B, K, _ints(V), _ints(dice), len(dice),
+              (ctypes.c_double * L)(*weights), ctypes.c_double(smooth))
     _check(emu_loss.emu_dice_ce_loss_forward(L, *common, ctypes.c_uint64(stats.data_ptr()),
                                              ctypes.c_uint64(loss.data_ptr()),
                                              ctypes.c_uint64(work.data_ptr()), err, len(err)), err)
@@ -412,8 +400,8 @@ def _emulated_loss(emu_loss, zs, ts, dice, weights, smooth, grad_value):
     gz = [torch.full_like(z, float("nan")) for z in zs]
     gt = [None if not t.dtype.is_floating_point else torch.full_like(t, float("nan")) for t in ts]
     _check(emu_loss.emu_dice_ce_loss_backward(L, ctypes.c_uint64(grad.data_ptr()), *common,
-                                              ctypes.c_uint64(stats.data_ptr()), _ptrs(gz),
-                                              _ptrs(gt), err, len(err)), err)
+                                              ctypes.c_uint64(stats.data_ptr()), _addresses(gz),
+                                              _addresses(gt), err, len(err)), err)
     return loss, stats, gz, gt
 
 

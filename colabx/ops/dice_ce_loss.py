@@ -37,6 +37,13 @@ def _cuda_limits() -> tuple[int, int, int]:
             int(_C.dice_ce_loss_cuda_max_levels))
 
 
+def _partial_slots(voxels: int) -> int:
+    """Forward partials the CUDA workspace holds per item of ``voxels`` voxels (one per block;
+    csrc/cuda/dice_ce_loss.h::kDcePartialVoxels)."""
+    per = _cuda_limits()[0]
+    return (voxels + per - 1) // per
+
+
 def _use_cuda(t: Tensor, k: int, n_levels: int = 1) -> bool:
     """CUDA kernels for this call (else the twin): built, K and level count within limits."""
     if not _backend.use_cuda_kernels(t, _OP):
@@ -86,9 +93,8 @@ def _dce_fwd_impl(logits: list[Tensor], targets: list[Tensor], dice_channels: li
             [_backend.dtype_code(t) for t in ts], b, k, vs, dice_channels, weights, smooth,
             stats.data_ptr(), loss.data_ptr(), _backend.num_threads())
     elif _use_cuda(z0, k, n_levels):
-        per = _cuda_limits()[0]  # voxels per partial slot
         # per-block partials of every level, then L * B * (3K+1) float64 final sums
-        n_part = (sum(b * ((v + per - 1) // per) for v in vs) + n_levels * b) * (3 * k + 1)
+        n_part = (sum(b * _partial_slots(v) for v in vs) + n_levels * b) * (3 * k + 1)
         work = torch.empty(n_part, dtype=torch.float64, device=z0.device)
         _backend.ext().dice_ce_loss_forward_cuda(
             [z.data_ptr() for z in zs], [t.data_ptr() for t in ts], _backend.dtype_code(z0),
@@ -223,8 +229,7 @@ def _bce_fwd_impl(logits: Tensor, labels: Tensor, roi_channels: list[int]) -> Te
             z.data_ptr(), lab.data_ptr(), _backend.dtype_code(z), _backend.dtype_code(lab), b, k,
             v, roi_channels, loss.data_ptr(), _backend.num_threads())
     elif _use_cuda(z, k):
-        per = _cuda_limits()[0]  # voxels per partial slot
-        work = torch.empty(b * ((v + per - 1) // per), dtype=torch.float64, device=z.device)
+        work = torch.empty(b * _partial_slots(v), dtype=torch.float64, device=z.device)
         _backend.ext().roi_bce_loss_forward_cuda(
             z.data_ptr(), lab.data_ptr(), _backend.dtype_code(z), _backend.dtype_code(lab), b, k,
             v, roi_channels, loss.data_ptr(), work.data_ptr(), z.device.index,

@@ -464,6 +464,19 @@ __device__ __forceinline__ void cell_coords(const Level2& lv, int cell, int* cz,
   *cz = lv.div_ny.divmod(lv.div_nx.divmod(cell, cx), cy);
 }
 
+// fn(sub) for each cell `sub` of the finer level fl inside cell `cell` of level lv, z-major (the
+// fixed order of the hierarchical sums and minima).
+template <typename Fn>
+__device__ __forceinline__ void for_finer_cells(const Level2& lv, const Level2& fl, int cell,
+                                                Fn&& fn) {
+  int cz, cy, cx;
+  cell_coords(lv, cell, &cz, &cy, &cx);
+  for (int a = 0; a < lv.fz; ++a)
+    for (int e = 0; e < lv.fy; ++e)
+      for (int f = 0; f < lv.fx; ++f)
+        fn(((cz * lv.fz + a) * fl.ny + cy * lv.fy + e) * fl.nx + cx * lv.fx + f);
+}
+
 // Voxels of a P1 cell row one thread loads before using any (all their loads in flight at once;
 // one voxel at a time, the tiled kernels waited on each voxel's loads in turn and ran at half the
 // flat kernels' bytes/s; batched, run 5 on an H200 at 2x2x160^3 with 4 levels: forward 190 ->
@@ -659,20 +672,15 @@ __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX, true>()
           for (int k = 0; k < TMAX; ++k) qs[k] = k < t ? sq[k * lc.n + cell] : A(0);
           mn = smn[cell];
         } else {
-          int cz, cy, cx;
-          cell_coords(lc, cell, &cz, &cy, &cx);
 #pragma unroll
           for (int k = 0; k < TMAX; ++k) qs[k] = A(0);
           mn = inf_of<A>();
-          for (int a = 0; a < lc.fz; ++a)
-            for (int e = 0; e < lc.fy; ++e)
-              for (int f = 0; f < lc.fx; ++f) {
-                const int sub = ((cz * lc.fz + a) * pc.ny + cy * lc.fy + e) * pc.nx + cx * lc.fx + f;
+          for_finer_cells(lc, pc, cell, [&](int sub) {
 #pragma unroll
-                for (int k = 0; k < TMAX; ++k)
-                  if (k < t) qs[k] += pq[k * pc.n + sub];
-                mn = min_keep(mn, pmn[sub]);
-              }
+            for (int k = 0; k < TMAX; ++k)
+              if (k < t) qs[k] += pq[k * pc.n + sub];
+            mn = min_keep(mn, pmn[sub]);
+          });
 #pragma unroll
           for (int k = 0; k < TMAX; ++k)
             if (k < t) sq[k * lc.n + cell] = qs[k];
@@ -783,14 +791,8 @@ __global__ void __launch_bounds__(256, tiled2_min_blocks<acc_t<T>, TMAX, false>(
           if (l == fp) {
             mn = smnl[cell];
           } else {
-            int cz, cy, cx;
-            cell_coords(lc, cell, &cz, &cy, &cx);
             mn = inf_of<A>();
-            for (int a = 0; a < lc.fz; ++a)
-              for (int e = 0; e < lc.fy; ++e)
-                for (int f = 0; f < lc.fx; ++f)
-                  mn = min_keep(mn, pmn[((cz * lc.fz + a) * pc.ny + cy * lc.fy + e) * pc.nx +
-                                        cx * lc.fx + f]);
+            for_finer_cells(lc, pc, cell, [&](int sub) { mn = min_keep(mn, pmn[sub]); });
             smnl[cell] = mn;
           }
           const A coef = mn * inv_vol;

@@ -92,7 +92,7 @@ extern "C" int emu_context_labels(int backward, const char* kernel, int rows, in
                                   const uintptr_t* masks, uintptr_t grad_o, double margin,
                                   double tau, char* err, int errlen) {
   using namespace colabx;
-  try {
+  return cuda_emu::guarded(err, errlen, [&] {
     const ctxlab::Plan p = ctxlab::make_plan(B, t, c, spatial, nsp, strides, nlev);
     const Call call{backward, kernel, rows, &p, o, y, d, grad_o, levels, masks, margin, tau};
     int rc = 0;
@@ -104,10 +104,7 @@ extern "C" int emu_context_labels(int backward, const char* kernel, int rows, in
       });
     });
     return rc;
-  } catch (const std::exception& e) {
-    std::snprintf(err, static_cast<size_t>(errlen), "%s", e.what());
-    return 1;
-  }
+  });
 }
 
 // The host entry points, as Python calls them. Returns 0, or 1 with the error message in err.
@@ -118,7 +115,7 @@ extern "C" int emu_context_labels_entry(int backward, int64_t B, int64_t t, int6
                                         const uintptr_t* masks, uintptr_t grad_o, double margin,
                                         double tau, char* err, int errlen) {
   using namespace colabx;
-  try {
+  return cuda_emu::guarded(err, errlen, [&] {
     cuda_emu::dynamic_shared = smem_raw;
     const ctxlab::Plan p = ctxlab::make_plan(B, t, c, spatial, nsp, strides, nlev);
     const std::vector<uintptr_t> lv(levels, levels + nlev);
@@ -129,10 +126,6 @@ extern "C" int emu_context_labels_entry(int backward, int64_t B, int64_t t, int6
                                   masks ? std::vector<uintptr_t>(masks, masks + nlev)
                                         : std::vector<uintptr_t>{},
                                   margin, tau, 0, 0);
-    return 0;
-  } catch (const std::exception& e) {
-    std::snprintf(err, static_cast<size_t>(errlen), "%s", e.what());
-    return 1;
-  }
+  });
 }
 

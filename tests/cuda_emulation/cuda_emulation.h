@@ -26,6 +26,7 @@
 #include <memory>
 #include <stdexcept>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #define COLABX_CUDA_EMULATION 1
@@ -170,6 +171,23 @@ Launcher<Kernel> launcher(Kernel kernel, dim3 grid, dim3 threads, size_t smem = 
 
 // Blocks resident on the emulated device at once (what occupancy queries answer).
 inline int resident = 132;
+
+// The C entry points' error convention: fn()'s return code (0 when it returns nothing), or 1
+// with the exception's message in err.
+template <typename Fn>
+int guarded(char* err, int errlen, Fn&& fn) {
+  try {
+    if constexpr (std::is_void_v<decltype(fn())>) {
+      fn();
+      return 0;
+    } else {
+      return fn();
+    }
+  } catch (const std::exception& e) {
+    std::snprintf(err, static_cast<size_t>(errlen), "%s", e.what());
+    return 1;
+  }
+}
 
 }  // namespace cuda_emu
 

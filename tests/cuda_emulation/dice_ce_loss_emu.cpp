@@ -6,7 +6,6 @@
 #undef __shared__
 #define __shared__ static  // the kernels' fixed-size shared arrays (blocks run in turn)
 
-#include <cstdio>
 #include <vector>
 
 #include "dice_ce_loss.emu.cu"
@@ -18,17 +17,6 @@ std::vector<T> vec(const T* p, int n) {
   return std::vector<T>(p, p + n);
 }
 
-template <typename Fn>
-int guarded(char* err, int errlen, Fn&& fn) {
-  try {
-    fn();
-    return 0;
-  } catch (const std::exception& e) {
-    std::snprintf(err, static_cast<size_t>(errlen), "%s", e.what());
-    return 1;
-  }
-}
-
 }  // namespace
 
 extern "C" void emu_set_resident_blocks(int blocks) { cuda_emu::resident = blocks; }
@@ -38,7 +26,7 @@ extern "C" int emu_dice_ce_loss_forward(int L, const uintptr_t* logits, const ui
                                         int64_t K, const int64_t* V, const int64_t* dice, int nd,
                                         const double* weights, double smooth, uintptr_t stats,
                                         uintptr_t loss, uintptr_t work, char* err, int errlen) {
-  return guarded(err, errlen, [&] {
+  return cuda_emu::guarded(err, errlen, [&] {
     colabx::dice_ce_loss_forward_cuda(vec(logits, L), vec(targets, L), logits_code,
                                       vec(target_codes, L), B, K, vec(V, L), vec(dice, nd),
                                       vec(weights, L), smooth, stats, loss, work, 0, 0);
@@ -52,7 +40,7 @@ extern "C" int emu_dice_ce_loss_backward(int L, uintptr_t grad_out, const uintpt
                                          const double* weights, double smooth, uintptr_t stats,
                                          const uintptr_t* grad_logits,
                                          const uintptr_t* grad_targets, char* err, int errlen) {
-  return guarded(err, errlen, [&] {
+  return cuda_emu::guarded(err, errlen, [&] {
     colabx::dice_ce_loss_backward_cuda(grad_out, vec(logits, L), vec(targets, L), logits_code,
                                        vec(target_codes, L), B, K, vec(V, L), vec(dice, nd),
                                        vec(weights, L), smooth, stats, vec(grad_logits, L),
@@ -64,7 +52,7 @@ extern "C" int emu_roi_bce_loss_forward(uintptr_t logits, uintptr_t labels, int 
                                         int label_code, int64_t B, int64_t K, int64_t V,
                                         const int64_t* roi, int nr, uintptr_t loss, uintptr_t work,
                                         char* err, int errlen) {
-  return guarded(err, errlen, [&] {
+  return cuda_emu::guarded(err, errlen, [&] {
     colabx::roi_bce_loss_forward_cuda(logits, labels, logits_code, label_code, B, K, V,
                                       vec(roi, nr), loss, work, 0, 0);
   });
@@ -74,7 +62,7 @@ extern "C" int emu_roi_bce_loss_backward(uintptr_t grad_out, uintptr_t logits, u
                                          int logits_code, int label_code, int64_t B, int64_t K,
                                          int64_t V, const int64_t* roi, int nr,
                                          uintptr_t grad_logits, char* err, int errlen) {
-  return guarded(err, errlen, [&] {
+  return cuda_emu::guarded(err, errlen, [&] {
     colabx::roi_bce_loss_backward_cuda(grad_out, logits, labels, logits_code, label_code, B, K, V,
                                        vec(roi, nr), grad_logits, 0, 0);
   });

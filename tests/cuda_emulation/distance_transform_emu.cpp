@@ -3,7 +3,6 @@
 // distance_transform.emu.cu (in the build directory) and calls emu_distance_transform.
 #include "cuda_emulation.h"
 
-#include <cstdio>
 #include <cstdlib>
 #include <vector>
 
@@ -21,20 +20,16 @@ extern "C" int emu_distance_transform(uintptr_t mask, uintptr_t out, uintptr_t s
                                       uintptr_t workspace, int64_t batch, const int64_t* spatial,
                                       const double* spacing, int nsp, int signed_, int legacy,
                                       char* err, int errlen) {
-  try {
-    cuda_emu::dynamic_shared = reinterpret_cast<unsigned char*>(colabx::cuda::smem);
-    if (legacy)
-      setenv("COLABX_EDT_LEGACY", "1", 1);
-    else
-      unsetenv("COLABX_EDT_LEGACY");
+  cuda_emu::dynamic_shared = reinterpret_cast<unsigned char*>(colabx::cuda::smem);
+  if (legacy)
+    setenv("COLABX_EDT_LEGACY", "1", 1);
+  else
+    unsetenv("COLABX_EDT_LEGACY");
+  const int rc = cuda_emu::guarded(err, errlen, [&] {
     colabx::cuda::distance_transform_forward_cuda(
         mask, out, scratch, workspace, batch, std::vector<int64_t>(spatial, spatial + nsp),
         std::vector<double>(spacing, spacing + nsp), signed_ != 0, 0, 0);
-    unsetenv("COLABX_EDT_LEGACY");
-    return 0;
-  } catch (const std::exception& e) {
-    unsetenv("COLABX_EDT_LEGACY");
-    std::snprintf(err, static_cast<size_t>(errlen), "%s", e.what());
-    return 1;
-  }
+  });
+  unsetenv("COLABX_EDT_LEGACY");
+  return rc;
 }
