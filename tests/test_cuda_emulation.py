@@ -452,6 +452,26 @@ def test_dice_ce_loss_kernels_match_the_cpu_kernels(emu_loss, case, dtype, resid
             torch.testing.assert_close(a, b, **tol)
 
 
+@pytest.mark.parametrize("resident", [2, 1000], ids=["grid-stride", "block-per-tile"])
+def test_dice_ce_loss_mixed_target_levels(emu_loss, resident):
+    # Soft, hard, soft levels: the soft levels share one launch, the hard level has its own, and
+    # the finalize must still find every level's partials.
+    spatials = [(9, 11, 13), (5, 6, 7), (3, 3, 4)]
+    zs, soft = _loss_inputs(2, 4, spatials, torch.float32, False, seed=3)
+    _, hard = _loss_inputs(2, 4, spatials, torch.float32, True, seed=4)
+    ts = [soft[0], hard[1], soft[2]]
+    emu_loss.emu_set_resident_blocks(resident)
+    got = _emulated_loss(emu_loss, zs, ts, [1, 2, 3], [0.5, 0.3, 0.2], 1e-5, 1.5)
+    want = _cpu_loss(zs, ts, [1, 2, 3], [0.5, 0.3, 0.2], 1e-5, 1.5)
+    tol = LOSS_TOL[torch.float32]
+    for a, b in zip(got[:2], want[:2], strict=True):
+        torch.testing.assert_close(a, b, **tol)
+    for a, b in zip(got[2] + got[3], want[2] + want[3], strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, **tol)
+
+
 @pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int32])
 def test_dice_ce_loss_hard_label_dtypes(emu_loss, label_dtype):
     zs, ts = _loss_inputs(2, 3, [(11, 12, 13)], torch.float32, True, label_dtype=label_dtype)

@@ -6,7 +6,9 @@
 //
 // Grids are (G, B): G grid-stride blocks per item, each stepping over tiles of kThreads * VEC
 // voxels; G fills whole waves of the device's resident blocks (SMs x occupancy; see
-// blocks_per_item), at most one block per tile. Few partials to finalize.
+// blocks_per_item), at most one block per tile. Few partials to finalize. The CE + Dice kernels
+// take every deep-supervision level of a call in the same launch (LevelLaunch: consecutive block
+// ranges per level, one launch per target dtype among the levels).
 // Forward: each block reduces its 3K+1 sums (tp, Σp, Σŷ per channel and the CE sum): 16 voxels
 // per thread in fp32, a fixed butterfly per warp into per-warp float64 running sums, a
 // fixed-order sum over warps, written to a float64 partials buffer laid out [B][3K+1][G]; one
@@ -300,19 +302,51 @@ __device__ __forceinline__ void ce_logs(int K, const float (&p)[KM], const float
 
 // ---- CE + Dice ----------------------------------------------------------------------------------
 
+// The deep-supervision levels one launch covers (every level of the call with this target
+// type): blocks first[l] .. first[l + 1] - 1 of each item's row of the grid work on level l, a
+// grid-stride loop over its tiles. One launch for all levels instead of one per level saves a
+// launch per coarser level in both directions (a CUDA-graph node each, or a host launch).
+// Forward fields: partial; backward fields: stats, gz, gy, weight, inv_bv.
+template <typename TL, typename TT>
+struct LevelLaunch {
+  int n;
+  int64_t first[kDceMaxLevels + 1];  // first[n]: blocks per item in all
+  int64_t V[kDceMaxLevels];
+  bool aligned[kDceMaxLevels];
+  const TL* z[kDceMaxLevels];
+  const TT* tg[kDceMaxLevels];
+  double* partial[kDceMaxLevels];  // the level's forward partials, [B][3K+1][blocks]
+  const acc_t<TL>* stats[kDceMaxLevels];  // the level's [B][3K+1] stats
+  TL* gz[kDceMaxLevels];
+  TT* gy[kDceMaxLevels];  // nullptr: ∂targets not wanted (or hard labels)
+  double weight[kDceMaxLevels];
+  double inv_bv[kDceMaxLevels];  // 1 / (B V_l)
+};
+
+// The level blockIdx.x works on (block-uniform; a few levels, so a linear scan).
+template <typename TL, typename TT>
+__device__ __forceinline__ int block_level(const LevelLaunch<TL, TT>& p) {
+  int l = 0;
+  while (l + 1 < p.n && int64_t(blockIdx.x) >= p.first[l + 1]) ++l;
+  return l;
+}
+
 template <typename TL, typename TT, bool HARD, int KM>
 __global__ void __launch_bounds__(kThreads)
-    dce_fwd_kernel(const TL* __restrict__ z, const TT* __restrict__ tg, int K, int64_t V,
-                   bool aligned, double* __restrict__ partial) {
+    dce_fwd_kernel(const __grid_constant__ LevelLaunch<TL, TT> p, int K) {
   if constexpr (kExactK<KM>) K = KM;
   using A = acc_t<TL>;
   constexpr int VEC = Bucket<KM>::vec;
   constexpr int NSM = 3 * KM + 1;
   constexpr int64_t kTile = Bucket<KM>::tile;
-  const int64_t blk = blockIdx.x, nblk = gridDim.x, b = blockIdx.y;
+  const int l = block_level(p);
+  const int64_t V = p.V[l];
+  const bool aligned = p.aligned[l];
+  double* __restrict__ partial = p.partial[l];
+  const int64_t blk = blockIdx.x - p.first[l], nblk = p.first[l + 1] - p.first[l], b = blockIdx.y;
   const int64_t ntiles = num_tiles<KM>(V);
-  const TL* zb = z + b * K * V;
-  const TT* tb = HARD ? tg + b * V : tg + b * K * V;
+  const TL* __restrict__ zb = p.z[l] + b * K * V;
+  const TT* __restrict__ tb = HARD ? p.tg[l] + b * V : p.tg[l] + b * K * V;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   // Each thread sums at most kFlushTiles tiles (16 voxels) in the accumulator type; then its
   // warp's butterfly total goes into that warp's float64 running sums. A block can walk
@@ -458,16 +492,17 @@ constexpr int kBwdMinBlocks = (sizeof(A) == 4 && KM <= 4) ? 4 : 1;
 
 template <typename TL, typename TT, bool HARD, int KM>
 __global__ void __launch_bounds__(kThreads, kBwdMinBlocks<acc_t<TL>, KM>)
-    dce_bwd_kernel(const TL* __restrict__ z, const TT* __restrict__ tg, int K, int64_t V,
-                   bool aligned, const acc_t<TL>* __restrict__ stats_l,
-                   const acc_t<TL>* __restrict__ grad_out, double weight, double inv_bv,
-                   double inv_bj, uint64_t dice_mask, double smooth, TL* __restrict__ gz,
-                   TT* __restrict__ gy) {
+    dce_bwd_kernel(const __grid_constant__ LevelLaunch<TL, TT> p, int K,
+                   const acc_t<TL>* __restrict__ grad_out, double inv_bj, uint64_t dice_mask,
+                   double smooth) {
   if constexpr (kExactK<KM>) K = KM;
   using A = acc_t<TL>;
   constexpr int VEC = Bucket<KM>::vec;
   constexpr int64_t kTile = Bucket<KM>::tile;
-  const int64_t blk = blockIdx.x, nblk = gridDim.x, b = blockIdx.y;
+  const int l = block_level(p);
+  const int64_t V = p.V[l];
+  const bool aligned = p.aligned[l];
+  const int64_t blk = blockIdx.x - p.first[l], nblk = p.first[l + 1] - p.first[l], b = blockIdx.y;
   const int64_t ntiles = num_tiles<KM>(V);
   // Per-channel Dice coefficients (aligned, so the voxel loop reads them with vector LDS) and
   // the CE scale.
@@ -476,14 +511,14 @@ __global__ void __launch_bounds__(kThreads, kBwdMinBlocks<acc_t<TL>, KM>)
   __shared__ A ce_scale;
   const int NS = 3 * K + 1;
   if (threadIdx.x <= K) {
-    const A gw = grad_out[0] * static_cast<A>(weight);
+    const A gw = grad_out[0] * static_cast<A>(p.weight[l]);
     if (threadIdx.x == K) {
-      ce_scale = gw * static_cast<A>(inv_bv);
+      ce_scale = gw * static_cast<A>(p.inv_bv[l]);
     } else {
       const int k = threadIdx.x;
       A alpha = A(0), beta = A(0);
       if ((dice_mask >> k) & 1u) {
-        const A* sb = stats_l + b * NS;
+        const A* __restrict__ sb = p.stats[l] + b * NS;
         dce::dice_coeffs<A>(sb[k], sb[K + k], sb[2 * K + k], static_cast<A>(smooth),
                             -gw * static_cast<A>(inv_bj), &alpha, &beta);
       }
@@ -493,10 +528,10 @@ __global__ void __launch_bounds__(kThreads, kBwdMinBlocks<acc_t<TL>, KM>)
   }
   __syncthreads();
   const A c = ce_scale;
-  const TL* zb = z + b * K * V;
-  const TT* tb = HARD ? tg + b * V : tg + b * K * V;
-  TL* gzb = gz + b * K * V;
-  TT* gyb = (HARD || gy == nullptr) ? nullptr : gy + b * K * V;
+  const TL* __restrict__ zb = p.z[l] + b * K * V;
+  const TT* __restrict__ tb = HARD ? p.tg[l] + b * V : p.tg[l] + b * K * V;
+  TL* __restrict__ gzb = p.gz[l] + b * K * V;
+  TT* __restrict__ gyb = (HARD || p.gy[l] == nullptr) ? nullptr : p.gy[l] + b * K * V;
   const bool want_gy = gyb != nullptr;  // uniform: ∂targets skipped when nobody needs them
 
   // Tiles in descending order: the forward ends on each item's last tiles, which are then the
@@ -737,17 +772,74 @@ inline int64_t blocks_per_item(int64_t resident, int64_t B, int64_t ntiles, int6
   return best;
 }
 
-// Blocks per item for Kernel (bucket KM) over V voxels: at most one per tile, so a forward
-// kernel's partials (one per block) fit the workspace (partial_slots). Capping the forward at
-// one block per 4096 voxels instead left 2x3x80^3 at a quarter wave of blocks on an H200, each
-// thread waiting on 4 tiles' loads in turn (10.3 us against the backward's 11.3 us, which moves
-// twice the bytes).
-template <auto Kernel, int KM>
-int64_t grid_blocks(int device, int64_t B, int64_t V) {
-  const int64_t nt = num_tiles<KM>(V);
+// Blocks per item for each level of one launch of Kernel, given each level's tiles per item: the
+// grid-stride plan of blocks_per_item for all the launch's tiles together, split over the levels
+// with the same tiles per block, so the coarse levels share the finest level's waves and every
+// block has about the same work. At most one block per tile, so a forward kernel's partials (one
+// per block) fit the workspace (partial_slots). Capping the forward at one block per 4096 voxels
+// instead left 2x3x80^3 at a quarter wave of blocks on an H200, each thread waiting on 4 tiles'
+// loads in turn (10.3 us against the backward's 11.3 us, which moves twice the bytes).
+template <auto Kernel>
+std::vector<int64_t> level_blocks(int device, int64_t B, const std::vector<int64_t>& tiles) {
+  int64_t total = 0;
+  for (int64_t t : tiles) total += t;
   const int resident = resident_blocks(reinterpret_cast<const void*>(Kernel), kThreads, 0, device,
                                        "dice_ce_loss");
-  return blocks_per_item(resident, B, nt, nt);
+  const int64_t G = blocks_per_item(resident, B, total, total);
+  const int64_t per_block = (total + G - 1) / G;
+  std::vector<int64_t> blocks;
+  for (int64_t t : tiles) blocks.push_back((t + per_block - 1) / per_block);
+  return blocks;
+}
+
+// Level indices grouped by target dtype code, in order of first appearance: one launch per
+// group, so one in all when every level's targets share a dtype (as in training).
+std::vector<std::vector<size_t>> target_groups(const std::vector<int>& codes) {
+  std::vector<int> seen;
+  std::vector<std::vector<size_t>> groups;
+  for (size_t l = 0; l < codes.size(); ++l) {
+    const auto it = std::find(seen.begin(), seen.end(), codes[l]);
+    if (it == seen.end()) {
+      seen.push_back(codes[l]);
+      groups.push_back({l});
+    } else {
+      groups[static_cast<size_t>(it - seen.begin())].push_back(l);
+    }
+  }
+  return groups;
+}
+
+// The launch table of one group of levels for Kernel (bucket KM): block ranges, sizes, inputs,
+// and whether each level's logits and targets allow vector access (callers add their outputs).
+template <auto Kernel, int KM, typename TL, typename TT>
+LevelLaunch<TL, TT> plan_levels(const std::vector<size_t>& group,
+                                const std::vector<uintptr_t>& logits,
+                                const std::vector<uintptr_t>& targets, int64_t B,
+                                const std::vector<int64_t>& V, int device) {
+  constexpr int VEC = Bucket<KM>::vec;
+  std::vector<int64_t> tiles;
+  for (size_t l : group) {
+    check_sizes(B, V[l], "dice_ce_loss");
+    tiles.push_back(num_tiles<KM>(V[l]));
+  }
+  const std::vector<int64_t> blocks = level_blocks<Kernel>(device, B, tiles);
+  LevelLaunch<TL, TT> p{};
+  p.n = static_cast<int>(group.size());
+  for (size_t i = 0; i < group.size(); ++i) {
+    const size_t l = group[i];
+    p.first[i + 1] = p.first[i] + blocks[i];
+    p.V[i] = V[l];
+    p.aligned[i] = V[l] % VEC == 0 && is_aligned(logits[l], sizeof(TL) * VEC) &&
+                   is_aligned(targets[l], sizeof(TT) * VEC);
+    p.z[i] = reinterpret_cast<const TL*>(logits[l]);
+    p.tg[i] = reinterpret_cast<const TT*>(targets[l]);
+  }
+  return p;
+}
+
+template <typename TL, typename TT>
+dim3 level_grid(const LevelLaunch<TL, TT>& p, int64_t B) {
+  return dim3(static_cast<unsigned>(p.first[p.n]), static_cast<unsigned>(B));
 }
 
 }  // namespace
@@ -788,22 +880,21 @@ void dice_ce_loss_forward_cuda(const std::vector<uintptr_t>& logits,
     using A = acc_t<TL>;
     dispatch_km(K, [&](auto km) {
       constexpr int KM = decltype(km)::value;
-      constexpr int VEC = Bucket<KM>::vec;
-      for (size_t l = 0; l < L; ++l) {
-        dce::dispatch_targets<TL>(target_codes[l], "dice_ce_loss (CUDA)", [&](auto tt, auto hard) {
+      for (const std::vector<size_t>& group : target_groups(target_codes)) {
+        dce::dispatch_targets<TL>(target_codes[group[0]], "dice_ce_loss (CUDA)",
+                                  [&](auto tt, auto hard) {
           using TT = typename decltype(tt)::type;
           constexpr bool HARD = decltype(hard)::value;
-          const bool aligned = V[l] % VEC == 0 && is_aligned(logits[l], sizeof(TL) * VEC) &&
-                               is_aligned(targets[l], sizeof(TT) * VEC);
           constexpr auto kernel = dce_fwd_kernel<TL, TT, HARD, KM>;
-          const int64_t G = grid_blocks<kernel, KM>(device, B, V[l]);
-          lv.part_off[l] = off;
-          lv.nparts[l] = G;
-          off += B * G * NS;
-          const dim3 grid(static_cast<unsigned>(G), static_cast<unsigned>(B));
-          kernel<<<grid, kThreads, 0, st>>>(
-              reinterpret_cast<const TL*>(logits[l]), reinterpret_cast<const TT*>(targets[l]),
-              static_cast<int>(K), V[l], aligned, work + lv.part_off[l]);
+          auto p = plan_levels<kernel, KM, TL, TT>(group, logits, targets, B, V, device);
+          for (int i = 0; i < p.n; ++i) {
+            const size_t l = group[i];
+            lv.part_off[l] = off;
+            lv.nparts[l] = p.first[i + 1] - p.first[i];
+            p.partial[i] = work + off;
+            off += B * lv.nparts[l] * NS;
+          }
+          kernel<<<level_grid(p, B), kThreads, 0, st>>>(p, static_cast<int>(K));
           check_launch("dice_ce_loss forward");
         });
       }
@@ -826,8 +917,9 @@ void dice_ce_loss_backward_cuda(uintptr_t grad_out, const std::vector<uintptr_t>
                                 const std::vector<uintptr_t>& grad_targets, int device,
                                 uintptr_t stream) {
   const size_t L = logits.size();
-  if (L < 1 || targets.size() != L || target_codes.size() != L || V.size() != L ||
-      weights.size() != L || grad_logits.size() != L || grad_targets.size() != L)
+  if (L < 1 || L > size_t(kDceMaxLevels) || targets.size() != L || target_codes.size() != L ||
+      V.size() != L || weights.size() != L || grad_logits.size() != L ||
+      grad_targets.size() != L)
     throw std::invalid_argument("dice_ce_loss_backward_cuda: bad per-level argument lengths");
   const uint64_t dmask = channel_mask(dice_channels, K, "dice_ce_loss");
   cudaStream_t st = static_cast<cudaStream_t>(prepare(device, stream, "dice_ce_loss"));
@@ -839,26 +931,27 @@ void dice_ce_loss_backward_cuda(uintptr_t grad_out, const std::vector<uintptr_t>
     dispatch_km(K, [&](auto km) {
       constexpr int KM = decltype(km)::value;
       constexpr int VEC = Bucket<KM>::vec;
-      for (size_t l = 0; l < L; ++l) {
-        dce::dispatch_targets<TL>(target_codes[l], "dice_ce_loss (CUDA)", [&](auto tt, auto hard) {
+      for (const std::vector<size_t>& group : target_groups(target_codes)) {
+        dce::dispatch_targets<TL>(target_codes[group[0]], "dice_ce_loss (CUDA)",
+                                  [&](auto tt, auto hard) {
           using TT = typename decltype(tt)::type;
           constexpr bool HARD = decltype(hard)::value;
-          check_sizes(B, V[l], "dice_ce_loss");
-          const bool aligned = V[l] % VEC == 0 && is_aligned(logits[l], sizeof(TL) * VEC) &&
-                               is_aligned(grad_logits[l], sizeof(TL) * VEC) &&
-                               is_aligned(targets[l], sizeof(TT) * VEC) &&
-                               (HARD || grad_targets[l] == 0 ||
-                                is_aligned(grad_targets[l], sizeof(TT) * VEC));
           constexpr auto kernel = dce_bwd_kernel<TL, TT, HARD, KM>;
-          const int64_t G = grid_blocks<kernel, KM>(device, B, V[l]);
-          const dim3 grid(static_cast<unsigned>(G), static_cast<unsigned>(B));
-          kernel<<<grid, kThreads, 0, st>>>(
-              reinterpret_cast<const TL*>(logits[l]), reinterpret_cast<const TT*>(targets[l]),
-              static_cast<int>(K), V[l], aligned,
-              reinterpret_cast<const A*>(stats) + int64_t(l) * B * NS,
-              reinterpret_cast<const A*>(grad_out), weights[l], 1.0 / (double(B) * double(V[l])),
-              inv_bj, dmask, smooth, reinterpret_cast<TL*>(grad_logits[l]),
-              reinterpret_cast<TT*>(grad_targets[l]));
+          auto p = plan_levels<kernel, KM, TL, TT>(group, logits, targets, B, V, device);
+          for (int i = 0; i < p.n; ++i) {
+            const size_t l = group[i];
+            const uintptr_t gy = HARD ? 0 : grad_targets[l];
+            p.aligned[i] = p.aligned[i] && is_aligned(grad_logits[l], sizeof(TL) * VEC) &&
+                           (gy == 0 || is_aligned(gy, sizeof(TT) * VEC));
+            p.stats[i] = reinterpret_cast<const A*>(stats) + int64_t(l) * B * NS;
+            p.gz[i] = reinterpret_cast<TL*>(grad_logits[l]);
+            p.gy[i] = reinterpret_cast<TT*>(gy);
+            p.weight[i] = weights[l];
+            p.inv_bv[i] = 1.0 / (double(B) * double(V[l]));
+          }
+          kernel<<<level_grid(p, B), kThreads, 0, st>>>(
+              p, static_cast<int>(K), reinterpret_cast<const A*>(grad_out), inv_bj, dmask,
+              smooth);
           check_launch("dice_ce_loss backward");
         });
       }
@@ -886,7 +979,7 @@ void roi_bce_loss_forward_cuda(uintptr_t logits, uintptr_t labels, int logits_co
         const bool aligned = V % VEC == 0 && is_aligned(logits, sizeof(TL) * VEC) &&
                              is_aligned(labels, sizeof(Lb) * VEC);
         constexpr auto kernel = bce_fwd_kernel<TL, Lb, KM>;
-        const int64_t G = grid_blocks<kernel, KM>(device, B, V);
+        const int64_t G = level_blocks<kernel>(device, B, {num_tiles<KM>(V)})[0];
         n_part = B * G;
         const dim3 grid(static_cast<unsigned>(G), static_cast<unsigned>(B));
         kernel<<<grid, kThreads, 0, st>>>(
@@ -920,7 +1013,7 @@ void roi_bce_loss_backward_cuda(uintptr_t grad_out, uintptr_t logits, uintptr_t 
                              is_aligned(grad_logits, sizeof(TL) * VEC) &&
                              is_aligned(labels, sizeof(Lb) * VEC);
         constexpr auto kernel = bce_bwd_kernel<TL, Lb, KM>;
-        const int64_t G = grid_blocks<kernel, KM>(device, B, V);
+        const int64_t G = level_blocks<kernel>(device, B, {num_tiles<KM>(V)})[0];
         const dim3 grid(static_cast<unsigned>(G), static_cast<unsigned>(B));
         kernel<<<grid, kThreads, 0, st>>>(
             reinterpret_cast<const TL*>(logits), reinterpret_cast<const Lb*>(labels),

@@ -44,6 +44,33 @@ def _dice_case(device: torch.device, b: int, k: int, spatial: tuple[int, ...],
     )
 
 
+def _levels_case(device: torch.device, b: int, k: int, spatial: tuple[int, ...],
+                 n_levels: int) -> Case:
+    """Deep supervision as the trainer calls it: soft targets at the full size and n_levels - 1
+    halvings, the reference's level weights."""
+    g = torch.Generator(device="cpu").manual_seed(2)
+    zs, ys = [], []
+    for i in range(n_levels):
+        shape = (b, k, *(s >> i for s in spatial))
+        zs.append((2 * torch.randn(shape, generator=g)).to(device).requires_grad_())
+        ys.append(torch.softmax(2 * torch.randn(shape, generator=g), 1).to(device)
+                  .requires_grad_())
+    compiled = torch.compile(ref.dice_ce_loss)
+    wrt = (*zs, *ys)
+    return Case(
+        op="dice_ce_loss fwd+bwd",
+        size="x".join(str(s) for s in (b, k, *spatial)) + f" float32, {n_levels} levels",
+        impls={
+            "colabx": _fwd_bwd(lambda: colabx.dice_ce_loss(zs, ys), wrt),
+            "eager": _fwd_bwd(lambda: ref.dice_ce_loss(zs, ys), wrt),
+            "compile": _fwd_bwd(lambda: compiled(zs, ys), wrt),
+        },
+        bytes_moved=sum(2 * z.numel() * (z.element_size() + y.element_size())
+                        for z, y in zip(zs, ys, strict=True)),
+        notes={"targets": "soft float32", "level_weights": "reference default"},
+    )
+
+
 def _roi_case(device: torch.device, b: int, k: int, spatial: tuple[int, ...]) -> Case:
     g = torch.Generator(device="cpu").manual_seed(1)
     shape = (b, k, *spatial)
@@ -67,12 +94,14 @@ def _roi_case(device: torch.device, b: int, k: int, spatial: tuple[int, ...]) ->
 def cases(device: torch.device, quick: bool = False) -> list[Case]:
     if quick:
         return [_dice_case(device, 2, 3, (16, 16, 16), torch.float32),
+                _levels_case(device, 2, 3, (16, 16, 16), 2),
                 _roi_case(device, 2, 3, (16, 16, 16))]
     if device.type == "cuda":
         return [
             _dice_case(device, 2, 3, (80, 80, 80), torch.float32),
             _dice_case(device, 2, 3, (160, 160, 160), torch.float32),
             _dice_case(device, 2, 3, (160, 160, 160), torch.bfloat16),
+            _levels_case(device, 2, 3, (80, 80, 80), 4),
             _roi_case(device, 2, 3, (160, 160, 160)),
         ]
     return [
