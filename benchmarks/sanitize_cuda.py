@@ -26,13 +26,16 @@ def main() -> None:
         mask[0] = False
         colabx.distance_transform(mask, spacing=[0.8] * (len(s) - 2) + [2.5])
 
-    # dice_ce_loss (soft + hard targets, two levels, fp32 and bf16) and roi_bce_loss
+    # dice_ce_loss (two levels: soft + hard targets, one launch each, and soft + soft, one launch
+    # for both; fp32 and bf16) and roi_bce_loss
     for dtype in (torch.float32, torch.bfloat16):
         z = torch.randn(2, 4, 11, 9, 7, device=dev, generator=g).to(dtype).requires_grad_()
         y = torch.softmax(torch.randn(2, 4, 11, 9, 7, device=dev, generator=g), 1).requires_grad_()
         z2 = torch.randn(2, 4, 5, 4, 3, device=dev, generator=g).to(dtype).requires_grad_()
         y2 = torch.randint(0, 4, (2, 5, 4, 3), device=dev, generator=g)
         colabx.dice_ce_loss([z, z2], [y, y2]).backward()
+        y3 = torch.softmax(torch.randn(2, 4, 5, 4, 3, device=dev, generator=g), 1).requires_grad_()
+        colabx.dice_ce_loss([z, z2], [y, y3]).backward()
         colabx.roi_bce_loss(z, y.argmax(1), roi_channels=[1, 2]).backward()
 
     torch.cuda.synchronize()

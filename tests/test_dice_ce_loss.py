@@ -405,6 +405,26 @@ def test_cuda_dtypes_and_levels(dtype, spatial, k):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("k", [3, 6])
+def test_cuda_levels_in_one_launch_vs_twin_and_cpu(k, hard):
+    """Four levels with one target dtype (one launch per direction, the trainer's case), at the
+    sizes of a 3D U-Net's outputs: coarse levels of a few tiles beside a level of hundreds."""
+    g = torch.Generator().manual_seed(40 + k)
+    sizes = [(48, 40, 33), (24, 20, 17), (12, 10, 9), (6, 5, 5)]
+    z = [3 * torch.randn((2, k, *s), generator=g) for s in sizes]
+    t = [torch.randint(0, k, (2, *s), generator=g) if hard else _soft((2, k, *s), gen=g)
+         for s in sizes]
+    kw = dict(level_weights=[0.4, 0.3, 0.2, 0.1])  # no zero weight: every gradient is tested
+    lc, gc = _cuda_pair(colabx.dice_ce_loss, z, t, **kw)
+    for want in (_run(ref.dice_ce_loss, z, t, **kw), _run(colabx.dice_ce_loss, z, t, **kw)):
+        torch.testing.assert_close(lc, want[0], rtol=2e-5, atol=1e-7)
+        for a, w in zip(gc, want[1], strict=True):
+            s = w.abs().max()
+            torch.testing.assert_close(a / s, w / s, **GTOL[torch.float32])
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("k", [3, 7, 16])
 @pytest.mark.parametrize("hard", [False, True])
 def test_cuda_wide_logit_range_vs_twin_and_cpu(k, hard):
