@@ -472,6 +472,22 @@ def test_dice_ce_loss_mixed_target_levels(emu_loss, resident):
             torch.testing.assert_close(a, b, **tol)
 
 
+def test_dice_ce_loss_most_levels_in_one_launch(emu_loss):
+    # kDceMaxLevels = 16 levels fill the launch table; a 17th is refused by the entry point.
+    spatials = [(3 + i % 5, 2 + i % 3) for i in range(16)]
+    zs, ts = _loss_inputs(2, 3, spatials, torch.float32, False, seed=6)
+    weights = [1.0 + i for i in range(16)]
+    emu_loss.emu_set_resident_blocks(4)
+    got = _emulated_loss(emu_loss, zs, ts, [1, 2], weights, 1e-5, 1.0)
+    want = _cpu_loss(zs, ts, [1, 2], weights, 1e-5, 1.0)
+    for a, b in zip(got[:2] + tuple(got[2]) + tuple(got[3]),
+                    want[:2] + tuple(want[2]) + tuple(want[3]), strict=True):
+        torch.testing.assert_close(a, b, **LOSS_TOL[torch.float32])
+    zs, ts = _loss_inputs(1, 3, [(2, 2)] * 17, torch.float32, False)
+    with pytest.raises(RuntimeError, match="bad per-level argument lengths"):
+        _emulated_loss(emu_loss, zs, ts, [1, 2], [1.0] * 17, 1e-5, 1.0)
+
+
 @pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int32])
 def test_dice_ce_loss_hard_label_dtypes(emu_loss, label_dtype):
     zs, ts = _loss_inputs(2, 3, [(11, 12, 13)], torch.float32, True, label_dtype=label_dtype)
