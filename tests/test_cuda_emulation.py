@@ -488,6 +488,25 @@ def test_dice_ce_loss_most_levels_in_one_launch(emu_loss):
         _emulated_loss(emu_loss, zs, ts, [1, 2], [1.0] * 17, 1e-5, 1.0)
 
 
+@pytest.mark.parametrize("hard", [False, True])
+def test_dice_ce_loss_rows_off_vector_alignment(emu_loss, hard):
+    # V a multiple of every bucket's vector width, but the tensors start one element past an
+    # aligned address: the kernels must take their element-wise loads and stores throughout.
+    def shifted(t):
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+        out = buf[1:].view(t.shape)
+        out.copy_(t)
+        return out
+
+    zs, ts = _loss_inputs(2, 3, [(8, 8, 8), (4, 4, 4)], torch.float32, hard, seed=8)
+    zs, ts = [shifted(z) for z in zs], [shifted(t) for t in ts]
+    emu_loss.emu_set_resident_blocks(3)
+    got = _emulated_loss(emu_loss, zs, ts, [1, 2], [0.6, 0.4], 1e-5, 1.0)
+    want = _cpu_loss(zs, ts, [1, 2], [0.6, 0.4], 1e-5, 1.0)
+    for a, b in zip(got[:2] + tuple(got[2]), want[:2] + tuple(want[2]), strict=True):
+        torch.testing.assert_close(a, b, **LOSS_TOL[torch.float32])
+
+
 @pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int32])
 def test_dice_ce_loss_hard_label_dtypes(emu_loss, label_dtype):
     zs, ts = _loss_inputs(2, 3, [(11, 12, 13)], torch.float32, True, label_dtype=label_dtype)

@@ -103,6 +103,7 @@ __device__ __forceinline__ void load_words(const uint32_t* __restrict__ src, uin
 template <int W>
 __device__ __forceinline__ void store_words(uint32_t* __restrict__ dst, const uint32_t (&w)[W]) {
 #if defined(COLABX_CUDA_EMULATION)
+  cuda_emu::check_aligned(dst, W % 4 == 0 ? 16 : 4 * W, "store_words: vector store not aligned");
   for (int i = 0; i < W; ++i) dst[i] = w[i];
 #else
   if constexpr (W % 4 == 0) {

@@ -12,8 +12,10 @@
 // Host side: `kernel<<<grid, block, smem, stream>>>(args)` must be rewritten to
 // `cuda_emu::launcher(kernel, grid, block, smem, stream)(args)` (tests/test_cuda_emulation.py
 // does it on the source text), and colabx::cuda's runtime helpers are stand-ins here (an
-// occupancy of `resident` blocks on the whole device, settable). Not emulated: timing,
-// occupancy, memory ordering between unsynchronised threads.
+// occupancy of `resident` blocks on the whole device, settable). Loads through __ldg, the
+// __pipeline_* copies and the loss's vector stores must be aligned to their size, as a GPU
+// requires (x86 would not fault). Not emulated: timing, occupancy, memory ordering between
+// unsynchronised threads.
 #pragma once
 
 #include <algorithm>
@@ -73,6 +75,12 @@ inline Block* block = nullptr;
 [[noreturn]] inline void fail(const char* what) {
   std::fprintf(stderr, "cuda emulation: %s\n", what);
   std::abort();
+}
+
+// A GPU faults on a global or shared access not aligned to its size (a 16-byte vector load
+// needs a 16-byte address); x86 does not, so the emulation checks.
+inline void check_aligned(const void* p, size_t bytes, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0) fail(what);
 }
 
 // Every lane of the warp publishes v and reads lane src_lane(lane)'s value (its own when that
@@ -217,6 +225,8 @@ inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 
 inline void __pipeline_memcpy_async(void* dst, const void* src, size_t bytes) {
+  cuda_emu::check_aligned(dst, bytes, "__pipeline_memcpy_async: destination not aligned to its size");
+  cuda_emu::check_aligned(src, bytes, "__pipeline_memcpy_async: source not aligned to its size");
   std::memcpy(dst, src, bytes);
 }
 inline void __pipeline_commit() {}
@@ -251,6 +261,8 @@ inline double __longlong_as_double(long long i) {
 
 template <typename T>
 T __ldg(const T* p) {
+  if constexpr ((sizeof(T) & (sizeof(T) - 1)) == 0)
+    cuda_emu::check_aligned(p, sizeof(T), "__ldg: address not aligned to the load's size");
   return *p;
 }
 
