@@ -10,27 +10,13 @@ import pytest
 import torch
 
 import colabx
+from colabx.bench.harness import capture_graph
 
 pytestmark = pytest.mark.cuda
 
 
-def _capture(fn):
-    """fn captured into a CUDA graph after a warm-up on a side stream (as torch documents);
-    returns the graph and the static outputs its replays write."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
-
-
 def _replay_matches_eager(fn, refill, tol):
-    graph, static_out = _capture(fn)
+    graph, static_out = capture_graph(fn)  # the capture bench_ops times
     refill()
     graph.replay()
     torch.cuda.synchronize()

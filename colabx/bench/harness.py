@@ -76,9 +76,9 @@ GRAPH_LABELS = ("colabx", "eager", "compile")  # implementations also timed as C
 GRAPH_SUFFIX = "@graph"
 
 
-def graph_replay(fn: Callable[[], object]) -> Callable[[], object]:
-    """Captures one call of ``fn`` (after a warm-up on a side stream) into a CUDA graph and
-    returns its replay: the same GPU work without the host's launch and Python overhead."""
+def capture_graph(fn: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
+    """Captures one call of ``fn`` (after a warm-up on a side stream) into a CUDA graph; returns
+    the graph and what the captured call returned (the tensors each replay rewrites)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -87,8 +87,14 @@ def graph_replay(fn: Callable[[], object]) -> Callable[[], object]:
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+        out = fn()
+    return graph, out
+
+
+def graph_replay(fn: Callable[[], object]) -> Callable[[], object]:
+    """The replay of ``fn`` captured by :func:`capture_graph`: the same GPU work without the
+    host's launch and Python overhead."""
+    return capture_graph(fn)[0].replay
 
 
 def _speedups(timings: dict[str, dict], ours: str, graph: bool) -> dict[str, float]:
