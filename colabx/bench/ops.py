@@ -57,7 +57,14 @@ def main(argv: list[str] | None = None, prog: str = "colabx bench",
         flush=True,
     )
 
-    rows = []
+    rows: list[dict] = []
+    payload = {
+        "machine": info,
+        "command": f"{prog} " + " ".join(argv or []),
+        "quick": args.quick,
+        "rows": rows,
+    }
+    out = args.out.format(device=device.type)
     for op in args.ops:
         module = importlib.import_module(f"colabx.bench.cases.{op}")
         rows += run_cases(
@@ -66,14 +73,7 @@ def main(argv: list[str] | None = None, prog: str = "colabx bench",
             min_time_s=args.min_time,
             cuda_graphs=args.cuda_graphs,
         )
+        write_json(out, payload)  # after each op: a run stopped by a time limit keeps these
 
-    table = format_table(rows)
-    print("\n" + table)
-    payload = {
-        "machine": info,
-        "command": f"{prog} " + " ".join(argv or []),
-        "quick": args.quick,
-        "rows": rows,
-    }
-    write_json(args.out.format(device=device.type), payload)
+    print("\n" + format_table(rows))
     return payload
