@@ -774,12 +774,13 @@ inline int64_t blocks_per_item(int64_t resident, int64_t B, int64_t ntiles, int6
 }
 
 // Blocks per item for each level of one launch of Kernel, given each level's tiles per item: the
-// grid-stride plan of blocks_per_item for all the launch's tiles together, split over the levels
-// with the same tiles per block, so the coarse levels share the finest level's waves and every
-// block has about the same work. At most one block per tile, so a forward kernel's partials (one
-// per block) fit the workspace (partial_slots). Capping the forward at one block per 4096 voxels
-// instead left 2x3x80^3 at a quarter wave of blocks on an H200, each thread waiting on 4 tiles'
-// loads in turn (10.3 us against the backward's 11.3 us, which moves twice the bytes).
+// grid-stride plan of blocks_per_item for all the launch's tiles together, shared out in
+// proportion to the levels' tiles (one level keeps the whole plan), so the coarse levels ride in
+// the finest level's waves and blocks have about the same work. At most one block per tile, so a
+// forward kernel's partials (one per block) fit the workspace (partial_slots). Capping the
+// forward at one block per 4096 voxels instead left 2x3x80^3 at a quarter wave of blocks on an
+// H200, each thread waiting on 4 tiles' loads in turn (10.3 us against the backward's 11.3 us,
+// which moves twice the bytes).
 template <auto Kernel>
 std::vector<int64_t> level_blocks(int device, int64_t B, const std::vector<int64_t>& tiles) {
   int64_t total = 0;
@@ -787,9 +788,9 @@ std::vector<int64_t> level_blocks(int device, int64_t B, const std::vector<int64
   const int resident = resident_blocks(reinterpret_cast<const void*>(Kernel), kThreads, 0, device,
                                        "dice_ce_loss");
   const int64_t G = blocks_per_item(resident, B, total, total);
-  const int64_t per_block = (total + G - 1) / G;
   std::vector<int64_t> blocks;
-  for (int64_t t : tiles) blocks.push_back((t + per_block - 1) / per_block);
+  for (int64_t t : tiles)
+    blocks.push_back(std::clamp<int64_t>((G * t + total - 1) / total, int64_t(1), t));
   return blocks;
 }
 

@@ -225,8 +225,8 @@ inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 
 inline void __pipeline_memcpy_async(void* dst, const void* src, size_t bytes) {
-  cuda_emu::check_aligned(dst, bytes, "__pipeline_memcpy_async: destination not aligned to its size");
-  cuda_emu::check_aligned(src, bytes, "__pipeline_memcpy_async: source not aligned to its size");
+  cuda_emu::check_aligned(dst, bytes, "__pipeline_memcpy_async: destination misaligned");
+  cuda_emu::check_aligned(src, bytes, "__pipeline_memcpy_async: source misaligned");
   std::memcpy(dst, src, bytes);
 }
 inline void __pipeline_commit() {}
