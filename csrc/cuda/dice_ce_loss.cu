@@ -844,6 +844,20 @@ dim3 level_grid(const LevelLaunch<TL, TT>& p, int64_t B) {
   return dim3(static_cast<unsigned>(p.first[p.n]), static_cast<unsigned>(B));
 }
 
+// The launches of one CE + Dice call, one per target dtype among its levels: calls
+// fn(TypeTag<TL>, integral_constant<int, KM>, TypeTag<TT>, bool_constant<HARD>, levels).
+template <typename Fn>
+void for_each_launch(int logits_code, int64_t K, const std::vector<int>& target_codes, Fn&& fn) {
+  dispatch_floating(logits_code, "dice_ce_loss logits", [&](auto ltag) {
+    dispatch_km(K, [&](auto km) {
+      for (const std::vector<size_t>& group : target_groups(target_codes))
+        dce::dispatch_targets<typename decltype(ltag)::type>(
+            target_codes[group[0]], "dice_ce_loss (CUDA)",
+            [&](auto tt, auto hard) { fn(ltag, km, tt, hard, group); });
+    });
+  });
+}
+
 }  // namespace
 }  // namespace colabx::cuda
 
@@ -877,30 +891,25 @@ void dice_ce_loss_forward_cuda(const std::vector<uintptr_t>& logits,
   }
   double* sums = work + capacity;  // L * B * NS doubles after the partials
   int64_t off = 0;
-  dispatch_floating(logits_code, "dice_ce_loss logits", [&](auto ltag) {
+  for_each_launch(logits_code, K, target_codes,
+                  [&](auto ltag, auto km, auto tt, auto hard, const std::vector<size_t>& group) {
     using TL = typename decltype(ltag)::type;
-    using A = acc_t<TL>;
-    dispatch_km(K, [&](auto km) {
-      constexpr int KM = decltype(km)::value;
-      for (const std::vector<size_t>& group : target_groups(target_codes)) {
-        dce::dispatch_targets<TL>(target_codes[group[0]], "dice_ce_loss (CUDA)",
-                                  [&](auto tt, auto hard) {
-          using TT = typename decltype(tt)::type;
-          constexpr bool HARD = decltype(hard)::value;
-          constexpr auto kernel = dce_fwd_kernel<TL, TT, HARD, KM>;
-          auto p = plan_levels<kernel, KM, TL, TT>(group, logits, targets, B, V, device);
-          for (int i = 0; i < p.n; ++i) {
-            const size_t l = group[i];
-            lv.part_off[l] = off;
-            lv.nparts[l] = p.first[i + 1] - p.first[i];
-            p.partial[i] = work + off;
-            off += B * lv.nparts[l] * NS;
-          }
-          kernel<<<level_grid(p, B), kThreads, 0, st>>>(p, static_cast<int>(K));
-          check_launch("dice_ce_loss forward");
-        });
-      }
-    });
+    using TT = typename decltype(tt)::type;
+    constexpr int KM = decltype(km)::value;
+    constexpr auto kernel = dce_fwd_kernel<TL, TT, decltype(hard)::value, KM>;
+    auto p = plan_levels<kernel, KM, TL, TT>(group, logits, targets, B, V, device);
+    for (int i = 0; i < p.n; ++i) {
+      const size_t l = group[i];
+      lv.part_off[l] = off;
+      lv.nparts[l] = p.first[i + 1] - p.first[i];
+      p.partial[i] = work + off;
+      off += B * lv.nparts[l] * NS;
+    }
+    kernel<<<level_grid(p, B), kThreads, 0, st>>>(p, static_cast<int>(K));
+    check_launch("dice_ce_loss forward");
+  });
+  dispatch_floating(logits_code, "dice_ce_loss logits", [&](auto ltag) {
+    using A = acc_t<typename decltype(ltag)::type>;
     dce_finalize_kernel<A><<<1, kFinThreads, 0, st>>>(
         work, lv, static_cast<int>(B), static_cast<int>(K), dmask,
         1.0 / (double(B) * double(dice_channels.size())), smooth, sums,
@@ -927,37 +936,30 @@ void dice_ce_loss_backward_cuda(uintptr_t grad_out, const std::vector<uintptr_t>
   cudaStream_t st = static_cast<cudaStream_t>(prepare(device, stream, "dice_ce_loss"));
   const int64_t NS = 3 * K + 1;
   const double inv_bj = 1.0 / (double(B) * double(dice_channels.size()));
-  dispatch_floating(logits_code, "dice_ce_loss logits", [&](auto ltag) {
+  for_each_launch(logits_code, K, target_codes,
+                  [&](auto ltag, auto km, auto tt, auto hard, const std::vector<size_t>& group) {
     using TL = typename decltype(ltag)::type;
+    using TT = typename decltype(tt)::type;
     using A = acc_t<TL>;
-    dispatch_km(K, [&](auto km) {
-      constexpr int KM = decltype(km)::value;
-      constexpr int VEC = Bucket<KM>::vec;
-      for (const std::vector<size_t>& group : target_groups(target_codes)) {
-        dce::dispatch_targets<TL>(target_codes[group[0]], "dice_ce_loss (CUDA)",
-                                  [&](auto tt, auto hard) {
-          using TT = typename decltype(tt)::type;
-          constexpr bool HARD = decltype(hard)::value;
-          constexpr auto kernel = dce_bwd_kernel<TL, TT, HARD, KM>;
-          auto p = plan_levels<kernel, KM, TL, TT>(group, logits, targets, B, V, device);
-          for (int i = 0; i < p.n; ++i) {
-            const size_t l = group[i];
-            const uintptr_t gy = HARD ? 0 : grad_targets[l];
-            p.aligned[i] = p.aligned[i] && is_aligned(grad_logits[l], sizeof(TL) * VEC) &&
-                           (gy == 0 || is_aligned(gy, sizeof(TT) * VEC));
-            p.stats[i] = reinterpret_cast<const A*>(stats) + int64_t(l) * B * NS;
-            p.gz[i] = reinterpret_cast<TL*>(grad_logits[l]);
-            p.gy[i] = reinterpret_cast<TT*>(gy);
-            p.weight[i] = weights[l];
-            p.inv_bv[i] = 1.0 / (double(B) * double(V[l]));
-          }
-          kernel<<<level_grid(p, B), kThreads, 0, st>>>(
-              p, static_cast<int>(K), reinterpret_cast<const A*>(grad_out), inv_bj, dmask,
-              smooth);
-          check_launch("dice_ce_loss backward");
-        });
-      }
-    });
+    constexpr int KM = decltype(km)::value;
+    constexpr bool HARD = decltype(hard)::value;
+    constexpr int VEC = Bucket<KM>::vec;
+    constexpr auto kernel = dce_bwd_kernel<TL, TT, HARD, KM>;
+    auto p = plan_levels<kernel, KM, TL, TT>(group, logits, targets, B, V, device);
+    for (int i = 0; i < p.n; ++i) {
+      const size_t l = group[i];
+      const uintptr_t gy = HARD ? 0 : grad_targets[l];
+      p.aligned[i] = p.aligned[i] && is_aligned(grad_logits[l], sizeof(TL) * VEC) &&
+                     (gy == 0 || is_aligned(gy, sizeof(TT) * VEC));
+      p.stats[i] = reinterpret_cast<const A*>(stats) + int64_t(l) * B * NS;
+      p.gz[i] = reinterpret_cast<TL*>(grad_logits[l]);
+      p.gy[i] = reinterpret_cast<TT*>(gy);
+      p.weight[i] = weights[l];
+      p.inv_bv[i] = 1.0 / (double(B) * double(V[l]));
+    }
+    kernel<<<level_grid(p, B), kThreads, 0, st>>>(
+        p, static_cast<int>(K), reinterpret_cast<const A*>(grad_out), inv_bj, dmask, smooth);
+    check_launch("dice_ce_loss backward");
   });
 }
 
