@@ -332,6 +332,27 @@ __device__ __forceinline__ int block_level(const LevelLaunch<TL, TT>& p) {
   return l;
 }
 
+// Returns x as a value the compiler cannot see through, in the wide buckets (KM > 4). Their tile
+// loops take their level's V and row pointers through it each tile: these are no longer kernel
+// parameters (constant-bank operands), and nvcc would hoist the KM channel rows' addresses out of
+// the loop, two registers each (dce_fwd_kernel<float, int64_t, true, 16>: 167 registers and one
+// block per SM, against 128 and two; <half_t, int64_t, true, 8>: 98 and two blocks, against 80
+// and three). The exact-K kernels keep their registers without it and skip the per-tile
+// address arithmetic it costs.
+template <int KM, typename T>
+__device__ __forceinline__ T per_tile(T x) {
+  static_assert(sizeof(T) == 8, "a 64-bit value");
+#if !defined(COLABX_CUDA_EMULATION)
+  if constexpr (KM > 4) {
+    uint64_t u;
+    memcpy(&u, &x, 8);
+    asm volatile("" : "+l"(u));
+    memcpy(&x, &u, 8);
+  }
+#endif
+  return x;
+}
+
 template <typename TL, typename TT, bool HARD, int KM>
 __global__ void __launch_bounds__(kThreads)
     dce_fwd_kernel(const __grid_constant__ LevelLaunch<TL, TT> p, int K) {
@@ -363,10 +384,11 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll 1
   for (int64_t t = blk; t < ntiles; t += nblk) {
     const int64_t v0 = t * kTile + int64_t(threadIdx.x) * VEC;
+    const int64_t Vt = per_tile<KM>(V);
     if (v0 < V) {  // only the last tile can be ragged
       TL zr[KM][VEC];
       TT yr[HARD ? 1 : KM][VEC];
-      load_tile<HARD>(zb, tb, K, v0, V, aligned, zr, yr);
+      load_tile<HARD>(per_tile<KM>(zb), per_tile<KM>(tb), K, v0, Vt, aligned, zr, yr);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         if (v0 + j >= V) continue;
@@ -485,14 +507,16 @@ __global__ void __launch_bounds__(kFinThreads)
   }
 }
 
-// Four resident blocks per SM for float math with K <= 4 (ptxas then fits 64 registers: one 8-byte
-// spill outside the voxel loop for fp32, none for bf16/fp16; left alone it chose 80 registers and
-// 3 blocks). Wider buckets and float64 would spill hundreds of bytes, so they keep the default.
-template <typename A, int KM>
-constexpr int kBwdMinBlocks = (sizeof(A) == 4 && KM <= 4) ? 4 : 1;
+// Resident blocks per SM the backward asks of ptxas, for float math. K <= 4: four (64 registers;
+// left alone it chose 80 and 3 blocks). Wider buckets: the blocks they had with one launch per
+// level, 3 with hard labels and 2 with soft targets; without the bound the level table cost them
+// one (<float, int64_t, true, 8>: 89 registers against 80, <float, float, false, 16>: 137
+// against 128), with it they fit without spilling. float64 keeps the default.
+template <typename A, int KM, bool HARD>
+constexpr int kBwdMinBlocks = sizeof(A) != 4 ? 1 : KM <= 4 ? 4 : HARD ? 3 : 2;
 
 template <typename TL, typename TT, bool HARD, int KM>
-__global__ void __launch_bounds__(kThreads, kBwdMinBlocks<acc_t<TL>, KM>)
+__global__ void __launch_bounds__(kThreads, kBwdMinBlocks<acc_t<TL>, KM, HARD>)
     dce_bwd_kernel(const __grid_constant__ LevelLaunch<TL, TT> p, int K,
                    const acc_t<TL>* __restrict__ grad_out, double inv_bj, uint64_t dice_mask,
                    double smooth) {
@@ -540,10 +564,11 @@ __global__ void __launch_bounds__(kThreads, kBwdMinBlocks<acc_t<TL>, KM>)
 #pragma unroll 1
   for (int64_t t = ntiles - 1 - blk; t >= 0; t -= nblk) {
     const int64_t v0 = t * kTile + int64_t(threadIdx.x) * VEC;
+    const int64_t Vt = per_tile<KM>(V);
     if (v0 >= V) continue;  // ragged end of the last tile
     TL zr[KM][VEC];
     TT yr[HARD ? 1 : KM][VEC];
-    load_tile<HARD>(zb, tb, K, v0, V, aligned, zr, yr);
+    load_tile<HARD>(per_tile<KM>(zb), per_tile<KM>(tb), K, v0, Vt, aligned, zr, yr);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       A p[KM], g[KM];
@@ -584,12 +609,14 @@ __global__ void __launch_bounds__(kThreads, kBwdMinBlocks<acc_t<TL>, KM>)
       for (int k = 0; k < KM; ++k)
         if (k < K) zr[k][j] = store_as<TL>(dce::softmax_grad(p[k], g[k], dot));
     }
+    TL* const gzt = per_tile<KM>(gzb);
+    TT* const gyt = HARD ? nullptr : per_tile<KM>(gyb);
 #pragma unroll
     for (int k = 0; k < KM; ++k) {
       if (k >= K) continue;
-      store_vec(gzb + k * V, v0, V, aligned, zr[k]);
+      store_vec(gzt + k * Vt, v0, Vt, aligned, zr[k]);
       if constexpr (!HARD)
-        if (want_gy) store_vec(gyb + k * V, v0, V, aligned, yr[k]);
+        if (want_gy) store_vec(gyt + k * Vt, v0, Vt, aligned, yr[k]);
     }
   }
 }
