@@ -885,6 +885,16 @@ void for_each_launch(int logits_code, int64_t K, const std::vector<int>& target_
   });
 }
 
+// The kernel types of one ROI BCE call: calls fn(TypeTag<TL>, TypeTag<label type>,
+// integral_constant<int, KM>).
+template <typename Fn>
+void for_bce_types(int logits_code, int label_code, int64_t K, Fn&& fn) {
+  dispatch_floating(logits_code, "roi_bce_loss logits", [&](auto ltag) {
+    dispatch_labels(label_code, "roi_bce_loss labels",
+                    [&](auto ttag) { dispatch_km(K, [&](auto km) { fn(ltag, ttag, km); }); });
+  });
+}
+
 }  // namespace
 }  // namespace colabx::cuda
 
@@ -999,26 +1009,24 @@ void roi_bce_loss_forward_cuda(uintptr_t logits, uintptr_t labels, int logits_co
   check_sizes(B, V, "roi_bce_loss");
   double* work = reinterpret_cast<double*>(workspace);
   int64_t n_part = 0;
-  dispatch_floating(logits_code, "roi_bce_loss logits", [&](auto ltag) {
+  for_bce_types(logits_code, label_code, K, [&](auto ltag, auto ttag, auto km) {
     using TL = typename decltype(ltag)::type;
-    using A = acc_t<TL>;
-    dispatch_labels(label_code, "roi_bce_loss labels", [&](auto ttag) {
-      using Lb = typename decltype(ttag)::type;
-      dispatch_km(K, [&](auto km) {
-        constexpr int KM = decltype(km)::value;
-        constexpr int VEC = Bucket<KM>::vec;
-        const bool aligned = V % VEC == 0 && is_aligned(logits, sizeof(TL) * VEC) &&
-                             is_aligned(labels, sizeof(Lb) * VEC);
-        constexpr auto kernel = bce_fwd_kernel<TL, Lb, KM>;
-        const int64_t G = level_blocks<kernel>(device, B, {num_tiles<KM>(V)})[0];
-        n_part = B * G;
-        const dim3 grid(static_cast<unsigned>(G), static_cast<unsigned>(B));
-        kernel<<<grid, kThreads, 0, st>>>(
-            reinterpret_cast<const TL*>(logits), reinterpret_cast<const Lb*>(labels),
-            static_cast<int>(K), V, aligned, roi, work);
-        check_launch("roi_bce_loss forward");
-      });
-    });
+    using Lb = typename decltype(ttag)::type;
+    constexpr int KM = decltype(km)::value;
+    constexpr int VEC = Bucket<KM>::vec;
+    const bool aligned = V % VEC == 0 && is_aligned(logits, sizeof(TL) * VEC) &&
+                         is_aligned(labels, sizeof(Lb) * VEC);
+    constexpr auto kernel = bce_fwd_kernel<TL, Lb, KM>;
+    const int64_t G = level_blocks<kernel>(device, B, {num_tiles<KM>(V)})[0];
+    n_part = B * G;
+    const dim3 grid(static_cast<unsigned>(G), static_cast<unsigned>(B));
+    kernel<<<grid, kThreads, 0, st>>>(
+        reinterpret_cast<const TL*>(logits), reinterpret_cast<const Lb*>(labels),
+        static_cast<int>(K), V, aligned, roi, work);
+    check_launch("roi_bce_loss forward");
+  });
+  dispatch_floating(logits_code, "roi_bce_loss logits", [&](auto ltag) {
+    using A = acc_t<typename decltype(ltag)::type>;
     bce_finalize_kernel<A><<<1, kThreads, 0, st>>>(work, n_part, 1.0 / (double(B) * double(V)),
                                                    reinterpret_cast<A*>(loss));
     check_launch("roi_bce_loss finalize");
@@ -1032,27 +1040,23 @@ void roi_bce_loss_backward_cuda(uintptr_t grad_out, uintptr_t logits, uintptr_t 
   const uint64_t roi = channel_mask(roi_channels, K, "roi_bce_loss");
   cudaStream_t st = static_cast<cudaStream_t>(prepare(device, stream, "roi_bce_loss"));
   check_sizes(B, V, "roi_bce_loss");
-  dispatch_floating(logits_code, "roi_bce_loss logits", [&](auto ltag) {
+  for_bce_types(logits_code, label_code, K, [&](auto ltag, auto ttag, auto km) {
     using TL = typename decltype(ltag)::type;
+    using Lb = typename decltype(ttag)::type;
     using A = acc_t<TL>;
-    dispatch_labels(label_code, "roi_bce_loss labels", [&](auto ttag) {
-      using Lb = typename decltype(ttag)::type;
-      dispatch_km(K, [&](auto km) {
-        constexpr int KM = decltype(km)::value;
-        constexpr int VEC = Bucket<KM>::vec;
-        const bool aligned = V % VEC == 0 && is_aligned(logits, sizeof(TL) * VEC) &&
-                             is_aligned(grad_logits, sizeof(TL) * VEC) &&
-                             is_aligned(labels, sizeof(Lb) * VEC);
-        constexpr auto kernel = bce_bwd_kernel<TL, Lb, KM>;
-        const int64_t G = level_blocks<kernel>(device, B, {num_tiles<KM>(V)})[0];
-        const dim3 grid(static_cast<unsigned>(G), static_cast<unsigned>(B));
-        kernel<<<grid, kThreads, 0, st>>>(
-            reinterpret_cast<const TL*>(logits), reinterpret_cast<const Lb*>(labels),
-            static_cast<int>(K), V, aligned, roi, reinterpret_cast<const A*>(grad_out),
-            1.0 / (double(B) * double(V)), reinterpret_cast<TL*>(grad_logits));
-        check_launch("roi_bce_loss backward");
-      });
-    });
+    constexpr int KM = decltype(km)::value;
+    constexpr int VEC = Bucket<KM>::vec;
+    const bool aligned = V % VEC == 0 && is_aligned(logits, sizeof(TL) * VEC) &&
+                         is_aligned(grad_logits, sizeof(TL) * VEC) &&
+                         is_aligned(labels, sizeof(Lb) * VEC);
+    constexpr auto kernel = bce_bwd_kernel<TL, Lb, KM>;
+    const int64_t G = level_blocks<kernel>(device, B, {num_tiles<KM>(V)})[0];
+    const dim3 grid(static_cast<unsigned>(G), static_cast<unsigned>(B));
+    kernel<<<grid, kThreads, 0, st>>>(
+        reinterpret_cast<const TL*>(logits), reinterpret_cast<const Lb*>(labels),
+        static_cast<int>(K), V, aligned, roi, reinterpret_cast<const A*>(grad_out),
+        1.0 / (double(B) * double(V)), reinterpret_cast<TL*>(grad_logits));
+    check_launch("roi_bce_loss backward");
   });
 }
 
