@@ -412,6 +412,18 @@ def _cpu_loss(zs, ts, dice, weights, smooth, grad_value):
     return loss, stats, gz, [g if g.numel() else None for g in gt]
 
 
+def _assert_loss_matches(got, want, tol):
+    """(loss, stats, ∂logits per level, ∂targets per level or None) of two runs agree."""
+    torch.testing.assert_close(got[0], want[0], **tol)
+    torch.testing.assert_close(got[1], want[1], **tol)
+    for a, b in zip(got[2], want[2], strict=True):
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+    for a, b in zip(got[3], want[3], strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, **tol)
+
+
 LOSS_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-12, rtol=1e-12),
             torch.float16: dict(atol=1e-3, rtol=1e-3), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
 
@@ -441,15 +453,7 @@ def test_dice_ce_loss_kernels_match_the_cpu_kernels(emu_loss, case, dtype, resid
     emu_loss.emu_set_resident_blocks(resident)
     got = _emulated_loss(emu_loss, zs, ts, dice, weights, 1e-5, 0.75)
     want = _cpu_loss(zs, ts, dice, weights, 1e-5, 0.75)
-    tol = LOSS_TOL[dtype]
-    torch.testing.assert_close(got[0], want[0], **tol)
-    torch.testing.assert_close(got[1], want[1], **tol)
-    for a, b in zip(got[2], want[2], strict=True):
-        torch.testing.assert_close(a.float(), b.float(), **tol)
-    for a, b in zip(got[3], want[3], strict=True):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, **tol)
+    _assert_loss_matches(got, want, LOSS_TOL[dtype])
 
 
 @pytest.mark.parametrize("resident", [2, 1000], ids=["grid-stride", "block-per-tile"])
@@ -463,13 +467,7 @@ def test_dice_ce_loss_mixed_target_levels(emu_loss, resident):
     emu_loss.emu_set_resident_blocks(resident)
     got = _emulated_loss(emu_loss, zs, ts, [1, 2, 3], [0.5, 0.3, 0.2], 1e-5, 1.5)
     want = _cpu_loss(zs, ts, [1, 2, 3], [0.5, 0.3, 0.2], 1e-5, 1.5)
-    tol = LOSS_TOL[torch.float32]
-    for a, b in zip(got[:2], want[:2], strict=True):
-        torch.testing.assert_close(a, b, **tol)
-    for a, b in zip(got[2] + got[3], want[2] + want[3], strict=True):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, **tol)
+    _assert_loss_matches(got, want, LOSS_TOL[torch.float32])
 
 
 def test_dice_ce_loss_most_levels_in_one_launch(emu_loss):
@@ -480,9 +478,7 @@ def test_dice_ce_loss_most_levels_in_one_launch(emu_loss):
     emu_loss.emu_set_resident_blocks(4)
     got = _emulated_loss(emu_loss, zs, ts, [1, 2], weights, 1e-5, 1.0)
     want = _cpu_loss(zs, ts, [1, 2], weights, 1e-5, 1.0)
-    for a, b in zip(got[:2] + tuple(got[2]) + tuple(got[3]),
-                    want[:2] + tuple(want[2]) + tuple(want[3]), strict=True):
-        torch.testing.assert_close(a, b, **LOSS_TOL[torch.float32])
+    _assert_loss_matches(got, want, LOSS_TOL[torch.float32])
     zs, ts = _loss_inputs(1, 3, [(2, 2)] * 17, torch.float32, False)
     with pytest.raises(RuntimeError, match="bad per-level argument lengths"):
         _emulated_loss(emu_loss, zs, ts, [1, 2], [1.0] * 17, 1e-5, 1.0)

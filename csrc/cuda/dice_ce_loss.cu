@@ -847,10 +847,7 @@ LevelLaunch<TL, TT> plan_levels(const std::vector<size_t>& group,
                                 const std::vector<int64_t>& V, int device) {
   constexpr int VEC = Bucket<KM>::vec;
   std::vector<int64_t> tiles;
-  for (size_t l : group) {
-    check_sizes(B, V[l], "dice_ce_loss");
-    tiles.push_back(num_tiles<KM>(V[l]));
-  }
+  for (size_t l : group) tiles.push_back(num_tiles<KM>(V[l]));
   const std::vector<int64_t> blocks = level_blocks<Kernel>(device, B, tiles);
   LevelLaunch<TL, TT> p{};
   p.n = static_cast<int>(group.size());
@@ -969,6 +966,7 @@ void dice_ce_loss_backward_cuda(uintptr_t grad_out, const std::vector<uintptr_t>
       V.size() != L || weights.size() != L || grad_logits.size() != L ||
       grad_targets.size() != L)
     throw std::invalid_argument("dice_ce_loss_backward_cuda: bad per-level argument lengths");
+  for (int64_t v : V) check_sizes(B, v, "dice_ce_loss");  // every level before any launch
   const uint64_t dmask = channel_mask(dice_channels, K, "dice_ce_loss");
   cudaStream_t st = static_cast<cudaStream_t>(prepare(device, stream, "dice_ce_loss"));
   const int64_t NS = 3 * K + 1;
