@@ -50,7 +50,10 @@ def one_hot2dist(seg: np.ndarray, resolution: Sequence[float] | None = None) -> 
         if float(d.abs().max()) < _EXACT_RECOVERY_MAX:
             # scipy's float64 sqrt of the integer squared distance, recovered from float32:
             # inside, 1 - d is the float32 distance to the background exactly
-            e = torch.where(inside, 1 - d, d).double().square_().round_().sqrt_()
+            # numpy's sqrt is correctly rounded, as scipy's; torch's float64 CPU sqrt may be
+            # one ulp off (seen with torch 2.13)
+            sq = torch.where(inside, 1 - d, d).double().square_().round_().numpy()
+            e = torch.from_numpy(np.sqrt(sq))
             d = torch.where(inside, 1 - e, e)
     res = np.zeros_like(seg)
     res[...] = d.numpy()
