@@ -1,23 +1,45 @@
-"""Atomic file writes: every file colabx writes (preprocessed arrays, plans, predictions,
-checkpoints, logs, figures) goes through :func:`atomic_write`, so a failure never leaves a
-half-written file and the previous version stays valid."""
+"""Safe files and folders.
+
+* Every file colabx writes (preprocessed arrays, plans, predictions, checkpoints, logs, figures)
+  goes through :func:`atomic_write`, so a failure never leaves a half-written file and the
+  previous version stays valid. A write that fails for lack of space or another OS reason raises
+  an ``OSError`` naming the file; temporaries left by a killed writer are removed by
+  :func:`remove_stale_temporaries` the next time colabx opens the folder.
+* Output folders carry a marker file (:func:`mark_output_folder`): colabx writes into an empty
+  folder, or one that holds its own marker, and refuses any other non-empty folder unless told to
+  overwrite (:func:`check_output_folder`), so a user's own files are never replaced.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_text"]
+__all__ = ["OutputFolderError", "atomic_write", "atomic_write_text", "check_output_folder",
+           "mark_output_folder", "remove_stale_temporaries"]
+
+_TMP_RE = re.compile(r"^\..+\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+class OutputFolderError(ValueError):
+    """An output folder cannot be used (it holds files colabx did not write); names the folder."""
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], None],
                  mode: str = "wb") -> None:
     """Call ``write(file)`` on a temporary file beside ``path`` (its folder created if needed),
     flush it to disk, then move it to ``path`` with ``os.replace``; on any error the temporary
-    file is removed and ``path`` is untouched."""
+    file is removed and ``path`` is untouched.
+
+    Raises:
+        OSError: the file cannot be written (disk full, permissions, ...): the message names
+            ``path`` and says that its previous version is kept.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
@@ -27,10 +49,92 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], None],
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise
+        cause = _os_error(e)
+        if cause is None:
+            raise
+        kept = "its previous version is kept" if path.exists() else "nothing was written"
+        raise OSError(cause.errno, f"{path}: cannot write ({cause.strerror or cause}); "
+                      f"{kept}") from e
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind ``e`` (torch.save wraps a failed write in a RuntimeError)."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str], recursive: bool = True) -> list[Path]:
+    """Delete the temporaries of :func:`atomic_write` whose writer process no longer runs (left
+    by a writer that was killed); a live writer's temporary is left alone.
+
+    Returns:
+        The files removed.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    removed = []
+    for p in (root.rglob(".*.tmp") if recursive else root.glob(".*.tmp")):
+        m = _TMP_RE.match(p.name)
+        if m and p.is_file() and not _pid_alive(int(m["pid"])):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def check_output_folder(folder: str | os.PathLike[str], marker: str, what: str, *,
+                        overwrite: bool = False, accept: Iterable[str] = ()) -> None:
+    """Refuse ``folder`` as an output folder unless it does not exist, is empty, or holds
+    ``marker`` or one of the ``accept`` files (an earlier colabx output of the same kind).
+
+    Raises:
+        OutputFolderError: it is a file, or a non-empty folder of other files and not
+            ``overwrite``.
+    """
+    out = Path(folder)
+    if out.exists() and not out.is_dir():
+        raise OutputFolderError(f"{out}: exists and is not a folder")
+    if not out.is_dir() or overwrite:
+        return
+    entries = {p.name for p in out.iterdir()}
+    if entries and not {marker, *accept} & entries:
+        shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
+        raise OutputFolderError(
+            f"{out}: folder is not empty and is not a colabx {what} (it holds {shown}); choose "
+            "an empty or new folder, or pass --overwrite to write into it")
+
+
+def mark_output_folder(folder: str | os.PathLike[str], marker: str,
+                       info: dict[str, Any] | None = None) -> bool:
+    """Create ``folder`` if needed and write ``marker`` (JSON of ``info``) into it.
+
+    Returns:
+        True when the folder did not exist before (the caller may remove it again on failure).
+    """
+    out = Path(folder)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / marker, json.dumps(info or {}, indent=1) + "\n")
+    return created

@@ -65,7 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", type=Path, help="run directory (default: "
                     "colabx_runs/<dataset>-<mode>-<time>)")
     tr.add_argument("--resume", action="store_true",
-                    help="continue the run in --out from its latest checkpoint")
+                    help="continue the run in --out from its latest checkpoint; options given "
+                    "with it must match the run's, except epochs, device, workers, threads, "
+                    "progress, amp, compile, deterministic and the validation, snapshot and save "
+                    "settings, which are applied and logged")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="start a new run in a --out folder that holds other files or an "
+                    "earlier run (whose files are removed first)")
     _add_train_options(tr)
 
     pr = sub.add_parser("predict", help="segment NIfTI images with a trained run")
@@ -75,10 +81,26 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--checkpoint", default="final", choices=("final", "best", "latest"),
                     help="which checkpoint of a run directory (default: final)")
     pr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    pr.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
+    pr.add_argument("--overlap", type=float, default=0.5,
+                    help="sliding-window overlap in [0, 0.9] (default: 0.5)")
     pr.add_argument("--mirror", action="store_true", help="mirror test-time augmentation")
+    pr.add_argument("--overwrite", action="store_true",
+                    help="write into an OUTPUT folder that holds other files")
 
-    ev = sub.add_parser("evaluate", help="DSC, sensitivity, precision, HD95 of predictions")
+    ev = sub.add_parser(
+        "evaluate", help="DSC, sensitivity, precision, HD95 of predictions",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Per case and ROI class: DSC, sensitivity, precision and HD95 (mm), and their "
+        "means over cases.\n\nEmpty masks (P = prediction, R = reference):\n"
+        "  P empty, R empty:     DSC 1, sensitivity and precision undefined, HD95 0\n"
+        "  P empty, R non-empty: DSC 0, sensitivity 0, precision undefined, HD95 = image "
+        "diagonal\n"
+        "  P non-empty, R empty: DSC 0, precision 0, sensitivity undefined, HD95 = image "
+        "diagonal\n"
+        "Undefined values are left out of the means, and the number of cases left out is "
+        "printed\nbeside them (MONAI's not-nans). The image diagonal, sqrt(sum((n * "
+        "spacing)^2)) in mm, is the\nlargest distance in the image (as BraTS scores a missed "
+        "tumour); MONAI returns NaN there.")
     ev.add_argument("predictions", type=Path, help="folder of predicted {case}.nii.gz")
     ev.add_argument("reference", type=Path, help="folder of reference {case}.nii.gz")
     ev.add_argument("--labels", type=Path, required=True,
@@ -105,29 +127,35 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from colabx.train.checkpoint import load_checkpoint
     from colabx.train.config import from_mapping, read_yaml
     from colabx.train.distributed import init_from_env
     from colabx.train.trainer import Trainer, default_config
 
-    flags = {k: v for k, v in vars(args).items()
-             if k not in {"command", "config", "out", "resume", "dataset"}}
+    given = {k: v for k, v in vars(args).items()
+             if k not in {"command", "config", "out", "resume", "overwrite", "dataset"}}
     if args.dataset is not None:
-        flags["dataset"] = str(args.dataset)
-    from_file = read_yaml(args.config) if args.config is not None else {}
-    dataset = flags.get("dataset", from_file.get("dataset"))
-    cfg = from_mapping({**default_config(dataset).to_dict(), **from_file, **flags})
-    if args.resume and args.out is None:
-        raise SystemExit("colabx train: --resume needs --out RUN_DIR")
+        given["dataset"] = str(args.dataset)
+    given = {**(read_yaml(args.config) if args.config is not None else {}), **given}
+    if args.resume:
+        if args.out is None:
+            raise ValueError("--resume needs --out RUN_DIR, the run folder to continue")
+        # the run's own options, then what was given: the trainer refuses what may not change
+        saved = load_checkpoint(args.out / "checkpoint_latest.pth")["config"]
+        cfg = from_mapping({**saved, **given})
+    else:
+        cfg = from_mapping({**default_config(given.get("dataset")).to_dict(), **given})
     out = args.out or Path("colabx_runs") / (
         f"{Path(cfg.dataset).name if cfg.dataset else 'phantom'}-{cfg.mode}-"
         f"{time.strftime('%Y%m%d-%H%M%S')}")
-    if not args.resume and (out / "checkpoint_latest.pth").exists():
-        raise SystemExit(f"colabx train: {out} already holds a run; pass --resume to continue "
-                         "it or choose another --out")
+    if args.config is not None and (out / "config.yaml").resolve() == args.config.resolve():
+        raise ValueError(f"--config: {args.config} is the config.yaml that colabx train writes "
+                         "into --out; pass a copy kept outside the run folder")
     dist = init_from_env(cfg.device)
+    trainer = Trainer(cfg, out, dist=dist, resume=args.resume, overwrite=args.overwrite)
     if dist.is_main:
         print(f"run directory: {out}")
-    result = Trainer(cfg, out, dist=dist, resume=args.resume).run()
+    result = trainer.run()
     return 0 if result is not None or not dist.is_main else 1
 
 
@@ -135,7 +163,8 @@ def _predict(args: argparse.Namespace) -> int:
     from colabx.inference.run import predict_folder
 
     predict_folder(args.run, args.input, args.output, checkpoint=args.checkpoint,
-                   device=args.device, overlap=args.overlap, mirror=args.mirror)
+                   device=args.device, overlap=args.overlap, mirror=args.mirror,
+                   overwrite=args.overwrite)
     return 0
 
 
@@ -167,6 +196,10 @@ def _preprocess(args: argparse.Namespace) -> int:
 
 def _make_phantom(args: argparse.Namespace) -> int:
     from colabx.data.phantom import write_phantom
+
+    if args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite:
+        raise ValueError(f"{args.out}: folder is not empty; choose a new folder or pass "
+                         "--overwrite to replace it")
 
     out = write_phantom(args.out, num_cases=args.cases, num_test=args.test_cases,
                         seed=args.seed, preset=args.preset, overwrite=args.overwrite,

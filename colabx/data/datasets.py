@@ -379,8 +379,10 @@ def _check_num_training(js: dict[str, Any], n: int, path: Path) -> None:
 # -- nnU-Net v2 -----------------------------------------------------------------------------------
 
 
-def _scan_images(folder: Path, ending: str, n_channels: int) -> dict[str, tuple[Path, ...]]:
-    """Group ``{case}_{XXXX}{ending}`` files of ``folder`` by case, checking channels."""
+def _scan_images(folder: Path, ending: str, n_channels: int,
+                 declared_by: str = "dataset.json declares") -> dict[str, tuple[Path, ...]]:
+    """Group ``{case}_{XXXX}{ending}`` files of ``folder`` by case, checking channels
+    (``declared_by`` says, in error messages, where the channel count comes from)."""
     groups: dict[str, dict[int, Path]] = {}
     for p in sorted(folder.iterdir()):
         if p.name.startswith(".") or p.is_dir():
@@ -402,7 +404,7 @@ def _scan_images(folder: Path, ending: str, n_channels: int) -> dict[str, tuple[
             detail = (f"missing {', '.join(str(m) for m in missing)}" if missing
                       else f"unexpected {extra}")
             raise DatasetError(f"{folder}: case {case!r} has channel files {sorted(chans)} but "
-                               f"dataset.json declares {n_channels} channel(s): {detail}")
+                               f"{declared_by} {n_channels} channel(s): {detail}")
         out[case] = tuple(chans[i] for i in want)
     return out
 

@@ -86,14 +86,23 @@ def read_nifti(path: str | Path, what: str = "image") -> NiftiVolume:
         if problem is None:
             problem = f"not a readable NIfTI file ({type(e).__name__}: {e})"
         raise DatasetError(f"{path}: cannot read {what} file: {problem}") from e
-    ndim = data.ndim
-    zooms = img.header.get_zooms()[: min(ndim, 3)]
-    spacing = tuple(float(z) for z in zooms)
-    if not all(np.isfinite(z) and z > 0 for z in spacing):
-        raise DatasetError(f"{path}: {what} file has invalid voxel spacing {spacing} "
-                           "(must be finite and > 0)")
+    ndim = min(data.ndim, 3)
+    # nibabel silently replaces a zero pixdim by 1 on load, so the spacing is checked as stored
+    # (otherwise the error would fall on the next file compared with this one)
+    stored = _stored_pixdim(path, img)[1: 1 + ndim]
+    if not all(np.isfinite(z) and z > 0 for z in stored):
+        raise DatasetError(f"{path}: {what} file has invalid voxel spacing (pixdim "
+                           f"{[float(z) for z in stored]}; must be finite and > 0)")
+    spacing = tuple(float(z) for z in img.header.get_zooms()[:ndim])
     return NiftiVolume(data=data, spacing=spacing, affine=np.asarray(img.affine, np.float64),
                        path=path)
+
+
+def _stored_pixdim(path: Path, img: nib.Nifti1Image | nib.Nifti2Image) -> np.ndarray:
+    """The header's ``pixdim`` as written in the file (before nibabel's fix-ups)."""
+    with nib.openers.ImageOpener(str(path)) as f:
+        header = type(img.header).from_fileobj(f, check=False)
+    return np.asarray(header["pixdim"], dtype=np.float64)
 
 
 def read_label_map(path: str | Path, what: str = "label",

@@ -83,7 +83,13 @@ import nibabel as nib
 import numpy as np
 import scipy.ndimage as ndi
 
-from colabx._io import atomic_write, atomic_write_text
+from colabx._io import (
+    atomic_write,
+    atomic_write_text,
+    check_output_folder,
+    mark_output_folder,
+    remove_stale_temporaries,
+)
 from colabx.data.datasets import Case, Dataset, DatasetError, load_dataset
 from colabx.data.nifti import read_nifti
 
@@ -103,6 +109,8 @@ __all__ = [
 #: Bumped whenever the output format or the computation changes; part of the fingerprint.
 FORMAT_VERSION = 1
 PLANS_NAME = "plans.json"
+#: Marker of a folder written by :func:`preprocess_dataset` (other non-empty folders are refused).
+PREPROCESSED_MARKER = "colabx_preprocessed.json"
 CT_PERCENTILES = (0.5, 99.5)
 _STD_EPS = 1e-8
 _SCHEMES = ("ct", "zscore")
@@ -510,7 +518,7 @@ def compute_fingerprint(ds: Dataset, settings: dict[str, Any]) -> str:
 def _check_spacing(target: Sequence[float], ndim: int) -> tuple[float, ...]:
     try:
         t = tuple(float(s) for s in target)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ValueError(f"target_spacing must be a sequence of {ndim} floats, got "
                          f"{target!r}") from e
     if len(t) != ndim or not all(np.isfinite(s) and s > 0 for s in t):
@@ -565,7 +573,9 @@ def preprocess_dataset(
         if (isinstance(old, dict) and old.get("fingerprint") == fingerprint
                 and not _missing_files(out, old)):
             return PreprocessedDataset(out, old, from_cache=True)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out, PREPROCESSED_MARKER, "preprocessed dataset", accept=(PLANS_NAME,))
+    mark_output_folder(out, PREPROCESSED_MARKER, {"dataset": str(ds.root)})
+    remove_stale_temporaries(out, recursive=False)
     plans_path.unlink(missing_ok=True)  # from here on the folder is invalid until written anew
 
     spacings = [_header_spacing(c.images[0]) for c in ds.cases]

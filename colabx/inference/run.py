@@ -7,16 +7,19 @@ labels), so a run directory, or a single checkpoint file, is all ``colabx predic
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from colabx._io import check_output_folder, mark_output_folder
 from colabx.data.datasets import _scan_images
 from colabx.data.nifti import DatasetError
+from colabx.device import resolve_device
 from colabx.inference.predict import predict_raw_case, save_prediction
 
-__all__ = ["load_trained_model", "predict_folder"]
+__all__ = ["MAX_OVERLAP", "PREDICT_MARKER", "load_trained_model", "predict_folder"]
 
 
 def _checkpoint_path(run: Path, which: str) -> Path:
@@ -48,36 +51,62 @@ def load_trained_model(run: str | os.PathLike[str], checkpoint: str = "final",
     return f, state["plan"], state["plans"]
 
 
+#: Marker of a folder written by :func:`predict_folder`.
+PREDICT_MARKER = "colabx_predict.json"
+#: Largest sliding-window overlap accepted (as in training): beyond it the window count explodes
+#: for no measurable gain.
+MAX_OVERLAP = 0.9
+
+
 def predict_folder(run: str | os.PathLike[str], input_dir: str | os.PathLike[str],
                    output_dir: str | os.PathLike[str], *, checkpoint: str = "final",
                    device: str = "auto", overlap: float = 0.5, mirror: bool = False,
-                   file_ending: str = ".nii.gz", progress: bool = True) -> list[Path]:
+                   file_ending: str = ".nii.gz", progress: bool = True,
+                   overwrite: bool = False) -> list[Path]:
     """Segment every case ``{case}_{XXXX}{file_ending}`` of ``input_dir`` into
     ``output_dir/{case}{file_ending}`` (the images' grid and header; written atomically).
+
+    ``output_dir`` must be absent, empty or an earlier ``predict_folder`` output (it holds
+    ``colabx_predict.json``), unless ``overwrite``. Everything is checked before it is created;
+    when prediction fails, a folder this call created is removed again if it holds no
+    prediction.
 
     Raises:
         FileNotFoundError: no checkpoint, or no input folder.
         DatasetError: input files misnamed, missing channels, unreadable or inconsistent.
+        OutputFolderError: ``output_dir`` holds other files (and not ``overwrite``).
+        ValueError: ``overlap`` outside ``[0, 0.9]`` or a bad ``device``.
     """
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if not 0.0 <= overlap <= MAX_OVERLAP:
+        raise ValueError(f"overlap: must be in [0, {MAX_OVERLAP}], got {overlap}")
+    out = Path(output_dir)
+    check_output_folder(out, PREDICT_MARKER, "prediction folder", overwrite=overwrite)
+    dev = resolve_device(device)
     f, plan, plans = load_trained_model(run, checkpoint, dev)
     src = Path(input_dir)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such input folder")
-    cases = _scan_images(src, file_ending, plan["in_channels"])
+    cases = _scan_images(src, file_ending, plan["in_channels"],
+                         declared_by=f"the model of {run} expects")
     if not cases:
         raise DatasetError(f"{src}: no images named {{case}}_{{XXXX}}{file_ending}")
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     mirror_axes = tuple(range(plan["spatial_dims"])) if mirror else ()
-    amp = torch.bfloat16 if torch.device(dev).type == "cuda" else None
+    amp = torch.bfloat16 if dev.type == "cuda" else None
+    created = mark_output_folder(out, PREDICT_MARKER, {
+        "run": str(Path(run).absolute()), "checkpoint": checkpoint,
+        "input": str(src.absolute()), "overlap": overlap, "mirror": mirror})
     from tqdm.auto import tqdm
 
-    written = []
-    for cid, images in tqdm(sorted(cases.items()), desc="predicting", unit="case",
-                            disable=not progress):
-        label, _ = predict_raw_case(f, images, plans, plan["patch_size"],
-                                    num_classes=plan["num_classes"], overlap=overlap,
-                                    mirror_axes=mirror_axes, amp=amp)
-        written.append(save_prediction(label, images[0], out / f"{cid}{file_ending}"))
+    written: list[Path] = []
+    try:
+        for cid, images in tqdm(sorted(cases.items()), desc="predicting", unit="case",
+                                disable=not progress):
+            label, _ = predict_raw_case(f, images, plans, plan["patch_size"],
+                                        num_classes=plan["num_classes"], overlap=overlap,
+                                        mirror_axes=mirror_axes, amp=amp)
+            written.append(save_prediction(label, images[0], out / f"{cid}{file_ending}"))
+    except BaseException:
+        if created and not written:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     return written

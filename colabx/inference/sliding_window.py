@@ -20,7 +20,11 @@ from torch import nn
 
 Model = nn.Module | Callable[[torch.Tensor], torch.Tensor | Sequence[torch.Tensor]]
 
-__all__ = ["gaussian_importance_map", "sliding_window_logits", "sliding_window_steps"]
+__all__ = ["MAX_WINDOWS", "gaussian_importance_map", "sliding_window_logits",
+           "sliding_window_steps"]
+
+#: Most windows one call evaluates (a bound on time and on the window list's memory).
+MAX_WINDOWS = 200_000
 
 
 def sliding_window_steps(image_size: Sequence[int], patch_size: Sequence[int],
@@ -28,9 +32,9 @@ def sliding_window_steps(image_size: Sequence[int], patch_size: Sequence[int],
     """Patch start positions per axis (nnU-Net's rule).
 
     Along an axis of size ``n >= p`` (patch ``p``), the target step is ``p * (1 - overlap)``;
-    ``k = ceil((n - p) / step) + 1`` starts are spread evenly over ``[0, n - p]`` and rounded
-    (``round(i * (n - p) / (k - 1))``, half to even). Every voxel is covered; consecutive patches
-    overlap by at least ``overlap * p`` voxels (rounding aside).
+    ``k = min(ceil((n - p) / step) + 1, n - p + 1)`` starts are spread evenly over
+    ``[0, n - p]`` and rounded (``round(i * (n - p) / (k - 1))``, half to even). Every voxel is
+    covered; consecutive patches overlap by at least ``overlap * p`` voxels (rounding aside).
 
     Raises:
         ValueError: sizes of different lengths, a patch larger than the image, or ``overlap``
@@ -47,7 +51,8 @@ def sliding_window_steps(image_size: Sequence[int], patch_size: Sequence[int],
             raise ValueError(f"patch_size {tuple(patch_size)} is larger than the image "
                              f"{tuple(image_size)}; pad the image first")
         target = p * (1.0 - overlap)
-        k = math.ceil((n - p) / target) + 1
+        # never more starts than distinct positions: a step below one voxel repeats windows
+        k = min(math.ceil((n - p) / target) + 1, n - p + 1)
         actual = (n - p) / (k - 1) if k > 1 else 0.0
         steps.append([int(round(actual * i)) for i in range(k)])
     return steps
@@ -224,6 +229,11 @@ def sliding_window_logits(
         x = torch.nn.functional.pad(x, flat)
     padded = tuple(x.shape[2:])
     steps = sliding_window_steps(padded, patch, overlap)
+    count = math.prod(len(s) for s in steps) * x.shape[0]
+    if count > MAX_WINDOWS:
+        raise ValueError(f"overlap: {overlap} needs {count} sliding windows for image "
+                         f"{tuple(size)} and patch {patch} (at most {MAX_WINDOWS}); lower the "
+                         "overlap")
     weight = (gaussian_importance_map(patch, device=device) if gaussian
               else torch.ones(patch, device=device))
 

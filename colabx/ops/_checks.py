@@ -62,7 +62,10 @@ def check_spacing(
         return None
     if isinstance(spacing, (int, float)):
         spacing = [float(spacing)] * ndim
-    values = tuple(float(s) for s in spacing)
+    try:
+        values = tuple(float(s) for s in spacing)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be numbers, got {spacing!r}") from None
     if len(values) != ndim:
         raise ValueError(f"{name} must have one value per spatial axis ({ndim}), got {len(values)}")
     for s in values:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -17,8 +19,8 @@ from typing import Any
 
 import yaml
 
-__all__ = ["MODES", "PRESETS", "ConfigError", "TrainConfig", "from_mapping", "load_config",
-           "read_yaml", "save_config"]
+__all__ = ["CHANGEABLE_ON_RESUME", "MODES", "PRESETS", "ConfigError", "TrainConfig",
+           "from_mapping", "load_config", "read_yaml", "resume_differences", "save_config"]
 
 MODES = ("vanilla", "manual", "colab", "kmeans", "dilation")
 AMP_CHOICES = ("auto", "none", "bf16", "fp16")
@@ -115,7 +117,7 @@ class TrainConfig:
                     "CPU), none, bf16, fp16; the meta step's theta+/- passes stay fp32",
                     choices=AMP_CHOICES)
     compile: bool = _opt(False, "torch.compile the networks")
-    seed: int = _opt(0, "random seed (networks, data, augmentation)", lo=0)
+    seed: int = _opt(0, "random seed (networks, data, augmentation)", lo=0, hi=2**32 - 1)
     deterministic: bool = _opt(False, "deterministic algorithms (slower on GPU)")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N", group="run")
     threads: int = _opt(0, "CPU threads for torch (0: torch's default)", lo=0, group="run")
@@ -177,7 +179,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"target_spacing: must be > 0, got {cfg.target_spacing}")
     if cfg.mode in ("colab", "kmeans") and cfg.t < 2:
         raise ConfigError(f"t: mode {cfg.mode!r} needs t >= 2 context classes, got {cfg.t}")
-    if cfg.device != "auto" and not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
         raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {cfg.device!r}")
 
 
@@ -222,6 +224,38 @@ def from_mapping(values: Mapping[str, Any]) -> TrainConfig:
             v = [float(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in v]
         clean[k] = v
     return TrainConfig(**clean)
+
+
+#: Options a resumed run may change (how it runs, how long, what it reports); every other option
+#: decides what the run computes and must equal the run's own.
+CHANGEABLE_ON_RESUME = ("epochs", "num_workers", "device", "threads", "progress", "amp",
+                        "compile", "deterministic", "val_every", "val_cases", "overlap",
+                        "snapshot_every", "save_every", "preprocessed")
+
+
+def _same(key: str, a: Any, b: Any) -> bool:
+    if key in ("dataset", "preprocessed") and a is not None and b is not None:
+        return os.path.abspath(os.path.expanduser(a)) == os.path.abspath(os.path.expanduser(b))
+    return a == b
+
+
+def resume_differences(saved: Mapping[str, Any], requested: Mapping[str, Any]
+                       ) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
+    """Compare a run's saved options with those requested for resuming it.
+
+    Returns:
+        ``(fixed, changed)``: option → ``(saved, requested)`` for the options that differ, split
+        into those that must match (anything not in :data:`CHANGEABLE_ON_RESUME`) and those a
+        resumed run may change.
+    """
+    defaults = TrainConfig(dataset=None).to_dict()
+    fixed, changed = {}, {}
+    for key in defaults:
+        old = saved.get(key, defaults[key])
+        new = requested.get(key, old)
+        if not _same(key, old, new):
+            (changed if key in CHANGEABLE_ON_RESUME else fixed)[key] = (old, new)
+    return fixed, changed
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

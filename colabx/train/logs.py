@@ -38,8 +38,11 @@ class RunLog:
                 warnings.warn("tensorboard is not installed: no TensorBoard events for this run "
                               "(log.csv and progress.png are still written)", stacklevel=2)
             else:
+                # Scalars are logged at step = epoch (1-based): a run resumed after epoch N
+                # redoes the epochs from N + 1 on, so the events of those steps are dropped.
+                done = int(self.rows[-1]["epoch"]) if self.rows else 0
                 self._tb = SummaryWriter(str(self.run_dir / "tensorboard"),
-                                         purge_step=len(self.rows) or None)
+                                         purge_step=done + 1 if done else None)
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from colabx._io import remove_stale_temporaries
 from colabx.data import load_dataset
 from colabx.data.loader import PatchBatches, make_loader
 from colabx.data.preprocessing import (
@@ -37,6 +38,7 @@ from colabx.data.preprocessing import (
     load_preprocessed,
     preprocess_dataset,
 )
+from colabx.device import resolve_device
 from colabx.meta import MetaConfig, MetaStep, UpdateCounter
 from colabx.ops.dice_ce_loss import dice_ce_loss
 from colabx.train import evaluation
@@ -46,10 +48,11 @@ from colabx.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from colabx.train.config import PRESETS, TrainConfig, save_config
+from colabx.train.config import PRESETS, TrainConfig, resume_differences, save_config
 from colabx.train.distributed import Dist, ProcessGroupReducer
 from colabx.train.logs import RunLog
 from colabx.train.plan import NetworkPlan, auto_patch_size, build_networks, pool_kernel_sizes
+from colabx.train.run_dir import check_new_run_folder, start_run_folder
 from colabx.train.targets import FixedTargets, fit_intensity_clusters
 
 __all__ = ["Trainer", "cache_dir", "default_config", "preprocessed_key"]
@@ -71,6 +74,14 @@ def default_config(dataset: str | None = None, **overrides: Any) -> TrainConfig:
     return TrainConfig(dataset=dataset, **{**base, **overrides})
 
 
+def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its dataset and preprocessed folders as absolute paths, so that a run can be
+    resumed, predicted from or compared from any working directory."""
+    paths = {k: str(Path(v).expanduser().absolute()) for k in ("dataset", "preprocessed")
+             if (v := getattr(cfg, k)) is not None}
+    return cfg.replace(**paths) if paths else cfg
+
+
 def _poly(base: float, it: int, total: int, exponent: float) -> float:
     return base * (1.0 - min(it, total) / total) ** exponent
 
@@ -84,24 +95,31 @@ class Trainer:
     """Trains one configuration into ``out_dir`` (see the module docstring).
 
     Args:
-        cfg: the resolved configuration (ignored, except ``device``/``threads``/``num_workers``/
-            ``progress``, when resuming: the checkpoint's configuration is used).
-        out_dir: the run directory.
+        cfg: the resolved configuration. When resuming, the options in
+            :data:`~colabx.train.config.CHANGEABLE_ON_RESUME` (more epochs, device, workers,
+            ...) are taken from it and logged; every other option must equal the run's.
+        out_dir: the run directory: absent or empty, or (``overwrite``) any folder; a folder
+            holding a run is refused unless ``resume`` or ``overwrite`` (which removes that run's
+            files first).
         dist: this process's place in a ``torchrun`` run (default: single process).
         resume: continue from ``out_dir/checkpoint_latest.pth``.
+        overwrite: start a new run in a folder that holds other files or an earlier run.
         echo: where progress lines go (rank 0 only).
     """
 
     def __init__(self, cfg: TrainConfig, out_dir: str | Path, *, dist: Dist | None = None,
-                 resume: bool = False, echo: Callable[[str], None] = print) -> None:
+                 resume: bool = False, overwrite: bool = False,
+                 echo: Callable[[str], None] = print) -> None:
         self.out = Path(out_dir)
         self.dist = dist or Dist()
         self.echo = echo if self.dist.is_main else (lambda s: None)
+        cfg = _absolute_paths(cfg)
         state = None
         if resume:
             state = load_checkpoint(self.out / "checkpoint_latest.pth")
-            keep = {k: getattr(cfg, k) for k in ("device", "threads", "num_workers", "progress")}
-            cfg = TrainConfig(**{**state["config"], **keep})
+            cfg = self._resumed_config(state, cfg)
+        elif self.dist.is_main:
+            check_new_run_folder(self.out, overwrite)
         self.cfg = cfg
         self._setup_runtime()
         self._setup_data()
@@ -111,26 +129,45 @@ class Trainer:
         rows = None
         if state is not None:
             rows = self._load_state(state)
+        if self.dist.is_main:
+            if resume:
+                remove_stale_temporaries(self.out)
+            else:
+                start_run_folder(self.out, "colabx train")
         self.log = RunLog(self.out, rows, tensorboard=self.dist.is_main) \
             if self.dist.is_main else None
         if self.dist.is_main:
             save_config(self.cfg, self.out / "config.yaml")
+
+    def _resumed_config(self, state: dict[str, Any], cfg: TrainConfig) -> TrainConfig:
+        """The configuration of a resumed run: the run's own, with the changes ``cfg`` asks for
+        where a resumed run may change (logged); refuses any other difference."""
+        saved = _absolute_paths(TrainConfig(**state["config"])).to_dict()
+        fixed, changed = resume_differences(saved, cfg.to_dict())
+        if fixed:
+            listed = "; ".join(f"{k}: run {a!r}, given {b!r}" for k, (a, b) in fixed.items())
+            raise ValueError(f"{self.out}: cannot resume with different options ({listed}); "
+                             "these must match the run's, so drop them, or start a new run "
+                             "with another --out")
+        done = int(state["epoch"])
+        if cfg.epochs < done:
+            raise ValueError(f"epochs: the run in {self.out} has already trained {done} epochs; "
+                             f"--epochs {cfg.epochs} cannot undo them")
+        for k, (a, b) in changed.items():
+            extra = " (the poly learning-rate schedule now runs over the new total)" \
+                if k == "epochs" else ""
+            self.echo(f"resume: {k} {a!r} -> {b!r}{extra}")
+        return TrainConfig(**{**saved, **{k: b for k, (_, b) in changed.items()}})
 
     # -- set-up ---------------------------------------------------------------------------------
     def _setup_runtime(self) -> None:
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        if cfg.device == "auto":
-            dev = "cuda" if torch.cuda.is_available() else "cpu"
-        else:
-            dev = cfg.device
-        if dev.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise RuntimeError(f"device: {cfg.device!r} requested but CUDA is not available")
-            if self.dist.enabled:
-                dev = f"cuda:{self.dist.local_rank}"
-        self.device = torch.device(dev)
+        dev = resolve_device(cfg.device)
+        if dev.type == "cuda" and self.dist.enabled:
+            dev = torch.device("cuda", self.dist.local_rank)
+        self.device = dev
         amp = cfg.amp if cfg.amp != "auto" else ("bf16" if self.device.type == "cuda" else "none")
         if amp != "none" and self.device.type != "cuda":
             raise ValueError(f"amp: {amp} mixed precision needs a CUDA device")
@@ -178,6 +215,34 @@ class Trainer:
         self.train_ids = sorted(ids[i] for i in order[n_val:])
         labels = {v for k, v in self.dataset.labels.items() if v != self.dataset.ignore_label}
         self.num_classes = max(labels) + 1
+        self._check_split(len(ids))
+        self._check_test_cases()
+
+    def _check_split(self, n_cases: int) -> None:
+        """Refuse a split that leaves nothing to train on; warn when nothing is held out."""
+        cfg = self.cfg
+        if not self.train_ids:
+            raise ValueError(f"val_fraction: {cfg.val_fraction} holds out all {n_cases} "
+                             "case(s), leaving no training case; lower --val-fraction")
+        cases = self.pre.plans["cases"]
+        if not any(cases[i].get("roi_voxels", 1) for i in self.train_ids):
+            raise ValueError(f"{self.dataset.root}: none of the {len(self.train_ids)} training "
+                             "case(s) contains an ROI voxel (the held-out cases "
+                             f"{self.val_ids} hold all of them); nothing to learn: change "
+                             "--val-fraction")
+        if not self.val_ids:
+            self.echo("warning: no validation case (val_fraction 0, or a single case): no "
+                      "validation during training and no checkpoint_best.pth")
+
+    def _check_test_cases(self) -> None:
+        """Read every labelled test case now, so that a bad file stops the run before training
+        rather than at the final evaluation."""
+        tests = [k for k in self.dataset.test_cases if k.label is not None]
+        for k in tests:
+            self.dataset.load_case(k)
+        if not tests and not self.val_ids:
+            self.echo("warning: no labelled test case (imagesTs/labelsTs) and no validation "
+                      "case: the final evaluation will have nothing to score")
 
     def _mode_t(self) -> int:
         cfg = self.cfg

@@ -1,0 +1,36 @@
+"""Choosing the torch device from a user's ``--device`` string, with one-line errors."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+__all__ = ["resolve_device"]
+
+
+def resolve_device(spec: str, option: str = "device") -> torch.device:
+    """The device ``spec`` names: ``auto`` (CUDA when available, else the CPU), ``cpu``,
+    ``cuda`` or ``cuda:N``.
+
+    Raises:
+        ValueError: ``spec`` is not one of those forms, names CUDA on a machine without it, or a
+            CUDA index the machine does not have; the message starts with ``option``.
+    """
+    if not isinstance(spec, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", spec):
+        raise ValueError(f"{option}: expected auto, cpu, cuda or cuda:N, got {spec!r}")
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else \
+            "no CUDA device is visible"
+        raise ValueError(f"{option}: {spec!r} requested but CUDA is not available ({why}); "
+                         "use cpu or auto")
+    dev = torch.device(spec)
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(f"{option}: {spec!r} requested but this machine has {count} CUDA "
+                         f"device(s) (cuda:0..cuda:{count - 1})")
+    return dev

@@ -1,0 +1,341 @@
+"""What a user can lose or misread: output folders, --resume, checks before training, devices,
+bounds, disk-full writes, TensorBoard on resume and exit codes (through the ``colabx`` CLI)."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import os
+import shutil
+
+import pytest
+import torch
+
+from colabx import _io
+from colabx.cli import main
+from colabx.data.phantom import write_phantom
+from colabx.train.checkpoint import load_checkpoint
+
+TINY = ["--epochs", "1", "--iterations", "2", "--base-features", "4", "--num-pool", "2",
+        "--patch-size", "16", "16", "8", "--num-workers", "0", "--no-progress", "--threads", "1",
+        "--val-cases", "1", "--snapshot-every", "0"]
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    return write_phantom(tmp_path_factory.mktemp("safety") / "phantom", preset="tiny",
+                         num_cases=4, num_test=1)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("COLABX_CACHE", str(tmp_path_factory.getbasetemp() / "safety-cache"))
+
+
+def _train(*args: str) -> int:
+    return main(["train", *TINY, *args])
+
+
+@pytest.fixture(scope="module")
+def trained(phantom, tmp_path_factory):
+    """A finished vanilla run (1 epoch) to predict from and to resume."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    os.environ["COLABX_CACHE"] = str(tmp_path_factory.getbasetemp() / "safety-cache")
+    assert _train(str(phantom), "--mode", "vanilla", "--out", str(run)) == 0
+    return run
+
+
+# -- 1. output folders --------------------------------------------------------------------------
+
+def test_train_refuses_a_folder_of_other_files(phantom, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "evaluation.json").write_text('{"mine": 1}')
+    mine = out / "config.yaml"
+    mine.write_text("epochs: 1\n")
+    assert _train(str(phantom), "--mode", "vanilla", "--out", str(out)) == 2
+    err = capsys.readouterr().err
+    assert f"{out}: folder is not empty and is not a colabx run folder" in err
+    assert "--overwrite" in err
+    assert (out / "evaluation.json").read_text() == '{"mine": 1}'
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "evaluation.json"]
+
+
+def test_train_never_writes_over_its_config_file(phantom, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = out / "config.yaml"
+    cfg.write_text("mode: vanilla\n")
+    for extra in ([], ["--overwrite"]):
+        assert _train(str(phantom), "--config", str(cfg), "--out", str(out), *extra) == 2
+        assert "is the config.yaml that colabx train writes" in capsys.readouterr().err
+    assert cfg.read_text() == "mode: vanilla\n"
+
+
+def test_train_overwrite_replaces_an_earlier_run_whole(phantom, trained, tmp_path):
+    run = tmp_path / "again"
+    shutil.copytree(trained, run)
+    (run / "checkpoint_best.pth").write_bytes(b"stale")
+    assert _train(str(phantom), "--mode", "vanilla", "--out", str(run)) == 2
+    assert _train(str(phantom), "--mode", "dilation", "--out", str(run), "--overwrite") == 0
+    assert load_checkpoint(run / "checkpoint_final.pth")["config"]["mode"] == "dilation"
+    assert (run / "checkpoint_best.pth").read_bytes() != b"stale"
+    rows = list(csv.DictReader((run / "log.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1"]
+
+
+def test_predict_refuses_a_folder_of_other_files_and_reruns_into_its_own(
+        phantom, trained, tmp_path, capsys):
+    out = tmp_path / "preds"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    args = ["predict", str(trained), str(phantom / "imagesTs"), str(out), "--device", "cpu"]
+    assert main(args) == 2
+    assert "is not a colabx prediction folder" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    assert (out / "notes.txt").read_text() == "mine"
+    fresh = tmp_path / "fresh"
+    assert main(["predict", str(trained), str(phantom / "imagesTs"), str(fresh)]) == 0
+    assert main(["predict", str(trained), str(phantom / "imagesTs"), str(fresh)]) == 0  # again
+
+
+def test_failed_predict_leaves_no_folder(phantom, trained, tmp_path, capsys):
+    bad = tmp_path / "in"
+    bad.mkdir()
+    for p in (phantom / "imagesTs").iterdir():
+        (bad / p.name).write_bytes(p.read_bytes()[:200])  # truncated: unreadable
+    out = tmp_path / "never"
+    assert main(["predict", str(trained), str(bad), str(out), "--device", "cpu"]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert not out.exists()
+
+
+# -- 2. --resume ---------------------------------------------------------------------------------
+
+def _partial_run(phantom, out, tmp_path):
+    """A colab run stopped after 1 of 2 epochs, as a killed training leaves it."""
+    from colabx.train.config import TrainConfig
+    from colabx.train.trainer import Trainer
+
+    cfg = TrainConfig(dataset=str(phantom), mode="colab", epochs=2, iterations=2,
+                      base_features=4, num_pool=2, patch_size=[16, 16, 8], num_workers=0,
+                      progress=False, threads=1, val_cases=1, snapshot_every=0, device="cpu")
+    Trainer(cfg, out, echo=lambda s: None).run(max_epochs=1)
+
+
+def test_resume_refuses_options_that_must_match(phantom, tmp_path, capsys):
+    run = tmp_path / "run"
+    _partial_run(phantom, run, tmp_path)
+    other = tmp_path / "other"
+    write_phantom(other, preset="tiny", num_cases=3, num_test=1)
+    assert main(["train", str(other), "--mode", "vanilla", "--lr", "0.5", "--out", str(run),
+                 "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume with different options" in err
+    for key in ("dataset:", "mode: run 'colab', given 'vanilla'", "lr: run 0.01, given 0.5"):
+        assert key in err
+    assert load_checkpoint(run / "checkpoint_latest.pth")["epoch"] == 1
+
+
+def test_resume_applies_and_logs_options_that_may_change(phantom, tmp_path, capsys,
+                                                         monkeypatch):
+    run = tmp_path / "run"
+    _partial_run(phantom, run, tmp_path)
+    monkeypatch.chdir(tmp_path)  # the run stored its dataset as an absolute path
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "3", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "resume: epochs 2 -> 3" in out
+    state = load_checkpoint(run / "checkpoint_final.pth")
+    assert state["epoch"] == 3 and state["config"]["epochs"] == 3
+    assert state["config"]["dataset"] == str(phantom.absolute())
+    assert _train("--out", str(run), "--resume", "--epochs", "1") == 2
+    assert "already trained 3 epochs" in capsys.readouterr().err
+
+
+# -- 3. checks before the first iteration --------------------------------------------------------
+
+def test_bad_test_label_stops_the_run_before_training(phantom, tmp_path, capsys):
+    ds = tmp_path / "ds"
+    shutil.copytree(phantom, ds)
+    import nibabel as nib
+    import numpy as np
+
+    p = next((ds / "labelsTs").iterdir())
+    img = nib.load(p)
+    data = np.asarray(img.dataobj).copy()
+    data[0, 0, 0] = 7
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), p)
+    run = tmp_path / "run"
+    assert _train(str(ds), "--mode", "vanilla", "--out", str(run)) == 2
+    assert f"{p}: label map has value(s) [7]" in capsys.readouterr().err
+    assert not run.exists()
+
+
+def test_split_without_training_case_is_a_clear_error(phantom, tmp_path, capsys):
+    assert _train(str(phantom), "--val-fraction", "0.9", "--out", str(tmp_path / "r")) == 2
+    assert "val_fraction: 0.9 holds out all 4 case(s), leaving no training case" in \
+        capsys.readouterr().err
+
+
+def test_no_training_case_with_an_roi_is_a_clear_error(tmp_path, capsys):
+    import nibabel as nib
+    import numpy as np
+
+    ds = write_phantom(tmp_path / "ds", preset="tiny", num_cases=4, num_test=1)
+    from colabx.train.trainer import SPLIT_SEED
+
+    order = np.random.default_rng(SPLIT_SEED).permutation(4)
+    ids = sorted(p.name[:-7] for p in (ds / "labelsTr").iterdir())
+    val = ids[order[0]]
+    for cid in ids:  # foreground only in the case the 25 % split holds out
+        if cid != val:
+            p = ds / "labelsTr" / f"{cid}.nii.gz"
+            img = nib.load(p)
+            nib.save(nib.Nifti1Image(np.zeros(img.shape, np.int16), img.affine), p)
+    assert _train(str(ds), "--val-fraction", "0.25", "--out", str(tmp_path / "r")) == 2
+    assert "none of the 3 training case(s) contains an ROI voxel" in capsys.readouterr().err
+
+
+def test_no_held_out_case_is_announced(phantom, tmp_path, capsys):
+    ds = tmp_path / "ds"
+    shutil.copytree(phantom, ds)
+    shutil.rmtree(ds / "labelsTs")
+    assert _train(str(ds), "--mode", "vanilla", "--val-fraction", "0", "--out",
+                  str(tmp_path / "r")) == 0
+    out = capsys.readouterr().out
+    assert "warning: no validation case" in out and "warning: no labelled test case" in out
+
+
+# -- 4. devices ------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+@pytest.mark.parametrize("device,match", [
+    ("cuda", "device: 'cuda' requested but CUDA is not available"),
+    ("cuda:1", "device: 'cuda:1' requested but CUDA is not available"),
+    ("cudaXYZ", "device: expected auto, cpu, cuda or cuda:N, got 'cudaXYZ'"),
+    ("banana", "device: expected auto, cpu, cuda or cuda:N, got 'banana'"),
+])
+def test_bad_devices_are_one_line_errors(phantom, trained, tmp_path, capsys, device, match):
+    assert _train(str(phantom), "--device", device, "--out", str(tmp_path / "r")) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err and err.count("\n") == 1
+    assert main(["predict", str(trained), str(phantom / "imagesTs"), str(tmp_path / "p"),
+                 "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1
+    assert not (tmp_path / "p").exists() and not (tmp_path / "r").exists()
+
+
+# -- 5. bounds -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overlap", ["0.9999", "1.5", "-0.1"])
+def test_predict_overlap_is_bounded(phantom, trained, tmp_path, capsys, overlap):
+    assert main(["predict", str(trained), str(phantom / "imagesTs"), str(tmp_path / "p"),
+                 "--overlap", overlap]) == 2
+    assert f"overlap: must be in [0, 0.9], got {float(overlap)}" in capsys.readouterr().err
+
+
+def test_seed_out_of_range_names_the_option(phantom, tmp_path, capsys):
+    assert _train(str(phantom), "--seed", str(2**64), "--out", str(tmp_path / "r")) == 2
+    assert "seed: must be <= 4294967295" in capsys.readouterr().err
+
+
+def test_spacing_that_is_not_numbers_names_spacing():
+    import colabx
+
+    with pytest.raises(ValueError, match=r"spacing must be numbers, got \('a', 1, 1\)"):
+        colabx.distance_transform(torch.ones(1, 4, 4, 4, dtype=torch.bool), spacing=("a", 1, 1))
+    from colabx.inference import evaluate_case
+
+    with pytest.raises(ValueError, match="spacing must be numbers"):
+        evaluate_case(torch.ones(4, 4, 4, dtype=torch.long), torch.ones(4, 4, 4,
+                      dtype=torch.long), 2, spacing=("a", 1, 1))
+
+
+# -- 6. disk full ---------------------------------------------------------------------------------
+
+def test_disk_full_at_a_checkpoint_is_one_line_and_keeps_the_previous(phantom, tmp_path,
+                                                                    monkeypatch, capsys):
+    run = tmp_path / "run"
+    _partial_run(phantom, run, tmp_path)
+    before = (run / "checkpoint_latest.pth").read_bytes()
+    real_fsync = os.fsync
+
+    def full(fd):
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if "checkpoint_latest" in name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(_io.os, "fsync", full)
+    assert _train("--out", str(run), "--resume", "--epochs", "2") == 2
+    err = capsys.readouterr().err
+    assert "checkpoint_latest.pth: cannot write (No space left on device); its previous " \
+        "version is kept" in err and err.count("\n") == 1
+    assert (run / "checkpoint_latest.pth").read_bytes() == before
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_leftover_temporaries_of_a_killed_writer_are_removed(phantom, tmp_path):
+    run = tmp_path / "run"
+    _partial_run(phantom, run, tmp_path)
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    stale = run / f".checkpoint_latest.pth.{dead}.0123abcd.tmp"
+    stale.write_bytes(b"half")
+    live = run / f".log.csv.{os.getpid()}.0123abcd.tmp"
+    live.write_bytes(b"someone is writing this")
+    assert _train("--out", str(run), "--resume", "--epochs", "2") == 0
+    assert not stale.exists() and live.exists()
+
+
+# -- 7. TensorBoard on resume ---------------------------------------------------------------------
+
+def _tensorboard_epochs(run) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    return [e.step for e in acc.Scalars("train_loss")]
+
+
+def test_tensorboard_holds_every_epoch_once_after_two_resumes(phantom, tmp_path):
+    from colabx.train.config import TrainConfig
+    from colabx.train.trainer import Trainer
+
+    cfg = TrainConfig(dataset=str(phantom), mode="vanilla", epochs=4, iterations=1,
+                      base_features=4, num_pool=2, patch_size=[16, 16, 8], num_workers=0,
+                      progress=False, threads=1, val_cases=1, snapshot_every=0, device="cpu")
+    run = tmp_path / "run"
+    Trainer(cfg, run, echo=lambda s: None).run(max_epochs=2)
+    Trainer(cfg, run, resume=True, echo=lambda s: None).run(max_epochs=1)
+    Trainer(cfg, run, resume=True, echo=lambda s: None).run()
+    assert _tensorboard_epochs(run) == [1, 2, 3, 4]
+
+
+# -- 9. smaller ----------------------------------------------------------------------------------
+
+def test_resume_without_out_and_existing_run_exit_2(trained, phantom, capsys):
+    assert main(["train", "--resume"]) == 2
+    assert "--resume needs --out" in capsys.readouterr().err
+    assert _train(str(phantom), "--mode", "vanilla", "--out", str(trained)) == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
+
+
+def test_make_phantom_names_the_overwrite_flag(tmp_path, capsys):
+    out = tmp_path / "x"
+    out.mkdir()
+    (out / "a").write_text("a")
+    assert main(["make-phantom", str(out), "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "overwrite=True" not in err
+
+
+def test_predict_channel_count_error_names_the_model(phantom, trained, tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    img = next((phantom / "imagesTs").iterdir())
+    shutil.copy(img, src / img.name)
+    shutil.copy(img, src / img.name.replace("_0000", "_0001"))
+    assert main(["predict", str(trained), str(src), str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert f"the model of {trained} expects 1 channel(s)" in err and "dataset.json" not in err
