@@ -57,15 +57,115 @@ def test_empty_conventions():
     z = np.zeros((5, 6), np.uint8)
     one = z.copy()
     one[2, 3] = 1
-    both_empty = evaluate_case(z, z, 2)[1]
-    assert both_empty["dice"] == 1.0
-    assert all(math.isnan(both_empty[k]) for k in ("sensitivity", "precision", "hd95"))
-    missed = evaluate_case(z, one, 2)[1]  # nothing predicted
+    diagonal = math.hypot(5 * 2.0, 6 * 0.5)  # the penalty: the image's diagonal in mm
+    both_empty = evaluate_case(z, z, 2, (2.0, 0.5))[1]
+    assert both_empty["dice"] == 1.0 and both_empty["hd95"] == 0.0
+    assert all(math.isnan(both_empty[k]) for k in ("sensitivity", "precision"))
+    missed = evaluate_case(z, one, 2, (2.0, 0.5))[1]  # nothing predicted
     assert missed["dice"] == 0.0 and missed["sensitivity"] == 0.0
-    assert math.isnan(missed["precision"]) and math.isnan(missed["hd95"])
-    spurious = evaluate_case(one, z, 2)[1]  # nothing to find
+    assert math.isnan(missed["precision"]) and missed["hd95"] == pytest.approx(diagonal)
+    spurious = evaluate_case(one, z, 2, (2.0, 0.5))[1]  # nothing to find
     assert spurious["dice"] == 0.0 and spurious["precision"] == 0.0
-    assert math.isnan(spurious["sensitivity"]) and math.isnan(spurious["hd95"])
+    assert math.isnan(spurious["sensitivity"]) and spurious["hd95"] == pytest.approx(diagonal)
+
+
+def test_missing_a_case_is_never_better_than_one_stray_voxel():
+    """A case predicted empty must not score a better mean HD95 or precision than the same case
+    with the lesion found plus one stray voxel far away."""
+    ref = np.zeros((40, 40, 20), np.int64)
+    ref[5:9, 5:9, 5:9] = 1
+    found = ref.copy()
+    found[35, 35, 18] = 1
+    good = np.zeros_like(ref)
+    good[20:24, 20:24, 10:14] = 1
+    sp = (1.0, 1.0, 2.5)
+    for other in (good,):
+        empty = summarize([evaluate_case(np.zeros_like(ref), ref, 2, sp),
+                           evaluate_case(other, other, 2, sp)])
+        stray = summarize([evaluate_case(found, ref, 2, sp), evaluate_case(other, other, 2, sp)])
+        assert empty["foreground_mean"]["hd95"] > stray["foreground_mean"]["hd95"]
+        assert empty["foreground_undefined"]["precision"] == 1
+        assert stray["foreground_undefined"]["precision"] == 0
+
+
+def test_undefined_counts_are_reported_beside_the_means(tmp_path):
+    from colabx.train.evaluation import format_metrics
+
+    z = np.zeros((6, 6), np.int64)
+    one = z.copy()
+    one[1:3, 1:3] = 1
+    s = summarize([evaluate_case(z, one, 2), evaluate_case(one, one, 2), evaluate_case(z, z, 2)])
+    assert s["undefined"][1] == {"dice": 0, "sensitivity": 1, "precision": 2, "hd95": 0}
+    assert s["foreground_undefined"]["precision"] == 2
+    assert s["mean"][1]["precision"] == 1.0  # the one defined case
+    text = format_metrics({**s, "cases": {}})
+    assert "precision in 2 case(s) (nothing predicted)" in text
+    assert "sensitivity in 1 case(s) (empty reference)" in text
+    write_summary(s, tmp_path / "s.json")
+    assert json.loads((tmp_path / "s.json").read_text())["foreground_undefined"]["precision"] == 2
+
+
+@pytest.mark.parametrize("far_in", ["pred", "ref"])
+def test_hd95_is_symmetric_with_the_far_blob_on_either_side(far_in):
+    """A far-away extra blob raises HD95 whichever mask holds it (a one-directional HD95 would
+    see it from one side only)."""
+    a = np.zeros((30, 30, 12), bool)
+    a[4:9, 4:9, 3:7] = True
+    b = a.copy()
+    b[24:27, 24:27, 8:10] = True  # far blob, 8 % of b's surface
+    pred, ref = (b, a) if far_in == "pred" else (a, b)
+    sp = (0.8, 0.8, 2.0)
+    got = hd95(torch.from_numpy(pred), torch.from_numpy(ref), sp)
+    assert got == pytest.approx(_brute_hd95(pred, ref, sp), rel=1e-6)
+    assert got > 10.0
+    assert got == pytest.approx(hd95(torch.from_numpy(ref), torch.from_numpy(pred), sp))
+
+
+def _monai_scores(pred: np.ndarray, ref: np.ndarray, spacing):
+    """MONAI's DiceMetric (ignore_empty=False), HausdorffDistanceMetric(percentile=95) and the
+    confusion-matrix precision and sensitivity of class 1."""
+    monai = pytest.importorskip("monai.metrics")
+
+    def onehot(m):
+        t = torch.from_numpy(m.astype(np.int64))
+        return torch.stack([t == 0, t == 1])[None].float()
+
+    p, r = onehot(pred), onehot(ref)
+    dice = monai.DiceMetric(include_background=False, ignore_empty=False)(p, r).item()
+    hd = monai.HausdorffDistanceMetric(include_background=False, percentile=95)(
+        p, r, spacing=list(spacing)).item()
+    cm = monai.get_confusion_matrix(p, r, include_background=False)
+    prec = monai.compute_confusion_matrix_metric("precision", cm).item()
+    sens = monai.compute_confusion_matrix_metric("sensitivity", cm).item()
+    return dice, sens, prec, hd
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("seed", range(6))
+def test_metrics_against_monai_on_random_anisotropic_cases(seed):
+    """MONAI (an independent implementation) agrees on every case where both define a value;
+    where a mask is empty, MONAI's HD95 is NaN and colabx's is the documented 0 / diagonal."""
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(v) for v in rng.integers(9, 24, size=3))
+    spacing = tuple(float(v) for v in rng.uniform(0.5, 3.0, size=3))
+    blobs = [ndi.binary_dilation(rng.random(shape) > 0.985, iterations=2) for _ in range(2)]
+    cases = [(blobs[0], blobs[1]), (np.zeros(shape, bool), blobs[1]),
+             (blobs[0], np.zeros(shape, bool)), (np.zeros(shape, bool), np.zeros(shape, bool))]
+    for pred, ref in cases:
+        ours = evaluate_case(pred.astype(np.int64), ref.astype(np.int64), 2, spacing)[1]
+        dice, sens, prec, hd = _monai_scores(pred, ref, spacing)
+        assert ours["dice"] == pytest.approx(dice, abs=1e-6)
+        for name, theirs in (("sensitivity", sens), ("precision", prec)):
+            assert math.isnan(ours[name]) == math.isnan(theirs), name
+            if not math.isnan(theirs):
+                assert ours[name] == pytest.approx(theirs, abs=1e-6), name
+        if pred.any() and ref.any():
+            assert ours["hd95"] == pytest.approx(hd, rel=1e-5)
+        else:
+            assert math.isnan(hd)  # MONAI leaves it undefined; colabx gives the penalty
+            want = 0.0 if not pred.any() and not ref.any() else math.sqrt(
+                sum((n * s) ** 2 for n, s in zip(shape, spacing, strict=True)))
+            assert ours["hd95"] == pytest.approx(want)
 
 
 def test_hd95_hand_computed():
@@ -188,7 +288,10 @@ def test_evaluate_folders_and_write_summary(tmp_path):
     (tmp_path / "out").mkdir()
     paths = write_summary(res, tmp_path / "out" / "summary.json")
     js = json.loads(paths[0].read_text())  # strict JSON: NaN became null
-    assert js["cases"]["c2"]["metrics"]["2"]["hd95"] is None
+    assert js["cases"]["c2"]["metrics"]["2"]["precision"] is None  # nothing predicted
+    diagonal = math.sqrt(10**2 + 12**2 + (6 * 2.0) ** 2)
+    assert js["cases"]["c2"]["metrics"]["2"]["hd95"] == pytest.approx(diagonal)
+    assert js["undefined"]["2"]["precision"] == 1
     assert js["mean"]["1"]["dice"] == pytest.approx(res["mean"][1]["dice"])
     rows = paths[1].read_text().splitlines()
     assert rows[0].split(",")[:3] == ["case", "class", "name"] and len(rows) == 1 + 3 * 2

@@ -4,21 +4,36 @@ Conventions (class ``j >= 1`` of a prediction ``P`` and reference ``R``, counted
 that are not the reference's ignore label):
 
 * ``tp, fp, fn``: voxel counts; ``n_pred = tp + fp``, ``n_ref = tp + fn``.
-* ``dice = 2 tp / (2 tp + fp + fn)``; 1 when both P and R are empty, so 0 when exactly one is.
-* ``sensitivity = tp / n_ref`` (recall): NaN when R is empty (nothing to find).
-* ``precision = tp / n_pred``: NaN when P is empty (nothing predicted).
+* ``dice = 2 tp / (2 tp + fp + fn)``.
+* ``sensitivity = tp / n_ref`` (recall); ``precision = tp / n_pred``.
 * ``hd95``: the symmetric 95th-percentile Hausdorff distance between the surfaces, in mm when a
   spacing is given (else voxels): ``max(q95(d(S_P, S_R)), q95(d(S_R, S_P)))``, where ``d(A, B)``
   are the distances from every voxel of surface A to the nearest voxel of surface B and q95 the
   linear-interpolated 95th percentile (the definition of MONAI's ``compute_hausdorff_distance``
   with ``percentile=95``, the BraTS toolkits and DeepMind's ``surface-distance`` up to its surfel
   weighting). A surface voxel is a mask voxel with a face neighbour (4-connectivity in 2D,
-  6 in 3D) outside the mask or outside the array (MedPy's erosion border). NaN when P or R is
-  empty. Distances come from :func:`colabx.distance_transform` on the bounding box of ``P ∪ R``
-  (exact: every surface voxel lies inside it).
+  6 in 3D) outside the mask or outside the array (MedPy's erosion border). Distances come from
+  :func:`colabx.distance_transform` on the bounding box of ``P ∪ R`` (exact: every surface voxel
+  lies inside it).
 
-Means (:func:`summarize`) skip NaN; a mean with no defined value is NaN. JSON output writes NaN as
-``null``.
+Empty masks, so that predicting nothing is never rewarded:
+
+=================  =====  ===========  =========  =======================================
+P / R              dice   sensitivity  precision  hd95
+=================  =====  ===========  =========  =======================================
+empty / empty      1      undefined    undefined  0
+empty / non-empty  0      0            undefined  the image diagonal (the penalty)
+non-empty / empty  0      undefined    0          the image diagonal (the penalty)
+=================  =====  ===========  =========  =======================================
+
+The image diagonal is ``sqrt(sum((n_a * spacing_a)^2))`` over the array's axes, the largest
+distance two voxels of the image can have, as the BraTS challenge scores a missed or invented
+tumour (373.13 mm, its 240×240×155 1-mm grid). MONAI agrees on dice (with
+``ignore_empty=False``), sensitivity and precision (``ConfusionMatrixMetric``: NaN where
+undefined) and returns NaN for HD95 whenever a mask is empty; colabx gives the finite values
+above instead, so that a mean over cases stays comparable between models that miss different
+cases. Undefined values are NaN (``null`` in JSON); :func:`summarize` leaves them out of the
+means and reports beside every mean how many cases were undefined.
 """
 
 from __future__ import annotations
@@ -41,10 +56,12 @@ from colabx.data.nifti import DatasetError, read_label_map
 from colabx.ops.distance_transform import compute_distance_transform
 
 __all__ = [
+    "CAN_BE_UNDEFINED",
     "METRICS",
     "evaluate_case",
     "evaluate_folders",
     "hd95",
+    "image_diagonal",
     "summarize",
     "write_summary",
 ]
@@ -80,15 +97,25 @@ def _q95(d: torch.Tensor) -> float:
     return float(np.percentile(d.double().cpu().numpy(), 95))
 
 
+def image_diagonal(shape: Sequence[int], spacing: Sequence[float] | None = None) -> float:
+    """``sqrt(sum((n_a * spacing_a)^2))``: HD95's penalty when exactly one mask is empty."""
+    sp = [1.0] * len(shape) if spacing is None else [float(s) for s in spacing]
+    return math.sqrt(sum((n * s) ** 2 for n, s in zip(shape, sp, strict=True)))
+
+
 def hd95(pred: torch.Tensor, ref: torch.Tensor, spacing: Sequence[float] | None = None) -> float:
     """Symmetric 95th-percentile Hausdorff distance of two boolean masks ``[*S]`` (2D or 3D),
-    defined as in the module docstring; NaN when either mask is empty."""
+    defined as in the module docstring: 0 when both are empty, the image diagonal
+    (:func:`image_diagonal`) when exactly one is."""
     if pred.shape != ref.shape or pred.dim() not in (2, 3):
         raise ValueError(f"pred and ref must be 2D or 3D masks of one shape, got "
                          f"{tuple(pred.shape)} and {tuple(ref.shape)}")
     pred, ref = pred.bool(), ref.bool()
-    if not bool(pred.any()) or not bool(ref.any()):
-        return math.nan
+    has_pred, has_ref = bool(pred.any()), bool(ref.any())
+    if not has_pred and not has_ref:
+        return 0.0
+    if not has_pred or not has_ref:
+        return image_diagonal(pred.shape, spacing)
     union = pred | ref
     box = []
     for ax in range(union.dim()):
@@ -121,6 +148,8 @@ def evaluate_case(
         ignore_label: reference value whose voxels are left out of every metric.
         compute_hd95: False skips the distance transforms (``hd95`` is then NaN).
 
+    Empty prediction or reference: see the table in the module docstring.
+
     Returns:
         ``{j: {"dice", "sensitivity", "precision", "hd95": float, "tp", "fp", "fn", "n_pred",
         "n_ref": int}}`` for ``j = 1..c-1``.
@@ -135,7 +164,10 @@ def evaluate_case(
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
     if spacing is not None:
-        spacing = tuple(float(s) for s in spacing)
+        try:
+            spacing = tuple(float(s) for s in spacing)
+        except (TypeError, ValueError):
+            raise ValueError(f"spacing must be numbers, got {spacing!r}") from None
         if len(spacing) != p.dim() or not all(math.isfinite(s) and s > 0 for s in spacing):
             raise ValueError(f"spacing must be {p.dim()} finite values > 0, got {spacing}")
     p, r = p.to(r.device).long(), r.long()
@@ -159,11 +191,13 @@ def evaluate_case(
         fp, fn = n_pred - tp, n_ref - tp
         denom = 2 * tp + fp + fn
         h = math.nan
-        if compute_hd95 and n_pred and n_ref:
-            pm, rm = p == j, r == j
-            if valid is not None:
-                pm, rm = pm & valid, rm & valid
-            h = hd95(pm, rm, spacing)
+        if compute_hd95:
+            h = 0.0 if not n_pred and not n_ref else image_diagonal(p.shape, spacing)
+            if n_pred and n_ref:
+                pm, rm = p == j, r == j
+                if valid is not None:
+                    pm, rm = pm & valid, rm & valid
+                h = hd95(pm, rm, spacing)
         out[j] = {
             "dice": 2 * tp / denom if denom else 1.0,
             "sensitivity": tp / n_ref if n_ref else math.nan,
@@ -179,20 +213,31 @@ def _nanmean(values: Iterable[float]) -> float:
     return sum(v) / len(v) if v else math.nan
 
 
+#: Metrics that can be undefined (NaN) for a case; :func:`summarize` counts those cases.
+CAN_BE_UNDEFINED = ("dice", "sensitivity", "precision", "hd95")
+
+
 def summarize(per_case: Iterable[Mapping[int, Mapping[str, float]]]) -> dict[str, Any]:
     """NaN-aware means of :func:`evaluate_case` results.
 
     Returns:
         ``{"num_cases": n, "mean": {j: {metric: mean over cases}}, "foreground_mean": {metric:
-        mean over classes of the class means}}``; every metric of :data:`METRICS` (counts
-        included) is averaged, NaN entries skipped.
+        mean over classes of the class means}, "undefined": {j: {metric: cases}},
+        "foreground_undefined": {metric: (class, case) pairs}}``; every metric of
+        :data:`METRICS` (counts included) is averaged, NaN entries skipped; ``undefined``
+        counts them for :data:`CAN_BE_UNDEFINED` (e.g. precision of cases with nothing
+        predicted).
     """
     cases = list(per_case)
     classes = sorted({j for c in cases for j in c})
     mean = {j: {m: _nanmean(c[j][m] for c in cases if j in c) for m in METRICS}
             for j in classes}
     fg = {m: _nanmean(mean[j][m] for j in classes) for m in METRICS}
-    return {"num_cases": len(cases), "mean": mean, "foreground_mean": fg}
+    undefined = {j: {m: sum(1 for c in cases if j in c and math.isnan(float(c[j][m])))
+                     for m in CAN_BE_UNDEFINED} for j in classes}
+    fg_undefined = {m: sum(undefined[j][m] for j in classes) for m in CAN_BE_UNDEFINED}
+    return {"num_cases": len(cases), "mean": mean, "foreground_mean": fg,
+            "undefined": undefined, "foreground_undefined": fg_undefined}
 
 
 def _label_map(labels: Mapping[str, int] | str | os.PathLike[str]) -> dict[str, int]:

@@ -3,7 +3,7 @@ final held-out evaluation in each case's original grid.
 
 Metrics (``colabx.inference.metrics``) are per ROI class; the trainer reports their mean over
 classes and cases: DSC, sensitivity and precision (precision of a case with no predicted voxel is
-undefined and left out of the mean).
+undefined, left out of the mean and counted beside it).
 """
 
 from __future__ import annotations
@@ -129,4 +129,10 @@ def format_metrics(result: dict[str, Any]) -> str:
     fg = result["foreground_mean"]
     rows.append(f"{'mean':<24} {'(all ROI)':<12} {fmt(fg['dice'])} {fmt(fg['sensitivity'])} "
                 f"{fmt(fg['precision'])} {fmt(fg['hd95'], 8)}")
+    undefined = {m: n for m, n in (result.get("foreground_undefined") or {}).items() if n}
+    if undefined:
+        why = {"sensitivity": "empty reference", "precision": "nothing predicted",
+               "hd95": "not computed", "dice": "not computed"}
+        rows.append("undefined, left out of the mean: " + ", ".join(
+            f"{m} in {n} case(s) ({why.get(m, 'undefined')})" for m, n in undefined.items()))
     return "\n".join(rows)
