@@ -58,7 +58,8 @@ def test_train_predict_evaluate(phantom, tmp_path, monkeypatch, capsys):
     preds = tmp_path / "preds"
     assert main(["predict", str(run), str(phantom / "imagesTs"), str(preds), "--device",
                  "cpu"]) == 0
-    assert sorted(p.name for p in preds.iterdir()) == ["phantom_test_000.nii.gz"]
+    assert sorted(p.name for p in preds.iterdir()) == ["colabx_predict.json",
+                                                       "phantom_test_000.nii.gz"]
     assert main(["evaluate", str(preds), str(phantom / "labelsTs"), "--labels",
                  str(phantom / "dataset.json")]) == 0
     summary = json.loads((preds / "summary.json").read_text())

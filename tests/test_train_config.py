@@ -83,7 +83,7 @@ def test_cli_flags_parse_to_config_types():
     ns = _parser().parse_args(["train", "--mode", "vanilla", "--patch-size", "32", "32", "16",
                                "--no-augment", "--lr", "0.02", "--epochs", "3"])
     flags = {k: v for k, v in vars(ns).items()
-             if k not in {"command", "config", "out", "resume", "dataset"}}
+             if k not in {"command", "config", "out", "resume", "overwrite", "dataset"}}
     cfg = from_mapping(flags)
     assert (cfg.mode, cfg.patch_size, cfg.augment, cfg.lr, cfg.epochs) == \
         ("vanilla", [32, 32, 16], False, 0.02, 3)
