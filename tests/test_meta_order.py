@@ -1,0 +1,131 @@
+"""The meta step's iteration orders (reference vs shared) and finite differences (central vs
+one-sided), on the CPU in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from colabx import distance_transform
+from colabx.meta import MetaConfig, MetaStep
+from colabx.models import UNet, task_generator
+
+LR = 0.01
+MARGIN, TAU = 2.0, 2.0  # small patches: a mask that varies inside the patch
+
+
+def _setup(nd=3, size=8, ds=True, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    f = UNet(1, 3, nd, base_features=4, num_pool=2, deep_supervision=ds).to(dtype)
+    g = task_generator(1, 2, nd, base_features=4, num_pool=2).to(dtype)
+    x = torch.randn(2, 1, *[size] * nd, dtype=dtype)
+    y = torch.zeros(2, *[size] * nd, dtype=torch.long)
+    q = size // 4
+    y[(slice(None),) + (slice(q, 2 * q + 1),) * nd] = 1
+    y[1] = torch.roll(y[1], 2, dims=0)
+    d = distance_transform(y > 0).to(dtype)
+    return f, g, x, y, d
+
+
+def _ggrad(g) -> torch.Tensor:
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                      for p in g.parameters()])
+
+
+def _rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _reference(f, g, x, y, d, **cfg) -> torch.Tensor:
+    MetaStep(f, g, MetaConfig(2, MARGIN, TAU, **cfg)).step(x, y, d, LR)
+    return _ggrad(g)
+
+
+def _shared(f, g, x, y, d, **cfg) -> torch.Tensor:
+    ms = MetaStep(f, g, MetaConfig(2, MARGIN, TAU, order="shared", **cfg))
+    f.zero_grad(set_to_none=True)
+    g.zero_grad(set_to_none=True)
+    inner = ms.shared_forward(x, y, d)
+    inner.loss.backward()
+    assert all(p.grad is None for p in g.parameters())  # the loss saw detached labels
+    ms.step(x, y, d, LR, inner=inner)
+    return _ggrad(g)
+
+
+@pytest.mark.parametrize("meta_grad,difference", [("fd", "central"), ("fd", "one_sided"),
+                                                   ("exact", "central")])
+@pytest.mark.parametrize("nd,size,ds", [(3, 8, True), (2, 16, False)])
+def test_shared_order_gives_the_reference_orders_generator_gradient(meta_grad, difference, nd,
+                                                                   size, ds):
+    f, g, x, y, d = _setup(nd, size, ds)
+    ref = _reference(f, g, x, y, d, meta_grad=meta_grad, difference=difference)
+    theta = [p.detach().clone() for p in f.parameters()]
+    ours = _shared(f, g, x, y, d, meta_grad=meta_grad, difference=difference)
+    assert ref.norm() > 0
+    assert _rel(ours, ref) < 1e-9  # measured ~1e-15: the same quantity, same float64 ops
+    for p, t in zip(f.parameters(), theta, strict=True):
+        assert torch.equal(p, t)  # θ is stepped by the caller, after the meta step
+
+
+def test_one_sided_difference_is_within_twice_the_central_ones_error():
+    """At the default ε = 0.01/‖v‖ on this LeakyReLU U-Net (3D 8³, deep supervision) both
+    differences are O(ε) away from the exact meta-gradient (kinks are crossed): measured
+    relative errors, seeds 0-2, central 6.3e-2 / 1.07e-1 / 1.31e-1, one-sided 7.9e-2 / 1.43e-1 /
+    1.28e-1 (ratios 1.26, 1.34, 0.98; in 2D 16² the ratio reaches 1.97)."""
+    for seed in range(3):
+        f, g, x, y, d = _setup(seed=seed)
+        exact = _reference(f, g, x, y, d, meta_grad="exact")
+        central = _rel(_reference(f, g, x, y, d), exact)
+        one_sided = _rel(_reference(f, g, x, y, d, difference="one_sided"), exact)
+        assert 0 < one_sided < 2 * central, (seed, one_sided, central)
+        assert central < 0.15
+
+
+def test_one_sided_needs_fp32_inner_forward_and_shared_needs_batched():
+    with pytest.raises(ValueError, match="difference: one_sided reuses G"):
+        MetaConfig(2, difference="one_sided", amp=True)
+    with pytest.raises(ValueError, match="order: shared needs mode batched"):
+        MetaConfig(2, order="shared", mode="per_sample")
+    from colabx.train.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="meta_difference: one_sided needs the inner forward"):
+        TrainConfig(meta_difference="one_sided", amp="bf16")
+    with pytest.raises(ConfigError, match="meta_order: shared needs meta_mode batched"):
+        TrainConfig(meta_order="shared", meta_mode="per_sample")
+
+
+def test_trainer_shared_iteration_equals_a_hand_written_one(tmp_path, monkeypatch):
+    """One Trainer iteration in the shared order = shared_forward, backward, meta step on that
+    gradient, Adam step of ω, clipping, the optimizer step of θ, by hand."""
+    import copy
+
+    from colabx.train.config import TrainConfig
+    from colabx.train.trainer import Trainer
+
+    monkeypatch.setenv("COLABX_CACHE", str(tmp_path / "cache"))
+    cfg = TrainConfig(phantom_preset="tiny", mode="colab", meta_order="shared", epochs=1,
+                      iterations=1, base_features=4, max_features=16, num_pool=2,
+                      patch_size=[16, 16, 8], num_workers=0, progress=False, threads=1,
+                      device="cpu", grad_clip=0.05, snapshot_every=0)
+    tr = Trainer(cfg, tmp_path / "run", echo=lambda s: None)
+    batch = tr.batches[0]
+    f, g = copy.deepcopy(tr.f), copy.deepcopy(tr.g)
+    fopt = torch.optim.SGD(f.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+                           weight_decay=cfg.weight_decay)
+    gopt = torch.optim.Adam(g.parameters(), lr=cfg.gen_lr)
+    fopt.load_state_dict(tr.opt.state_dict())
+    ms = MetaStep(f, g, tr.meta.config)
+    x, y, d = batch["image"], batch["label"], batch["distance"]
+    inner = ms.shared_forward(x, y, d)
+    inner.loss.backward()
+    ms.step(x, y, d, cfg.lr, inner=inner)
+    gopt.step()
+    norm = torch.nn.utils.clip_grad_norm_(f.parameters(), cfg.grad_clip)
+    assert norm > cfg.grad_clip  # clipping is active
+    fopt.step()
+
+    tr.train_iteration(0, batch)
+    for a, b in zip(tr.f.parameters(), f.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(tr.g.parameters(), g.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
