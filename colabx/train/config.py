@@ -69,17 +69,32 @@ class TrainConfig:
                      "(meta-learned), kmeans (intensity clusters in the body), dilation "
                      "([1-M, M])", choices=MODES, group="method")
     t: int = _opt(2, "number of context classes t (colab, kmeans; dilation uses 2, manual 1 + "
-                  "the context maps' classes, vanilla 1)", lo=1, hi=16, group="method")
+                  "the context maps' classes, vanilla 1); 2 as the paper recommends for most "
+                  "tasks (4 when false positives sit next to the ROI); the published code's "
+                  "default is 3", lo=1, hi=16, group="method")
     margin: float = _opt(30.0, "soft-mask margin m in mm", lo=0.0, group="method")
     tau: float = _opt(20.0, "soft-mask temperature tau in mm", lo=0.0, lo_open=True,
                       group="method")
-    meta_period: int = _opt(1, "update the task generator every N iterations (colab)", lo=1,
-                            group="method")
+    meta_period: int = _opt(5, "update the task generator every N iterations (colab); 5 is the "
+                            "published code's taskupdate default: context labels that change "
+                            "too often keep the network from learning them (paper supplement)",
+                            lo=1, group="method")
     meta_mode: str = _opt("batched", "meta step on the whole batch (batched) or per sample as the "
                           "reference code (per_sample)", choices=("batched", "per_sample"),
                           group="method")
     meta_grad: str = _opt("fd", "meta-gradient: finite difference (fd) or exact (double "
                           "backward)", choices=("fd", "exact"), group="method")
+    meta_order: str = _opt(
+        "reference", "iteration order: reference (the meta step's own forward+backward of the "
+        "network, then the plain update on labels from the updated generator, as the published "
+        "code) or shared (one forward+backward serves the meta step's inner step and the plain "
+        "update, which then trains on labels one generator update old; one network "
+        "forward+backward less per meta update)", choices=("reference", "shared"),
+        group="method")
+    meta_difference: str = _opt(
+        "central", "finite difference of the fd meta-gradient: central (the paper's, theta+ and "
+        "theta- forwards) or one_sided (reuses the inner forward's dL/dy at theta, one forward "
+        "less; needs --amp none)", choices=("central", "one_sided"), group="method")
     theta_pm: str = _opt("sequential", "how the theta+/- forwards run",
                          choices=("sequential", "vmap", "grouped"), group="method")
     fd_tf32: bool = _opt(False, "let the theta+/- forwards use TF32 on the GPU (faster; the "
@@ -179,6 +194,12 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"target_spacing: must be > 0, got {cfg.target_spacing}")
     if cfg.mode in ("colab", "kmeans") and cfg.t < 2:
         raise ConfigError(f"t: mode {cfg.mode!r} needs t >= 2 context classes, got {cfg.t}")
+    if cfg.meta_order == "shared" and cfg.meta_mode != "batched":
+        raise ConfigError("meta_order: shared needs meta_mode batched (per_sample takes one "
+                          "inner step per sample, the published code's semantics)")
+    if cfg.meta_difference == "one_sided" and cfg.amp in ("bf16", "fp16"):
+        raise ConfigError(f"meta_difference: one_sided needs the inner forward in fp32, but amp "
+                          f"is {cfg.amp}; use central or --amp none")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
         raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {cfg.device!r}")
 

@@ -171,6 +171,10 @@ class Trainer:
         amp = cfg.amp if cfg.amp != "auto" else ("bf16" if self.device.type == "cuda" else "none")
         if amp != "none" and self.device.type != "cuda":
             raise ValueError(f"amp: {amp} mixed precision needs a CUDA device")
+        if amp != "none" and cfg.mode == "colab" and cfg.meta_difference == "one_sided":
+            raise ValueError(f"meta_difference: one_sided needs the inner forward in fp32, but "
+                             f"amp {cfg.amp} means {amp} on {dev.type}; pass --amp none or use "
+                             "central")
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         torch.manual_seed(cfg.seed)
         if cfg.deterministic:
@@ -310,6 +314,7 @@ class Trainer:
             mc = MetaConfig(num_classes=self.num_classes, margin=cfg.margin, tau=cfg.tau,
                             mode=cfg.meta_mode, meta_grad=cfg.meta_grad, theta_pm=cfg.theta_pm,
                             fd_tf32=cfg.fd_tf32, recompute_generator=cfg.recompute_generator,
+                            order=cfg.meta_order, difference=cfg.meta_difference,
                             amp=self.amp_dtype is not None,
                             amp_dtype=self.amp_dtype or torch.bfloat16)
             self.meta = MetaStep(self.f, self.g, mc,
@@ -407,36 +412,52 @@ class Trainer:
         lr = _poly(cfg.lr, it, total, cfg.poly_exponent)
         _set_lr(self.opt, lr)
         out: dict[str, float | Tensor] = {"lr": lr}
+        due = False
         if self.meta is not None:
             gen_lr = _poly(cfg.gen_lr, it, total, cfg.poly_exponent)
             _set_lr(self.gen_opt, gen_lr)
             out["gen_lr"] = gen_lr
-            if self.counter.tick():
-                out.update(self._meta_update(x, y, d, lr))
-            with torch.no_grad():
-                targets = self.meta.labels(x, y, d)
-        else:
-            ctx = batch.get("context")
-            targets = self.fixed.targets(x, y, d, None if ctx is None else ctx.to(dev))
+            due = self.counter.tick()
         self.opt.zero_grad(set_to_none=True)
-        with self._autocast():
-            z = self.f_run(x)
-        loss = dice_ce_loss(z, targets, validate=False)
-        self.scaler.scale(loss).backward()
-        self.dist.mean_grads(self.f.parameters())
+        unscaled = False
+        if self.meta is not None and cfg.meta_order == "shared":
+            # one forward+backward of f: the inner step's gradient and the plain update's
+            inner = self.meta.shared_forward(x, y, d, meta_due=due)
+            loss = inner.loss
+            self.scaler.scale(loss).backward()
+            self.dist.mean_grads(self.f.parameters())
+            if due:
+                self.scaler.unscale_(self.opt)
+                unscaled = True
+                out.update(self._meta_update(x, y, d, lr, inner))
+        else:
+            if self.meta is not None:
+                if due:
+                    out.update(self._meta_update(x, y, d, lr))
+                with torch.no_grad():
+                    targets = self.meta.labels(x, y, d)
+            else:
+                ctx = batch.get("context")
+                targets = self.fixed.targets(x, y, d, None if ctx is None else ctx.to(dev))
+            with self._autocast():
+                z = self.f_run(x)
+            loss = dice_ce_loss(z, targets, validate=False)
+            self.scaler.scale(loss).backward()
+            self.dist.mean_grads(self.f.parameters())
         if cfg.grad_clip > 0:
-            self.scaler.unscale_(self.opt)
+            if not unscaled:
+                self.scaler.unscale_(self.opt)
             torch.nn.utils.clip_grad_norm_(self.f.parameters(), cfg.grad_clip)
         self.scaler.step(self.opt)
         self.scaler.update()
         out["train_loss"] = loss.detach()
         return out
 
-    def _meta_update(self, x, y, d, lr: float) -> dict[str, float]:
+    def _meta_update(self, x, y, d, lr: float, inner=None) -> dict[str, float]:
         if self.cfg.meta_mode == "per_sample":
             infos = self.meta.step(x, y, d, lr, self.gen_opt)
         else:
-            infos = self.meta.step(x, y, d, lr)
+            infos = self.meta.step(x, y, d, lr, inner=inner)
             if not infos[0].skipped:
                 self.dist.mean_grads(self.g.parameters())
                 self.gen_opt.step()
