@@ -114,7 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--workers", type=int, default=2, help="worker processes")
 
     sub.add_parser("bench", add_help=False,
-                   help="time the fused ops against their pure-PyTorch twins (colabx bench -h)")
+                   help="time the fused ops against their pure-PyTorch twins (colabx bench -h); "
+                   "colabx bench meta: CoLab's cost per iteration over vanilla training "
+                   "(colabx bench meta -h)")
 
     ph = sub.add_parser("make-phantom", help="write the built-in phantom in the nnU-Net layout")
     ph.add_argument("out", type=Path, help="output folder (must be empty or absent)")
@@ -215,6 +217,11 @@ _COMMANDS = {"train": _train, "predict": _predict, "evaluate": _evaluate,
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``colabx`` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["bench", "meta"]:  # its own parser: colabx.bench.meta
+        from colabx.bench.meta import main as bench_meta
+
+        bench_meta(argv[2:])
+        return 0
     if argv[:1] == ["bench"]:  # its own parser: colabx.bench.ops
         from colabx.bench.ops import main as bench
 

@@ -1,0 +1,228 @@
+"""What CoLab costs per training iteration, against vanilla training, on this machine.
+
+``colabx bench meta`` times, in one run with one network configuration (the flags, or a trained
+run's plan with ``--run``):
+
+* ``vanilla``: one iteration of plain training (K = c outputs, one-hot targets);
+* ``colab plain``: an iteration without a generator update (K = c + t − 1, labels from g);
+* ``colab meta (reference order)`` / ``(shared order)``: an iteration with a generator update,
+  in the order of :attr:`colabx.meta.MetaConfig.order` (``--difference`` applies to both);
+* ``restructured PyTorch``: the same algorithm in plain PyTorch
+  (:func:`colabx.reference.meta.restructured_meta_step` + the plain update);
+* ``reference-style PyTorch``: the published code's way (per-sample loop, network copies, two
+  generator backwards; :func:`colabx.reference.meta.reference_meta_step` + the plain update).
+
+The meta part is an iteration with a generator update minus ``colab plain``; CoLab's cost at a
+generator period P is ``((P − 1) · plain + meta iteration) / P``, its overhead the percentage
+over ``vanilla`` (the number the paper quotes: 20–30 % for its schedule). Optimizers run with a
+zero learning rate (momentum and Adam state still update), so every repetition does the same
+work. Prints markdown tables and writes JSON::
+
+    colabx bench meta                          # CPU: B=2, 32³, 8 features, 3 pools
+    colabx bench meta --device cuda --patch 80 --features 30 --pools 4
+    colabx bench meta --run runs/liver         # a trained run's network plan
+    colabx bench meta --quick --min-time 0     # tiny net: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from colabx import distance_transform
+from colabx.bench.harness import machine_info, time_callable, write_json
+from colabx.meta import DIFFERENCES, MetaConfig, MetaStep
+from colabx.models import UNet, task_generator
+from colabx.ops.context_labels import context_labels
+from colabx.ops.dice_ce_loss import dice_ce_loss
+from colabx.reference.meta import (
+    reference_meta_step,
+    reference_plain_step,
+    restructured_meta_step,
+)
+
+__all__ = ["main"]
+
+ALPHA = 0.01  # the inner step's learning rate (nnU-Net's initial one)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The networks and one batch: ``in_channels``, ``c`` classes, ``t`` contexts, patch, pooling
+    kernels per stage, first-stage features, deep supervision, batch size."""
+
+    in_channels: int
+    num_classes: int
+    t: int
+    patch: tuple[int, ...]
+    pools: tuple[tuple[int, ...], ...]
+    features: int
+    max_features: int | None
+    deep_supervision: bool
+    batch: int
+
+    def nets(self, device: torch.device, out_channels: int) -> tuple[UNet, UNet]:
+        kw = dict(base_features=self.features, max_features=self.max_features,
+                  pool_kernel_sizes=list(self.pools))
+        torch.manual_seed(0)
+        f = UNet(self.in_channels, out_channels, len(self.patch),
+                 deep_supervision=self.deep_supervision, **kw).to(device)
+        g = task_generator(self.in_channels, self.t, len(self.patch), **kw).to(device)
+        return f, g
+
+    def batch_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(self.batch, self.in_channels, *self.patch, generator=gen)
+        y = torch.zeros(self.batch, *self.patch, dtype=torch.long)
+        box = tuple(slice(n // 3, n // 3 + max(2, n // 4)) for n in self.patch)
+        for b in range(self.batch):
+            y[(b, *box)] = torch.randint(1, self.num_classes, (), generator=gen)
+        d = distance_transform(y > 0)
+        return x.to(device), y.to(device), d.to(device)
+
+
+def _setup_from_run(run: str, batch: int) -> Setup:
+    from colabx.inference.run import load_trained_model
+
+    _, plan, _ = load_trained_model(run, "latest")
+    return Setup(plan["in_channels"], plan["num_classes"], max(2, plan["t"]),
+                 tuple(plan["patch_size"]), tuple(tuple(k) for k in plan["pool_kernel_sizes"]),
+                 plan["base_features"], plan["max_features"], plan["deep_supervision"], batch)
+
+
+def _iterations(s: Setup, device: torch.device, difference: str
+                ) -> dict[str, Callable[[], object]]:
+    """One callable per row, each one training iteration on the same batch."""
+    c = s.num_classes
+    x, y, d = s.batch_on(device)
+    rows: dict[str, Callable[[], object]] = {}
+
+    fv, _ = s.nets(device, c)
+    vopt = torch.optim.SGD(fv.parameters(), lr=0.0, momentum=0.99, nesterov=True)
+    # t = 1: the context labels are one-hot(y) at every output level
+    onehot = context_labels(torch.zeros(s.batch, 1, *s.patch, device=device), y, d, c,
+                            levels=fv.output_strides if s.deep_supervision else 1)
+
+    def vanilla():
+        vopt.zero_grad(set_to_none=True)
+        dice_ce_loss(fv(x), onehot).backward()
+        vopt.step()
+
+    rows["vanilla"] = vanilla
+    k = c + s.t - 1
+    for order in ("reference", "shared"):
+        f, g = s.nets(device, k)
+        fopt = torch.optim.SGD(f.parameters(), lr=0.0, momentum=0.99, nesterov=True)
+        gopt = torch.optim.Adam(g.parameters(), lr=0.0)
+        ms = MetaStep(f, g, MetaConfig(c, order=order, difference=difference))
+        if order == "reference":
+            rows["colab plain"] = lambda ms=ms, fopt=fopt: ms.plain_step(x, y, d, fopt)
+
+            def reference(ms=ms, fopt=fopt, gopt=gopt):
+                ms.step(x, y, d, ALPHA, gopt)
+                ms.plain_step(x, y, d, fopt)
+
+            rows["colab meta (reference order)"] = reference
+        else:
+            def shared(ms=ms, f=f, fopt=fopt, gopt=gopt):
+                fopt.zero_grad(set_to_none=True)
+                inner = ms.shared_forward(x, y, d)
+                inner.loss.backward()
+                ms.step(x, y, d, ALPHA, gopt, inner=inner)
+                fopt.step()
+
+            rows["colab meta (shared order)"] = shared
+    for name, meta_fn in (("restructured PyTorch", restructured_meta_step),
+                          ("reference-style PyTorch", reference_meta_step)):
+        f, g = s.nets(device, k)
+        fopt = torch.optim.SGD(f.parameters(), lr=0.0, momentum=0.99, nesterov=True)
+        gopt = torch.optim.Adam(g.parameters(), lr=0.0)
+
+        def twin(meta_fn=meta_fn, f=f, g=g, fopt=fopt, gopt=gopt):
+            meta_fn(f, g, x, y, d, c, ALPHA, gopt)
+            reference_plain_step(f, g, x, y, d, c, fopt)
+
+        rows[name] = twin
+    return rows
+
+
+def _overheads(ms: dict[str, float], period: int) -> list[dict]:
+    vanilla, plain = ms["vanilla"], ms["colab plain"]
+    out = []
+    for name in ("colab meta (reference order)", "colab meta (shared order)",
+                 "restructured PyTorch", "reference-style PyTorch"):
+        meta = ms[name]
+        row = {"implementation": name, "meta_part_ms": meta - plain,
+               "meta_part_over_plain": (meta - plain) / plain}
+        for p in sorted({1, period}):
+            cost = ((p - 1) * plain + meta) / p
+            row[f"period_{p}_ms"] = cost
+            row[f"period_{p}_overhead_pct"] = 100.0 * (cost / vanilla - 1.0)
+        out.append(row)
+    return out
+
+
+def main(argv: list[str] | None = None, prog: str = "colabx bench meta") -> dict:
+    """Parse ``argv``, time every row, print the tables, write the JSON; returns the payload."""
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    ap.add_argument("--run", help="take the network plan of this trained run directory")
+    ap.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
+    ap.add_argument("--patch", type=int, default=32, help="cubic patch edge (default 32)")
+    ap.add_argument("--features", type=int, default=8, help="first-stage features (default 8)")
+    ap.add_argument("--pools", type=int, default=3, help="pooling stages (default 3)")
+    ap.add_argument("--classes", type=int, default=2, help="c, background included (default 2)")
+    ap.add_argument("--t", type=int, default=2, help="contexts t (default 2)")
+    ap.add_argument("--period", type=int, default=5,
+                    help="generator update period for the amortised cost (default 5)")
+    ap.add_argument("--difference", choices=DIFFERENCES, default="central",
+                    help="finite difference of the meta-gradient (default central)")
+    ap.add_argument("--quick", action="store_true", help="a tiny network: a smoke run")
+    ap.add_argument("--min-time", type=float, default=2.0,
+                    help="seconds of timed repetitions per row (default 2)")
+    ap.add_argument("--out", default="colabx_bench_meta_{device}.json", help="JSON output")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda given but torch sees no CUDA device")
+    if args.period < 1:
+        ap.error("--period must be >= 1")
+    if args.run:
+        setup = _setup_from_run(args.run, args.batch)
+    else:
+        edge, pools = (16, 2) if args.quick else (args.patch, args.pools)
+        features = 4 if args.quick else args.features
+        setup = Setup(1, args.classes, args.t, (edge,) * 3, ((2, 2, 2),) * pools, features,
+                      None, True, args.batch)
+    info = machine_info(device)
+    print(f"# {prog} on {info.get('gpu', info['cpu'])} ({info['device']}), torch "
+          f"{info['torch']}, {info['torch_threads']} CPU threads; batch {setup.batch}, patch "
+          f"{list(setup.patch)}, {len(setup.pools)} pools, {setup.features} features, c "
+          f"{setup.num_classes}, t {setup.t}, {args.difference} difference", flush=True)
+    timings = {}
+    for name, fn in _iterations(setup, device, args.difference).items():
+        timings[name] = time_callable(fn, device, min_time_s=args.min_time, warmup=1)
+        print(f"  {name}: {timings[name]['median_ms']:.1f} ms", flush=True)
+    ms = {k: v["median_ms"] for k, v in timings.items()}
+    rows = _overheads(ms, args.period)
+    payload = {"machine": info, "command": f"{prog} " + " ".join(argv or []),
+               "setup": {**setup.__dict__, "difference": args.difference,
+                         "period": args.period}, "timings": timings, "rows": rows}
+    write_json(args.out.format(device=device.type), payload)
+    p = args.period
+    print(f"\n| per iteration | ms | meta part / plain | period 1: ms, over vanilla | "
+          f"period {p}: ms, over vanilla |\n|---|---|---|---|---|")
+    print(f"| vanilla | {ms['vanilla']:.1f} | | | |")
+    print(f"| colab plain (no generator update) | {ms['colab plain']:.1f} | | | |")
+    for r in rows:
+        print(f"| {r['implementation']} | {ms[r['implementation']]:.1f} | "
+              f"{r['meta_part_over_plain']:.2f}× | {r['period_1_ms']:.1f}, "
+              f"{r['period_1_overhead_pct']:+.0f} % | {r[f'period_{p}_ms']:.1f}, "
+              f"{r[f'period_{p}_overhead_pct']:+.0f} % |")
+    ref, shared = ms["colab meta (reference order)"], ms["colab meta (shared order)"]
+    print(f"\nshared order: a period-1 iteration {ref / shared:.2f}× faster than the reference "
+          "order")
+    return payload

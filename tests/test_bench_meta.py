@@ -1,0 +1,30 @@
+"""``colabx bench meta --quick`` (run in CI): every row timed, the amortised costs and overheads
+derived from those timings as documented."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from colabx.cli import main
+
+
+def test_bench_meta_quick_times_every_row(tmp_path, capsys):
+    out = tmp_path / "meta.json"
+    assert main(["bench", "meta", "--quick", "--min-time", "0", "--period", "4", "--out",
+                 str(out)]) == 0
+    data = json.loads(out.read_text())
+    ms = {k: v["median_ms"] for k, v in data["timings"].items()}
+    assert set(ms) == {"vanilla", "colab plain", "colab meta (reference order)",
+                       "colab meta (shared order)", "restructured PyTorch",
+                       "reference-style PyTorch"}
+    assert all(math.isfinite(v) and v > 0 for v in ms.values())
+    for row in data["rows"]:
+        meta = ms[row["implementation"]]
+        assert row["meta_part_ms"] == pytest.approx(meta - ms["colab plain"])
+        assert row["period_4_ms"] == pytest.approx((3 * ms["colab plain"] + meta) / 4)
+        assert row["period_1_overhead_pct"] == pytest.approx(100 * (meta / ms["vanilla"] - 1))
+    text = capsys.readouterr().out
+    assert "| colab meta (shared order) |" in text and "period 4" in text
