@@ -50,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
                                  "for medical image segmentation.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from colabx.inference.postprocess import POSTPROCESSING
     from colabx.train.config import PRESETS
 
     preset = ", ".join(f"{k}={v}" for k, v in PRESETS["phantom-cpu"].items())
@@ -86,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--mirror", action="store_true", help="mirror test-time augmentation")
     pr.add_argument("--overwrite", action="store_true",
                     help="write into an OUTPUT folder that holds other files")
+    pr.add_argument("--postprocess", default="none", choices=POSTPROCESSING,
+                    help="lcc: keep the largest connected component of the ROI classes' union "
+                    "(the paper's post-processing); lcc_per_class: per class (nnU-Net's); "
+                    "default none")
 
     ev = sub.add_parser(
         "evaluate", help="DSC, sensitivity, precision, HD95 of predictions",
@@ -106,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--labels", type=Path, required=True,
                     help="dataset.json whose labels name the classes")
     ev.add_argument("--out", type=Path, help="summary JSON (default: PREDICTIONS/summary.json)")
+    ev.add_argument("--postprocess", default="none", choices=POSTPROCESSING,
+                    help="post-process each prediction before scoring (as predict "
+                    "--postprocess; the files are unchanged); default none")
 
     pp = sub.add_parser("preprocess", help="crop, resample, normalise, distance maps (cached)")
     pp.add_argument("dataset", type=Path, help="dataset folder (nnU-Net v2 raw or MSD)")
@@ -166,7 +174,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     predict_folder(args.run, args.input, args.output, checkpoint=args.checkpoint,
                    device=args.device, overlap=args.overlap, mirror=args.mirror,
-                   overwrite=args.overwrite)
+                   overwrite=args.overwrite, postprocess=args.postprocess)
     return 0
 
 
@@ -174,7 +182,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from colabx.inference.metrics import evaluate_folders, write_summary
     from colabx.train.evaluation import format_metrics
 
-    result = evaluate_folders(args.predictions, args.reference, args.labels, progress=True)
+    result = evaluate_folders(args.predictions, args.reference, args.labels, progress=True,
+                              postprocess=args.postprocess)
     out = args.out or args.predictions / "summary.json"
     write_summary(result, out)
     print(format_metrics(result))

@@ -65,6 +65,17 @@ def test_train_predict_evaluate(phantom, tmp_path, monkeypatch, capsys):
     summary = json.loads((preds / "summary.json").read_text())
     assert summary["num_cases"] == 1 and 0 <= summary["foreground_mean"]["dice"] <= 1
     assert "mean" in capsys.readouterr().out
+    # post-processed predictions score as post-processing them before evaluation does
+    lcc = tmp_path / "lcc"
+    assert main(["predict", str(run), str(phantom / "imagesTs"), str(lcc), "--postprocess",
+                 "lcc"]) == 0
+    for folder, post in ((lcc, "none"), (preds, "lcc")):
+        assert main(["evaluate", str(folder), str(phantom / "labelsTs"), "--labels",
+                     str(phantom / "dataset.json"), "--postprocess", post, "--out",
+                     str(tmp_path / f"{folder.name}-{post}.json")]) == 0
+    a = json.loads((tmp_path / "lcc-none.json").read_text())
+    b = json.loads((tmp_path / "preds-lcc.json").read_text())
+    assert b["postprocess"] == "lcc" and a["foreground_mean"] == b["foreground_mean"]
 
 
 def test_bench_compares_with_the_twins(tmp_path, capsys):

@@ -101,6 +101,7 @@ __all__ = [
     "load_preprocessed",
     "normalization_schemes",
     "preprocess_dataset",
+    "preprocess_held_out_case",
     "resample_image",
     "resample_labels",
     "target_shape",
@@ -305,31 +306,30 @@ def _ct_samples(args: tuple[Dataset, Case, tuple[int, ...]]) -> list[np.ndarray]
     return [d.image[(c, *bbox)][fg].astype(np.float32) for c in channels]
 
 
-def _process_case(job: _Job) -> dict[str, Any]:
-    ds, case = job.dataset, job.case
+def _case_arrays(ds: Dataset, case: Case, schemes: Sequence[str],
+                 ct_stats: Sequence[dict[str, float] | None], target: Sequence[float]
+                 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """One labelled case cropped, normalised, resampled to ``target``, with its distance map:
+    the arrays (image, label, distance, context when present) and their metadata."""
     d = ds.load_case(case)
     if d.label is None:
-        raise DatasetError(f"{case.images[0]}: training case {case.id!r} has no label file")
+        raise DatasetError(f"{case.images[0]}: case {case.id!r} has no label file")
     bbox, mask = crop_to_nonzero(d.image)
     image = d.image[(slice(None), *bbox)]
     label = d.label[bbox]
     context = None if d.context is None else d.context[bbox]
-    image, used = _normalize(image, mask[bbox], job.schemes, job.ct_stats)
-    shape = target_shape(label.shape, d.spacing, job.target_spacing)
+    image, used = _normalize(image, mask[bbox], schemes, ct_stats)
+    shape = target_shape(label.shape, d.spacing, target)
     image = resample_image(image, shape)
     label = resample_labels(label, shape)
     if context is not None:
         context = resample_labels(context, shape)
     roi = _foreground(label, ds.ignore_label)
-    distance = _distance(roi, job.target_spacing)
-    files = _case_files(case.id, context is not None)
-    arrays = {"image": image, "label": label.astype(np.int16), "distance": distance}
+    arrays = {"image": image, "label": label.astype(np.int16),
+              "distance": _distance(roi, tuple(target))}
     if context is not None:
         arrays["context"] = context.astype(np.int16)
-    for k, arr in arrays.items():
-        _save_npy(job.out_dir / files[k], arr)
-    return {
-        "files": files,
+    meta = {
         "original_shape": list(d.label.shape),
         "original_spacing": list(d.spacing),
         "crop_bbox": [[s.start, s.stop] for s in bbox],
@@ -339,6 +339,33 @@ def _process_case(job: _Job) -> dict[str, Any]:
         "roi_voxels": int(np.count_nonzero(roi)),
         "channel_stats": used,
     }
+    return arrays, meta
+
+
+def preprocess_held_out_case(dataset: Dataset, case: Case, plans: dict[str, Any]
+                             ) -> PreprocessedCase:
+    """A labelled held-out (test) case preprocessed in memory exactly as the training cases of
+    ``plans`` were (their normalisation statistics and target spacing).
+
+    Raises:
+        DatasetError: the case's files are invalid or it has no label.
+    """
+    norm = plans["normalization"]
+    schemes = tuple(n["scheme"] for n in norm)
+    ct_stats = tuple(n if n["scheme"] == "ct" else None for n in norm)
+    target = tuple(float(s) for s in plans["target_spacing"])
+    arrays, meta = _case_arrays(dataset, case, schemes, ct_stats, target)
+    return PreprocessedCase(case.id, arrays["image"], arrays["label"], arrays["distance"],
+                            arrays.get("context"), target, meta)
+
+
+def _process_case(job: _Job) -> dict[str, Any]:
+    arrays, meta = _case_arrays(job.dataset, job.case, job.schemes, job.ct_stats,
+                                job.target_spacing)
+    files = _case_files(job.case.id, "context" in arrays)
+    for k, arr in arrays.items():
+        _save_npy(job.out_dir / files[k], arr)
+    return {"files": files, **meta}
 
 
 def _pool(num_workers: int, n_items: int) -> ProcessPoolExecutor | None:

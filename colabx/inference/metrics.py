@@ -53,6 +53,8 @@ import torch
 from colabx._io import atomic_write_text
 from colabx.data.datasets import _check_same_grid
 from colabx.data.nifti import DatasetError, read_label_map
+from colabx.inference.postprocess import POSTPROCESSING
+from colabx.inference.postprocess import postprocess as apply_postprocess
 from colabx.ops.distance_transform import compute_distance_transform
 
 __all__ = [
@@ -280,6 +282,7 @@ def evaluate_folders(
     *,
     compute_hd95: bool = True,
     progress: bool = False,
+    postprocess: str = "none",
 ) -> dict[str, Any]:
     """Evaluate every prediction file against the reference of the same name.
 
@@ -292,6 +295,8 @@ def evaluate_folders(
         file_ending: ending of the label files.
         compute_hd95: False skips HD95.
         progress: show a tqdm bar.
+        postprocess: applied to each prediction before scoring
+            (:data:`~colabx.inference.postprocess.POSTPROCESSING`; the files are unchanged).
 
     Returns:
         :func:`summarize`'s dict plus ``"labels"`` (name → value, evaluated classes),
@@ -303,6 +308,9 @@ def evaluate_folders(
             differs between a prediction and its reference, or a value is not a declared label;
             the message names the file.
     """
+    if postprocess not in POSTPROCESSING:
+        raise ValueError(f"postprocess: must be one of {', '.join(POSTPROCESSING)}, got "
+                         f"{postprocess!r}")
     label_map = _label_map(labels)
     ignore = label_map.get("ignore")
     classes = {n: v for n, v in label_map.items() if v != 0 and n != "ignore"}
@@ -338,7 +346,8 @@ def evaluate_folders(
                 raise DatasetError(f"{p.path}: prediction shape {p.data.shape} differs from "
                                    f"reference shape {r.data.shape} ({r.path})")
             _check_same_grid(r, p, "prediction")
-            m = evaluate_case(p.data, r.data, num_classes, r.spacing, ignore_label=ignore,
+            pred = p.data if postprocess == "none" else apply_postprocess(p.data, postprocess)
+            m = evaluate_case(pred, r.data, num_classes, r.spacing, ignore_label=ignore,
                               compute_hd95=compute_hd95)
             cases[cid] = {"prediction": str(p.path), "reference": str(r.path),
                           "metrics": {v: m[v] for v in sorted(classes.values())}}
@@ -349,7 +358,7 @@ def evaluate_folders(
             bar.close()
     result = summarize(c["metrics"] for c in cases.values())
     result.update({"labels": classes, "prediction_folder": str(pdir),
-                   "reference_folder": str(rdir), "cases": cases})
+                   "reference_folder": str(rdir), "postprocess": postprocess, "cases": cases})
     return result
 
 

@@ -17,6 +17,8 @@ from colabx._io import check_output_folder, mark_output_folder
 from colabx.data.datasets import _scan_images
 from colabx.data.nifti import DatasetError
 from colabx.device import resolve_device
+from colabx.inference.postprocess import POSTPROCESSING
+from colabx.inference.postprocess import postprocess as apply_postprocess
 from colabx.inference.predict import predict_raw_case, save_prediction
 
 __all__ = ["MAX_OVERLAP", "PREDICT_MARKER", "load_trained_model", "predict_folder"]
@@ -62,11 +64,13 @@ def predict_folder(run: str | os.PathLike[str], input_dir: str | os.PathLike[str
                    output_dir: str | os.PathLike[str], *, checkpoint: str = "final",
                    device: str = "auto", overlap: float = 0.5, mirror: bool = False,
                    file_ending: str = ".nii.gz", progress: bool = True,
-                   overwrite: bool = False) -> list[Path]:
+                   overwrite: bool = False, postprocess: str = "none") -> list[Path]:
     """Segment every case ``{case}_{XXXX}{file_ending}`` of ``input_dir`` into
     ``output_dir/{case}{file_ending}`` (the images' grid and header; written atomically).
 
-    ``output_dir`` must be absent, empty or an earlier ``predict_folder`` output (it holds
+    ``postprocess`` (:data:`~colabx.inference.postprocess.POSTPROCESSING`) is applied to each
+    label map before it is written. ``output_dir`` must be absent, empty or an earlier
+    ``predict_folder`` output (it holds
     ``colabx_predict.json``), unless ``overwrite``. Everything is checked before it is created;
     when prediction fails, a folder this call created is removed again if it holds no
     prediction.
@@ -79,6 +83,9 @@ def predict_folder(run: str | os.PathLike[str], input_dir: str | os.PathLike[str
     """
     if not 0.0 <= overlap <= MAX_OVERLAP:
         raise ValueError(f"overlap: must be in [0, {MAX_OVERLAP}], got {overlap}")
+    if postprocess not in POSTPROCESSING:
+        raise ValueError(f"postprocess: must be one of {', '.join(POSTPROCESSING)}, got "
+                         f"{postprocess!r}")
     out = Path(output_dir)
     check_output_folder(out, PREDICT_MARKER, "prediction folder", overwrite=overwrite)
     dev = resolve_device(device)
@@ -94,7 +101,8 @@ def predict_folder(run: str | os.PathLike[str], input_dir: str | os.PathLike[str
     amp = torch.bfloat16 if dev.type == "cuda" else None
     created = mark_output_folder(out, PREDICT_MARKER, {
         "run": str(Path(run).absolute()), "checkpoint": checkpoint,
-        "input": str(src.absolute()), "overlap": overlap, "mirror": mirror})
+        "input": str(src.absolute()), "overlap": overlap, "mirror": mirror,
+        "postprocess": postprocess})
     from tqdm.auto import tqdm
 
     written: list[Path] = []
@@ -104,6 +112,8 @@ def predict_folder(run: str | os.PathLike[str], input_dir: str | os.PathLike[str
             label, _ = predict_raw_case(f, images, plans, plan["patch_size"],
                                         num_classes=plan["num_classes"], overlap=overlap,
                                         mirror_axes=mirror_axes, amp=amp)
+            if postprocess != "none":
+                label = apply_postprocess(label, postprocess)
             written.append(save_prediction(label, images[0], out / f"{cid}{file_ending}"))
     except BaseException:
         if created and not written:
