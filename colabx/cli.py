@@ -121,6 +121,16 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--target-spacing", type=float, nargs="+", help="mm per array axis")
     pp.add_argument("--workers", type=int, default=2, help="worker processes")
 
+    fg = sub.add_parser("figures", help="the paper's analysis figures (Fig. 3, 8, 11) and the "
+                        "context-coherence numbers of trained runs")
+    fg.add_argument("runs", type=Path, nargs="+", help="run directories (one panel each; e.g. "
+                    "a vanilla and a CoLab run)")
+    fg.add_argument("--cases", nargs="+", help="held-out case ids (default: all labelled test "
+                    "cases, else the validation cases)")
+    fg.add_argument("--out", type=Path, help="output folder (default: FIRST_RUN/figures)")
+    fg.add_argument("--checkpoint", default="final", choices=("final", "best", "latest"))
+    fg.add_argument("--max-cases", type=int, default=3, help="cases shown in Fig. 8 per run")
+
     sub.add_parser("bench", add_help=False,
                    help="time the fused ops against their pure-PyTorch twins (colabx bench -h); "
                    "colabx bench meta: CoLab's cost per iteration over vanilla training "
@@ -191,6 +201,22 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _figures(args: argparse.Namespace) -> int:
+    from colabx.viz.run_figures import FIGURES, write_figures
+
+    out = args.out or args.runs[0] / "figures"
+    report = write_figures(args.runs, out, cases=args.cases, checkpoint=args.checkpoint,
+                           max_cases=args.max_cases)
+    for run, entry in report["runs"].items():
+        mean = entry.get("neighbour_ratio_mean")
+        if mean is not None:
+            axes = " / ".join(f"{v:.2f}" for v in mean)
+            print(f"{run}: generator context coherence, neighbour ratio per axis {axes} "
+                  "(about 0.5 smooth, > 1 alternating voxels)")
+    print(f"written: {', '.join(str(out / f) for f in (*FIGURES, 'figures.json'))}")
+    return 0
+
+
 def _preprocess(args: argparse.Namespace) -> int:
     from colabx.data import load_dataset
     from colabx.data.preprocessing import preprocess_dataset
@@ -220,7 +246,7 @@ def _make_phantom(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"train": _train, "predict": _predict, "evaluate": _evaluate,
-             "preprocess": _preprocess, "make-phantom": _make_phantom}
+             "figures": _figures, "preprocess": _preprocess, "make-phantom": _make_phantom}
 
 
 def main(argv: list[str] | None = None) -> int:

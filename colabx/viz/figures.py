@@ -15,10 +15,11 @@ import numpy as np  # noqa: E402
 
 from colabx._io import atomic_write  # noqa: E402
 
-__all__ = ["context_snapshot", "progress_figure"]
+__all__ = ["context_snapshot", "progress_figure", "save_figure"]
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
+    """Write ``fig`` as a PNG to ``path`` atomically and close it."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
@@ -71,7 +72,7 @@ def progress_figure(rows: Sequence[Mapping[str, float]], path: Path) -> None:
             a.legend(fontsize=8)
         a.grid(alpha=0.3)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def context_snapshot(image: np.ndarray, label: np.ndarray, targets: np.ndarray,
@@ -98,4 +99,4 @@ def context_snapshot(image: np.ndarray, label: np.ndarray, targets: np.ndarray,
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
