@@ -1,0 +1,241 @@
+"""``colabx compare``: train every (mode, seed) on one split with identical options, evaluate all on
+the same held-out cases, and tabulate the modes as the paper's Table I.
+
+Layout of the compare folder (marker ``colabx_compare.json``)::
+
+    <mode>-seed<seed>/    one run folder each (resumed when interrupted, skipped when finished)
+    compare.md / .csv / .json / .png
+
+Per mode: mean ± sd over seeds of the per-seed means of DSC, sensitivity, precision and HD95,
+without and with post-processing (the largest connected component, :mod:`colabx.inference.
+postprocess`); and against vanilla the paired difference over (case, seed) pairs with a
+bootstrap 95 % interval (10 000 resamples of the pairs, percentile interval).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from colabx._io import atomic_write_text, check_output_folder, mark_output_folder
+from colabx.train.config import MODES, TrainConfig
+from colabx.train.distributed import Dist
+from colabx.train.run_dir import holds_run
+
+__all__ = ["COMPARE_MARKER", "METRIC_NAMES", "paired_bootstrap", "run_compare"]
+
+COMPARE_MARKER = "colabx_compare.json"
+METRIC_NAMES = {"dice": "DSC", "sensitivity": "sensitivity", "precision": "precision",
+                "hd95": "HD95 (mm)"}
+POSTPROCESSING = ("none", "lcc")
+
+
+def paired_bootstrap(diff: Sequence[float], resamples: int = 10_000, seed: int = 0
+                     ) -> tuple[float, float, float]:
+    """Mean of the paired differences ``diff`` and its bootstrap 95 % percentile interval
+    (NaN entries dropped; all NaN when nothing is left)."""
+    d = np.asarray([v for v in diff if math.isfinite(v)], dtype=np.float64)
+    if d.size == 0:
+        return math.nan, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, size=(resamples, d.size))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(d.mean()), float(lo), float(hi)
+
+
+def _case_values(result: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """case id → metric → mean over the ROI classes (NaN skipped) of one evaluation result."""
+    out = {}
+    for cid, case in result["cases"].items():
+        out[cid] = {}
+        for m in METRIC_NAMES:
+            vals = [v[m] for v in case["metrics"].values()
+                    if v[m] is not None and math.isfinite(v[m])]
+            out[cid][m] = float(np.mean(vals)) if vals else math.nan
+    return out
+
+
+def _evaluate(run: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """post-processing → case → metric for one finished run: its final evaluation, and its test
+    predictions again after the largest-connected-component post-processing."""
+    from colabx.data import load_dataset
+    from colabx.inference.metrics import evaluate_folders
+    from colabx.train.checkpoint import load_checkpoint
+
+    out = {"none": _case_values(json.loads((run / "evaluation.json").read_text()))}
+    preds = run / "predictions_test"
+    if preds.is_dir():
+        ds = load_dataset(load_checkpoint(run / "checkpoint_final.pth")["dataset"]["root"])
+        out["lcc"] = _case_values(evaluate_folders(preds, ds.root / "labelsTs", ds.labels,
+                                                   ds.file_ending, postprocess="lcc"))
+    return out
+
+
+def _summaries(values: dict[tuple[str, int], dict], modes: Sequence[str], seeds: Sequence[int]
+               ) -> dict[str, Any]:
+    table: dict[str, Any] = {}
+    for post in POSTPROCESSING:
+        rows = {}
+        for mode in modes:
+            if post not in values[(mode, seeds[0])]:
+                continue
+            row: dict[str, Any] = {}
+            for m in METRIC_NAMES:
+                per_seed = [np.nanmean([c[m] for c in values[(mode, s)][post].values()])
+                            for s in seeds]
+                row[m] = {"mean": float(np.mean(per_seed)),
+                          "sd": float(np.std(per_seed, ddof=1)) if len(seeds) > 1 else 0.0,
+                          "per_seed": [float(v) for v in per_seed]}
+                if mode != "vanilla" and "vanilla" in modes:
+                    diff = [values[(mode, s)][post][cid][m] - values[("vanilla", s)][post][cid][m]
+                            for s in seeds for cid in values[(mode, s)][post]]
+                    mean, lo, hi = paired_bootstrap(diff)
+                    row[m]["vs_vanilla"] = {"mean": mean, "ci95": [lo, hi],
+                                            "pairs": sum(math.isfinite(v) for v in diff)}
+            rows[mode] = row
+        if rows:
+            table[post] = rows
+    return table
+
+
+def _markdown(table: dict[str, Any], seeds: Sequence[int]) -> str:
+    lines = []
+    for post, rows in table.items():
+        lines += [f"### post-processing: {post} (mean ± sd over seeds {list(seeds)}; Δ vs "
+                  "vanilla: paired over (case, seed), bootstrap 95 % interval)", "",
+                  "| mode | " + " | ".join(METRIC_NAMES.values()) + " |",
+                  "|---|" + "---|" * len(METRIC_NAMES)]
+        for mode, row in rows.items():
+            cells = []
+            for m in METRIC_NAMES:
+                r = row[m]
+                cell = f"{r['mean']:.3f} ± {r['sd']:.3f}"
+                if "vs_vanilla" in r:
+                    v = r["vs_vanilla"]
+                    cell += f"<br>Δ {v['mean']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]"
+                cells.append(cell)
+            lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _csv(table: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["postprocess", "mode", "metric", "mean", "sd", "delta_vs_vanilla", "ci_low",
+                "ci_high", "pairs"])
+    for post, rows in table.items():
+        for mode, row in rows.items():
+            for m in METRIC_NAMES:
+                r = row[m]
+                v = r.get("vs_vanilla", {"mean": "", "ci95": ["", ""], "pairs": ""})
+                w.writerow([post, mode, m, r["mean"], r["sd"], v["mean"], *v["ci95"],
+                            v["pairs"]])
+    return buf.getvalue()
+
+
+def _figure(values: dict[tuple[str, int], dict], modes: Sequence[str], seeds: Sequence[int],
+            path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from colabx.viz.figures import save_figure
+
+    fig, axes = plt.subplots(1, 2, figsize=(5 + 1.2 * len(modes), 4.2))
+    rng = np.random.default_rng(0)
+    for ax, m in zip(axes, ("dice", "precision"), strict=True):
+        data = [[c[m] for s in seeds for c in values[(mode, s)]["none"].values()
+                 if math.isfinite(c[m])] for mode in modes]
+        ax.boxplot(data, showfliers=False)
+        for i, d in enumerate(data):
+            ax.scatter(i + 1 + rng.uniform(-0.15, 0.15, len(d)), d, s=10, alpha=0.6)
+        ax.set_xticks(range(1, len(modes) + 1), modes)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"per-case {METRIC_NAMES[m]} (cases × seeds)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def run_compare(base: TrainConfig, modes: Sequence[str], seeds: Sequence[int],
+                out_dir: str | Path, *, dist: Dist | None = None, overwrite: bool = False,
+                echo: Callable[[str], None] = print) -> dict[str, Any] | None:
+    """Train and evaluate every (mode, seed) of ``base`` into ``out_dir`` and write the tables.
+
+    Finished runs are skipped and interrupted ones resumed, so a stopped compare continues where
+    it stopped when called again. Under ``torchrun`` the runs go one after another, each on all
+    processes. Returns the table (rank 0; None elsewhere).
+
+    Raises:
+        OutputFolderError: ``out_dir`` holds files that are not a compare.
+        ValueError: unknown modes, repeated modes or seeds, or manual mode without context maps.
+    """
+    from colabx.train.trainer import Trainer
+
+    dist = dist or Dist()
+    out = Path(out_dir)
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes or len(set(modes)) != len(modes):
+        raise ValueError(f"modes: expected distinct modes of {', '.join(MODES)}, got "
+                         f"{list(modes)}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds: expected distinct seeds, got {list(seeds)}")
+    configs = {(m, s): base.replace(mode=m, seed=s) for m in modes for s in seeds}
+    if "manual" in modes:
+        _check_manual(base)
+    if dist.is_main:
+        check_output_folder(out, COMPARE_MARKER, "compare folder", overwrite=overwrite)
+        mark_output_folder(out, COMPARE_MARKER, {"modes": list(modes), "seeds": list(seeds),
+                                                 "options": base.to_dict()})
+    dist.barrier()
+    for (mode, seed), cfg in configs.items():
+        run = out / f"{mode}-seed{seed}"
+        if (run / "checkpoint_final.pth").is_file() and (run / "evaluation.json").is_file():
+            echo(f"compare: {run.name} finished earlier, skipped")
+            continue
+        resume = holds_run(run)
+        echo(f"compare: {run.name} {'resumed' if resume else 'started'}")
+        Trainer(cfg, run, dist=dist, resume=resume, echo=echo).run()
+    if not dist.is_main:
+        return None
+    values = {(m, s): _evaluate(out / f"{m}-seed{s}") for m, s in configs}
+    table = _summaries(values, modes, seeds)
+    payload = {"modes": list(modes), "seeds": list(seeds), "options": base.to_dict(),
+               "table": table,
+               "cases": {f"{m}-seed{s}": v for (m, s), v in values.items()}}
+    atomic_write_text(out / "compare.json", json.dumps(_finite(payload), indent=1) + "\n")
+    atomic_write_text(out / "compare.csv", _csv(table))
+    text = _markdown(table, seeds)
+    atomic_write_text(out / "compare.md", text + "\n")
+    _figure(values, modes, seeds, out / "compare.png")
+    echo(text)
+    return table
+
+
+def _check_manual(cfg: TrainConfig) -> None:
+    from colabx.data import load_dataset
+
+    if cfg.dataset is None:
+        return  # the built-in phantom has organ maps
+    ds = load_dataset(cfg.dataset)
+    if any(c.context is None for c in ds.cases):
+        raise ValueError(f"modes: manual needs manual context maps (contextTr/) in {ds.root}")
+
+
+def _finite(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
