@@ -128,6 +128,28 @@ class StackedConvLayers(nn.Module):
         return self.blocks(x)
 
 
+#: Decoder upsampling of :class:`UNet`.
+UPSAMPLING = ("transposed", "linear")
+
+
+class LinearUpsampling(nn.Module):
+    """Upsampling by ``scale`` per axis with (bi/tri)linear interpolation (``align_corners=False``),
+    then a 1x1 conv from ``in_channels`` to ``out_channels`` (no bias): the same shapes as the
+    transposed conv it replaces, every output voxel a smooth function of its neighbours'."""
+
+    def __init__(self, in_channels: int, out_channels: int, scale: tuple[int, ...],
+                 spatial_dims: int) -> None:
+        super().__init__()
+        self.scale = tuple(int(v) for v in scale)
+        self.mode = "bilinear" if spatial_dims == 2 else "trilinear"
+        self.conv = _CONV[spatial_dims](in_channels, out_channels, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = [n * k for n, k in zip(x.shape[2:], self.scale, strict=True)]
+        return self.conv(nn.functional.interpolate(x, size=size, mode=self.mode,
+                                                   align_corners=False))
+
+
 class UNet(nn.Module):
     """Generic U-Net for 2D ``[B, C, H, W]`` or 3D ``[B, C, D, H, W]`` inputs.
 
@@ -172,6 +194,11 @@ class UNet(nn.Module):
     inplace_nonlin : bool
         In-place LeakyReLU (nnU-Net's default; the reference CoLab ``train.py`` passes False:
         the results are identical).
+    upsampling : str
+        ``"transposed"`` (the reference's transposed convs) or ``"linear"``
+        (:class:`LinearUpsampling`: (bi/tri)linear interpolation, then a 1x1 conv), which does
+        not imprint the stride-2 checkerboard of a transposed conv whose kernel equals its
+        stride (:func:`task_generator`'s default, see there).
 
     Input spatial sizes must be divisible by :attr:`input_divisor` per axis (ValueError
     otherwise). With ``deep_supervision`` the forward returns a list of ``num_pool`` logit
@@ -194,8 +221,11 @@ class UNet(nn.Module):
         num_convs_per_stage: int = 2,
         convolutional_pooling: bool = True,
         inplace_nonlin: bool = True,
+        upsampling: str = "transposed",
     ) -> None:
         super().__init__()
+        if upsampling not in UPSAMPLING:
+            raise ValueError(f"upsampling must be one of {UPSAMPLING}, got {upsampling!r}")
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         for name, v in (("in_channels", in_channels), ("out_channels", out_channels),
@@ -278,7 +308,9 @@ class UNet(nn.Module):
         for u in range(num_pool):
             lvl = num_pool - 1 - u  # encoder stage of the skip
             skip = feats[lvl]
-            tu.append(_TCONV[nd](below, skip, pools[lvl], pools[lvl], bias=False))
+            tu.append(_TCONV[nd](below, skip, pools[lvl], pools[lvl], bias=False)
+                      if upsampling == "transposed" else
+                      LinearUpsampling(below, skip, pools[lvl], nd))
             localization.append(nn.Sequential(
                 StackedConvLayers(2 * skip, skip, n - 1, nd, kernels[lvl], inplace_nonlin),
                 StackedConvLayers(skip, skip, 1, nd, kernels[lvl], inplace_nonlin),
@@ -378,7 +410,12 @@ def task_generator(in_channels: int, t: int, spatial_dims: int = 3, **kwargs) ->
     """CoLab's task generator g_ω: the same U-Net with ``t`` output channels and no deep
     supervision (the reference's ``samplemodel``). ``kwargs`` go to :class:`UNet` (use the
     segmentation network's so both see the same patches); ``deep_supervision`` is not allowed.
-    Output ``[B, t, *S]`` logits, the ``gen_logits`` of :func:`colabx.context_labels`."""
+    Output ``[B, t, *S]`` logits, the ``gen_logits`` of :func:`colabx.context_labels`.
+
+    ``upsampling`` defaults to ``"transposed"`` as in the reference; the trainer passes
+    ``"linear"`` (``--generator-upsampling``): the reference's transposed convs leave a
+    stride-2 checkerboard in the generator's context maps that its few updates do not remove
+    (measured on the phantom, see ``TrainConfig.generator_upsampling``)."""
     if "deep_supervision" in kwargs:
         raise TypeError("task_generator has no deep supervision; do not pass deep_supervision")
     if isinstance(t, bool) or not isinstance(t, int) or t < 1:

@@ -84,6 +84,9 @@ class NetworkPlan:
     max_features: int | None
     deep_supervision: bool
     with_generator: bool
+    #: decoder upsampling of the generator; runs saved before the option existed used
+    #: transposed convolutions
+    generator_upsampling: str = "transposed"
 
     @property
     def out_channels(self) -> int:
@@ -99,6 +102,7 @@ def build_networks(plan: NetworkPlan, device: torch.device) -> tuple[UNet, UNet 
               pool_kernel_sizes=[tuple(k) for k in plan.pool_kernel_sizes])
     f = UNet(plan.in_channels, plan.out_channels, plan.spatial_dims,
              deep_supervision=plan.deep_supervision, **kw).to(device)
-    g = task_generator(plan.in_channels, plan.t, plan.spatial_dims, **kw).to(device) \
+    g = task_generator(plan.in_channels, plan.t, plan.spatial_dims,
+                       upsampling=plan.generator_upsampling, **kw).to(device) \
         if plan.with_generator else None
     return f, g

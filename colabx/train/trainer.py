@@ -292,7 +292,8 @@ class Trainer:
             in_channels=len(self.dataset.channel_names), num_classes=self.num_classes, t=self.t,
             spatial_dims=len(patch), patch_size=list(patch), pool_kernel_sizes=kernels,
             base_features=cfg.base_features, max_features=cfg.max_features,
-            deep_supervision=cfg.deep_supervision, with_generator=cfg.mode == "colab")
+            deep_supervision=cfg.deep_supervision, with_generator=cfg.mode == "colab",
+            generator_upsampling=cfg.generator_upsampling)
         torch.manual_seed(cfg.seed)
         self.f, self.g = build_networks(self.plan, self.device)
         self.dist.broadcast_module(self.f)
