@@ -95,9 +95,11 @@ def test_resume_without_checkpoint_is_a_clear_error(cache, tmp_path):
         Trainer(_cfg(), tmp_path / "nothing", resume=True)
 
 
-def test_ddp_gloo_two_processes_equal_single_process(cache, tmp_path):
+@pytest.mark.parametrize("order", ["reference", "shared"])
+def test_ddp_gloo_two_processes_equal_single_process(cache, tmp_path, order):
+    # meta_period 1: every iteration's generator update is compared
     cfg = _cfg(mode="colab", epochs=1, iterations=3, augment=False, val_fraction=0.0,
-               snapshot_every=0)
+               snapshot_every=0, meta_period=1, meta_order=order)
     single = Trainer(cfg, tmp_path / "single", echo=lambda s: None)
     single.run()
     save_config(cfg, tmp_path / "cfg.yaml")
