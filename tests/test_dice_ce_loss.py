@@ -121,14 +121,38 @@ def test_deep_supervision_levels(weights, channels):
     _compare(zs, ts, torch.float32, level_weights=weights, dice_channels=channels)
 
 
-def test_default_level_weights():
-    assert ref.default_level_weights(1) == [1.0]
-    w4 = ref.default_level_weights(4)
-    assert w4 == pytest.approx([1 / 1.75, 0.5 / 1.75, 0.25 / 1.75, 0.0])
-    z = [torch.randn(1, 2, 8, 8), torch.randn(1, 2, 4, 4)]
-    t = [torch.randint(0, 2, (1, 8, 8)), torch.randint(0, 2, (1, 4, 4))]
-    expect = ref.dice_ce_level(z[0], t[0], [1])  # two levels: weights [1, 0]
-    torch.testing.assert_close(colabx.dice_ce_loss(z, t), expect)
+# Default deep-supervision weights, written out: 1/2^i with the coarsest level 0, over their sum.
+EXPECTED_LEVEL_WEIGHTS = {
+    1: [1.0],
+    2: [1.0, 0.0],
+    3: [1 / 1.5, 0.5 / 1.5, 0.0],
+    4: [1 / 1.75, 0.5 / 1.75, 0.25 / 1.75, 0.0],
+    5: [1 / 1.875, 0.5 / 1.875, 0.25 / 1.875, 0.125 / 1.875, 0.0],
+}
+
+
+@pytest.mark.parametrize("n", sorted(EXPECTED_LEVEL_WEIGHTS))
+def test_default_level_weights(n):
+    want = EXPECTED_LEVEL_WEIGHTS[n]
+    assert ref.default_level_weights(n) == pytest.approx(want, rel=1e-15, abs=0)
+    assert list(ref.LEVEL_WEIGHTS[n]) == pytest.approx(want, rel=1e-15, abs=0)
+    # the fused op's and the twin's default weighting, against the levels weighted by hand
+    g = torch.Generator().manual_seed(30 + n)
+    sizes = [(2 ** (n - i), 2 ** (n - i) + 1) for i in range(n)]
+    zs = [torch.randn(2, 3, *s, generator=g, dtype=torch.float64) for s in sizes]
+    ts = [_soft((2, 3, *s), dtype=torch.float64, gen=g) for s in sizes]
+    terms = [ref.dice_ce_level(z, t, [1, 2]) for z, t in zip(zs, ts, strict=True)]
+    expect = sum(w * term for w, term in zip(want, terms, strict=True))
+    torch.testing.assert_close(colabx.dice_ce_loss(zs, ts), expect, rtol=1e-12, atol=0)
+    torch.testing.assert_close(ref.dice_ce_loss(zs, ts), expect, rtol=1e-13, atol=0)
+
+
+def test_twin_level_weights_are_the_rule_up_to_eight_levels():
+    for n, w in ref.LEVEL_WEIGHTS.items():
+        assert list(w) == pytest.approx(ref.default_level_weights(n), rel=1e-15, abs=0)
+    with pytest.raises(ValueError, match="no default level weights for 9 levels"):
+        ref.dice_ce_loss([torch.randn(1, 2, 2, 2)] * 9,
+                         [torch.zeros(1, 2, 2, dtype=torch.long)] * 9)
 
 
 def _oracle_f64(z, y, channels, smooth=1e-5):
