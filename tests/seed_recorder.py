@@ -1,7 +1,12 @@
 """pytest plugin (``-p seed_recorder``, with ``tests/`` on ``sys.path``): records, per test, every
 seed passed to torch's, numpy's and Python's random generators during the test's set-up, call
 and teardown, and writes them as JSON to ``$COLABX_SEED_LOG`` when the session ends. Two runs
-draw the same inputs when their logs are equal (tests/test_seeds.py)."""
+draw the same inputs when their logs are equal (tests/test_seeds.py). For the whole suite:
+
+    for i in 1 2; do PYTHONHASHSEED=random COLABX_SEED_LOG=/tmp/seeds$i.json \
+        PYTHONPATH=tests:. python -m pytest -q -m "not slow" -p seed_recorder tests; done
+    cmp /tmp/seeds1.json /tmp/seeds2.json
+"""
 
 from __future__ import annotations
 
