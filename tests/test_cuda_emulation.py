@@ -15,12 +15,15 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
 from test_context_labels import make_inputs
 
 from colabx import _backend, context_labels, distance_transform
+from colabx.ops import context_labels as ctx_op
 from colabx.ops import dice_ce_loss as dce_op
 from colabx.ops.context_labels import _level_shapes
 from colabx.reference.context_labels import normalize_levels
@@ -137,6 +140,7 @@ def emu_loss(emu_libs):
                                              P, s, i]
     so.emu_roi_bce_loss_forward.argtypes = [U64, U64, i, i, I64, I64, I64, P, i, U64, U64, s, i]
     so.emu_roi_bce_loss_backward.argtypes = [U64, U64, U64, i, i, I64, I64, I64, P, i, U64, s, i]
+    so.emu_dice_ce_loss_limits.argtypes = [P]
     return so
 
 
@@ -378,14 +382,37 @@ def _loss_inputs(B, K, spatials, dtype, hard, seed=0, label_dtype=torch.int64):
     return zs, ts
 
 
+def _loss_limits(emu_loss) -> tuple[int, int, int]:
+    """(partial voxels, max K, max levels) of csrc/cuda/dice_ce_loss.h, as the CUDA build's
+    bindings give them to colabx.ops.dice_ce_loss._cuda_limits."""
+    out = (ctypes.c_int64 * 3)()
+    emu_loss.emu_dice_ce_loss_limits(out)
+    return tuple(out)
+
+
+def _workspace(emu_loss, size_fn, *args):
+    """The CUDA path's workspace, sized by colabx's own function with the kernels' limits, NaN
+    filled, with a NaN guard behind it; and a check, after the forward, that the kernels wrote
+    nothing past its end (they use fewer partials than it holds when tiles are larger)."""
+    with mock.patch.object(dce_op, "_cuda_limits", lambda: _loss_limits(emu_loss)):
+        n = size_fn(*args)
+    work = torch.full((n + GUARD,), float("nan"), dtype=torch.float64)
+
+    def check():
+        assert torch.isnan(work[n:]).all(), "a kernel wrote past the workspace"
+
+    return work, check
+
+
+GUARD = 64
+
+
 def _emulated_loss(emu_loss, zs, ts, dice, weights, smooth, grad_value):
     B, K = zs[0].shape[:2]
     cdt = torch.float64 if zs[0].dtype == torch.float64 else torch.float32
     V = [math.prod(z.shape[2:]) for z in zs]
     L, NS = len(zs), 3 * K + 1
-    per = 256  # csrc/cuda/dice_ce_loss.h::kDcePartialVoxels
-    work = torch.full(((sum(B * -(-v // per) for v in V) + L * B) * NS,), float("nan"),
-                      dtype=torch.float64)
+    work, check_work = _workspace(emu_loss, dce_op._dce_workspace_size, B, K, V)
     stats = torch.empty((L, B, NS), dtype=cdt)
     loss = torch.empty((), dtype=cdt)
     err = ctypes.create_string_buffer(512)
@@ -396,6 +423,7 @@ def _emulated_loss(emu_loss, zs, ts, dice, weights, smooth, grad_value):
     _check(emu_loss.emu_dice_ce_loss_forward(L, *common, ctypes.c_uint64(stats.data_ptr()),
                                              ctypes.c_uint64(loss.data_ptr()),
                                              ctypes.c_uint64(work.data_ptr()), err, len(err)), err)
+    check_work()
     grad = torch.full((), grad_value, dtype=cdt)
     gz = [torch.full_like(z, float("nan")) for z in zs]
     gt = [None if not t.dtype.is_floating_point else torch.full_like(t, float("nan")) for t in ts]
@@ -534,13 +562,14 @@ def test_roi_bce_loss_kernels_match_the_cpu_kernels(emu_loss, K, S, dtype, resid
     B, V = 2, math.prod(S)
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
     emu_loss.emu_set_resident_blocks(resident)
-    work = torch.full((B * -(-V // 256),), float("nan"), dtype=torch.float64)
+    work, check_work = _workspace(emu_loss, dce_op._bce_workspace_size, B, V)
     loss = torch.empty((), dtype=cdt)
     err = ctypes.create_string_buffer(512)
     args = (ctypes.c_uint64(z.data_ptr()), ctypes.c_uint64(lab.data_ptr()),
             _backend.dtype_code(z), _backend.dtype_code(lab), B, K, V, _ints(roi), len(roi))
     _check(emu_loss.emu_roi_bce_loss_forward(*args, ctypes.c_uint64(loss.data_ptr()),
                                              ctypes.c_uint64(work.data_ptr()), err, len(err)), err)
+    check_work()
     grad = torch.full((), 0.5, dtype=cdt)
     gz = torch.full_like(z, float("nan"))
     _check(emu_loss.emu_roi_bce_loss_backward(ctypes.c_uint64(grad.data_ptr()), *args,
@@ -548,6 +577,84 @@ def test_roi_bce_loss_kernels_match_the_cpu_kernels(emu_loss, K, S, dtype, resid
     torch.testing.assert_close(loss, dce_op._bce_fwd_impl(z, lab, roi), **LOSS_TOL[dtype])
     torch.testing.assert_close(gz.float(), dce_op._bce_bwd_impl(grad, z, lab, roi).float(),
                                **LOSS_TOL[dtype])
+
+
+# ------------------------------------------------------------- routing and sizing of the CUDA path
+
+def _fake_cuda(shape, dtype=torch.float32):
+    """What the routing functions read of a CUDA tensor: its device, shape and dtype."""
+    return SimpleNamespace(device=torch.device("cuda", 0), shape=torch.Size(shape), dtype=dtype)
+
+
+@pytest.fixture
+def cuda_built(monkeypatch):
+    """colabx as built with CUDA kernels, on a machine whose CUDA runtime sees a device."""
+    monkeypatch.setattr(_backend, "cuda_kernels_available", lambda: True)
+
+
+def test_loss_sizing_and_routing_follow_the_kernel_limits(emu_loss, cuda_built, monkeypatch):
+    per, max_k, max_levels = _loss_limits(emu_loss)
+    assert (per, max_k, max_levels) == (256, 16, 16)  # csrc/cuda/dice_ce_loss.h
+    monkeypatch.setattr(dce_op, "_cuda_limits", lambda: (per, max_k, max_levels))
+    assert [dce_op._partial_slots(v) for v in (1, 256, 257, 1000)] == [1, 1, 2, 4]
+    # (B·slots per level + L·B) · (3K+1): B = 2, K = 3, V = 300 and 10 -> (4 + 2 + 4) · 10
+    assert dce_op._dce_workspace_size(2, 3, [300, 10]) == 100
+    assert dce_op._bce_workspace_size(3, 513) == 9
+    z = _fake_cuda((2, max_k, 9, 7))
+    assert dce_op._kernels_for(z, max_k, max_levels)
+    assert not dce_op._kernels_for(z, max_k + 1, 1)
+    assert not dce_op._kernels_for(z, 2, max_levels + 1)
+    assert dce_op._kernels_for(torch.zeros(1, 40, 2, 2), 40)  # the CPU kernels take any K
+    # the kernels take exactly that: K = max_k runs, max_k + 1 is refused
+    zs, ts = _loss_inputs(2, max_k, [(5, 6, 7), (2, 3, 3)], torch.float32, False, seed=11)
+    emu_loss.emu_set_resident_blocks(4)
+    _assert_loss_matches(_emulated_loss(emu_loss, zs, ts, [1, 5], [0.7, 0.3], 1e-5, 1.0),
+                         _cpu_loss(zs, ts, [1, 5], [0.7, 0.3], 1e-5, 1.0),
+                         LOSS_TOL[torch.float32])
+    zs, ts = _loss_inputs(1, max_k + 1, [(3, 4)], torch.float32, False)
+    with pytest.raises(RuntimeError, match=f"K must be in 2..{max_k}"):
+        _emulated_loss(emu_loss, zs, ts, [1], [1.0], 1e-5, 1.0)
+
+
+def test_context_labels_routing_follows_the_kernels_t_limit(emu, cuda_built):
+    max_t = emu.emu_context_labels_max_t()
+    assert ctx_op._CUDA_MAX_T == max_t == 16
+    strides3 = _strides3(2, (8, 9, 10))
+    assert ctx_op._kernels_for(_fake_cuda((1, max_t, 8, 9, 10)), strides3)
+    assert not ctx_op._kernels_for(_fake_cuda((1, max_t + 1, 8, 9, 10)), strides3)
+    _check_case(emu, None, 0, (1, max_t, 2, (8, 9, 10), 2), seed=12)  # the kernels take max_t
+    o, y, d = _inputs(1, max_t + 1, 2, (8, 9, 10), torch.float32)
+    with pytest.raises(RuntimeError, match=f"t must be <= {max_t}"):
+        _emulated(emu, None, 0, o, y, d, 2, 2, [None] * 2)
+
+
+# (levels, t, spatial, bytes of one coarsest cell's statistics = P1 cells · (t + 1) · 4): a P1 x
+# stride of 3 keeps these off the coalesced kernels, on make_tile's shared-memory tile. colabx
+# routes to the kernels up to a 96 KiB budget; the emulated device (like an H100/H200) opts in
+# to 228 KiB, above which make_tile refuses.
+TILE_CASES = [
+    ([1, (1, 1, 3), (8, 8, 24)], 16, (8, 8, 24), 512 * 17 * 4),        # 34 KiB
+    ([1, (1, 1, 3), (8, 16, 48)], 11, (8, 16, 48), 2048 * 12 * 4),     # 96 KiB: the budget
+    ([1, (1, 1, 3), (8, 16, 48)], 12, (8, 16, 48), 2048 * 13 * 4),     # 104 KiB
+    ([1, (1, 1, 3), (16, 16, 48)], 16, (16, 16, 48), 4096 * 17 * 4),   # 272 KiB
+]
+
+
+@pytest.mark.parametrize(("levels", "t", "spatial", "cell_bytes"), TILE_CASES,
+                         ids=lambda v: f"{v // 1024}KiB" if isinstance(v, int) and v > 64
+                         else None)
+def test_context_labels_tile_budget(emu, cuda_built, levels, t, spatial, cell_bytes):
+    strides3 = _strides3(levels, spatial)
+    fits = ctx_op._cuda_tile_fits(t, strides3, 4)
+    assert fits == (cell_bytes <= 96 * 1024)
+    assert ctx_op._kernels_for(_fake_cuda((1, t, *spatial)), strides3) == fits
+    assert not ctx_op._cuda_tile_fits(t, strides3, 8) or cell_bytes * 2 <= 96 * 1024
+    if fits:  # what colabx routes to the kernels, they run, and right
+        _check_case(emu, None, 0, (1, t, 2, spatial, levels), seed=13)
+    elif cell_bytes > 228 * 1024:  # what they refuse, colabx never routes to them
+        o, y, d = _inputs(1, t, 2, spatial, torch.float32)
+        with pytest.raises(RuntimeError, match="too large for shared memory"):
+            _emulated(emu, None, 0, o, y, d, 2, levels, [None] * 3)
 
 
 # ---------------------------------------------------------------------------- distance_transform

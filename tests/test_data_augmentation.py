@@ -147,6 +147,9 @@ def test_gamma_retains_stats_and_contrast_keeps_range():
     torch.testing.assert_close(out.mean(dims), img.mean(dims), atol=1e-4, rtol=0)
     torch.testing.assert_close(out.std(dims), img.std(dims), atol=1e-4, rtol=1e-4)
     assert not torch.allclose(out, img)
+    # a gamma curve then an increasing affine map per channel: the voxels' order is kept
+    order = img.flatten(1).argsort(1)
+    assert (out.flatten(1).gather(1, order).diff(dim=1) >= 0).all()
     contrast = AugmentConfig(mirror_p=0, rotation_p=0, scale_p=0, **{**only, "contrast_p": 1.0})
     out = augment(s, contrast, torch.Generator().manual_seed(1))["image"]
     assert (out.amin(dims) >= img.amin(dims)).all() and (out.amax(dims) <= img.amax(dims)).all()

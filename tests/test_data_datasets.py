@@ -486,10 +486,15 @@ def test_error_origin_mismatch(tmp_path):
 
 def test_geometry_within_tolerance_is_accepted(tmp_path):
     root = tmp_path / "ds"
-    make_nnunet(root, n_channels=1)
-    lbl = np.zeros(SHAPE, np.uint8)
+    written = make_nnunet(root, n_channels=1)
+    lbl = (np.arange(np.prod(SHAPE)).reshape(SHAPE) % 3).astype(np.uint8)
     _save(root / "labelsTr" / "case_000.nii.gz", lbl, _affine(origin=(10.0, -5.0, 3.00003)))
-    load_dataset(root).load_case("case_000")
+    case = load_dataset(root).load_case("case_000")
+    # the label 3e-5 mm off is read as it is, on the image's grid and geometry
+    np.testing.assert_array_equal(case.label, lbl)
+    np.testing.assert_array_equal(case.image, written["case_000"][0])
+    np.testing.assert_allclose(case.spacing, SPACING, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(case.affine, _affine(), atol=1e-6)
 
 
 def test_error_context_shape_mismatch(tmp_path):

@@ -121,14 +121,39 @@ def test_deep_supervision_levels(weights, channels):
     _compare(zs, ts, torch.float32, level_weights=weights, dice_channels=channels)
 
 
-def test_default_level_weights():
-    assert ref.default_level_weights(1) == [1.0]
-    w4 = ref.default_level_weights(4)
-    assert w4 == pytest.approx([1 / 1.75, 0.5 / 1.75, 0.25 / 1.75, 0.0])
-    z = [torch.randn(1, 2, 8, 8), torch.randn(1, 2, 4, 4)]
-    t = [torch.randint(0, 2, (1, 8, 8)), torch.randint(0, 2, (1, 4, 4))]
-    expect = ref.dice_ce_level(z[0], t[0], [1])  # two levels: weights [1, 0]
-    torch.testing.assert_close(colabx.dice_ce_loss(z, t), expect)
+# Default deep-supervision weights, written out: 1/2^i with the coarsest level 0, over their sum.
+EXPECTED_LEVEL_WEIGHTS = {
+    1: [1.0],
+    2: [1.0, 0.0],
+    3: [1 / 1.5, 0.5 / 1.5, 0.0],
+    4: [1 / 1.75, 0.5 / 1.75, 0.25 / 1.75, 0.0],
+    5: [1 / 1.875, 0.5 / 1.875, 0.25 / 1.875, 0.125 / 1.875, 0.0],
+    6: [1 / 1.9375, 0.5 / 1.9375, 0.25 / 1.9375, 0.125 / 1.9375, 0.0625 / 1.9375, 0.0],
+}
+
+
+@pytest.mark.parametrize("n", sorted(EXPECTED_LEVEL_WEIGHTS))
+def test_default_level_weights(n):
+    want = EXPECTED_LEVEL_WEIGHTS[n]
+    assert ref.default_level_weights(n) == pytest.approx(want, rel=1e-15, abs=0)
+    assert list(ref.LEVEL_WEIGHTS[n]) == pytest.approx(want, rel=1e-15, abs=0)
+    # the fused op's and the twin's default weighting, against the levels weighted by hand
+    g = torch.Generator().manual_seed(30 + n)
+    sizes = [(2 ** (n - i), 2 ** (n - i) + 1) for i in range(n)]
+    zs = [torch.randn(2, 3, *s, generator=g, dtype=torch.float64) for s in sizes]
+    ts = [_soft((2, 3, *s), dtype=torch.float64, gen=g) for s in sizes]
+    terms = [ref.dice_ce_level(z, t, [1, 2]) for z, t in zip(zs, ts, strict=True)]
+    expect = sum(w * term for w, term in zip(want, terms, strict=True))
+    torch.testing.assert_close(colabx.dice_ce_loss(zs, ts), expect, rtol=1e-12, atol=0)
+    torch.testing.assert_close(ref.dice_ce_loss(zs, ts), expect, rtol=1e-13, atol=0)
+
+
+def test_twin_level_weights_are_the_rule_up_to_eight_levels():
+    for n, w in ref.LEVEL_WEIGHTS.items():
+        assert list(w) == pytest.approx(ref.default_level_weights(n), rel=1e-15, abs=0)
+    with pytest.raises(ValueError, match="no default level weights for 9 levels"):
+        ref.dice_ce_loss([torch.randn(1, 2, 2, 2)] * 9,
+                         [torch.zeros(1, 2, 2, dtype=torch.long)] * 9)
 
 
 def _oracle_f64(z, y, channels, smooth=1e-5):
@@ -363,7 +388,41 @@ def _cuda_pair(fn, logits, targets, **kw):
     return lo.cpu(), [g.cpu() for g in go]
 
 
-CUDA_CASES = CASES + [(2, 3, (80, 80, 80)), (1, 12, (17, 9, 5)), (2, 20, (9, 7))]
+# within the kernels' limits (K <= 16): beyond them colabx runs the twin (next test)
+CUDA_CASES = CASES + [(2, 3, (80, 80, 80)), (1, 12, (17, 9, 5)), (2, 16, (9, 7))]
+
+
+@pytest.mark.cuda
+def test_cuda_beyond_the_kernel_limits_runs_the_twin(monkeypatch):
+    """K = 20 > 16 channels, 17 > 16 levels: the GPU twin's results, without entering the
+    kernels; and the CPU kernels' within fp32 rounding of log(1 - p + 1e-6) near p = 1."""
+    from colabx.ops import dice_ce_loss as dce_op
+
+    def no_kernels(*args, **kwargs):
+        raise AssertionError("the CUDA kernels were entered beyond their limits")
+
+    monkeypatch.setattr(dce_op, "_dce_fwd_impl", no_kernels)
+    monkeypatch.setattr(dce_op, "_bce_fwd_impl", no_kernels)
+    g = torch.Generator().manual_seed(20)
+    for zs in ([3 * torch.randn((2, 20, 9, 7), generator=g)],
+               [torch.randn((1, 3, 4, 3), generator=g) for _ in range(17)]):
+        ts = [_soft(tuple(z.shape), gen=g) for z in zs]
+        kw = {} if len(zs) == 1 else dict(level_weights=[1.0] * 17)
+        lc, gc = _cuda_pair(colabx.dice_ce_loss, zs, ts, **kw)
+        lr, gr = _cuda_pair(ref.dice_ce_loss, zs, ts, **kw)
+        assert torch.equal(lc, lr) and all(torch.equal(a, b) for a, b in zip(gc, gr, strict=True))
+    z = 3 * torch.randn((2, 20, 9, 7), generator=g)
+    lab = torch.randint(0, 20, (2, 9, 7), generator=g)
+    roi = list(range(1, 20))
+    zc, zt = z.cuda().requires_grad_(), z.cuda().requires_grad_()
+    colabx.roi_bce_loss(zc, lab.cuda(), roi).backward()
+    ref.roi_bce_loss(zt, lab.cuda(), roi).backward()
+    assert torch.equal(zc.grad, zt.grad)
+    monkeypatch.undo()
+    zp = z.clone().requires_grad_()
+    colabx.roi_bce_loss(zp, lab, roi).backward()
+    s = zp.grad.abs().max()
+    torch.testing.assert_close(zc.grad.cpu() / s, zp.grad / s, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.cuda
@@ -516,7 +575,7 @@ def test_cuda_sums_hold_when_blocks_walk_many_tiles(k, side):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("b,k,spatial", CASES + [(2, 20, (9, 7))])
+@pytest.mark.parametrize("b,k,spatial", CASES + [(2, 16, (9, 7))])
 def test_cuda_roi_bce(b, k, spatial):
     z = 3 * torch.randn((b, k, *spatial))
     lab = torch.randint(0, k, (b, *spatial))
@@ -529,10 +588,7 @@ def test_cuda_roi_bce(b, k, spatial):
     lr.backward()
     torch.testing.assert_close(lc.cpu(), lr, rtol=2e-5, atol=1e-7)
     s = zr.grad.abs().max()
-    # K > 16 runs the twin on the GPU: fp32 log(1 - p + 1e-6) near p = 1 differs between
-    # devices by more than the kernels' tolerance (the kernels themselves keep GTOL).
-    tol = GTOL[torch.float32] if k <= 16 else {"rtol": 1e-4, "atol": 1e-4}
-    torch.testing.assert_close(zc.grad.cpu() / s, zr.grad / s, **tol)
+    torch.testing.assert_close(zc.grad.cpu() / s, zr.grad / s, **GTOL[torch.float32])
 
 
 def test_math_constants_sane():

@@ -141,6 +141,13 @@ def test_mirror_tta(shape, patch, axes):
     shift = nn.Module()
     shift.forward = lambda t: torch.roll(t, 1, dims=2)  # type: ignore[method-assign]
     got = sliding_window_logits(shift, x, patch, mirror_axes=axes[:1], overlap=0.0)
+    # flipping axis 0, rolling by 1 along it and flipping back rolls by -1: the mean of the two
+    # rolls, tile by tile, and the windows' weighted merge is linear in the tiles' logits
+    unshift = nn.Module()
+    unshift.forward = lambda t: torch.roll(t, -1, dims=2)  # type: ignore[method-assign]
+    want = 0.5 * (sliding_window_logits(shift, x, patch, overlap=0.0)
+                  + sliding_window_logits(unshift, x, patch, overlap=0.0))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     assert not torch.allclose(got, sliding_window_logits(shift, x, patch, overlap=0.0))
 
 

@@ -60,7 +60,7 @@ def test_per_sample_generator_grad_equals_reference(ds):
     reference_meta_step(f, g, x, y, d, 3, LR, margin=MARGIN, tau=TAU)
     ref = _ggrad(g)
     assert ref.norm() > 0
-    assert _rel(ours, ref) < 1e-5
+    assert _rel(ours, ref) < 1e-12  # measured 2.9e-14 (deep supervision on and off)
 
 
 @pytest.mark.parametrize("nd,size", [(2, 16), (3, 8)])
@@ -73,7 +73,7 @@ def test_batched_generator_grad_equals_restructured(nd, size):
     restructured_meta_step(f, g, x, y, d, 2, LR, margin=MARGIN, tau=TAU)
     ref = _ggrad(g)
     assert ref.norm() > 0
-    assert _rel(ours, ref) < 1e-5
+    assert _rel(ours, ref) < 1e-12  # measured 2.3e-14 (2D) / 4.9e-14 (3D)
 
 
 def test_batch_of_one_equals_reference():
@@ -81,11 +81,12 @@ def test_batch_of_one_equals_reference():
     MetaStep(f, g, MetaConfig(2, MARGIN, TAU)).step(x, y, d, LR)
     ours = _ggrad(g)
     reference_meta_step(f, g, x, y, d, 2, LR, margin=MARGIN, tau=TAU)
-    assert _rel(ours, _ggrad(g)) < 1e-5
+    assert _rel(ours, _ggrad(g)) < 1e-12  # measured 2.0e-14
 
 
 @pytest.mark.parametrize("variant", ["vmap", "grouped"])
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 5e-4)])
+# measured: float64 3.6e-14 (vmap), 0 (grouped); float32 1.8e-5 (vmap), 1.3e-5 (grouped)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("nd,size,ds", [(2, 16, True), (3, 8, False)])
 def test_batched_theta_pm_equals_sequential(variant, dtype, tol, nd, size, ds):
     f, g, x, y, d = _setup(nd=nd, size=size, ds=ds, dtype=dtype)
@@ -123,14 +124,17 @@ def _fd_exact(nd, size, ds, eps_list):
     return out
 
 
-@pytest.mark.parametrize("nd,size", [(2, 16), (3, 8)])
-def test_fd_matches_exact_at_default_eps(nd, size):
+@pytest.mark.parametrize("nd,size,min_cos,max_rel", [(2, 16, 0.99, 0.13), (3, 8, 0.995, 0.07)])
+def test_fd_matches_exact_at_default_eps(nd, size, min_cos, max_rel):
     # Default ε = 0.01/‖v‖, deep supervision (the reference configuration). Measured: cosine
-    # 0.9935 (2D) / 0.9981 (3D), relative error 12% / 6%. At this tiny net the perturbation moves
-    # pre-activations across LeakyReLU kinks (without deep supervision: cosine 0.992 / 0.988);
-    # the error falls to ~1e-8 once ε is small enough that no kink is crossed (next test).
-    ((cos, _),) = _fd_exact(nd, size, True, [0.01])
-    assert cos >= 0.99
+    # 0.9935 (2D) / 0.9981 (3D), relative error 11.8% / 6.3%: the finite difference's own error,
+    # not rounding. At this tiny net the perturbation moves pre-activations across LeakyReLU
+    # kinks (without deep supervision: cosine 0.992 / 0.988); the error falls to ~1e-8 once ε
+    # is small enough that no kink is crossed (next test). Against an independent oracle:
+    # tests/test_meta_oracle.py.
+    ((cos, rel),) = _fd_exact(nd, size, True, [0.01])
+    assert cos >= min_cos
+    assert rel < max_rel
 
 
 def test_fd_error_is_second_order_in_eps():
@@ -176,8 +180,10 @@ def test_three_iterations_equal_twin(mode):
     fa, ga = _train(f, g, x, y, d, ours_meta, ours_plain)
     fb, gb = _train(f2, g2, x, y, d, ref_meta, ref_plain)
     assert (ga - g0).norm() > 1e-4 and (fa - f0).norm() > 1e-4  # both networks moved
-    assert _rel(fa - f0, fb - f0) < 1e-6
-    assert _rel(ga - g0, gb - g0) < 1e-6
+    # measured: θ 1.0e-14 / 1.1e-14, ω 2.2e-11 / 1.1e-12 (per-sample / batched; Adam divides
+    # by the root of tiny second moments, which amplifies rounding)
+    assert _rel(fa - f0, fb - f0) < 1e-12
+    assert _rel(ga - g0, gb - g0) < 1e-9
 
 
 def test_t1_is_plain_training():
@@ -239,6 +245,7 @@ def test_amp_runs_on_cpu():
     # bf16 autocast for the generator, inner-step and L_ROI forwards; θ± stay fp32. Measured vs
     # the float64 step (2D / 3D): fp32 1.4e-5 / 4.1e-5 relative error; amp 24% / 36% (cosine
     # 0.971 / 0.932) at this tiny net, from both the generator and f in bf16 (13-29% each).
+    # Here (2D, against the fp32 step): relative error 27.5 %, cosine 0.963.
     f, g, x, y, d = _setup(dtype=torch.float32)
     ms = MetaStep(f, g, MetaConfig(2, MARGIN, TAU))
     ms.step(x, y, d, LR)
@@ -247,15 +254,26 @@ def test_amp_runs_on_cpu():
     info = ms.step(x, y, d, LR)
     amp = _ggrad(g)
     assert not info[0].skipped and torch.isfinite(amp).all()
-    assert torch.nn.functional.cosine_similarity(amp, ref, dim=0) > 0.9
+    assert torch.nn.functional.cosine_similarity(amp, ref, dim=0) > 0.95
+    assert _rel(amp, ref) < 0.35
     assert ms.plain_step(x, y, d, torch.optim.SGD(f.parameters(), lr=LR)) > 0
 
 
-def test_exact_mode_per_sample_and_3d_runs():
+def test_exact_mode_per_sample_is_the_sum_of_single_sample_steps():
+    # (against the unrolled step's hypergradient: tests/test_meta_oracle.py) measured, float32
+    # 3D: 0 (bit-identical)
     f, g, x, y, d = _setup(nd=3, size=8, dtype=torch.float32)
+    cfg = MetaConfig(2, MARGIN, TAU, meta_grad="exact")
     info = MetaStep(f, g, MetaConfig(2, MARGIN, TAU, meta_grad="exact", mode="per_sample")).step(
         x, y, d, LR)
-    assert len(info) == 2 and torch.isfinite(_ggrad(g)).all() and _ggrad(g).norm() > 0
+    assert len(info) == 2 and not any(i.skipped for i in info)
+    ours = _ggrad(g)
+    want = 0
+    for b in range(2):
+        MetaStep(f, g, cfg).step(x[b:b + 1], y[b:b + 1], d[b:b + 1], LR)
+        want = want + _ggrad(g)
+    assert want.norm() > 0
+    assert _rel(ours, want) < 1e-6
 
 
 def test_instance_norm_train_and_eval_mode_agree():
@@ -288,9 +306,9 @@ def test_update_counter_and_config_errors():
 
 def test_amp_autocasts_the_same_passes_as_the_restructured_twin():
     # bf16 autocast of the generator, inner-step and L_ROI forwards (θ± in fp32) moves the
-    # generator gradient by ~25 % on this tiny net; colabx and the twin, autocasting the same
-    # passes, stay within 2 % of each other (fused vs twin losses round differently in fp32,
-    # and the bf16 backward amplifies it).
+    # generator gradient by ~25 % on this tiny net (measured 27.5 %); colabx and the twin,
+    # autocasting the same passes, agree: measured 0 here (bit-identical on this CPU), the
+    # fp32 steps differ by 1.4e-5 (fused vs twin losses round differently).
     f, g, x, y, d = _setup(nd=2, size=16, dtype=torch.float32)
     MetaStep(f, g, MetaConfig(2, MARGIN, TAU, amp=True)).step(x, y, d, LR)
     ours = _ggrad(g)
@@ -298,7 +316,7 @@ def test_amp_autocasts_the_same_passes_as_the_restructured_twin():
     twin = _ggrad(g)
     restructured_meta_step(f, g, x, y, d, 2, LR, margin=MARGIN, tau=TAU)
     fp32 = _ggrad(g)
-    assert _rel(ours, twin) < 2e-2
+    assert _rel(ours, twin) < 1e-4
     assert _rel(twin, fp32) > 5e-2
 
 

@@ -44,6 +44,17 @@ def _partial_slots(voxels: int) -> int:
     return (voxels + per - 1) // per
 
 
+def _dce_workspace_size(b: int, k: int, vs: Sequence[int]) -> int:
+    """float64 entries of the CUDA forward's workspace: per level and item its block partials,
+    then L * B final sums, each 3K+1 wide (csrc/cuda/dice_ce_loss.h)."""
+    return (sum(b * _partial_slots(v) for v in vs) + len(vs) * b) * (3 * k + 1)
+
+
+def _bce_workspace_size(b: int, v: int) -> int:
+    """float64 entries of the ROI BCE CUDA forward's workspace: one partial per block and item."""
+    return b * _partial_slots(v)
+
+
 def _use_cuda(t: Tensor, k: int, n_levels: int = 1) -> bool:
     """CUDA kernels for this call (else the twin): built, K and level count within limits."""
     if not _backend.use_cuda_kernels(t, _OP):
@@ -93,9 +104,7 @@ def _dce_fwd_impl(logits: list[Tensor], targets: list[Tensor], dice_channels: li
             [_backend.dtype_code(t) for t in ts], b, k, vs, dice_channels, weights, smooth,
             stats.data_ptr(), loss.data_ptr(), _backend.num_threads())
     elif _use_cuda(z0, k, n_levels):
-        # per-block partials of every level, then L * B * (3K+1) float64 final sums
-        n_part = (sum(b * _partial_slots(v) for v in vs) + n_levels * b) * (3 * k + 1)
-        work = torch.empty(n_part, dtype=torch.float64, device=z0.device)
+        work = torch.empty(_dce_workspace_size(b, k, vs), dtype=torch.float64, device=z0.device)
         _backend.ext().dice_ce_loss_forward_cuda(
             [z.data_ptr() for z in zs], [t.data_ptr() for t in ts], _backend.dtype_code(z0),
             [_backend.dtype_code(t) for t in ts], b, k, vs, dice_channels, weights, smooth,
@@ -229,7 +238,7 @@ def _bce_fwd_impl(logits: Tensor, labels: Tensor, roi_channels: list[int]) -> Te
             z.data_ptr(), lab.data_ptr(), _backend.dtype_code(z), _backend.dtype_code(lab), b, k,
             v, roi_channels, loss.data_ptr(), _backend.num_threads())
     elif _use_cuda(z, k):
-        work = torch.empty(b * _partial_slots(v), dtype=torch.float64, device=z.device)
+        work = torch.empty(_bce_workspace_size(b, v), dtype=torch.float64, device=z.device)
         _backend.ext().roi_bce_loss_forward_cuda(
             z.data_ptr(), lab.data_ptr(), _backend.dtype_code(z), _backend.dtype_code(lab), b, k,
             v, roi_channels, loss.data_ptr(), work.data_ptr(), z.device.index,

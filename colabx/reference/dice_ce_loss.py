@@ -16,13 +16,29 @@ BCE_EPS = 1e-6
 
 def default_level_weights(n: int) -> list[float]:
     """nnU-Net-style deep-supervision weights of the reference code: 1/2^i, coarsest level 0,
-    normalised to sum 1 ([1] for one level, [1, 1/2, 1/4, 0]/1.75 for four)."""
+    normalised to sum 1 ([1] for one level, [1, 1/2, 1/4, 0]/1.75 for four). The rule the fused
+    op and the compat layer use; the twin below takes :data:`LEVEL_WEIGHTS` instead."""
     if n == 1:
         return [1.0]
     w = [1.0 / 2**i for i in range(n)]
     w[-1] = 0.0
     total = sum(w)
     return [x / total for x in w]
+
+
+#: The twin's default level weights, written out (n >= 2 levels: 2^(n-2), ..., 2, 1, 0 over
+#: their sum 2^(n-1) − 1; one level: 1), so that a change of :func:`default_level_weights`
+#: shows up as a difference between the fused op and the twin.
+LEVEL_WEIGHTS: dict[int, tuple[float, ...]] = {
+    1: (1.0,),
+    2: (1.0, 0.0),
+    3: (2 / 3, 1 / 3, 0.0),
+    4: (4 / 7, 2 / 7, 1 / 7, 0.0),
+    5: (8 / 15, 4 / 15, 2 / 15, 1 / 15, 0.0),
+    6: (16 / 31, 8 / 31, 4 / 31, 2 / 31, 1 / 31, 0.0),
+    7: (32 / 63, 16 / 63, 8 / 63, 4 / 63, 2 / 63, 1 / 63, 0.0),
+    8: (64 / 127, 32 / 127, 16 / 127, 8 / 127, 4 / 127, 2 / 127, 1 / 127, 0.0),
+}
 
 
 def _compute_dtype(z: torch.Tensor) -> torch.dtype:
@@ -69,7 +85,10 @@ def dice_ce_loss(logits: torch.Tensor | Sequence[torch.Tensor],
     if dice_channels is None:
         dice_channels = list(range(1, k))
     if level_weights is None:
-        level_weights = default_level_weights(len(logits))
+        if len(logits) not in LEVEL_WEIGHTS:
+            raise ValueError(f"no default level weights for {len(logits)} levels; pass "
+                             "level_weights")
+        level_weights = LEVEL_WEIGHTS[len(logits)]
     loss = None
     for z, t, w in zip(logits, targets, level_weights, strict=True):
         term = w * dice_ce_level(z, t, dice_channels, smooth)

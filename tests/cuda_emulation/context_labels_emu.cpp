@@ -107,6 +107,9 @@ extern "C" int emu_context_labels(int backward, const char* kernel, int rows, in
   });
 }
 
+// The largest t the CUDA kernels take (colabx.ops.context_labels._CUDA_MAX_T mirrors it).
+extern "C" int emu_context_labels_max_t() { return colabx::ctxlab::kCudaMaxT; }
+
 // The host entry points, as Python calls them. Returns 0, or 1 with the error message in err.
 extern "C" int emu_context_labels_entry(int backward, int64_t B, int64_t t, int64_t c,
                                         const int64_t* spatial, int nsp, const int64_t* strides,

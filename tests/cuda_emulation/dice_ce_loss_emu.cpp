@@ -21,6 +21,14 @@ std::vector<T> vec(const T* p, int n) {
 
 extern "C" void emu_set_resident_blocks(int blocks) { cuda_emu::resident = blocks; }
 
+// The kernels' limits, as the CUDA build's bindings report them to Python
+// (csrc/bindings/dice_ce_loss.cpp): partial voxels, max K, max levels.
+extern "C" void emu_dice_ce_loss_limits(int64_t* out) {
+  out[0] = colabx::cuda::kDcePartialVoxels;
+  out[1] = colabx::cuda::kDceMaxK;
+  out[2] = colabx::cuda::kDceMaxLevels;
+}
+
 extern "C" int emu_dice_ce_loss_forward(int L, const uintptr_t* logits, const uintptr_t* targets,
                                         int logits_code, const int* target_codes, int64_t B,
                                         int64_t K, const int64_t* V, const int64_t* dice, int nd,
