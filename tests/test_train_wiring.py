@@ -39,7 +39,8 @@ def _cfg(**kw) -> TrainConfig:
                 batch_size=2, base_features=4, max_features=16, num_pool=2,
                 patch_size=[16, 16, 8], val_fraction=0.0, num_workers=0, progress=False,
                 threads=1, snapshot_every=0, device="cpu", lr=LR, gen_lr=GEN_LR,
-                momentum=MOMENTUM, weight_decay=WD, poly_exponent=POLY, margin=4.0, tau=4.0)
+                momentum=MOMENTUM, weight_decay=WD, poly_exponent=POLY, margin=4.0, tau=4.0,
+                meta_period=1)
     return TrainConfig(**{**base, **kw})
 
 
