@@ -10,6 +10,10 @@ One :class:`Trainer` per process. Per iteration (global batch index ``i``, deter
    fused Dice+CE over the deep-supervision levels, gradients averaged over processes, norm
    clipped, SGD step (through a GradScaler for fp16).
 
+With ``meta_order="shared"`` steps 3 and 4 share one forward+backward of the network on labels
+from the current generator (:meth:`colabx.meta.MetaStep.shared_forward`): its averaged gradient
+is the meta step's inner gradient and, clipped, the ordinary update's.
+
 After each ``val_every`` epochs rank 0 validates by sliding window on held-out cases and writes
 the logs and the checkpoints (``checkpoint_latest.pth``, ``checkpoint_best.pth`` by validation
 DSC, ``checkpoint_final.pth``). ``resume=True`` continues from ``checkpoint_latest.pth`` exactly:
