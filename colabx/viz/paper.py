@@ -39,14 +39,18 @@ def logit_density_figure(panels: Sequence[tuple[str, np.ndarray, np.ndarray, np.
     a flat array over held-out voxels."""
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
     values = np.concatenate([np.concatenate([p[1], p[2]]) for p in panels])
+    roi = np.concatenate([np.concatenate([p[1][p[3]], p[2][p[3]]]) for p in panels])
     lo, hi = np.percentile(values, [0.5, 99.5]) if values.size else (-1.0, 1.0)
+    if roi.size:  # the ROI voxels are few: keep every one of them in view
+        lo, hi = min(lo, float(roi.min())), max(hi, float(roi.max()))
     edges = np.linspace(lo, hi, 120)
     for ax, (title, roi, ctx, is_roi) in zip(axes[0], panels, strict=True):
         for mask, cmap, name in ((~is_roi, "Blues", "background"), (is_roi, "Reds", "ROI")):
             if mask.any():
                 h, _, _ = np.histogram2d(ctx[mask], roi[mask], bins=[edges, edges])
                 h = np.ma.masked_equal(h.T, 0)
-                ax.pcolormesh(edges, edges, h, cmap=cmap, norm=LogNorm(), alpha=0.75)
+                ax.pcolormesh(edges, edges, h, cmap=cmap, norm=LogNorm(vmin=0.5),
+                              alpha=0.8)
                 ax.plot([], [], "s", color=plt.get_cmap(cmap)(0.8),
                         label=f"{name} ({int(mask.sum())} voxels)")
         ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="decision line")
@@ -61,7 +65,8 @@ def logit_density_figure(panels: Sequence[tuple[str, np.ndarray, np.ndarray, np.
 @dataclass
 class CaseSlice:
     """One row of Fig. 8: a slice's image, reference, the network's argmax over K channels, and
-    the generator's argmax and soft q of context 1 (None without a generator)."""
+    the generator's argmax (context k shown as the channel it labels: 0, then c − 1 + k) and
+    soft q of context 1 (None without a generator)."""
 
     title: str
     image: np.ndarray
@@ -76,16 +81,15 @@ def context_map_figure(rows: Sequence[CaseSlice], path: Path) -> None:
     """Fig. 8: one row per case slice (ROI classes red/green/..., contexts in other colours)."""
     fig, axes = plt.subplots(len(rows), 5, figsize=(16, 3.3 * len(rows)), squeeze=False)
     for ax_row, r in zip(axes, rows, strict=True):
-        k = int(max(r.argmax.max(), r.label.max())) + 1
+        k = int(max(r.argmax.max(), r.label.max(),
+                    0 if r.q_argmax is None else r.q_argmax.max())) + 1
         cmap = ListedColormap(_COLOURS[:max(k, 2)])
         panels = [("image", r.image, "gray", None), ("reference", r.label, cmap, (0, k - 1)),
                   (f"network argmax (ROI 1..{r.num_classes - 1}, contexts 0, "
                    f"{r.num_classes}..)", r.argmax, cmap, (0, k - 1))]
         if r.q_argmax is not None:
-            t = int(r.q_argmax.max()) + 1
-            panels += [("generator context (argmax q)", r.q_argmax,
-                        ListedColormap(_COLOURS[1:max(t, 2) + 1]), (0, max(t - 1, 1))),
-                       ("generator q, context 1", r.q1, "viridis", (0, 1))]
+            panels += [("generator context (argmax q, as channels)", r.q_argmax, cmap,
+                        (0, k - 1)), ("generator q, context 1", r.q1, "viridis", (0, 1))]
         for ax, (name, img, cm, lim) in zip(ax_row, panels, strict=False):
             ax.imshow(img.T, cmap=cm, origin="lower", interpolation="nearest",
                       **({} if lim is None else {"vmin": lim[0], "vmax": lim[1]}))
@@ -105,10 +109,15 @@ def intensity_histogram_figure(groups: Sequence[tuple[str, Mapping[str, np.ndarr
     values = np.concatenate(everything) if everything else np.zeros(1)
     edges = np.linspace(*np.percentile(values, [0.5, 99.5]), 80)
     for ax, (title, classes) in zip(axes[0], groups, strict=True):
+        top = 0.0
         for i, (name, v) in enumerate(classes.items()):
             if v.size:
-                ax.hist(v, bins=edges, density=True, histtype="step", lw=1.5,
-                        color=_COLOURS[(i + 1) % len(_COLOURS)], label=f"{name} ({v.size})")
+                dens, _, _ = ax.hist(v, bins=edges, density=True, histtype="step", lw=1.5,
+                                     color=_COLOURS[(i + 1) % len(_COLOURS)],
+                                     label=f"{name} ({v.size})")
+                top = max(top, float(np.max(dens[1:-1])))  # not the clipped extremes' spikes
+        if top > 0:
+            ax.set_ylim(0, 1.3 * top)
         ax.set_title(title)
         ax.set_xlabel("intensity (normalised)")
         ax.legend(fontsize=8)

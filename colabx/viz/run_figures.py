@@ -81,7 +81,7 @@ def write_figures(runs: list[str | os.PathLike[str]], out_dir: str | os.PathLike
                 slices.append(CaseSlice(
                     f"{run.name} / {case.id}", img[pick], np.asarray(case.label)[pick],
                     z.argmax(0).numpy()[pick], c,
-                    None if o.q is None else o.q.argmax(0).numpy()[pick],
+                    None if o.q is None else _as_channels(o.q.argmax(0).numpy()[pick], c),
                     None if o.q is None else o.q[min(1, o.q.shape[0] - 1)].numpy()[pick]))
         r, x, m = (np.concatenate(v) for v in (roi_l, ctx_l, is_roi))
         if r.size > _MAX_VOXELS:
@@ -104,6 +104,12 @@ def write_figures(runs: list[str | os.PathLike[str]], out_dir: str | os.PathLike
     atomic_write_text(out / "figures.json", json.dumps(_finite(report), indent=1,
                                                        allow_nan=False) + "\n")
     return report
+
+
+def _as_channels(contexts: np.ndarray, num_classes: int) -> np.ndarray:
+    """Generator context k as the segmentation channel it labels (0, then c − 1 + k), so that
+    both maps share colours."""
+    return np.where(contexts == 0, 0, contexts + num_classes - 1)
 
 
 def _finite(x: Any) -> Any:
