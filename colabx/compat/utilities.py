@@ -43,20 +43,19 @@ def one_hot2dist(seg: np.ndarray, resolution: Sequence[float] | None = None) -> 
                          f"{seg.shape}")
     if seg.size == 0:
         return np.zeros_like(seg)
-    inside = torch.from_numpy(seg.astype(bool))
-    full = inside.reshape(len(seg), -1).all(dim=1).numpy()
-    d = distance_transform(inside, spacing=resolution, signed=True)
+    # NumPy around the C++ EDT, no torch computation: safe in a forked worker (the reference's
+    # sampler runs this in a fork pool) whose parent had used torch's OpenMP pool
+    inside = np.ascontiguousarray(seg, dtype=bool)
+    full = inside.reshape(len(seg), -1).all(axis=1)
+    d = distance_transform(torch.from_numpy(inside), spacing=resolution, signed=True).numpy()
     if resolution is None or bool(np.all(np.asarray(resolution, dtype=float) == 1.0)):
-        if float(d.abs().max()) < _EXACT_RECOVERY_MAX:
+        if float(np.abs(d).max()) < _EXACT_RECOVERY_MAX:
             # scipy's float64 sqrt of the integer squared distance, recovered from float32:
             # inside, 1 - d is the float32 distance to the background exactly
-            # numpy's sqrt is correctly rounded, as scipy's; torch's float64 CPU sqrt may be
-            # one ulp off (seen with torch 2.13)
-            sq = torch.where(inside, 1 - d, d).double().square_().round_().numpy()
-            e = torch.from_numpy(np.sqrt(sq))
-            d = torch.where(inside, 1 - e, e)
+            e = np.sqrt(np.rint(np.square(np.where(inside, 1 - d, d), dtype=np.float64)))
+            d = np.where(inside, 1 - e, e)
     res = np.zeros_like(seg)
-    res[...] = d.numpy()
+    res[...] = d
     for k in np.flatnonzero(full):
         # no background: scipy measures to a voxel outside the array; defer to it
         res[k] = one_hot2dist_reference(seg[k:k + 1], resolution)[0]

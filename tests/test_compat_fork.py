@@ -1,0 +1,105 @@
+"""colabx.compat.one_hot2dist and colabx.distance_transform in forked workers whose parent had
+used torch's intra-op (OpenMP) pool: the reference's sampler computes its distance maps in a
+``fork`` multiprocessing pool, and a forked child that enters an OpenMP parallel region blocks
+forever. Each worker job builds its inputs with NumPy only, so a hang can only come from colabx.
+"""
+
+import multiprocessing as mp
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from colabx import distance_transform
+from colabx.compat import one_hot2dist
+from colabx.ops.distance_transform import fork_safe_intraop, in_forked_child
+from colabx.reference.compat import one_hot2dist_reference
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="fork start method (Linux)")
+
+TIMEOUT_S = 60
+
+
+def _seg(seed: int) -> np.ndarray:
+    """[2, 48, 40, 36] int32: a box (channel 0) and its complement (channel 1), large enough
+    for torch to parallelise elementwise ops over it (> 32768 elements)."""
+    seg = np.zeros((2, 48, 40, 36), np.int32)
+    o = 4 + seed
+    seg[0, o:o + 20, 10:30, 8:24] = 1
+    seg[1] = 1 - seg[0]
+    return seg
+
+
+def _one_hot2dist_job(seed: int) -> np.ndarray:
+    return one_hot2dist(_seg(seed))
+
+
+def _distance_transform_job(seed: int) -> np.ndarray:
+    mask = torch.from_numpy(_seg(seed))  # int32: distance_transform converts it with torch
+    return distance_transform(mask, signed=True).numpy()
+
+
+def _forked_child_flag(_: int) -> bool:
+    return in_forked_child()
+
+
+@pytest.fixture
+def parent_used_torch_threads():
+    """The parent's intra-op pool is started, as it always is during training."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    float((torch.randn(2_000_000) + 1).sum())
+    float((torch.randn(256, 256) @ torch.randn(256, 256)).sum())
+    yield
+    torch.set_num_threads(n)
+
+
+def _map_in_fork_pool(fn, items):
+    pool = mp.get_context("fork").Pool(2)
+    try:
+        return pool.map_async(fn, items).get(timeout=TIMEOUT_S)
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def test_one_hot2dist_in_a_fork_pool_after_the_parent_used_torch_threads(
+        parent_used_torch_threads):
+    got = _map_in_fork_pool(_one_hot2dist_job, [0, 1, 2])
+    for seed, d in enumerate(got):
+        np.testing.assert_array_equal(d, one_hot2dist_reference(_seg(seed)))
+
+
+def test_distance_transform_in_a_fork_pool_after_the_parent_used_torch_threads(
+        parent_used_torch_threads):
+    got = _map_in_fork_pool(_distance_transform_job, [0, 1])
+    for seed, d in enumerate(got):
+        want = one_hot2dist_reference(_seg(seed).astype(np.float32))
+        np.testing.assert_allclose(d, want, rtol=1e-6, atol=1e-5)
+
+
+class _Cases(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int):
+        return _one_hot2dist_job(i), _distance_transform_job(i)
+
+
+def test_both_in_forked_dataloader_workers(parent_used_torch_threads):
+    loader = torch.utils.data.DataLoader(_Cases(), batch_size=None, num_workers=2,
+                                         multiprocessing_context="fork", timeout=TIMEOUT_S)
+    for i, (a, b) in enumerate(loader):
+        np.testing.assert_array_equal(np.asarray(a), one_hot2dist_reference(_seg(i)))
+        want = one_hot2dist_reference(_seg(i).astype(np.float32))
+        np.testing.assert_allclose(np.asarray(b), want, rtol=1e-6, atol=1e-5)
+
+
+def test_the_fork_flag_is_set_in_forked_children_only_and_the_guard_restores_threads():
+    assert not in_forked_child()
+    assert _map_in_fork_pool(_forked_child_flag, [0]) == [True]
+    n = torch.get_num_threads()
+    with fork_safe_intraop():  # not a forked child: unchanged
+        assert torch.get_num_threads() == n
+    assert torch.get_num_threads() == n
