@@ -170,8 +170,7 @@ def distance_transform(
         spacing = spacing.tolist()
     sp = _checks.check_spacing(spacing, nsp)
     sp_list = [1.0] * nsp if sp is None else list(sp)
-    with fork_safe_intraop():  # the only torch computation on the CPU path
-        m = _as_feature_bytes(mask.detach())
     if torch.compiler.is_compiling():
-        return _distance_transform_op(m, sp_list, signed)
-    return compute_distance_transform(m, sp_list, signed)  # eager: skip the custom-op dispatch
+        return _distance_transform_op(_as_feature_bytes(mask.detach()), sp_list, signed)
+    # eager: skip the custom-op dispatch; the mask is converted fork-safely there
+    return compute_distance_transform(mask, sp_list, signed)
