@@ -28,6 +28,7 @@ Their pure-PyTorch/NumPy twins, which redo the reference's steps literally, are 
 
 from colabx.compat.common import calcualte_loss_val, calculate_loss
 from colabx.compat.patch import apply_to_reference
+from colabx.compat.train import train
 from colabx.compat.utilities import hessian_vector_product_Unet, one_hot2dist
 
 __all__ = [
@@ -36,4 +37,5 @@ __all__ = [
     "calculate_loss",
     "hessian_vector_product_Unet",
     "one_hot2dist",
+    "train",
 ]
