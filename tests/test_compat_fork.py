@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+import colabx.compat
 from colabx import distance_transform
 from colabx.compat import one_hot2dist
+from colabx.compat import utilities as utilities_module
 from colabx.ops.distance_transform import fork_safe_intraop, in_forked_child
 from colabx.reference.compat import one_hot2dist_reference
 
@@ -103,3 +105,43 @@ def test_the_fork_flag_is_set_in_forked_children_only_and_the_guard_restores_thr
     with fork_safe_intraop():  # not a forked child: unchanged
         assert torch.get_num_threads() == n
     assert torch.get_num_threads() == n
+
+
+@pytest.fixture
+def distance_cache(tmp_path):
+    colabx.compat.cache_distance_maps(tmp_path / "dist")
+    yield tmp_path / "dist"
+    colabx.compat.cache_distance_maps(None)
+
+
+def _no_edt(*args, **kwargs):
+    raise AssertionError("recomputed instead of read from the cache")
+
+
+def test_distance_cache_across_two_fork_pool_epochs(parent_used_torch_threads, distance_cache,
+                                                    monkeypatch):
+    """As the reference's sampler: a fresh fork pool per epoch, one map per sampled case. The
+    first epoch's workers write the cache; the second epoch reads it (the EDT is disabled in
+    the parent, so forked workers inherit the disabled EDT)."""
+    first = _map_in_fork_pool(_one_hot2dist_job, [0, 1, 0])
+    assert len(list(distance_cache.glob("*.npy"))) == 2  # cases 0 and 1
+    monkeypatch.setattr(utilities_module, "_one_hot2dist", _no_edt)
+    second = _map_in_fork_pool(_one_hot2dist_job, [1, 0])
+    np.testing.assert_array_equal(second[0], first[1])
+    np.testing.assert_array_equal(second[1], one_hot2dist_reference(_seg(0)))
+    assert second[1].dtype == np.int32
+
+
+def test_distance_cache_keys_on_content_dtype_and_resolution(distance_cache):
+    seg = _seg(0)
+    a = one_hot2dist(seg)
+    one_hot2dist(seg.astype(np.float32))
+    r = one_hot2dist(seg.astype(np.float32), resolution=(1.0, 2.0, 1.5))
+    changed = seg.copy()
+    changed[0, 30, 30, 30] = 1
+    c = one_hot2dist(changed)
+    assert len(list(distance_cache.glob("*.npy"))) == 4
+    np.testing.assert_array_equal(one_hot2dist(seg), a)  # read back
+    np.testing.assert_array_equal(c, one_hot2dist_reference(changed))
+    want = one_hot2dist_reference(seg.astype(np.float32), (1.0, 2.0, 1.5))
+    np.testing.assert_allclose(r, want, rtol=1e-6, atol=1e-5)

@@ -19,7 +19,8 @@ modules::
 * :func:`hessian_vector_product_Unet` (``utilities.py``) — the θ± forwards without autograd
   graphs and one generator backward instead of two.
 * :func:`one_hot2dist` (``utilities.py``) — colabx's threaded exact EDT instead of scipy's; safe
-  in the reference sampler's ``fork`` pool.
+  in the reference sampler's ``fork`` pool; :func:`cache_distance_maps` keeps each case's map
+  on disk so the sampler computes it once per run instead of once per epoch.
 * :func:`train` (``common.py``) — the whole epoch on :class:`colabx.meta.MetaStep`, per sample as
   the reference or batched; import it in ``train.py`` in place of ``common.train``.
 
@@ -30,10 +31,15 @@ Their pure-PyTorch/NumPy twins, which redo the reference's steps literally, are 
 from colabx.compat.common import calcualte_loss_val, calculate_loss
 from colabx.compat.patch import apply_to_reference
 from colabx.compat.train import train
-from colabx.compat.utilities import hessian_vector_product_Unet, one_hot2dist
+from colabx.compat.utilities import (
+    cache_distance_maps,
+    hessian_vector_product_Unet,
+    one_hot2dist,
+)
 
 __all__ = [
     "apply_to_reference",
+    "cache_distance_maps",
     "calcualte_loss_val",
     "calculate_loss",
     "hessian_vector_product_Unet",

@@ -3,19 +3,52 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from colabx._io import atomic_write
 from colabx.compat.common import calculate_loss
 from colabx.ops.distance_transform import distance_transform
 from colabx.reference.compat import add_scaled_, one_hot2dist_reference
 
-__all__ = ["hessian_vector_product_Unet", "one_hot2dist"]
+__all__ = ["cache_distance_maps", "hessian_vector_product_Unet", "one_hot2dist"]
 
 #: Below this distance (voxel units) d² = round(d_f32²) recovers scipy's integer sum exactly.
 _EXACT_RECOVERY_MAX = 2048.0
+
+
+_cache_dir: Path | None = None
+
+
+def cache_distance_maps(directory: str | os.PathLike[str] | None) -> None:
+    """Keep :func:`one_hot2dist`'s results in ``directory`` (None, the default: no cache).
+
+    The reference's sampler recomputes the distance map of every sampled case each epoch, in
+    fresh ``fork`` workers; with the cache each case's map is computed once per run and read
+    back afterwards. Entries are keyed by a BLAKE2b digest of the mask's bytes, shape and dtype
+    and the resolution (a changed case gets a new entry) and written atomically, so concurrent
+    workers are safe. Call it in ``train.py`` before the sampler starts its workers (forked
+    workers inherit the setting). The folder is never pruned.
+    """
+    global _cache_dir
+    _cache_dir = None if directory is None else Path(directory)
+    if _cache_dir is not None:
+        _cache_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _cache_path(seg: np.ndarray, resolution) -> Path | None:
+    if _cache_dir is None:
+        return None
+    h = hashlib.blake2b(digest_size=20)
+    res = None if resolution is None else tuple(float(r) for r in resolution)
+    h.update(repr((seg.shape, seg.dtype.str, res)).encode())
+    h.update(np.ascontiguousarray(seg).data)
+    return _cache_dir / f"one_hot2dist-{h.hexdigest()}.npy"
 
 
 def one_hot2dist(seg: np.ndarray, resolution: Sequence[float] | None = None) -> np.ndarray:
@@ -36,6 +69,9 @@ def one_hot2dist(seg: np.ndarray, resolution: Sequence[float] | None = None) -> 
         nearest inside voxel; inside, −(distance to the nearest outside voxel − 1). Channels
         without voxels are 0. With unit spacing the values are scipy's bit for bit (distances
         below 2048 voxels); with a spacing they agree to float32 rounding.
+
+    Safe in forked workers whose parent used torch's threads (no torch op runs here). With
+    :func:`cache_distance_maps` set, a mask seen before is read back instead of recomputed.
     """
     seg = np.asarray(seg)
     if seg.ndim not in (3, 4):
@@ -43,6 +79,18 @@ def one_hot2dist(seg: np.ndarray, resolution: Sequence[float] | None = None) -> 
                          f"{seg.shape}")
     if seg.size == 0:
         return np.zeros_like(seg)
+    cached = _cache_path(seg, resolution)
+    if cached is not None and cached.exists():
+        res = np.load(cached)
+        if res.shape == seg.shape and res.dtype == seg.dtype:
+            return res
+    res = _one_hot2dist(seg, resolution)
+    if cached is not None:
+        atomic_write(cached, lambda f: np.save(f, res))
+    return res
+
+
+def _one_hot2dist(seg: np.ndarray, resolution: Sequence[float] | None) -> np.ndarray:
     # NumPy around the C++ EDT, no torch computation: safe in a forked worker (the reference's
     # sampler runs this in a fork pool) whose parent had used torch's OpenMP pool
     inside = np.ascontiguousarray(seg, dtype=bool)
