@@ -16,6 +16,16 @@ from colabx.reference.compat import one_hot2dist_reference, train_reference
 N, SIZE = 4, 16  # patches per epoch (2 iterations of 2), patch edge
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny networks gain nothing from a second thread, and on a loaded 2-core machine OpenMP's
+    waiting makes them many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _args(**kw):
     args = types.SimpleNamespace(
         NumsClass=2, taskcls=2, deepsupervision=True, downsampling=2, vanilla=False,
