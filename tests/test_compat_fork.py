@@ -6,15 +6,23 @@ forever. Each worker job builds its inputs with NumPy only, so a hang can only c
 
 import multiprocessing as mp
 import sys
+import types
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import colabx.compat
 from colabx import distance_transform
-from colabx.compat import one_hot2dist
+from colabx.compat import (
+    calcualte_loss_val,
+    calculate_loss,
+    hessian_vector_product_Unet,
+    one_hot2dist,
+)
 from colabx.compat import utilities as utilities_module
+from colabx.models import UNet, task_generator
 from colabx.ops.distance_transform import fork_safe_intraop, in_forked_child
 from colabx.reference.compat import one_hot2dist_reference
 
@@ -40,6 +48,46 @@ def _one_hot2dist_job(seed: int) -> np.ndarray:
 def _distance_transform_job(seed: int) -> np.ndarray:
     mask = torch.from_numpy(_seg(seed))  # int32: distance_transform converts it with torch
     return distance_transform(mask, signed=True).numpy()
+
+
+def _loss_inputs(seed: int):
+    """calculate_loss / calcualte_loss_val inputs, made from NumPy arrays (no torch op)."""
+    rng = np.random.default_rng(seed)
+    args = types.SimpleNamespace(NumsClass=2, taskcls=2, deepsupervision=False, downsampling=1,
+                                 vanilla=False, manuallabel=False)
+    y = torch.from_numpy(rng.integers(0, 2, (2, 40, 40, 32)))
+    z = torch.from_numpy(rng.normal(size=(2, 3, 40, 40, 32)).astype(np.float32))
+    q = torch.from_numpy(np.full((2, 2, 40, 40, 32), 0.5, np.float32))
+    return args, y, z, q
+
+
+def _losses_job(seed: int) -> tuple[float, ...]:
+    args, y, z, q = _loss_inputs(seed)
+    z.requires_grad_()
+    loss = calculate_loss(args, y, z, q)
+    vals = calcualte_loss_val(args, y, z)
+    return float(loss.detach()), float(vals[0].detach()), float(vals[3].detach())
+
+
+def _hvp_job(seed: int) -> list[np.ndarray]:
+    f, g, args, x, y, vector, q = _HVP
+    grads = hessian_vector_product_Unet(f, g, vector, x, y, q, None, args, None, 0)
+    return [t.detach().numpy() for t in grads]
+
+
+def _hvp_setup():
+    torch.manual_seed(0)
+    args = types.SimpleNamespace(NumsClass=2, taskcls=2, deepsupervision=True, downsampling=2,
+                                 vanilla=False, manuallabel=False)
+    f = UNet(1, 3, 3, base_features=4, num_pool=2, deep_supervision=True)
+    g = task_generator(1, 2, 3, base_features=4, num_pool=2)
+    x = torch.randn(1, 1, 32, 32, 32)
+    y = (x[:, 0] > 1).long()
+    q = torch.softmax(g(x), 1)  # with its graph to g: the product backpropagates into g
+    return f, g, args, x, y, [torch.randn_like(p) for p in f.parameters()], [q, F.avg_pool3d(q, 2)]
+
+
+_HVP = _hvp_setup()  # built before any fork (no torch op of the test runs in a worker)
 
 
 def _forked_child_flag(_: int) -> bool:
@@ -79,6 +127,16 @@ def test_distance_transform_in_a_fork_pool_after_the_parent_used_torch_threads(
     for seed, d in enumerate(got):
         want = one_hot2dist_reference(_seg(seed).astype(np.float32))
         np.testing.assert_allclose(d, want, rtol=1e-6, atol=1e-5)
+
+
+def test_the_losses_and_the_meta_gradient_in_a_fork_pool_after_the_parent_used_torch_threads(
+        parent_used_torch_threads):
+    got = _map_in_fork_pool(_losses_job, [0, 1])
+    for seed, values in enumerate(got):
+        np.testing.assert_allclose(values, _losses_job(seed), rtol=1e-5)
+    (child,) = _map_in_fork_pool(_hvp_job, [0])
+    for a, b in zip(child, _hvp_job(0), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()))
 
 
 class _Cases(torch.utils.data.Dataset):

@@ -9,9 +9,21 @@ import torch
 from torch import Tensor
 
 from colabx.ops.dice_ce_loss import _compute_dtype, dice_ce_loss, roi_bce_loss
+from colabx.ops.distance_transform import fork_safe_intraop
 from colabx.reference.dice_ce_loss import BCE_EPS, CE_EPS, default_level_weights
 
 __all__ = ["calcualte_loss_val", "calculate_loss"]
+
+
+def fork_safe(fn):
+    """``fn`` with torch's CPU ops run without the intra-op (OpenMP) pool when called in a
+    forked child (see :func:`colabx.ops.distance_transform.fork_safe_intraop`), where they would
+    block forever once the parent had used the pool; unchanged elsewhere."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with fork_safe_intraop():
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 @functools.cache
@@ -153,6 +165,7 @@ def _levels(args, output, taskGenerated, loss_masks):
     return zs, qs, ms, k
 
 
+@fork_safe
 def calculate_loss(args, targets, output, taskGenerated, detach=False, criterion=None,
                    losstype=0, logging=None, loss_masks=None, BGcls=0):
     """The reference's training loss (``common.calculate_loss``), same signature and result.
@@ -230,6 +243,7 @@ def calculate_loss(args, targets, output, taskGenerated, detach=False, criterion
     return total
 
 
+@fork_safe
 def calcualte_loss_val(args, target_varval, outputval, criterionbce=None):
     """The reference's meta loss with its diagnostics (``common.calcualte_loss_val``, name as
     spelt there), same signature and values.

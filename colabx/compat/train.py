@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from colabx.compat.common import calcualte_loss_val, calculate_loss
+from colabx.compat.common import calcualte_loss_val, calculate_loss, fork_safe
 from colabx.meta import MetaConfig, MetaStep
 from colabx.reference.compat import (
     EpochMeters,
@@ -85,6 +85,7 @@ def _background_task(meters: EpochMeters, logits: Tensor, t: int) -> tuple[int, 
     return bg, [row / per_sample.shape[1] for row in counts]
 
 
+@fork_safe
 def train(sampling_results: Sequence, sampling_results_val, model: torch.nn.Module,
           samplemodel: torch.nn.Module, criterion, optimizer: torch.optim.Optimizer,
           optimizer_arch: torch.optim.Optimizer, alpha: float, epoch: int, logging, args,

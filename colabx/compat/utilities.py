@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from colabx._io import atomic_write
-from colabx.compat.common import calculate_loss
+from colabx.compat.common import calculate_loss, fork_safe
 from colabx.ops.distance_transform import distance_transform
 from colabx.reference.compat import add_scaled_, one_hot2dist_reference
 
@@ -110,6 +110,7 @@ def _one_hot2dist(seg: np.ndarray, resolution: Sequence[float] | None) -> np.nda
     return res
 
 
+@fork_safe
 def hessian_vector_product_Unet(model, samplemodel, vector, inputnor_var, target_var,
                                 taskGenerated, criterion, args, loss_mask, BGclsindex, r=1e-2):
     """The reference's finite-difference meta gradient (``utilities.hessian_vector_product_Unet``).
