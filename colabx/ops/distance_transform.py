@@ -147,6 +147,9 @@ def distance_transform(
     Tensor
         float32, same shape and device as ``mask``; carries no gradient.
 
+    Safe on the CPU in forked workers (``fork`` pools, DataLoader workers) whose parent had used
+    torch's intra-op threads: see :func:`fork_safe_intraop`.
+
     Raises
     ------
     TypeError

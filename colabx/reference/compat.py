@@ -332,9 +332,10 @@ REFERENCE_COMMON = types.SimpleNamespace(
 )
 
 
-def train_reference(sampling_results, sampling_results_val, model, samplemodel, criterion,
-                    optimizer, optimizer_arch, alpha, epoch, logging, args, bratsflag=False,
-                    common=None):
+def train_reference(sampling_results: Sequence, sampling_results_val, model: torch.nn.Module,
+                    samplemodel: torch.nn.Module, criterion, optimizer: torch.optim.Optimizer,
+                    optimizer_arch: torch.optim.Optimizer, alpha: float, epoch: int, logging,
+                    args, bratsflag: bool = False, common=None) -> EpochMeters:
     """One epoch of the reference's ``common.train``, step by step: per iteration, every
     ``taskupdate`` iterations a per-sample meta step (inner step on the sample, a fresh copy of
     the network loaded with θ*, the meta loss and its diagnostics, the finite-difference
@@ -346,7 +347,8 @@ def train_reference(sampling_results, sampling_results_val, model, samplemodel, 
     ``hessian_vector_product_Unet`` are looked up at each call (default
     :data:`REFERENCE_COMMON`, the twins); pass a module patched by
     :func:`colabx.compat.apply_to_reference` to time the drop-ins inside this loop. The
-    ``.cuda()`` calls of the reference are moves to ``model``'s device.
+    ``.cuda()`` calls of the reference are moves to ``model``'s device, its ``.float()`` casts
+    to ``model``'s dtype. Returns the epoch's meters (the reference returns None).
     """
     fn = REFERENCE_COMMON if common is None else common
     p0 = next(model.parameters())
