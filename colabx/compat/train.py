@@ -119,7 +119,10 @@ def train(sampling_results: Sequence, sampling_results_val, model: torch.nn.Modu
     (and the notice logged) only when the whole meta gradient v is 0 or not finite (the
     reference skips when any layer's part of v is all zero); ``vanilla``'s debugging comparison
     with ``calculate_loss_origin`` is not logged; ``sampling_results_val``, ``criterion`` and
-    ``bratsflag`` are unused, as in the reference.
+    ``bratsflag`` are unused, as in the reference. Deep-supervision levels have strides 2^k on
+    every axis, as the reference's pooling of the generator output assumes (patches whose
+    network pools anisotropically fail there and here). Each case's distance map is the
+    sampler's work: :func:`colabx.compat.cache_distance_maps` makes it once per run.
 
     Returns the epoch's :class:`~colabx.reference.compat.EpochMeters` (the reference returns
     None). Raises ValueError on a ``meta_mode`` other than ``"per_sample"`` / ``"batched"``
