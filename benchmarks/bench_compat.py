@@ -7,24 +7,36 @@
   loss, full resolution;
 * ``hessian_vector_product_Unet`` (one finite-difference meta gradient, the generator forward
   included: the reference frees its graph);
-* ``one_hot2dist`` of one foreground mask (CPU: it is a NumPy function).
+* ``one_hot2dist`` of one foreground mask (CPU: it is a NumPy function);
+* ``train epoch``: one epoch of the reference's ``common.train`` semantics (per-sample meta step
+  every iteration, deep supervision, distance masks): the reference-style loop
+  (:func:`colabx.reference.compat.train_reference`) with its twins ("reference"), the same loop
+  with the drop-ins installed by :func:`colabx.compat.apply_to_reference`
+  ("apply_to_reference"), and :func:`colabx.compat.train` ("colabx": per-sample meta steps, the
+  reference's semantics; "colabx_batched": one meta step per batch); each on its own copy of
+  the same networks and optimizers.
 
 Prints a markdown table and writes JSON (machine info + every timing)::
 
     python -m benchmarks.bench_compat                    # CPU
     python -m benchmarks.bench_compat --device cuda      # GPU sizes (one_hot2dist stays on CPU)
     python -m benchmarks.bench_compat --quick --min-time 0
+    python -m benchmarks.bench_compat --only "train epoch"   # the epoch row alone
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import statistics
+import time
 import types
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+import colabx.compat
 from colabx import distance_transform
 from colabx.bench.harness import Case, format_table, machine_info, run_cases, write_json
 from colabx.compat import (
@@ -39,7 +51,17 @@ from colabx.reference.compat import (
     calculate_loss_val_reference,
     hessian_vector_product_reference,
     one_hot2dist_reference,
+    train_reference,
 )
+
+
+def _loadavg() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (Linux), recorded with the timings."""
+    try:
+        with open("/proc/loadavg") as fh:
+            return [float(v) for v in fh.read().split()[:3]]
+    except OSError:
+        return None
 
 
 def _args(levels: int) -> types.SimpleNamespace:
@@ -134,6 +156,81 @@ def dist_case(n: int, depth: int) -> Case:
                        "reference": lambda: one_hot2dist_reference(seg)})
 
 
+def _patched_reference_modules() -> types.ModuleType:
+    """Stand-ins for the reference's ``common`` / ``utilities`` holding the twins, patched by
+    :func:`colabx.compat.apply_to_reference` as a user's ``train.py`` would; returns common."""
+    common, utilities = types.ModuleType("common"), types.ModuleType("utilities")
+    common.calculate_loss = calculate_loss_reference
+    common.calcualte_loss_val = calculate_loss_val_reference
+    common.hessian_vector_product_Unet = hessian_vector_product_reference
+    utilities.one_hot2dist = one_hot2dist_reference
+    utilities.hessian_vector_product_Unet = hessian_vector_product_reference
+    colabx.compat.apply_to_reference(common, utilities)
+    return common
+
+
+def epoch_case(device: torch.device, batch: int, iterations: int, n: int, features: int,
+               pools: int) -> Case:
+    """One epoch of ``iterations`` iterations of ``batch`` n³ patches (blob labels, their signed
+    distances), the reference's flags: deep supervision over ``pools`` levels, distance masks,
+    a meta step every iteration, c = 2, t = 2."""
+    args = types.SimpleNamespace(
+        NumsClass=2, taskcls=2, deepsupervision=True, downsampling=pools, vanilla=False,
+        manuallabel=False, distdetach=True, threshold_sub=0.0, threshold_dev=20.0,
+        batch_size=batch, numIteration=iterations, taskupdate=1, print_freq=20,
+        tensorboard=False)
+    y = _blob_labels(batch * iterations, n, torch.device("cpu")).numpy()
+    dist = np.stack([one_hot2dist((y[i:i + 1] > 0).astype(np.int32))[0] for i in range(len(y))])
+    x = np.random.default_rng(0).normal(size=(len(y), 1, n, n, n)) + y[:, None]
+    sampling = (x, y, dist.astype(np.float64), list(range(len(y))))
+    torch.manual_seed(0)
+    f0 = UNet(1, 3, 3, base_features=features, num_pool=pools, deep_supervision=True).to(device)
+    g0 = task_generator(1, 2, 3, base_features=features, num_pool=pools).to(device)
+    log = types.SimpleNamespace(info=lambda msg: None)
+
+    def run(fn, **kw):
+        f, g = copy.deepcopy(f0), copy.deepcopy(g0)
+        opt = torch.optim.SGD(f.parameters(), lr=1e-2, weight_decay=3e-5, momentum=0.99,
+                              nesterov=True)
+        opt_arch = torch.optim.Adam(g.parameters(), lr=3e-4)
+        return lambda: fn(sampling, None, f, g, None, opt, opt_arch, 1e-2, 0, log, args, **kw)
+
+    return Case(op="train epoch", size=f"{iterations} it x {batch}x1x{n}^3, {features} features, "
+                f"{pools} pools", impls={
+                    "colabx": run(colabx.compat.train),
+                    "colabx_batched": run(colabx.compat.train, meta_mode="batched"),
+                    "apply_to_reference": run(train_reference,
+                                              common=_patched_reference_modules()),
+                    "reference": run(train_reference)})
+
+
+def run_cases_cpu_time(cases: list[Case], reps: int) -> list[dict]:
+    """:func:`run_cases` timed by the process's CPU time (``time.process_time``) with one torch
+    thread: on a shared machine wall time also counts the other processes' load, CPU time is
+    this process's work. One warm-up call each, then ``reps`` rounds over the implementations in
+    turn (so a change of load hits every implementation alike); median and min per label."""
+    rows = []
+    for case in cases:
+        for fn in case.impls.values():
+            fn()
+        times: dict[str, list[float]] = {label: [] for label in case.impls}
+        for _ in range(reps):
+            for label, fn in case.impls.items():
+                t0 = time.process_time()
+                fn()
+                times[label].append((time.process_time() - t0) * 1e3)
+        timings = {label: {"median_ms": statistics.median(v), "min_ms": min(v), "reps": len(v),
+                           "clock": "process_time"} for label, v in times.items()}
+        for label, t in timings.items():
+            print(f"  {case.op:<20} {case.size:<28} {label:<22} {t['median_ms']:.3f} ms CPU",
+                  flush=True)
+        ours = timings["colabx"]["median_ms"]
+        rows.append({"op": case.op, "size": case.size, "timings": timings, "notes": case.notes,
+                     "speedup_vs": {label: t["median_ms"] / ours for label, t in timings.items()
+                                    if label != "colabx"}})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_compat",
                                      description=__doc__.splitlines()[0])
@@ -141,25 +238,51 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     parser.add_argument("--min-time", type=float, default=0.5)
     parser.add_argument("--out", default="benchmarks/results/compat_{device}.json")
+    parser.add_argument("--only", default=None, help="run only the rows whose op contains this")
+    parser.add_argument("--skip", default=None, help="leave out the rows whose op contains this")
+    parser.add_argument("--cpu-time", type=int, default=0, metavar="REPS",
+                        help="CPU only: time REPS rounds by process CPU time with 1 torch thread "
+                             "(for a shared, loaded machine) instead of wall time")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if args.quick:
         cases = [loss_case(device, 1, 16, 3), val_case(device, 1, 16), hvp_case(device, 16, 4, 2),
-                 dist_case(16, 8)]
+                 dist_case(16, 8), epoch_case(device, 2, 1, 8, 2, 2)]
     elif device.type == "cuda":
         cases = [loss_case(device, 2, 80, 4), val_case(device, 2, 80), hvp_case(device, 80, 30, 4),
-                 dist_case(160, 96)]
+                 dist_case(160, 96), epoch_case(device, 2, 3, 80, 30, 4)]
     else:
         cases = [loss_case(device, 2, 48, 4), val_case(device, 2, 48), hvp_case(device, 32, 8, 3),
-                 dist_case(160, 96)]
+                 dist_case(160, 96), epoch_case(device, 2, 2, 32, 8, 3)]
+    if args.only:
+        cases = [c for c in cases if args.only in c.op]
+    if args.skip:
+        cases = [c for c in cases if args.skip not in c.op]
+    if args.cpu_time:
+        if device.type != "cpu":
+            parser.error("--cpu-time is for the CPU")
+        torch.set_num_threads(1)
     info = machine_info(device)
     print(f"# bench_compat on {info.get('gpu', info['cpu'])}, torch {info['torch']}, "
-          f"{info['torch_threads']} CPU threads", flush=True)
-    rows = run_cases(cases, device, min_time_s=args.min_time)
+          f"{info['torch_threads']} CPU threads, load {_loadavg()}", flush=True)
+    if args.cpu_time:
+        rows = run_cases_cpu_time(cases, args.cpu_time)
+    else:
+        rows = run_cases(cases, device, min_time_s=args.min_time)
+    for r in rows:  # epoch row: each implementation against the reference-style loop
+        t = r["timings"]
+        if r["op"] == "train epoch" and "median_ms" in t.get("reference", {}):
+            r["speedup_of_vs_reference"] = {
+                label: t["reference"]["median_ms"] / v["median_ms"]
+                for label, v in t.items() if label != "reference" and "median_ms" in v}
     print(format_table(rows))
-    payload = {"machine": info, "rows": rows}
+    for r in rows:
+        for label, v in r.get("speedup_of_vs_reference", {}).items():
+            print(f"{r['op']}: {label} {v:.2f}× faster than the reference-style loop")
+    payload = {"machine": info, "rows": rows, "loadavg": _loadavg(),
+               "clock": "process_time, 1 thread" if args.cpu_time else "wall"}
     write_json(args.out.format(device=device.type), payload)
     return payload
 

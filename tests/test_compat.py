@@ -269,7 +269,39 @@ def test_calcualte_loss_val_matches_the_reference(c, t, deep, spatial):
     g_ref = torch.autograd.grad(want[0], z)[0]
     torch.testing.assert_close(g_ours, g_ref, rtol=1e-5, atol=1e-5 * float(g_ref.abs().max()))
     _assert_near_float64_val_grad(g_ours, args, y, z)
-    assert not any(v.requires_grad for v in ours[1:])  # diagnostics only
+    # the diagnostics carry gradients too, as the reference's do
+    ours, want = calcualte_loss_val(args, y, out), calculate_loss_val_reference(args, y, out)
+    for i, (a, b) in enumerate(zip(ours[1:], want[1:], strict=True), 1):
+        ga = torch.autograd.grad(a, z, retain_graph=True)[0]
+        gb = torch.autograd.grad(b, z, retain_graph=True)[0]
+        torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-5 * float(gb.abs().max()) + 1e-12,
+                                   msg=f"gradient of value {i}")
+
+
+def test_calcualte_loss_val_backpropagates_lossvalpbce():
+    """A variant that trains on the positive BCE part (the fourth value): its backward fills
+    ∂/∂z, equal in float64 to the reference's and to the gradient of an independent
+    formula, −Σ_ROI y·log(p + 1e-6)/(B·V) by autograd through log_softmax-free torch ops."""
+    args, z, y, out = _val_inputs(3, 2, True, (9, 8, 7), torch.float64)
+    lossvalpbce = calcualte_loss_val(args, y, out)[3]
+    lossvalpbce.backward()
+    want = torch.autograd.grad(calculate_loss_val_reference(args, y, out)[3], z)[0]
+    torch.testing.assert_close(z.grad, want, rtol=1e-12, atol=1e-14)
+    z2 = z.detach().clone().requires_grad_()
+    p = torch.softmax(z2, 1)[:, 1:3]
+    onehot = F.one_hot(y, 4).movedim(-1, 1)[:, 1:3].double()
+    (-(onehot * torch.log(p + 1e-6)).sum() / y.numel()).backward()
+    torch.testing.assert_close(z.grad, z2.grad, rtol=1e-12, atol=1e-14)
+    assert float(z.grad.abs().max()) > 0
+
+
+def test_calcualte_loss_val_without_grad_builds_no_graph():
+    args, z, y, out = _val_inputs(2, 2, False, (8, 8, 8))
+    with torch.no_grad():
+        vals = calcualte_loss_val(args, y, out)
+    assert not any(v.requires_grad for v in vals)
+    vals = calcualte_loss_val(args, y, z.detach())
+    assert not any(v.requires_grad for v in vals)
 
 
 def test_calcualte_loss_val_against_float64_formulas():

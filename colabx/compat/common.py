@@ -9,9 +9,21 @@ import torch
 from torch import Tensor
 
 from colabx.ops.dice_ce_loss import _compute_dtype, dice_ce_loss, roi_bce_loss
+from colabx.ops.distance_transform import fork_safe_intraop
 from colabx.reference.dice_ce_loss import BCE_EPS, CE_EPS, default_level_weights
 
 __all__ = ["calcualte_loss_val", "calculate_loss"]
+
+
+def fork_safe(fn):
+    """``fn`` with torch's CPU ops run without the intra-op (OpenMP) pool when called in a
+    forked child (see :func:`colabx.ops.distance_transform.fork_safe_intraop`), where they would
+    block forever once the parent had used the pool; unchanged elsewhere."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with fork_safe_intraop():
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 @functools.cache
@@ -153,6 +165,7 @@ def _levels(args, output, taskGenerated, loss_masks):
     return zs, qs, ms, k
 
 
+@fork_safe
 def calculate_loss(args, targets, output, taskGenerated, detach=False, criterion=None,
                    losstype=0, logging=None, loss_masks=None, BGcls=0):
     """The reference's training loss (``common.calculate_loss``), same signature and result.
@@ -230,6 +243,7 @@ def calculate_loss(args, targets, output, taskGenerated, detach=False, criterion
     return total
 
 
+@fork_safe
 def calcualte_loss_val(args, target_varval, outputval, criterionbce=None):
     """The reference's meta loss with its diagnostics (``common.calcualte_loss_val``, name as
     spelt there), same signature and values.
@@ -239,9 +253,11 @@ def calcualte_loss_val(args, target_varval, outputval, criterionbce=None):
     tensors: the ROI one-vs-all BCE L_ROI (the meta loss; fused :func:`colabx.roi_bce_loss`,
     differentiable), the same BCE again, −Dice, its positive and negative parts, the mean over
     voxels of the largest context logit on background voxels and on ROI voxels, −precision,
-    −sensitivity and −specificity (soft, over the ROI classes). The nine diagnostics are computed
-    in one pass without autograd (they are detached; the reference only logs them).
-    ``criterionbce`` is unused, as in the reference.
+    −sensitivity and −specificity (soft, over the ROI classes). All ten carry gradients to
+    ``outputval``'s full-resolution level, as the reference's do, when it requires grad (the
+    second value is a copy of the first, sharing its graph); without grad, or under
+    ``torch.no_grad``, they are computed without autograd graphs. ``criterionbce`` is unused, as
+    in the reference.
     """
     c = args.NumsClass
     z = outputval[0] if args.deepsupervision else outputval
@@ -256,27 +272,26 @@ def calcualte_loss_val(args, target_varval, outputval, criterionbce=None):
     _check_label_values("calcualte_loss_val", "target_varval", target_varval, c)
     y = target_varval.to(z.device).long()
     bce = roi_bce_loss(z, y, list(range(1, c)), validate=False)
-    with torch.no_grad():
-        b, k, v = z.shape[0], z.shape[1], z[0, 0].numel()
-        zf = z.to(_compute_dtype(z.dtype))
-        p = torch.softmax(zf, 1)
-        onehot = _one_hot(y, k, p.dtype)
-        axes = tuple(range(2, z.dim()))
-        p_roi, y_roi = p[:, 1:c], onehot[:, 1:c]
-        pos = -(torch.log(p_roi + BCE_EPS) * y_roi).sum() / (b * v)
-        neg = -(torch.log(1 - p_roi + BCE_EPS) * (1 - y_roi)).sum() / (b * v)
-        contexts = [0, *range(c, k)]
-        zc = zf[:, contexts]
-        on_bg = (zc * onehot[:, :1]).amax(1).sum() / (b * v)
-        roi = onehot[:, c - 1:c] if args.deepsupervision else onehot[:, 1:c]
-        on_roi = (zc * roi).amax(1, keepdim=True).sum() / (b * v)
-        tp = (p * onehot).sum(axes)[:, 1:c]
-        sum_p, sum_y = p.sum(axes)[:, 1:c], onehot.sum(axes)[:, 1:c]
-        fp, fn = sum_p - tp, sum_y - tp
-        tn = v - sum_p - sum_y + tp
-        s = 1e-5
-        dice = -((2 * tp + s) / (2 * tp + fp + fn + s)).mean()
-        prec = -((tp + s) / (tp + fp + s)).mean()
-        sens = -((tp + s) / (tp + fn + s)).mean()
-        spec = -((tn + s) / (tn + fp + s)).mean()
-    return bce, bce.detach(), dice, pos, neg, on_bg, on_roi, prec, sens, spec
+    b, k, v = z.shape[0], z.shape[1], z[0, 0].numel()
+    zf = z.to(_compute_dtype(z.dtype))
+    p = torch.softmax(zf, 1)
+    onehot = _one_hot(y, k, p.dtype)
+    axes = tuple(range(2, z.dim()))
+    p_roi, y_roi = p[:, 1:c], onehot[:, 1:c]
+    pos = -(torch.log(p_roi + BCE_EPS) * y_roi).sum() / (b * v)
+    neg = -(torch.log(1 - p_roi + BCE_EPS) * (1 - y_roi)).sum() / (b * v)
+    contexts = [0, *range(c, k)]
+    zc = zf[:, contexts]
+    on_bg = (zc * onehot[:, :1]).amax(1).sum() / (b * v)
+    roi = onehot[:, c - 1:c] if args.deepsupervision else onehot[:, 1:c]
+    on_roi = (zc * roi).amax(1, keepdim=True).sum() / (b * v)
+    tp = (p * onehot).sum(axes)[:, 1:c]
+    sum_p, sum_y = p.sum(axes)[:, 1:c], onehot.sum(axes)[:, 1:c]
+    fp, fn = sum_p - tp, sum_y - tp
+    tn = v - sum_p - sum_y + tp
+    s = 1e-5
+    dice = -((2 * tp + s) / (2 * tp + fp + fn + s)).mean()
+    prec = -((tp + s) / (tp + fp + s)).mean()
+    sens = -((tp + s) / (tp + fn + s)).mean()
+    spec = -((tn + s) / (tn + fp + s)).mean()
+    return bce, bce.clone(), dice, pos, neg, on_bg, on_roi, prec, sens, spec

@@ -3,19 +3,52 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from colabx.compat.common import calculate_loss
+from colabx._io import atomic_write
+from colabx.compat.common import calculate_loss, fork_safe
 from colabx.ops.distance_transform import distance_transform
 from colabx.reference.compat import add_scaled_, one_hot2dist_reference
 
-__all__ = ["hessian_vector_product_Unet", "one_hot2dist"]
+__all__ = ["cache_distance_maps", "hessian_vector_product_Unet", "one_hot2dist"]
 
 #: Below this distance (voxel units) d² = round(d_f32²) recovers scipy's integer sum exactly.
 _EXACT_RECOVERY_MAX = 2048.0
+
+
+_cache_dir: Path | None = None
+
+
+def cache_distance_maps(directory: str | os.PathLike[str] | None) -> None:
+    """Keep :func:`one_hot2dist`'s results in ``directory`` (None, the default: no cache).
+
+    The reference's sampler recomputes the distance map of every sampled case each epoch, in
+    fresh ``fork`` workers; with the cache each case's map is computed once per run and read
+    back afterwards. Entries are keyed by a BLAKE2b digest of the mask's bytes, shape and dtype
+    and the resolution (a changed case gets a new entry) and written atomically, so concurrent
+    workers are safe. Call it in ``train.py`` before the sampler starts its workers (forked
+    workers inherit the setting). The folder is never pruned.
+    """
+    global _cache_dir
+    _cache_dir = None if directory is None else Path(directory)
+    if _cache_dir is not None:
+        _cache_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _cache_path(seg: np.ndarray, resolution) -> Path | None:
+    if _cache_dir is None:
+        return None
+    h = hashlib.blake2b(digest_size=20)
+    res = None if resolution is None else tuple(float(r) for r in resolution)
+    h.update(repr((seg.shape, seg.dtype.str, res)).encode())
+    h.update(np.ascontiguousarray(seg).data)
+    return _cache_dir / f"one_hot2dist-{h.hexdigest()}.npy"
 
 
 def one_hot2dist(seg: np.ndarray, resolution: Sequence[float] | None = None) -> np.ndarray:
@@ -36,6 +69,9 @@ def one_hot2dist(seg: np.ndarray, resolution: Sequence[float] | None = None) -> 
         nearest inside voxel; inside, −(distance to the nearest outside voxel − 1). Channels
         without voxels are 0. With unit spacing the values are scipy's bit for bit (distances
         below 2048 voxels); with a spacing they agree to float32 rounding.
+
+    Safe in forked workers whose parent used torch's threads (no torch op runs here). With
+    :func:`cache_distance_maps` set, a mask seen before is read back instead of recomputed.
     """
     seg = np.asarray(seg)
     if seg.ndim not in (3, 4):
@@ -43,26 +79,38 @@ def one_hot2dist(seg: np.ndarray, resolution: Sequence[float] | None = None) -> 
                          f"{seg.shape}")
     if seg.size == 0:
         return np.zeros_like(seg)
-    inside = torch.from_numpy(seg.astype(bool))
-    full = inside.reshape(len(seg), -1).all(dim=1).numpy()
-    d = distance_transform(inside, spacing=resolution, signed=True)
+    cached = _cache_path(seg, resolution)
+    if cached is not None and cached.exists():
+        res = np.load(cached)
+        if res.shape == seg.shape and res.dtype == seg.dtype:
+            return res
+    res = _one_hot2dist(seg, resolution)
+    if cached is not None:
+        atomic_write(cached, lambda f: np.save(f, res))
+    return res
+
+
+def _one_hot2dist(seg: np.ndarray, resolution: Sequence[float] | None) -> np.ndarray:
+    # NumPy around the C++ EDT, no torch computation: safe in a forked worker (the reference's
+    # sampler runs this in a fork pool) whose parent had used torch's OpenMP pool
+    inside = np.ascontiguousarray(seg, dtype=bool)
+    full = inside.reshape(len(seg), -1).all(axis=1)
+    d = distance_transform(torch.from_numpy(inside), spacing=resolution, signed=True).numpy()
     if resolution is None or bool(np.all(np.asarray(resolution, dtype=float) == 1.0)):
-        if float(d.abs().max()) < _EXACT_RECOVERY_MAX:
+        if float(np.abs(d).max()) < _EXACT_RECOVERY_MAX:
             # scipy's float64 sqrt of the integer squared distance, recovered from float32:
             # inside, 1 - d is the float32 distance to the background exactly
-            # numpy's sqrt is correctly rounded, as scipy's; torch's float64 CPU sqrt may be
-            # one ulp off (seen with torch 2.13)
-            sq = torch.where(inside, 1 - d, d).double().square_().round_().numpy()
-            e = torch.from_numpy(np.sqrt(sq))
-            d = torch.where(inside, 1 - e, e)
+            e = np.sqrt(np.rint(np.square(np.where(inside, 1 - d, d), dtype=np.float64)))
+            d = np.where(inside, 1 - e, e)
     res = np.zeros_like(seg)
-    res[...] = d.numpy()
+    res[...] = d
     for k in np.flatnonzero(full):
         # no background: scipy measures to a voxel outside the array; defer to it
         res[k] = one_hot2dist_reference(seg[k:k + 1], resolution)[0]
     return res
 
 
+@fork_safe
 def hessian_vector_product_Unet(model, samplemodel, vector, inputnor_var, target_var,
                                 taskGenerated, criterion, args, loss_mask, BGclsindex, r=1e-2):
     """The reference's finite-difference meta gradient (``utilities.hessian_vector_product_Unet``).

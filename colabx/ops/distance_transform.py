@@ -7,7 +7,9 @@ The kernels (``colabx._C``) run the separable lower-envelope-of-parabolas algori
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -17,6 +19,43 @@ from colabx.reference import distance_transform as _ref
 
 _DIRECT_DTYPES = (torch.bool, torch.uint8)
 _REJECTED_DTYPES = (torch.complex32, torch.complex64, torch.complex128)
+
+_forked = False
+
+
+def _mark_forked() -> None:
+    global _forked
+    _forked = True
+
+
+os.register_at_fork(after_in_child=_mark_forked)
+
+
+def in_forked_child() -> bool:
+    """True in a process started by ``fork`` after colabx was imported (multiprocessing's
+    ``fork`` pools, DataLoader workers on Linux)."""
+    return _forked
+
+
+@contextlib.contextmanager
+def fork_safe_intraop() -> Iterator[None]:
+    """Run torch's CPU ops in the block without its intra-op (OpenMP) pool when in a forked child.
+
+    GNU OpenMP does not survive ``fork``: a child whose parent had used the pool blocks forever
+    in the first parallel region. With one intra-op thread ATen runs its loops inline. Outside a
+    forked child, or already single-threaded, the block runs unchanged; the setting is restored.
+    The C++ kernels of colabx start their own ``std::thread`` workers per call, which is safe
+    after ``fork``.
+    """
+    n = torch.get_num_threads()
+    if not _forked or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _as_feature_bytes(mask: torch.Tensor) -> torch.Tensor:
@@ -34,7 +73,8 @@ def compute_distance_transform(
     ``mask`` [B, *S] with S of 2 or 3 sizes, any real dtype (nonzero = True) on CPU or CUDA;
     ``spacing`` one positive value per spatial axis (trusted). Returns float32 [B, *S].
     """
-    m = _as_feature_bytes(mask.detach())
+    with fork_safe_intraop():
+        m = _as_feature_bytes(mask.detach())
     nsp = m.dim() - 1
     sp = [1.0] * nsp if spacing is None else [float(s) for s in spacing]
     out = torch.empty(m.shape, dtype=torch.float32, device=m.device)
@@ -107,6 +147,9 @@ def distance_transform(
     Tensor
         float32, same shape and device as ``mask``; carries no gradient.
 
+    Safe on the CPU in forked workers (``fork`` pools, DataLoader workers) whose parent had used
+    torch's intra-op threads: see :func:`fork_safe_intraop`.
+
     Raises
     ------
     TypeError
@@ -130,7 +173,7 @@ def distance_transform(
         spacing = spacing.tolist()
     sp = _checks.check_spacing(spacing, nsp)
     sp_list = [1.0] * nsp if sp is None else list(sp)
-    m = _as_feature_bytes(mask.detach())
     if torch.compiler.is_compiling():
-        return _distance_transform_op(m, sp_list, signed)
-    return compute_distance_transform(m, sp_list, signed)  # eager: skip the custom-op dispatch
+        return _distance_transform_op(_as_feature_bytes(mask.detach()), sp_list, signed)
+    # eager: skip the custom-op dispatch; the mask is converted fork-safely there
+    return compute_distance_transform(mask, sp_list, signed)

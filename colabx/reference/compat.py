@@ -15,15 +15,24 @@ number of deep-supervision levels used), ``vanilla`` and ``manuallabel``.
 
 from __future__ import annotations
 
+import copy
+import time
+import types
 from collections.abc import Sequence
 
 import numpy as np
 import scipy.ndimage as ndi
 import torch
+import torch.nn.functional as F
 
 from colabx.reference.dice_ce_loss import BCE_EPS, CE_EPS, default_level_weights
 
 __all__ = [
+    "REFERENCE_COMMON",
+    "VAL_METERS",
+    "AverageMeter",
+    "EpochMeters",
+    "accuracy_top1",
     "calculate_loss_reference",
     "calculate_loss_val_reference",
     "hessian_vector_product_reference",
@@ -31,6 +40,10 @@ __all__ = [
     "one_hot2dist_reference",
     "resize_labels_order0",
     "soft_dice_reference",
+    "generator_levels",
+    "loss_mask_levels",
+    "soft_distance_mask",
+    "train_reference",
 ]
 
 
@@ -213,3 +226,241 @@ def hessian_vector_product_reference(model, samplemodel, vector, inputnor_var, t
     grads_n = torch.autograd.grad(loss, list(samplemodel.parameters()))
     add_scaled_(params, vector, step)
     return [(gp - gn).div_(2 * R) for gp, gn in zip(grads_p, grads_n, strict=True)]
+
+
+# --------------------------------------------------------------------------------------------
+# one epoch of the reference's training loop (``common.train``)
+# --------------------------------------------------------------------------------------------
+
+class AverageMeter:
+    """Running value / sum / count / average, as the reference's meters (numbers or arrays)."""
+
+    def __init__(self) -> None:
+        self.val = self.sum = self.avg = 0
+        self.count = 0
+
+    def update(self, val, n: int = 1) -> None:
+        self.val = val
+        self.sum += val * n
+        self.count += n
+        self.avg = self.sum / self.count
+
+
+#: The diagnostics of ``calcualte_loss_val`` in its return order, as the epoch's meters name them.
+VAL_METERS = ("lossval", "lossvalbce", "lossvaldsc", "lossvalpbce", "lossvalnbce", "lossvalpz",
+              "lossvalnz", "lossvalprc", "lossvalsen", "lossvalspe")
+
+
+class EpochMeters:
+    """The reference epoch's meters: ``batch_time``, ``losses``, ``top1``, ``top1val``,
+    ``generated_tasks`` (the generator's per-class voxel counts) and one per ``VAL_METERS``."""
+
+    def __init__(self) -> None:
+        self.batch_time, self.losses, self.top1, self.top1val = (AverageMeter() for _ in range(4))
+        self.generated_tasks = AverageMeter()
+        self.val = {name: AverageMeter() for name in VAL_METERS}
+
+    def background_task(self, counts) -> int:
+        """Record one sample's per-class counts of the generator's argmax; return the context
+        class taken as background: the largest on average, shifted past the ROI class 1."""
+        self.generated_tasks.update(np.asarray(counts, dtype=float), 1)
+        bg = np.argmax(self.generated_tasks.avg)
+        return bg + (bg != 0)
+
+    def progress_line(self, epoch: int, iteration: int, num_iterations) -> str:
+        """The reference's per-``print_freq`` log line."""
+        return ("Epoch: [{0}][{1}/{2}]\tTime {bt.val:.3f} ({bt.avg:.3f})\t"
+                "Loss {lo.val:.4f} ({lo.avg:.4f})\tLossval {lv.val:.4f} ({lv.avg:.4f})\t"
+                "Prec@1 {t1.val:.3f} ({t1.avg:.3f})").format(
+                    epoch, iteration, num_iterations, bt=self.batch_time, lo=self.losses,
+                    lv=self.val["lossval"], t1=self.top1)
+
+    def log_tensorboard(self, args, epoch: int) -> None:
+        """With ``args.tensorboard``: the epoch averages through ``tensorboard_logger``."""
+        if not getattr(args, "tensorboard", False):
+            return
+        from tensorboard_logger import log_value  # the reference's logger, needed only here
+
+        log_value("train_loss", self.losses.avg, epoch)
+        log_value("train_lossval", self.val["lossval"].avg, epoch)
+        log_value("train_acc", self.top1.avg, epoch)
+        log_value("trainval_acc", self.top1val.avg, epoch)
+        for name in VAL_METERS[1:]:
+            log_value(f"train_{name}", self.val[name].avg, epoch)
+
+
+def accuracy_top1(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    """The reference's Prec@1 of full-resolution logits ``[B, K, *S]``: percentage of voxels
+    whose argmax over the ROI classes (the context channels set to -100) equals ``labels``."""
+    z = logits.detach().clone()
+    z[:, num_classes:] = -100
+    correct = (z.argmax(1) == labels.to(z.device)).reshape(-1).float().sum(0)
+    return float(correct.mul_(100.0 / labels.numel()))
+
+
+def soft_distance_mask(dist: torch.Tensor, args,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``min(1, exp((threshold_sub − d)/threshold_dev))`` of distance patches ``[B, *S]``, as
+    ``[B, 1, *S]`` in ``dtype`` (float32 in the reference; computed in ``dist``'s dtype, float64
+    from the reference's sampler)."""
+    m = torch.exp((args.threshold_sub - dist.unsqueeze(1)) / args.threshold_dev)
+    m[m > 1] = 1
+    return m.to(dtype)
+
+
+def loss_mask_levels(mask: torch.Tensor, args):
+    """The per-level masks: min-pool by 2^k per deep-supervision level, or the mask itself."""
+    if not args.deepsupervision:
+        return mask
+    return [mask] + [-F.max_pool3d(-mask, kernel_size=2**k, stride=2**k)
+                     for k in range(1, args.downsampling)]
+
+
+def generator_levels(q: torch.Tensor, args):
+    """The generator's probabilities per level: average-pool by 2^k, or ``q`` itself."""
+    if not args.deepsupervision:
+        return q
+    return [q] + [F.avg_pool3d(q, kernel_size=2**k, stride=2**k)
+                  for k in range(1, args.downsampling)]
+
+
+#: The functions the reference's loop calls by name in its ``common`` module.
+REFERENCE_COMMON = types.SimpleNamespace(
+    calculate_loss=calculate_loss_reference,
+    calcualte_loss_val=calculate_loss_val_reference,
+    hessian_vector_product_Unet=hessian_vector_product_reference,
+)
+
+
+def train_reference(sampling_results: Sequence, sampling_results_val, model: torch.nn.Module,
+                    samplemodel: torch.nn.Module, criterion, optimizer: torch.optim.Optimizer,
+                    optimizer_arch: torch.optim.Optimizer, alpha: float, epoch: int, logging,
+                    args, bratsflag: bool = False, common=None) -> EpochMeters:
+    """One epoch of the reference's ``common.train``, step by step: per iteration, every
+    ``taskupdate`` iterations a per-sample meta step (inner step on the sample, a fresh copy of
+    the network loaded with θ*, the meta loss and its diagnostics, the finite-difference
+    generator gradient, Adam step; only logged with ``vanilla`` / ``manuallabel``), then the
+    ordinary step of θ on the whole batch (loss with ``detach=True``, gradient norm clipped to
+    12). Masks from the distance patches on the CPU, generator levels pooled per call.
+
+    ``common``: where ``calculate_loss``, ``calcualte_loss_val`` and
+    ``hessian_vector_product_Unet`` are looked up at each call (default
+    :data:`REFERENCE_COMMON`, the twins); pass a module patched by
+    :func:`colabx.compat.apply_to_reference` to time the drop-ins inside this loop. The
+    ``.cuda()`` calls of the reference are moves to ``model``'s device, its ``.float()`` casts
+    to ``model``'s dtype. Returns the epoch's meters (the reference returns None).
+    """
+    fn = REFERENCE_COMMON if common is None else common
+    p0 = next(model.parameters())
+    dev, dtype = p0.device, p0.dtype  # float32 in the reference (``.float()``)
+    logging.info(" **************** epoch " + str(epoch) + " is starting ****************")
+    inputs, target, dist = sampling_results[0], sampling_results[1], sampling_results[2]
+    B = int(args.batch_size)
+    colab = not args.vanilla and not args.manuallabel
+    meters = EpochMeters()
+    model.train()
+    samplemodel.train()
+    end = time.time()
+    bg = 0
+    for it in range(int(args.numIteration)):
+        sl = slice(it * B, (it + 1) * B)
+        ypick = torch.tensor(target[sl])
+        y = ypick.long().to(dev)
+        x = torch.tensor(inputs[sl]).to(dev, dtype)
+        yval = y.clone()
+        if args.manuallabel:
+            yval[yval == 1] = 0
+            yval[yval == 2] = 1
+        if it % args.taskupdate == 0:
+            for b in range(x.shape[0]):
+                xb, yb, yvb = x[b:b + 1], y[b:b + 1], yval[b:b + 1]
+                output = model(xb)
+                gen = samplemodel(xb)
+                counts = [float(torch.sum(torch.argmax(gen, dim=1) == k))
+                          for k in range(args.taskcls)]
+                bg = meters.background_task(counts)
+                if b == 0:
+                    logging.info("average BG class is " + str(bg))
+                q = torch.softmax(gen, 1)
+                masks = None
+                if args.distdetach:
+                    d = torch.tensor(dist[sl])[b:b + 1]
+                    masks = loss_mask_levels(soft_distance_mask(d, args, dtype).to(dev), args)
+                qs = generator_levels(q, args)
+                if args.deepsupervision and it % args.print_freq == 0:
+                    for k in range(args.taskcls):
+                        am = np.argmax(qs[0].data.cpu().numpy(), axis=1)
+                        logging.info("Task 1 portion" + str(k) + " " + str(np.sum(am == k)
+                                                                            / np.size(am)))
+                fast = dict(model.named_parameters())
+                loss = fn.calculate_loss(args, yb, output, qs, losstype=0, loss_masks=masks,
+                                         BGcls=bg)
+                grads = torch.autograd.grad(loss, list(fast.values()))
+                theta = {n: (p - alpha * g).data for (n, p), g in zip(fast.items(), grads,
+                                                                       strict=True)}
+                del grads
+                unrolled = copy.deepcopy(model)  # the reference builds a new network here
+                unrolled.zero_grad(set_to_none=True)
+                state = model.state_dict()
+                state.update(theta)
+                unrolled.load_state_dict(state)
+                outputval = unrolled(xb)
+                vals = fn.calcualte_loss_val(args, yvb, outputval, criterionbce=None)
+                if colab:
+                    optimizer_arch.zero_grad()
+                    vals[0].backward()
+                    vector, skip = [], False
+                    for v in unrolled.parameters():
+                        if v.grad is None:
+                            vector.append(torch.zeros_like(v))
+                            continue
+                        vector.append(v.grad.data)
+                        if torch.max(torch.abs(v.grad.data)) <= 0 and v.shape[-1] != 1:
+                            logging.info("skipping optimizing the meta-learner....")
+                            skip = True
+                            break
+                    if not skip:
+                        implicit = fn.hessian_vector_product_Unet(
+                            model, samplemodel, vector, xb, yb, qs, criterion, args, masks, bg)
+                        for v, g in zip(samplemodel.parameters(), implicit, strict=True):
+                            v.grad = -alpha * g.data
+                    optimizer_arch.step()
+        output = model(x)
+        q = torch.softmax(samplemodel(x), 1)
+        masks = None
+        if args.distdetach:
+            masks = loss_mask_levels(soft_distance_mask(torch.tensor(dist[sl]), args, dtype)
+                                     .to(dev), args)
+        qs = generator_levels(q, args)
+        qs = [t.detach() for t in qs] if args.deepsupervision else qs.detach()
+        loss = fn.calculate_loss(args, y, output, qs, detach=True, logging=logging,
+                                 loss_masks=masks, BGcls=bg)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 12)
+        optimizer.step()
+        _record_iteration(meters, args, it, output, loss, ypick, outputval, yvb, vals, B)
+        meters.batch_time.update(time.time() - end)
+        end = time.time()
+        if it % args.print_freq == 0:
+            logging.info(meters.progress_line(epoch, it, args.numIteration))
+    meters.log_tensorboard(args, epoch)
+    return meters
+
+
+def _record_iteration(meters: EpochMeters, args, it: int, output, loss, ypick, outputval, yvb,
+                      vals, n: int) -> None:
+    """Meters after an iteration: loss and Prec@1 of the batch; every ``taskupdate``
+    iterations the last meta-step sample's Prec@1 and diagnostics, each weighted by ``n``."""
+    y_acc = ypick.clone()
+    if args.manuallabel:
+        y_acc[y_acc == 1] = 0
+        y_acc[y_acc == 2] = 1
+    z = output[0] if args.deepsupervision else output
+    meters.losses.update(float(loss.detach()), n)
+    meters.top1.update(accuracy_top1(z, y_acc.long(), args.NumsClass), n)
+    if it % args.taskupdate == 0:
+        zv = outputval[0] if args.deepsupervision else outputval
+        meters.top1val.update(accuracy_top1(zv, yvb, args.NumsClass), n)
+        for name, v in zip(VAL_METERS, vals, strict=True):
+            meters.val[name].update(float(v.detach()), n)
