@@ -3,6 +3,7 @@ colabx.reference.compat, and those twins against independent oracles (scipy, flo
 
 import sys
 import types
+import zlib
 
 import numpy as np
 import pytest
@@ -128,7 +129,7 @@ MASKED = [(case, m) for case in CASES for m in (True, False) if case[2] or m]
 def test_calculate_loss_matches_the_reference(case, with_masks, spatial):
     c, t, deep, vanilla, manual, detach, losstype, bg = case
     args = _args(c, t, deep, 3 if len(spatial) == 3 else 2, vanilla, manual)
-    y, zs, qs, ms = _inputs(args, spatial, seed=hash(case) % 1000)
+    y, zs, qs, ms = _inputs(args, spatial, seed=zlib.crc32(repr(case).encode()) % 1000)
     m_ours, m_ref = (_clone(ms), _clone(ms)) if with_masks else (None, None)
     kwargs = dict(detach=detach, losstype=losstype, BGcls=bg)
     ours = calculate_loss(args, y, zs, qs, loss_masks=m_ours, **kwargs)

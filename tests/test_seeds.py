@@ -13,10 +13,7 @@ from pathlib import Path
 import colabx
 
 TESTS = Path(__file__).resolve().parent
-# test_compat.py (issue 22's files) hashes a tuple of ints and bools, which is not salted; the
-# subprocess test below checks that its seeds do not change. Switch it to a stable seed (like
-# test_context_labels.case_seed) and drop it from here.
-HASH_ALLOWED = {"test_compat.py"}
+HASH_ALLOWED: set[str] = set()  # test modules allowed to call hash() (none)
 
 
 def _hash_calls(source: str) -> list[int]:
