@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import uuid
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["OutputFolderError", "atomic_write", "atomic_write_text", "check_output_folder",
-           "mark_output_folder", "remove_stale_temporaries"]
+           "json_safe", "mark_output_folder", "remove_stale_temporaries"]
 
 _TMP_RE = re.compile(r"^\..+\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
 
@@ -67,6 +68,17 @@ def _os_error(e: BaseException) -> OSError | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def json_safe(x: Any) -> Any:
+    """``x`` with NaN and infinities as None, for strict JSON (``allow_nan=False``)."""
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -16,3 +18,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A fresh ``COLABX_CACHE`` (phantom and preprocessed data) for the tests of one module."""
+    path = tmp_path_factory.mktemp("colabx-cache")
+    old = os.environ.get("COLABX_CACHE")
+    os.environ["COLABX_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("COLABX_CACHE", None)
+    else:
+        os.environ["COLABX_CACHE"] = old

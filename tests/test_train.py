@@ -18,18 +18,6 @@ from colabx.train.config import TrainConfig, save_config
 from colabx.train.trainer import Trainer
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("colabx-cache")
-    old = os.environ.get("COLABX_CACHE")
-    os.environ["COLABX_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("COLABX_CACHE", None)
-    else:
-        os.environ["COLABX_CACHE"] = old
-
-
 def _cfg(**kw) -> TrainConfig:
     base = dict(phantom_preset="tiny", epochs=1, iterations=2, batch_size=2, base_features=4,
                 max_features=16, num_pool=2, patch_size=[16, 16, 8], val_cases=1,

@@ -6,7 +6,6 @@ few iterations their weights must be equal."""
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -20,18 +19,6 @@ from colabx.train.trainer import Trainer
 # momentum 0.9, weight decay 1e-3, poly exponent 2 (not 1: a linear decay would also pass).
 LR, GEN_LR, MOMENTUM, WD, POLY = 0.02, 1e-3, 0.9, 1e-3, 2.0
 EPOCHS, ITERS = 3, 1  # 3 iterations in all; two run, so the schedule is neither 1 nor 0
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("colabx-cache")
-    old = os.environ.get("COLABX_CACHE")
-    os.environ["COLABX_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("COLABX_CACHE", None)
-    else:
-        os.environ["COLABX_CACHE"] = old
 
 
 def _cfg(**kw) -> TrainConfig:

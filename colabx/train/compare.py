@@ -24,7 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from colabx._io import atomic_write_text, check_output_folder, mark_output_folder
+from colabx._io import (
+    atomic_write_text,
+    check_output_folder,
+    json_safe,
+    mark_output_folder,
+)
 from colabx.train.config import MODES, TrainConfig
 from colabx.train.distributed import Dist
 from colabx.train.run_dir import holds_run
@@ -212,7 +217,7 @@ def run_compare(base: TrainConfig, modes: Sequence[str], seeds: Sequence[int],
     payload = {"modes": list(modes), "seeds": list(seeds), "options": base.to_dict(),
                "table": table,
                "cases": {f"{m}-seed{s}": v for (m, s), v in values.items()}}
-    atomic_write_text(out / "compare.json", json.dumps(_finite(payload), indent=1) + "\n")
+    atomic_write_text(out / "compare.json", json.dumps(json_safe(payload), indent=1) + "\n")
     atomic_write_text(out / "compare.csv", _csv(table))
     text = _markdown(table, seeds)
     atomic_write_text(out / "compare.md", text + "\n")
@@ -229,13 +234,3 @@ def _check_manual(cfg: TrainConfig) -> None:
     ds = load_dataset(cfg.dataset)
     if any(c.context is None for c in ds.cases):
         raise ValueError(f"modes: manual needs manual context maps (contextTr/) in {ds.root}")
-
-
-def _finite(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x

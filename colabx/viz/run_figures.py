@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from colabx._io import atomic_write_text
+from colabx._io import atomic_write_text, json_safe
 from colabx.inference.analysis import case_outputs, held_out_cases, load_run, neighbour_ratio
 from colabx.viz.paper import (
     CaseSlice,
@@ -101,7 +101,7 @@ def write_figures(runs: list[str | os.PathLike[str]], out_dir: str | os.PathLike
     logit_density_figure(density, out / FIGURES[0])
     context_map_figure(slices, out / FIGURES[1])
     intensity_histogram_figure(histograms, out / FIGURES[2])
-    atomic_write_text(out / "figures.json", json.dumps(_finite(report), indent=1,
+    atomic_write_text(out / "figures.json", json.dumps(json_safe(report), indent=1,
                                                        allow_nan=False) + "\n")
     return report
 
@@ -110,14 +110,3 @@ def _as_channels(contexts: np.ndarray, num_classes: int) -> np.ndarray:
     """Generator context k as the segmentation channel it labels (0, then c − 1 + k), so that
     both maps share colours."""
     return np.where(contexts == 0, 0, contexts + num_classes - 1)
-
-
-def _finite(x: Any) -> Any:
-    """NaN and infinities as null (strict JSON)."""
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    if isinstance(x, float) and not np.isfinite(x):
-        return None
-    return x
