@@ -172,7 +172,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     from colabx.train.checkpoint import load_checkpoint
-    from colabx.train.config import from_mapping, read_yaml
+    from colabx.train.config import from_mapping, read_yaml, saved_options
     from colabx.train.distributed import init_from_env
     from colabx.train.trainer import Trainer, default_config
 
@@ -185,7 +185,7 @@ def _train(args: argparse.Namespace) -> int:
         if args.out is None:
             raise ValueError("--resume needs --out RUN_DIR, the run folder to continue")
         # the run's own options, then what was given: the trainer refuses what may not change
-        saved = load_checkpoint(args.out / "checkpoint_latest.pth")["config"]
+        saved = saved_options(load_checkpoint(args.out / "checkpoint_latest.pth")["config"])
         cfg = from_mapping({**saved, **given})
     else:
         cfg = from_mapping({**default_config(given.get("dataset")).to_dict(), **given})

@@ -112,15 +112,31 @@ def test_failed_predict_leaves_no_folder(phantom, trained, tmp_path, capsys):
 
 # -- 2. --resume ---------------------------------------------------------------------------------
 
-def _partial_run(phantom, out, tmp_path):
+def _partial_run(phantom, out, tmp_path, **kw):
     """A colab run stopped after 1 of 2 epochs, as a killed training leaves it."""
     from colabx.train.config import TrainConfig
     from colabx.train.trainer import Trainer
 
     cfg = TrainConfig(dataset=str(phantom), mode="colab", epochs=2, iterations=2,
                       base_features=4, num_pool=2, patch_size=[16, 16, 8], num_workers=0,
-                      progress=False, threads=1, val_cases=1, snapshot_every=0, device="cpu")
+                      progress=False, threads=1, val_cases=1, snapshot_every=0, device="cpu",
+                      **kw)
     Trainer(cfg, out, echo=lambda s: None).run(max_epochs=1)
+
+
+def test_runs_saved_before_an_option_existed_resume(phantom, tmp_path):
+    """A run saved before ``generator_upsampling`` existed (transposed convs, no key in its
+    configuration or plan) resumes with nothing given, though today's default differs."""
+    from colabx.train.checkpoint import save_checkpoint
+
+    run = tmp_path / "old"
+    _partial_run(phantom, run, tmp_path, generator_upsampling="transposed")
+    state = load_checkpoint(run / "checkpoint_latest.pth")
+    del state["config"]["generator_upsampling"], state["plan"]["generator_upsampling"]
+    save_checkpoint(run / "checkpoint_latest.pth", state)
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
+    assert load_checkpoint(run / "checkpoint_final.pth")["config"]["generator_upsampling"] == \
+        "transposed"
 
 
 def test_resume_refuses_options_that_must_match(phantom, tmp_path, capsys):

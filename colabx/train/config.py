@@ -20,7 +20,8 @@ from typing import Any
 import yaml
 
 __all__ = ["CHANGEABLE_ON_RESUME", "MODES", "PRESETS", "ConfigError", "TrainConfig",
-           "from_mapping", "load_config", "read_yaml", "resume_differences", "save_config"]
+           "from_mapping", "load_config", "read_yaml", "resume_differences", "save_config",
+           "saved_options"]
 
 MODES = ("vanilla", "manual", "colab", "kmeans", "dilation")
 AMP_CHOICES = ("auto", "none", "bf16", "fp16")
@@ -258,6 +259,16 @@ def from_mapping(values: Mapping[str, Any]) -> TrainConfig:
 CHANGEABLE_ON_RESUME = ("epochs", "num_workers", "device", "threads", "progress", "amp",
                         "compile", "deterministic", "val_every", "val_cases", "overlap",
                         "snapshot_every", "save_every", "preprocessed")
+
+
+#: Options added after runs were saved with an older behaviour than today's default: a saved
+#: configuration without them meant these values.
+LEGACY_DEFAULTS = {"generator_upsampling": "transposed"}
+
+
+def saved_options(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's configuration with the values older runs implied for options they lack."""
+    return {**LEGACY_DEFAULTS, **config}
 
 
 def _same(key: str, a: Any, b: Any) -> bool:

@@ -52,7 +52,13 @@ from colabx.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from colabx.train.config import PRESETS, TrainConfig, resume_differences, save_config
+from colabx.train.config import (
+    PRESETS,
+    TrainConfig,
+    resume_differences,
+    save_config,
+    saved_options,
+)
 from colabx.train.distributed import Dist, ProcessGroupReducer
 from colabx.train.logs import RunLog
 from colabx.train.plan import NetworkPlan, auto_patch_size, build_networks, pool_kernel_sizes
@@ -146,7 +152,7 @@ class Trainer:
     def _resumed_config(self, state: dict[str, Any], cfg: TrainConfig) -> TrainConfig:
         """The configuration of a resumed run: the run's own, with the changes ``cfg`` asks for
         where a resumed run may change (logged); refuses any other difference."""
-        saved = _absolute_paths(TrainConfig(**state["config"])).to_dict()
+        saved = _absolute_paths(TrainConfig(**saved_options(state["config"]))).to_dict()
         fixed, changed = resume_differences(saved, cfg.to_dict())
         if fixed:
             listed = "; ".join(f"{k}: run {a!r}, given {b!r}" for k, (a, b) in fixed.items())
