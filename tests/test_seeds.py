@@ -45,9 +45,12 @@ def _start(tmp_path: Path, salt: str) -> tuple[subprocess.Popen, Path]:
            "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(TESTS), str(root),
                                           os.environ.get("PYTHONPATH", "")])}
+    # run outside the checkout: `python -m` puts the working directory first on sys.path, where
+    # the source tree (without a compiled colabx._C) would shadow the colabx this test imported
     proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "seed_recorder",
-                             "-p", "no:cacheprovider", "-x", *SELECTION],
-                            cwd=TESTS.parent, env=env, stdout=subprocess.PIPE,
+                             "-p", "no:cacheprovider", "-x",
+                             *(str(TESTS.parent / s) for s in SELECTION)],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     return proc, log
 
