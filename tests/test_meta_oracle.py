@@ -7,7 +7,7 @@ The oracle differentiates the unrolled inner step itself, in float64, by plain d
 with ŷ(ω) the context labels of the generator's logits at the U-Net's deep-supervision levels,
 L_seg the CE + soft Dice loss over all K channels (Dice over channels 1..K−1) weighted per level
 by literal weights, L_ROI the one-vs-all BCE on channels 1..c−1 of the full-resolution output and
-α the inner learning rate (DESIGN.md, "The meta step"; colabx/meta.py). The losses are written
+α the inner learning rate (the module docstring of colabx/meta.py). The losses are written
 out here from their formulas; only the U-Net, the generator and the context labels (tested on
 their own against scipy and hand-made cases) are colabx's.
 """

@@ -193,13 +193,11 @@ def evaluate_case(
         fp, fn = n_pred - tp, n_ref - tp
         denom = 2 * tp + fp + fn
         h = math.nan
-        if compute_hd95:
-            h = 0.0 if not n_pred and not n_ref else image_diagonal(p.shape, spacing)
-            if n_pred and n_ref:
-                pm, rm = p == j, r == j
-                if valid is not None:
-                    pm, rm = pm & valid, rm & valid
-                h = hd95(pm, rm, spacing)
+        if compute_hd95:  # hd95 applies the empty-mask conventions itself
+            pm, rm = p == j, r == j
+            if valid is not None:
+                pm, rm = pm & valid, rm & valid
+            h = hd95(pm, rm, spacing)
         out[j] = {
             "dice": 2 * tp / denom if denom else 1.0,
             "sensitivity": tp / n_ref if n_ref else math.nan,

@@ -30,6 +30,7 @@ from colabx._io import (
     json_safe,
     mark_output_folder,
 )
+from colabx.data.datasets import Dataset
 from colabx.train.config import MODES, TrainConfig
 from colabx.train.distributed import Dist
 from colabx.train.run_dir import holds_run
@@ -67,17 +68,15 @@ def _case_values(result: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
-def _evaluate(run: Path) -> dict[str, dict[str, dict[str, float]]]:
-    """post-processing → case → metric for one finished run: its final evaluation, and its test
-    predictions again after the largest-connected-component post-processing."""
-    from colabx.data import load_dataset
+def _evaluate(run: Path, ds: Dataset) -> dict[str, dict[str, dict[str, float]]]:
+    """post-processing → case → metric for one finished run of dataset ``ds``: its final
+    evaluation, and its test predictions again after the largest-connected-component
+    post-processing."""
     from colabx.inference.metrics import evaluate_folders
-    from colabx.train.checkpoint import load_checkpoint
 
     out = {"none": _case_values(json.loads((run / "evaluation.json").read_text()))}
     preds = run / "predictions_test"
     if preds.is_dir():
-        ds = load_dataset(load_checkpoint(run / "checkpoint_final.pth")["dataset"]["root"])
         out["lcc"] = _case_values(evaluate_folders(preds, ds.root / "labelsTs", ds.labels,
                                                    ds.file_ending, postprocess="lcc"))
     return out
@@ -212,7 +211,13 @@ def run_compare(base: TrainConfig, modes: Sequence[str], seeds: Sequence[int],
         Trainer(cfg, run, dist=dist, resume=resume, echo=echo).run()
     if not dist.is_main:
         return None
-    values = {(m, s): _evaluate(out / f"{m}-seed{s}") for m, s in configs}
+    from colabx.data import load_dataset
+    from colabx.train.checkpoint import load_checkpoint
+
+    # every run trained on the same dataset: read it once
+    first = out / f"{modes[0]}-seed{seeds[0]}" / "checkpoint_final.pth"
+    ds = load_dataset(load_checkpoint(first)["dataset"]["root"])
+    values = {(m, s): _evaluate(out / f"{m}-seed{s}", ds) for m, s in configs}
     table = _summaries(values, modes, seeds)
     payload = {"modes": list(modes), "seeds": list(seeds), "options": base.to_dict(),
                "table": table,
