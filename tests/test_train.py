@@ -145,3 +145,12 @@ def test_manual_mode_without_context_maps(cache, tmp_path):
     shutil.rmtree(ds / "contextTr")
     with pytest.raises(ValueError, match=r"mode: manual needs manual context maps \(contextTr/\)"):
         Trainer(_cfg(mode="manual", dataset=str(ds)), tmp_path / "run")
+
+
+def test_manual_contexts_choose_the_context_classes(cache, tmp_path):
+    """``manual_contexts=[1]`` (the liver, as the published code's one manual class): K = 3;
+    a value no training map holds is refused, naming the values present."""
+    tr = Trainer(_cfg(mode="manual", manual_contexts=[1]), tmp_path / "a", echo=lambda s: None)
+    assert tr.plan.out_channels == 3 and tr.t == 2
+    with pytest.raises(ValueError, match=r"manual_contexts: values \[9\] occur in no training"):
+        Trainer(_cfg(mode="manual", manual_contexts=[1, 9]), tmp_path / "b")

@@ -31,6 +31,10 @@ def test_defaults_are_valid_and_roundtrip_yaml(tmp_path):
     ("epochs", True, "epochs: expected int"),
     ("device", "tpu", "device: expected auto, cpu"),
     ("tau", 0.0, "tau: must be > 0"),
+    ("manual_contexts", [0, 1], "manual_contexts: distinct context-map values >= 1"),
+    ("manual_contexts", [1, 1], "manual_contexts: distinct context-map values >= 1"),
+    ("manual_contexts", [], "manual_contexts: distinct context-map values >= 1"),
+    ("manual_contexts", ["liver"], "manual_contexts: expected list"),
 ])
 def test_bad_values_name_the_key(key, value, match):
     if match is None:

@@ -53,6 +53,23 @@ def test_manual_context_channels_and_levels():
         FixedTargets("manual", 2, 3, 1, 30.0, 20.0).targets(x, y, d)
 
 
+def test_manual_context_values_select_and_order_the_contexts():
+    """``context_values=[3, 1]``: map value 3 is context 1, value 1 context 2, values 2 and 4
+    (and any value beyond the table) context 0."""
+    x, y, d = _batch((1, 10, 8, 8))
+    ctx = torch.zeros_like(y)
+    for v in range(1, 6):
+        ctx[:, 2 * (v - 1):2 * v] = v  # 5 lies beyond the lookup table of values 1..3
+    (t,) = FixedTargets("manual", 2, 3, 1, 30.0, 20.0, context_values=[3, 1]).targets(
+        x, y, d, ctx)
+    bg = y == 0
+    want = {0: (ctx == 0) | (ctx == 2) | (ctx >= 4), 2: ctx == 3, 3: ctx == 1}
+    for channel, mask in want.items():
+        torch.testing.assert_close(t[:, channel][bg], mask[bg].float(), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="context_values"):
+        FixedTargets("manual", 2, 3, 1, 30.0, 20.0, context_values=[1])
+
+
 def test_kmeans_clusters_by_intensity_inside_body():
     rng = np.random.default_rng(0)
     v = np.concatenate([rng.normal(-1, 0.05, 500), rng.normal(1, 0.05, 500)])

@@ -111,6 +111,11 @@ class TrainConfig:
         "checkerboard in the learned context maps: on the phantom the generator's neighbour "
         "ratio is 1.03-1.17 at initialisation with transposed, 0.71-0.96 with linear)",
         choices=("linear", "transposed"), group="method")
+    manual_contexts: list[int] | None = _opt(
+        None, "manual mode: the context-map values that become context classes, in this order "
+        "(any other value joins context 0); default: every value > 0. The published code's "
+        "manual labels are one class, the ROI's organ (on the phantom: 1, the liver)",
+        group="method")
     gen_lr: float = _opt(3e-4, "task-generator Adam learning rate (poly decay)", lo=0.0,
                          lo_open=True, group="method")
     # -- network --------------------------------------------------------------------------------
@@ -201,6 +206,11 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"target_spacing: must be > 0, got {cfg.target_spacing}")
     if cfg.mode in ("colab", "kmeans") and cfg.t < 2:
         raise ConfigError(f"t: mode {cfg.mode!r} needs t >= 2 context classes, got {cfg.t}")
+    if cfg.manual_contexts is not None and (
+            not cfg.manual_contexts or min(cfg.manual_contexts) < 1
+            or len(set(cfg.manual_contexts)) != len(cfg.manual_contexts)):
+        raise ConfigError(f"manual_contexts: distinct context-map values >= 1 expected, got "
+                          f"{cfg.manual_contexts}")
     if cfg.meta_order == "shared" and cfg.meta_mode != "batched":
         raise ConfigError("meta_order: shared needs meta_mode batched (per_sample takes one "
                           "inner step per sample, the published code's semantics)")

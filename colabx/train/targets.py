@@ -7,7 +7,8 @@ same deep-supervision rules:
 * ``vanilla``: t = 1 (plain one-hot labels);
 * ``dilation``: t = 2, generator fixed to q = (0, 1), so background voxels get ``[1 - M, M]``;
 * ``manual``: t = 1 + the number of context classes in the dataset's ``contextTr`` maps; the
-  context map's class k becomes context k (hard), everywhere (M = 1);
+  context map's class k becomes context k (hard), everywhere (M = 1); with ``context_values``
+  only those map values become contexts 1.., in that order, and every other value context 0;
 * ``kmeans``: t intensity clusters of the background inside the body (1-D k-means of the first
   image channel, fitted once on training cases; clusters ordered by intensity), M = 1; voxels
   outside the body join cluster 0;
@@ -48,7 +49,8 @@ class FixedTargets:
 
     def __init__(self, mode: str, num_classes: int, t: int, levels, margin: float, tau: float,
                  *, cluster_centres: Sequence[float] | None = None,
-                 body_threshold: float | None = None) -> None:
+                 body_threshold: float | None = None,
+                 context_values: Sequence[int] | None = None) -> None:
         if mode not in ("vanilla", "dilation", "manual", "kmeans"):
             raise ValueError(f"mode: FixedTargets has no mode {mode!r}")
         if mode == "kmeans" and (cluster_centres is None or len(cluster_centres) != t):
@@ -57,6 +59,14 @@ class FixedTargets:
         self.levels, self.margin, self.tau = levels, margin, tau
         self.centres = None if cluster_centres is None else sorted(cluster_centres)
         self.body_threshold = body_threshold
+        self.context_lut = None
+        if context_values is not None:
+            if len(context_values) != t - 1:
+                raise ValueError(f"context_values: {len(context_values)} values for t = {t} "
+                                 f"(t - 1 expected)")
+            lut = torch.zeros(max(context_values) + 1, dtype=torch.long)
+            lut[torch.tensor(list(context_values))] = torch.arange(1, t)
+            self.context_lut = lut
 
     def targets(self, x: Tensor, y: Tensor, d: Tensor, context: Tensor | None = None
                 ) -> list[Tensor]:
@@ -69,6 +79,9 @@ class FixedTargets:
         elif self.mode == "manual":
             if context is None:
                 raise ValueError("context: manual mode needs the batch's context maps")
+            if self.context_lut is not None:
+                lut = self.context_lut.to(context.device)
+                context = lut[context.long().clamp(0, lut.numel() - 1)] * (context < lut.numel())
             logits = _one_hot_logits(context, self.t)
             d = torch.zeros_like(d)
         else:

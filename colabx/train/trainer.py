@@ -265,14 +265,20 @@ class Trainer:
         if cfg.mode == "dilation":
             return 2
         if cfg.mode == "manual":
-            top = 0
+            present: set[int] = set()
             for i in self.train_ids:
                 ctx = self.pre.load_case(i).context
                 if ctx is None:
                     raise ValueError(f"mode: manual needs manual context maps (contextTr/) in "
                                      f"{self.dataset.root}")
-                top = max(top, int(np.max(ctx)))
-            return top + 1
+                present.update(int(v) for v in np.unique(ctx))
+            if cfg.manual_contexts is None:
+                return max(present) + 1
+            missing = sorted(set(cfg.manual_contexts) - present)
+            if missing:
+                raise ValueError(f"manual_contexts: values {missing} occur in no training case's "
+                                 f"context map (values present: {sorted(present)})")
+            return len(cfg.manual_contexts) + 1
         return cfg.t
 
     def _setup_model(self) -> None:
@@ -338,7 +344,8 @@ class Trainer:
                 centres, body = self._fit_kmeans()
             self.fixed = FixedTargets(cfg.mode, self.num_classes, self.t, self.levels,
                                       cfg.margin, cfg.tau, cluster_centres=centres,
-                                      body_threshold=body)
+                                      body_threshold=body,
+                                      context_values=cfg.manual_contexts)
         self.counter = UpdateCounter(cfg.meta_period)
         world, rank = self.dist.world_size, self.dist.rank
         local = cfg.batch_size // world
