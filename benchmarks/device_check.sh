@@ -10,15 +10,19 @@
 #   5. runs bench_train and bench_data on the phantom (trainer patches/s consumed vs loader
 #      patches/s delivered with 4/8/12 workers; at most 150 s; nibabel and pyyaml wheels in .whl/),
 #   6. runs bench_compat on CUDA (the colabx.compat drop-ins vs the reference-style twins; 60 s),
-#   7. only when asked (stage ncu): Nsight Compute on the pooled context_labels kernels and the
+#   7. only when asked (stage compare): `colabx compare` of all five modes x 3 seeds on the
+#      phantom at a GPU configuration (20 epochs x 100 iterations, 16 features), into
+#      $COLABX_COMPARE_DIR (default /tmp/colabx-compare, kept while the machine stays warm): at
+#      most 540 s per call, so a stopped compare continues on the next call; tables into $OUT,
+#   8. only when asked (stage ncu): Nsight Compute on the pooled context_labels kernels and the
 #      80^3 loss kernels (throughput, occupancy, warp stalls; ~60 s), into $OUT/ncu.txt,
-#   8. only when asked (stage ab): a second build, in its own tree, with the pooled context_labels
+#   9. only when asked (stage ab): a second build, in its own tree, with the pooled context_labels
 #      kernels at 4 blocks per SM (-DCOLABX_CTX_FWD_MIN_BLOCKS=4 -DCOLABX_CTX_BWD_MIN_BLOCKS=4:
 #      64 registers), its context_labels GPU tests and the rows sweep (against the bench stage's
 #      sweep of the main build, same run), then the main build back in place (~3 min),
 # writing logs and JSON under $OUT (default benchmarks/results) and printing summary tables last.
 # Usage: benchmarks/device_check.sh [STAGE ...]
-#   STAGE: all (default) | test | bench | train | meta | compat | ncu | ab;
+#   STAGE: all (default) | test | bench | train | meta | compat | compare | ncu | ab;
 #   stages run in the order given ("all" = test bench train meta compat). Each log and JSON lands in
 #   $OUT, and, when $OUT is given, all of them again in $OUT/device_check.tgz (the device tool
 #   returns at most 8 files).
@@ -28,7 +32,7 @@ cd "$(dirname "$0")/.."
 stages=" ${*:-all} "
 [ "$stages" = " all " ] && stages=" test bench train meta compat "
 for s in $stages; do
-  case $s in test|bench|train|meta|compat|ncu|ab) ;; *) echo "device_check: unknown stage '$s'"; exit 2 ;; esac
+  case $s in test|bench|train|meta|compat|compare|ncu|ab) ;; *) echo "device_check: unknown stage '$s'"; exit 2 ;; esac
 done
 bundle() { tar czf /tmp/device_check.tgz -C "$OUT" --exclude device_check.tgz . && mv /tmp/device_check.tgz "$OUT/"; }
 # a given $OUT (the device tool's) gets the archive, also after a failed build; the default
@@ -122,6 +126,14 @@ stage_meta() {
   run_logged 180 bench_meta_cuda.log benchmarks.bench_meta_step --device cuda --min-time 0.2 \
     --out "$OUT/meta_cuda.json"
   show_table bench_meta_cuda.log '^| part '
+  # what users run: colabx bench meta at the paper's sizes, fp32 (both differences) and bf16
+  for v in "none central" "none one_sided" "bf16 central"; do
+    set -- $v
+    run_logged 120 "colabx_bench_meta_$1_$2.log" colabx bench meta --device cuda --patch 80 \
+      --features 30 --pools 4 --min-time 0.5 --amp "$1" --difference "$2" \
+      --out "$OUT/colabx_bench_meta_$1_$2.json"
+    show_table "colabx_bench_meta_$1_$2.log" '^| per iteration'
+  done
   echo "meta bench: $((SECONDS - t0)) s"
 }
 
@@ -131,6 +143,23 @@ stage_compat() {
     --out "$OUT/compat_cuda.json"
   show_table bench_compat_cuda.log '^| op '
   echo "compat bench: $((SECONDS - t0)) s"
+}
+
+stage_compare() {
+  t0=$SECONDS
+  local dir=${COLABX_COMPARE_DIR:-/tmp/colabx-compare}
+  export COLABX_CACHE=${COLABX_CACHE:-/tmp/colabx-cache}
+  timeout 540 $py -m colabx compare --modes vanilla manual dilation kmeans colab --seeds 0 1 2 \
+    --device cuda --epochs 20 --iterations 100 --base-features 16 --num-workers 4 \
+    --manual-contexts 1 --no-progress --out "$dir" >>"$OUT/compare.log" 2>&1
+  local rc=$?
+  if [ $rc = 124 ]; then
+    echo "compare: stopped at the time limit; call the stage again to continue"
+  elif [ $rc != 0 ]; then
+    tail -20 "$OUT/compare.log"; echo "compare: failed"; status=1
+  fi
+  cp "$dir"/compare.{md,csv,json,png} "$OUT/" 2>/dev/null && cat "$OUT/compare.md"
+  echo "compare: $((SECONDS - t0)) s"
 }
 
 stage_ncu() {

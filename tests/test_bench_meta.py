@@ -28,3 +28,16 @@ def test_bench_meta_quick_times_every_row(tmp_path, capsys):
         assert row["period_1_overhead_pct"] == pytest.approx(100 * (meta / ms["vanilla"] - 1))
     text = capsys.readouterr().out
     assert "| colab meta (shared order) |" in text and "period 4" in text
+
+
+def test_bench_meta_quick_under_autocast(tmp_path):
+    """``--amp bf16``: every row still runs (the meta step's θ± passes stay fp32 inside);
+    the one-sided difference, which needs the inner forward in fp32, is refused."""
+    out = tmp_path / "meta.json"
+    assert main(["bench", "meta", "--quick", "--min-time", "0", "--amp", "bf16", "--out",
+                 str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["setup"]["amp"] == "bf16"
+    assert all(math.isfinite(v["median_ms"]) for v in data["timings"].values())
+    with pytest.raises(SystemExit):
+        main(["bench", "meta", "--quick", "--amp", "bf16", "--difference", "one_sided"])

@@ -93,10 +93,17 @@ def _setup_from_run(run: str, batch: int) -> Setup:
                  plan["base_features"], plan["max_features"], plan["deep_supervision"], batch)
 
 
-def _iterations(s: Setup, device: torch.device, difference: str
-                ) -> dict[str, Callable[[], object]]:
-    """One callable per row, each one training iteration on the same batch."""
+def _iterations(s: Setup, device: torch.device, difference: str,
+                amp_dtype: torch.dtype | None = None) -> dict[str, Callable[[], object]]:
+    """One callable per row, each one training iteration on the same batch; with ``amp_dtype``
+    the network forwards run under autocast (colabx's θ± forwards stay fp32 as always; the
+    reference-style step has no mixed precision, as the published code)."""
     c = s.num_classes
+    amp = amp_dtype is not None
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp)
+
     x, y, d = s.batch_on(device)
     rows: dict[str, Callable[[], object]] = {}
 
@@ -108,7 +115,9 @@ def _iterations(s: Setup, device: torch.device, difference: str
 
     def vanilla():
         vopt.zero_grad(set_to_none=True)
-        dice_ce_loss(fv(x), onehot).backward()
+        with autocast():
+            z = fv(x)
+        dice_ce_loss(z, onehot).backward()
         vopt.step()
 
     rows["vanilla"] = vanilla
@@ -117,7 +126,8 @@ def _iterations(s: Setup, device: torch.device, difference: str
         f, g = s.nets(device, k)
         fopt = torch.optim.SGD(f.parameters(), lr=0.0, momentum=0.99, nesterov=True)
         gopt = torch.optim.Adam(g.parameters(), lr=0.0)
-        ms = MetaStep(f, g, MetaConfig(c, order=order, difference=difference))
+        ms = MetaStep(f, g, MetaConfig(c, order=order, difference=difference, amp=amp,
+                                       amp_dtype=amp_dtype or torch.bfloat16))
         if order == "reference":
             rows["colab plain"] = lambda ms=ms, fopt=fopt: ms.plain_step(x, y, d, fopt)
 
@@ -141,9 +151,15 @@ def _iterations(s: Setup, device: torch.device, difference: str
         fopt = torch.optim.SGD(f.parameters(), lr=0.0, momentum=0.99, nesterov=True)
         gopt = torch.optim.Adam(g.parameters(), lr=0.0)
 
-        def twin(meta_fn=meta_fn, f=f, g=g, fopt=fopt, gopt=gopt):
-            meta_fn(f, g, x, y, d, c, ALPHA, gopt)
-            reference_plain_step(f, g, x, y, d, c, fopt)
+        mixed = amp and meta_fn is restructured_meta_step
+
+        def twin(meta_fn=meta_fn, f=f, g=g, fopt=fopt, gopt=gopt, mixed=mixed):
+            if mixed:
+                meta_fn(f, g, x, y, d, c, ALPHA, gopt, amp=True, amp_dtype=amp_dtype)
+            else:
+                meta_fn(f, g, x, y, d, c, ALPHA, gopt)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=mixed):
+                reference_plain_step(f, g, x, y, d, c, fopt)
 
         rows[name] = twin
     return rows
@@ -180,6 +196,9 @@ def main(argv: list[str] | None = None, prog: str = "colabx bench meta") -> dict
                     help="generator update period for the amortised cost (default 5)")
     ap.add_argument("--difference", choices=DIFFERENCES, default="central",
                     help="finite difference of the meta-gradient (default central)")
+    ap.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                    help="autocast the network forwards (colabx and the restructured step; "
+                    "the reference-style step stays fp32 as the published code; default none)")
     ap.add_argument("--quick", action="store_true", help="a tiny network: a smoke run")
     ap.add_argument("--min-time", type=float, default=2.0,
                     help="seconds of timed repetitions per row (default 2)")
@@ -190,6 +209,9 @@ def main(argv: list[str] | None = None, prog: str = "colabx bench meta") -> dict
         ap.error("--device cuda given but torch sees no CUDA device")
     if args.period < 1:
         ap.error("--period must be >= 1")
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    if amp_dtype is not None and args.difference == "one_sided":
+        ap.error("--difference one_sided needs the inner forward in fp32: use --amp none")
     if args.run:
         setup = _setup_from_run(args.run, args.batch)
     else:
@@ -201,15 +223,16 @@ def main(argv: list[str] | None = None, prog: str = "colabx bench meta") -> dict
     print(f"# {prog} on {info.get('gpu', info['cpu'])} ({info['device']}), torch "
           f"{info['torch']}, {info['torch_threads']} CPU threads; batch {setup.batch}, patch "
           f"{list(setup.patch)}, {len(setup.pools)} pools, {setup.features} features, c "
-          f"{setup.num_classes}, t {setup.t}, {args.difference} difference", flush=True)
+          f"{setup.num_classes}, t {setup.t}, {args.difference} difference, amp {args.amp}",
+          flush=True)
     timings = {}
-    for name, fn in _iterations(setup, device, args.difference).items():
+    for name, fn in _iterations(setup, device, args.difference, amp_dtype).items():
         timings[name] = time_callable(fn, device, min_time_s=args.min_time, warmup=1)
         print(f"  {name}: {timings[name]['median_ms']:.1f} ms", flush=True)
     ms = {k: v["median_ms"] for k, v in timings.items()}
     rows = _overheads(ms, args.period)
     payload = {"machine": info, "command": f"{prog} " + " ".join(argv or []),
-               "setup": {**setup.__dict__, "difference": args.difference,
+               "setup": {**setup.__dict__, "difference": args.difference, "amp": args.amp,
                          "period": args.period}, "timings": timings, "rows": rows}
     write_json(args.out.format(device=device.type), payload)
     p = args.period
