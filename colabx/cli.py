@@ -109,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--postprocess", default="none", choices=POSTPROCESSING,
                     help="lcc: keep the largest connected component of the ROI classes' union "
                     "(the paper's post-processing); lcc_per_class: per class (nnU-Net's); "
-                    "default none (label maps only)")
+                    "default none. Applied to the label maps, not to probabilities or contexts")
 
     ev = sub.add_parser(
         "evaluate", help="DSC, sensitivity, precision, HD95 of predictions",
