@@ -124,6 +124,11 @@ def test_bad_inputs_are_clear_errors(trained, tmp_path, capsys):
     assert _predict(run, two, tmp_path / "o2") == 2
     assert "image has 2 channels" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()  # nothing left behind
+    four_digits = tmp_path / "four_digits"  # an MSD-style name that reads as a channel file
+    four_digits.mkdir()
+    shutil.copy(image, four_digits / "phantom_0007.nii.gz")
+    assert _predict(run, four_digits, tmp_path / "o4") == 2
+    assert "a name ending in _XXXX is channel XXXX of a case" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
     assert _predict(run, empty, tmp_path / "o3") == 2

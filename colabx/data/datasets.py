@@ -421,8 +421,11 @@ def _scan_images(folder: Path, ending: str, n_channels: int,
             extra = [chans[i].name for i in sorted(chans) if i >= n_channels]
             detail = (f"missing {', '.join(str(m) for m in missing)}" if missing
                       else f"unexpected {extra}")
+            hint = (f" (a name ending in _XXXX is channel XXXX of a case; a single-file case "
+                    f"must be named otherwise, e.g. {case}_{min(chans):03d}{ending})"
+                    if whole_files and missing else "")
             raise DatasetError(f"{folder}: case {case!r} has channel files {sorted(chans)} but "
-                               f"{declared_by} {n_channels} channel(s): {detail}")
+                               f"{declared_by} {n_channels} channel(s): {detail}{hint}")
         out[case] = tuple(chans[i] for i in want)
     for case, paths in whole.items():
         if case in out:
