@@ -76,22 +76,40 @@ def _parser() -> argparse.ArgumentParser:
                     "earlier run (whose files are removed first)")
     _add_train_options(tr)
 
-    pr = sub.add_parser("predict", help="segment NIfTI images with a trained run")
+    pr = sub.add_parser(
+        "predict", help="segment images with a trained run",
+        description="Segment every case of INPUT with a trained run. Cases are "
+        "{case}_{XXXX}.nii.gz files (one per channel, nnU-Net naming) or single {case}.nii.gz "
+        "files (MSD naming: 3D, or 4D holding the channels on the last axis); .nii, .nrrd and "
+        ".mha (with SimpleITK: pip install 'colabx[sitk]') too, one ending per folder. "
+        "OUTPUT gets {case}.<ending> label maps in each image's grid and header, "
+        "optionally probabilities ({case}.npz) and context maps (contexts/{case}.<ending>).")
     pr.add_argument("run", type=Path, help="run directory or checkpoint file (.pth)")
-    pr.add_argument("input", type=Path, help="folder of images named {case}_{XXXX}.nii.gz")
-    pr.add_argument("output", type=Path, help="folder for {case}.nii.gz label maps")
+    pr.add_argument("input", type=Path, help="folder of images: {case}_{XXXX}.nii.gz or "
+                    "{case}.nii.gz")
+    pr.add_argument("output", type=Path, help="folder for the {case}.nii.gz label maps")
     pr.add_argument("--checkpoint", default="final", choices=("final", "best", "latest"),
                     help="which checkpoint of a run directory (default: final)")
     pr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     pr.add_argument("--overlap", type=float, default=0.5,
                     help="sliding-window overlap in [0, 0.9] (default: 0.5)")
-    pr.add_argument("--mirror", action="store_true", help="mirror test-time augmentation")
+    pr.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
+                    help="mirror test-time augmentation over every spatial axis (nnU-Net's; "
+                    "2^D network passes per window). Default: on with CUDA, off on the CPU, "
+                    "where it multiplies the time by 8 in 3D; --no-mirror turns it off on GPUs")
+    pr.add_argument("--save-probabilities", action="store_true",
+                    help="also write {case}.npz: 'probabilities' float32 [K, *S] (softmax of "
+                    "the context and ROI channels, in the image's voxel grid and axis order), "
+                    "'channels' (their names), 'spacing' and 'affine'")
+    pr.add_argument("--save-contexts", action="store_true",
+                    help="also write contexts/{case}.<ending>: the network's context map (argmax "
+                    "over the t context channels, values 0..t-1) in the image's grid")
     pr.add_argument("--overwrite", action="store_true",
                     help="write into an OUTPUT folder that holds other files")
     pr.add_argument("--postprocess", default="none", choices=POSTPROCESSING,
                     help="lcc: keep the largest connected component of the ROI classes' union "
                     "(the paper's post-processing); lcc_per_class: per class (nnU-Net's); "
-                    "default none")
+                    "default none. Applied to the label maps, not to probabilities or contexts")
 
     ev = sub.add_parser(
         "evaluate", help="DSC, sensitivity, precision, HD95 of predictions",
@@ -107,7 +125,8 @@ def _parser() -> argparse.ArgumentParser:
         "printed\nbeside them (MONAI's not-nans). The image diagonal, sqrt(sum((n * "
         "spacing)^2)) in mm, is the\nlargest distance in the image (as BraTS scores a missed "
         "tumour); MONAI returns NaN there.")
-    ev.add_argument("predictions", type=Path, help="folder of predicted {case}.nii.gz")
+    ev.add_argument("predictions", type=Path, help="folder of predicted {case}.nii.gz (or "
+                    ".nii, .nrrd, .mha: the reference folder's ending)")
     ev.add_argument("reference", type=Path, help="folder of reference {case}.nii.gz")
     ev.add_argument("--labels", type=Path, required=True,
                     help="dataset.json whose labels name the classes")
@@ -233,7 +252,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     predict_folder(args.run, args.input, args.output, checkpoint=args.checkpoint,
                    device=args.device, overlap=args.overlap, mirror=args.mirror,
-                   overwrite=args.overwrite, postprocess=args.postprocess)
+                   overwrite=args.overwrite, postprocess=args.postprocess,
+                   save_probabilities=args.save_probabilities, save_contexts=args.save_contexts)
     return 0
 
 

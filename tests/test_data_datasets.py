@@ -251,8 +251,8 @@ def test_error_unknown_layout(tmp_path):
 def test_error_unsupported_file_ending_in_json(tmp_path):
     root = tmp_path / "ds"
     make_nnunet(root)
-    _edit_json(root, file_ending=".mha")
-    with _raises(r"file_ending '\.mha' is not supported"):
+    _edit_json(root, file_ending=".tif")
+    with _raises(r"file_ending '\.tif' is not supported"):
         load_dataset(root)
 
 
@@ -276,9 +276,9 @@ def test_error_msd_wrong_file_ending(tmp_path):
     root = tmp_path / "msd"
     make_msd(root)
     js = json.loads((root / "dataset.json").read_text())
-    js["training"][0]["image"] = "./imagesTr/brain_000.mha"
+    js["training"][0]["image"] = "./imagesTr/brain_000.tif"
     (root / "dataset.json").write_text(json.dumps(js))
-    with _raises(r"brain_000\.mha: training\[0\] image has the wrong file ending"):
+    with _raises(r"brain_000\.tif: training\[0\] image has the wrong file ending"):
         load_dataset(root)
 
 

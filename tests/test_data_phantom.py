@@ -13,7 +13,7 @@ from scipy import ndimage
 
 from colabx.data import load_dataset
 from colabx.data import phantom as ph
-from colabx.data.nifti import read_nifti
+from colabx.data.image_io import read_image
 from colabx.data.phantom import (
     CONTEXT_NAMES,
     GENERATOR_VERSION,
@@ -108,7 +108,7 @@ def test_write_phantom_round_trip(tmp_path):
     assert (meta["preset"], meta["seed"]) == ("tiny", 2)
     assert meta["context_labels"] == {"0": "none", "1": "liver", "2": "spleen", "3": "kidney",
                                       "4": "spine"}
-    assert read_nifti(out / "imagesTr" / "phantom_000_0000.nii.gz").data.dtype == np.int16
+    assert read_image(out / "imagesTr" / "phantom_000_0000.nii.gz").data.dtype == np.int16
 
     ds = load_dataset(out)
     assert [c.id for c in ds.cases] == [f"phantom_{i:03d}" for i in range(4)]
@@ -125,7 +125,7 @@ def test_write_phantom_round_trip(tmp_path):
         want = generate_case(TEST_INDEX_OFFSET + j, seed=2, preset="tiny")
         got = ds.load_case(case)
         assert np.array_equal(got.image[0], want.image) and np.array_equal(got.label, want.label)
-        ctx = read_nifti(out / "contextTs" / f"{case.id}.nii.gz", "context").data
+        ctx = read_image(out / "contextTs" / f"{case.id}.nii.gz", "context").data
         assert np.array_equal(ctx, want.context)
 
 

@@ -345,7 +345,7 @@ def test_save_prediction(tmp_path):
     np.testing.assert_array_equal(np.asarray(nib.load(str(big)).dataobj), lab * 200)
     with pytest.raises(ValueError, match="shape"):
         save_prediction(lab[:5], ref, tmp_path / "x.nii.gz")
-    with pytest.raises(ValueError, match=r"\.nii\.gz or \.nii"):
+    with pytest.raises(ValueError, match=r"must end with one of \.nii\.gz, \.nii, \.nrrd, \.mha"):
         save_prediction(lab, ref, tmp_path / "x.npy")
     with pytest.raises(ValueError, match=r"\[0, 32767\]"):
         save_prediction(lab - 1, ref, tmp_path / "x.nii.gz")

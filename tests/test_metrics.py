@@ -14,7 +14,7 @@ import pytest
 import scipy.ndimage as ndi
 import torch
 
-from colabx.data.nifti import DatasetError
+from colabx.data.image_io import DatasetError
 from colabx.inference import (
     METRICS,
     evaluate_case,

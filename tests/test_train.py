@@ -114,6 +114,11 @@ def test_ddp_gloo_two_processes_equal_single_process(cache, tmp_path, order):
     moved_one = torch.cat([(single.g.state_dict()[n] - init[n]).flatten() for n in init])
     assert moved_one.norm() > 0
     assert (moved_ddp - moved_one).norm() / moved_one.norm() < 5e-3   # measured 2.8e-4
+    # the logged losses are the global batch's, not rank 0's half of it
+    [one_row] = list(csv.DictReader((tmp_path / "single" / "log.csv").open()))
+    [ddp_row] = list(csv.DictReader((tmp_path / "ddp" / "log.csv").open()))
+    for key in ("train_loss", "meta_l_seg", "meta_l_roi", "meta_v_norm"):
+        assert float(ddp_row[key]) == pytest.approx(float(one_row[key]), rel=1e-4), key
 
 
 @pytest.mark.slow

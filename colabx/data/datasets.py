@@ -21,7 +21,8 @@ Layouts:
   (``[X, Y, Z, C]``); they are returned channel-first. nnU-Net v1 folders (same ``dataset.json``
   but images split into ``{case}_{XXXX}.nii.gz``) are read too.
 
-Axis order: see :mod:`colabx.data.nifti` (nibabel's order is kept, spacing in the same order).
+File formats and axis order: see :mod:`colabx.data.image_io` (NIfTI; ``.nrrd`` and ``.mha`` with
+SimpleITK; nibabel's axis order is kept, spacing in the same order).
 """
 
 from __future__ import annotations
@@ -36,7 +37,16 @@ from typing import Any
 
 import numpy as np
 
-from colabx.data.nifti import DatasetError, NiftiVolume, read_label_map, read_nifti
+from colabx.data.image_io import (
+    IMAGE_ENDINGS,
+    SITK_ENDINGS,
+    DatasetError,
+    Volume,
+    image_ending,
+    read_image,
+    read_label_map,
+    require_sitk,
+)
 
 __all__ = [
     "Case",
@@ -49,7 +59,6 @@ __all__ = [
 
 #: Largest difference (mm) tolerated between two files' spacing or affine entries.
 GEOMETRY_TOLERANCE_MM = 1e-4
-_SUPPORTED_ENDINGS = (".nii.gz", ".nii")
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -100,7 +109,7 @@ class Dataset:
         name: ``dataset.json``'s ``name`` (or the folder name).
         channel_names: channel names in channel order.
         labels: label name → integer value (background is 0).
-        file_ending: ``".nii.gz"`` or ``".nii"``.
+        file_ending: one of :data:`~colabx.data.image_io.IMAGE_ENDINGS`.
         cases: the training cases, sorted by id.
         test_cases: the test cases (``imagesTs``), sorted by id; labels only with ``labelsTs``.
         ignore_label: nnU-Net's ``"ignore"`` label value, or None.
@@ -152,7 +161,7 @@ class Dataset:
             DatasetError: unreadable file, wrong channel count, shape or geometry mismatch between
                 channels, NaN/inf voxels.
         """
-        vols = [read_nifti(p, "image") for p in case.images]
+        vols = [read_image(p, "image") for p in case.images]
         c = self.num_channels
         if len(vols) == 1 and vols[0].data.ndim == 4:
             v = vols[0]
@@ -201,7 +210,7 @@ class Dataset:
         vol = self._read_label_volume(case, context=context)
         return None if vol is None else vol.data
 
-    def _read_label_volume(self, case: Case, *, context: bool) -> NiftiVolume | None:
+    def _read_label_volume(self, case: Case, *, context: bool) -> Volume | None:
         path = case.context if context else case.label
         if path is None:
             return None
@@ -222,7 +231,7 @@ class Dataset:
         if isinstance(case, str):
             case = self[case]
         image, spacing, affine = self.load_image(case)
-        ref = NiftiVolume(image[0], spacing, affine, case.images[0])
+        ref = Volume(image[0], spacing, affine, case.images[0])
         out: dict[str, np.ndarray | None] = {}
         for key, is_ctx in (("label", False), ("context", True)):
             vol = self._read_label_volume(case, context=is_ctx)
@@ -238,7 +247,7 @@ class Dataset:
                         context=out["context"])
 
 
-def _check_same_grid(ref: NiftiVolume, other: NiftiVolume, what: str) -> None:
+def _check_same_grid(ref: Volume, other: Volume, what: str) -> None:
     """Raise unless ``other`` has ``ref``'s shape, spacing and affine (within 1e-4 mm)."""
     rs, os_ = ref.data.shape[:3], other.data.shape[:3]
     if rs != os_:
@@ -380,10 +389,16 @@ def _check_num_training(js: dict[str, Any], n: int, path: Path) -> None:
 
 
 def _scan_images(folder: Path, ending: str, n_channels: int,
-                 declared_by: str = "dataset.json declares") -> dict[str, tuple[Path, ...]]:
+                 declared_by: str = "dataset.json declares", whole_files: bool = False
+                 ) -> dict[str, tuple[Path, ...]]:
     """Group ``{case}_{XXXX}{ending}`` files of ``folder`` by case, checking channels
-    (``declared_by`` says, in error messages, where the channel count comes from)."""
+    (``declared_by`` says, in error messages, where the channel count comes from).
+
+    ``whole_files``: a file whose name has no 4-digit channel suffix is one whole case
+    (MSD-named, ``{case}{ending}``: a 3D image of one channel, or a 4D image holding the
+    channels, checked when it is read) instead of an error."""
     groups: dict[str, dict[int, Path]] = {}
+    whole: dict[str, tuple[Path, ...]] = {}
     for p in sorted(folder.iterdir()):
         if p.name.startswith(".") or p.is_dir():
             continue
@@ -391,10 +406,13 @@ def _scan_images(folder: Path, ending: str, n_channels: int,
             raise DatasetError(f"{p}: image file has the wrong file ending (dataset.json "
                                f"file_ending is {ending!r})")
         m = _CHANNEL_RE.match(p.name[: -len(ending)])
-        if m is None:
+        if m is not None:
+            groups.setdefault(m["case"], {})[int(m["channel"])] = p
+        elif whole_files:
+            whole[p.name[: -len(ending)]] = (p,)
+        else:
             raise DatasetError(f"{p}: image file name must be {{case}}_{{XXXX}}{ending} "
                                "(4-digit channel index)")
-        groups.setdefault(m["case"], {})[int(m["channel"])] = p
     out: dict[str, tuple[Path, ...]] = {}
     for case, chans in groups.items():
         want = list(range(n_channels))
@@ -403,9 +421,17 @@ def _scan_images(folder: Path, ending: str, n_channels: int,
             extra = [chans[i].name for i in sorted(chans) if i >= n_channels]
             detail = (f"missing {', '.join(str(m) for m in missing)}" if missing
                       else f"unexpected {extra}")
+            hint = (f" (a name ending in _XXXX is channel XXXX of a case; a single-file case "
+                    f"must be named otherwise, e.g. {case}_{min(chans):03d}{ending})"
+                    if whole_files and missing else "")
             raise DatasetError(f"{folder}: case {case!r} has channel files {sorted(chans)} but "
-                               f"{declared_by} {n_channels} channel(s): {detail}")
+                               f"{declared_by} {n_channels} channel(s): {detail}{hint}")
         out[case] = tuple(chans[i] for i in want)
+    for case, paths in whole.items():
+        if case in out:
+            raise DatasetError(f"{paths[0]}: case {case!r} is both a whole image file and "
+                               f"channel files {case}_XXXX{ending}; keep one of them")
+        out[case] = paths
     return out
 
 
@@ -481,9 +507,11 @@ def _load_nnunet(root: Path, js: dict[str, Any]) -> Dataset:
     channels = _index_map(js["channel_names"], "channel_names", path)
     labels, ignore = _nnunet_labels(js["labels"], path)
     ending = js["file_ending"]
-    if ending not in _SUPPORTED_ENDINGS:
+    if ending not in IMAGE_ENDINGS:
         raise DatasetError(f"{path}: dataset.json file_ending {ending!r} is not supported "
-                           f"(colabx reads NIfTI: {list(_SUPPORTED_ENDINGS)})")
+                           f"(colabx reads {', '.join(IMAGE_ENDINGS)})")
+    if ending in SITK_ENDINGS:
+        require_sitk(path)
     if "dataset" in js:
         cases = _nnunet_explicit(root, js, path, ending, len(channels))
     else:
@@ -506,9 +534,10 @@ def _load_nnunet(root: Path, js: dict[str, Any]) -> Dataset:
 def _msd_images(root: Path, rel: Any, path: Path, n_channels: int, what: str) -> tuple[Path, ...]:
     """An MSD image entry: one (3D or 4D) file, or nnU-Net v1's split ``_XXXX`` channel files."""
     p = _inside(root, rel, path, what)
-    ending = next((e for e in _SUPPORTED_ENDINGS if p.name.endswith(e)), None)
+    ending = image_ending(p)
     if ending is None:
-        raise DatasetError(f"{p}: {what} has the wrong file ending (expected .nii.gz or .nii)")
+        raise DatasetError(f"{p}: {what} has the wrong file ending (expected one of "
+                           f"{', '.join(IMAGE_ENDINGS)})")
     if p.is_file():
         return (p,)
     stem = p.name[: -len(ending)]
@@ -523,10 +552,8 @@ def _msd_images(root: Path, rel: Any, path: Path, n_channels: int, what: str) ->
 
 
 def _case_id(p: Path) -> str:
-    for e in _SUPPORTED_ENDINGS:
-        if p.name.endswith(e):
-            return p.name[: -len(e)]
-    return p.stem
+    ending = image_ending(p)
+    return p.name[: -len(ending)] if ending else p.stem
 
 
 def _load_msd(root: Path, js: dict[str, Any]) -> Dataset:
@@ -547,9 +574,9 @@ def _load_msd(root: Path, js: dict[str, Any]) -> Dataset:
                                f"'image' and 'label', got {e!r}")
         ims = _msd_images(root, e["image"], path, len(channels), f"training[{i}] image")
         lbl = _inside(root, e["label"], path, f"training[{i}] label")
-        if not any(lbl.name.endswith(x) for x in _SUPPORTED_ENDINGS):
-            raise DatasetError(f"{lbl}: label file has the wrong file ending (expected .nii.gz "
-                               "or .nii)")
+        if image_ending(lbl) is None:
+            raise DatasetError(f"{lbl}: label file has the wrong file ending (expected one of "
+                               f"{', '.join(IMAGE_ENDINGS)})")
         if not lbl.is_file():
             raise DatasetError(f"{lbl}: label file listed in dataset.json is missing")
         cases.append(Case(_case_id(_inside(root, e["image"], path, "image")), ims, lbl))
@@ -566,7 +593,7 @@ def _load_msd(root: Path, js: dict[str, Any]) -> Dataset:
         rel = rel.get("image") if isinstance(rel, dict) else rel
         ims = _msd_images(root, rel, path, len(channels), f"test[{i}] image")
         test.append(Case(_case_id(_inside(root, rel, path, "image")), ims))
-    ending = next(e for e in _SUPPORTED_ENDINGS if cases[0].images[0].name.endswith(e))
+    ending = image_ending(cases[0].images[0])
     return Dataset(root=root, layout="msd", name=str(js.get("name", root.name)),
                    channel_names=channels, labels=labels, file_ending=ending,
                    cases=sorted(cases, key=lambda c: c.id),

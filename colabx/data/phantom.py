@@ -19,7 +19,7 @@ rounded to whole HU so the int16 files hold exactly the generated values.
 
 Geometry is defined in millimetres on a fixed 144 × 144 × 96 mm field of view; a preset only
 chooses the grid (shape and spacing) and the number of cases, so ``"tiny"`` is a coarse sampling
-of the same anatomy. Arrays follow :mod:`colabx.data.nifti` (nibabel axis order, spacing per
+of the same anatomy. Arrays follow :mod:`colabx.data.image_io` (nibabel axis order, spacing per
 array axis). Everything is a deterministic function of ``(seed, index, preset)``.
 """
 

@@ -79,7 +79,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import scipy.ndimage as ndi
 
@@ -91,7 +90,7 @@ from colabx._io import (
     remove_stale_temporaries,
 )
 from colabx.data.datasets import Case, Dataset, DatasetError, load_dataset
-from colabx.data.nifti import read_nifti
+from colabx.data.image_io import read_geometry
 
 __all__ = [
     "PreprocessedCase",
@@ -261,20 +260,6 @@ def _case_files(case_id: str, has_context: bool) -> dict[str, str]:
     if has_context:
         files["context"] = f"{case_id}_context.npy"
     return files
-
-
-def _header_spacing(path: Path) -> tuple[float, ...]:
-    """Spacing from the NIfTI header only (no voxels); a bad file goes through ``read_nifti`` for
-    its error message."""
-    try:
-        hdr = nib.load(str(path)).header
-        ndim = len(hdr.get_data_shape())
-        spacing = tuple(float(z) for z in hdr.get_zooms()[: min(ndim, 3)])
-    except Exception:
-        return read_nifti(path).spacing  # raises DatasetError naming the file
-    if not all(np.isfinite(s) and s > 0 for s in spacing):
-        return read_nifti(path).spacing
-    return spacing
 
 
 # -- per-case work (module level: runs in worker processes) --------------------------------------
@@ -605,7 +590,7 @@ def preprocess_dataset(
     remove_stale_temporaries(out, recursive=False)
     plans_path.unlink(missing_ok=True)  # from here on the folder is invalid until written anew
 
-    spacings = [_header_spacing(c.images[0]) for c in ds.cases]
+    spacings = [read_geometry(c.images[0])[1] for c in ds.cases]
     ndims = {len(s) for s in spacings}
     if len(ndims) != 1:
         raise DatasetError(f"{ds.root}: training cases mix 2D and 3D images "

@@ -1,6 +1,6 @@
 """Inference and evaluation: sliding-window logits, the CoLab prediction rule, prediction of raw
-NIfTI cases in their original grid, and segmentation metrics (Dice, sensitivity, precision,
-HD95) per case and per folder."""
+cases (NIfTI, .nrrd, .mha) in their original grid, and segmentation metrics (Dice, sensitivity,
+precision, HD95) per case and per folder."""
 
 from colabx.inference.metrics import (
     METRICS,
@@ -11,8 +11,11 @@ from colabx.inference.metrics import (
     write_summary,
 )
 from colabx.inference.predict import (
+    RawPrediction,
     predict_case,
+    predict_contexts,
     predict_labels,
+    predict_raw,
     predict_raw_case,
     roi_probabilities,
     save_prediction,
@@ -25,12 +28,15 @@ from colabx.inference.sliding_window import (
 
 __all__ = [
     "METRICS",
+    "RawPrediction",
     "evaluate_case",
     "evaluate_folders",
     "gaussian_importance_map",
     "hd95",
     "predict_case",
+    "predict_contexts",
     "predict_labels",
+    "predict_raw",
     "predict_raw_case",
     "roi_probabilities",
     "save_prediction",

@@ -52,7 +52,7 @@ import torch
 
 from colabx._io import atomic_write_text
 from colabx.data.datasets import _check_same_grid
-from colabx.data.nifti import DatasetError, read_label_map
+from colabx.data.image_io import DatasetError, folder_ending, read_label_map
 from colabx.inference.postprocess import POSTPROCESSING
 from colabx.inference.postprocess import postprocess as apply_postprocess
 from colabx.ops.distance_transform import compute_distance_transform
@@ -276,7 +276,7 @@ def evaluate_folders(
     pred_dir: str | os.PathLike[str],
     ref_dir: str | os.PathLike[str],
     labels: Mapping[str, int] | str | os.PathLike[str],
-    file_ending: str = ".nii.gz",
+    file_ending: str | None = None,
     *,
     compute_hd95: bool = True,
     progress: bool = False,
@@ -290,7 +290,8 @@ def evaluate_folders(
         labels: name → value, or the path of a dataset.json (nnU-Net v2 or MSD). Every nonzero
             value except an ``"ignore"`` label is evaluated; ignore voxels of the reference are
             left out.
-        file_ending: ending of the label files.
+        file_ending: ending of the label files; None: the one ending of the reference
+            folder's files (``.nii.gz``, ``.nii``, ``.nrrd`` or ``.mha``).
         compute_hd95: False skips HD95.
         progress: show a tqdm bar.
         postprocess: applied to each prediction before scoring
@@ -317,6 +318,8 @@ def evaluate_folders(
     num_classes = max(classes.values()) + 1
     allowed = set(label_map.values())
     pdir, rdir = Path(pred_dir), Path(ref_dir)
+    if file_ending is None:
+        file_ending = folder_ending(rdir, "reference")
     preds = _case_files(pdir, file_ending, "prediction")
     refs = _case_files(rdir, file_ending, "reference")
     missing = sorted(set(refs) - set(preds))

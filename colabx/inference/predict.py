@@ -1,29 +1,30 @@
-"""From logits to label maps, and from raw NIfTI files to a prediction in the original grid.
+"""From logits to label maps, and from raw image files to a prediction in the original grid.
 
 ``predict_labels`` applies the prediction rule of DESIGN.md (argmax over all K = c + t - 1
-channels; the context channels 0 and c..K-1 all mean background). ``predict_raw_case`` runs the
+channels; the context channels 0 and c..K-1 all mean background); ``predict_contexts`` gives the
+argmax over the context channels alone (the network's context map). ``predict_raw`` runs the
 training preprocessing of :mod:`colabx.data.preprocessing` on a case's raw files (crop to nonzero,
 normalise with the stored statistics, cubic resampling to the target spacing), sliding-window
 inference, then inverts the geometry as nnU-Net does: the logits are resampled linearly back to
-the cropped original shape (same voxel-centre mapping as the forward resampling), turned into
-labels, and pasted into a background volume of the original shape.
+the cropped original shape (same voxel-centre mapping as the forward resampling); labels,
+context maps and probabilities are taken there and pasted into a background volume of the
+original shape (:class:`RawPrediction`). ``predict_raw_case`` returns the labels.
 """
 
 from __future__ import annotations
 
-import gzip
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from colabx._io import atomic_write
-from colabx.data.datasets import Case, Dataset, DatasetError
+from colabx.data.datasets import Case, Dataset
+from colabx.data.image_io import write_label_map
 from colabx.data.preprocessing import (
     _normalize,
     crop_to_nonzero,
@@ -33,14 +34,15 @@ from colabx.data.preprocessing import (
 from colabx.inference.sliding_window import Model, sliding_window_logits
 
 __all__ = [
+    "RawPrediction",
     "predict_case",
+    "predict_contexts",
     "predict_labels",
+    "predict_raw",
     "predict_raw_case",
     "roi_probabilities",
     "save_prediction",
 ]
-
-_NIFTI_ENDINGS = (".nii.gz", ".nii")
 
 
 def _check_logits(logits: torch.Tensor, num_classes: int) -> None:
@@ -56,11 +58,16 @@ def _check_logits(logits: torch.Tensor, num_classes: int) -> None:
                          f"K = num_classes + t - 1 logit channels), got {num_classes!r}")
 
 
-def _context_max(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
+def _context_logits(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The t context channels ``[B, t, *S]`` (channel 0, then c..K-1)."""
     ctx = logits[:, :1]
     if logits.shape[1] > num_classes:
         ctx = torch.cat([ctx, logits[:, num_classes:]], dim=1)
-    return ctx.amax(dim=1)
+    return ctx
+
+
+def _context_max(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return _context_logits(logits, num_classes).amax(dim=1)
 
 
 def predict_labels(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -78,6 +85,22 @@ def predict_labels(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
     _check_logits(logits, num_classes)
     roi_max, roi_arg = logits[:, 1:num_classes].max(dim=1)
     return torch.where(roi_max > _context_max(logits, num_classes), roi_arg + 1, 0)
+
+
+def predict_contexts(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The network's context of every voxel: the argmax over the t context channels.
+
+    Args:
+        logits: ``[B, K, *S]`` floating, channels ``[context 0, ROI 1..c-1, contexts c..K-1]``.
+        num_classes: ``c``, classes including background.
+
+    Returns:
+        int64 ``[B, *S]`` in ``0..t-1`` (``t = K - c + 1``): 0 where channel 0 is the largest
+        context channel, ``j`` where channel ``c - 1 + j`` is (ties: the lower index). ROI
+        voxels get the context that ranks first among the context channels there too.
+    """
+    _check_logits(logits, num_classes)
+    return _context_logits(logits, num_classes).argmax(dim=1)
 
 
 def roi_probabilities(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -149,7 +172,57 @@ def _resize_logits(logits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor
     return F.interpolate(logits, size=shape, mode=mode, align_corners=False)
 
 
-def predict_raw_case(
+@dataclass(frozen=True)
+class RawPrediction:
+    """The network's output on one raw case, in the case's original geometry.
+
+    Attributes:
+        logits: float ``[1, K, *C]`` on the model's device: the logits resampled back to the
+            cropped original grid ``C`` (the nonzero bounding box ``bbox`` of the image).
+        bbox: one slice per spatial axis of the original grid: where ``logits`` belong.
+        shape: the original spatial shape ``S``.
+        spacing: the original spacing (mm, array axis order).
+        affine: the 4×4 affine of the first image file.
+        num_classes: ``c``, classes including background.
+    """
+
+    logits: torch.Tensor
+    bbox: tuple[slice, ...]
+    shape: tuple[int, ...]
+    spacing: tuple[float, ...]
+    affine: np.ndarray
+    num_classes: int
+
+    def _paste(self, inside: torch.Tensor, outside: float, dtype: type) -> np.ndarray:
+        lead = tuple(inside.shape[:-len(self.shape)])
+        out = np.full((*lead, *self.shape), outside, dtype)
+        out[(Ellipsis, *self.bbox)] = inside.cpu().numpy()
+        return out
+
+    def labels(self) -> np.ndarray:
+        """int16 ``[*S]``: :func:`predict_labels` inside the bounding box, 0 outside."""
+        return self._paste(predict_labels(self.logits, self.num_classes)[0].to(torch.int16),
+                           0, np.int16)
+
+    def contexts(self) -> np.ndarray:
+        """int16 ``[*S]``: :func:`predict_contexts` (the learned context of every voxel, ROI
+        voxels included) inside the bounding box, context 0 outside."""
+        return self._paste(predict_contexts(self.logits, self.num_classes)[0].to(torch.int16),
+                           0, np.int16)
+
+    def probabilities(self) -> np.ndarray:
+        """float32 ``[K, *S]``: the softmax over all K channels (``[context 0, ROI 1..c-1,
+        contexts c..K-1]``); outside the bounding box, where the network does not look,
+        context 0 has probability 1."""
+        p = torch.softmax(self.logits[0].float(), dim=0)
+        out = self._paste(p, 0.0, np.float32)
+        outside = np.ones(self.shape, bool)
+        outside[self.bbox] = False
+        out[0][outside] = 1.0
+        return out
+
+
+def predict_raw(
     model: Model,
     images: Sequence[str | os.PathLike[str]],
     plans: dict[str, Any],
@@ -157,25 +230,23 @@ def predict_raw_case(
     *,
     num_classes: int | None = None,
     **kwargs: Any,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Predict one raw case and return the label map in its original voxel grid.
+) -> RawPrediction:
+    """Run the network on one raw case and bring its logits back to the original geometry.
 
     The preprocessing of training is applied with the plans' settings: crop to the nonzero
     bounding box, per-channel normalisation (CT: the stored dataset statistics; z-score: this
     case's nonzero region), cubic resampling to ``plans["target_spacing"]``. The logits are
-    resampled linearly back to the cropped shape, turned into labels with
-    :func:`predict_labels`, and pasted into a zero (background) volume of the original shape.
+    resampled linearly back to the cropped shape (labels, contexts and probabilities are then
+    taken there and pasted into the original shape, see :class:`RawPrediction`).
 
     Args:
         model: the segmentation network.
-        images: the case's image files, one per channel in channel order, or one 4D file (MSD).
+        images: the case's image files, one per channel in channel order, or one 4D file holding
+            the channels (last axis).
         plans: the parsed ``plans.json`` of the preprocessed training set.
         patch_size: tile size in the preprocessed grid.
         num_classes: ``c``; default from the plans' labels (largest value, ignore excluded, + 1).
         **kwargs: options of :func:`sliding_window_logits`.
-
-    Returns:
-        ``(label, affine)``: int16 ``[*S]`` in the first image file's grid and its 4×4 affine.
 
     Raises:
         DatasetError: unreadable or inconsistent image files (the message names the file).
@@ -184,7 +255,7 @@ def predict_raw_case(
     paths = tuple(Path(p) for p in ([images] if isinstance(images, (str, os.PathLike))
                                     else images))
     if not paths:
-        raise ValueError("images must name at least one NIfTI file")
+        raise ValueError("images must name at least one image file")
     reader = _reader(plans)
     image, spacing, affine = reader.load_image(Case(paths[0].name, paths))
     target = tuple(float(s) for s in plans["target_spacing"])
@@ -202,22 +273,42 @@ def predict_raw_case(
     x = resample_image(x, target_shape(cropped.shape[1:], spacing, target))
     logits = sliding_window_logits(model, torch.from_numpy(x), patch_size, **kwargs)
     logits = _resize_logits(logits, tuple(cropped.shape[1:]))
-    label = np.zeros(image.shape[1:], np.int16)
-    label[bbox] = predict_labels(logits, c)[0].to(torch.int16).cpu().numpy()
-    return label, affine
+    return RawPrediction(logits, bbox, tuple(image.shape[1:]), spacing, affine, c)
+
+
+def predict_raw_case(
+    model: Model,
+    images: Sequence[str | os.PathLike[str]],
+    plans: dict[str, Any],
+    patch_size: Sequence[int],
+    *,
+    num_classes: int | None = None,
+    **kwargs: Any,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Predict one raw case and return the label map in its original voxel grid
+    (:func:`predict_raw`, then :func:`predict_labels` in the cropped grid pasted into a zero
+    (background) volume of the original shape).
+
+    Returns:
+        ``(label, affine)``: int16 ``[*S]`` in the first image file's grid and its 4×4 affine.
+
+    Raises:
+        DatasetError, ValueError: as :func:`predict_raw`.
+    """
+    pred = predict_raw(model, images, plans, patch_size, num_classes=num_classes, **kwargs)
+    return pred.labels(), pred.affine
 
 
 def save_prediction(label: np.ndarray | torch.Tensor, reference: str | os.PathLike[str],
                     out_path: str | os.PathLike[str]) -> Path:
-    """Write a label map as NIfTI with the reference file's header and affine, atomically.
+    """Write a label map in the reference image's grid, atomically
+    (:func:`colabx.data.image_io.write_label_map`: uint8 when every value fits, else int16; a
+    NIfTI reference's header is kept for NIfTI output).
 
     Args:
         label: integer ``[*S]`` with ``S`` the reference's spatial shape (its first 2 or 3 axes).
-        reference: the NIfTI file whose grid the labels are in (e.g. the case's first image).
-        out_path: ``.nii.gz`` (gzip-compressed) or ``.nii``.
-
-    The data type is uint8 when every value fits, else int16; no intensity scaling is stored. The
-    file is written to a temporary name in the same folder and moved into place.
+        reference: the image file whose grid the labels are in (e.g. the case's first image).
+        out_path: ``.nii.gz``, ``.nii``, ``.nrrd`` or ``.mha``.
 
     Returns:
         ``out_path`` as a Path.
@@ -226,30 +317,5 @@ def save_prediction(label: np.ndarray | torch.Tensor, reference: str | os.PathLi
         DatasetError: the reference cannot be read.
         ValueError: bad file ending, shape mismatch, or values outside ``[0, 32767]``.
     """
-    out = Path(out_path)
-    if not out.name.endswith(_NIFTI_ENDINGS):
-        raise ValueError(f"{out}: out_path must end with .nii.gz or .nii")
     arr = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
-    if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
-        raise ValueError(f"label must be an integer array, got {arr.dtype}")
-    try:
-        ref = nib.load(str(reference))
-    except Exception as e:
-        raise DatasetError(f"{reference}: cannot read the reference NIfTI file ({e})") from e
-    spatial = tuple(ref.shape[:arr.ndim])
-    if arr.ndim not in (2, 3) or arr.shape != spatial:
-        raise ValueError(f"label shape {arr.shape} differs from the spatial shape {spatial} of "
-                         f"{reference} (shape {ref.shape})")
-    lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
-    if lo < 0 or hi > np.iinfo(np.int16).max:
-        raise ValueError(f"label values must be in [0, 32767] to be saved, got [{lo}, {hi}]")
-    dtype = np.uint8 if hi <= np.iinfo(np.uint8).max else np.int16
-    header = ref.header.copy()
-    header.set_data_dtype(dtype)
-    img = nib.Nifti1Image(arr.astype(dtype), ref.affine, header)
-    img.header.set_slope_inter(1.0, 0.0)
-    data = img.to_bytes()
-    if out.name.endswith(".gz"):
-        data = gzip.compress(data, compresslevel=6, mtime=0)
-    atomic_write(out, lambda f: f.write(data))
-    return out
+    return write_label_map(arr, reference, out_path)

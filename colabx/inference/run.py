@@ -1,4 +1,4 @@
-"""Prediction with a trained run: load its checkpoint, segment a folder of raw NIfTI images.
+"""Prediction with a trained run: load its checkpoint, segment a folder of raw images.
 
 A checkpoint carries the network plan and the preprocessing plans (target spacing, normalisation,
 labels), so a run directory, or a single checkpoint file, is all ``colabx predict`` needs.
@@ -11,17 +11,25 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from colabx._io import check_output_folder, mark_output_folder
+from colabx._io import atomic_write, check_output_folder, mark_output_folder
 from colabx.data.datasets import _scan_images
-from colabx.data.nifti import DatasetError
+from colabx.data.image_io import (
+    IMAGE_ENDINGS,
+    SITK_ENDINGS,
+    DatasetError,
+    folder_ending,
+    require_sitk,
+)
 from colabx.device import resolve_device
 from colabx.inference.postprocess import POSTPROCESSING
 from colabx.inference.postprocess import postprocess as apply_postprocess
-from colabx.inference.predict import predict_raw_case, save_prediction
+from colabx.inference.predict import predict_raw, save_prediction
 
-__all__ = ["MAX_OVERLAP", "PREDICT_MARKER", "load_trained_model", "predict_folder"]
+__all__ = ["MAX_OVERLAP", "PREDICT_MARKER", "channel_names", "load_trained_model",
+           "predict_folder"]
 
 
 def _checkpoint_path(run: Path, which: str) -> Path:
@@ -60,24 +68,57 @@ PREDICT_MARKER = "colabx_predict.json"
 MAX_OVERLAP = 0.9
 
 
+def channel_names(plan: dict[str, Any], plans: dict[str, Any]) -> list[str]:
+    """Names of the network's K output channels: ``context 0``, the ROI classes by their
+    dataset.json names, ``context 1 .. t-1``."""
+    c, t = plan["num_classes"], plan["t"]
+    names = {v: n for n, v in plans["dataset"]["labels"].items()}
+    return ["context 0", *(names.get(j, f"class {j}") for j in range(1, c)),
+            *(f"context {j}" for j in range(1, t))]
+
+
+def _save_probabilities(path: Path, probabilities: np.ndarray, names: list[str],
+                        spacing: tuple[float, ...], affine: np.ndarray) -> None:
+    def write(f: Any) -> None:
+        np.savez_compressed(f, probabilities=probabilities, channels=np.array(names),
+                            spacing=np.asarray(spacing, np.float64), affine=affine)
+    atomic_write(path, write)
+
+
 def predict_folder(run: str | os.PathLike[str], input_dir: str | os.PathLike[str],
                    output_dir: str | os.PathLike[str], *, checkpoint: str = "final",
-                   device: str = "auto", overlap: float = 0.5, mirror: bool = False,
-                   file_ending: str = ".nii.gz", progress: bool = True,
-                   overwrite: bool = False, postprocess: str = "none") -> list[Path]:
-    """Segment every case ``{case}_{XXXX}{file_ending}`` of ``input_dir`` into
-    ``output_dir/{case}{file_ending}`` (the images' grid and header; written atomically).
+                   device: str = "auto", overlap: float = 0.5, mirror: bool | None = None,
+                   file_ending: str | None = None, progress: bool = True,
+                   overwrite: bool = False, postprocess: str = "none",
+                   save_probabilities: bool = False, save_contexts: bool = False
+                   ) -> list[Path]:
+    """Segment every case of ``input_dir`` into ``output_dir/{case}{file_ending}`` (the
+    images' grid and header; every file written atomically).
 
-    ``postprocess`` (:data:`~colabx.inference.postprocess.POSTPROCESSING`) is applied to each
-    label map before it is written. ``output_dir`` must be absent, empty or an earlier
-    ``predict_folder`` output (it holds
-    ``colabx_predict.json``), unless ``overwrite``. Everything is checked before it is created;
-    when prediction fails, a folder this call created is removed again if it holds no
-    prediction.
+    Input cases are ``{case}_{XXXX}{file_ending}`` files (one per channel, nnU-Net naming) or
+    single ``{case}{file_ending}`` files (MSD naming: a 3D image of a one-channel model, or a 4D
+    image holding the channels on its last axis). ``file_ending`` None: the one ending the
+    input files share (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``); predictions use it too.
+
+    Outputs besides the label maps: with ``save_probabilities``, ``{case}.npz`` holding
+    ``probabilities`` (float32 ``[K, *S]``, the softmax over the K channels in the image's
+    voxel grid and axis order, context 0 = 1 outside the cropped region), ``channels`` (their
+    names, see :func:`channel_names`), ``spacing`` and ``affine`` (the image's); with
+    ``save_contexts``, ``contexts/{case}{file_ending}``: the argmax over the t context channels
+    (:func:`~colabx.inference.predict.predict_contexts`, values 0..t-1) in the image's grid.
+
+    ``mirror`` None: mirror test-time augmentation over every spatial axis on CUDA, none on
+    the CPU (where it multiplies the time by 2^D). ``postprocess``
+    (:data:`~colabx.inference.postprocess.POSTPROCESSING`) is applied to each label map before it
+    is written (not to contexts or probabilities). ``output_dir`` must be absent, empty or an
+    earlier ``predict_folder`` output (it holds ``colabx_predict.json``), unless ``overwrite``.
+    Everything is checked before it is created; when prediction fails, a folder this call
+    created is removed again if it holds no prediction.
 
     Raises:
         FileNotFoundError: no checkpoint, or no input folder.
-        DatasetError: input files misnamed, missing channels, unreadable or inconsistent.
+        DatasetError: input files misnamed, mixed endings, missing channels, unreadable or
+            inconsistent; SimpleITK missing for ``.nrrd``/``.mha``.
         OutputFolderError: ``output_dir`` holds other files (and not ``overwrite``).
         ValueError: ``overlap`` outside ``[0, 0.9]`` or a bad ``device``.
     """
@@ -86,6 +127,9 @@ def predict_folder(run: str | os.PathLike[str], input_dir: str | os.PathLike[str
     if postprocess not in POSTPROCESSING:
         raise ValueError(f"postprocess: must be one of {', '.join(POSTPROCESSING)}, got "
                          f"{postprocess!r}")
+    if file_ending is not None and file_ending not in IMAGE_ENDINGS:
+        raise ValueError(f"file_ending: must be one of {', '.join(IMAGE_ENDINGS)}, got "
+                         f"{file_ending!r}")
     out = Path(output_dir)
     check_output_folder(out, PREDICT_MARKER, "prediction folder", overwrite=overwrite)
     dev = resolve_device(device)
@@ -93,28 +137,41 @@ def predict_folder(run: str | os.PathLike[str], input_dir: str | os.PathLike[str
     src = Path(input_dir)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such input folder")
-    cases = _scan_images(src, file_ending, plan["in_channels"],
-                         declared_by=f"the model of {run} expects")
+    ending = folder_ending(src, "input image") if file_ending is None else file_ending
+    cases = _scan_images(src, ending, plan["in_channels"],
+                         declared_by=f"the model of {run} expects", whole_files=True)
     if not cases:
-        raise DatasetError(f"{src}: no images named {{case}}_{{XXXX}}{file_ending}")
+        raise DatasetError(f"{src}: no images named {{case}}_{{XXXX}}{ending} or "
+                           f"{{case}}{ending}")
+    if ending in SITK_ENDINGS:
+        require_sitk(src)
+    mirror = dev.type == "cuda" if mirror is None else mirror
     mirror_axes = tuple(range(plan["spatial_dims"])) if mirror else ()
     amp = torch.bfloat16 if dev.type == "cuda" else None
+    names = channel_names(plan, plans)
     created = mark_output_folder(out, PREDICT_MARKER, {
         "run": str(Path(run).absolute()), "checkpoint": checkpoint,
         "input": str(src.absolute()), "overlap": overlap, "mirror": mirror,
-        "postprocess": postprocess})
+        "postprocess": postprocess, "file_ending": ending,
+        "probabilities": save_probabilities, "contexts": save_contexts, "channels": names})
     from tqdm.auto import tqdm
 
     written: list[Path] = []
     try:
         for cid, images in tqdm(sorted(cases.items()), desc="predicting", unit="case",
                                 disable=not progress):
-            label, _ = predict_raw_case(f, images, plans, plan["patch_size"],
-                                        num_classes=plan["num_classes"], overlap=overlap,
-                                        mirror_axes=mirror_axes, amp=amp)
+            pred = predict_raw(f, images, plans, plan["patch_size"],
+                               num_classes=plan["num_classes"], overlap=overlap,
+                               mirror_axes=mirror_axes, amp=amp)
+            if save_probabilities:
+                _save_probabilities(out / f"{cid}.npz", pred.probabilities(), names,
+                                    pred.spacing, pred.affine)
+            if save_contexts:
+                save_prediction(pred.contexts(), images[0], out / "contexts" / f"{cid}{ending}")
+            label = pred.labels()
             if postprocess != "none":
                 label = apply_postprocess(label, postprocess)
-            written.append(save_prediction(label, images[0], out / f"{cid}{file_ending}"))
+            written.append(save_prediction(label, images[0], out / f"{cid}{ending}"))
     except BaseException:
         if created and not written:
             shutil.rmtree(out, ignore_errors=True)

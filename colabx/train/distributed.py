@@ -48,6 +48,16 @@ class Dist:
             for t in list(module.parameters()) + list(module.buffers()):
                 dist.broadcast(t.data, 0)
 
+    def mean(self, t: Tensor) -> Tensor:
+        """The mean of ``t`` over the processes, as a new tensor (``t`` itself when not
+        distributed); every process must call it, in the same order. On CUDA (NCCL) the
+        all-reduce is queued on the stream, without waiting for it."""
+        if not self.enabled:
+            return t
+        out = t.detach().clone()
+        ProcessGroupReducer().mean_([out])
+        return out
+
     def mean_grads(self, params: Iterable[torch.nn.Parameter]) -> None:
         """Average ``.grad`` over the processes (missing grads count as zeros)."""
         if not self.enabled:

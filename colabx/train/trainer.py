@@ -468,7 +468,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.f.parameters(), cfg.grad_clip)
         self.scaler.step(self.opt)
         self.scaler.update()
-        out["train_loss"] = loss.detach()
+        # the global batch's loss (each process's loss is the mean over its equal share)
+        out["train_loss"] = self.dist.mean(loss.detach())
         return out
 
     def _meta_update(self, x, y, d, lr: float, inner=None) -> dict[str, float]:
@@ -480,10 +481,12 @@ class Trainer:
                 self.dist.mean_grads(self.g.parameters())
                 self.gen_opt.step()
         done = [i for i in infos if not i.skipped]
-        return {"meta_skipped": float(len(infos) - len(done)),
-                "meta_l_seg": _mean([i.l_seg for i in done]),
-                "meta_l_roi": _mean([i.l_roi for i in done]),
-                "meta_v_norm": _mean([i.v_norm for i in done])}
+        l_seg, l_roi = _mean([i.l_seg for i in done]), _mean([i.l_roi for i in done])
+        if self.dist.enabled:  # this process's share; v (and so its norm) is already global
+            l_seg, l_roi = self.dist.mean(torch.tensor([l_seg, l_roi], dtype=torch.float64,
+                                                       device=self.device)).tolist()
+        return {"meta_skipped": float(len(infos) - len(done)), "meta_l_seg": l_seg,
+                "meta_l_roi": l_roi, "meta_v_norm": _mean([i.v_norm for i in done])}
 
     # -- the run --------------------------------------------------------------------------------
     def run(self, max_epochs: int | None = None) -> dict[str, Any] | None:

@@ -1,0 +1,166 @@
+"""``colabx predict`` on the tiny phantom: probabilities and context maps in each input image's
+geometry, MSD-named and 4D test images, and a ``.mha`` copy of the phantom that trains,
+predicts and evaluates exactly as the NIfTI original."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from colabx.cli import main
+from colabx.data.image_io import read_image, write_image
+from colabx.data.phantom import write_phantom
+from colabx.inference.predict import predict_labels
+from colabx.train.config import TrainConfig
+from colabx.train.trainer import Trainer
+
+CASE = "phantom_test_000"
+
+
+def _cfg(dataset) -> TrainConfig:
+    return TrainConfig(dataset=str(dataset), mode="colab", t=2, epochs=1, iterations=2,
+                       batch_size=2, base_features=4, max_features=16, num_pool=2,
+                       patch_size=[16, 16, 8], val_cases=1, num_workers=0, progress=False,
+                       threads=1, snapshot_every=0, device="cpu", augment=False)
+
+
+def _to_mha(src, dst):
+    """A copy of an nnU-Net folder with every image file converted to .mha."""
+    for p in sorted(src.rglob("*.nii.gz")):
+        vol = read_image(p)
+        out = dst / p.relative_to(src).parent / p.name.replace(".nii.gz", ".mha")
+        write_image(vol.data, out, affine=vol.affine)
+    js = json.loads((src / "dataset.json").read_text())
+    (dst / "dataset.json").write_text(json.dumps({**js, "file_ending": ".mha"}))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def trained(cache, tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    data = write_phantom(root / "phantom", preset="tiny", num_cases=3, num_test=1)
+    tr = Trainer(_cfg(data), root / "run", echo=lambda s: None)
+    tr.run()
+    return root, data, tr
+
+
+def _predict(run, images, out, *extra) -> int:
+    return main(["predict", str(run), str(images), str(out), "--device", "cpu",
+                 "--save-probabilities", "--save-contexts", *extra])
+
+
+def _check_geometry(image_path, out, ending=".nii.gz"):
+    """The probabilities, context map and label map of CASE in ``out`` have the image's
+    spatial shape and affine; they agree with each other."""
+    img = read_image(image_path)
+    shape = img.data.shape[:3]
+    npz = np.load(out / f"{CASE}.npz", allow_pickle=False)
+    prob = npz["probabilities"]
+    assert prob.dtype == np.float32 and prob.shape == (3, *shape)  # K = c + t - 1 = 3
+    assert list(npz["channels"]) == ["context 0", "tumour", "context 1"]
+    np.testing.assert_array_equal(npz["affine"], img.affine)
+    np.testing.assert_allclose(npz["spacing"], img.spacing)
+    np.testing.assert_allclose(prob.sum(0), 1.0, atol=1e-5)
+    ctx, lab = read_image(out / "contexts" / f"{CASE}{ending}"), read_image(out / f"{CASE}{ending}")
+    for v in (ctx, lab):
+        assert v.data.shape == shape
+        np.testing.assert_allclose(v.affine, img.affine, atol=1e-6)
+    np.testing.assert_array_equal(ctx.data, np.where(prob[2] > prob[0], 1, 0))
+    logp = torch.from_numpy(np.log(np.maximum(prob, 1e-30)))[None]
+    agree = (predict_labels(logp, 2)[0].numpy() == lab.data).mean()
+    assert agree > 0.999, agree  # softmax keeps the order of the logits (up to rounding ties)
+    return prob, ctx.data, lab.data
+
+
+def test_probabilities_and_contexts_in_the_image_geometry(trained, tmp_path, capsys):
+    root, data, _ = trained
+    out = tmp_path / "nnunet"
+    assert _predict(root / "run", data / "imagesTs", out) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "colabx_predict.json", "contexts", f"{CASE}.nii.gz", f"{CASE}.npz"]
+    marker = json.loads((out / "colabx_predict.json").read_text())
+    assert marker["mirror"] is False and marker["probabilities"] and marker["contexts"]
+    ref = _check_geometry(data / "imagesTs" / f"{CASE}_0000.nii.gz", out)
+    # MSD naming ({case}.nii.gz) and one 4D file holding the channel give the same outputs
+    msd, four = tmp_path / "msd_in", tmp_path / "4d_in"
+    msd.mkdir()
+    four.mkdir()
+    shutil.copy(data / "imagesTs" / f"{CASE}_0000.nii.gz", msd / f"{CASE}.nii.gz")
+    img = nib.load(str(msd / f"{CASE}.nii.gz"))
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[..., None], img.affine),
+             str(four / f"{CASE}.nii.gz"))
+    for src in (msd, four):
+        dst = tmp_path / f"{src.name}_out"
+        assert _predict(root / "run", src, dst) == 0
+        got = _check_geometry(src / f"{CASE}.nii.gz", dst)
+        for a, b in zip(got, ref, strict=True):
+            np.testing.assert_array_equal(a, b)
+    # --no-mirror is accepted; mirroring (on by default on CUDA) is asked for explicitly here
+    assert main(["predict", str(root / "run"), str(msd), str(tmp_path / "m"), "--device",
+                 "cpu", "--mirror"]) == 0
+    assert json.loads((tmp_path / "m" / "colabx_predict.json").read_text())["mirror"] is True
+
+
+def test_bad_inputs_are_clear_errors(trained, tmp_path, capsys):
+    root, data, _ = trained
+    run = root / "run"
+    image = data / "imagesTs" / f"{CASE}_0000.nii.gz"
+    both = tmp_path / "both"
+    both.mkdir()
+    shutil.copy(image, both / f"{CASE}_0000.nii.gz")
+    shutil.copy(image, both / f"{CASE}.nii.gz")
+    assert _predict(run, both, tmp_path / "o1") == 2
+    assert "is both a whole image file and channel files" in capsys.readouterr().err
+    two = tmp_path / "two"
+    two.mkdir()
+    img = nib.load(str(image))
+    arr = np.asarray(img.dataobj)
+    nib.save(nib.Nifti1Image(np.stack([arr, arr], -1), img.affine), str(two / f"{CASE}.nii.gz"))
+    assert _predict(run, two, tmp_path / "o2") == 2
+    assert "image has 2 channels" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()  # nothing left behind
+    four_digits = tmp_path / "four_digits"  # an MSD-style name that reads as a channel file
+    four_digits.mkdir()
+    shutil.copy(image, four_digits / "phantom_0007.nii.gz")
+    assert _predict(run, four_digits, tmp_path / "o4") == 2
+    assert "a name ending in _XXXX is channel XXXX of a case" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _predict(run, empty, tmp_path / "o3") == 2
+    assert "holds no image files" in capsys.readouterr().err
+
+
+def test_mha_copy_trains_predicts_and_evaluates_like_nifti(trained, tmp_path, capsys):
+    root, data, nii = trained
+    mha_data = _to_mha(data, tmp_path / "phantom_mha")
+    mha = Trainer(_cfg(mha_data), tmp_path / "run", echo=lambda s: None)
+    for cid in nii.pre.case_ids:  # the same preprocessed arrays
+        a, b = nii.pre.load_case(cid), mha.pre.load_case(cid)
+        for key in ("image", "label", "distance"):
+            np.testing.assert_array_equal(getattr(a, key), getattr(b, key), err_msg=key)
+    assert mha.pre.target_spacing == nii.pre.target_spacing
+    result = mha.run()
+    for name, t in nii.f.state_dict().items():
+        assert torch.equal(t, mha.f.state_dict()[name]), name
+    ref = json.loads((root / "run" / "evaluation.json").read_text())
+    assert result["foreground_mean"] == pytest.approx(ref["foreground_mean"], nan_ok=True)
+    assert (tmp_path / "run" / "predictions_test" / f"{CASE}.mha").is_file()
+    summaries = []
+    for run, folder in ((root / "run", data), (tmp_path / "run", mha_data)):
+        out = tmp_path / f"pred-{folder.name}"
+        assert _predict(run, folder / "imagesTs", out) == 0
+        assert main(["evaluate", str(out), str(folder / "labelsTs"), "--labels",
+                     str(folder / "dataset.json")]) == 0
+        summaries.append(json.loads((out / "summary.json").read_text()))
+    assert summaries[0]["foreground_mean"] == summaries[1]["foreground_mean"]
+    prob, ctx, lab = _check_geometry(mha_data / "imagesTs" / f"{CASE}_0000.mha",
+                                     tmp_path / f"pred-{mha_data.name}", ".mha")
+    ref_out = tmp_path / f"pred-{data.name}"
+    np.testing.assert_array_equal(prob, np.load(ref_out / f"{CASE}.npz")["probabilities"])
+    np.testing.assert_array_equal(lab, read_image(ref_out / f"{CASE}.nii.gz").data)
+    np.testing.assert_array_equal(ctx, read_image(ref_out / "contexts" / f"{CASE}.nii.gz").data)
