@@ -24,10 +24,12 @@ from pathlib import Path
 
 CONFIGS = {
     "vanilla": ["--mode", "vanilla"],
-    "colab period 5, reference order": ["--mode", "colab", "--meta-period", "5"],
+    "colab period 5, reference order": ["--mode", "colab", "--meta-period", "5", "--meta-order",
+                                        "reference"],
     "colab period 5, shared order": ["--mode", "colab", "--meta-period", "5", "--meta-order",
                                      "shared"],
-    "colab period 1, reference order": ["--mode", "colab", "--meta-period", "1"],
+    "colab period 1, reference order": ["--mode", "colab", "--meta-period", "1", "--meta-order",
+                                        "reference"],
     "colab period 1, shared order": ["--mode", "colab", "--meta-period", "1", "--meta-order",
                                      "shared"],
     "colab period 1, shared, one-sided": ["--mode", "colab", "--meta-period", "1",

@@ -94,6 +94,19 @@ def test_one_sided_needs_fp32_inner_forward_and_shared_needs_batched():
         TrainConfig(meta_order="shared", meta_mode="per_sample")
 
 
+def test_default_order_is_shared_when_batched_and_reference_per_sample():
+    from colabx.train.config import TrainConfig, resolved_meta_order, saved_options
+
+    assert TrainConfig().meta_order == "auto"
+    assert resolved_meta_order(TrainConfig()) == "shared"
+    assert resolved_meta_order(TrainConfig(meta_mode="per_sample")) == "reference"
+    assert resolved_meta_order(TrainConfig(meta_order="reference")) == "reference"
+    assert TrainConfig().meta_difference == "auto"
+    # a run saved before the options existed trained in the reference order, central difference
+    saved = saved_options({"mode": "colab"})
+    assert (saved["meta_order"], saved["meta_difference"]) == ("reference", "central")
+
+
 def test_trainer_shared_iteration_equals_a_hand_written_one(tmp_path, monkeypatch):
     """One Trainer iteration in the shared order = shared_forward, backward, meta step on that
     gradient, Adam step of ω, clipping, the optimizer step of θ, by hand."""
@@ -108,6 +121,7 @@ def test_trainer_shared_iteration_equals_a_hand_written_one(tmp_path, monkeypatc
                       patch_size=[16, 16, 8], num_workers=0, progress=False, threads=1,
                       device="cpu", grad_clip=0.05, snapshot_every=0)
     tr = Trainer(cfg, tmp_path / "run", echo=lambda s: None)
+    assert tr.meta.config.difference == "one_sided"  # auto: the network runs in fp32 on the CPU
     batch = tr.batches[0]
     f, g = copy.deepcopy(tr.f), copy.deepcopy(tr.g)
     fopt = torch.optim.SGD(f.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,

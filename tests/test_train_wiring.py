@@ -27,7 +27,8 @@ def _cfg(**kw) -> TrainConfig:
                 patch_size=[16, 16, 8], val_fraction=0.0, num_workers=0, progress=False,
                 threads=1, snapshot_every=0, device="cpu", lr=LR, gen_lr=GEN_LR,
                 momentum=MOMENTUM, weight_decay=WD, poly_exponent=POLY, margin=4.0, tau=4.0,
-                meta_period=1)
+                meta_period=1, meta_order="reference",  # the shared order: test_meta_order.py
+                meta_difference="central")
     return TrainConfig(**{**base, **kw})
 
 

@@ -20,8 +20,8 @@ from typing import Any
 import yaml
 
 __all__ = ["CHANGEABLE_ON_RESUME", "MODES", "PRESETS", "ConfigError", "TrainConfig",
-           "from_mapping", "load_config", "read_yaml", "resume_differences", "save_config",
-           "saved_options"]
+           "from_mapping", "load_config", "read_yaml", "resolved_meta_order", "resume_differences",
+           "save_config", "saved_options"]
 
 MODES = ("vanilla", "manual", "colab", "kmeans", "dilation")
 AMP_CHOICES = ("auto", "none", "bf16", "fp16")
@@ -86,16 +86,21 @@ class TrainConfig:
     meta_grad: str = _opt("fd", "meta-gradient: finite difference (fd) or exact (double "
                           "backward)", choices=("fd", "exact"), group="method")
     meta_order: str = _opt(
-        "reference", "iteration order: reference (the meta step's own forward+backward of the "
-        "network, then the plain update on labels from the updated generator, as the published "
-        "code) or shared (one forward+backward serves the meta step's inner step and the plain "
-        "update, which then trains on labels one generator update old; one network "
-        "forward+backward less per meta update)", choices=("reference", "shared"),
-        group="method")
+        "auto", "iteration order: shared (one forward+backward of the network on labels from the "
+        "current generator serves the meta step's inner step and the plain update, which then "
+        "trains on labels one generator update old: one network forward+backward less per meta "
+        "update; on the phantom, with the one-sided difference as well, the same test DSC and "
+        "precision as reference over 3 seeds, benchmarks/RESULTS.md), reference (the "
+        "published code's: the meta step's own forward+backward, then the plain update on "
+        "labels from the updated generator), or "
+        "auto: shared in batched meta mode, reference in per_sample mode",
+        choices=("auto", "reference", "shared"), group="method")
     meta_difference: str = _opt(
-        "central", "finite difference of the fd meta-gradient: central (the paper's, theta+ and "
-        "theta- forwards) or one_sided (reuses the inner forward's dL/dy at theta, one forward "
-        "less; needs --amp none)", choices=("central", "one_sided"), group="method")
+        "auto", "finite difference of the fd meta-gradient: central (the paper's, theta+ and "
+        "theta- forwards), one_sided (reuses the inner forward's dL/dy at theta: one forward "
+        "less, error within 2x of central's; needs the inner forward in fp32), or auto: "
+        "one_sided when the network runs in fp32 (the CPU), central under mixed precision",
+        choices=("auto", "central", "one_sided"), group="method")
     theta_pm: str = _opt("sequential", "how the theta+/- forwards run",
                          choices=("sequential", "vmap", "grouped"), group="method")
     fd_tf32: bool = _opt(False, "let the theta+/- forwards use TF32 on the GPU (faster; the "
@@ -211,7 +216,7 @@ def validate(cfg: TrainConfig) -> None:
             or len(set(cfg.manual_contexts)) != len(cfg.manual_contexts)):
         raise ConfigError(f"manual_contexts: distinct context-map values >= 1 expected, got "
                           f"{cfg.manual_contexts}")
-    if cfg.meta_order == "shared" and cfg.meta_mode != "batched":
+    if cfg.meta_order == "shared" and cfg.meta_mode != "batched":  # auto picks reference there
         raise ConfigError("meta_order: shared needs meta_mode batched (per_sample takes one "
                           "inner step per sample, the published code's semantics)")
     if cfg.meta_difference == "one_sided" and cfg.amp in ("bf16", "fp16"):
@@ -273,7 +278,16 @@ CHANGEABLE_ON_RESUME = ("epochs", "num_workers", "device", "threads", "progress"
 
 #: Options added after runs were saved with an older behaviour than today's default: a saved
 #: configuration without them meant these values.
-LEGACY_DEFAULTS = {"generator_upsampling": "transposed"}
+LEGACY_DEFAULTS = {"generator_upsampling": "transposed", "meta_order": "reference",
+                   "meta_difference": "central"}
+
+
+def resolved_meta_order(cfg: TrainConfig) -> str:
+    """The iteration order a run uses: ``meta_order``, with ``auto`` meaning shared in batched
+    meta mode and reference in per-sample mode."""
+    if cfg.meta_order != "auto":
+        return cfg.meta_order
+    return "shared" if cfg.meta_mode == "batched" else "reference"
 
 
 def saved_options(config: Mapping[str, Any]) -> dict[str, Any]:

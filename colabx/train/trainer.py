@@ -10,9 +10,10 @@ One :class:`Trainer` per process. Per iteration (global batch index ``i``, deter
    fused Dice+CE over the deep-supervision levels, gradients averaged over processes, norm
    clipped, SGD step (through a GradScaler for fp16).
 
-With ``meta_order="shared"`` steps 3 and 4 share one forward+backward of the network on labels
-from the current generator (:meth:`colabx.meta.MetaStep.shared_forward`): its averaged gradient
-is the meta step's inner gradient and, clipped, the ordinary update's.
+In the shared order (``meta_order`` ``shared``, or ``auto`` with the batched meta step, the
+default) steps 3 and 4 share one forward+backward of the network on labels from the current
+generator (:meth:`colabx.meta.MetaStep.shared_forward`): its averaged gradient is the meta step's
+inner gradient and, clipped, the ordinary update's.
 
 After each ``val_every`` epochs rank 0 validates by sliding window on held-out cases and writes
 the logs and the checkpoints (``checkpoint_latest.pth``, ``checkpoint_best.pth`` by validation
@@ -55,6 +56,7 @@ from colabx.train.checkpoint import (
 from colabx.train.config import (
     PRESETS,
     TrainConfig,
+    resolved_meta_order,
     resume_differences,
     save_config,
     saved_options,
@@ -186,6 +188,8 @@ class Trainer:
                              f"amp {cfg.amp} means {amp} on {dev.type}; pass --amp none or use "
                              "central")
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        self.meta_difference = cfg.meta_difference if cfg.meta_difference != "auto" else (
+            "one_sided" if self.amp_dtype is None else "central")
         torch.manual_seed(cfg.seed)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -331,7 +335,7 @@ class Trainer:
             mc = MetaConfig(num_classes=self.num_classes, margin=cfg.margin, tau=cfg.tau,
                             mode=cfg.meta_mode, meta_grad=cfg.meta_grad, theta_pm=cfg.theta_pm,
                             fd_tf32=cfg.fd_tf32, recompute_generator=cfg.recompute_generator,
-                            order=cfg.meta_order, difference=cfg.meta_difference,
+                            order=resolved_meta_order(cfg), difference=self.meta_difference,
                             amp=self.amp_dtype is not None,
                             amp_dtype=self.amp_dtype or torch.bfloat16)
             self.meta = MetaStep(self.f, self.g, mc,
@@ -438,7 +442,7 @@ class Trainer:
             due = self.counter.tick()
         self.opt.zero_grad(set_to_none=True)
         unscaled = False
-        if self.meta is not None and cfg.meta_order == "shared":
+        if self.meta is not None and self.meta.config.order == "shared":
             # one forward+backward of f: the inner step's gradient and the plain update's
             inner = self.meta.shared_forward(x, y, d, meta_due=due)
             loss = inner.loss
