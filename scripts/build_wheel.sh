@@ -30,4 +30,17 @@ mkdir -p "$out"
 auditwheel repair -w "$out" "$work"/dist/colabx-*.whl
 wheel=$(ls -t "$out"/colabx-*manylinux*.whl | head -n 1)
 auditwheel show "$wheel"
+# _C is torch-free, so it loads straight from the wheel: it must report the CUDA kernels
+python - "$wheel" "$work/check" <<'EOF_PY'
+import importlib.util, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as whl:
+    so = next(n for n in whl.namelist() if n.startswith("colabx/_C"))
+    path = whl.extract(so, sys.argv[2])
+spec = importlib.util.spec_from_file_location("_C", path)
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+if not mod.built_with_cuda:
+    sys.exit("build_wheel: the wheel's colabx._C was built without the CUDA kernels")
+print("build_wheel: colabx._C built_with_cuda =", mod.built_with_cuda)
+EOF_PY
 echo "build_wheel: $wheel"
