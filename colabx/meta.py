@@ -368,7 +368,9 @@ class MetaStep:
             # the coarser deep-supervision heads do not reach L_ROI: their v is 0
             vl = torch.autograd.grad(l_roi, list(star.values()), allow_unused=True,
                                      materialize_grads=True)
-        v = {n: t.to(params[n].dtype) for n, t in zip(names, vl, strict=True)}
+        # detach: torch 2.4 materialises unused gradients as zeros that require grad, and the
+        # reducer averages v in place
+        v = {n: t.detach().to(params[n].dtype) for n, t in zip(names, vl, strict=True)}
         if self.reducer is not None:
             self.reducer.mean_(list(v.values()))
         acc = torch.float64 if plist[0].dtype == torch.float64 else torch.float32

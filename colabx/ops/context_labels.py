@@ -102,7 +102,14 @@ def _fwd_impl(
     return outs + masks
 
 
-@torch.library.custom_op("colabx::context_labels_fwd", mutates_args=())
+# Schemas are written out: torch < 2.7 cannot infer them from these annotations (2.4 rejects
+# postponed ones, 2.5 and 2.6 list[...]); tests/test_op_schemas.py checks them against what a
+# newer torch infers.
+@torch.library.custom_op(
+    "colabx::context_labels_fwd", mutates_args=(),
+    schema="(Tensor gen_logits, Tensor labels, Tensor distance, SymInt num_classes, float margin, "
+    "float tau, SymInt[] strides3, bool with_mask) -> Tensor[]",
+)
 def _fwd(
     gen_logits: torch.Tensor,
     labels: torch.Tensor,
@@ -157,7 +164,11 @@ def _bwd_impl(
     return grad_o
 
 
-@torch.library.custom_op("colabx::context_labels_bwd", mutates_args=())
+@torch.library.custom_op(
+    "colabx::context_labels_bwd", mutates_args=(),
+    schema="(Tensor?[] grads, Tensor gen_logits, Tensor labels, Tensor distance, "
+    "SymInt num_classes, float margin, float tau, SymInt[] strides3) -> Tensor",
+)
 def _bwd(
     grads: list[torch.Tensor | None],
     gen_logits: torch.Tensor,

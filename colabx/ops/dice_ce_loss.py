@@ -115,7 +115,14 @@ def _dce_fwd_impl(logits: list[Tensor], targets: list[Tensor], dice_channels: li
     return loss, stats
 
 
-@torch.library.custom_op("colabx::dice_ce_loss_fwd", mutates_args=())
+# Schemas are written out: torch < 2.7 cannot infer them from these annotations (2.4 rejects
+# postponed ones, 2.5 and 2.6 list[...]); tests/test_op_schemas.py checks them against what a
+# newer torch infers.
+@torch.library.custom_op(
+    "colabx::dice_ce_loss_fwd", mutates_args=(),
+    schema="(Tensor[] logits, Tensor[] targets, SymInt[] dice_channels, float[] weights, "
+    "float smooth) -> (Tensor, Tensor)",
+)
 def _dce_fwd(logits: list[Tensor], targets: list[Tensor], dice_channels: list[int],
              weights: list[float], smooth: float) -> tuple[Tensor, Tensor]:
     return _dce_fwd_impl(logits, targets, dice_channels, weights, smooth)
@@ -159,7 +166,11 @@ def _dce_bwd_impl(grad: Tensor, logits: list[Tensor], targets: list[Tensor], sta
     return gz, gt
 
 
-@torch.library.custom_op("colabx::dice_ce_loss_bwd", mutates_args=())
+@torch.library.custom_op(
+    "colabx::dice_ce_loss_bwd", mutates_args=(),
+    schema="(Tensor grad, Tensor[] logits, Tensor[] targets, Tensor stats, SymInt[] dice_channels, "
+    "float[] weights, float smooth) -> (Tensor[], Tensor[])",
+)
 def _dce_bwd(grad: Tensor, logits: list[Tensor], targets: list[Tensor], stats: Tensor,
              dice_channels: list[int], weights: list[float],
              smooth: float) -> tuple[list[Tensor], list[Tensor]]:
@@ -248,7 +259,10 @@ def _bce_fwd_impl(logits: Tensor, labels: Tensor, roi_channels: list[int]) -> Te
     return loss
 
 
-@torch.library.custom_op("colabx::roi_bce_loss_fwd", mutates_args=())
+@torch.library.custom_op(
+    "colabx::roi_bce_loss_fwd", mutates_args=(),
+    schema="(Tensor logits, Tensor labels, SymInt[] roi_channels) -> Tensor",
+)
 def _bce_fwd(logits: Tensor, labels: Tensor, roi_channels: list[int]) -> Tensor:
     return _bce_fwd_impl(logits, labels, roi_channels)
 
@@ -277,7 +291,10 @@ def _bce_bwd_impl(grad: Tensor, logits: Tensor, labels: Tensor, roi_channels: li
     return gz
 
 
-@torch.library.custom_op("colabx::roi_bce_loss_bwd", mutates_args=())
+@torch.library.custom_op(
+    "colabx::roi_bce_loss_bwd", mutates_args=(),
+    schema="(Tensor grad, Tensor logits, Tensor labels, SymInt[] roi_channels) -> Tensor",
+)
 def _bce_bwd(grad: Tensor, logits: Tensor, labels: Tensor, roi_channels: list[int]) -> Tensor:
     return _bce_bwd_impl(grad, logits, labels, roi_channels)
 

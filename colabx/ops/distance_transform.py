@@ -102,7 +102,13 @@ def compute_distance_transform(
     return _ref.distance_transform(m, sp, signed)
 
 
-@torch.library.custom_op("colabx::distance_transform", mutates_args=())
+# Schemas are written out: torch < 2.7 cannot infer them from these annotations (2.4 rejects
+# postponed ones, 2.5 and 2.6 list[...]); tests/test_op_schemas.py checks them against what a
+# newer torch infers.
+@torch.library.custom_op(
+    "colabx::distance_transform", mutates_args=(),
+    schema="(Tensor mask, float[] spacing, bool signed) -> Tensor",
+)
 def _distance_transform_op(mask: torch.Tensor, spacing: list[float], signed: bool) -> torch.Tensor:
     return compute_distance_transform(mask, spacing, signed)
 
