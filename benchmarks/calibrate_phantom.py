@@ -13,7 +13,7 @@ tumour voxels, z-score with their mean/std), which ``colabx.data.preprocessing``
 half centred on a random tumour voxel, half uniform; no augmentation. AdamW (lr 2e-3, poly
 decay) by default; ``--optimizer sgd --lr 0.01`` is nnU-Net's SGD (Nesterov, momentum 0.99), which
 at this budget leaves the manual mode predicting no tumour at all.
-The test cases are predicted by 50%-overlap sliding windows (softmax averaged) with DESIGN.md's
+The test cases are predicted by 50%-overlap sliding windows (softmax averaged) with docs/design.md's
 rule (tumour only where channel 1 beats every context channel) and scored on pooled voxels: DSC,
 sensitivity, precision, false-positive voxels outside the liver and inside the spleen
 look-alikes; also the mean per-case DSC.
@@ -121,7 +121,8 @@ def train(mode: str, train_cases: list[PhantomCase], images: list[np.ndarray], a
 
 @torch.no_grad()
 def predict(net: UNet, image: np.ndarray, patch: tuple[int, ...]) -> np.ndarray:
-    """Tumour mask ``[*S]`` from 50%-overlap windows (softmax averaged) and DESIGN.md's rule."""
+    """Tumour mask ``[*S]`` from 50%-overlap windows (softmax averaged) and the prediction rule
+    of docs/design.md."""
     net.eval()
     shape = image.shape
     starts = [sorted({*range(0, n - p + 1, p // 2), n - p}) for n, p in zip(shape, patch,

@@ -1,4 +1,4 @@
-"""CoLab's meta step, fast (DESIGN.md, "The meta step", steps 1-6).
+"""CoLab's meta step, fast (docs/design.md, "The meta step", steps 1-6).
 
 On a batch ``(x, y, d)`` (images, integer labels, distance to the ROI):
 

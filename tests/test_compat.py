@@ -78,7 +78,7 @@ def test_device_resize_samples_what_scipy_zoom_samples(n_in, level):
 
 
 def test_resize_of_a_power_of_two_level_takes_the_voxel_after_the_centre():
-    """DESIGN.md: level k of a 2^k-divisible patch samples y at r·2^k + 2^(k-1)."""
+    """docs/design.md: level k of a 2^k-divisible patch samples y at r·2^k + 2^(k-1)."""
     y = torch.arange(2 * 16 * 8).reshape(2, 16, 8)
     got = _resize_labels(y, (4, 2))
     np.testing.assert_array_equal(got.numpy(), y[:, 2::4, 2::4].numpy())

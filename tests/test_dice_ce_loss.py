@@ -592,6 +592,6 @@ def test_cuda_roi_bce(b, k, spatial):
 
 
 def test_math_constants_sane():
-    # the twin's default smooth and eps match DESIGN.md
+    # the twin's default smooth and eps match docs/design.md
     assert ref.CE_EPS == 1e-32 and ref.BCE_EPS == 1e-6
     assert math.isclose(sum(ref.default_level_weights(5)), 1.0)

@@ -1,6 +1,6 @@
 """From logits to label maps, and from raw NIfTI files to a prediction in the original grid.
 
-``predict_labels`` applies the prediction rule of DESIGN.md (argmax over all K = c + t - 1
+``predict_labels`` applies the prediction rule of docs/design.md (argmax over all K = c + t - 1
 channels; the context channels 0 and c..K-1 all mean background). ``predict_raw_case`` runs the
 training preprocessing of :mod:`colabx.data.preprocessing` on a case's raw files (crop to nonzero,
 normalise with the stored statistics, cubic resampling to the target spacing), sliding-window
@@ -64,7 +64,7 @@ def _context_max(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 def predict_labels(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Label map from CoLab logits (DESIGN.md's rule).
+    """Label map from CoLab logits (docs/design.md, "Conventions").
 
     Args:
         logits: ``[B, K, *S]`` floating, channels ``[context 0, ROI 1..c-1, contexts c..K-1]``.

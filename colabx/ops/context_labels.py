@@ -1,4 +1,4 @@
-"""CoLab context labels: label aggregation + soft distance mask (DESIGN.md §1), fused.
+"""CoLab context labels: label aggregation + soft distance mask (docs/design.md, "Op 1"), fused.
 
 Forward and backward are ``torch.library`` custom ops (``colabx::context_labels_fwd`` /
 ``colabx::context_labels_bwd``) with fake kernels, so ``torch.compile`` graphs do not break.
@@ -232,7 +232,8 @@ def context_labels(
     return_mask: bool = False,
     validate: bool = True,
 ):
-    """CoLab expanded soft labels from task-generator logits (paper eqs. 4-9, DESIGN.md §1).
+    """CoLab expanded soft labels from task-generator logits (paper eqs. 4-9; docs/design.md,
+    "Op 1").
 
     Parameters
     ----------

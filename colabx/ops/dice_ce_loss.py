@@ -1,4 +1,5 @@
-"""Fused softmax + soft cross-entropy + soft Dice loss, and the ROI one-vs-all BCE (DESIGN.md §3).
+"""Fused softmax + soft cross-entropy + soft Dice loss, and the ROI one-vs-all BCE
+(docs/design.md, "Op 3").
 
 Forward and backward are ``torch.library`` custom ops (``colabx::dice_ce_loss_fwd`` /
 ``colabx::dice_ce_loss_bwd``, ``colabx::roi_bce_loss_fwd`` / ``colabx::roi_bce_loss_bwd``) with

@@ -1,4 +1,5 @@
-"""Exact Euclidean distance transform (DESIGN.md §2): batched, 2D/3D, anisotropic, optional signed.
+"""Exact Euclidean distance transform (docs/design.md, "Op 2"): batched, 2D/3D, anisotropic,
+optional signed.
 
 The kernels (``colabx._C``) run the separable lower-envelope-of-parabolas algorithm
 (Felzenszwalb–Huttenlocher); on CUDA tensors without colabx's CUDA kernels the pure-PyTorch twin

@@ -1,4 +1,4 @@
-"""Pure-PyTorch twin of :func:`colabx.context_labels` (DESIGN.md §1), written for clarity.
+"""Pure-PyTorch twin of :func:`colabx.context_labels` (docs/design.md, "Op 1"), written for clarity.
 
 It is the test oracle and the benchmark baseline; autograd differentiates it w.r.t. the
 generator logits. Works on CPU and CUDA tensors.

@@ -1,4 +1,5 @@
-"""Pure-PyTorch twins of ``colabx.dice_ce_loss`` and ``colabx.roi_bce_loss`` (DESIGN.md §3).
+"""Pure-PyTorch twins of ``colabx.dice_ce_loss`` and ``colabx.roi_bce_loss``
+(docs/design.md, "Op 3").
 
 Plain, readable, differentiable by autograd; the test oracle and the benchmark baseline. Works on
 CPU and CUDA tensors. Arguments are assumed valid (the public ops validate them).

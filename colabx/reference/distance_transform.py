@@ -1,5 +1,5 @@
-"""Pure-PyTorch twin of :func:`colabx.distance_transform` (DESIGN.md §2): the test oracle and the
-benchmark baseline. Plain and exact, O(V·n) per axis, works on CPU and CUDA tensors.
+"""Pure-PyTorch twin of :func:`colabx.distance_transform` (docs/design.md, "Op 2"): the test
+oracle and the benchmark baseline. Plain and exact, O(V·n) per axis, works on CPU and CUDA tensors.
 
 Separable exact EDT: start from g = 0 on feature voxels and +inf elsewhere; along each spatial
 axis k replace g by  g'(x) = min_i g(x with x_k := i) + (s_k·(x_k − i))²  (brute-force min over

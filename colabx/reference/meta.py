@@ -1,5 +1,5 @@
-"""Pure-PyTorch CoLab meta steps: the test oracles and the benchmark baselines (DESIGN.md, "The
-meta step").
+"""Pure-PyTorch CoLab meta steps: the test oracles and the benchmark baselines (docs/design.md,
+"The meta step").
 
 Two implementations of the same algorithm, both with the twin ops of :mod:`colabx.reference`:
 

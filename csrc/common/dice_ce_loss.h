@@ -1,5 +1,5 @@
 // Per-voxel math of the fused softmax + soft CE + soft Dice loss and of the ROI one-vs-all BCE
-// (DESIGN.md §3), shared by the CPU and the CUDA kernels so the CPU tests exercise the GPU math.
+// (docs/design.md, "Op 3"), shared by the CPU and the CUDA kernels so the CPU tests exercise the GPU math.
 //
 // Layout: logits/targets [B, K, V] (V = voxels per item), hard labels [B, V]. Per (level, item)
 // the forward reduces NS = 3K + 1 sums, stored as stats[l][b] = [tp(K), Σp(K), Σŷ(K), ce]:
