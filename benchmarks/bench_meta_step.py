@@ -1,5 +1,6 @@
-"""Benchmark the CoLab meta step: colabx (:class:`colabx.meta.MetaStep`) against the reference-style
-and the restructured pure-PyTorch steps of :mod:`colabx.reference.meta`, same run, same inputs.
+"""Benchmark the CoLab meta step: colabx (:class:`colabx.method.MetaStep`) against the
+reference-style and the restructured pure-PyTorch steps of :mod:`colabx.twins.meta`, same run,
+same inputs.
 
 Times the meta part (generator gradient only: ``gen_optimizer=None``, so θ and ω never change and
 every repetition does the same work) and the plain step (SGD with lr = 0 and momentum: the whole
@@ -32,9 +33,9 @@ from torch import Tensor
 from colabx import distance_transform
 from colabx._precision import tf32_unless
 from colabx.bench.harness import machine_info, time_callable, write_json
-from colabx.meta import MetaConfig, MetaStep
+from colabx.method.meta_step import MetaConfig, MetaStep
 from colabx.models import UNet, task_generator
-from colabx.reference.meta import (
+from colabx.twins.meta import (
     reference_meta_step,
     reference_plain_step,
     restructured_meta_step,

@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 import colabx
 from colabx.bench.cases.context_labels import _bytes, _inputs
 from colabx.bench.harness import graph_replay, machine_info, time_callable, write_json
-from colabx.reference.context_labels import context_labels_reference
+from colabx.twins.context_labels import context_labels_reference
 
 ENV = "COLABX_CONTEXT_LABELS_ROWS"
 B, T, C, LEVELS = 2, 2, 2, 4

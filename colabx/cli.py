@@ -171,7 +171,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from colabx.train.checkpoint import load_checkpoint
+    from colabx.checkpoint import load_checkpoint
     from colabx.train.config import from_mapping, read_yaml, saved_options
     from colabx.train.distributed import init_from_env
     from colabx.train.trainer import Trainer, default_config

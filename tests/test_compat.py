@@ -1,5 +1,5 @@
 """colabx.compat (drop-ins for the public CoLab code) against the reference-style twins of
-colabx.reference.compat, and those twins against independent oracles (scipy, float64)."""
+colabx.compat.twins, and those twins against independent oracles (scipy, float64)."""
 
 import sys
 import types
@@ -19,15 +19,15 @@ from colabx.compat import (
     one_hot2dist,
 )
 from colabx.compat.common import _resize_labels
-from colabx.models import UNet, task_generator
-from colabx.reference.compat import (
+from colabx.compat.twins import (
     calculate_loss_reference,
     calculate_loss_val_reference,
     hessian_vector_product_reference,
     one_hot2dist_reference,
     resize_labels_order0,
 )
-from colabx.reference.dice_ce_loss import BCE_EPS, default_level_weights
+from colabx.models import UNet, task_generator
+from colabx.twins.dice_ce_loss import BCE_EPS, default_level_weights
 
 
 def _args(c=2, t=2, deep=True, n=3, vanilla=False, manual=False):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from colabx import context_labels
-from colabx.reference.context_labels import context_labels_reference
+from colabx.twins.context_labels import context_labels_reference
 
 FP_TOL = {
     torch.float32: dict(atol=2e-6, rtol=2e-6),

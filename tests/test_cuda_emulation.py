@@ -26,7 +26,7 @@ from colabx import _backend, context_labels, distance_transform
 from colabx.ops import context_labels as ctx_op
 from colabx.ops import dice_ce_loss as dce_op
 from colabx.ops.context_labels import _level_shapes
-from colabx.reference.context_labels import normalize_levels
+from colabx.twins.context_labels import normalize_levels
 
 ROOT = Path(__file__).resolve().parents[1]
 EMU = ROOT / "tests" / "cuda_emulation"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import colabx
-from colabx.reference import dice_ce_loss as ref
+from colabx.twins import dice_ce_loss as ref
 
 TOL = {
     torch.float32: dict(rtol=2e-5, atol=1e-7),

@@ -9,7 +9,7 @@ from scipy import ndimage
 
 import colabx
 from colabx.ops.distance_transform import compute_distance_transform
-from colabx.reference.distance_transform import distance_transform as twin
+from colabx.twins.distance_transform import distance_transform as twin
 
 RTOL, ATOL = 2e-6, 1e-5
 
@@ -316,7 +316,7 @@ def test_cuda_async_lines_vs_legacy_kernel(shape, monkeypatch):
 
 
 def test_twin_chunked_vs_scipy(monkeypatch):
-    import colabx.reference.distance_transform as ref
+    import colabx.twins.distance_transform as ref
 
     monkeypatch.setattr(ref, "_CHUNK_ELEMS", 1)  # force many chunks per axis
     rng = np.random.default_rng(21)

@@ -1,15 +1,16 @@
-"""CoLab meta step: colabx.meta against the pure-PyTorch oracles of colabx.reference.meta (CPU)."""
+"""CoLab meta step: colabx.method.meta_step against the pure-PyTorch oracles of colabx.twins.meta
+(CPU)."""
 
 import copy
 
 import pytest
 import torch
 
-import colabx.meta as cmeta
+import colabx.method.meta_step as cmeta
 from colabx import distance_transform
-from colabx.meta import MetaConfig, MetaStep, UpdateCounter
+from colabx.method.meta_step import MetaConfig, MetaStep, UpdateCounter
 from colabx.models import UNet, task_generator
-from colabx.reference.meta import (
+from colabx.twins.meta import (
     reference_meta_step,
     reference_plain_step,
     restructured_meta_step,

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from colabx import _io
+from colabx.checkpoint import load_checkpoint
 from colabx.cli import main
 from colabx.data.phantom import write_phantom
-from colabx.train.checkpoint import load_checkpoint
 
 TINY = ["--epochs", "1", "--iterations", "2", "--base-features", "4", "--num-pool", "2",
         "--patch-size", "16", "16", "8", "--num-workers", "0", "--no-progress", "--threads", "1",
@@ -127,7 +127,7 @@ def _partial_run(phantom, out, tmp_path, **kw):
 def test_runs_saved_before_an_option_existed_resume(phantom, tmp_path):
     """A run saved before ``generator_upsampling`` existed (transposed convs, no key in its
     configuration or plan) resumes with nothing given, though today's default differs."""
-    from colabx.train.checkpoint import save_checkpoint
+    from colabx.checkpoint import save_checkpoint
 
     run = tmp_path / "old"
     _partial_run(phantom, run, tmp_path, generator_upsampling="transposed")

@@ -49,8 +49,8 @@ class TrainedRun:
 def load_run(run: str | os.PathLike[str], checkpoint: str = "final",
              device: str | torch.device = "cpu") -> TrainedRun:
     """Both networks of a run directory's ``checkpoint_{checkpoint}.pth``."""
-    from colabx.train.checkpoint import load_checkpoint
-    from colabx.train.plan import NetworkPlan, build_networks
+    from colabx.checkpoint import load_checkpoint
+    from colabx.models.plan import NetworkPlan, build_networks
 
     path = Path(run) / f"checkpoint_{checkpoint}.pth"
     state = load_checkpoint(path)

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from colabx._io import atomic_write
 from colabx.data.datasets import Case, Dataset, DatasetError
 from colabx.data.preprocessing import (
-    _normalize,
     crop_to_nonzero,
+    normalize_image,
     resample_image,
     target_shape,
 )
@@ -198,7 +198,7 @@ def predict_raw_case(
 
     bbox, mask = crop_to_nonzero(image)
     cropped = image[(slice(None), *bbox)]
-    x, _ = _normalize(cropped, mask[bbox], schemes, ct_stats)
+    x, _ = normalize_image(cropped, mask[bbox], schemes, ct_stats)
     x = resample_image(x, target_shape(cropped.shape[1:], spacing, target))
     logits = sliding_window_logits(model, torch.from_numpy(x), patch_size, **kwargs)
     logits = _resize_logits(logits, tuple(cropped.shape[1:]))

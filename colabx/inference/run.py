@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from colabx._io import check_output_folder, mark_output_folder
-from colabx.data.datasets import _scan_images
+from colabx.data.datasets import scan_images
 from colabx.data.nifti import DatasetError
 from colabx.device import resolve_device
 from colabx.inference.postprocess import POSTPROCESSING
@@ -41,8 +41,8 @@ def load_trained_model(run: str | os.PathLike[str], checkpoint: str = "final",
     """The segmentation network of a run (eval mode, on ``device``), its network plan and the
     preprocessing plans. ``run`` is a run directory (``checkpoint`` = final, best or latest) or a
     checkpoint file."""
-    from colabx.train.checkpoint import load_checkpoint
-    from colabx.train.plan import NetworkPlan, build_networks
+    from colabx.checkpoint import load_checkpoint
+    from colabx.models.plan import NetworkPlan, build_networks
 
     state = load_checkpoint(_checkpoint_path(Path(run), checkpoint))
     plan = NetworkPlan(**{**state["plan"], "with_generator": False})
@@ -93,7 +93,7 @@ def predict_folder(run: str | os.PathLike[str], input_dir: str | os.PathLike[str
     src = Path(input_dir)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such input folder")
-    cases = _scan_images(src, file_ending, plan["in_channels"],
+    cases = scan_images(src, file_ending, plan["in_channels"],
                          declared_by=f"the model of {run} expects")
     if not cases:
         raise DatasetError(f"{src}: no images named {{case}}_{{XXXX}}{file_ending}")

@@ -14,8 +14,9 @@ from collections.abc import Sequence
 import torch
 
 from colabx import _backend
+from colabx._precision import accumulation_dtype
 from colabx.ops import _checks
-from colabx.reference.context_labels import (
+from colabx.twins.context_labels import (
     LevelsArg,
     context_labels_reference,
     normalize_levels,
@@ -23,10 +24,6 @@ from colabx.reference.context_labels import (
 
 _OP = "context_labels"
 _CUDA_MAX_T = 16  # csrc/common/context_labels.h::kCudaMaxT
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _level_shapes(shape: Sequence[int], strides3: Sequence[int]) -> list[tuple[int, ...]]:
@@ -82,7 +79,7 @@ def _fwd_impl(
     contiguous; distance already in the accumulation dtype."""
     B, t = o.shape[0], o.shape[1]
     K = num_classes + t - 1
-    acc = _acc_dtype(o.dtype)
+    acc = accumulation_dtype(o.dtype)
     shapes = _level_shapes(o.shape[2:], strides3)
     outs = [torch.empty((B, K, *s), dtype=acc, device=o.device) for s in shapes]
     masks = [torch.empty((B, *s), dtype=acc, device=o.device) for s in shapes] if with_mask else []
@@ -120,7 +117,7 @@ def _fwd(
 def _(gen_logits, labels, distance, num_classes, margin, tau, strides3, with_mask):
     B, t = gen_logits.shape[0], gen_logits.shape[1]
     K = num_classes + t - 1
-    acc = _acc_dtype(gen_logits.dtype)
+    acc = accumulation_dtype(gen_logits.dtype)
     shapes = _level_shapes(gen_logits.shape[2:], strides3)
     outs = [gen_logits.new_empty((B, K, *s), dtype=acc) for s in shapes]
     masks = [gen_logits.new_empty((B, *s), dtype=acc) for s in shapes] if with_mask else []
@@ -138,7 +135,7 @@ def _bwd_impl(
     strides3: list[int],
 ) -> torch.Tensor:
     """Gradient w.r.t. the generator logits from one incoming gradient per level (None = 0)."""
-    acc = _acc_dtype(o.dtype)
+    acc = accumulation_dtype(o.dtype)
     grads = [None if g is None else g.to(acc).contiguous() for g in grads]
     grad_o = torch.empty_like(o)
     if o.shape[0] == 0:
@@ -317,7 +314,7 @@ def context_labels(
             gen_logits, labels, distance, num_classes, margin, tau,
             strides if not (isinstance(levels, int) and levels == 1) else 1, return_mask,
         )
-    acc = _acc_dtype(gen_logits.dtype)
+    acc = accumulation_dtype(gen_logits.dtype)
     args = (
         gen_logits.contiguous(),
         labels.contiguous(),

@@ -5,7 +5,7 @@ Forward and backward are ``torch.library`` custom ops (``colabx::dice_ce_loss_fw
 ``colabx::dice_ce_loss_bwd``, ``colabx::roi_bce_loss_fwd`` / ``colabx::roi_bce_loss_bwd``) with
 fake kernels, so they work under ``torch.compile(fullgraph=True)``. CPU tensors run colabx's
 threaded C++ kernels, CUDA tensors its CUDA kernels (or, when those are unavailable, the
-pure-PyTorch twin in :mod:`colabx.reference.dice_ce_loss`, with a one-time warning).
+pure-PyTorch twin in :mod:`colabx.twins.dice_ce_loss`, with a one-time warning).
 """
 
 from __future__ import annotations
@@ -19,16 +19,13 @@ import torch
 from torch import Tensor
 
 from colabx import _backend
+from colabx._precision import accumulation_dtype
 from colabx.ops import _checks
-from colabx.reference import dice_ce_loss as _ref
+from colabx.twins import dice_ce_loss as _ref
 
 __all__ = ["dice_ce_loss", "roi_bce_loss"]
 
 _OP = "dice_ce_loss"
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @functools.cache
@@ -92,7 +89,7 @@ def _dce_fwd_impl(logits: list[Tensor], targets: list[Tensor], dice_channels: li
                   weights: list[float], smooth: float) -> tuple[Tensor, Tensor]:
     """Loss and per-(level, item) stats [L, B, 3K+1] = (tp, Σp, Σŷ per channel, CE sum)."""
     z0 = logits[0]
-    cdt = _compute_dtype(z0.dtype)
+    cdt = accumulation_dtype(z0.dtype)
     b, k, vs = _levels_meta(logits)
     n_levels = len(logits)
     loss = torch.empty((), dtype=cdt, device=z0.device)
@@ -125,7 +122,7 @@ def _dce_fwd(logits: list[Tensor], targets: list[Tensor], dice_channels: list[in
 @_dce_fwd.register_fake
 def _(logits, targets, dice_channels, weights, smooth):
     z0 = logits[0]
-    cdt = _compute_dtype(z0.dtype)
+    cdt = accumulation_dtype(z0.dtype)
     b, k = z0.shape[0], z0.shape[1]
     return (z0.new_empty((), dtype=cdt), z0.new_empty((len(logits), b, 3 * k + 1), dtype=cdt))
 
@@ -229,7 +226,7 @@ class _DiceCEEager(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------
 
 def _bce_fwd_impl(logits: Tensor, labels: Tensor, roi_channels: list[int]) -> Tensor:
-    cdt = _compute_dtype(logits.dtype)
+    cdt = accumulation_dtype(logits.dtype)
     b, k = logits.shape[0], logits.shape[1]
     v = math.prod(logits.shape[2:])
     z, lab = logits.contiguous(), labels.contiguous()
@@ -256,7 +253,7 @@ def _bce_fwd(logits: Tensor, labels: Tensor, roi_channels: list[int]) -> Tensor:
 
 @_bce_fwd.register_fake
 def _(logits, labels, roi_channels):
-    return logits.new_empty((), dtype=_compute_dtype(logits.dtype))
+    return logits.new_empty((), dtype=accumulation_dtype(logits.dtype))
 
 
 def _bce_bwd_impl(grad: Tensor, logits: Tensor, labels: Tensor, roi_channels: list[int]) -> Tensor:
@@ -473,7 +470,7 @@ def dice_ce_loss(logits: Tensor | Sequence[Tensor], targets: Tensor | Sequence[T
     for i, (z, t) in enumerate(zip(zs, ts, strict=True)):
         devices[zname(i)], devices[tname(i)] = z, t
     _checks.check_same_device(**devices)
-    cdt = _compute_dtype(z0.dtype)
+    cdt = accumulation_dtype(z0.dtype)
     prepared = []
     for i, (z, t) in enumerate(zip(zs, ts, strict=True)):
         if t.dtype.is_floating_point:

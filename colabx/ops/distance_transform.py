@@ -3,7 +3,7 @@ optional signed.
 
 The kernels (``colabx._C``) run the separable lower-envelope-of-parabolas algorithm
 (Felzenszwalb–Huttenlocher); on CUDA tensors without colabx's CUDA kernels the pure-PyTorch twin
-(:mod:`colabx.reference.distance_transform`) runs instead. The op is not differentiable.
+(:mod:`colabx.twins.distance_transform`) runs instead. The op is not differentiable.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from colabx import _backend
 from colabx.ops import _checks
-from colabx.reference import distance_transform as _ref
+from colabx.twins import distance_transform as _ref
 
 _DIRECT_DTYPES = (torch.bool, torch.uint8)
 _REJECTED_DTYPES = (torch.complex32, torch.complex64, torch.complex128)

@@ -7,7 +7,7 @@ import torch
 
 from colabx import context_labels
 from colabx.bench.harness import Case
-from colabx.reference.context_labels import context_labels_reference
+from colabx.twins.context_labels import context_labels_reference
 
 
 def _inputs(B, t, c, n, device):

@@ -7,7 +7,7 @@ import torch
 
 import colabx
 from colabx.bench.harness import Case
-from colabx.reference import dice_ce_loss as ref
+from colabx.twins import dice_ce_loss as ref
 
 
 def _fwd_bwd(loss_fn, wrt):

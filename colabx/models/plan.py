@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from colabx.models import UNet, task_generator
+from colabx.models.unet import UNet, task_generator
 
 __all__ = ["NetworkPlan", "auto_patch_size", "build_networks", "pool_kernel_sizes"]
 

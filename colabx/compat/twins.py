@@ -25,7 +25,7 @@ import scipy.ndimage as ndi
 import torch
 import torch.nn.functional as F
 
-from colabx.reference.dice_ce_loss import BCE_EPS, CE_EPS, default_level_weights
+from colabx.twins.dice_ce_loss import BCE_EPS, CE_EPS, default_level_weights
 
 __all__ = [
     "REFERENCE_COMMON",

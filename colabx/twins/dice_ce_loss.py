@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
+from colabx._precision import accumulation_dtype
+
 CE_EPS = 1e-32
 BCE_EPS = 1e-6
 
@@ -42,10 +44,6 @@ LEVEL_WEIGHTS: dict[int, tuple[float, ...]] = {
 }
 
 
-def _compute_dtype(z: torch.Tensor) -> torch.dtype:
-    return torch.float64 if z.dtype == torch.float64 else torch.float32
-
-
 def _as_probabilities(targets: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
     """Soft targets as ``dtype``; hard labels ``[B, *S]`` / ``[B, 1, *S]`` as one-hot."""
     if targets.dtype.is_floating_point:
@@ -59,7 +57,7 @@ def _as_probabilities(targets: torch.Tensor, k: int, dtype: torch.dtype) -> torc
 def dice_ce_level(logits: torch.Tensor, targets: torch.Tensor, dice_channels: Sequence[int],
                   smooth: float = 1e-5) -> torch.Tensor:
     """CE + Dice of one level (no weight)."""
-    dt = _compute_dtype(logits)
+    dt = accumulation_dtype(logits.dtype)
     b, k = logits.shape[:2]
     v = logits[0, 0].numel()
     p = torch.softmax(logits.to(dt), dim=1)
@@ -101,7 +99,7 @@ def roi_bce_loss(logits: torch.Tensor, labels: torch.Tensor,
                  roi_channels: Sequence[int]) -> torch.Tensor:
     """One-vs-all BCE on the ROI channels of p = softmax(logits) over all K channels:
     −(1/(B·V)) Σ_voxels Σ_{j∈roi} [y_j log(p_j + 1e−6) + (1−y_j) log(1 − p_j + 1e−6)]."""
-    dt = _compute_dtype(logits)
+    dt = accumulation_dtype(logits.dtype)
     b, k = logits.shape[:2]
     v = logits[0, 0].numel()
     p = torch.softmax(logits.to(dt), dim=1)

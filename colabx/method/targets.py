@@ -11,7 +11,7 @@ same deep-supervision rules:
 * ``kmeans``: t intensity clusters of the background inside the body (1-D k-means of the first
   image channel, fitted once on training cases; clusters ordered by intensity), M = 1; voxels
   outside the body join cluster 0;
-* ``colab``: q from the task generator (see :mod:`colabx.meta`).
+* ``colab``: q from the task generator (see :mod:`colabx.method.meta_step`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Pure-PyTorch CoLab meta steps: the test oracles and the benchmark baselines (docs/design.md,
 "The meta step").
 
-Two implementations of the same algorithm, both with the twin ops of :mod:`colabx.reference`:
+Two implementations of the same algorithm, both with the twin ops of :mod:`colabx.twins`:
 
 * :func:`reference_meta_step` does it the way the public CoLab code does: a loop over the samples
   of the batch, a fresh copy of the segmentation network per sample, and the finite difference
@@ -27,8 +27,8 @@ import torch
 from torch.func import functional_call
 
 from colabx._precision import tf32_unless
-from colabx.reference.context_labels import context_labels_reference
-from colabx.reference.dice_ce_loss import dice_ce_loss, roi_bce_loss
+from colabx.twins.context_labels import context_labels_reference
+from colabx.twins.dice_ce_loss import dice_ce_loss, roi_bce_loss
 
 __all__ = ["reference_meta_step", "reference_plain_step", "restructured_meta_step"]
 
@@ -136,7 +136,7 @@ def restructured_meta_step(f, g, x, y, d, num_classes: int, lr: float, gen_optim
     other); G± = ∂L_seg(f_θ±(x), ŷ)/∂ŷ on a detached ŷ; one backward of −lr (G+ − G−)/(2ε)
     through context_labels and g. The generator's ``.grad`` is overwritten; ``gen_optimizer``,
     if given, then steps. Skipped (grads None, no step) when the batch has no ROI or ‖v‖ = 0.
-    Precision as :class:`colabx.meta.MetaConfig`: ``amp`` autocasts the generator, inner-step
+    Precision as :class:`colabx.method.MetaConfig`: ``amp`` autocasts the generator, inner-step
     and L_ROI forwards to ``amp_dtype``; the θ± forwards run without autocast, in full fp32
     unless ``fd_tf32``.
     """

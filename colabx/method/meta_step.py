@@ -38,11 +38,11 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, vmap
 
-from colabx._grouped import grouped_unet_forward
 from colabx._precision import no_tf32, tf32_unless
+from colabx.method.grouped import grouped_unet_forward
 from colabx.ops.context_labels import context_labels
 from colabx.ops.dice_ce_loss import dice_ce_loss, roi_bce_loss
-from colabx.reference import dice_ce_loss as _twin
+from colabx.twins import dice_ce_loss as _twin
 
 __all__ = ["DIFFERENCES", "ORDERS", "GradReducer", "InnerPass", "MetaConfig", "MetaStep",
            "MetaStepInfo", "UpdateCounter", "current_lr"]
@@ -71,10 +71,11 @@ class MetaConfig:
         call on ``[z+; z−]``: ``"sequential"`` (two functional calls; default), ``"vmap"``
         (``torch.func.vmap`` of the functional call over the two stacked parameter sets) or
         ``"grouped"`` (one U-Net with every layer's two parameter sets concatenated and
-        ``groups=2`` convolutions, :mod:`colabx._grouped`). Default from CPU timings (2 threads,
-        B=2, θ± forwards, median): 3D 48³, 30 base features, 4 pools: sequential 1.12 s, grouped
-        1.96 s, vmap 2.37 s; 3D 32³, 8 features, 3 pools: 62 / 47 / 65 ms. On an H200 (B=2,
-        80³, 30 features, whole meta part): sequential 129 ms, grouped 151 ms, vmap 157 ms.
+        ``groups=2`` convolutions, :mod:`colabx.method.grouped`). Default from CPU timings (2
+        threads, B=2, θ± forwards, median): 3D 48³, 30 base features, 4 pools: sequential
+        1.12 s, grouped 1.96 s, vmap 2.37 s; 3D 32³, 8 features, 3 pools: 62 / 47 / 65 ms. On
+        an H200 (B=2, 80³, 30 features, whole meta part): sequential 129 ms, grouped 151 ms,
+        vmap 157 ms.
     amp : autocast the generator, the inner step and the L_ROI forwards in ``amp_dtype``; the θ±
         forwards always run with autocast disabled, in the parameters' dtype.
     fd_tf32 : let the θ± forwards use TF32 convolutions and matmuls as torch's settings allow
