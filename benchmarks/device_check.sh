@@ -3,8 +3,7 @@
 #   1. builds colabx._C in place with nvcc (sm_90 by default: COLABX_CUDA_ARCHS),
 #   2. runs the GPU tests (pytest -m cuda) and compute-sanitizer on one small case per kernel,
 #   3. runs bench_ops on CUDA (colabx vs eager twin vs torch.compile twin; EDT also vs cuCIM when
-#      it imports: carry its wheel in .whl/), profile_kernels, and sweep_context_rows (the
-#      pooled context_labels kernels' automatic thread rows per block against fixed ones),
+#      it imports: carry its wheel in .whl/) and profile_kernels,
 #   4. runs bench_meta_step on CUDA (colabx MetaStep vs the reference-style and restructured
 #      PyTorch meta steps, B=2, 80³, 30 features; at most 180 s),
 #   5. runs bench_train and bench_data on the phantom (trainer patches/s consumed vs loader
@@ -12,13 +11,9 @@
 #   6. runs bench_compat on CUDA (the colabx.compat drop-ins vs the reference-style twins; 60 s),
 #   7. only when asked (stage ncu): Nsight Compute on the pooled context_labels kernels and the
 #      80^3 loss kernels (throughput, occupancy, warp stalls; ~60 s), into $OUT/ncu.txt,
-#   8. only when asked (stage ab): a second build, in its own tree, with the pooled context_labels
-#      kernels at 4 blocks per SM (-DCOLABX_CTX_FWD_MIN_BLOCKS=4 -DCOLABX_CTX_BWD_MIN_BLOCKS=4:
-#      64 registers), its context_labels GPU tests and the rows sweep (against the bench stage's
-#      sweep of the main build, same run), then the main build back in place (~3 min),
 # writing logs and JSON under $OUT (default benchmarks/results) and printing summary tables last.
 # Usage: benchmarks/device_check.sh [STAGE ...]
-#   STAGE: all (default) | test | bench | train | meta | compat | ncu | ab;
+#   STAGE: all (default) | test | bench | train | meta | compat | ncu;
 #   stages run in the order given ("all" = test bench train meta compat). Each log and JSON lands in
 #   $OUT, and, when $OUT is given, all of them again in $OUT/device_check.tgz (the device tool
 #   returns at most 8 files).
@@ -28,7 +23,7 @@ cd "$(dirname "$0")/.."
 stages=" ${*:-all} "
 [ "$stages" = " all " ] && stages=" test bench train meta compat "
 for s in $stages; do
-  case $s in test|bench|train|meta|compat|ncu|ab) ;; *) echo "device_check: unknown stage '$s'"; exit 2 ;; esac
+  case $s in test|bench|train|meta|compat|ncu) ;; *) echo "device_check: unknown stage '$s'"; exit 2 ;; esac
 done
 bundle() { tar czf /tmp/device_check.tgz -C "$OUT" --exclude device_check.tgz . && mv /tmp/device_check.tgz "$OUT/"; }
 # a given $OUT (the device tool's) gets the archive, also after a failed build; the default
@@ -97,8 +92,6 @@ stage_bench() {
     --cuda-graphs --out "$OUT/ops_cuda.json"
   run_logged 90 profile_kernels.log benchmarks.profile_kernels --out "$OUT/kernels.json"
   cat "$OUT/profile_kernels.log"
-  run_logged 60 sweep_context_rows.log benchmarks.sweep_context_rows --out "$OUT/context_rows.json"
-  show_table sweep_context_rows.log '^ *size '
   show_table bench_ops_cuda.log '^| op '
   echo "ops bench: $((SECONDS - t0)) s"
 }
@@ -139,7 +132,127 @@ stage_ncu() {
   local w
   for w in "context_labels 2x2x160^3 L=4" "dice_ce_loss 2x3x80^3 fp32"; do
     echo "== $w" >>"$OUT/ncu.txt"
-    timeout 90 ncu -k 'regex:tiled2|dce_' --section SpeedOfLight --section MemoryWorkloadAnalysis \
+    timeout 90 ncu -k 'regex:tiled|dce_' --section SpeedOfLight --section MemoryWorkloadAnalysis \
+      --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
+      $py -m benchmarks.profile_kernels --once "$w" 2>&1 | grep -v '^==PROF==' >>"$OUT/ncu.txt" \
+      || { echo "ncu ($w): failed or timed out"; status=1; }
+  done
+  grep -E '^  [a-z_ ]*void|Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy' \
+    "$OUT/ncu.txt"
+  echo "ncu: $((SECONDS - t0)) s"
+}
+
+for s in $stages; do
+  case $s in test|bench|train|meta|compat|ncu) ;; *) echo "device_check: unknown stage '$s'"; exit 2 ;; esac
+done
+bundle() { tar czf /tmp/device_check.tgz -C "$OUT" --exclude device_check.tgz . && mv /tmp/device_check.tgz "$OUT/"; }
+# a given $OUT (the device tool's) gets the archive, also after a failed build; the default
+# benchmarks/results holds the committed results, which need none
+[ -n "${OUT:-}" ] && trap bundle EXIT
+trap 'exit 143' TERM
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-16}
+py=${PYTHON:-python3}
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/colabx-site .whl/*.whl && export PYTHONPATH=/tmp/colabx-site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+t0=$SECONDS
+if [ "${COLABX_SKIP_BUILD:-0}" = 1 ]; then
+  echo "build: skipped (COLABX_SKIP_BUILD=1)"
+elif ! PYTHON=$py COLABX_CUDA_ARCHS=${COLABX_CUDA_ARCHS:-90} scripts/dev_build.sh cuda \
+    >"$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"; echo "device_check: build failed"; exit 1
+fi
+[ "${COLABX_SKIP_BUILD:-0}" = 1 ] || echo "build: $((SECONDS - t0)) s"
+$py -c "import colabx._C as c, colabx._backend as b; print('cuda kernels:', c.built_with_cuda, 'devices:', c.cuda_device_count(), 'usable:', b.cuda_kernels_available())"
+
+status=0
+# run_logged SECONDS LOG MODULE ARGS...: `python -m MODULE ARGS...` under a timeout, output into
+# $OUT/LOG; a failure or timeout is reported and fails the check
+run_logged() {
+  local limit=$1 log=$2
+  shift 2
+  timeout "$limit" $py -m "$@" >"$OUT/$log" 2>&1 || { echo "$1: failed or timed out"; status=1; }
+}
+
+# show_table LOG PATTERN: $OUT/LOG from its first line matching PATTERN on, or its tail
+show_table() {
+  if grep -q "$2" "$OUT/$1"; then sed -n "/$2/,\$p" "$OUT/$1"; else tail -20 "$OUT/$1"; fi
+}
+
+stage_test() {
+  t0=$SECONDS
+  run_logged 170 pytest_cuda.log pytest -q -m cuda tests -p no:cacheprovider \
+    --junitxml="$OUT/pytest_cuda.xml"
+  grep -E "(passed|failed|error)" "$OUT/pytest_cuda.log" | tail -3
+  grep -E "^(FAILED|ERROR)" "$OUT/pytest_cuda.log" | head -30
+  echo "gpu tests: $((SECONDS - t0)) s"
+  t0=$SECONDS
+  if command -v compute-sanitizer >/dev/null; then
+    timeout 120 compute-sanitizer --tool memcheck --error-exitcode 7 --print-limit 20 \
+      $py benchmarks/sanitize_cuda.py >"$OUT/sanitizer.log" 2>&1
+    rc=$?
+    tail -4 "$OUT/sanitizer.log"
+    [ $rc = 0 ] || { echo "compute-sanitizer: exit $rc"; status=1; }
+  else
+    echo "compute-sanitizer not found"
+  fi
+  echo "sanitizer: $((SECONDS - t0)) s"
+}
+
+stage_bench() {
+  t0=$SECONDS
+  run_logged 260 bench_ops_cuda.log benchmarks.bench_ops --device cuda --min-time 0.2 \
+    --cuda-graphs --out "$OUT/ops_cuda.json"
+  run_logged 90 profile_kernels.log benchmarks.profile_kernels --out "$OUT/kernels.json"
+  cat "$OUT/profile_kernels.log"
+  show_table bench_ops_cuda.log '^| op '
+  echo "ops bench: $((SECONDS - t0)) s"
+}
+
+stage_train() {
+  t0=$SECONDS
+  export COLABX_CACHE=${COLABX_CACHE:-/tmp/colabx-cache}
+  run_logged 90 bench_train_cuda.log benchmarks.bench_train --device cuda --iterations 10 \
+    --workers 4 8 12 --out "$OUT/train_cuda.json"
+  show_table bench_train_cuda.log '^|'
+  run_logged 60 bench_data.log benchmarks.bench_data --workers 4 8 12 --iterations 20 \
+    --out "$OUT/data_gpu_host.json"
+  show_table bench_data.log '^|'
+  echo "train/data bench: $((SECONDS - t0)) s"
+}
+
+stage_meta() {
+  t0=$SECONDS
+  # the JSON is written after the timings and again after the float64 accuracy part, so a
+  # timeout in the latter keeps the timings
+  run_logged 180 bench_meta_cuda.log benchmarks.bench_meta_step --device cuda --min-time 0.2 \
+    --out "$OUT/meta_cuda.json"
+  show_table bench_meta_cuda.log '^| part '
+  echo "meta bench: $((SECONDS - t0)) s"
+}
+
+stage_compat() {
+  t0=$SECONDS
+  run_logged 60 bench_compat_cuda.log benchmarks.bench_compat --device cuda --min-time 0.2 \
+    --out "$OUT/compat_cuda.json"
+  show_table bench_compat_cuda.log '^| op '
+  echo "compat bench: $((SECONDS - t0)) s"
+}
+
+stage_ncu() {
+  t0=$SECONDS
+  if ! command -v ncu >/dev/null; then echo "ncu not found"; return; fi
+  local w
+  for w in "context_labels 2x2x160^3 L=4" "dice_ce_loss 2x3x80^3 fp32"; do
+    echo "== $w" >>"$OUT/ncu.txt"
+    timeout 90 ncu -k 'regex:tiled|dce_' --section SpeedOfLight --section MemoryWorkloadAnalysis \
       --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
       $py -m benchmarks.profile_kernels --once "$w" 2>&1 | grep -v '^==PROF==' >>"$OUT/ncu.txt" \
       || { echo "ncu ($w): failed or timed out"; status=1; }

@@ -27,7 +27,8 @@ from colabx.compat.twins import (
     resize_labels_order0,
 )
 from colabx.models import UNet, task_generator
-from colabx.twins.dice_ce_loss import BCE_EPS, default_level_weights
+from colabx.twins.dice_ce_loss import default_level_weights
+from colabx.twins.roi_bce_loss import BCE_EPS
 
 
 def _args(c=2, t=2, deep=True, n=3, vanilla=False, manual=False):

@@ -480,26 +480,3 @@ def test_cuda_tiled_geometries(case, dtype):
     again = as_list(context_labels(oc, yc, dc, c, levels=lev))
     for a, b in zip(as_list(context_labels(oc, yc, dc, c, levels=lev)), again, strict=True):
         assert torch.equal(a, b)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("case", TILED_CASES[:4], ids=_case_id)
-def test_cuda_tiled_rows_per_block_agree_bitwise(case, monkeypatch):
-    # Thread rows per block only redistribute P1 cell rows and level cells over threads; every
-    # sum keeps its order, so any rows setting gives the same bits as the automatic choice.
-    B, t, c, S, lev = case
-    o, y, d = make_inputs(B, t, c, S, torch.float32, seed=33)
-    oc, yc, dc = o.cuda().requires_grad_(True), y.cuda(), d.cuda()
-    labs = as_list(context_labels(oc, yc, dc, c, levels=lev))
-    grads = [torch.randn_like(a) for a in labs]
-    (g,) = torch.autograd.grad(labs, [oc], grads)
-    rlabs = as_list(context_labels_reference(oc, yc, dc, c, levels=lev))
-    for a, b in zip(labs, rlabs, strict=True):
-        torch.testing.assert_close(a, b.detach(), **FP_TOL[torch.float32])
-    for rows in ("1", "2", "3", "8"):
-        monkeypatch.setenv("COLABX_CONTEXT_LABELS_ROWS", rows)
-        again = as_list(context_labels(oc, yc, dc, c, levels=lev))
-        (g2,) = torch.autograd.grad(again, [oc], grads)
-        for a, b in zip(labs, again, strict=True):
-            assert torch.equal(a, b), rows
-        assert torch.equal(g, g2), rows

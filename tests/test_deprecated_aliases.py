@@ -13,7 +13,6 @@ ALIASES = [
     ("colabx.train.targets", "colabx.method.targets"),
     ("colabx.train.checkpoint", "colabx.checkpoint"),
     ("colabx.reference.context_labels", "colabx.twins.context_labels"),
-    ("colabx.reference.dice_ce_loss", "colabx.twins.dice_ce_loss"),
     ("colabx.reference.distance_transform", "colabx.twins.distance_transform"),
     ("colabx.reference.meta", "colabx.twins.meta"),
     ("colabx.reference.compat", "colabx.compat.twins"),
@@ -41,6 +40,17 @@ def test_old_names_resolve():
     from colabx.twins.context_labels import context_labels_reference as twin
 
     assert context_labels_reference is twin
+
+
+def test_dice_ce_loss_alias_keeps_both_losses():
+    sys.modules.pop("colabx.reference.dice_ce_loss", None)
+    with pytest.warns(DeprecationWarning, match=r"colabx\.twins\.roi_bce_loss"):
+        old = importlib.import_module("colabx.reference.dice_ce_loss")
+    from colabx.twins import dice_ce_loss, roi_bce_loss
+
+    assert old.dice_ce_loss is dice_ce_loss.dice_ce_loss
+    assert old.roi_bce_loss is roi_bce_loss.roi_bce_loss
+    assert old.BCE_EPS == roi_bce_loss.BCE_EPS
 
 
 def test_reference_package_warns():

@@ -9,9 +9,11 @@ import torch
 from torch import Tensor
 
 from colabx._precision import accumulation_dtype
-from colabx.ops.dice_ce_loss import dice_ce_loss, roi_bce_loss
+from colabx.ops.dice_ce_loss import dice_ce_loss
 from colabx.ops.distance_transform import fork_safe_intraop
-from colabx.twins.dice_ce_loss import BCE_EPS, CE_EPS, default_level_weights
+from colabx.ops.roi_bce_loss import roi_bce_loss
+from colabx.twins.dice_ce_loss import CE_EPS, default_level_weights
+from colabx.twins.roi_bce_loss import BCE_EPS
 
 __all__ = ["calcualte_loss_val", "calculate_loss"]
 

@@ -25,7 +25,8 @@ import scipy.ndimage as ndi
 import torch
 import torch.nn.functional as F
 
-from colabx.twins.dice_ce_loss import BCE_EPS, CE_EPS, default_level_weights
+from colabx.twins.dice_ce_loss import CE_EPS, default_level_weights
+from colabx.twins.roi_bce_loss import BCE_EPS
 
 __all__ = [
     "REFERENCE_COMMON",

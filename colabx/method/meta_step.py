@@ -41,7 +41,8 @@ from torch.func import functional_call, vmap
 from colabx._precision import no_tf32, tf32_unless
 from colabx.method.grouped import grouped_unet_forward
 from colabx.ops.context_labels import context_labels
-from colabx.ops.dice_ce_loss import dice_ce_loss, roi_bce_loss
+from colabx.ops.dice_ce_loss import dice_ce_loss
+from colabx.ops.roi_bce_loss import roi_bce_loss
 from colabx.twins import dice_ce_loss as _twin
 
 __all__ = ["DIFFERENCES", "ORDERS", "GradReducer", "InnerPass", "MetaConfig", "MetaStep",

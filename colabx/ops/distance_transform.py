@@ -6,11 +6,10 @@ The kernels (``colabx._C``) run the separable lower-envelope-of-parabolas algori
 (:mod:`colabx.twins.distance_transform`) runs instead. The op is not differentiable.
 """
 
-from __future__ import annotations
-
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
+from typing import List
 
 import torch
 
@@ -104,12 +103,12 @@ def compute_distance_transform(
 
 
 @torch.library.custom_op("colabx::distance_transform", mutates_args=())
-def _distance_transform_op(mask: torch.Tensor, spacing: list[float], signed: bool) -> torch.Tensor:
+def _distance_transform_op(mask: torch.Tensor, spacing: List[float], signed: bool) -> torch.Tensor:
     return compute_distance_transform(mask, spacing, signed)
 
 
 @_distance_transform_op.register_fake
-def _(mask: torch.Tensor, spacing: list[float], signed: bool) -> torch.Tensor:
+def _(mask: torch.Tensor, spacing: List[float], signed: bool) -> torch.Tensor:
     return torch.empty(mask.shape, dtype=torch.float32, device=mask.device)
 
 

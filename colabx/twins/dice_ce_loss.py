@@ -1,5 +1,4 @@
-"""Pure-PyTorch twins of ``colabx.dice_ce_loss`` and ``colabx.roi_bce_loss``
-(docs/design.md, "Op 3").
+"""Pure-PyTorch twin of ``colabx.dice_ce_loss`` (docs/design.md, "Op 3").
 
 Plain, readable, differentiable by autograd; the test oracle and the benchmark baseline. Works on
 CPU and CUDA tensors. Arguments are assumed valid (the public ops validate them).
@@ -14,7 +13,6 @@ import torch
 from colabx._precision import accumulation_dtype
 
 CE_EPS = 1e-32
-BCE_EPS = 1e-6
 
 
 def default_level_weights(n: int) -> list[float]:
@@ -44,7 +42,7 @@ LEVEL_WEIGHTS: dict[int, tuple[float, ...]] = {
 }
 
 
-def _as_probabilities(targets: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+def as_probabilities(targets: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
     """Soft targets as ``dtype``; hard labels ``[B, *S]`` / ``[B, 1, *S]`` as one-hot."""
     if targets.dtype.is_floating_point:
         return targets.to(dtype)
@@ -61,7 +59,7 @@ def dice_ce_level(logits: torch.Tensor, targets: torch.Tensor, dice_channels: Se
     b, k = logits.shape[:2]
     v = logits[0, 0].numel()
     p = torch.softmax(logits.to(dt), dim=1)
-    y = _as_probabilities(targets, k, dt)
+    y = as_probabilities(targets, k, dt)
     ce = -(y * torch.log(p + CE_EPS)).sum() / (b * v)
     dims = tuple(range(2, logits.dim()))
     tp = (p * y).sum(dims)
@@ -93,18 +91,3 @@ def dice_ce_loss(logits: torch.Tensor | Sequence[torch.Tensor],
         term = w * dice_ce_level(z, t, dice_channels, smooth)
         loss = term if loss is None else loss + term
     return loss
-
-
-def roi_bce_loss(logits: torch.Tensor, labels: torch.Tensor,
-                 roi_channels: Sequence[int]) -> torch.Tensor:
-    """One-vs-all BCE on the ROI channels of p = softmax(logits) over all K channels:
-    −(1/(B·V)) Σ_voxels Σ_{j∈roi} [y_j log(p_j + 1e−6) + (1−y_j) log(1 − p_j + 1e−6)]."""
-    dt = accumulation_dtype(logits.dtype)
-    b, k = logits.shape[:2]
-    v = logits[0, 0].numel()
-    p = torch.softmax(logits.to(dt), dim=1)
-    y = _as_probabilities(labels, k, dt)
-    roi = list(roi_channels)
-    pr, yr = p[:, roi], y[:, roi]
-    bce = yr * torch.log(pr + BCE_EPS) + (1 - yr) * torch.log(1 - pr + BCE_EPS)
-    return -bce.sum() / (b * v)

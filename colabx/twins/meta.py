@@ -28,7 +28,8 @@ from torch.func import functional_call
 
 from colabx._precision import tf32_unless
 from colabx.twins.context_labels import context_labels_reference
-from colabx.twins.dice_ce_loss import dice_ce_loss, roi_bce_loss
+from colabx.twins.dice_ce_loss import dice_ce_loss
+from colabx.twins.roi_bce_loss import roi_bce_loss
 
 __all__ = ["reference_meta_step", "reference_plain_step", "restructured_meta_step"]
 

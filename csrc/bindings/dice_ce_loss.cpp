@@ -3,10 +3,7 @@
 
 #include "bindings/registry.h"
 #include "common/dice_ce_loss.h"
-
-#if defined(COLABX_WITH_CUDA)
 #include "cuda/dice_ce_loss.h"
-#endif
 
 namespace py = pybind11;
 
@@ -20,10 +17,16 @@ void register_dice_ce_loss(py::module_& m) {
   m.def("roi_bce_loss_forward_cpu", &roi_bce_loss_forward_cpu, nogil, "ROI one-vs-all BCE forward.");
   m.def("roi_bce_loss_backward_cpu", &roi_bce_loss_backward_cpu, nogil,
         "ROI one-vs-all BCE backward (grad w.r.t. logits).");
+  // The CUDA kernels' limits and workspace sizes, in every build (Python asks before routing).
+  m.def("dice_ce_loss_cuda_supported", &cuda::dice_ce_loss_supported,
+        "Whether the CUDA kernels take K channels over the given number of levels.");
+  m.def("dice_ce_loss_cuda_workspace_size", &cuda::dice_ce_loss_workspace_size,
+        "float64 entries of the CUDA forward's workspace for (B, K, voxels per level).");
+  m.def("roi_bce_loss_cuda_supported", &cuda::roi_bce_loss_supported,
+        "Whether the ROI BCE CUDA kernels take K channels.");
+  m.def("roi_bce_loss_cuda_workspace_size", &cuda::roi_bce_loss_workspace_size,
+        "float64 entries of the ROI BCE CUDA forward's workspace for (B, voxels).");
 #if defined(COLABX_WITH_CUDA)
-  m.attr("dice_ce_loss_cuda_partial_voxels") = py::int_(cuda::kDcePartialVoxels);
-  m.attr("dice_ce_loss_cuda_max_k") = py::int_(cuda::kDceMaxK);
-  m.attr("dice_ce_loss_cuda_max_levels") = py::int_(cuda::kDceMaxLevels);
   m.def("dice_ce_loss_forward_cuda", &dice_ce_loss_forward_cuda, nogil,
         "CUDA forward: per-block partials into workspace, fixed-order final reduction on device.");
   m.def("dice_ce_loss_backward_cuda", &dice_ce_loss_backward_cuda, nogil,

@@ -46,9 +46,8 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
 // Buckets of up to 4 channels hold exactly K channels (dispatch_km): each kernel then replaces
-// its K argument by the constant KM, so every `k < K` test on the voxel path folds away. With K
-// at run time in a 4-wide bucket, the fp32 forward's tile loop was 1647 SASS instructions for
-// 4 voxels and the backward's 2179; K = 3 exact compiles them to 1080 and 1275 (CUDA 13.0, sm_90).
+// its K argument by the constant KM, so every `k < K` test on the voxel path folds away (with a
+// run-time K in a 4-wide bucket those tests stay in the voxel loops and lengthen them by half).
 template <int KM>
 constexpr bool kExactK = KM <= 4;
 
@@ -72,10 +71,9 @@ template <int KM>
 constexpr int kFlushTiles = static_cast<int>(kFlushVoxels / Bucket<KM>::tile);
 
 // A row segment of N elements of T moves as 32-bit words with the widest global access its size
-// allows (one LDG/STG.128 per 16 bytes). Stores are inline PTX st.global.v4/v2:
-// a plain copy of an aligned struct, or of a uint4, was split by nvcc into four scalar stores
-// for the gradient rows (SASS of dce_bwd_kernel, CUDA 13.0). Segments under 4 bytes (N uint8
-// labels, one 16-bit value) stay element-wise.
+// allows (one LDG/STG.128 per 16 bytes). Stores are inline PTX st.global.v4/v2: nvcc splits a
+// plain copy of an aligned struct, or of a uint4, into four scalar stores. Segments under 4
+// bytes (N uint8 labels, one 16-bit value) stay element-wise.
 template <typename T, int N>
 constexpr bool kWordVec = sizeof(T) * N >= 4 && (sizeof(T) * N) % 4 == 0;
 
@@ -253,12 +251,12 @@ __device__ __forceinline__ float fast_rcp(float x) {
 constexpr float kLogSoftmaxMinP = 8.2718061255302767e-25f;  // 2^-80
 
 // exp and log of the fp32 CE + Dice path: CUDA's expf (<= 2 ulp; range reduction around MUFU.EX2,
-// 10 SASS instructions against exp_poly's 19) and logf (<= 1 ulp; no division, where log_poly's
-// f / (2 + f) is an IEEE divide with a slow-path call). This path is issue-bound on that math (run 3:
-// bf16 logits, 25% fewer bytes, ran slower than fp32), and its outputs are well conditioned in p
-// (log-softmax CE, sums of p, gradients relative to p). The ROI BCE keeps the shared polynomials:
-// its gradient c / (1 - p + 1e-6) near p = 1 turns ulp-level changes of p into 1e-5 changes of
-// the result, and a reciprocal fast path there failed the GPU tolerance tests in run 3.
+// about half the instructions of exp_poly) and logf (<= 1 ulp; no division, where log_poly's
+// f / (2 + f) is an IEEE divide with a slow-path call). This path is issue-bound on that math
+// (bf16 logits, with a quarter fewer bytes, ran slower than fp32), and its outputs are well
+// conditioned in p (log-softmax CE, sums of p, gradients relative to p). The ROI BCE keeps the
+// shared polynomials: its gradient c / (1 - p + 1e-6) near p = 1 turns ulp-level changes of p
+// into 1e-5 changes of the result, beyond the GPU tests' tolerance.
 __device__ __forceinline__ float dce_exp(float x) { return expf(x); }
 __device__ __forceinline__ float dce_log(float x) { return logf(x); }
 
@@ -507,11 +505,10 @@ __global__ void __launch_bounds__(kFinThreads)
   }
 }
 
-// Resident blocks per SM the backward asks of ptxas, for float math. K <= 4: four (64 registers;
-// left alone it chose 80 and 3 blocks). Wider buckets: the blocks they had with one launch per
-// level, 3 with hard labels and 2 with soft targets; without the bound the level table cost them
-// one (<float, int64_t, true, 8>: 89 registers against 80, <float, float, false, 16>: 137
-// against 128), with it they fit without spilling. float64 keeps the default.
+// Resident blocks per SM the backward asks of ptxas, for float math. K <= 4: four (left alone
+// ptxas chose one block fewer). Wider buckets: 3 with hard labels and 2 with soft targets; the
+// level table would otherwise cost them a block, and with the bound they fit without spilling.
+// float64 keeps the default.
 template <typename A, int KM, bool HARD>
 constexpr int kBwdMinBlocks = sizeof(A) != 4 ? 1 : KM <= 4 ? 4 : HARD ? 3 : 2;
 
@@ -771,9 +768,6 @@ uint64_t channel_mask(const std::vector<int64_t>& channels, int64_t K, const cha
   return m;
 }
 
-// Partials the workspace holds per item: one per kDcePartialVoxels voxels (no tile is smaller).
-inline int64_t partial_slots(int64_t V) { return (V + kDcePartialVoxels - 1) / kDcePartialVoxels; }
-
 void check_sizes(int64_t B, int64_t V, const char* what) {
   if (B > 65535 || B < 1)
     throw std::invalid_argument(std::string(what) + ": batch of " + std::to_string(B) +
@@ -916,7 +910,7 @@ void dice_ce_loss_forward_cuda(const std::vector<uintptr_t>& logits,
   double* work = reinterpret_cast<double*>(workspace);
   LevelTable lv{};
   lv.n = static_cast<int>(L);
-  int64_t capacity = 0;  // the partials Python allocated: B * NS per partial slot
+  int64_t capacity = 0;  // the partials of the workspace: B * NS per partial slot
   for (size_t l = 0; l < L; ++l) {
     check_sizes(B, V[l], "dice_ce_loss");
     lv.inv_bv[l] = 1.0 / (double(B) * double(V[l]));
