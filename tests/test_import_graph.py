@@ -24,8 +24,8 @@ import colabx
 LAYERS = ["colabx.twins", "colabx.ops", "colabx.data", "colabx.models", "colabx.method",
           "colabx.inference", "colabx.viz", "colabx.train"]
 #: Shared helpers below every layer.
-BASE = ["colabx._C", "colabx._backend", "colabx._io", "colabx._precision", "colabx.checkpoint",
-        "colabx.device"]
+BASE = ["colabx._C", "colabx._backend", "colabx._io", "colabx._moved", "colabx._precision",
+        "colabx.checkpoint", "colabx.device"]
 
 
 def _modules() -> dict[str, Path]:

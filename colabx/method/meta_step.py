@@ -8,9 +8,8 @@ On a batch ``(x, y, d)`` (images, integer labels, distance to the ROI):
    levels, Dice over channels 1..K−1, default level weights), α = the current learning rate;
 3. v = ∇θ* L_ROI(f_θ*(x), y) (L_ROI = :func:`colabx.roi_bce_loss` on channels 1..c−1, full
    resolution);
-4. ε = fd_eps/‖v‖, θ± = θ ± εv; the θ+ and θ− forwards (one after the other, batched by
-   ``torch.func`` vmap over the two parameter sets, or as one grouped-convolution U-Net; see
-   ``MetaConfig.theta_pm``) under ``no_grad``, autocast off;
+4. ε = fd_eps/‖v‖, θ± = θ ± εv; the θ+ and θ− forwards (one after the other, or as one
+   grouped-convolution U-Net; see ``MetaConfig.theta_pm``) under ``no_grad``, autocast off;
    G± = ∂L_seg(f_θ±(x), ŷ)/∂ŷ from ONE fused loss call on the concatenated ``[z+; z−]``;
 5. ONE backward of −α (G+ − G−)/(2ε) through context_labels and g_ω fills the generator's
    ``.grad``;
@@ -36,7 +35,7 @@ from typing import Protocol
 
 import torch
 from torch import Tensor
-from torch.func import functional_call, vmap
+from torch.func import functional_call
 
 from colabx._precision import no_tf32, tf32_unless
 from colabx.method.grouped import grouped_unet_forward
@@ -50,7 +49,7 @@ __all__ = ["DIFFERENCES", "ORDERS", "GradReducer", "InnerPass", "MetaConfig", "M
 
 _MODES = ("batched", "per_sample")
 _META_GRADS = ("fd", "exact")
-_THETA_PM = ("sequential", "vmap", "grouped")
+_THETA_PM = ("sequential", "grouped")
 #: Iteration orders (:attr:`MetaConfig.order`) and finite differences (``difference``).
 ORDERS = ("reference", "shared")
 DIFFERENCES = ("central", "one_sided")
@@ -69,14 +68,12 @@ class MetaConfig:
         stepping after every sample).
     meta_grad : ``"fd"`` (finite difference, default) or ``"exact"`` (double backward).
     theta_pm : how the θ+ and θ− forwards run, always without autograd graph, then ONE fused loss
-        call on ``[z+; z−]``: ``"sequential"`` (two functional calls; default), ``"vmap"``
-        (``torch.func.vmap`` of the functional call over the two stacked parameter sets) or
-        ``"grouped"`` (one U-Net with every layer's two parameter sets concatenated and
-        ``groups=2`` convolutions, :mod:`colabx.method.grouped`). Default from CPU timings (2
-        threads, B=2, θ± forwards, median): 3D 48³, 30 base features, 4 pools: sequential
-        1.12 s, grouped 1.96 s, vmap 2.37 s; 3D 32³, 8 features, 3 pools: 62 / 47 / 65 ms. On
-        an H200 (B=2, 80³, 30 features, whole meta part): sequential 129 ms, grouped 151 ms,
-        vmap 157 ms.
+        call on ``[z+; z−]``: ``"sequential"`` (two functional calls; default) or ``"grouped"``
+        (one U-Net with every layer's two parameter sets concatenated and ``groups=2``
+        convolutions, :mod:`colabx.method.grouped`). Sequential is faster on the GPU (H200, B=2,
+        80³, 30 features, whole meta part: 129 vs 151 ms) and for large nets on the CPU (48³, 30
+        features, 4 pools: 1.12 vs 1.96 s); grouped wins for small nets on the CPU (32³, 8
+        features, 3 pools: 47 vs 62 ms; ``benchmarks/RESULTS.md``).
     amp : autocast the generator, the inner step and the L_ROI forwards in ``amp_dtype``; the θ±
         forwards always run with autocast disabled, in the parameters' dtype.
     fd_tf32 : let the θ± forwards use TF32 convolutions and matmuls as torch's settings allow
@@ -257,12 +254,6 @@ class MetaStep:
         the first B rows θ+. No autograd graph, autocast off, TF32 only with ``fd_tf32``."""
         f = self.f
         with torch.no_grad(), self._autocast(x, False), tf32_unless(self.config.fd_tf32):
-            if self.config.theta_pm == "vmap":
-                stacked = {n: torch.stack((p + eps * v[n], p - eps * v[n]))
-                           for n, p in params.items()}
-                out = vmap(lambda p, xx: functional_call(f, p, (xx,)), in_dims=(0, None))(
-                    stacked, x)
-                return [z.flatten(0, 1) for z in _as_list(out)]
             if self.config.theta_pm == "grouped":
                 sets = [{n: p + eps * v[n] for n, p in params.items()},
                         {n: p - eps * v[n] for n, p in params.items()}]

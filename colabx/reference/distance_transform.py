@@ -1,15 +1,7 @@
-"""Deprecated alias of :mod:`colabx.twins.distance_transform` (moved there); importing it
-raises a DeprecationWarning. Import from ``colabx.twins.distance_transform`` instead."""
+"""Deprecated alias of :mod:`colabx.twins.distance_transform` (moved there);
+importing it raises a DeprecationWarning. Import from ``colabx.twins.distance_transform``
+instead."""
 
-import sys
-import warnings
+from colabx._moved import alias
 
-from colabx.twins import distance_transform as _moved
-
-warnings.warn(
-    "colabx.reference.distance_transform is deprecated: it moved to "
-    "colabx.twins.distance_transform",
-    DeprecationWarning,
-    stacklevel=2,
-)
-sys.modules[__name__] = _moved
+alias(__name__, "colabx.twins.distance_transform")

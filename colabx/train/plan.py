@@ -1,14 +1,6 @@
 """Deprecated alias of :mod:`colabx.models.plan` (moved there);
-importing it raises a DeprecationWarning. Import from ``colabx.models.plan`` instead."""
+importing it raises a DeprecationWarning. Import from ``colabx.models`` instead."""
 
-import sys
-import warnings
+from colabx._moved import alias
 
-from colabx.models import plan as _moved
-
-warnings.warn(
-    "colabx.train.plan is deprecated: it moved to colabx.models.plan",
-    DeprecationWarning,
-    stacklevel=2,
-)
-sys.modules[__name__] = _moved
+alias(__name__, "colabx.models.plan")

@@ -1,14 +1,6 @@
 """Deprecated alias of :mod:`colabx.method.targets` (moved there);
-importing it raises a DeprecationWarning. Import from ``colabx.method.targets`` instead."""
+importing it raises a DeprecationWarning. Import from ``colabx.method`` instead."""
 
-import sys
-import warnings
+from colabx._moved import alias
 
-from colabx.method import targets as _moved
-
-warnings.warn(
-    "colabx.train.targets is deprecated: it moved to colabx.method.targets",
-    DeprecationWarning,
-    stacklevel=2,
-)
-sys.modules[__name__] = _moved
+alias(__name__, "colabx.method.targets")
