@@ -19,11 +19,18 @@ import torch
 from colabx._io import atomic_write
 
 __all__ = [
+    "RENAMED_KEYS",
     "capture_rng",
     "load_checkpoint",
     "restore_rng",
     "save_checkpoint",
 ]
+
+
+#: Checkpoint keys renamed since older runs were saved (old -> new): the network plan
+#: (:class:`colabx.models.NetworkPlan`) was "plan", the preprocessing plans
+#: (:mod:`colabx.data.preprocessing`) "plans". :func:`load_checkpoint` returns the new keys.
+RENAMED_KEYS = {"plan": "network_plan", "plans": "preprocessing_plans"}
 
 
 def capture_rng() -> dict[str, Any]:
@@ -60,7 +67,8 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True`` (no code from the file is executed).
+    """Read a checkpoint with ``weights_only=True`` (no code from the file is executed); keys of
+    older runs are renamed (:data:`RENAMED_KEYS`).
 
     Raises:
         FileNotFoundError: no such file.
@@ -75,4 +83,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"{path}: not a colabx checkpoint (no model/config entries)")
+    for old, new in RENAMED_KEYS.items():
+        if old in state and new not in state:
+            state[new] = state.pop(old)
     return state

@@ -14,12 +14,14 @@ from typing import Any
 import torch
 
 from colabx._io import check_output_folder, mark_output_folder
+from colabx.checkpoint import load_checkpoint
 from colabx.data.datasets import scan_images
 from colabx.data.nifti import DatasetError
 from colabx.device import resolve_device
 from colabx.inference.postprocess import POSTPROCESSING
 from colabx.inference.postprocess import postprocess as apply_postprocess
 from colabx.inference.predict import predict_raw_case, save_prediction
+from colabx.models.plan import NetworkPlan, build_networks
 
 __all__ = ["MAX_OVERLAP", "PREDICT_MARKER", "load_trained_model", "predict_folder"]
 
@@ -41,16 +43,13 @@ def load_trained_model(run: str | os.PathLike[str], checkpoint: str = "final",
     """The segmentation network of a run (eval mode, on ``device``), its network plan and the
     preprocessing plans. ``run`` is a run directory (``checkpoint`` = final, best or latest) or a
     checkpoint file."""
-    from colabx.checkpoint import load_checkpoint
-    from colabx.models.plan import NetworkPlan, build_networks
-
     state = load_checkpoint(_checkpoint_path(Path(run), checkpoint))
-    plan = NetworkPlan(**{**state["plan"], "with_generator": False})
+    plan = NetworkPlan(**{**state["network_plan"], "with_generator": False})
     dev = torch.device(device)
     f, _ = build_networks(plan, dev)
     f.load_state_dict(state["model"])
     f.eval()
-    return f, state["plan"], state["plans"]
+    return f, state["network_plan"], state["preprocessing_plans"]
 
 
 #: Marker of a folder written by :func:`predict_folder`.

@@ -19,9 +19,9 @@ from typing import Any
 
 import yaml
 
-__all__ = ["CHANGEABLE_ON_RESUME", "MODES", "PRESETS", "ConfigError", "TrainConfig",
-           "from_mapping", "load_config", "read_yaml", "resume_differences", "save_config",
-           "saved_options"]
+__all__ = ["CHANGEABLE_ON_RESUME", "MODES", "PRESETS", "TRAIN_PRESETS", "ConfigError",
+           "TrainConfig", "from_mapping", "load_config", "read_yaml", "resume_differences",
+           "save_config", "saved_options"]
 
 MODES = ("vanilla", "manual", "colab", "kmeans", "dilation")
 AMP_CHOICES = ("auto", "none", "bf16", "fp16")
@@ -342,10 +342,12 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
 #: when the targets have many channels: manual mode (6 channels) predicted no tumour at all after
 #: 600 SGD iterations (test DSC 0.000; vanilla 0.434), as the phantom's calibration found too.
 #: The meta step's inner step is still plain SGD, θ* = θ − α∇θ L, with α = the current LR.
-PRESETS: dict[str, dict[str, Any]] = {
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "phantom-cpu": {
         "epochs": 10, "iterations": 60, "batch_size": 2, "base_features": 8,
         "max_features": 64, "num_pool": 3, "optimizer": "adamw", "lr": 2e-3, "val_every": 2,
         "val_cases": 3, "snapshot_every": 2, "num_workers": 1,
     },
 }
+#: The former name of :data:`TRAIN_PRESETS` (deprecated).
+PRESETS = TRAIN_PRESETS

@@ -55,7 +55,7 @@ from colabx.models.plan import NetworkPlan, auto_patch_size, build_networks, poo
 from colabx.ops.dice_ce_loss import dice_ce_loss
 from colabx.train import evaluation
 from colabx.train.config import (
-    PRESETS,
+    TRAIN_PRESETS,
     TrainConfig,
     resume_differences,
     save_config,
@@ -80,7 +80,7 @@ def cache_dir() -> Path:
 def default_config(dataset: str | None = None, **overrides: Any) -> TrainConfig:
     """The configuration ``colabx train`` starts from: the ``phantom-cpu`` preset without a
     dataset, nnU-Net-like defaults with one."""
-    base = dict(PRESETS["phantom-cpu"]) if dataset is None else {}
+    base = dict(TRAIN_PRESETS["phantom-cpu"]) if dataset is None else {}
     return TrainConfig(dataset=dataset, **{**base, **overrides})
 
 
@@ -284,9 +284,9 @@ class Trainer:
         if cfg.patch_size:
             patch = list(cfg.patch_size)
         elif cfg.dataset is None:
-            from colabx.data.phantom import PRESETS as PHANTOMS
+            from colabx.data.phantom import PHANTOM_PRESETS
 
-            patch = list(PHANTOMS[cfg.phantom_preset].patch_size)
+            patch = list(PHANTOM_PRESETS[cfg.phantom_preset].patch_size)
         else:
             patch = auto_patch_size(median, spacing, budget)
         if len(patch) != len(spacing):
@@ -370,7 +370,8 @@ class Trainer:
     # -- state ----------------------------------------------------------------------------------
     def _state(self, epoch: int) -> dict[str, Any]:
         return {
-            "format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(), "plan": self.plan.to_dict(),
+            "format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(),
+            "network_plan": self.plan.to_dict(),
             "epoch": epoch, "iteration": epoch * self.cfg.iterations,
             "model": self.f.state_dict(),
             "generator": self.g.state_dict() if self.g is not None else None,
@@ -383,7 +384,7 @@ class Trainer:
             "dataset": {"root": str(self.dataset.root), "preprocessed": str(self.pre.root),
                         "labels": self.dataset.labels, "channel_names":
                         list(self.dataset.channel_names), "val_ids": self.val_ids},
-            "plans": {k: v for k, v in self.pre.plans.items() if k != "cases"},
+            "preprocessing_plans": {k: v for k, v in self.pre.plans.items() if k != "cases"},
             "log": self.log.rows if self.log is not None else [],
         }
 
