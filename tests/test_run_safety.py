@@ -127,7 +127,7 @@ def _partial_run(phantom, out, tmp_path, **kw):
 def test_runs_saved_before_an_option_existed_resume(phantom, tmp_path):
     """A run saved before ``generator_upsampling`` existed (transposed convs, no key in its
     configuration or plan; the plans under the old keys "plan" and "plans") resumes with nothing
-    given, though today's default differs, and predicts."""
+    given, though today's default differs."""
     from colabx.checkpoint import save_checkpoint
 
     run = tmp_path / "old"
