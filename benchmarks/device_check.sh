@@ -108,23 +108,19 @@ stage_train() {
   echo "train/data bench: $((SECONDS - t0)) s"
 }
 
-stage_meta() {
+# cuda_bench NAME TIMEOUT MODULE TABLE_PATTERN: one CUDA benchmark, its log, JSON and table.
+cuda_bench() {
   t0=$SECONDS
-  # the JSON is written after the timings and again after the float64 accuracy part, so a
-  # timeout in the latter keeps the timings
-  run_logged 180 bench_meta_cuda.log benchmarks.bench_meta_step --device cuda --min-time 0.2 \
-    --out "$OUT/meta_cuda.json"
-  show_table bench_meta_cuda.log '^| part '
-  echo "meta bench: $((SECONDS - t0)) s"
+  run_logged "$2" "bench_$1_cuda.log" "$3" --device cuda --min-time 0.2 --out "$OUT/$1_cuda.json"
+  show_table "bench_$1_cuda.log" "$4"
+  echo "$1 bench: $((SECONDS - t0)) s"
 }
 
-stage_compat() {
-  t0=$SECONDS
-  run_logged 60 bench_compat_cuda.log benchmarks.bench_compat --device cuda --min-time 0.2 \
-    --out "$OUT/compat_cuda.json"
-  show_table bench_compat_cuda.log '^| op '
-  echo "compat bench: $((SECONDS - t0)) s"
-}
+# the meta JSON is written after the timings and again after the float64 accuracy part, so a
+# timeout in the latter keeps the timings
+stage_meta() { cuda_bench meta 180 benchmarks.bench_meta_step '^| part '; }
+
+stage_compat() { cuda_bench compat 60 benchmarks.bench_compat '^| op '; }
 
 stage_ncu() {
   t0=$SECONDS

@@ -55,12 +55,16 @@ def _launches_for_emulation(source: str) -> str:
 # extra compiler flags.
 CTX_SOURCES = [CSRC / "cuda" / "context_labels.cu", CSRC / "cuda" / "context_labels_tile.h",
                CSRC / "common" / "context_labels.h", CSRC / "common" / "fast_divmod.h"]
+LOSS_HEADERS = [CSRC / "cuda" / "dice_ce_loss.h", CSRC / "cuda" / "softmax_rows.cuh",
+                CSRC / "common" / "dice_ce_loss.h"]
 LIBS = {
     "context_labels": ("context_labels", CTX_SOURCES, CSRC / "cuda" / "context_labels.cu", []),
-    "dice_ce_loss": ("dice_ce_loss", [CSRC / "cuda" / "dice_ce_loss.cu",
-                                      CSRC / "cuda" / "dice_ce_loss.h",
-                                      CSRC / "common" / "dice_ce_loss.h"],
+    "dice_ce_loss": ("dice_ce_loss", [CSRC / "cuda" / "dice_ce_loss.cu", *LOSS_HEADERS],
                      CSRC / "cuda" / "dice_ce_loss.cu", []),
+    "roi_bce_loss": ("roi_bce_loss", [CSRC / "cuda" / "roi_bce_loss.cu", *LOSS_HEADERS,
+                                      CSRC / "cuda" / "roi_bce_loss.h",
+                                      CSRC / "common" / "roi_bce_loss.h"],
+                     CSRC / "cuda" / "roi_bce_loss.cu", []),
     "distance_transform": ("distance_transform", [CSRC / "cuda" / "distance_transform.cu",
                                                   CSRC / "cuda" / "distance_transform.h",
                                                   CSRC / "common" / "distance_transform.h"],
@@ -129,9 +133,18 @@ def emu_loss(emu_libs):
                                             s, i]
     so.emu_dice_ce_loss_backward.argtypes = [i, U64, P, P, i, P, I64, I64, P, P, i, P, d, U64, P,
                                              P, s, i]
+    so.emu_dice_ce_loss_limits.argtypes = [P]
+    return so
+
+
+@pytest.fixture(scope="session")
+def emu_bce(emu_libs):
+    """roi_bce_loss.cu's host entry points and kernels."""
+    so = ctypes.CDLL(str(emu_libs["roi_bce_loss"]))
+    i, s = ctypes.c_int, ctypes.c_char_p
+    so.emu_set_resident_blocks.argtypes = [i]
     so.emu_roi_bce_loss_forward.argtypes = [U64, U64, i, i, I64, I64, I64, P, i, U64, U64, s, i]
     so.emu_roi_bce_loss_backward.argtypes = [U64, U64, U64, i, i, I64, I64, I64, P, i, U64, s, i]
-    so.emu_dice_ce_loss_limits.argtypes = [P]
     return so
 
 
@@ -530,25 +543,25 @@ def test_dice_ce_loss_is_bitwise_reproducible(emu_loss):
 @pytest.mark.parametrize(("K", "S", "dtype"), [(2, (9, 10, 11), torch.float32),
                                                (3, (31, 33), torch.bfloat16),
                                                (6, (7, 8, 9), torch.float64)])
-def test_roi_bce_loss_kernels_match_the_cpu_kernels(emu_loss, K, S, dtype, resident):
+def test_roi_bce_loss_kernels_match_the_cpu_kernels(emu_bce, K, S, dtype, resident):
     g = torch.Generator().manual_seed(K)
     z = (2 * torch.randn(2, K, *S, generator=g, dtype=torch.float64)).to(dtype)
     lab = torch.randint(0, K, (2, *S), generator=g)
     roi = list(range(1, K))
     B, V = 2, math.prod(S)
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
-    emu_loss.emu_set_resident_blocks(resident)
+    emu_bce.emu_set_resident_blocks(resident)
     work, check_work = _workspace(_backend.ext().roi_bce_loss_cuda_workspace_size, B, V)
     loss = torch.empty((), dtype=cdt)
     err = ctypes.create_string_buffer(512)
     args = (ctypes.c_uint64(z.data_ptr()), ctypes.c_uint64(lab.data_ptr()),
             _backend.dtype_code(z), _backend.dtype_code(lab), B, K, V, _ints(roi), len(roi))
-    _check(emu_loss.emu_roi_bce_loss_forward(*args, ctypes.c_uint64(loss.data_ptr()),
+    _check(emu_bce.emu_roi_bce_loss_forward(*args, ctypes.c_uint64(loss.data_ptr()),
                                              ctypes.c_uint64(work.data_ptr()), err, len(err)), err)
     check_work()
     grad = torch.full((), 0.5, dtype=cdt)
     gz = torch.full_like(z, float("nan"))
-    _check(emu_loss.emu_roi_bce_loss_backward(ctypes.c_uint64(grad.data_ptr()), *args,
+    _check(emu_bce.emu_roi_bce_loss_backward(ctypes.c_uint64(grad.data_ptr()), *args,
                                               ctypes.c_uint64(gz.data_ptr()), err, len(err)), err)
     torch.testing.assert_close(loss, bce_op._forward_kernels(z, lab, roi), **LOSS_TOL[dtype])
     torch.testing.assert_close(gz.float(), bce_op._backward_kernels(grad, z, lab, roi).float(),

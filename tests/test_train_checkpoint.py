@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from colabx.train import checkpoint as ck
+from colabx import checkpoint as ck
 
 
 def _state(v: float) -> dict:

@@ -54,16 +54,9 @@ def _kernels_for(o: torch.Tensor, strides: Sequence[int], num_classes: int) -> b
         *_kernel_args(o, num_classes, strides), elem))
 
 
-def _forward_kernels(
-    gen_logits: torch.Tensor,
-    labels: torch.Tensor,
-    distance: torch.Tensor,
-    num_classes: int,
-    margin: float,
-    tau: float,
-    strides: List[int],
-    with_mask: bool,
-) -> List[torch.Tensor]:
+def _forward_kernels(gen_logits: torch.Tensor, labels: torch.Tensor, distance: torch.Tensor,
+                     num_classes: int, margin: float, tau: float, strides: List[int],
+                     with_mask: bool) -> List[torch.Tensor]:
     """Per-level labels (then per-level masks when ``with_mask``) from the kernels. Inputs
     contiguous; distance already in the accumulation dtype."""
     o = gen_logits
@@ -104,16 +97,9 @@ def _(gen_logits, labels, distance, num_classes, margin, tau, strides, with_mask
     return outs + masks
 
 
-def _backward_kernels(
-    grads: List[Optional[torch.Tensor]],
-    gen_logits: torch.Tensor,
-    labels: torch.Tensor,
-    distance: torch.Tensor,
-    num_classes: int,
-    margin: float,
-    tau: float,
-    strides: List[int],
-) -> torch.Tensor:
+def _backward_kernels(grads: List[Optional[torch.Tensor]], gen_logits: torch.Tensor,
+                      labels: torch.Tensor, distance: torch.Tensor, num_classes: int,
+                      margin: float, tau: float, strides: List[int]) -> torch.Tensor:
     """Gradient w.r.t. the generator logits from one incoming gradient per level (None = 0)."""
     o = gen_logits
     acc = accumulation_dtype(o.dtype)

@@ -1,4 +1,4 @@
-// Bindings of the fused CE + Dice loss and the ROI BCE loss (CPU always, CUDA when built).
+// Bindings of the fused CE + Dice loss (CPU always, CUDA when built).
 #include <pybind11/stl.h>
 
 #include "bindings/registry.h"
@@ -14,26 +14,16 @@ void register_dice_ce_loss(py::module_& m) {
         "Fused softmax + CE + Dice forward over all levels: writes stats [L, B, 3K+1] and loss.");
   m.def("dice_ce_loss_backward_cpu", &dice_ce_loss_backward_cpu, nogil,
         "Backward: grads w.r.t. logits and soft targets from saved stats and grad_out.");
-  m.def("roi_bce_loss_forward_cpu", &roi_bce_loss_forward_cpu, nogil, "ROI one-vs-all BCE forward.");
-  m.def("roi_bce_loss_backward_cpu", &roi_bce_loss_backward_cpu, nogil,
-        "ROI one-vs-all BCE backward (grad w.r.t. logits).");
   // The CUDA kernels' limits and workspace sizes, in every build (Python asks before routing).
   m.def("dice_ce_loss_cuda_supported", &cuda::dice_ce_loss_supported,
         "Whether the CUDA kernels take K channels over the given number of levels.");
   m.def("dice_ce_loss_cuda_workspace_size", &cuda::dice_ce_loss_workspace_size,
         "float64 entries of the CUDA forward's workspace for (B, K, voxels per level).");
-  m.def("roi_bce_loss_cuda_supported", &cuda::roi_bce_loss_supported,
-        "Whether the ROI BCE CUDA kernels take K channels.");
-  m.def("roi_bce_loss_cuda_workspace_size", &cuda::roi_bce_loss_workspace_size,
-        "float64 entries of the ROI BCE CUDA forward's workspace for (B, voxels).");
 #if defined(COLABX_WITH_CUDA)
   m.def("dice_ce_loss_forward_cuda", &dice_ce_loss_forward_cuda, nogil,
         "CUDA forward: per-block partials into workspace, fixed-order final reduction on device.");
   m.def("dice_ce_loss_backward_cuda", &dice_ce_loss_backward_cuda, nogil,
         "CUDA backward: reads grad_out and stats from device memory.");
-  m.def("roi_bce_loss_forward_cuda", &roi_bce_loss_forward_cuda, nogil, "CUDA ROI BCE forward.");
-  m.def("roi_bce_loss_backward_cuda", &roi_bce_loss_backward_cuda, nogil,
-        "CUDA ROI BCE backward.");
 #endif
 }
 }  // namespace colabx

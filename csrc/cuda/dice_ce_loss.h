@@ -1,5 +1,5 @@
-// CUDA entry points of the fused CE + Dice loss and the ROI BCE loss (compiled with nvcc only),
-// and the kernels' limits and workspace sizes, which every build's bindings report to Python.
+// CUDA entry points of the fused CE + Dice loss (compiled with nvcc only), and the kernels'
+// limits and workspace sizes, which every build's bindings report to Python.
 #pragma once
 
 #include <cstdint>
@@ -27,14 +27,10 @@ inline int64_t dice_ce_loss_workspace_size(int64_t B, int64_t K, const std::vect
   return (slots + static_cast<int64_t>(V.size()) * B) * (3 * K + 1);
 }
 
-// float64 entries of the ROI BCE forward's workspace: one partial per block and item.
-inline int64_t roi_bce_loss_workspace_size(int64_t B, int64_t V) { return B * partial_slots(V); }
-
 // Whether the CUDA kernels take K channels over `levels` levels (else Python runs the twin).
 inline bool dice_ce_loss_supported(int64_t K, int64_t levels) {
   return K >= 2 && K <= kDceMaxK && levels >= 1 && levels <= kDceMaxLevels;
 }
-inline bool roi_bce_loss_supported(int64_t K) { return K >= 2 && K <= kDceMaxK; }
 }  // namespace cuda
 
 // workspace: float64, cuda::dice_ce_loss_workspace_size(B, K, V) entries.
@@ -55,16 +51,5 @@ void dice_ce_loss_backward_cuda(uintptr_t grad_out, const std::vector<uintptr_t>
                                 const std::vector<uintptr_t>& grad_logits,
                                 const std::vector<uintptr_t>& grad_targets, int device,
                                 uintptr_t stream);
-
-// workspace: float64, cuda::roi_bce_loss_workspace_size(B, V) entries.
-void roi_bce_loss_forward_cuda(uintptr_t logits, uintptr_t labels, int logits_code, int label_code,
-                               int64_t B, int64_t K, int64_t V,
-                               const std::vector<int64_t>& roi_channels, uintptr_t loss,
-                               uintptr_t workspace, int device, uintptr_t stream);
-
-void roi_bce_loss_backward_cuda(uintptr_t grad_out, uintptr_t logits, uintptr_t labels,
-                                int logits_code, int label_code, int64_t B, int64_t K, int64_t V,
-                                const std::vector<int64_t>& roi_channels, uintptr_t grad_logits,
-                                int device, uintptr_t stream);
 
 }  // namespace colabx
