@@ -102,6 +102,17 @@ inline void dce_bwd_tile_any(int K, int T, const double* z, const double* y, con
 }
 // ---- CE + Dice ---------------------------------------------------------------------------------
 
+// Logits and targets (hard labels as one-hot) of the tile [v0, v0 + n) of item b.
+template <bool HARD, typename TL, typename TT, typename A>
+inline void load_pair(const TL* z, const TT* tg, int64_t b, int K, int64_t V, int64_t v0, int n,
+                      A* zt, A* yt) {
+  load_rows(z + b * K * V, V, K, v0, n, zt);
+  if constexpr (HARD)
+    load_onehot(tg + b * V + v0, K, n, yt);
+  else
+    load_rows(tg + b * K * V, V, K, v0, n, yt);
+}
+
 template <typename TL, typename TT, bool HARD>
 void dce_forward_level(const TL* z, const TT* tg, int64_t B, int K, int64_t V, int num_threads,
                        double* partial) {
@@ -117,11 +128,7 @@ void dce_forward_level(const TL* z, const TT* tg, int64_t B, int K, int64_t V, i
     A* s = m + kTile;
     std::fill(acc, acc + NS * kTile, A(0));
     for_each_tile(v_begin, v_end, [&](int64_t v0, int n) {
-      load_rows(z + b * K * V, V, K, v0, n, zt);
-      if constexpr (HARD)
-        load_onehot(tg + b * V + v0, K, n, yt);
-      else
-        load_rows(tg + b * K * V, V, K, v0, n, yt);
+      load_pair<HARD>(z, tg, b, K, V, v0, n, zt, yt);
       dce_fwd_tile_any(K, n, zt, yt, pt, m, s, acc);
     });
     double* out = partial + task * NS;
@@ -150,11 +157,7 @@ void dce_backward_level(const TL* z, const TT* tg, int64_t B, int K, int64_t V,
     A* s = m + kTile;
     const A* cb = coef.data() + b * (2 * K + 1);
     for_each_tile(v_begin, v_end, [&](int64_t v0, int n) {
-      load_rows(z + b * K * V, V, K, v0, n, zt);
-      if constexpr (HARD)
-        load_onehot(tg + b * V + v0, K, n, yt);
-      else
-        load_rows(tg + b * K * V, V, K, v0, n, yt);
+      load_pair<HARD>(z, tg, b, K, V, v0, n, zt, yt);
       dce_bwd_tile_any(K, n, zt, yt, cb, want_gy, pt, gt, m, s, gzt, gyt);
       store_rows(gzt, V, K, v0, n, gz + b * K * V);
       if constexpr (!HARD)

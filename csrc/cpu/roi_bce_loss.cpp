@@ -134,21 +134,25 @@ namespace colabx {
 
 using namespace dce_cpu;
 
+// The kernel types of one call: fn(TypeTag<logits type>, TypeTag<label type>).
+template <typename Fn>
+void for_bce_types(int logits_code, int label_code, Fn&& fn) {
+  dispatch_floating(logits_code, "roi_bce_loss logits", [&](auto ltag) {
+    dispatch_labels(label_code, "roi_bce_loss labels", [&](auto ttag) { fn(ltag, ttag); });
+  });
+}
+
 void roi_bce_loss_forward_cpu(uintptr_t logits, uintptr_t labels, int logits_code, int label_code,
                               int64_t B, int64_t K, int64_t V,
                               const std::vector<int64_t>& roi_channels, uintptr_t loss,
                               int num_threads) {
   const std::vector<uint8_t> roi = channel_mask<double>(roi_channels, K, "roi_bce_loss");
-  dispatch_floating(logits_code, "roi_bce_loss logits", [&](auto ltag) {
+  for_bce_types(logits_code, label_code, [&](auto ltag, auto ttag) {
     using TL = typename decltype(ltag)::type;
-    using A = acc_t<TL>;
-    dispatch_labels(label_code, "roi_bce_loss labels", [&](auto ttag) {
-      using L = typename decltype(ttag)::type;
-      const double sum = bce_forward(reinterpret_cast<const TL*>(logits),
-                                     reinterpret_cast<const L*>(labels), B, static_cast<int>(K), V,
-                                     roi.data(), num_threads);
-      *reinterpret_cast<A*>(loss) = static_cast<A>(-sum / (double(B) * double(V)));
-    });
+    const double sum = bce_forward(reinterpret_cast<const TL*>(logits),
+                                   reinterpret_cast<const typename decltype(ttag)::type*>(labels),
+                                   B, static_cast<int>(K), V, roi.data(), num_threads);
+    *reinterpret_cast<acc_t<TL>*>(loss) = static_cast<acc_t<TL>>(-sum / (double(B) * double(V)));
   });
 }
 
@@ -157,17 +161,14 @@ void roi_bce_loss_backward_cpu(uintptr_t grad_out, uintptr_t logits, uintptr_t l
                                const std::vector<int64_t>& roi_channels, uintptr_t grad_logits,
                                int num_threads) {
   const std::vector<uint8_t> roi = channel_mask<double>(roi_channels, K, "roi_bce_loss");
-  dispatch_floating(logits_code, "roi_bce_loss logits", [&](auto ltag) {
+  for_bce_types(logits_code, label_code, [&](auto ltag, auto ttag) {
     using TL = typename decltype(ltag)::type;
     using A = acc_t<TL>;
-    const A g = *reinterpret_cast<const A*>(grad_out);
-    const A c = g / static_cast<A>(double(B) * double(V));
-    dispatch_labels(label_code, "roi_bce_loss labels", [&](auto ttag) {
-      using L = typename decltype(ttag)::type;
-      bce_backward(reinterpret_cast<const TL*>(logits), reinterpret_cast<const L*>(labels), B,
-                   static_cast<int>(K), V, roi.data(), c, reinterpret_cast<TL*>(grad_logits),
-                   num_threads);
-    });
+    const A c = *reinterpret_cast<const A*>(grad_out) / static_cast<A>(double(B) * double(V));
+    bce_backward(reinterpret_cast<const TL*>(logits),
+                 reinterpret_cast<const typename decltype(ttag)::type*>(labels), B,
+                 static_cast<int>(K), V, roi.data(), c, reinterpret_cast<TL*>(grad_logits),
+                 num_threads);
   });
 }
 
