@@ -163,11 +163,11 @@ def _addresses(tensors):
         0 if x is None else x.data_ptr() for x in tensors])
 
 
-def _call(emu, backward, kernel, rows, o, y, d, c, strides3, levels, masks=None, grad_o=None,
+def _call(emu, backward, kernel, rows, o, y, d, c, flat_strides, levels, masks=None, grad_o=None,
           margin=30.0, tau=20.0):
-    nlev = len(strides3) // 3
+    nlev = len(flat_strides) // 3
     spatial = (ctypes.c_int64 * 3)(*o.shape[2:])
-    strides = (ctypes.c_int64 * len(strides3))(*strides3)
+    strides = (ctypes.c_int64 * len(flat_strides))(*flat_strides)
     err = ctypes.create_string_buffer(512)
     args = (o.shape[0], o.shape[1], c, spatial, o.dim() - 2, strides, nlev,
             ctypes.c_uint64(o.data_ptr()), _backend.dtype_code(o), ctypes.c_uint64(y.data_ptr()),
@@ -190,7 +190,7 @@ def _inputs(B, t, c, S, dtype, label_dtype=torch.int64, seed=0):
     return o, y, d.to(torch.float64 if dtype == torch.float64 else torch.float32)
 
 
-def _strides3(levels, spatial):
+def _flat_strides(levels, spatial):
     out = []
     for s in normalize_levels(levels, spatial):
         out += [1] * (3 - len(s)) + list(s)
@@ -201,16 +201,16 @@ def _emulated(emu, kernel, rows, o, y, d, c, levels, grads):
     """Forward outputs and masks per level, and ∂o for `grads` (a None entry: no gradient),
     from the emulated kernels (`kernel` None: the host entry points' choice); None when
     `kernel` does not take this geometry."""
-    strides3 = _strides3(levels, tuple(o.shape[2:]))
+    flat_strides = _flat_strides(levels, tuple(o.shape[2:]))
     acc = d.dtype
     K = c + o.shape[1] - 1
-    shapes = level_shapes(o.shape[2:], strides3)
+    shapes = level_shapes(o.shape[2:], flat_strides)
     outs = [torch.empty((o.shape[0], K, *s), dtype=acc) for s in shapes]
     masks = [torch.empty((o.shape[0], *s), dtype=acc) for s in shapes]
-    if not _call(emu, False, kernel, rows, o, y, d, c, strides3, outs, masks):
+    if not _call(emu, False, kernel, rows, o, y, d, c, flat_strides, outs, masks):
         return None
     grad_o = torch.empty_like(o)
-    assert _call(emu, True, kernel, rows, o, y, d, c, strides3, grads, grad_o=grad_o)
+    assert _call(emu, True, kernel, rows, o, y, d, c, flat_strides, grads, grad_o=grad_o)
     return outs, masks, grad_o
 
 
@@ -281,7 +281,7 @@ def test_tiled_kernels_match_the_cpu_kernels(emu, case, dtype):
 def test_tiled_unused_levels_get_no_gradient(emu, case):
     B, t, c, S, lev = case
     o, y, d = _inputs(B, t, c, S, torch.float32, seed=3)
-    n = len(_strides3(lev, S)) // 3
+    n = len(_flat_strides(lev, S)) // 3
     for keep in ([0], [n - 1], list(range(1, n))):
         probe = _emulated(emu, "tiled", 2, o, y, d, c, lev, [None] * n)
         grads = _upstream(probe[0], keep=keep)
@@ -610,9 +610,9 @@ def test_loss_sizing_and_routing_follow_the_kernel_limits(emu_loss, cuda_built):
 def test_context_labels_routing_follows_the_kernels_t_limit(emu, cuda_built):
     max_t = emu.emu_context_labels_max_t()
     assert max_t == 16
-    strides3 = _strides3(2, (8, 9, 10))
-    assert ctx_op._kernels_for(_fake_cuda((1, max_t, 8, 9, 10)), strides3, 2)
-    assert not ctx_op._kernels_for(_fake_cuda((1, max_t + 1, 8, 9, 10)), strides3, 2)
+    flat_strides = _flat_strides(2, (8, 9, 10))
+    assert ctx_op._kernels_for(_fake_cuda((1, max_t, 8, 9, 10)), flat_strides, 2)
+    assert not ctx_op._kernels_for(_fake_cuda((1, max_t + 1, 8, 9, 10)), flat_strides, 2)
     _check_case(emu, None, 0, (1, max_t, 2, (8, 9, 10), 2), seed=12)  # the kernels take max_t
     o, y, d = _inputs(1, max_t + 1, 2, (8, 9, 10), torch.float32)
     with pytest.raises(RuntimeError, match=f"t must be <= {max_t}"):
@@ -632,8 +632,8 @@ TILE_CASES = [
 
 @pytest.mark.parametrize(("levels", "t", "spatial", "fits"), TILE_CASES)
 def test_context_labels_routing_asks_the_extension(emu, cuda_built, levels, t, spatial, fits):
-    strides3 = _strides3(levels, spatial)
-    assert ctx_op._kernels_for(_fake_cuda((1, t, *spatial)), strides3, 2) == fits
+    flat_strides = _flat_strides(levels, spatial)
+    assert ctx_op._kernels_for(_fake_cuda((1, t, *spatial)), flat_strides, 2) == fits
     if fits:  # what colabx routes to the kernels, they run, and right
         _check_case(emu, None, 0, (1, t, 2, spatial, levels), seed=13)
     else:  # what they refuse, colabx never routes to them
