@@ -33,7 +33,7 @@ def test_without_kernels_cuda_tensors_go_to_the_twins_with_one_warning(monkeypat
     monkeypatch.setattr(_backend, "cuda_kernels_available", lambda: False)
     z = _fake_cuda((2, 3, 8, 8))
     with pytest.warns(RuntimeWarning, match=r"colabx\.dice_ce_loss: colabx was built without "
-                      r"CUDA kernels .* running the pure-PyTorch reference"):
+                      r"CUDA kernels .* running the pure-PyTorch twin"):
         assert not dce_op._kernels_for(z, 3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per op

@@ -37,9 +37,9 @@ def test_old_names_resolve():
     with pytest.warns(DeprecationWarning):
         sys.modules.pop("colabx.reference.context_labels", None)
         from colabx.reference.context_labels import context_labels_reference
-    from colabx.twins.context_labels import context_labels_reference as twin
+    from colabx.twins.context_labels import context_labels_twin
 
-    assert context_labels_reference is twin
+    assert context_labels_reference is context_labels_twin
 
 
 def test_dice_ce_loss_alias_keeps_both_losses():

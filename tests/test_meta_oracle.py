@@ -21,7 +21,7 @@ from torch.func import functional_call
 from colabx import distance_transform
 from colabx.method.meta_step import MetaConfig, MetaStep
 from colabx.models import UNet, task_generator
-from colabx.twins.context_labels import context_labels_reference
+from colabx.twins.context_labels import context_labels_twin
 
 LR = 0.01
 MARGIN, TAU = 2.0, 2.0
@@ -78,7 +78,7 @@ def oracle_hypergradient(f, g, x, y, d, c, lr):
     """dL_ROI(θ − α ∇θ L_seg(θ, ŷ(ω)))/dω by double backprop, flattened over g's parameters."""
     theta = {n: p.detach().requires_grad_() for n, p in f.named_parameters()}
     omega = dict(g.named_parameters())
-    yhat = context_labels_reference(functional_call(g, omega, (x,)), y, d, c, MARGIN, TAU,
+    yhat = context_labels_twin(functional_call(g, omega, (x,)), y, d, c, MARGIN, TAU,
                                     f.output_strides)
     l_seg = _l_seg(functional_call(f, theta, (x,)), yhat)
     grads = torch.autograd.grad(l_seg, list(theta.values()), create_graph=True)

@@ -19,7 +19,7 @@ from colabx.ops import _checks
 from colabx.ops._kernels import kernel_call
 from colabx.twins.context_labels import (
     LevelsArg,
-    context_labels_reference,
+    context_labels_twin,
     normalize_levels,
 )
 
@@ -247,7 +247,7 @@ def context_labels(
     for s in strides:
         flat_strides += [1] * (3 - len(s)) + list(s)
     if not _kernels_for(gen_logits, flat_strides, num_classes):
-        return context_labels_reference(
+        return context_labels_twin(
             gen_logits, labels, distance, num_classes, margin, tau,
             strides if not (isinstance(levels, int) and levels == 1) else 1, return_mask,
         )

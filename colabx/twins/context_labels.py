@@ -83,7 +83,7 @@ def _sample_labels(labels: torch.Tensor, stride: Sequence[int]) -> torch.Tensor:
     return out
 
 
-def context_labels_reference(
+def context_labels_twin(
     gen_logits: torch.Tensor,
     labels: torch.Tensor,
     distance: torch.Tensor,
@@ -124,3 +124,7 @@ def context_labels_reference(
     if single:
         return (outs[0], masks[0]) if return_mask else outs[0]
     return (outs, masks) if return_mask else outs
+
+
+#: The twin's former name (deprecated): "reference" now means only the published CoLab code.
+context_labels_reference = context_labels_twin

@@ -27,7 +27,7 @@ import torch
 from torch.func import functional_call
 
 from colabx._precision import tf32_unless
-from colabx.twins.context_labels import context_labels_reference
+from colabx.twins.context_labels import context_labels_twin
 from colabx.twins.dice_ce_loss import dice_ce_loss
 from colabx.twins.roi_bce_loss import roi_bce_loss
 
@@ -46,7 +46,7 @@ def _labels(g, x, y, d, num_classes, margin, tau, levels, autocast=None):
     """context_labels(g(x)), the generator's forward under ``autocast`` when given."""
     with autocast if autocast is not None else contextlib.nullcontext():
         o = g(x)
-    return context_labels_reference(o, y, d, num_classes, margin, tau, levels)
+    return context_labels_twin(o, y, d, num_classes, margin, tau, levels)
 
 
 def _detach(yhat):

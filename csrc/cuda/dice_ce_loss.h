@@ -11,7 +11,7 @@ namespace cuda {
 // tile is smaller than kDcePartialVoxels voxels; the workspace sizes below follow from it.
 constexpr int kDcePartialVoxels = 256;
 // Largest K the CUDA kernels take (all channels of a voxel live in registers); Python runs the
-// reference twin above it.
+// pure-PyTorch twin above it.
 constexpr int kDceMaxK = 16;
 // Most deep-supervision levels one CUDA call takes.
 constexpr int kDceMaxLevels = 16;
