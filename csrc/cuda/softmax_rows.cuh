@@ -285,10 +285,9 @@ inline int64_t blocks_per_item(int64_t resident, int64_t B, int64_t ntiles, int6
 // grid-stride plan of blocks_per_item for all the launch's tiles together, shared out in
 // proportion to the levels' tiles (one level keeps the whole plan), so the coarse levels ride in
 // the finest level's waves and blocks have about the same work. At most one block per tile, so a
-// forward kernel's partials (one per block) fit the workspace (partial_slots). Capping the
-// forward at one block per 4096 voxels instead left 2x3x80^3 at a quarter wave of blocks on an
-// H200, each thread waiting on 4 tiles' loads in turn (10.3 us against the backward's 11.3 us,
-// which moves twice the bytes).
+// forward kernel's partials (one per block) fit the workspace (partial_slots). Fewer, longer
+// blocks (one per several tiles) leave mid-size inputs at a fraction of a wave, each thread
+// waiting on its tiles' loads in turn.
 template <auto Kernel>
 std::vector<int64_t> level_blocks(int device, int64_t B, const std::vector<int64_t>& tiles) {
   int64_t total = 0;
