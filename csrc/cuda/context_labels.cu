@@ -641,6 +641,29 @@ unsigned tile_threads(Kernel kernel, const Plan& p, ctxlab::Tile* tl, size_t sme
   return static_cast<unsigned>(tl->TW * rows);
 }
 
+// The tile of a call with pooled levels for `kernel` (accumulation type A), with its dynamic
+// shared memory and the threads per block to launch it with.
+template <typename A, typename Kernel>
+ctxlab::Tile pooled_tile(Kernel kernel, const Plan& p, int device, size_t* smem,
+                         unsigned* threads) {
+  ctxlab::Tile tl;
+  if (!ctxlab::make_tile(p, sizeof(A), &tl, smem))
+    throw std::invalid_argument("context_labels (CUDA): no tile for these levels "
+                                "(context_labels_cuda_supported is false)");
+  *threads = tile_threads(kernel, p, &tl, *smem, device);
+  return tl;
+}
+
+// The kernel instantiation of one call: fn(TypeTag<logits type>, TypeTag<label type>,
+// integral_constant<int, TMAX>).
+template <typename Fn>
+void for_kernel_types(const Plan& p, int o_dtype, int y_dtype, Fn&& fn) {
+  dispatch_floating(o_dtype, "context_labels gen_logits", [&](auto tag) {
+    dispatch_labels(y_dtype, "context_labels labels",
+                    [&](auto ltag) { dispatch_tmax(p.t, [&](auto tm) { fn(tag, ltag, tm); }); });
+  });
+}
+
 }  // namespace
 
 void context_labels_forward_cuda(const Plan& p, uintptr_t o, int o_dtype, uintptr_t y, int y_dtype,
@@ -649,38 +672,32 @@ void context_labels_forward_cuda(const Plan& p, uintptr_t o, int o_dtype, uintpt
                                  int device, uintptr_t stream) {
   cudaStream_t st = static_cast<cudaStream_t>(cuda::prepare(device, stream, "context_labels"));
   if (p.B == 0 || p.voxels() == 0) return;
-  dispatch_floating(o_dtype, "context_labels gen_logits", [&](auto tag) {
+  for_kernel_types(p, o_dtype, y_dtype, [&](auto tag, auto ltag, auto tm) {
     using T = typename decltype(tag)::type;
+    using L = typename decltype(ltag)::type;
     using A = acc_t<T>;
-    dispatch_labels(y_dtype, "context_labels labels", [&](auto ltag) {
-      using L = typename decltype(ltag)::type;
-      dispatch_tmax(p.t, [&](auto tm) {
-        constexpr int TMAX = decltype(tm)::value;
-        LevelPtrs<A> op{}, mp{};
-        for (int l = 0; l < p.nlev; ++l) {
-          op.p[l] = reinterpret_cast<A*>(outs[l]);
-          mp.p[l] = masks.empty() ? nullptr : reinterpret_cast<A*>(masks[l]);
-        }
-        if (!p.has_pooled()) {
-          fwd_flat<T, L, TMAX><<<flat_grid(p), 256, 0, st>>>(
-              p, reinterpret_cast<const T*>(o), reinterpret_cast<const L*>(y), reinterpret_cast<const A*>(d),
-              op.p[0], mp.p[0], static_cast<A>(margin), static_cast<A>(tau));
-          cuda::check_launch("context_labels forward (flat)");
-          return;
-        }
-        size_t smem = 0;
-        ctxlab::Tile tl;
-        if (!ctxlab::make_tile(p, sizeof(A), &tl, &smem))
-          throw std::invalid_argument("context_labels (CUDA): no tile for these levels "
-                                      "(context_labels_cuda_supported is false)");
-        constexpr auto kernel = fwd_tiled<T, L, TMAX>;
-        const unsigned threads = tile_threads(kernel, p, &tl, smem, device);
-        kernel<<<tile_grid(p, tl), threads, smem, st>>>(
-              p, tl, reinterpret_cast<const T*>(o), reinterpret_cast<const L*>(y), reinterpret_cast<const A*>(d),
-              op, mp, static_cast<A>(margin), static_cast<A>(tau));
-        cuda::check_launch("context_labels forward (tiled)");
-      });
-    });
+    constexpr int TMAX = decltype(tm)::value;
+    LevelPtrs<A> op{}, mp{};
+    for (int l = 0; l < p.nlev; ++l) {
+      op.p[l] = reinterpret_cast<A*>(outs[l]);
+      mp.p[l] = masks.empty() ? nullptr : reinterpret_cast<A*>(masks[l]);
+    }
+    const auto* ot = reinterpret_cast<const T*>(o);
+    const auto* yt = reinterpret_cast<const L*>(y);
+    const auto* dt = reinterpret_cast<const A*>(d);
+    if (!p.has_pooled()) {
+      fwd_flat<T, L, TMAX><<<flat_grid(p), 256, 0, st>>>(
+          p, ot, yt, dt, op.p[0], mp.p[0], static_cast<A>(margin), static_cast<A>(tau));
+      cuda::check_launch("context_labels forward (flat)");
+      return;
+    }
+    constexpr auto kernel = fwd_tiled<T, L, TMAX>;
+    size_t smem = 0;
+    unsigned threads = 0;
+    const ctxlab::Tile tl = pooled_tile<A>(kernel, p, device, &smem, &threads);
+    kernel<<<tile_grid(p, tl), threads, smem, st>>>(p, tl, ot, yt, dt, op, mp,
+                                                    static_cast<A>(margin), static_cast<A>(tau));
+    cuda::check_launch("context_labels forward (tiled)");
   });
 }
 
@@ -689,37 +706,30 @@ void context_labels_backward_cuda(const Plan& p, const std::vector<uintptr_t>& g
                                   double margin, double tau, int device, uintptr_t stream) {
   cudaStream_t st = static_cast<cudaStream_t>(cuda::prepare(device, stream, "context_labels"));
   if (p.B == 0 || p.voxels() == 0) return;
-  dispatch_floating(o_dtype, "context_labels gen_logits", [&](auto tag) {
+  for_kernel_types(p, o_dtype, y_dtype, [&](auto tag, auto ltag, auto tm) {
     using T = typename decltype(tag)::type;
+    using L = typename decltype(ltag)::type;
     using A = acc_t<T>;
-    dispatch_labels(y_dtype, "context_labels labels", [&](auto ltag) {
-      using L = typename decltype(ltag)::type;
-      dispatch_tmax(p.t, [&](auto tm) {
-        constexpr int TMAX = decltype(tm)::value;
-        LevelPtrs<const A> gp{};
-        for (int l = 0; l < p.nlev; ++l) gp.p[l] = reinterpret_cast<const A*>(grads[l]);
-        if (!p.has_pooled()) {
-          bwd_flat<T, L, TMAX><<<flat_grid(p), 256, 0, st>>>(
-              p, gp.p[0], reinterpret_cast<const T*>(o), reinterpret_cast<const L*>(y),
-              reinterpret_cast<const A*>(d), reinterpret_cast<T*>(grad_o), static_cast<A>(margin),
-              static_cast<A>(tau));
-          cuda::check_launch("context_labels backward (flat)");
-          return;
-        }
-        size_t smem = 0;
-        ctxlab::Tile tl;
-        if (!ctxlab::make_tile(p, sizeof(A), &tl, &smem))
-          throw std::invalid_argument("context_labels (CUDA): no tile for these levels "
-                                      "(context_labels_cuda_supported is false)");
-        constexpr auto kernel = bwd_tiled<T, L, TMAX>;
-        const unsigned threads = tile_threads(kernel, p, &tl, smem, device);
-        kernel<<<tile_grid(p, tl), threads, smem, st>>>(
-              p, tl, gp, reinterpret_cast<const T*>(o), reinterpret_cast<const L*>(y),
-              reinterpret_cast<const A*>(d), reinterpret_cast<T*>(grad_o), static_cast<A>(margin),
-              static_cast<A>(tau));
-        cuda::check_launch("context_labels backward (tiled)");
-      });
-    });
+    constexpr int TMAX = decltype(tm)::value;
+    LevelPtrs<const A> gp{};
+    for (int l = 0; l < p.nlev; ++l) gp.p[l] = reinterpret_cast<const A*>(grads[l]);
+    const auto* ot = reinterpret_cast<const T*>(o);
+    const auto* yt = reinterpret_cast<const L*>(y);
+    const auto* dt = reinterpret_cast<const A*>(d);
+    auto* go = reinterpret_cast<T*>(grad_o);
+    if (!p.has_pooled()) {
+      bwd_flat<T, L, TMAX><<<flat_grid(p), 256, 0, st>>>(
+          p, gp.p[0], ot, yt, dt, go, static_cast<A>(margin), static_cast<A>(tau));
+      cuda::check_launch("context_labels backward (flat)");
+      return;
+    }
+    constexpr auto kernel = bwd_tiled<T, L, TMAX>;
+    size_t smem = 0;
+    unsigned threads = 0;
+    const ctxlab::Tile tl = pooled_tile<A>(kernel, p, device, &smem, &threads);
+    kernel<<<tile_grid(p, tl), threads, smem, st>>>(p, tl, gp, ot, yt, dt, go,
+                                                    static_cast<A>(margin), static_cast<A>(tau));
+    cuda::check_launch("context_labels backward (tiled)");
   });
 }
 
