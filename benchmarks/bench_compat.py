@@ -1,5 +1,5 @@
 """Benchmark the drop-ins of :mod:`colabx.compat` against the reference-style twins of
-:mod:`colabx.reference.compat` (the public CoLab code's steps), same run, same inputs.
+:mod:`colabx.compat.twins` (the public CoLab code's steps), same run, same inputs.
 
 * ``calculate_loss`` forward + backward (∂output and ∂taskGenerated of every level), deep
   supervision, soft masks;
@@ -10,7 +10,7 @@
 * ``one_hot2dist`` of one foreground mask (CPU: it is a NumPy function);
 * ``train epoch``: one epoch of the reference's ``common.train`` semantics (per-sample meta step
   every iteration, deep supervision, distance masks): the reference-style loop
-  (:func:`colabx.reference.compat.train_reference`) with its twins ("reference"), the same loop
+  (:func:`colabx.compat.twins.train_reference`) with its twins ("reference"), the same loop
   with the drop-ins installed by :func:`colabx.compat.apply_to_reference`
   ("apply_to_reference"), and :func:`colabx.compat.train` ("colabx": per-sample meta steps, the
   reference's semantics; "colabx_batched": one meta step per batch); each on its own copy of
@@ -45,14 +45,14 @@ from colabx.compat import (
     hessian_vector_product_Unet,
     one_hot2dist,
 )
-from colabx.models import UNet, task_generator
-from colabx.reference.compat import (
+from colabx.compat.twins import (
     calculate_loss_reference,
     calculate_loss_val_reference,
     hessian_vector_product_reference,
     one_hot2dist_reference,
     train_reference,
 )
+from colabx.models import UNet, task_generator
 
 
 def _loadavg() -> list[float] | None:

@@ -1,5 +1,6 @@
-"""Benchmark the CoLab meta step: colabx (:class:`colabx.meta.MetaStep`) against the reference-style
-and the restructured pure-PyTorch steps of :mod:`colabx.reference.meta`, same run, same inputs.
+"""Benchmark the CoLab meta step: colabx (:class:`colabx.method.MetaStep`) against the
+reference-style and the restructured pure-PyTorch steps of :mod:`colabx.twins.meta`, same run,
+same inputs.
 
 Times the meta part (generator gradient only: ``gen_optimizer=None``, so θ and ω never change and
 every repetition does the same work) and the plain step (SGD with lr = 0 and momentum: the whole
@@ -32,9 +33,9 @@ from torch import Tensor
 from colabx import distance_transform
 from colabx._precision import tf32_unless
 from colabx.bench.harness import machine_info, time_callable, write_json
-from colabx.meta import MetaConfig, MetaStep
+from colabx.method.meta_step import MetaConfig, MetaStep
 from colabx.models import UNet, task_generator
-from colabx.reference.meta import (
+from colabx.twins.meta import (
     reference_meta_step,
     reference_plain_step,
     restructured_meta_step,
@@ -202,8 +203,8 @@ def _rows_for(f: UNet, g: UNet, ds: bool, cuda: bool, x: Tensor, y: Tensor, d: T
     ]
     if not ds:
         return rows
-    rows += [Row("meta", "colabx", ds, f"theta_pm={tp}, meta_grad=fd", "default",
-                 meta(colabx(theta_pm=tp))) for tp in ("vmap", "grouped")]
+    rows.append(Row("meta", "colabx", ds, "theta_pm=grouped, meta_grad=fd", "default",
+                    meta(colabx(theta_pm="grouped"))))
     rows.append(Row("meta", "colabx", ds, "theta_pm=sequential, meta_grad=exact", "default",
                     meta(colabx(meta_grad="exact"))))
     rows.append(Row("meta", "colabx", ds, RECOMPUTE_VARIANT, "default",

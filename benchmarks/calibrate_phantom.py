@@ -13,7 +13,7 @@ tumour voxels, z-score with their mean/std), which ``colabx.data.preprocessing``
 half centred on a random tumour voxel, half uniform; no augmentation. AdamW (lr 2e-3, poly
 decay) by default; ``--optimizer sgd --lr 0.01`` is nnU-Net's SGD (Nesterov, momentum 0.99), which
 at this budget leaves the manual mode predicting no tumour at all.
-The test cases are predicted by 50%-overlap sliding windows (softmax averaged) with DESIGN.md's
+The test cases are predicted by 50%-overlap sliding windows (softmax averaged) with docs/design.md's
 rule (tumour only where channel 1 beats every context channel) and scored on pooled voxels: DSC,
 sensitivity, precision, false-positive voxels outside the liver and inside the spleen
 look-alikes; also the mean per-case DSC.
@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 import colabx
-from colabx.data.phantom import PRESETS, TEST_INDEX_OFFSET, PhantomCase, generate_case
+from colabx.data.phantom import PHANTOM_PRESETS, TEST_INDEX_OFFSET, PhantomCase, generate_case
 from colabx.models import UNet
 from colabx.models.unet import reference_pool_kernel_sizes
 
@@ -84,7 +84,7 @@ def train(mode: str, train_cases: list[PhantomCase], images: list[np.ndarray], a
     rng = np.random.default_rng(args.seed)
     t = 1 + len(train_cases[0].context_names)
     k = 2 if mode == "vanilla" else 1 + t
-    patch = PRESETS[args.preset].patch_size
+    patch = PHANTOM_PRESETS[args.preset].patch_size
     net = UNet(1, k, 3, base_features=args.features,
                pool_kernel_sizes=reference_pool_kernel_sizes(patch, 3), deep_supervision=False)
     if args.optimizer == "sgd":
@@ -121,7 +121,8 @@ def train(mode: str, train_cases: list[PhantomCase], images: list[np.ndarray], a
 
 @torch.no_grad()
 def predict(net: UNet, image: np.ndarray, patch: tuple[int, ...]) -> np.ndarray:
-    """Tumour mask ``[*S]`` from 50%-overlap windows (softmax averaged) and DESIGN.md's rule."""
+    """Tumour mask ``[*S]`` from 50%-overlap windows (softmax averaged) and the prediction rule
+    of docs/design.md."""
     net.eval()
     shape = image.shape
     starts = [sorted({*range(0, n - p + 1, p // 2), n - p}) for n, p in zip(shape, patch,
@@ -162,7 +163,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="training seed (init and sampling)")
     ap.add_argument("--data-seed", type=int, default=0, help="phantom generator seed")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--preset", default="default", choices=sorted(PRESETS))
+    ap.add_argument("--preset", default="default", choices=sorted(PHANTOM_PRESETS))
     ap.add_argument("--features", type=int, default=8)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
@@ -171,7 +172,7 @@ def main() -> None:
                     choices=["vanilla", "manual"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    p = PRESETS[args.preset]
+    p = PHANTOM_PRESETS[args.preset]
     t0 = time.perf_counter()
     train_cases = [generate_case(i, seed=args.data_seed, preset=args.preset)
                    for i in range(p.num_train)]

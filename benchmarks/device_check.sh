@@ -3,8 +3,7 @@
 #   1. builds colabx._C in place with nvcc (sm_90 by default: COLABX_CUDA_ARCHS),
 #   2. runs the GPU tests (pytest -m cuda) and compute-sanitizer on one small case per kernel,
 #   3. runs bench_ops on CUDA (colabx vs eager twin vs torch.compile twin; EDT also vs cuCIM when
-#      it imports: carry its wheel in .whl/), profile_kernels, and sweep_context_rows (the
-#      pooled context_labels kernels' automatic thread rows per block against fixed ones),
+#      it imports: carry its wheel in .whl/) and profile_kernels,
 #   4. runs bench_meta_step on CUDA (colabx MetaStep vs the reference-style and restructured
 #      PyTorch meta steps, B=2, 80³, 30 features; at most 180 s),
 #   5. runs bench_train and bench_data on the phantom (trainer patches/s consumed vs loader
@@ -16,13 +15,9 @@
 #      most 540 s per call, so a stopped compare continues on the next call; tables into $OUT,
 #   8. only when asked (stage ncu): Nsight Compute on the pooled context_labels kernels and the
 #      80^3 loss kernels (throughput, occupancy, warp stalls; ~60 s), into $OUT/ncu.txt,
-#   9. only when asked (stage ab): a second build, in its own tree, with the pooled context_labels
-#      kernels at 4 blocks per SM (-DCOLABX_CTX_FWD_MIN_BLOCKS=4 -DCOLABX_CTX_BWD_MIN_BLOCKS=4:
-#      64 registers), its context_labels GPU tests and the rows sweep (against the bench stage's
-#      sweep of the main build, same run), then the main build back in place (~3 min),
 # writing logs and JSON under $OUT (default benchmarks/results) and printing summary tables last.
 # Usage: benchmarks/device_check.sh [STAGE ...]
-#   STAGE: all (default) | test | bench | train | meta | compat | compare | ncu | ab;
+#   STAGE: all (default) | test | bench | train | meta | compat | compare | ncu;
 #   stages run in the order given ("all" = test bench train meta compat). Each log and JSON lands in
 #   $OUT, and, when $OUT is given, all of them again in $OUT/device_check.tgz (the device tool
 #   returns at most 8 files).
@@ -32,7 +27,7 @@ cd "$(dirname "$0")/.."
 stages=" ${*:-all} "
 [ "$stages" = " all " ] && stages=" test bench train meta compat "
 for s in $stages; do
-  case $s in test|bench|train|meta|compat|compare|ncu|ab) ;; *) echo "device_check: unknown stage '$s'"; exit 2 ;; esac
+  case $s in test|bench|train|meta|compat|compare|ncu) ;; *) echo "device_check: unknown stage '$s'"; exit 2 ;; esac
 done
 bundle() { tar czf /tmp/device_check.tgz -C "$OUT" --exclude device_check.tgz . && mv /tmp/device_check.tgz "$OUT/"; }
 # a given $OUT (the device tool's) gets the archive, also after a failed build; the default
@@ -101,8 +96,6 @@ stage_bench() {
     --cuda-graphs --out "$OUT/ops_cuda.json"
   run_logged 90 profile_kernels.log benchmarks.profile_kernels --out "$OUT/kernels.json"
   cat "$OUT/profile_kernels.log"
-  run_logged 60 sweep_context_rows.log benchmarks.sweep_context_rows --out "$OUT/context_rows.json"
-  show_table sweep_context_rows.log '^ *size '
   show_table bench_ops_cuda.log '^| op '
   echo "ops bench: $((SECONDS - t0)) s"
 }
@@ -119,14 +112,20 @@ stage_train() {
   echo "train/data bench: $((SECONDS - t0)) s"
 }
 
-stage_meta() {
+# cuda_bench NAME TIMEOUT MODULE TABLE_PATTERN: one CUDA benchmark, its log, JSON and table.
+cuda_bench() {
   t0=$SECONDS
-  # the JSON is written after the timings and again after the float64 accuracy part, so a
-  # timeout in the latter keeps the timings
-  run_logged 180 bench_meta_cuda.log benchmarks.bench_meta_step --device cuda --min-time 0.2 \
-    --out "$OUT/meta_cuda.json"
-  show_table bench_meta_cuda.log '^| part '
+  run_logged "$2" "bench_$1_cuda.log" "$3" --device cuda --min-time 0.2 --out "$OUT/$1_cuda.json"
+  show_table "bench_$1_cuda.log" "$4"
+  echo "$1 bench: $((SECONDS - t0)) s"
+}
+
+# the meta JSON is written after the timings and again after the float64 accuracy part, so a
+# timeout in the latter keeps the timings
+stage_meta() {
+  cuda_bench meta 180 benchmarks.bench_meta_step '^| part '
   # what users run: colabx bench meta at the paper's sizes, fp32 (both differences) and bf16
+  local v
   for v in "none central" "none one_sided" "bf16 central"; do
     set -- $v
     run_logged 120 "colabx_bench_meta_$1_$2.log" colabx bench meta --device cuda --patch 80 \
@@ -134,16 +133,9 @@ stage_meta() {
       --out "$OUT/colabx_bench_meta_$1_$2.json"
     show_table "colabx_bench_meta_$1_$2.log" '^| per iteration'
   done
-  echo "meta bench: $((SECONDS - t0)) s"
 }
 
-stage_compat() {
-  t0=$SECONDS
-  run_logged 60 bench_compat_cuda.log benchmarks.bench_compat --device cuda --min-time 0.2 \
-    --out "$OUT/compat_cuda.json"
-  show_table bench_compat_cuda.log '^| op '
-  echo "compat bench: $((SECONDS - t0)) s"
-}
+stage_compat() { cuda_bench compat 60 benchmarks.bench_compat '^| op '; }
 
 stage_compare() {
   t0=$SECONDS
@@ -168,7 +160,7 @@ stage_ncu() {
   local w
   for w in "context_labels 2x2x160^3 L=4" "dice_ce_loss 2x3x80^3 fp32"; do
     echo "== $w" >>"$OUT/ncu.txt"
-    timeout 90 ncu -k 'regex:tiled2|dce_' --section SpeedOfLight --section MemoryWorkloadAnalysis \
+    timeout 90 ncu -k 'regex:tiled|dce_' --section SpeedOfLight --section MemoryWorkloadAnalysis \
       --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
       $py -m benchmarks.profile_kernels --once "$w" 2>&1 | grep -v '^==PROF==' >>"$OUT/ncu.txt" \
       || { echo "ncu ($w): failed or timed out"; status=1; }
@@ -176,25 +168,6 @@ stage_ncu() {
   grep -E '^  [a-z_ ]*void|Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy' \
     "$OUT/ncu.txt"
   echo "ncu: $((SECONDS - t0)) s"
-}
-
-stage_ab() {
-  t0=$SECONDS
-  local keep=/tmp/colabx-main-so
-  rm -rf "$keep" && mkdir -p "$keep" && cp colabx/_C*.so "$keep/"
-  if PYTHON=$py COLABX_CUDA_ARCHS=${COLABX_CUDA_ARCHS:-90} COLABX_BUILD_TAG=ab \
-      COLABX_CUDA_FLAGS="-DCOLABX_CTX_FWD_MIN_BLOCKS=4 -DCOLABX_CTX_BWD_MIN_BLOCKS=4" \
-      scripts/dev_build.sh cuda >"$OUT/build_ab.log" 2>&1; then
-    echo "ab build: $((SECONDS - t0)) s"
-    run_logged 120 pytest_ab.log pytest -q -m cuda tests/test_context_labels.py -p no:cacheprovider
-    grep -E "(passed|failed|error)" "$OUT/pytest_ab.log" | tail -2
-    run_logged 60 sweep_ab.log benchmarks.sweep_context_rows --out "$OUT/context_rows_ab.json"
-    show_table sweep_ab.log '^ *size '
-  else
-    tail -20 "$OUT/build_ab.log"; echo "device_check: ab build failed"; status=1
-  fi
-  cp "$keep"/_C*.so colabx/
-  echo "ab: $((SECONDS - t0)) s"
 }
 
 for s in $stages; do "stage_$s"; done

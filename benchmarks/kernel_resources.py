@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The instantiations the GPU benchmark runs (fp32 / bf16 logits with fp32 soft targets, K = 3;
 # context_labels with t = 2 generator channels and int64 labels; the distance transform).
 DEFAULT_MATCH = (r"dce_(fwd|bwd)_kernel<(float|bfloat16_t), float, false, 3>"
-                 r"|dce_finalize_kernel<float>|(fwd|bwd)_(tiled2?|flat)<float, long, 2>"
+                 r"|dce_finalize_kernel<float>|(fwd|bwd)_(tiled|flat)<float, long, 2>"
                  r"|lines_|rows_")
 REGS_PER_SM = 65536
 THREADS = 256

@@ -77,7 +77,7 @@ _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", _public_raw_stream)
 def use_cuda_kernels(t: torch.Tensor, op: str) -> bool:
     """Whether ``op`` on CUDA tensor ``t`` runs colabx's CUDA kernels.
 
-    False means the caller must run the pure-PyTorch reference twin; a warning says so once.
+    False means the caller must run the pure-PyTorch twin; a warning says so once.
     """
     if cuda_kernels_available():
         return True
@@ -89,7 +89,7 @@ def use_cuda_kernels(t: torch.Tensor, op: str) -> bool:
 def _warn_fallback(op: str) -> None:
     warnings.warn(
         f"colabx.{op}: colabx was built without CUDA kernels (or its CUDA runtime sees no device); "
-        "running the pure-PyTorch reference on the GPU instead. Rebuild with nvcc on PATH "
+        "running the pure-PyTorch twin on the GPU instead. Rebuild with nvcc on PATH "
         "(COLABX_CUDA=on) for the fused kernels.",
         RuntimeWarning,
         stacklevel=3,

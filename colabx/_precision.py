@@ -1,4 +1,4 @@
-"""Precision contexts shared by the meta step and its pure-PyTorch twin."""
+"""Precision rules shared by the ops, their twins, the meta step and the compat layer."""
 
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 
-__all__ = ["no_tf32", "tf32_unless"]
+__all__ = ["accumulation_dtype", "no_tf32", "tf32_unless"]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the ops compute and accumulate in for inputs of ``dtype``: float64 for float64,
+    float32 for every other dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @contextmanager

@@ -52,9 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     from colabx.inference.postprocess import POSTPROCESSING
-    from colabx.train.config import PRESETS
+    from colabx.train.config import TRAIN_PRESETS
 
-    preset = ", ".join(f"{k}={v}" for k, v in PRESETS["phantom-cpu"].items())
+    preset = ", ".join(f"{k}={v}" for k, v in TRAIN_PRESETS["phantom-cpu"].items())
     tr = sub.add_parser("train", help="train a model (default: CoLab on the built-in phantom)",
                         description="Train CoLab or a baseline. Without DATASET: the built-in "
                         "phantom with the phantom-cpu preset, which finishes in minutes on a "
@@ -190,7 +190,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from colabx.train.checkpoint import load_checkpoint
+    from colabx.checkpoint import load_checkpoint
     from colabx.train.config import from_mapping, read_yaml, saved_options
     from colabx.train.distributed import init_from_env
     from colabx.train.trainer import Trainer, default_config

@@ -38,8 +38,7 @@ def test_quick_run_has_every_implementation(tmp_path):
         assert {("meta", "colabx", ds), ("meta", "restructured", ds), ("meta", "reference", ds),
                 ("plain", "colabx", ds), ("plain", "reference", ds)} <= ran
     variants = {r["variant"] for r in data["rows"] if r["impl"] == "colabx"}
-    assert {"theta_pm=vmap, meta_grad=fd", "theta_pm=grouped, meta_grad=fd",
-            "theta_pm=sequential, meta_grad=exact"} <= variants
+    assert {"theta_pm=grouped, meta_grad=fd", "theta_pm=sequential, meta_grad=exact"} <= variants
     for r in data["rows"]:
         t = r["timing"]
         assert "error" not in t, (r["impl"], r["variant"], t)
@@ -61,7 +60,7 @@ def _row(part, impl, variant, precision, ms, mb=100.0):
 def test_ratios_pair_each_option_with_its_baseline():
     rows = [_row("meta", "colabx", DEFAULT_VARIANT, "default", 120.0),
             _row("meta", "colabx", TF32_VARIANT, "default", 80.0, 90.0),
-            _row("meta", "colabx", "theta_pm=vmap, meta_grad=fd", "default", 999.0),
+            _row("meta", "colabx", "theta_pm=grouped, meta_grad=fd", "default", 999.0),
             _row("plain", "colabx", "", "default", 40.0),
             _row("meta", "restructured", "", "default", 150.0),
             _row("meta", "restructured", "fd_tf32", "default", 110.0, 95.0),

@@ -1,5 +1,5 @@
 """colabx.compat (drop-ins for the public CoLab code) against the reference-style twins of
-colabx.reference.compat, and those twins against independent oracles (scipy, float64)."""
+colabx.compat.twins, and those twins against independent oracles (scipy, float64)."""
 
 import sys
 import types
@@ -19,15 +19,16 @@ from colabx.compat import (
     one_hot2dist,
 )
 from colabx.compat.common import _resize_labels
-from colabx.models import UNet, task_generator
-from colabx.reference.compat import (
+from colabx.compat.twins import (
     calculate_loss_reference,
     calculate_loss_val_reference,
     hessian_vector_product_reference,
     one_hot2dist_reference,
     resize_labels_order0,
 )
-from colabx.reference.dice_ce_loss import BCE_EPS, default_level_weights
+from colabx.models import UNet, task_generator
+from colabx.twins.dice_ce_loss import default_level_weights
+from colabx.twins.roi_bce_loss import BCE_EPS
 
 
 def _args(c=2, t=2, deep=True, n=3, vanilla=False, manual=False):
@@ -78,7 +79,7 @@ def test_device_resize_samples_what_scipy_zoom_samples(n_in, level):
 
 
 def test_resize_of_a_power_of_two_level_takes_the_voxel_after_the_centre():
-    """DESIGN.md: level k of a 2^k-divisible patch samples y at r·2^k + 2^(k-1)."""
+    """docs/design.md: level k of a 2^k-divisible patch samples y at r·2^k + 2^(k-1)."""
     y = torch.arange(2 * 16 * 8).reshape(2, 16, 8)
     got = _resize_labels(y, (4, 2))
     np.testing.assert_array_equal(got.numpy(), y[:, 2::4, 2::4].numpy())

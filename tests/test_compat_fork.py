@@ -22,9 +22,9 @@ from colabx.compat import (
     one_hot2dist,
 )
 from colabx.compat import utilities as utilities_module
+from colabx.compat.twins import one_hot2dist_reference
 from colabx.models import UNet, task_generator
 from colabx.ops.distance_transform import fork_safe_intraop, in_forked_child
-from colabx.reference.compat import one_hot2dist_reference
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="fork start method (Linux)")
 

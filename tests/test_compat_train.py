@@ -1,5 +1,5 @@
 """colabx.compat.train (the reference's ``common.train`` on colabx's meta step) against the
-reference-style epoch of colabx.reference.compat.train_reference: one epoch on tiny patches."""
+reference-style epoch of colabx.compat.twins.train_reference: one epoch on tiny patches."""
 
 import copy
 import re
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import colabx.compat
+from colabx.compat.twins import one_hot2dist_reference, train_reference
 from colabx.models import UNet, task_generator
-from colabx.reference.compat import one_hot2dist_reference, train_reference
 
 N, SIZE = 4, 16  # patches per epoch (2 iterations of 2), patch edge
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from colabx import context_labels
-from colabx.reference.context_labels import context_labels_reference
+from colabx.twins.context_labels import context_labels_twin
 
 FP_TOL = {
     torch.float32: dict(atol=2e-6, rtol=2e-6),
@@ -78,7 +78,7 @@ def test_matches_twin(case, dtype):
     o, y, d = make_inputs(B, t, c, S, dtype, seed=seed)
     o.requires_grad_(True)
     labs, masks = context_labels(o, y, d, c, levels=lev, return_mask=True)
-    rlabs, rmasks = context_labels_reference(o, y, d, c, levels=lev, return_mask=True)
+    rlabs, rmasks = context_labels_twin(o, y, d, c, levels=lev, return_mask=True)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     assert type(labs) is type(rlabs)
     for a, b in zip(as_list(labs), as_list(rlabs), strict=True):
@@ -113,7 +113,7 @@ def test_non_contiguous_inputs():
     d_nc = torch.stack([d, d], dim=-1)[..., 0]
     assert not o_nc.is_contiguous() and not y_nc.is_contiguous() and not d_nc.is_contiguous()
     a = context_labels(o_nc, y_nc, d_nc, 3, levels=3)
-    b = context_labels_reference(o_nc, y_nc, d_nc, 3, levels=3)
+    b = context_labels_twin(o_nc, y_nc, d_nc, 3, levels=3)
     for x, z in zip(a, b, strict=True):
         torch.testing.assert_close(x, z, **FP_TOL[torch.float32])
     grads = [torch.randn_like(x) for x in a]
@@ -256,7 +256,7 @@ def test_unused_level_gradient_and_determinism():
     o.requires_grad_(True)
     outs = context_labels(o, y, d, 2, levels=3)
     (ga,) = torch.autograd.grad(outs[1].pow(2).sum(), [o])
-    ref = context_labels_reference(o, y, d, 2, levels=3)
+    ref = context_labels_twin(o, y, d, 2, levels=3)
     (gb,) = torch.autograd.grad(ref[1].pow(2).sum(), [o])
     torch.testing.assert_close(ga, gb, atol=1e-6, rtol=1e-5)
     for _ in range(2):
@@ -282,7 +282,7 @@ def test_16bit_extremes(dtype):
     o.view(-1)[:5] = torch.tensor([big, -big, 0.0, 6e-8, -6e-8]).to(dtype)
     o.requires_grad_(True)
     a = context_labels(o, y, d, 3, levels=2)
-    b = context_labels_reference(o, y, d, 3, levels=2)
+    b = context_labels_twin(o, y, d, 3, levels=2)
     grads = [torch.randn_like(x) for x in a]
     (ga,) = torch.autograd.grad(a, [o], grads)
     (gb,) = torch.autograd.grad(b, [o], grads)
@@ -381,7 +381,7 @@ def test_cuda_matches_twin_and_cpu(case, dtype):
     o, y, d = make_inputs(B, t, c, S, dtype, seed=21)
     oc, yc, dc = o.cuda().requires_grad_(True), y.cuda(), d.cuda()
     labs, masks = context_labels(oc, yc, dc, c, levels=lev, return_mask=True)
-    rlabs, rmasks = context_labels_reference(oc, yc, dc, c, levels=lev, return_mask=True)
+    rlabs, rmasks = context_labels_twin(oc, yc, dc, c, levels=lev, return_mask=True)
     clabs, cmasks = context_labels(o, y, d, c, levels=lev, return_mask=True)
     for a, b, cpu in zip(as_list(labs), as_list(rlabs), as_list(clabs), strict=True):
         torch.testing.assert_close(a, b.detach(), **FP_TOL[dtype])
@@ -408,7 +408,7 @@ def test_cuda_fp16_extremes_and_determinism():
     o.view(-1)[:5] = torch.tensor([65504.0, -65504.0, 0.0, 6e-8, -6e-8], dtype=torch.half)
     oc, yc, dc = o.cuda().requires_grad_(True), y.cuda(), d.cuda()
     first = context_labels(oc, yc, dc, c, levels=3)
-    ref = context_labels_reference(oc, yc, dc, c, levels=3)
+    ref = context_labels_twin(oc, yc, dc, c, levels=3)
     for a, b in zip(first, ref, strict=True):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b.detach(), atol=2e-6, rtol=2e-6)
@@ -459,7 +459,7 @@ def test_cuda_tiled_geometries(case, dtype):
     o, y, d = make_inputs(B, t, c, S, dtype, seed=31)
     oc, yc, dc = o.cuda().requires_grad_(True), y.cuda(), d.cuda()
     labs, masks = context_labels(oc, yc, dc, c, levels=lev, return_mask=True)
-    rlabs, rmasks = context_labels_reference(oc, yc, dc, c, levels=lev, return_mask=True)
+    rlabs, rmasks = context_labels_twin(oc, yc, dc, c, levels=lev, return_mask=True)
     for a, b in zip(as_list(labs), as_list(rlabs), strict=True):
         torch.testing.assert_close(a, b.detach(), **FP_TOL[dtype])
     for a, b in zip(as_list(masks), as_list(rmasks), strict=True):
@@ -472,7 +472,7 @@ def test_cuda_tiled_geometries(case, dtype):
     # Only some levels used: the unused ones' gradients arrive as None.
     for keep in ([0], [len(grads) - 1], list(range(1, len(grads)))):
         labs = as_list(context_labels(oc, yc, dc, c, levels=lev))
-        rlabs = as_list(context_labels_reference(oc, yc, dc, c, levels=lev))
+        rlabs = as_list(context_labels_twin(oc, yc, dc, c, levels=lev))
         (ga,) = torch.autograd.grad([labs[i] for i in keep], [oc], [grads[i] for i in keep])
         (gb,) = torch.autograd.grad([rlabs[i] for i in keep], [oc], [grads[i] for i in keep])
         torch.testing.assert_close(ga, gb, **tol)
@@ -480,26 +480,3 @@ def test_cuda_tiled_geometries(case, dtype):
     again = as_list(context_labels(oc, yc, dc, c, levels=lev))
     for a, b in zip(as_list(context_labels(oc, yc, dc, c, levels=lev)), again, strict=True):
         assert torch.equal(a, b)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("case", TILED_CASES[:4], ids=_case_id)
-def test_cuda_tiled_rows_per_block_agree_bitwise(case, monkeypatch):
-    # Thread rows per block only redistribute P1 cell rows and level cells over threads; every
-    # sum keeps its order, so any rows setting gives the same bits as the automatic choice.
-    B, t, c, S, lev = case
-    o, y, d = make_inputs(B, t, c, S, torch.float32, seed=33)
-    oc, yc, dc = o.cuda().requires_grad_(True), y.cuda(), d.cuda()
-    labs = as_list(context_labels(oc, yc, dc, c, levels=lev))
-    grads = [torch.randn_like(a) for a in labs]
-    (g,) = torch.autograd.grad(labs, [oc], grads)
-    rlabs = as_list(context_labels_reference(oc, yc, dc, c, levels=lev))
-    for a, b in zip(labs, rlabs, strict=True):
-        torch.testing.assert_close(a, b.detach(), **FP_TOL[torch.float32])
-    for rows in ("1", "2", "3", "8"):
-        monkeypatch.setenv("COLABX_CONTEXT_LABELS_ROWS", rows)
-        again = as_list(context_labels(oc, yc, dc, c, levels=lev))
-        (g2,) = torch.autograd.grad(again, [oc], grads)
-        for a, b in zip(labs, again, strict=True):
-            assert torch.equal(a, b), rows
-        assert torch.equal(g, g2), rows

@@ -16,7 +16,6 @@ import shutil
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
-from unittest import mock
 
 import pytest
 import torch
@@ -25,8 +24,9 @@ from test_context_labels import make_inputs
 from colabx import _backend, context_labels, distance_transform
 from colabx.ops import context_labels as ctx_op
 from colabx.ops import dice_ce_loss as dce_op
-from colabx.ops.context_labels import _level_shapes
-from colabx.reference.context_labels import normalize_levels
+from colabx.ops import roi_bce_loss as bce_op
+from colabx.ops.context_labels import level_shapes
+from colabx.twins.context_labels import normalize_levels
 
 ROOT = Path(__file__).resolve().parents[1]
 EMU = ROOT / "tests" / "cuda_emulation"
@@ -53,17 +53,18 @@ def _launches_for_emulation(source: str) -> str:
 # The libraries: translation unit (tests/cuda_emulation/<unit>_emu.cpp), the sources it compiles
 # (for the cache key), the .cu file whose launches are rewritten (included as <stem>.emu.cu), and
 # extra compiler flags.
-CTX_SOURCES = [CSRC / "cuda" / "context_labels.cu", CSRC / "common" / "context_labels.h",
-               CSRC / "common" / "fast_divmod.h"]
+CTX_SOURCES = [CSRC / "cuda" / "context_labels.cu", CSRC / "cuda" / "context_labels_tile.h",
+               CSRC / "common" / "context_labels.h", CSRC / "common" / "fast_divmod.h"]
+LOSS_HEADERS = [CSRC / "cuda" / "dice_ce_loss.h", CSRC / "cuda" / "softmax_rows.cuh",
+                CSRC / "common" / "dice_ce_loss.h"]
 LIBS = {
     "context_labels": ("context_labels", CTX_SOURCES, CSRC / "cuda" / "context_labels.cu", []),
-    # device_check.sh stage ab's variant: the pooled kernels at 4 blocks per SM (kBwdLean)
-    "context_labels_lean": ("context_labels", CTX_SOURCES, CSRC / "cuda" / "context_labels.cu",
-                            ["-DCOLABX_CTX_FWD_MIN_BLOCKS=4", "-DCOLABX_CTX_BWD_MIN_BLOCKS=4"]),
-    "dice_ce_loss": ("dice_ce_loss", [CSRC / "cuda" / "dice_ce_loss.cu",
-                                      CSRC / "cuda" / "dice_ce_loss.h",
-                                      CSRC / "common" / "dice_ce_loss.h"],
+    "dice_ce_loss": ("dice_ce_loss", [CSRC / "cuda" / "dice_ce_loss.cu", *LOSS_HEADERS],
                      CSRC / "cuda" / "dice_ce_loss.cu", []),
+    "roi_bce_loss": ("roi_bce_loss", [CSRC / "cuda" / "roi_bce_loss.cu", *LOSS_HEADERS,
+                                      CSRC / "cuda" / "roi_bce_loss.h",
+                                      CSRC / "common" / "roi_bce_loss.h"],
+                     CSRC / "cuda" / "roi_bce_loss.cu", []),
     "distance_transform": ("distance_transform", [CSRC / "cuda" / "distance_transform.cu",
                                                   CSRC / "cuda" / "distance_transform.h",
                                                   CSRC / "common" / "distance_transform.h"],
@@ -123,12 +124,6 @@ def emu(emu_libs):
 
 
 @pytest.fixture(scope="session")
-def emu_lean(emu_libs):
-    """The same, built as device_check.sh's stage ab builds it (4 blocks per SM)."""
-    return _context_labels_lib(emu_libs["context_labels_lean"])
-
-
-@pytest.fixture(scope="session")
 def emu_loss(emu_libs):
     """dice_ce_loss.cu's host entry points and kernels."""
     so = ctypes.CDLL(str(emu_libs["dice_ce_loss"]))
@@ -138,9 +133,18 @@ def emu_loss(emu_libs):
                                             s, i]
     so.emu_dice_ce_loss_backward.argtypes = [i, U64, P, P, i, P, I64, I64, P, P, i, P, d, U64, P,
                                              P, s, i]
+    so.emu_dice_ce_loss_limits.argtypes = [P]
+    return so
+
+
+@pytest.fixture(scope="session")
+def emu_bce(emu_libs):
+    """roi_bce_loss.cu's host entry points and kernels."""
+    so = ctypes.CDLL(str(emu_libs["roi_bce_loss"]))
+    i, s = ctypes.c_int, ctypes.c_char_p
+    so.emu_set_resident_blocks.argtypes = [i]
     so.emu_roi_bce_loss_forward.argtypes = [U64, U64, i, i, I64, I64, I64, P, i, U64, U64, s, i]
     so.emu_roi_bce_loss_backward.argtypes = [U64, U64, U64, i, i, I64, I64, I64, P, i, U64, s, i]
-    so.emu_dice_ce_loss_limits.argtypes = [P]
     return so
 
 
@@ -149,7 +153,7 @@ def emu_edt(emu_libs):
     """distance_transform.cu's host entry point and kernels."""
     so = ctypes.CDLL(str(emu_libs["distance_transform"]))
     i = ctypes.c_int
-    so.emu_distance_transform.argtypes = [U64, U64, U64, U64, I64, P, P, i, i, i, ctypes.c_char_p,
+    so.emu_distance_transform.argtypes = [U64, U64, U64, U64, I64, P, P, i, i, ctypes.c_char_p,
                                           i]
     return so
 
@@ -159,11 +163,11 @@ def _addresses(tensors):
         0 if x is None else x.data_ptr() for x in tensors])
 
 
-def _call(emu, backward, kernel, rows, o, y, d, c, strides3, levels, masks=None, grad_o=None,
+def _call(emu, backward, kernel, rows, o, y, d, c, flat_strides, levels, masks=None, grad_o=None,
           margin=30.0, tau=20.0):
-    nlev = len(strides3) // 3
+    nlev = len(flat_strides) // 3
     spatial = (ctypes.c_int64 * 3)(*o.shape[2:])
-    strides = (ctypes.c_int64 * len(strides3))(*strides3)
+    strides = (ctypes.c_int64 * len(flat_strides))(*flat_strides)
     err = ctypes.create_string_buffer(512)
     args = (o.shape[0], o.shape[1], c, spatial, o.dim() - 2, strides, nlev,
             ctypes.c_uint64(o.data_ptr()), _backend.dtype_code(o), ctypes.c_uint64(y.data_ptr()),
@@ -186,7 +190,7 @@ def _inputs(B, t, c, S, dtype, label_dtype=torch.int64, seed=0):
     return o, y, d.to(torch.float64 if dtype == torch.float64 else torch.float32)
 
 
-def _strides3(levels, spatial):
+def _flat_strides(levels, spatial):
     out = []
     for s in normalize_levels(levels, spatial):
         out += [1] * (3 - len(s)) + list(s)
@@ -197,16 +201,16 @@ def _emulated(emu, kernel, rows, o, y, d, c, levels, grads):
     """Forward outputs and masks per level, and ∂o for `grads` (a None entry: no gradient),
     from the emulated kernels (`kernel` None: the host entry points' choice); None when
     `kernel` does not take this geometry."""
-    strides3 = _strides3(levels, tuple(o.shape[2:]))
+    flat_strides = _flat_strides(levels, tuple(o.shape[2:]))
     acc = d.dtype
     K = c + o.shape[1] - 1
-    shapes = _level_shapes(o.shape[2:], strides3)
+    shapes = level_shapes(o.shape[2:], flat_strides)
     outs = [torch.empty((o.shape[0], K, *s), dtype=acc) for s in shapes]
     masks = [torch.empty((o.shape[0], *s), dtype=acc) for s in shapes]
-    if not _call(emu, False, kernel, rows, o, y, d, c, strides3, outs, masks):
+    if not _call(emu, False, kernel, rows, o, y, d, c, flat_strides, outs, masks):
         return None
     grad_o = torch.empty_like(o)
-    assert _call(emu, True, kernel, rows, o, y, d, c, strides3, grads, grad_o=grad_o)
+    assert _call(emu, True, kernel, rows, o, y, d, c, flat_strides, grads, grad_o=grad_o)
     return outs, masks, grad_o
 
 
@@ -247,10 +251,10 @@ def _check_case(emu, kernel, rows, case, dtype=torch.float32, seed=0):
              dtype)
 
 
-# (B, t, c, spatial, levels) for the coalesced tiled kernels: partial tiles along every axis, 2D
+# (B, t, c, spatial, levels) for the tiled kernels: partial tiles along every axis, 2D
 # tiles stacked along y, P1 x strides 1 / 2 / 4 (lane groups), level 0 pooled, anisotropic and
 # non-power-of-two strides, t = 1..5 (the exact-t kernels and the wide bucket).
-TILED2_CASES = [
+TILED_CASES = [
     (2, 2, 2, (11, 21, 37), 4),
     (1, 3, 3, (37, 45), 4),
     (2, 1, 2, (9, 19, 45), [1, 2, 4, (8, 8, 16)]),
@@ -267,37 +271,31 @@ def _id(case):
     return f"B{B}t{t}c{c}S{'x'.join(map(str, S))}L{lev}".replace(" ", "")
 
 
-@pytest.mark.parametrize("case", TILED2_CASES, ids=_id)
+@pytest.mark.parametrize("case", TILED_CASES, ids=_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
-def test_tiled2_kernels_match_the_cpu_kernels(emu, case, dtype):
-    _check_case(emu, "tiled2", 2, case, dtype, seed=len(case[3]) + case[1])
+def test_tiled_kernels_match_the_cpu_kernels(emu, case, dtype):
+    _check_case(emu, "tiled", 2, case, dtype, seed=len(case[3]) + case[1])
 
 
-@pytest.mark.parametrize("case", TILED2_CASES, ids=_id)
-def test_tiled2_lean_variant_matches_the_cpu_kernels(emu_lean, case):
-    # The backward's other level-cell batching (4 cells, no early load) in the ab build.
-    _check_case(emu_lean, "tiled2", 2, case, seed=11)
-
-
-@pytest.mark.parametrize("case", TILED2_CASES[:4], ids=_id)
-def test_tiled2_unused_levels_get_no_gradient(emu, case):
+@pytest.mark.parametrize("case", TILED_CASES[:4], ids=_id)
+def test_tiled_unused_levels_get_no_gradient(emu, case):
     B, t, c, S, lev = case
     o, y, d = _inputs(B, t, c, S, torch.float32, seed=3)
-    n = len(_strides3(lev, S)) // 3
+    n = len(_flat_strides(lev, S)) // 3
     for keep in ([0], [n - 1], list(range(1, n))):
-        probe = _emulated(emu, "tiled2", 2, o, y, d, c, lev, [None] * n)
+        probe = _emulated(emu, "tiled", 2, o, y, d, c, lev, [None] * n)
         grads = _upstream(probe[0], keep=keep)
-        _compare(_emulated(emu, "tiled2", 2, o, y, d, c, lev, grads),
+        _compare(_emulated(emu, "tiled", 2, o, y, d, c, lev, grads),
                  _on_cpu(o, y, d, c, lev, grads), torch.float32)
 
 
-@pytest.mark.parametrize("case", TILED2_CASES[:3], ids=_id)
-def test_tiled2_rows_per_block_agree_bitwise(emu, case):
+@pytest.mark.parametrize("case", TILED_CASES[:3], ids=_id)
+def test_tiled_rows_per_block_agree_bitwise(emu, case):
     B, t, c, S, lev = case
     o, y, d = _inputs(B, t, c, S, torch.float32, seed=4)
-    first = _emulated(emu, "tiled2", 1, o, y, d, c, lev, [None] * 8)
+    first = _emulated(emu, "tiled", 1, o, y, d, c, lev, [None] * 8)
     grads = _upstream(first[0], keep=range(len(first[0])))
-    runs = [_emulated(emu, "tiled2", rows, o, y, d, c, lev, grads) for rows in (1, 2, 3, 8)]
+    runs = [_emulated(emu, "tiled", rows, o, y, d, c, lev, grads) for rows in (1, 2, 3, 8)]
     for other in runs[1:]:
         for a, b in zip([*runs[0][0], *runs[0][1], runs[0][2]], [*other[0], *other[1], other[2]],
                         strict=True):
@@ -305,49 +303,41 @@ def test_tiled2_rows_per_block_agree_bitwise(emu, case):
 
 
 @pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int32])
-def test_tiled2_label_dtypes(emu, label_dtype):
-    B, t, c, S, lev = TILED2_CASES[0]
+def test_tiled_label_dtypes(emu, label_dtype):
+    B, t, c, S, lev = TILED_CASES[0]
     o, y, d = _inputs(B, t, c, S, torch.float32, label_dtype=label_dtype, seed=6)
-    grads = _upstream(_emulated(emu, "tiled2", 2, o, y, d, c, lev, [None] * 8)[0], keep=range(4))
-    _compare(_emulated(emu, "tiled2", 2, o, y, d, c, lev, grads),
+    grads = _upstream(_emulated(emu, "tiled", 2, o, y, d, c, lev, [None] * 8)[0], keep=range(4))
+    _compare(_emulated(emu, "tiled", 2, o, y, d, c, lev, grads),
              _on_cpu(o, y.long(), d, c, lev, grads), torch.float32)
 
 
-@pytest.mark.parametrize(("kernel", "case"), [
-    ("flat", (2, 2, 3, (9, 10, 11), 1)),
-    ("flat", (1, 6, 2, (23, 19), 1)),
-    ("tiled", (2, 3, 2, (9, 11, 13), 3)),
-    ("tiled", (1, 2, 3, (8, 12, 15), [(1, 1, 1), (1, 1, 3), (2, 2, 3)])),
-    ("tiled", (1, 2, 2, (7, 9, 10), [(1, 1, 5), (2, 2, 5)])),
-    ("tiled", (1, 2, 2, (9, 11, 50), [1, (1, 1, 3), (2, 2, 6)])),
-], ids=lambda v: v if isinstance(v, str) else _id(v))
-def test_flat_and_tiled_kernels_match_the_cpu_kernels(emu, kernel, case):
-    _check_case(emu, kernel, 0, case, seed=7)
+@pytest.mark.parametrize("case", [(2, 2, 3, (9, 10, 11), 1), (1, 6, 2, (23, 19), 1)], ids=_id)
+def test_flat_kernels_match_the_cpu_kernels(emu, case):
+    _check_case(emu, "flat", 0, case, seed=7)
 
 
-# (B, t, c, spatial, levels) through the host entry points: one level (flat kernel), P1 x
-# strides 2 and 3 (coalesced tiled, older tiled), 2D and 3D, the wide t bucket.
+# (B, t, c, spatial, levels) through the host entry points (which choose the kernel and the thread
+# rows, an occupancy query, emulated): one level (flat kernel), pooled levels (tiled), 2D and 3D,
+# the wide t bucket.
 ENTRY_CASES = [
     (2, 3, 2, (9, 10, 11), 1),
     (2, 2, 2, (11, 21, 37), 4),
-    (1, 6, 3, (21, 19), [1, 3]),
-    (1, 2, 2, (9, 11, 50), [1, (1, 1, 3), (2, 2, 6)]),
+    (1, 6, 3, (21, 19), [1, 2]),
+    (1, 2, 2, (9, 11, 50), [1, (1, 1, 2), (2, 2, 4)]),
     (2, 4, 2, (37, 45), 3),
 ]
 
 
-@pytest.mark.parametrize("rows", [None, "1", "3"])
 @pytest.mark.parametrize("case", ENTRY_CASES, ids=_id)
-def test_host_entry_points_match_the_cpu_kernels(emu, case, rows, monkeypatch):
-    # rows None: the automatic thread rows (an occupancy query, emulated); else the override.
-    if rows is not None:
-        monkeypatch.setenv("COLABX_CONTEXT_LABELS_ROWS", rows)
+def test_host_entry_points_match_the_cpu_kernels(emu, case):
     _check_case(emu, None, 0, case, seed=8)
 
 
-def test_tiled2_refuses_p1_x_strides_that_do_not_divide_32(emu):
+def test_tiled_refuses_p1_x_strides_that_do_not_divide_32(emu):
     o, y, d = _inputs(1, 2, 2, (6, 6, 12), torch.float32)
-    assert _emulated(emu, "tiled2", 2, o, y, d, 2, [(1, 1, 3), (2, 2, 6)], [None] * 2) is None
+    assert _emulated(emu, "tiled", 2, o, y, d, 2, [(1, 1, 3), (2, 2, 6)], [None] * 2) is None
+    with pytest.raises(RuntimeError, match="no tile for these levels"):
+        _emulated(emu, None, 0, o, y, d, 2, [(1, 1, 3), (2, 2, 6)], [None] * 2)
 
 
 def test_emulation_reports_bad_geometry(emu):
@@ -383,19 +373,18 @@ def _loss_inputs(B, K, spatials, dtype, hard, seed=0, label_dtype=torch.int64):
 
 
 def _loss_limits(emu_loss) -> tuple[int, int, int]:
-    """(partial voxels, max K, max levels) of csrc/cuda/dice_ce_loss.h, as the CUDA build's
-    bindings give them to colabx.ops.dice_ce_loss._cuda_limits."""
+    """(partial voxels, max K, max levels) of csrc/cuda/dice_ce_loss.h, as compiled into the
+    emulated kernels."""
     out = (ctypes.c_int64 * 3)()
     emu_loss.emu_dice_ce_loss_limits(out)
     return tuple(out)
 
 
-def _workspace(emu_loss, size_fn, *args):
-    """The CUDA path's workspace, sized by colabx's own function with the kernels' limits, NaN
+def _workspace(size_fn, *args):
+    """The CUDA path's workspace, sized as the ops size it (the extension's function), NaN
     filled, with a NaN guard behind it; and a check, after the forward, that the kernels wrote
     nothing past its end (they use fewer partials than it holds when tiles are larger)."""
-    with mock.patch.object(dce_op, "_cuda_limits", lambda: _loss_limits(emu_loss)):
-        n = size_fn(*args)
+    n = size_fn(*args)
     work = torch.full((n + GUARD,), float("nan"), dtype=torch.float64)
 
     def check():
@@ -412,7 +401,7 @@ def _emulated_loss(emu_loss, zs, ts, dice, weights, smooth, grad_value):
     cdt = torch.float64 if zs[0].dtype == torch.float64 else torch.float32
     V = [math.prod(z.shape[2:]) for z in zs]
     L, NS = len(zs), 3 * K + 1
-    work, check_work = _workspace(emu_loss, dce_op._dce_workspace_size, B, K, V)
+    work, check_work = _workspace(_backend.ext().dice_ce_loss_cuda_workspace_size, B, K, V)
     stats = torch.empty((L, B, NS), dtype=cdt)
     loss = torch.empty((), dtype=cdt)
     err = ctypes.create_string_buffer(512)
@@ -434,9 +423,9 @@ def _emulated_loss(emu_loss, zs, ts, dice, weights, smooth, grad_value):
 
 
 def _cpu_loss(zs, ts, dice, weights, smooth, grad_value):
-    loss, stats = dce_op._dce_fwd_impl(zs, ts, dice, weights, smooth)
+    loss, stats = dce_op._forward_kernels(zs, ts, dice, weights, smooth)
     grad = torch.full((), grad_value, dtype=loss.dtype)
-    gz, gt = dce_op._dce_bwd_impl(grad, zs, ts, stats, dice, weights, smooth)
+    gz, gt = dce_op._backward_kernels(grad, zs, ts, stats, dice, weights, smooth, True)
     return loss, stats, gz, [g if g.numel() else None for g in gt]
 
 
@@ -554,28 +543,28 @@ def test_dice_ce_loss_is_bitwise_reproducible(emu_loss):
 @pytest.mark.parametrize(("K", "S", "dtype"), [(2, (9, 10, 11), torch.float32),
                                                (3, (31, 33), torch.bfloat16),
                                                (6, (7, 8, 9), torch.float64)])
-def test_roi_bce_loss_kernels_match_the_cpu_kernels(emu_loss, K, S, dtype, resident):
+def test_roi_bce_loss_kernels_match_the_cpu_kernels(emu_bce, K, S, dtype, resident):
     g = torch.Generator().manual_seed(K)
     z = (2 * torch.randn(2, K, *S, generator=g, dtype=torch.float64)).to(dtype)
     lab = torch.randint(0, K, (2, *S), generator=g)
     roi = list(range(1, K))
     B, V = 2, math.prod(S)
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
-    emu_loss.emu_set_resident_blocks(resident)
-    work, check_work = _workspace(emu_loss, dce_op._bce_workspace_size, B, V)
+    emu_bce.emu_set_resident_blocks(resident)
+    work, check_work = _workspace(_backend.ext().roi_bce_loss_cuda_workspace_size, B, V)
     loss = torch.empty((), dtype=cdt)
     err = ctypes.create_string_buffer(512)
     args = (ctypes.c_uint64(z.data_ptr()), ctypes.c_uint64(lab.data_ptr()),
             _backend.dtype_code(z), _backend.dtype_code(lab), B, K, V, _ints(roi), len(roi))
-    _check(emu_loss.emu_roi_bce_loss_forward(*args, ctypes.c_uint64(loss.data_ptr()),
+    _check(emu_bce.emu_roi_bce_loss_forward(*args, ctypes.c_uint64(loss.data_ptr()),
                                              ctypes.c_uint64(work.data_ptr()), err, len(err)), err)
     check_work()
     grad = torch.full((), 0.5, dtype=cdt)
     gz = torch.full_like(z, float("nan"))
-    _check(emu_loss.emu_roi_bce_loss_backward(ctypes.c_uint64(grad.data_ptr()), *args,
+    _check(emu_bce.emu_roi_bce_loss_backward(ctypes.c_uint64(grad.data_ptr()), *args,
                                               ctypes.c_uint64(gz.data_ptr()), err, len(err)), err)
-    torch.testing.assert_close(loss, dce_op._bce_fwd_impl(z, lab, roi), **LOSS_TOL[dtype])
-    torch.testing.assert_close(gz.float(), dce_op._bce_bwd_impl(grad, z, lab, roi).float(),
+    torch.testing.assert_close(loss, bce_op._forward_kernels(z, lab, roi), **LOSS_TOL[dtype])
+    torch.testing.assert_close(gz.float(), bce_op._backward_kernels(grad, z, lab, roi).float(),
                                **LOSS_TOL[dtype])
 
 
@@ -592,18 +581,20 @@ def cuda_built(monkeypatch):
     monkeypatch.setattr(_backend, "cuda_kernels_available", lambda: True)
 
 
-def test_loss_sizing_and_routing_follow_the_kernel_limits(emu_loss, cuda_built, monkeypatch):
+def test_loss_sizing_and_routing_follow_the_kernel_limits(emu_loss, cuda_built):
     per, max_k, max_levels = _loss_limits(emu_loss)
     assert (per, max_k, max_levels) == (256, 16, 16)  # csrc/cuda/dice_ce_loss.h
-    monkeypatch.setattr(dce_op, "_cuda_limits", lambda: (per, max_k, max_levels))
-    assert [dce_op._partial_slots(v) for v in (1, 256, 257, 1000)] == [1, 1, 2, 4]
+    ext = _backend.ext()
     # (B·slots per level + L·B) · (3K+1): B = 2, K = 3, V = 300 and 10 -> (4 + 2 + 4) · 10
-    assert dce_op._dce_workspace_size(2, 3, [300, 10]) == 100
-    assert dce_op._bce_workspace_size(3, 513) == 9
+    assert ext.dice_ce_loss_cuda_workspace_size(2, 3, [300, 10]) == 100
+    assert ext.roi_bce_loss_cuda_workspace_size(3, 513) == 9
+    assert [ext.roi_bce_loss_cuda_workspace_size(1, v) for v in (1, 256, 257, 1000)] \
+        == [1, 1, 2, 4]
     z = _fake_cuda((2, max_k, 9, 7))
     assert dce_op._kernels_for(z, max_k, max_levels)
     assert not dce_op._kernels_for(z, max_k + 1, 1)
     assert not dce_op._kernels_for(z, 2, max_levels + 1)
+    assert bce_op._kernels_for(z, max_k) and not bce_op._kernels_for(z, max_k + 1)
     assert dce_op._kernels_for(torch.zeros(1, 40, 2, 2), 40)  # the CPU kernels take any K
     # the kernels take exactly that: K = max_k runs, max_k + 1 is refused
     zs, ts = _loss_inputs(2, max_k, [(5, 6, 7), (2, 3, 3)], torch.float32, False, seed=11)
@@ -618,48 +609,42 @@ def test_loss_sizing_and_routing_follow_the_kernel_limits(emu_loss, cuda_built, 
 
 def test_context_labels_routing_follows_the_kernels_t_limit(emu, cuda_built):
     max_t = emu.emu_context_labels_max_t()
-    assert ctx_op._CUDA_MAX_T == max_t == 16
-    strides3 = _strides3(2, (8, 9, 10))
-    assert ctx_op._kernels_for(_fake_cuda((1, max_t, 8, 9, 10)), strides3)
-    assert not ctx_op._kernels_for(_fake_cuda((1, max_t + 1, 8, 9, 10)), strides3)
+    assert max_t == 16
+    flat_strides = _flat_strides(2, (8, 9, 10))
+    assert ctx_op._kernels_for(_fake_cuda((1, max_t, 8, 9, 10)), flat_strides, 2)
+    assert not ctx_op._kernels_for(_fake_cuda((1, max_t + 1, 8, 9, 10)), flat_strides, 2)
     _check_case(emu, None, 0, (1, max_t, 2, (8, 9, 10), 2), seed=12)  # the kernels take max_t
     o, y, d = _inputs(1, max_t + 1, 2, (8, 9, 10), torch.float32)
     with pytest.raises(RuntimeError, match=f"t must be <= {max_t}"):
         _emulated(emu, None, 0, o, y, d, 2, 2, [None] * 2)
 
 
-# (levels, t, spatial, bytes of one coarsest cell's statistics = P1 cells · (t + 1) · 4): a P1 x
-# stride of 3 keeps these off the coalesced kernels, on make_tile's shared-memory tile. colabx
-# routes to the kernels up to a 96 KiB budget; the emulated device (like an H100/H200) opts in
-# to 228 KiB, above which make_tile refuses.
+# (levels, t, spatial, bytes of the tile's per-level statistics = cells · (t + 1) · 4, whether a
+# tile fits): the tile's statistics must fit 48 KiB of shared memory, its x extent 256 threads and
+# the first pooled level's x stride must divide 32.
 TILE_CASES = [
-    ([1, (1, 1, 3), (8, 8, 24)], 16, (8, 8, 24), 512 * 17 * 4),        # 34 KiB
-    ([1, (1, 1, 3), (8, 16, 48)], 11, (8, 16, 48), 2048 * 12 * 4),     # 96 KiB: the budget
-    ([1, (1, 1, 3), (8, 16, 48)], 12, (8, 16, 48), 2048 * 13 * 4),     # 104 KiB
-    ([1, (1, 1, 3), (16, 16, 48)], 16, (16, 16, 48), 4096 * 17 * 4),   # 272 KiB
+    ([1, 2, 4, (8, 8, 16)], 16, (8, 16, 32), True),
+    ([1, (1, 1, 3), (2, 2, 6)], 2, (6, 6, 12), False),     # P1 x stride 3
+    ([1, (1, 1, 1), (16, 16, 16)], 16, (16, 16, 32), False),  # 16·16·32 cells · 17 · 4 > 48 KiB
+    ([1, (2, 2, 2), (4, 4, 4)], 16, (8, 8, 32), True),
 ]
 
 
-@pytest.mark.parametrize(("levels", "t", "spatial", "cell_bytes"), TILE_CASES,
-                         ids=lambda v: f"{v // 1024}KiB" if isinstance(v, int) and v > 64
-                         else None)
-def test_context_labels_tile_budget(emu, cuda_built, levels, t, spatial, cell_bytes):
-    strides3 = _strides3(levels, spatial)
-    fits = ctx_op._cuda_tile_fits(t, strides3, 4)
-    assert fits == (cell_bytes <= 96 * 1024)
-    assert ctx_op._kernels_for(_fake_cuda((1, t, *spatial)), strides3) == fits
-    assert not ctx_op._cuda_tile_fits(t, strides3, 8) or cell_bytes * 2 <= 96 * 1024
+@pytest.mark.parametrize(("levels", "t", "spatial", "fits"), TILE_CASES)
+def test_context_labels_routing_asks_the_extension(emu, cuda_built, levels, t, spatial, fits):
+    flat_strides = _flat_strides(levels, spatial)
+    assert ctx_op._kernels_for(_fake_cuda((1, t, *spatial)), flat_strides, 2) == fits
     if fits:  # what colabx routes to the kernels, they run, and right
         _check_case(emu, None, 0, (1, t, 2, spatial, levels), seed=13)
-    elif cell_bytes > 228 * 1024:  # what they refuse, colabx never routes to them
+    else:  # what they refuse, colabx never routes to them
         o, y, d = _inputs(1, t, 2, spatial, torch.float32)
-        with pytest.raises(RuntimeError, match="too large for shared memory"):
+        with pytest.raises(RuntimeError, match="no tile for these levels"):
             _emulated(emu, None, 0, o, y, d, 2, levels, [None] * 3)
 
 
 # ---------------------------------------------------------------------------- distance_transform
 
-def _emulated_edt(emu_edt, mask, spacing, signed, legacy):
+def _emulated_edt(emu_edt, mask, spacing, signed):
     m = mask.to(torch.uint8).contiguous()
     out = torch.full(m.shape, float("nan"), dtype=torch.float32)
     scratch = torch.empty_like(out) if signed else None
@@ -670,7 +655,7 @@ def _emulated_edt(emu_edt, mask, spacing, signed, legacy):
     _check(emu_edt.emu_distance_transform(
         m.data_ptr(), out.data_ptr(), 0 if scratch is None else scratch.data_ptr(),
         0 if workspace is None else workspace.data_ptr(), m.shape[0], _ints(list(m.shape[1:])),
-        (ctypes.c_double * nsp)(*spacing), nsp, int(signed), int(legacy), err, len(err)), err)
+        (ctypes.c_double * nsp)(*spacing), nsp, int(signed), err, len(err)), err)
     return out
 
 
@@ -690,16 +675,15 @@ EDT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("legacy", [False, True], ids=["default", "legacy"])
 @pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
 @pytest.mark.parametrize(("shape", "spacing"), EDT_CASES,
                          ids=lambda v: "x".join(map(str, v)) if isinstance(v[0], int) else None)
-def test_distance_transform_kernels_match_the_cpu_kernels(emu_edt, shape, spacing, signed, legacy):
+def test_distance_transform_kernels_match_the_cpu_kernels(emu_edt, shape, spacing, signed):
     g = torch.Generator().manual_seed(sum(shape))
     mask = torch.rand(shape, generator=g) < 0.02
     mask[-1] = False  # an item without features: +inf (unsigned)
     mask.view(shape[0], -1)[0, 0] = True
-    got = _emulated_edt(emu_edt, mask, spacing, signed, legacy)
+    got = _emulated_edt(emu_edt, mask, spacing, signed)
     want = distance_transform(mask, spacing=spacing, signed=signed)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
 

@@ -17,7 +17,7 @@ from colabx.data.image_io import read_image
 from colabx.data.phantom import (
     CONTEXT_NAMES,
     GENERATOR_VERSION,
-    PRESETS,
+    PHANTOM_PRESETS,
     TEST_INDEX_OFFSET,
     generate_case,
     phantom_dataset,
@@ -37,9 +37,9 @@ def test_deterministic_in_seed_index_preset():
     assert not np.array_equal(a.image, generate_case(4, seed=5, preset="tiny").image)
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("preset", sorted(PHANTOM_PRESETS))
 def test_case_contract(preset):
-    p = PRESETS[preset]
+    p = PHANTOM_PRESETS[preset]
     c = generate_case(0, preset=preset)
     assert c.image.dtype == np.float32 and c.image.shape == p.shape
     assert c.label.dtype == np.uint8 and c.label.shape == p.shape
@@ -102,7 +102,7 @@ def test_write_phantom_round_trip(tmp_path):
     js = json.loads((out / "dataset.json").read_text())
     assert js["channel_names"] == {"0": "CT"}
     assert js["labels"] == {"background": 0, "tumour": 1}
-    assert js["numTraining"] == PRESETS["tiny"].num_train and js["file_ending"] == ".nii.gz"
+    assert js["numTraining"] == PHANTOM_PRESETS["tiny"].num_train and js["file_ending"] == ".nii.gz"
     meta = js["colabx"]
     assert meta["generator_version"] == GENERATOR_VERSION
     assert (meta["preset"], meta["seed"]) == ("tiny", 2)
@@ -170,8 +170,9 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_phantom_dataset_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(ph, "PRESETS", {**PRESETS, "tiny": ph.PhantomPreset(
-        PRESETS["tiny"].shape, PRESETS["tiny"].spacing, 2, 1, PRESETS["tiny"].patch_size)})
+    tiny = PHANTOM_PRESETS["tiny"]
+    monkeypatch.setattr(ph, "PHANTOM_PRESETS", {**PHANTOM_PRESETS, "tiny": ph.PhantomPreset(
+        tiny.shape, tiny.spacing, 2, 1, tiny.patch_size)})
     monkeypatch.setenv("COLABX_CACHE", str(tmp_path / "env"))
     out = phantom_dataset("tiny", seed=1)
     assert out == tmp_path / "env" / f"phantom-tiny-seed1-v{GENERATOR_VERSION}"

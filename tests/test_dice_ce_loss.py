@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import colabx
-from colabx.reference import dice_ce_loss as ref
+from colabx.twins import dice_ce_loss as ref
+from colabx.twins import roi_bce_loss as bce_ref
 
 TOL = {
     torch.float32: dict(rtol=2e-5, atol=1e-7),
@@ -226,22 +227,26 @@ def test_non_contiguous_inputs():
     _compare([torch.randn(2, 3, 10, 12).transpose(2, 3)], [lab], torch.float32)
 
 
-def test_targets_without_grad_and_custom_op_path_agree():
-    """Eager fast path (skips ∂targets when not needed) == the custom ops used under compile."""
+def test_targets_without_grad_and_compiled_path_agree():
+    """The eager calls (∂targets skipped when not needed) == the same autograd Function under
+    torch.compile, where it reaches the kernels through the kernel-only custom ops."""
     z = torch.randn(2, 3, 9, 10, 11)
     y = _soft((2, 3, 9, 10, 11))
     za = z.clone().requires_grad_()
     la = colabx.dice_ce_loss(za, y)  # y does not require grad
     la.backward()
     zb, yb = z.clone().requires_grad_(), y.clone().requires_grad_()
-    lb, _ = torch.ops.colabx.dice_ce_loss_fwd([zb], [yb], [1, 2], [1.0], 1e-5)
+    compiled = torch.compile(colabx.dice_ce_loss, backend="aot_eager", fullgraph=True)
+    lb = compiled(zb, yb)
     lb.backward()
     assert yb.grad is not None
     assert torch.equal(la, lb) and torch.equal(za.grad, zb.grad)
     lab = torch.randint(0, 3, (2, 9, 10, 11))
     zc, zd = z.clone().requires_grad_(), z.clone().requires_grad_()
     colabx.roi_bce_loss(zc, lab, [1]).backward()
-    torch.ops.colabx.roi_bce_loss_fwd(zd, lab, [1]).backward()
+    bce = torch.compile(lambda z_, y_: colabx.roi_bce_loss(z_, y_, [1], validate=False),
+                        backend="aot_eager", fullgraph=True)
+    bce(zd, lab).backward()
     assert torch.equal(zc.grad, zd.grad)
 
 
@@ -269,7 +274,7 @@ def test_roi_bce_vs_twin(b, k, spatial, dtype):
     lab = torch.randint(0, k, (b, *spatial), generator=g)
     roi = list(range(1, k)) if k < 4 else [1, k - 1]
     za, zb = z.clone().requires_grad_(), z.clone().requires_grad_()
-    la, lb = colabx.roi_bce_loss(za, lab, roi), ref.roi_bce_loss(zb, lab, roi)
+    la, lb = colabx.roi_bce_loss(za, lab, roi), bce_ref.roi_bce_loss(zb, lab, roi)
     torch.testing.assert_close(la, lb, **TOL[dtype])
     la.backward()
     lb.backward()
@@ -365,7 +370,7 @@ def test_torch_compile_fullgraph():
     out = cf(z, y, lab)
     out.backward()
     z2, y2 = z.detach().clone().requires_grad_(), y.detach().clone().requires_grad_()
-    want = ref.dice_ce_loss(z2, y2) + ref.roi_bce_loss(z2, lab, [1, 2])
+    want = ref.dice_ce_loss(z2, y2) + bce_ref.roi_bce_loss(z2, lab, [1, 2])
     want.backward()
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(z.grad, z2.grad, rtol=1e-5, atol=1e-9)
@@ -377,8 +382,13 @@ def test_opcheck():
     y = _soft((2, 3, 4, 5))
     op = torch.ops.colabx.dice_ce_loss_fwd.default
     torch.library.opcheck(op, ([z], [y], [1, 2], [1.0], 1e-5))
+    loss, stats = op([z], [y], [1, 2], [1.0], 1e-5)
+    grad = torch.ones_like(loss)
+    torch.library.opcheck(torch.ops.colabx.dice_ce_loss_bwd.default,
+                          (grad, [z], [y], stats, [1, 2], [1.0], 1e-5, True))
     lab = torch.randint(0, 3, (2, 4, 5))
     torch.library.opcheck(torch.ops.colabx.roi_bce_loss_fwd.default, (z, lab, [1]))
+    torch.library.opcheck(torch.ops.colabx.roi_bce_loss_bwd.default, (grad, z, lab, [1]))
 
 
 # ---- CUDA ----
@@ -397,12 +407,13 @@ def test_cuda_beyond_the_kernel_limits_runs_the_twin(monkeypatch):
     """K = 20 > 16 channels, 17 > 16 levels: the GPU twin's results, without entering the
     kernels; and the CPU kernels' within fp32 rounding of log(1 - p + 1e-6) near p = 1."""
     from colabx.ops import dice_ce_loss as dce_op
+    from colabx.ops import roi_bce_loss as bce_op
 
     def no_kernels(*args, **kwargs):
         raise AssertionError("the CUDA kernels were entered beyond their limits")
 
-    monkeypatch.setattr(dce_op, "_dce_fwd_impl", no_kernels)
-    monkeypatch.setattr(dce_op, "_bce_fwd_impl", no_kernels)
+    monkeypatch.setattr(dce_op, "_forward_kernels", no_kernels)
+    monkeypatch.setattr(bce_op, "_forward_kernels", no_kernels)
     g = torch.Generator().manual_seed(20)
     for zs in ([3 * torch.randn((2, 20, 9, 7), generator=g)],
                [torch.randn((1, 3, 4, 3), generator=g) for _ in range(17)]):
@@ -416,7 +427,7 @@ def test_cuda_beyond_the_kernel_limits_runs_the_twin(monkeypatch):
     roi = list(range(1, 20))
     zc, zt = z.cuda().requires_grad_(), z.cuda().requires_grad_()
     colabx.roi_bce_loss(zc, lab.cuda(), roi).backward()
-    ref.roi_bce_loss(zt, lab.cuda(), roi).backward()
+    bce_ref.roi_bce_loss(zt, lab.cuda(), roi).backward()
     assert torch.equal(zc.grad, zt.grad)
     monkeypatch.undo()
     zp = z.clone().requires_grad_()
@@ -569,7 +580,7 @@ def test_cuda_sums_hold_when_blocks_walk_many_tiles(k, side):
         assert err <= max(GTOL[torch.float32]["atol"], 2 * fp32_err), (err, fp32_err)
     lab = y.argmax(1).cuda()
     lb = colabx.roi_bce_loss(z.cuda(), lab, list(range(1, k)))
-    torch.testing.assert_close(lb.double().cpu(), ref.roi_bce_loss(z.double(), lab.cpu(),
+    torch.testing.assert_close(lb.double().cpu(), bce_ref.roi_bce_loss(z.double(), lab.cpu(),
                                                                     list(range(1, k))),
                                rtol=2e-5, atol=1e-7)
 
@@ -584,7 +595,7 @@ def test_cuda_roi_bce(b, k, spatial):
     lc = colabx.roi_bce_loss(zc, lab.cuda(), roi)
     lc.backward()
     zr = z.clone().requires_grad_()
-    lr = ref.roi_bce_loss(zr, lab, roi)
+    lr = bce_ref.roi_bce_loss(zr, lab, roi)
     lr.backward()
     torch.testing.assert_close(lc.cpu(), lr, rtol=2e-5, atol=1e-7)
     s = zr.grad.abs().max()
@@ -592,6 +603,6 @@ def test_cuda_roi_bce(b, k, spatial):
 
 
 def test_math_constants_sane():
-    # the twin's default smooth and eps match DESIGN.md
-    assert ref.CE_EPS == 1e-32 and ref.BCE_EPS == 1e-6
+    # the twin's default smooth and eps match docs/design.md
+    assert ref.CE_EPS == 1e-32 and bce_ref.BCE_EPS == 1e-6
     assert math.isclose(sum(ref.default_level_weights(5)), 1.0)

@@ -9,7 +9,7 @@ from scipy import ndimage
 
 import colabx
 from colabx.ops.distance_transform import compute_distance_transform
-from colabx.reference.distance_transform import distance_transform as twin
+from colabx.twins.distance_transform import distance_transform as twin
 
 RTOL, ATOL = 2e-6, 1e-5
 
@@ -293,22 +293,17 @@ def test_cuda_dtypes_noncontiguous_compile():
     [(256, 8, 40), (257, 5, 33), (3, 256, 70), (2, 257, 31), (640, 2, 3), (1, 1, 1),
      (4, 6, 256), (3, 4, 300), (2, 3, 513), (2, 5, 129)],
 )
-def test_cuda_async_lines_vs_legacy_kernel(shape, monkeypatch):
-    # Strided passes: cp.async kernel (uint8 vertex indices up to 256, uint16 above) vs the
-    # plain staging kernel (COLABX_EDT_LEGACY=1) and scipy; line counts not multiples of a block.
-    # Rows: register kernel (W <= 512, 1..16 chunks per lane) vs rows_kernel (legacy, W > 512).
+def test_cuda_row_and_line_kernels_vs_scipy(shape):
+    # Strided passes: cp.async kernel (uint8 vertex indices up to 256, uint16 above) vs scipy;
+    # line counts not multiples of a block. Rows: register kernel (W <= 512, 1..16 chunks per
+    # lane) and rows_kernel (W > 512).
     rng = np.random.default_rng(sum(shape) + 5)
     mask = np.stack([blobs(shape, 2, rng, radius=(1.0, 5.0)), rng.random(shape) < 0.003,
                      rng.random(shape) < 0.5, np.zeros(shape, bool)])
     mask[3, -1, -1, -1] = True  # one far corner feature: long envelopes
     m = torch.from_numpy(mask).cuda()
     for sp, signed in (((0.8, 0.8, 2.5), False), ((2.5, 1.3, 0.7), True)):
-        monkeypatch.delenv("COLABX_EDT_LEGACY", raising=False)
         new = colabx.distance_transform(m, sp, signed=signed)
-        monkeypatch.setenv("COLABX_EDT_LEGACY", "1")
-        old = colabx.distance_transform(m, sp, signed=signed)
-        monkeypatch.delenv("COLABX_EDT_LEGACY")
-        close(new, old.cpu(), rtol=1e-6, atol=1e-6)
         close(new, scipy_signed(mask, sp) if signed else scipy_edt(mask, sp))
         m2, sp2 = mask[:, :, :, 0], sp[:2]  # 2D items: the H pass takes the square root
         exp2 = scipy_signed(m2, sp2) if signed else scipy_edt(m2, sp2)
@@ -316,7 +311,7 @@ def test_cuda_async_lines_vs_legacy_kernel(shape, monkeypatch):
 
 
 def test_twin_chunked_vs_scipy(monkeypatch):
-    import colabx.reference.distance_transform as ref
+    import colabx.twins.distance_transform as ref
 
     monkeypatch.setattr(ref, "_CHUNK_ELEMS", 1)  # force many chunks per axis
     rng = np.random.default_rng(21)

@@ -11,7 +11,7 @@ import torch
 
 from colabx.inference.analysis import neighbour_ratio
 from colabx.models import task_generator
-from colabx.train.plan import NetworkPlan, build_networks
+from colabx.models.plan import NetworkPlan, build_networks
 
 POOLS = [(2, 2, 1), (2, 2, 2), (2, 2, 2)]
 

@@ -1,4 +1,4 @@
-"""The meta-gradient against an oracle that shares no code with colabx.meta or its twins.
+"""The meta-gradient against an oracle that shares no code with colabx.method or its twins.
 
 The oracle differentiates the unrolled inner step itself, in float64, by plain double backprop:
 
@@ -7,9 +7,9 @@ The oracle differentiates the unrolled inner step itself, in float64, by plain d
 with ŷ(ω) the context labels of the generator's logits at the U-Net's deep-supervision levels,
 L_seg the CE + soft Dice loss over all K channels (Dice over channels 1..K−1) weighted per level
 by literal weights, L_ROI the one-vs-all BCE on channels 1..c−1 of the full-resolution output and
-α the inner learning rate (the module docstring of colabx/meta.py). The losses are written
-out here from their formulas; only the U-Net, the generator and the context labels (tested on
-their own against scipy and hand-made cases) are colabx's.
+α the inner learning rate (the module docstring of colabx/method/meta_step.py). The losses are
+written out here from their formulas; only the U-Net, the generator and the context labels
+(tested on their own against scipy and hand-made cases) are colabx's.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import torch
 from torch.func import functional_call
 
 from colabx import distance_transform
-from colabx.meta import MetaConfig, MetaStep
+from colabx.method.meta_step import MetaConfig, MetaStep
 from colabx.models import UNet, task_generator
-from colabx.reference.context_labels import context_labels_reference
+from colabx.twins.context_labels import context_labels_twin
 
 LR = 0.01
 MARGIN, TAU = 2.0, 2.0
@@ -78,7 +78,7 @@ def oracle_hypergradient(f, g, x, y, d, c, lr):
     """dL_ROI(θ − α ∇θ L_seg(θ, ŷ(ω)))/dω by double backprop, flattened over g's parameters."""
     theta = {n: p.detach().requires_grad_() for n, p in f.named_parameters()}
     omega = dict(g.named_parameters())
-    yhat = context_labels_reference(functional_call(g, omega, (x,)), y, d, c, MARGIN, TAU,
+    yhat = context_labels_twin(functional_call(g, omega, (x,)), y, d, c, MARGIN, TAU,
                                     f.output_strides)
     l_seg = _l_seg(functional_call(f, theta, (x,)), yhat)
     grads = torch.autograd.grad(l_seg, list(theta.values()), create_graph=True)

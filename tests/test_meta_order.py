@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from colabx import distance_transform
-from colabx.meta import MetaConfig, MetaStep
+from colabx.method.meta_step import MetaConfig, MetaStep
 from colabx.models import UNet, task_generator
 
 LR = 0.01

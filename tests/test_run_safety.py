@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from colabx import _io
+from colabx.checkpoint import load_checkpoint
 from colabx.cli import main
 from colabx.data.phantom import write_phantom
-from colabx.train.checkpoint import load_checkpoint
 
 TINY = ["--epochs", "1", "--iterations", "2", "--base-features", "4", "--num-pool", "2",
         "--patch-size", "16", "16", "8", "--num-workers", "0", "--no-progress", "--threads", "1",
@@ -126,17 +126,21 @@ def _partial_run(phantom, out, tmp_path, **kw):
 
 def test_runs_saved_before_an_option_existed_resume(phantom, tmp_path):
     """A run saved before ``generator_upsampling`` existed (transposed convs, no key in its
-    configuration or plan) resumes with nothing given, though today's default differs."""
-    from colabx.train.checkpoint import save_checkpoint
+    configuration or plan; the plans under the old keys "plan" and "plans") resumes with nothing
+    given, though today's default differs."""
+    from colabx.checkpoint import save_checkpoint
 
     run = tmp_path / "old"
     _partial_run(phantom, run, tmp_path, generator_upsampling="transposed")
     state = load_checkpoint(run / "checkpoint_latest.pth")
-    del state["config"]["generator_upsampling"], state["plan"]["generator_upsampling"]
+    del state["config"]["generator_upsampling"], state["network_plan"]["generator_upsampling"]
+    # and its plans under their old keys
+    state["plan"], state["plans"] = state.pop("network_plan"), state.pop("preprocessing_plans")
     save_checkpoint(run / "checkpoint_latest.pth", state)
     assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
-    assert load_checkpoint(run / "checkpoint_final.pth")["config"]["generator_upsampling"] == \
-        "transposed"
+    final = load_checkpoint(run / "checkpoint_final.pth")
+    assert final["config"]["generator_upsampling"] == "transposed"
+    assert {"network_plan", "preprocessing_plans"} <= set(final) and "plan" not in final
 
 
 def test_resume_refuses_options_that_must_match(phantom, tmp_path, capsys):

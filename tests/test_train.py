@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import colabx
-from colabx.train.checkpoint import load_checkpoint
+from colabx.checkpoint import load_checkpoint
 from colabx.train.config import TrainConfig, save_config
 from colabx.train.trainer import Trainer
 

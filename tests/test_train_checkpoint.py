@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from colabx.train import checkpoint as ck
+from colabx import checkpoint as ck
 
 
 def _state(v: float) -> dict:
@@ -71,3 +71,13 @@ def test_rng_roundtrip(tmp_path):
     ck.restore_rng(ck.load_checkpoint(p)["rng"])
     b = (random.random(), np.random.rand(), torch.rand(2))  # noqa: NPY002
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_old_plan_keys_are_renamed_on_load(tmp_path):
+    from colabx.checkpoint import load_checkpoint, save_checkpoint
+
+    path = tmp_path / "old.pth"
+    save_checkpoint(path, {"model": {}, "config": {}, "plan": {"t": 2}, "plans": {"x": 1}})
+    state = load_checkpoint(path)
+    assert state["network_plan"] == {"t": 2} and state["preprocessing_plans"] == {"x": 1}
+    assert "plan" not in state and "plans" not in state

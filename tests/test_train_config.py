@@ -91,3 +91,13 @@ def test_cli_flags_parse_to_config_types():
     cfg = from_mapping(flags)
     assert (cfg.mode, cfg.patch_size, cfg.augment, cfg.lr, cfg.epochs) == \
         ("vanilla", [32, 32, 16], False, 0.02, 3)
+
+
+def test_saved_options_replace_retired_values():
+    """Runs saved with the retired vmap θ± forwards resume on the sequential ones (same math)."""
+    from colabx.train.config import saved_options
+
+    assert saved_options({"theta_pm": "vmap"})["theta_pm"] == "sequential"
+    assert saved_options({"theta_pm": "grouped"})["theta_pm"] == "grouped"
+    with pytest.raises(ConfigError, match="theta_pm"):
+        from_mapping({"theta_pm": "vmap"})

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import colabx
+from colabx.checkpoint import load_checkpoint
 from colabx.data.phantom import write_phantom
-from colabx.train.checkpoint import load_checkpoint
 from colabx.train.config import TrainConfig, save_config
 
 EPOCHS = 6

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from colabx.train.plan import auto_patch_size, pool_kernel_sizes
-from colabx.train.targets import FixedTargets, fit_intensity_clusters
+from colabx.method.targets import FixedTargets, fit_intensity_clusters
+from colabx.models.plan import auto_patch_size, pool_kernel_sizes
 
 
 def _batch(shape=(2, 12, 10, 8), seed=0):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from colabx import dice_ce_loss
-from colabx.meta import MetaConfig, MetaStep
+from colabx.method.meta_step import MetaConfig, MetaStep
 from colabx.train.config import TrainConfig
 from colabx.train.trainer import Trainer
 

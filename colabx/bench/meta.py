@@ -6,11 +6,11 @@ run's plan with ``--run``):
 * ``vanilla``: one iteration of plain training (K = c outputs, one-hot targets);
 * ``colab plain``: an iteration without a generator update (K = c + t − 1, labels from g);
 * ``colab meta (reference order)`` / ``(shared order)``: an iteration with a generator update,
-  in the order of :attr:`colabx.meta.MetaConfig.order` (``--difference`` applies to both);
+  in the order of :attr:`colabx.method.MetaConfig.order` (``--difference`` applies to both);
 * ``restructured PyTorch``: the same algorithm in plain PyTorch
-  (:func:`colabx.reference.meta.restructured_meta_step` + the plain update);
+  (:func:`colabx.twins.meta.restructured_meta_step` + the plain update);
 * ``reference-style PyTorch``: the published code's way (per-sample loop, network copies, two
-  generator backwards; :func:`colabx.reference.meta.reference_meta_step` + the plain update).
+  generator backwards; :func:`colabx.twins.meta.reference_meta_step` + the plain update).
 
 The meta part is an iteration with a generator update minus ``colab plain``; CoLab's cost at a
 generator period P is ``((P − 1) · plain + meta iteration) / P``, its overhead the percentage
@@ -34,11 +34,11 @@ import torch
 
 from colabx import distance_transform
 from colabx.bench.harness import machine_info, time_callable, write_json
-from colabx.meta import DIFFERENCES, MetaConfig, MetaStep
+from colabx.method.meta_step import DIFFERENCES, MetaConfig, MetaStep
 from colabx.models import UNet, task_generator
 from colabx.ops.context_labels import context_labels
 from colabx.ops.dice_ce_loss import dice_ce_loss
-from colabx.reference.meta import (
+from colabx.twins.meta import (
     reference_meta_step,
     reference_plain_step,
     restructured_meta_step,

@@ -21,11 +21,11 @@ modules::
 * :func:`one_hot2dist` (``utilities.py``) — colabx's threaded exact EDT instead of scipy's; safe
   in the reference sampler's ``fork`` pool; :func:`cache_distance_maps` keeps each case's map
   on disk so the sampler computes it once per run instead of once per epoch.
-* :func:`train` (``common.py``) — the whole epoch on :class:`colabx.meta.MetaStep`, per sample as
+* :func:`train` (``common.py``) — the whole epoch on :class:`colabx.method.MetaStep`, per sample as
   the reference or batched; import it in ``train.py`` in place of ``common.train``.
 
 Their pure-PyTorch/NumPy twins, which redo the reference's steps literally, are in
-:mod:`colabx.reference.compat` (``train_reference`` for the epoch).
+:mod:`colabx.compat.twins` (``train_reference`` for the epoch).
 """
 
 from colabx.compat.common import calcualte_loss_val, calculate_loss

@@ -8,9 +8,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from colabx.ops.dice_ce_loss import _compute_dtype, dice_ce_loss, roi_bce_loss
+from colabx._precision import accumulation_dtype
+from colabx.ops.dice_ce_loss import dice_ce_loss
 from colabx.ops.distance_transform import fork_safe_intraop
-from colabx.reference.dice_ce_loss import BCE_EPS, CE_EPS, default_level_weights
+from colabx.ops.roi_bce_loss import roi_bce_loss
+from colabx.twins.dice_ce_loss import CE_EPS, default_level_weights
+from colabx.twins.roi_bce_loss import BCE_EPS
 
 __all__ = ["calcualte_loss_val", "calculate_loss"]
 
@@ -117,7 +120,7 @@ def _soft_targets(args, y: Tensor, q: Tensor, mask: Tensor | None, k: int, bg: i
 
 def _cross_entropy(z: Tensor, targets: Tensor) -> Tensor:
     b, v = z.shape[0], z[0, 0].numel()
-    p = torch.softmax(z.to(_compute_dtype(z.dtype)), 1)
+    p = torch.softmax(z.to(accumulation_dtype(z.dtype)), 1)
     return -(targets * torch.log(p + CE_EPS)).sum() / (b * v)
 
 
@@ -273,7 +276,7 @@ def calcualte_loss_val(args, target_varval, outputval, criterionbce=None):
     y = target_varval.to(z.device).long()
     bce = roi_bce_loss(z, y, list(range(1, c)), validate=False)
     b, k, v = z.shape[0], z.shape[1], z[0, 0].numel()
-    zf = z.to(_compute_dtype(z.dtype))
+    zf = z.to(accumulation_dtype(z.dtype))
     p = torch.softmax(zf, 1)
     onehot = _one_hot(y, k, p.dtype)
     axes = tuple(range(2, z.dim()))

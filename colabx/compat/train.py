@@ -11,14 +11,14 @@ from torch import Tensor
 from torch.func import functional_call
 
 from colabx.compat.common import calcualte_loss_val, calculate_loss, fork_safe
-from colabx.meta import MetaConfig, MetaStep
-from colabx.reference.compat import (
+from colabx.compat.twins import (
     EpochMeters,
     accuracy_top1,
     generator_levels,
     loss_mask_levels,
     soft_distance_mask,
 )
+from colabx.method.meta_step import MetaConfig, MetaStep
 
 __all__ = ["train"]
 
@@ -26,7 +26,7 @@ _META_MODES = ("per_sample", "batched")
 
 
 class _Tap(torch.nn.Module):
-    """One of the reference's networks as :class:`~colabx.meta.MetaStep` sees it (a list of
+    """One of the reference's networks as :class:`~colabx.method.MetaStep` sees it (a list of
     ``levels`` outputs with deep supervision, ``output_strides`` 2^k), recording the detached
     outputs of its calls made with autograd on in ``taps`` (when a list): in a meta step those
     are f(x), then f_θ*(x) (the θ± forwards run under ``no_grad``), and g(x) once."""
@@ -96,7 +96,7 @@ def train(sampling_results: Sequence, sampling_results_val, model: torch.nn.Modu
     ``sampling_results = (images [N, C, *S], labels [N, *S], distances [N, *S], ...)``):
 
     * every ``args.taskupdate`` iterations the meta step. CoLab mode (neither ``vanilla`` nor
-      ``manuallabel``): :class:`colabx.meta.MetaStep` with ``model`` and ``samplemodel`` as
+      ``manuallabel``): :class:`colabx.method.MetaStep` with ``model`` and ``samplemodel`` as
       they are (no network rebuilt), context labels from the generator with the soft mask
       ``min(1, exp((threshold_sub − d)/threshold_dev))`` of the distance patches when
       ``distdetach`` (no mask otherwise), L_ROI on θ*, the finite difference at ε = 0.01/‖v‖,
@@ -124,7 +124,7 @@ def train(sampling_results: Sequence, sampling_results_val, model: torch.nn.Modu
     network pools anisotropically fail there and here). Each case's distance map is the
     sampler's work: :func:`colabx.compat.cache_distance_maps` makes it once per run.
 
-    Returns the epoch's :class:`~colabx.reference.compat.EpochMeters` (the reference returns
+    Returns the epoch's :class:`~colabx.compat.twins.EpochMeters` (the reference returns
     None). Raises ValueError on a ``meta_mode`` other than ``"per_sample"`` / ``"batched"``
     or on sampler output of the wrong layout or length.
     """

@@ -13,8 +13,8 @@ import torch
 
 from colabx._io import atomic_write
 from colabx.compat.common import calculate_loss, fork_safe
+from colabx.compat.twins import add_scaled_, one_hot2dist_reference
 from colabx.ops.distance_transform import distance_transform
-from colabx.reference.compat import add_scaled_, one_hot2dist_reference
 
 __all__ = ["cache_distance_maps", "hessian_vector_product_Unet", "one_hot2dist"]
 

@@ -54,7 +54,9 @@ __all__ = [
     "Dataset",
     "DatasetError",
     "check_foreground",
+    "check_same_grid",
     "load_dataset",
+    "scan_images",
 ]
 
 #: Largest difference (mm) tolerated between two files' spacing or affine entries.
@@ -190,7 +192,7 @@ class Dataset:
             paths = [v.path for v in vols]
         ref = vols[0]
         for v in vols[1:]:
-            _check_same_grid(ref, v, "image channel")
+            check_same_grid(ref, v, "image channel")
         for i, (ch, p) in enumerate(zip(channels, paths, strict=True)):
             bad = ch.size - int(np.count_nonzero(np.isfinite(ch)))
             if bad:
@@ -241,13 +243,13 @@ class Dataset:
                         f"{vol.path}: {key} shape {vol.data.shape} differs from image shape "
                         f"{ref.data.shape} ({ref.path})"
                     )
-                _check_same_grid(ref, vol, key)
+                check_same_grid(ref, vol, key)
             out[key] = None if vol is None else vol.data
         return CaseData(image=image, label=out["label"], spacing=spacing, affine=affine,
                         context=out["context"])
 
 
-def _check_same_grid(ref: Volume, other: Volume, what: str) -> None:
+def check_same_grid(ref: Volume, other: Volume, what: str) -> None:
     """Raise unless ``other`` has ``ref``'s shape, spacing and affine (within 1e-4 mm)."""
     rs, os_ = ref.data.shape[:3], other.data.shape[:3]
     if rs != os_:
@@ -388,9 +390,9 @@ def _check_num_training(js: dict[str, Any], n: int, path: Path) -> None:
 # -- nnU-Net v2 -----------------------------------------------------------------------------------
 
 
-def _scan_images(folder: Path, ending: str, n_channels: int,
-                 declared_by: str = "dataset.json declares", whole_files: bool = False
-                 ) -> dict[str, tuple[Path, ...]]:
+def scan_images(folder: Path, ending: str, n_channels: int,
+                declared_by: str = "dataset.json declares", whole_files: bool = False
+                ) -> dict[str, tuple[Path, ...]]:
     """Group ``{case}_{XXXX}{ending}`` files of ``folder`` by case, checking channels
     (``declared_by`` says, in error messages, where the channel count comes from).
 
@@ -447,7 +449,7 @@ def _scan_labels(folder: Path, ending: str, what: str) -> dict[str, Path]:
 
 def _nnunet_split(root: Path, img_dir: str, lbl_dir: str, ctx_dir: str | None, ending: str,
                   n_channels: int, need_labels: bool) -> list[Case]:
-    images = _scan_images(root / img_dir, ending, n_channels) if (root / img_dir).is_dir() else {}
+    images = scan_images(root / img_dir, ending, n_channels) if (root / img_dir).is_dir() else {}
     labels = _scan_labels(root / lbl_dir, ending, "label") if (root / lbl_dir).is_dir() else None
     if labels is None and need_labels and images:
         raise DatasetError(f"{root / lbl_dir}: label folder is missing")

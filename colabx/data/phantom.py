@@ -40,7 +40,7 @@ from tqdm import tqdm
 __all__ = [
     "CONTEXT_NAMES",
     "GENERATOR_VERSION",
-    "PRESETS",
+    "PHANTOM_PRESETS",
     "TEST_INDEX_OFFSET",
     "PhantomCase",
     "PhantomPreset",
@@ -96,10 +96,12 @@ class PhantomPreset:
 #: the whole body, and a 3-pool U-Net on it runs about 0.3 s per iteration (batch 2, 8 features)
 #: on one CPU core. ``"tiny"``: the same anatomy sampled at 32 × 32 × 12 for tests
 #: (milliseconds per case).
-PRESETS: dict[str, PhantomPreset] = {
+PHANTOM_PRESETS: dict[str, PhantomPreset] = {
     "default": PhantomPreset((96, 96, 32), (1.5, 1.5, 3.0), 16, 8, (48, 48, 16)),
     "tiny": PhantomPreset((32, 32, 12), (4.5, 4.5, 8.0), 4, 2, (16, 16, 8)),
 }
+#: The former name of :data:`PHANTOM_PRESETS` (deprecated).
+PRESETS = PHANTOM_PRESETS
 
 
 @dataclass(frozen=True, eq=False)
@@ -125,9 +127,9 @@ class PhantomCase:
 
 
 def _preset(preset: str) -> PhantomPreset:
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    return PRESETS[preset]
+    if preset not in PHANTOM_PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PHANTOM_PRESETS)}, got {preset!r}")
+    return PHANTOM_PRESETS[preset]
 
 
 def _check_int(value: object, name: str, minimum: int) -> int:
@@ -228,7 +230,7 @@ def generate_case(index: int, *, seed: int = 0, preset: str = "default") -> Phan
     """Generate phantom case ``index`` (deterministic in ``(seed, index, preset)``).
 
     Returns:
-        A :class:`PhantomCase` with arrays of shape ``PRESETS[preset].shape``.
+        A :class:`PhantomCase` with arrays of shape ``PHANTOM_PRESETS[preset].shape``.
 
     Raises:
         ValueError: unknown ``preset``, negative or non-integer ``index`` / ``seed``.

@@ -99,6 +99,7 @@ __all__ = [
     "crop_to_nonzero",
     "load_preprocessed",
     "normalization_schemes",
+    "normalize_image",
     "preprocess_dataset",
     "preprocess_held_out_case",
     "resample_image",
@@ -207,8 +208,8 @@ def normalization_schemes(channel_names: Sequence[str],
     return tuple("ct" if m.strip().lower() == "ct" else "zscore" for m in names)
 
 
-def _normalize(image: np.ndarray, mask: np.ndarray, schemes: Sequence[str],
-               ct_stats: Sequence[dict[str, float] | None]) -> tuple[np.ndarray, list[dict]]:
+def normalize_image(image: np.ndarray, mask: np.ndarray, schemes: Sequence[str],
+                    ct_stats: Sequence[dict[str, float] | None]) -> tuple[np.ndarray, list[dict]]:
     """Normalise the cropped ``image [C, *S]`` into a new float32 array; also return per channel
     the statistics used for this case (zscore channels: mean and std; CT channels: nothing)."""
     out = np.empty_like(image, dtype=np.float32)
@@ -241,7 +242,7 @@ def _foreground(label: np.ndarray, ignore: int | None) -> np.ndarray:
 def _distance(roi: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     import torch
 
-    from colabx import distance_transform
+    from colabx.ops.distance_transform import distance_transform
 
     d = distance_transform(torch.from_numpy(np.ascontiguousarray(roi))[None],
                            spacing=[float(s) for s in spacing])
@@ -303,7 +304,7 @@ def _case_arrays(ds: Dataset, case: Case, schemes: Sequence[str],
     image = d.image[(slice(None), *bbox)]
     label = d.label[bbox]
     context = None if d.context is None else d.context[bbox]
-    image, used = _normalize(image, mask[bbox], schemes, ct_stats)
+    image, used = normalize_image(image, mask[bbox], schemes, ct_stats)
     shape = target_shape(label.shape, d.spacing, target)
     image = resample_image(image, shape)
     label = resample_labels(label, shape)

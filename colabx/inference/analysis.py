@@ -15,12 +15,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from colabx.checkpoint import load_checkpoint
 from colabx.data.preprocessing import (
     PreprocessedCase,
     load_preprocessed,
     preprocess_held_out_case,
 )
 from colabx.inference.sliding_window import sliding_window_logits
+from colabx.models.plan import NetworkPlan, build_networks
 
 __all__ = ["CaseOutputs", "TrainedRun", "case_outputs", "held_out_cases", "load_run",
            "neighbour_ratio"]
@@ -49,19 +51,16 @@ class TrainedRun:
 def load_run(run: str | os.PathLike[str], checkpoint: str = "final",
              device: str | torch.device = "cpu") -> TrainedRun:
     """Both networks of a run directory's ``checkpoint_{checkpoint}.pth``."""
-    from colabx.train.checkpoint import load_checkpoint
-    from colabx.train.plan import NetworkPlan, build_networks
-
     path = Path(run) / f"checkpoint_{checkpoint}.pth"
     state = load_checkpoint(path)
-    f, g = build_networks(NetworkPlan(**state["plan"]), torch.device(device))
+    f, g = build_networks(NetworkPlan(**state["network_plan"]), torch.device(device))
     f.load_state_dict(state["model"])
     f.eval()
     if g is not None:
         g.load_state_dict(state["generator"])
         g.eval()
-    return TrainedRun(f, g, state["plan"], state["plans"], state["config"], state["dataset"],
-                      Path(run).name)
+    return TrainedRun(f, g, state["network_plan"], state["preprocessing_plans"], state["config"],
+                      state["dataset"], Path(run).name)
 
 
 def held_out_cases(run: TrainedRun, ids: list[str] | None = None) -> list[PreprocessedCase]:

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from colabx._io import atomic_write_text
-from colabx.data.datasets import _check_same_grid
+from colabx.data.datasets import check_same_grid
 from colabx.data.image_io import DatasetError, folder_ending, read_label_map
 from colabx.inference.postprocess import POSTPROCESSING
 from colabx.inference.postprocess import postprocess as apply_postprocess
@@ -346,7 +346,7 @@ def evaluate_folders(
             if p.data.shape != r.data.shape:
                 raise DatasetError(f"{p.path}: prediction shape {p.data.shape} differs from "
                                    f"reference shape {r.data.shape} ({r.path})")
-            _check_same_grid(r, p, "prediction")
+            check_same_grid(r, p, "prediction")
             pred = p.data if postprocess == "none" else apply_postprocess(p.data, postprocess)
             m = evaluate_case(pred, r.data, num_classes, r.spacing, ignore_label=ignore,
                               compute_hd95=compute_hd95)

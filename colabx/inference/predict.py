@@ -1,6 +1,6 @@
 """From logits to label maps, and from raw image files to a prediction in the original grid.
 
-``predict_labels`` applies the prediction rule of DESIGN.md (argmax over all K = c + t - 1
+``predict_labels`` applies the prediction rule of docs/design.md (argmax over all K = c + t - 1
 channels; the context channels 0 and c..K-1 all mean background); ``predict_contexts`` gives the
 argmax over the context channels alone (the network's context map). ``predict_raw`` runs the
 training preprocessing of :mod:`colabx.data.preprocessing` on a case's raw files (crop to nonzero,
@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from colabx.data.datasets import Case, Dataset
 from colabx.data.image_io import write_label_map
 from colabx.data.preprocessing import (
-    _normalize,
     crop_to_nonzero,
+    normalize_image,
     resample_image,
     target_shape,
 )
@@ -71,7 +71,7 @@ def _context_max(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 def predict_labels(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Label map from CoLab logits (DESIGN.md's rule).
+    """Label map from CoLab logits (docs/design.md, "Conventions").
 
     Args:
         logits: ``[B, K, *S]`` floating, channels ``[context 0, ROI 1..c-1, contexts c..K-1]``.
@@ -269,7 +269,7 @@ def predict_raw(
 
     bbox, mask = crop_to_nonzero(image)
     cropped = image[(slice(None), *bbox)]
-    x, _ = _normalize(cropped, mask[bbox], schemes, ct_stats)
+    x, _ = normalize_image(cropped, mask[bbox], schemes, ct_stats)
     x = resample_image(x, target_shape(cropped.shape[1:], spacing, target))
     logits = sliding_window_logits(model, torch.from_numpy(x), patch_size, **kwargs)
     logits = _resize_logits(logits, tuple(cropped.shape[1:]))

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from colabx._io import atomic_write, check_output_folder, mark_output_folder
-from colabx.data.datasets import _scan_images
+from colabx.checkpoint import load_checkpoint
+from colabx.data.datasets import scan_images
 from colabx.data.image_io import (
     IMAGE_ENDINGS,
     SITK_ENDINGS,
@@ -27,6 +28,7 @@ from colabx.device import resolve_device
 from colabx.inference.postprocess import POSTPROCESSING
 from colabx.inference.postprocess import postprocess as apply_postprocess
 from colabx.inference.predict import predict_raw, save_prediction
+from colabx.models.plan import NetworkPlan, build_networks
 
 __all__ = ["MAX_OVERLAP", "PREDICT_MARKER", "channel_names", "load_trained_model",
            "predict_folder"]
@@ -49,16 +51,13 @@ def load_trained_model(run: str | os.PathLike[str], checkpoint: str = "final",
     """The segmentation network of a run (eval mode, on ``device``), its network plan and the
     preprocessing plans. ``run`` is a run directory (``checkpoint`` = final, best or latest) or a
     checkpoint file."""
-    from colabx.train.checkpoint import load_checkpoint
-    from colabx.train.plan import NetworkPlan, build_networks
-
     state = load_checkpoint(_checkpoint_path(Path(run), checkpoint))
-    plan = NetworkPlan(**{**state["plan"], "with_generator": False})
+    plan = NetworkPlan(**{**state["network_plan"], "with_generator": False})
     dev = torch.device(device)
     f, _ = build_networks(plan, dev)
     f.load_state_dict(state["model"])
     f.eval()
-    return f, state["plan"], state["plans"]
+    return f, state["network_plan"], state["preprocessing_plans"]
 
 
 #: Marker of a folder written by :func:`predict_folder`.
@@ -138,8 +137,8 @@ def predict_folder(run: str | os.PathLike[str], input_dir: str | os.PathLike[str
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such input folder")
     ending = folder_ending(src, "input image") if file_ending is None else file_ending
-    cases = _scan_images(src, ending, plan["in_channels"],
-                         declared_by=f"the model of {run} expects", whole_files=True)
+    cases = scan_images(src, ending, plan["in_channels"],
+                        declared_by=f"the model of {run} expects", whole_files=True)
     if not cases:
         raise DatasetError(f"{src}: no images named {{case}}_{{XXXX}}{ending} or "
                            f"{{case}}{ending}")

@@ -1,8 +1,11 @@
-"""Networks of CoLab: the segmentation U-Net and the task generator (same U-Net, t outputs).
+"""Networks of CoLab: the segmentation U-Net, the task generator (same U-Net, t outputs) and the
+network plan that sizes both from the data.
 
-See :mod:`colabx.models.unet` for the reference configuration they reproduce.
+See :mod:`colabx.models.unet` for the reference configuration they reproduce and
+:mod:`colabx.models.plan` for the plan stored in checkpoints.
 """
 
+from colabx.models.plan import NetworkPlan, auto_patch_size, build_networks, pool_kernel_sizes
 from colabx.models.unet import (
     DEFAULT_MAX_FEATURES,
     UNet,
@@ -12,7 +15,11 @@ from colabx.models.unet import (
 
 __all__ = [
     "DEFAULT_MAX_FEATURES",
+    "NetworkPlan",
     "UNet",
+    "auto_patch_size",
+    "build_networks",
+    "pool_kernel_sizes",
     "reference_pool_kernel_sizes",
     "task_generator",
 ]

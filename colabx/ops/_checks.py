@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -72,3 +73,52 @@ def check_spacing(
         if not (s > 0 and s != float("inf")):
             raise ValueError(f"{name} values must be finite and > 0, got {values}")
     return values
+
+
+def check_channels(channels: object, k: int, name: str) -> list[int]:
+    if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence):
+        if isinstance(channels, torch.Tensor):
+            channels = channels.tolist()
+        else:
+            raise TypeError(f"{name} must be a sequence of ints, got {type(channels).__name__}")
+    out = []
+    for c in channels:
+        if isinstance(c, bool) or isinstance(c, float):
+            raise TypeError(f"{name} must contain ints, got {c!r}")
+        try:
+            out.append(operator.index(c))
+        except TypeError:
+            raise TypeError(f"{name} must contain ints, got {type(c).__name__}") from None
+    if not out:
+        raise ValueError(f"{name} must name at least one channel")
+    for c in out:
+        if not 0 <= c < k:
+            raise ValueError(f"{name} entry {c} is out of range for K = {k} channels (0..{k - 1})")
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name} contains duplicate channels: {out}")
+    return out
+
+
+def check_label_range(lab: torch.Tensor, k: int, name: str) -> None:
+    if lab.numel() == 0 or lab.dtype == torch.bool:
+        return
+    lo, hi = torch.aminmax(lab)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= k:
+        raise ValueError(f"{name} values must be in 0..{k - 1} (K = {k} channels), found range "
+                         f"{lo}..{hi}")
+
+
+def prepare_labels(lab: torch.Tensor, z: torch.Tensor, name: str, zname: str) -> torch.Tensor:
+    """Hard labels [B, *S] or [B, 1, *S] → [B, *S] (bool viewed as uint8)."""
+    check_labels(lab, name)
+    b, spatial = z.shape[0], tuple(z.shape[2:])
+    if lab.dim() == z.dim() and lab.shape[1] == 1:
+        lab = lab[:, 0]
+    if tuple(lab.shape) != (b, *spatial):
+        raise ValueError(f"{name} has shape {tuple(lab.shape)} but {zname} of shape "
+                         f"{tuple(z.shape)} requires integer labels of shape {(b, *spatial)} "
+                         f"(or {(b, 1, *spatial)})")
+    if lab.dtype == torch.bool:
+        lab = lab.view(torch.uint8)
+    return lab

@@ -1,98 +1,78 @@
-"""CoLab context labels: label aggregation + soft distance mask (DESIGN.md §1), fused.
+"""CoLab context labels: label aggregation + soft distance mask (docs/design.md, "Op 1"), fused.
 
-Forward and backward are ``torch.library`` custom ops (``colabx::context_labels_fwd`` /
-``colabx::context_labels_bwd``) with fake kernels, so ``torch.compile`` graphs do not break.
-CPU tensors run colabx's C++ kernels, CUDA tensors its CUDA kernels (or the pure-PyTorch twin
-when colabx was built without them).
+One ``torch.autograd.Function`` is the op's autograd path, eager and under ``torch.compile``
+(:mod:`colabx.ops._kernels`); under compile it reaches the kernels through the kernel-only
+custom ops ``colabx::context_labels_fwd`` / ``colabx::context_labels_bwd``. CPU tensors run
+colabx's C++ kernels, CUDA tensors its CUDA kernels when the extension says they take the call
+(``_C.context_labels_cuda_supported``), else the pure-PyTorch twin.
 """
-
-from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import List, Optional
 
 import torch
 
 from colabx import _backend
+from colabx._precision import accumulation_dtype
 from colabx.ops import _checks
-from colabx.reference.context_labels import (
+from colabx.ops._kernels import kernel_call
+from colabx.twins.context_labels import (
     LevelsArg,
-    context_labels_reference,
+    context_labels_twin,
     normalize_levels,
 )
 
 _OP = "context_labels"
-_CUDA_MAX_T = 16  # csrc/common/context_labels.h::kCudaMaxT
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _level_shapes(shape: Sequence[int], strides3: Sequence[int]) -> list[tuple[int, ...]]:
+def level_shapes(shape: Sequence[int], strides: Sequence[int]) -> list[tuple[int, ...]]:
+    """Spatial shape of each level: ``shape`` divided (floor) by the level's stride;
+    ``strides`` holds 3 values (z, y, x) per level, 2D inputs use the last two."""
     nsp = len(shape)
     out = []
-    for i in range(len(strides3) // 3):
-        s = strides3[3 * i + 3 - nsp : 3 * i + 3]
+    for i in range(len(strides) // 3):
+        s = strides[3 * i + 3 - nsp : 3 * i + 3]
         out.append(tuple(n // v for n, v in zip(shape, s, strict=True)))
     return out
 
 
-def _cuda_tile_fits(t: int, strides3: Sequence[int], elem: int) -> bool:
-    """Whether the CUDA tile (one coarsest cell) keeps its statistics in shared memory; mirrors
-    csrc/cuda/context_labels.cu::make_tile with a conservative 96 KiB budget."""
-    n = len(strides3) // 3
-    s1 = strides3[3:6] if n > 1 and tuple(strides3[:3]) == (1, 1, 1) else strides3[:3]
-    sc = strides3[3 * n - 3 :]
-    cells = 1
-    for a in range(3):
-        cells *= sc[a] // s1[a]
-    return cells * (t + 1) * elem <= 96 * 1024
+def _kernel_args(o: torch.Tensor, num_classes: int, strides: Sequence[int]) -> tuple:
+    return (o.shape[0], o.shape[1], num_classes, list(o.shape[2:]), list(strides))
 
 
-def _use_cuda(o: torch.Tensor, strides3: Sequence[int]) -> bool:
-    t = o.shape[1]
-    elem = 8 if o.dtype == torch.float64 else 4
-    if t > _CUDA_MAX_T or not _cuda_tile_fits(t, strides3, elem):
-        return False
-    return _backend.use_cuda_kernels(o, _OP)
-
-
-def _kernel_args(o: torch.Tensor, num_classes: int, strides3: list[int]) -> tuple:
-    return (o.shape[0], o.shape[1], num_classes, list(o.shape[2:]), list(strides3))
-
-
-def _kernels_for(o: torch.Tensor, strides3: Sequence[int]) -> bool:
+def _kernels_for(o: torch.Tensor, strides: Sequence[int], num_classes: int) -> bool:
     """Whether colabx's kernels take this call; if not, the public function runs the twin (a
-    plain differentiable PyTorch graph) instead of entering the kernels' autograd."""
-    return o.device.type == "cpu" or (o.device.type == "cuda" and _use_cuda(o, strides3))
+    plain differentiable PyTorch graph). The CUDA kernels' limits (t, tile geometry, shared
+    memory) are the extension's to answer."""
+    if o.device.type == "cpu":
+        return True
+    if o.device.type != "cuda" or not _backend.use_cuda_kernels(o, _OP):
+        return False
+    elem = 8 if o.dtype == torch.float64 else 4
+    return bool(_backend.ext().context_labels_cuda_supported(
+        *_kernel_args(o, num_classes, strides), elem))
 
 
-def _fwd_impl(
-    o: torch.Tensor,
-    y: torch.Tensor,
-    d: torch.Tensor,
-    num_classes: int,
-    margin: float,
-    tau: float,
-    strides3: list[int],
-    with_mask: bool,
-) -> list[torch.Tensor]:
+def _forward_kernels(gen_logits: torch.Tensor, labels: torch.Tensor, distance: torch.Tensor,
+                     num_classes: int, margin: float, tau: float, strides: List[int],
+                     with_mask: bool) -> List[torch.Tensor]:
     """Per-level labels (then per-level masks when ``with_mask``) from the kernels. Inputs
     contiguous; distance already in the accumulation dtype."""
+    o = gen_logits
     B, t = o.shape[0], o.shape[1]
     K = num_classes + t - 1
-    acc = _acc_dtype(o.dtype)
-    shapes = _level_shapes(o.shape[2:], strides3)
+    acc = accumulation_dtype(o.dtype)
+    shapes = level_shapes(o.shape[2:], strides)
     outs = [torch.empty((B, K, *s), dtype=acc, device=o.device) for s in shapes]
     masks = [torch.empty((B, *s), dtype=acc, device=o.device) for s in shapes] if with_mask else []
     if B == 0:
         return outs + masks
     _C = _backend.ext()
     args = (
-        *_kernel_args(o, num_classes, strides3),
-        o.data_ptr(), _backend.dtype_code(o), y.data_ptr(), _backend.dtype_code(y),
-        d.data_ptr(), [x.data_ptr() for x in outs], [x.data_ptr() for x in masks],
+        *_kernel_args(o, num_classes, strides),
+        o.data_ptr(), _backend.dtype_code(o), labels.data_ptr(), _backend.dtype_code(labels),
+        distance.data_ptr(), [x.data_ptr() for x in outs], [x.data_ptr() for x in masks],
         float(margin), float(tau),
     )
     if o.device.type == "cuda":
@@ -102,60 +82,37 @@ def _fwd_impl(
     return outs + masks
 
 
-# Schemas are written out: torch < 2.7 cannot infer them from these annotations (2.4 rejects
-# postponed ones, 2.5 and 2.6 list[...]); tests/test_op_schemas.py checks them against what a
-# newer torch infers.
-@torch.library.custom_op(
-    "colabx::context_labels_fwd", mutates_args=(),
-    schema="(Tensor gen_logits, Tensor labels, Tensor distance, SymInt num_classes, float margin, "
-    "float tau, SymInt[] strides3, bool with_mask) -> Tensor[]",
-)
-def _fwd(
-    gen_logits: torch.Tensor,
-    labels: torch.Tensor,
-    distance: torch.Tensor,
-    num_classes: int,
-    margin: float,
-    tau: float,
-    strides3: list[int],
-    with_mask: bool,
-) -> list[torch.Tensor]:
-    return _fwd_impl(gen_logits, labels, distance, num_classes, margin, tau, strides3, with_mask)
+_forward_op = torch.library.custom_op("colabx::context_labels_fwd", _forward_kernels,
+                                      mutates_args=())
 
 
-@_fwd.register_fake
-def _(gen_logits, labels, distance, num_classes, margin, tau, strides3, with_mask):
+@_forward_op.register_fake
+def _(gen_logits, labels, distance, num_classes, margin, tau, strides, with_mask):
     B, t = gen_logits.shape[0], gen_logits.shape[1]
     K = num_classes + t - 1
-    acc = _acc_dtype(gen_logits.dtype)
-    shapes = _level_shapes(gen_logits.shape[2:], strides3)
+    acc = accumulation_dtype(gen_logits.dtype)
+    shapes = level_shapes(gen_logits.shape[2:], strides)
     outs = [gen_logits.new_empty((B, K, *s), dtype=acc) for s in shapes]
     masks = [gen_logits.new_empty((B, *s), dtype=acc) for s in shapes] if with_mask else []
     return outs + masks
 
 
-def _bwd_impl(
-    grads: Sequence[torch.Tensor | None],
-    o: torch.Tensor,
-    y: torch.Tensor,
-    d: torch.Tensor,
-    num_classes: int,
-    margin: float,
-    tau: float,
-    strides3: list[int],
-) -> torch.Tensor:
+def _backward_kernels(grads: List[Optional[torch.Tensor]], gen_logits: torch.Tensor,
+                      labels: torch.Tensor, distance: torch.Tensor, num_classes: int,
+                      margin: float, tau: float, strides: List[int]) -> torch.Tensor:
     """Gradient w.r.t. the generator logits from one incoming gradient per level (None = 0)."""
-    acc = _acc_dtype(o.dtype)
+    o = gen_logits
+    acc = accumulation_dtype(o.dtype)
     grads = [None if g is None else g.to(acc).contiguous() for g in grads]
     grad_o = torch.empty_like(o)
     if o.shape[0] == 0:
         return grad_o
     _C = _backend.ext()
     args = (
-        *_kernel_args(o, num_classes, strides3),
+        *_kernel_args(o, num_classes, strides),
         [0 if g is None else g.data_ptr() for g in grads],
-        o.data_ptr(), _backend.dtype_code(o), y.data_ptr(), _backend.dtype_code(y),
-        d.data_ptr(), grad_o.data_ptr(), float(margin), float(tau),
+        o.data_ptr(), _backend.dtype_code(o), labels.data_ptr(), _backend.dtype_code(labels),
+        distance.data_ptr(), grad_o.data_ptr(), float(margin), float(tau),
     )
     if o.device.type == "cuda":
         _C.context_labels_backward_cuda(*args, o.device.index, _backend.stream_of(o))
@@ -164,58 +121,25 @@ def _bwd_impl(
     return grad_o
 
 
-@torch.library.custom_op(
-    "colabx::context_labels_bwd", mutates_args=(),
-    schema="(Tensor?[] grads, Tensor gen_logits, Tensor labels, Tensor distance, "
-    "SymInt num_classes, float margin, float tau, SymInt[] strides3) -> Tensor",
-)
-def _bwd(
-    grads: list[torch.Tensor | None],
-    gen_logits: torch.Tensor,
-    labels: torch.Tensor,
-    distance: torch.Tensor,
-    num_classes: int,
-    margin: float,
-    tau: float,
-    strides3: list[int],
-) -> torch.Tensor:
-    return _bwd_impl(grads, gen_logits, labels, distance, num_classes, margin, tau, strides3)
+_backward_op = torch.library.custom_op("colabx::context_labels_bwd", _backward_kernels,
+                                       mutates_args=())
 
 
-@_bwd.register_fake
-def _(grads, gen_logits, labels, distance, num_classes, margin, tau, strides3):
+@_backward_op.register_fake
+def _(grads, gen_logits, labels, distance, num_classes, margin, tau, strides):
     return torch.empty_like(gen_logits)
 
 
-def _setup_context(ctx, inputs, output):
-    gen_logits, labels, distance, num_classes, margin, tau, strides3, _with_mask = inputs
-    ctx.save_for_backward(gen_logits, labels, distance)
-    ctx.params = (num_classes, margin, tau, list(strides3))
-    ctx.nlev = len(strides3) // 3
-
-
-def _backward(ctx, grads):
-    gen_logits, labels, distance = ctx.saved_tensors
-    num_classes, margin, tau, strides3 = ctx.params
-    level_grads = list(grads[: ctx.nlev])
-    grad_o = _bwd(level_grads, gen_logits, labels, distance, num_classes, margin, tau, strides3)
-    return grad_o, None, None, None, None, None, None, None
-
-
-_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _ContextLabelsEager(torch.autograd.Function):
-    """Eager fast path: the same kernels as the custom ops without their dispatch and pytree
-    overhead (tens of microseconds a call, which dominate on the GPU at training sizes). Under
-    torch.compile the public function uses the custom ops instead."""
+class _ContextLabels(torch.autograd.Function):
+    """The op's autograd: per-level labels and masks (masks without gradient); the backward
+    skips levels whose gradient is None."""
 
     @staticmethod
-    def forward(ctx, params, o, y, d):
-        num_classes, margin, tau, strides3, with_mask = params
-        res = _fwd_impl(o, y, d, num_classes, margin, tau, strides3, with_mask)
-        ctx.params = params
-        ctx.nlev = len(strides3) // 3
+    def forward(ctx, o, y, d, num_classes, margin, tau, strides, with_mask):
+        res = kernel_call(_forward_op, _forward_kernels, o, y, d, num_classes, margin, tau,
+                          strides, with_mask)
+        ctx.params = (num_classes, margin, tau, strides)
+        ctx.nlev = len(strides) // 3
         ctx.save_for_backward(o, y, d)
         ctx.mark_non_differentiable(*res[ctx.nlev :])
         ctx.set_materialize_grads(False)  # unused levels arrive as None: the kernel skips them
@@ -224,12 +148,11 @@ class _ContextLabelsEager(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         o, y, d = ctx.saved_tensors
-        num_classes, margin, tau, strides3, _ = ctx.params
-        level_grads = grads[: ctx.nlev]
+        level_grads = list(grads[: ctx.nlev])
         if all(g is None for g in level_grads):
-            return None, None, None, None
-        grad_o = _bwd_impl(level_grads, o, y, d, num_classes, margin, tau, strides3)
-        return None, grad_o, None, None
+            return None, None, None, None, None, None, None, None
+        grad_o = kernel_call(_backward_op, _backward_kernels, level_grads, o, y, d, *ctx.params)
+        return grad_o, None, None, None, None, None, None, None
 
 
 def context_labels(
@@ -243,7 +166,8 @@ def context_labels(
     return_mask: bool = False,
     validate: bool = True,
 ):
-    """CoLab expanded soft labels from task-generator logits (paper eqs. 4-9, DESIGN.md §1).
+    """CoLab expanded soft labels from task-generator logits (paper eqs. 4-9; docs/design.md,
+    "Op 1").
 
     Parameters
     ----------
@@ -319,29 +243,18 @@ def context_labels(
     if validate and bool(torch.isnan(distance).any()):
         raise ValueError("distance contains NaN")
 
-    strides3 = []
+    flat_strides = []
     for s in strides:
-        strides3 += [1] * (3 - len(s)) + list(s)
-    if not _kernels_for(gen_logits, strides3):
-        return context_labels_reference(
+        flat_strides += [1] * (3 - len(s)) + list(s)
+    if not _kernels_for(gen_logits, flat_strides, num_classes):
+        return context_labels_twin(
             gen_logits, labels, distance, num_classes, margin, tau,
             strides if not (isinstance(levels, int) and levels == 1) else 1, return_mask,
         )
-    acc = _acc_dtype(gen_logits.dtype)
-    args = (
-        gen_logits.contiguous(),
-        labels.contiguous(),
-        distance.to(acc).contiguous(),
-        num_classes,
-        float(margin),
-        float(tau),
-        strides3,
-        bool(return_mask),
-    )
-    if torch.compiler.is_compiling():
-        res = _fwd(*args)
-    else:
-        res = _ContextLabelsEager.apply(args[3:], *args[:3])
+    acc = accumulation_dtype(gen_logits.dtype)
+    res = _ContextLabels.apply(gen_logits.contiguous(), labels.contiguous(),
+                               distance.to(acc).contiguous(), num_classes, float(margin),
+                               float(tau), flat_strides, bool(return_mask))
     n = len(strides)
     outs = list(res[:n])
     masks = [m.detach() for m in res[n:]]

@@ -1,21 +1,21 @@
-"""Exact Euclidean distance transform (DESIGN.md §2): batched, 2D/3D, anisotropic, optional signed.
+"""Exact Euclidean distance transform (docs/design.md, "Op 2"): batched, 2D/3D, anisotropic,
+optional signed.
 
 The kernels (``colabx._C``) run the separable lower-envelope-of-parabolas algorithm
 (Felzenszwalb–Huttenlocher); on CUDA tensors without colabx's CUDA kernels the pure-PyTorch twin
-(:mod:`colabx.reference.distance_transform`) runs instead. The op is not differentiable.
+(:mod:`colabx.twins.distance_transform`) runs instead. The op is not differentiable.
 """
-
-from __future__ import annotations
 
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
+from typing import List
 
 import torch
 
 from colabx import _backend
 from colabx.ops import _checks
-from colabx.reference import distance_transform as _ref
+from colabx.twins import distance_transform as _ref
 
 _DIRECT_DTYPES = (torch.bool, torch.uint8)
 _REJECTED_DTYPES = (torch.complex32, torch.complex64, torch.complex128)
@@ -102,19 +102,13 @@ def compute_distance_transform(
     return _ref.distance_transform(m, sp, signed)
 
 
-# Schemas are written out: torch < 2.7 cannot infer them from these annotations (2.4 rejects
-# postponed ones, 2.5 and 2.6 list[...]); tests/test_op_schemas.py checks them against what a
-# newer torch infers.
-@torch.library.custom_op(
-    "colabx::distance_transform", mutates_args=(),
-    schema="(Tensor mask, float[] spacing, bool signed) -> Tensor",
-)
-def _distance_transform_op(mask: torch.Tensor, spacing: list[float], signed: bool) -> torch.Tensor:
+@torch.library.custom_op("colabx::distance_transform", mutates_args=())
+def _distance_transform_op(mask: torch.Tensor, spacing: List[float], signed: bool) -> torch.Tensor:
     return compute_distance_transform(mask, spacing, signed)
 
 
 @_distance_transform_op.register_fake
-def _(mask: torch.Tensor, spacing: list[float], signed: bool) -> torch.Tensor:
+def _(mask: torch.Tensor, spacing: List[float], signed: bool) -> torch.Tensor:
     return torch.empty(mask.shape, dtype=torch.float32, device=mask.device)
 
 

@@ -1,9 +1,10 @@
-"""The CoLab trainer (``colabx train``): configuration, targets of every mode, the training loop,
-checkpoints, logs and data-parallel training."""
+"""The CoLab trainer (``colabx train``): configuration, the training loop, evaluation, logs,
+compare and data-parallel training (the targets of every mode are in :mod:`colabx.method`)."""
 
-from colabx.train.config import PRESETS, ConfigError, TrainConfig, load_config
+from colabx.train.config import PRESETS, TRAIN_PRESETS, ConfigError, TrainConfig, load_config
 
-__all__ = ["PRESETS", "ConfigError", "TrainConfig", "Trainer", "default_config", "load_config"]
+__all__ = ["PRESETS", "TRAIN_PRESETS", "ConfigError", "TrainConfig", "Trainer", "default_config",
+           "load_config"]
 
 
 def __getattr__(name: str):

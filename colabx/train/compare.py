@@ -211,8 +211,8 @@ def run_compare(base: TrainConfig, modes: Sequence[str], seeds: Sequence[int],
         Trainer(cfg, run, dist=dist, resume=resume, echo=echo).run()
     if not dist.is_main:
         return None
+    from colabx.checkpoint import load_checkpoint
     from colabx.data import load_dataset
-    from colabx.train.checkpoint import load_checkpoint
 
     # every run trained on the same dataset: read it once
     first = out / f"{modes[0]}-seed{seeds[0]}" / "checkpoint_final.pth"

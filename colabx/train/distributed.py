@@ -4,7 +4,7 @@ Each process trains on its slice of the global batch. Gradients are averaged exp
 flattened all-reduce per network and step) rather than through ``DistributedDataParallel``: the
 meta step differentiates functional copies of the network, which DDP's hooks do not see, and the
 same reducer then serves the inner-step gradient, v and the generator gradient
-(:class:`colabx.meta.GradReducer`). With equal local batches the result equals single-process
+(:class:`colabx.method.GradReducer`). With equal local batches the result equals single-process
 training on the global batch up to float summation order.
 """
 
@@ -70,7 +70,7 @@ class Dist:
 
 
 class ProcessGroupReducer:
-    """:class:`colabx.meta.GradReducer` over the default process group."""
+    """:class:`colabx.method.GradReducer` over the default process group."""
 
     def mean_(self, tensors: Sequence[Tensor]) -> None:
         ts = list(tensors)

@@ -9,11 +9,17 @@ undefined, left out of the mean and counted beside it).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
+from colabx.data.datasets import Dataset
+from colabx.data.preprocessing import PreprocessedCase, PreprocessedDataset
 from colabx.data.sampling import sample_patch
 from colabx.inference import (
     evaluate_case,
@@ -24,92 +30,98 @@ from colabx.inference import (
     write_summary,
 )
 
-if TYPE_CHECKING:
-    from colabx.train.trainer import Trainer
+__all__ = ["Evaluator", "final_evaluation", "format_metrics", "snapshot", "validate"]
 
-__all__ = ["final_evaluation", "format_metrics", "snapshot", "validate"]
-
-
-def _score_preprocessed(tr: Trainer, ids: list[str], hd95: bool) -> dict[str, dict]:
-    """Per-class metrics of each case in ``ids``, predicted by sliding window in the
-    preprocessed grid."""
-    out = {}
-    for cid in ids:
-        case = tr.pre.load_case(cid)
-        pred = predict_case(tr.f, np.asarray(case.image), tr.num_classes, tr.plan.patch_size,
-                            overlap=tr.cfg.overlap, amp=tr.amp_dtype)
-        out[cid] = evaluate_case(pred.cpu(), np.array(case.label), tr.num_classes, case.spacing,
-                                 ignore_label=tr.dataset.ignore_label, compute_hd95=hd95)
-    return out
+#: ``targets(x, y, d, context)``: the training targets of a batch (one tensor or one per level).
+TargetsFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], "Tensor | list[Tensor]"]
 
 
-def validate(tr: Trainer) -> dict[str, float]:
-    """Sliding-window prediction of the validation cases (preprocessed grid)."""
-    cfg = tr.cfg
-    ids = tr.val_ids[: cfg.val_cases] if cfg.val_cases else tr.val_ids
-    fg = summarize(_score_preprocessed(tr, ids, hd95=False).values())["foreground_mean"]
+@dataclass
+class Evaluator:
+    """What the evaluations read: the segmentation net ``f`` (``K = num_classes + t − 1``
+    outputs), the sliding-window settings, the dataset and its preprocessed cases."""
+
+    f: torch.nn.Module
+    num_classes: int
+    patch_size: Sequence[int]
+    overlap: float
+    amp: torch.dtype | None
+    dataset: Dataset
+    pre: PreprocessedDataset
+
+    def score_preprocessed(self, ids: Sequence[str], hd95: bool) -> dict[str, dict]:
+        """Per-class metrics of each case in ``ids``, predicted by sliding window in the
+        preprocessed grid."""
+        out = {}
+        for cid in ids:
+            case = self.pre.load_case(cid)
+            pred = predict_case(self.f, np.asarray(case.image), self.num_classes,
+                                self.patch_size, overlap=self.overlap, amp=self.amp)
+            out[cid] = evaluate_case(pred.cpu(), np.array(case.label), self.num_classes,
+                                     case.spacing, ignore_label=self.dataset.ignore_label,
+                                     compute_hd95=hd95)
+        return out
+
+
+def validate(ev: Evaluator, ids: Sequence[str]) -> dict[str, float]:
+    """Sliding-window prediction of the validation cases ``ids`` (preprocessed grid): the mean
+    DSC, sensitivity and precision over ROI classes and cases."""
+    fg = summarize(ev.score_preprocessed(ids, hd95=False).values())["foreground_mean"]
     return {"val_dsc": fg["dice"], "val_sensitivity": fg["sensitivity"],
             "val_precision": fg["precision"]}
 
 
-def snapshot(tr: Trainer, epoch: int) -> None:
-    """``snapshots/epoch_XXXX.png``: a fixed ROI-centred patch of the first validation (or
-    training) case, its labels and the context channels of its current targets."""
+def snapshot(case: PreprocessedCase, patch_size: Sequence[int], targets: TargetsFn,
+             num_classes: int, device: torch.device, path: Path, title: str) -> None:
+    """A PNG of a fixed ROI-centred patch of ``case``: its image, labels and the context
+    channels of ``targets`` on it (called without gradient)."""
     from colabx.viz.figures import context_snapshot
 
-    cid = (tr.val_ids or tr.train_ids)[0]
-    case = tr.pre.load_case(cid)
-    p = sample_patch(case, tr.plan.patch_size, np.random.default_rng(0), force_roi=True)
-    x = torch.from_numpy(p["image"])[None].to(tr.device)
-    y = torch.from_numpy(p["label"].astype(np.int64))[None].to(tr.device)
-    d = torch.from_numpy(p["distance"])[None].to(tr.device)
+    p = sample_patch(case, patch_size, np.random.default_rng(0), force_roi=True)
+    x = torch.from_numpy(p["image"])[None].to(device)
+    y = torch.from_numpy(p["label"].astype(np.int64))[None].to(device)
+    d = torch.from_numpy(p["distance"])[None].to(device)
+    ctx = p.get("context")
+    ctx = None if ctx is None else torch.from_numpy(ctx.astype(np.int64))[None].to(device)
     with torch.no_grad():
-        if tr.meta is not None:
-            tr.g.eval()
-            out = tr.meta.labels(x, y, d)
-            tr.g.train()
-        else:
-            ctx = p.get("context")
-            ctx = None if ctx is None else torch.from_numpy(ctx.astype(np.int64))[None]
-            out = tr.fixed.targets(x, y, d, None if ctx is None else ctx.to(tr.device))
-    targets = (out[0] if isinstance(out, list) else out)[0].float().cpu().numpy()
-    context_snapshot(p["image"][0], p["label"], targets, tr.num_classes,
-                     tr.out / "snapshots" / f"epoch_{epoch:04d}.png",
-                     title=f"{tr.cfg.mode}, epoch {epoch}, case {cid}")
+        out = targets(x, y, d, ctx)
+    first = (out[0] if isinstance(out, list) else out)[0].float().cpu().numpy()
+    context_snapshot(p["image"][0], p["label"], first, num_classes, path, title=title)
 
 
-def final_evaluation(tr: Trainer) -> dict[str, Any]:
-    """Evaluate the final model on the held-out cases and print the metrics.
+def final_evaluation(ev: Evaluator, val_ids: Sequence[str], out: Path, mode: str,
+                     echo: Callable[[str], None]) -> dict[str, Any]:
+    """Evaluate the final model on the held-out cases and print the metrics with ``echo``.
 
     Test cases with labels (``imagesTs``/``labelsTs``) are predicted from their raw files and
-    scored in their original grid; predictions go to ``predictions_test/``. Without labelled test
-    cases the validation cases are scored in the preprocessed grid. The result is written to
-    ``evaluation.json`` (+ ``evaluation.csv``).
+    scored in their original grid; predictions go to ``out/predictions_test/``. Without
+    labelled test cases the validation cases ``val_ids`` are scored in the preprocessed grid.
+    The result is written to ``out/evaluation.json`` (+ ``evaluation.csv``).
     """
-    cfg, c = tr.cfg, tr.num_classes
-    tests = [k for k in tr.dataset.test_cases if k.label is not None]
+    c, dataset = ev.num_classes, ev.dataset
+    tests = [k for k in dataset.test_cases if k.label is not None]
     cases: dict[str, Any] = {}
     if tests:
         where = f"{len(tests)} held-out test cases (imagesTs/labelsTs, original grid)"
-        out_dir = tr.out / "predictions_test"
+        out_dir = out / "predictions_test"
         for k in tests:
-            label, _ = predict_raw_case(tr.f, k.images, tr.pre.plans, tr.plan.patch_size,
-                                        num_classes=c, overlap=cfg.overlap, amp=tr.amp_dtype)
-            save_prediction(label, k.images[0], out_dir / f"{k.id}{tr.dataset.file_ending}")
-            ref = tr.dataset.load_case(k)
+            label, _ = predict_raw_case(ev.f, k.images, ev.pre.plans, ev.patch_size,
+                                        num_classes=c, overlap=ev.overlap, amp=ev.amp)
+            save_prediction(label, k.images[0], out_dir / f"{k.id}{dataset.file_ending}")
+            ref = dataset.load_case(k)
             cases[k.id] = {"metrics": evaluate_case(label, ref.label, c, ref.spacing,
-                                                    ignore_label=tr.dataset.ignore_label)}
+                                                    ignore_label=dataset.ignore_label)}
     else:
-        where = f"{len(tr.val_ids)} validation cases (preprocessed grid)"
+        where = f"{len(val_ids)} validation cases (preprocessed grid)"
         cases = {cid: {"metrics": m}
-                 for cid, m in _score_preprocessed(tr, tr.val_ids, hd95=True).items()}
+                 for cid, m in ev.score_preprocessed(val_ids, hd95=True).items()}
     result = summarize(c_["metrics"] for c_ in cases.values())
-    classes = {n: v for n, v in tr.dataset.labels.items()
-               if v != 0 and v != tr.dataset.ignore_label}
-    result.update({"evaluated_on": where, "mode": cfg.mode, "labels": classes, "cases": cases})
-    write_summary(result, tr.out / "evaluation.json")
-    tr.echo(f"final evaluation on {where}:")
-    tr.echo(format_metrics(result))
+    classes = {n: v for n, v in dataset.labels.items()
+               if v != 0 and v != dataset.ignore_label}
+    result.update({"evaluated_on": where, "mode": mode, "labels": classes, "cases": cases})
+    write_summary(result, out / "evaluation.json")
+    echo(f"final evaluation on {where}:")
+    echo(format_metrics(result))
     return result
 
 

@@ -4,7 +4,7 @@ One :class:`Trainer` per process. Per iteration (global batch index ``i``, deter
 
 1. the batch of iteration ``i`` (this process's slice of it under ``torchrun``);
 2. learning rates from the poly schedule (θ: SGD Nesterov; ω: Adam), ``α`` = θ's current LR;
-3. ``colab`` mode, every ``meta_period`` iterations: :meth:`colabx.meta.MetaStep.step` leaves the
+3. ``colab`` mode, every ``meta_period`` iterations: :meth:`colabx.method.MetaStep.step` leaves the
    generator gradient, which is averaged over processes before Adam steps ω;
 4. targets (from the updated generator, or the mode's fixed rule) and the ordinary update of θ:
    fused Dice+CE over the deep-supervision levels, gradients averaged over processes, norm
@@ -12,8 +12,8 @@ One :class:`Trainer` per process. Per iteration (global batch index ``i``, deter
 
 In the shared order (``meta_order`` ``shared``, or ``auto`` with the batched meta step, the
 default) steps 3 and 4 share one forward+backward of the network on labels from the current
-generator (:meth:`colabx.meta.MetaStep.shared_forward`): its averaged gradient is the meta step's
-inner gradient and, clipped, the ordinary update's.
+generator (:meth:`colabx.method.MetaStep.shared_forward`): its averaged gradient is the meta
+step's inner gradient and, clipped, the ordinary update's.
 
 After each ``val_every`` epochs rank 0 validates by sliding window on held-out cases and writes
 the logs and the checkpoints (``checkpoint_latest.pth``, ``checkpoint_best.pth`` by validation
@@ -36,6 +36,12 @@ import torch
 from torch import Tensor
 
 from colabx._io import remove_stale_temporaries
+from colabx.checkpoint import (
+    capture_rng,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 from colabx.data import load_dataset
 from colabx.data.loader import PatchBatches, make_loader
 from colabx.data.preprocessing import (
@@ -44,17 +50,13 @@ from colabx.data.preprocessing import (
     preprocess_dataset,
 )
 from colabx.device import resolve_device
-from colabx.meta import MetaConfig, MetaStep, UpdateCounter
+from colabx.method.meta_step import MetaConfig, MetaStep, UpdateCounter
+from colabx.method.targets import FixedTargets, fit_intensity_clusters
+from colabx.models.plan import NetworkPlan, auto_patch_size, build_networks, pool_kernel_sizes
 from colabx.ops.dice_ce_loss import dice_ce_loss
 from colabx.train import evaluation
-from colabx.train.checkpoint import (
-    capture_rng,
-    load_checkpoint,
-    restore_rng,
-    save_checkpoint,
-)
 from colabx.train.config import (
-    PRESETS,
+    TRAIN_PRESETS,
     TrainConfig,
     resolved_meta_order,
     resume_differences,
@@ -63,9 +65,7 @@ from colabx.train.config import (
 )
 from colabx.train.distributed import Dist, ProcessGroupReducer
 from colabx.train.logs import RunLog
-from colabx.train.plan import NetworkPlan, auto_patch_size, build_networks, pool_kernel_sizes
 from colabx.train.run_dir import check_new_run_folder, start_run_folder
-from colabx.train.targets import FixedTargets, fit_intensity_clusters
 
 __all__ = ["Trainer", "cache_dir", "default_config", "preprocessed_key"]
 
@@ -82,7 +82,7 @@ def cache_dir() -> Path:
 def default_config(dataset: str | None = None, **overrides: Any) -> TrainConfig:
     """The configuration ``colabx train`` starts from: the ``phantom-cpu`` preset without a
     dataset, nnU-Net-like defaults with one."""
-    base = dict(PRESETS["phantom-cpu"]) if dataset is None else {}
+    base = dict(TRAIN_PRESETS["phantom-cpu"]) if dataset is None else {}
     return TrainConfig(dataset=dataset, **{**base, **overrides})
 
 
@@ -294,9 +294,9 @@ class Trainer:
         if cfg.patch_size:
             patch = list(cfg.patch_size)
         elif cfg.dataset is None:
-            from colabx.data.phantom import PRESETS as PHANTOMS
+            from colabx.data.phantom import PHANTOM_PRESETS
 
-            patch = list(PHANTOMS[cfg.phantom_preset].patch_size)
+            patch = list(PHANTOM_PRESETS[cfg.phantom_preset].patch_size)
         else:
             patch = auto_patch_size(median, spacing, budget)
         if len(patch) != len(spacing):
@@ -381,7 +381,8 @@ class Trainer:
     # -- state ----------------------------------------------------------------------------------
     def _state(self, epoch: int) -> dict[str, Any]:
         return {
-            "format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(), "plan": self.plan.to_dict(),
+            "format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(),
+            "network_plan": self.plan.to_dict(),
             "epoch": epoch, "iteration": epoch * self.cfg.iterations,
             "model": self.f.state_dict(),
             "generator": self.g.state_dict() if self.g is not None else None,
@@ -394,7 +395,7 @@ class Trainer:
             "dataset": {"root": str(self.dataset.root), "preprocessed": str(self.pre.root),
                         "labels": self.dataset.labels, "channel_names":
                         list(self.dataset.channel_names), "val_ids": self.val_ids},
-            "plans": {k: v for k, v in self.pre.plans.items() if k != "cases"},
+            "preprocessing_plans": {k: v for k, v in self.pre.plans.items() if k != "cases"},
             "log": self.log.rows if self.log is not None else [],
         }
 
@@ -492,6 +493,29 @@ class Trainer:
         return {"meta_skipped": float(len(infos) - len(done)), "meta_l_seg": l_seg,
                 "meta_l_roi": l_roi, "meta_v_norm": _mean([i.v_norm for i in done])}
 
+    # -- evaluations ----------------------------------------------------------------------------
+    def _evaluator(self) -> evaluation.Evaluator:
+        return evaluation.Evaluator(self.f, self.num_classes, self.plan.patch_size,
+                                    self.cfg.overlap, self.amp_dtype, self.dataset, self.pre)
+
+    def _snapshot_targets(self, x: Tensor, y: Tensor, d: Tensor, context: Tensor | None):
+        if self.meta is None:
+            return self.fixed.targets(x, y, d, context)
+        self.g.eval()
+        try:
+            return self.meta.labels(x, y, d)
+        finally:
+            self.g.train()
+
+    def _snapshot(self, epoch: int) -> None:
+        """``snapshots/epoch_XXXX.png``: the first validation (or training) case's fixed
+        ROI-centred patch, its labels and the context channels of its current targets."""
+        cid = (self.val_ids or self.train_ids)[0]
+        evaluation.snapshot(self.pre.load_case(cid), self.plan.patch_size, self._snapshot_targets,
+                            self.num_classes, self.device,
+                            self.out / "snapshots" / f"epoch_{epoch:04d}.png",
+                            title=f"{self.cfg.mode}, epoch {epoch}, case {cid}")
+
     # -- the run --------------------------------------------------------------------------------
     def run(self, max_epochs: int | None = None) -> dict[str, Any] | None:
         """Train from the current epoch to ``cfg.epochs`` (or stop after ``max_epochs`` more
@@ -518,7 +542,8 @@ class Trainer:
         result = None
         if self.dist.is_main:
             self._save("checkpoint_final.pth", cfg.epochs)
-            result = evaluation.final_evaluation(self)
+            result = evaluation.final_evaluation(self._evaluator(), self.val_ids, self.out,
+                                                 cfg.mode, self.echo)
         self.dist.barrier()
         if self.log is not None:
             self.log.close()
@@ -577,9 +602,10 @@ class Trainer:
         row["lr"], row["data_time"] = stats["lr"][-1], data_time
         if self.dist.is_main:
             if self.val_ids and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
-                row.update(evaluation.validate(self))
+                ids = self.val_ids[: cfg.val_cases] if cfg.val_cases else self.val_ids
+                row.update(evaluation.validate(self._evaluator(), ids))
             if cfg.snapshot_every and (epoch + 1) % cfg.snapshot_every == 0:
-                evaluation.snapshot(self, epoch + 1)
+                self._snapshot(epoch + 1)
             row["epoch_time"] = time.perf_counter() - t0
             self.log.add(row)
             self.echo(_summary_line(row, cfg.epochs))

@@ -6,6 +6,7 @@
 
 #include "bindings/registry.h"
 #include "common/context_labels.h"
+#include "cuda/context_labels_tile.h"
 
 namespace py = pybind11;
 
@@ -56,6 +57,15 @@ void register_context_labels(py::module_& m) {
       },
       py::call_guard<py::gil_scoped_release>(),
       "CoLab context labels backward on CPU (gradient w.r.t. the generator logits).");
+  m.def(
+      "context_labels_cuda_supported",
+      [](int64_t B, int64_t t, int64_t c, const std::vector<int64_t>& spatial,
+         const std::vector<int64_t>& strides, int elem_size) {
+        return ctxlab::cuda_supported(plan_from(B, t, c, spatial, strides),
+                                      static_cast<size_t>(elem_size));
+      },
+      "Whether the CUDA kernels take this call (t, tile geometry, shared memory); elem_size is 4 "
+      "for fp32 accumulation, 8 for fp64. In every build: Python asks before routing.");
 #if defined(COLABX_WITH_CUDA)
   m.def(
       "context_labels_forward_cuda",

@@ -30,4 +30,5 @@ PYBIND11_MODULE(_C, m) {
   colabx::register_context_labels(m);
   colabx::register_distance_transform(m);
   colabx::register_dice_ce_loss(m);
+  colabx::register_roi_bce_loss(m);
 }

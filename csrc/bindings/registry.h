@@ -8,4 +8,5 @@ namespace colabx {
 void register_context_labels(pybind11::module_& m);
 void register_distance_transform(pybind11::module_& m);
 void register_dice_ce_loss(pybind11::module_& m);
+void register_roi_bce_loss(pybind11::module_& m);
 }  // namespace colabx

@@ -1,4 +1,4 @@
-// context_labels: CoLab label aggregation + soft distance mask (DESIGN.md §1).
+// context_labels: CoLab label aggregation + soft distance mask (docs/design.md, "Op 1").
 //
 // Per-voxel math shared by the CPU and CUDA kernels (COLABX_HD), and the level geometry both
 // host paths use. Channel order of the K = c + t - 1 outputs: [0] = context 0, [1..c-1] = ROI

@@ -1,5 +1,6 @@
-// Per-voxel math of the fused softmax + soft CE + soft Dice loss and of the ROI one-vs-all BCE
-// (DESIGN.md §3), shared by the CPU and the CUDA kernels so the CPU tests exercise the GPU math.
+// Per-voxel math of the fused softmax + soft CE + soft Dice loss (docs/design.md, "Op 3"), shared
+// by the CPU and the CUDA kernels so the CPU tests exercise the GPU math; its softmax and
+// elementary functions also serve the ROI BCE (common/roi_bce_loss.h).
 //
 // Layout: logits/targets [B, K, V] (V = voxels per item), hard labels [B, V]. Per (level, item)
 // the forward reduces NS = 3K + 1 sums, stored as stats[l][b] = [tp(K), Σp(K), Σŷ(K), ce]:
@@ -17,7 +18,6 @@
 namespace colabx::dce {
 
 constexpr float kCeEps = 1e-32f;
-constexpr float kBceEps = 1e-6f;
 
 // ---- elementary functions -------------------------------------------------------------------
 // exp for x <= 88 (the kernels only pass x = z - max <= 0): Cody-Waite reduction by ln 2 and a
@@ -89,14 +89,6 @@ template <>
 COLABX_HD double ce_eps<double>() {
   return 1e-32;
 }
-template <typename A>
-COLABX_HD A bce_eps() {
-  return static_cast<A>(kBceEps);
-}
-template <>
-COLABX_HD double bce_eps<double>() {
-  return 1e-6;
-}
 
 // ---- CE + Dice --------------------------------------------------------------------------------
 // Contribution of one (voxel, channel) to the CE sum: -ŷ log(p + 1e-32).
@@ -139,27 +131,6 @@ COLABX_HD A dce_grad_y(A p, A c, A alpha, A beta) {
 template <typename A>
 COLABX_HD A softmax_grad(A p, A g, A dot) {
   return p * (g - dot);
-}
-
-// ---- ROI one-vs-all BCE -----------------------------------------------------------------------
-// y log(p + 1e-6) + (1 − y) log(1 − p + 1e-6) for y in {0, 1}: one log of the selected argument.
-template <typename A>
-COLABX_HD A bce_arg(bool y, A p) {
-  const A a1 = p + bce_eps<A>();
-  const A a0 = (A(1) - p) + bce_eps<A>();
-  return y ? a1 : a0;
-}
-template <typename A>
-COLABX_HD A bce_term(bool y, A p) {
-  return acc_log(bce_arg(y, p));
-}
-
-// ∂L/∂p of one ROI channel, L = -(1/(BV)) Σ bce_term, c = g / (B V):
-// -c / (p + 1e-6) if y else c / (1 - p + 1e-6).
-template <typename A>
-COLABX_HD A bce_grad_p(bool y, A p, A c) {
-  const A neg = -c;
-  return (y ? neg : c) / bce_arg(y, p);
 }
 
 // ---- host: dispatch of (logits type, targets type), shared by the CPU and CUDA entry points ----
@@ -213,15 +184,5 @@ void dice_ce_loss_backward_cpu(uintptr_t grad_out, const std::vector<uintptr_t>&
                                const std::vector<double>& weights, double smooth, uintptr_t stats,
                                const std::vector<uintptr_t>& grad_logits,
                                const std::vector<uintptr_t>& grad_targets, int num_threads);
-
-void roi_bce_loss_forward_cpu(uintptr_t logits, uintptr_t labels, int logits_code, int label_code,
-                              int64_t B, int64_t K, int64_t V,
-                              const std::vector<int64_t>& roi_channels, uintptr_t loss,
-                              int num_threads);
-
-void roi_bce_loss_backward_cpu(uintptr_t grad_out, uintptr_t logits, uintptr_t labels,
-                               int logits_code, int label_code, int64_t B, int64_t K, int64_t V,
-                               const std::vector<int64_t>& roi_channels, uintptr_t grad_logits,
-                               int num_threads);
 
 }  // namespace colabx

@@ -1,4 +1,5 @@
-// CUDA kernels of the fused softmax + CE + Dice loss and the ROI one-vs-all BCE.
+// CUDA kernels of the fused softmax + CE + Dice loss (the row layout, vector access, softmax in
+// registers and grid sizing they share with the ROI BCE are in cuda/softmax_rows.cuh).
 //
 // Layout [B, K, V]: a voxel's K channels are V apart. Each thread owns VEC consecutive voxels
 // per step (one 4..16-byte load per channel row; scalar loads at the ragged end or when the
@@ -22,222 +23,13 @@
 //
 // tests/cuda_emulation compiles this file for host threads (COLABX_CUDA_EMULATION: the CUDA
 // runtime and the inline PTX replaced, launches rewritten) and runs it on CPU test machines.
-#if !defined(COLABX_CUDA_EMULATION)
-#include <cuda_runtime.h>
-#endif
-
-#include <algorithm>
 #include <cstring>
-#include <stdexcept>
-#include <string>
-#include <type_traits>
 
-#include "common/dice_ce_loss.h"
-#include "common/dispatch.h"
-#include "cuda/dice_ce_loss.h"
-#if !defined(COLABX_CUDA_EMULATION)
-#include "cuda/runtime.h"
-#endif
+#include "cuda/softmax_rows.cuh"
 
 namespace colabx::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-
-// Buckets of up to 4 channels hold exactly K channels (dispatch_km): each kernel then replaces
-// its K argument by the constant KM, so every `k < K` test on the voxel path folds away. With K
-// at run time in a 4-wide bucket, the fp32 forward's tile loop was 1647 SASS instructions for
-// 4 voxels and the backward's 2179; K = 3 exact compiles them to 1080 and 1275 (CUDA 13.0, sm_90).
-template <int KM>
-constexpr bool kExactK = KM <= 4;
-
-template <int KM>
-struct Bucket {
-  static constexpr int vec = KM <= 4 ? 4 : (KM <= 8 ? 2 : 1);
-  static constexpr int64_t tile = int64_t(kThreads) * vec;  // voxels per block step
-  static_assert(tile % kDcePartialVoxels == 0, "the workspace holds a partial per tile");
-};
-
-// Tiles of V voxels (the last may be ragged): the grid-stride step count, host and device.
-template <int KM>
-__host__ __device__ __forceinline__ int64_t num_tiles(int64_t V) {
-  return (V + Bucket<KM>::tile - 1) / Bucket<KM>::tile;
-}
-
-// Tiles a forward thread sums in the accumulator type before its warp flushes them to float64:
-// 16 voxels per thread in every bucket.
-constexpr int64_t kFlushVoxels = 16 * kThreads;
-template <int KM>
-constexpr int kFlushTiles = static_cast<int>(kFlushVoxels / Bucket<KM>::tile);
-
-// A row segment of N elements of T moves as 32-bit words with the widest global access its size
-// allows (one LDG/STG.128 per 16 bytes). Stores are inline PTX st.global.v4/v2:
-// a plain copy of an aligned struct, or of a uint4, was split by nvcc into four scalar stores
-// for the gradient rows (SASS of dce_bwd_kernel, CUDA 13.0). Segments under 4 bytes (N uint8
-// labels, one 16-bit value) stay element-wise.
-template <typename T, int N>
-constexpr bool kWordVec = sizeof(T) * N >= 4 && (sizeof(T) * N) % 4 == 0;
-
-template <int W>
-__device__ __forceinline__ void load_words(const uint32_t* __restrict__ src, uint32_t (&w)[W]) {
-  if constexpr (W % 4 == 0) {
-#pragma unroll
-    for (int i = 0; i < W; i += 4) {
-      const uint4 q = __ldg(reinterpret_cast<const uint4*>(src) + i / 4);
-      w[i] = q.x;
-      w[i + 1] = q.y;
-      w[i + 2] = q.z;
-      w[i + 3] = q.w;
-    }
-  } else if constexpr (W == 2) {
-    const uint2 q = __ldg(reinterpret_cast<const uint2*>(src));
-    w[0] = q.x;
-    w[1] = q.y;
-  } else {
-    static_assert(W == 1, "row segments are 4, 8 or a multiple of 16 bytes");
-    w[0] = __ldg(src);
-  }
-}
-
-template <int W>
-__device__ __forceinline__ void store_words(uint32_t* __restrict__ dst, const uint32_t (&w)[W]) {
-#if defined(COLABX_CUDA_EMULATION)
-  cuda_emu::check_aligned(dst, W % 4 == 0 ? 16 : 4 * W, "store_words: vector store not aligned");
-  for (int i = 0; i < W; ++i) dst[i] = w[i];
-#else
-  if constexpr (W % 4 == 0) {
-#pragma unroll
-    for (int i = 0; i < W; i += 4)
-      asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(
-                       __cvta_generic_to_global(dst + i)),
-                   "r"(w[i]), "r"(w[i + 1]), "r"(w[i + 2]), "r"(w[i + 3]));
-  } else if constexpr (W == 2) {
-    asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(__cvta_generic_to_global(dst)),
-                 "r"(w[0]), "r"(w[1]));
-  } else {
-    static_assert(W == 1, "row segments are 4, 8 or a multiple of 16 bytes");
-    dst[0] = w[0];
-  }
-#endif
-}
-
-// out[j] = row[v0 + j] for j < N; vector access when `aligned` (row + v0 aligned to sizeof(T) * N)
-// and the segment is whole, element-wise at the ragged end (zeros past V).
-template <typename T, int N>
-__device__ __forceinline__ void load_vec(const T* __restrict__ row, int64_t v0, int64_t V,
-                                         bool aligned, T (&out)[N]) {
-  if constexpr (kWordVec<T, N>) {
-    if (aligned && v0 + N <= V) {
-      uint32_t w[sizeof(T) * N / 4];
-      load_words(reinterpret_cast<const uint32_t*>(row + v0), w);
-      memcpy(out, w, sizeof(w));
-      return;
-    }
-  }
-#pragma unroll
-  for (int j = 0; j < N; ++j) out[j] = (v0 + j < V) ? row[v0 + j] : T{};
-}
-
-template <typename T, int N>
-__device__ __forceinline__ void store_vec(T* __restrict__ row, int64_t v0, int64_t V, bool aligned,
-                                          const T (&in)[N]) {
-  if constexpr (kWordVec<T, N>) {
-    if (aligned && v0 + N <= V) {
-      uint32_t w[sizeof(T) * N / 4];
-      memcpy(w, in, sizeof(w));
-      store_words(reinterpret_cast<uint32_t*>(row + v0), w);
-      return;
-    }
-  }
-#pragma unroll
-  for (int j = 0; j < N; ++j)
-    if (v0 + j < V) row[v0 + j] = in[j];
-}
-
-// One thread's tile: VEC voxels from v0 of every channel row of the logits and of the targets
-// (one row of hard labels, or K rows of soft targets).
-template <bool HARD, int KM, int VEC, typename TL, typename TT>
-__device__ __forceinline__ void load_tile(const TL* __restrict__ zb, const TT* __restrict__ tb,
-                                          int K, int64_t v0, int64_t V, bool aligned,
-                                          TL (&zr)[KM][VEC], TT (&yr)[HARD ? 1 : KM][VEC]) {
-#pragma unroll
-  for (int k = 0; k < KM; ++k)
-    if (k < K) load_vec(zb + k * V, v0, V, aligned, zr[k]);
-  if constexpr (HARD) {
-    load_vec(tb, v0, V, aligned, yr[0]);
-  } else {
-#pragma unroll
-    for (int k = 0; k < KM; ++k)
-      if (k < K) load_vec(tb + k * V, v0, V, aligned, yr[k]);
-  }
-}
-
-// Target of channel k at the tile's voxel j: one-hot of the hard label, or the soft target.
-template <bool HARD, typename A, typename TT, int R, int VEC>
-__device__ __forceinline__ A target_value(const TT (&yr)[R][VEC], int k, int j) {
-  if constexpr (HARD)
-    return static_cast<int64_t>(yr[0][j]) == k ? A(1) : A(0);
-  else
-    return static_cast<A>(yr[k][j]);
-}
-
-template <typename A>
-__device__ __forceinline__ A warp_sum(A x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
-
-// Adds the warp's butterfly totals of acc[0..N) to that warp's float64 running sums (lane 0
-// writes them) and zeroes acc. All lanes of the warp must call it together.
-template <int N, typename A>
-__device__ __forceinline__ void flush_to_warp_sums(A (&acc)[N], double* __restrict__ wsum,
-                                                   int lane) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) {
-    const A s = warp_sum(acc[i]);
-    if (lane == 0) wsum[i] += static_cast<double>(s);
-    acc[i] = A(0);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ auto load_acc(T x) {
-  return static_cast<acc_t<T>>(to_float(x));
-}
-
-// Softmax of one voxel's channels (registers), as the CPU's softmax_tile: max, exp(z - max),
-// divide by the sum.
-template <int KM, typename A>
-__device__ __forceinline__ void softmax_regs(int K, A (&p)[KM]) {
-  A m = p[0];
-#pragma unroll
-  for (int k = 1; k < KM; ++k)
-    if (k < K) m = p[k] > m ? p[k] : m;
-  A s = A(0);
-#pragma unroll
-  for (int k = 0; k < KM; ++k)
-    if (k < K) {
-      p[k] = dce::acc_exp(p[k] - m);
-      s += p[k];
-    }
-#pragma unroll
-  for (int k = 0; k < KM; ++k)
-    if (k < K) p[k] = p[k] / s;
-}
-
-// fp32 fast path (GPU only; float64 keeps softmax_regs and the exact formulas).
-//
-// softmax_fast: as softmax_regs but one hardware reciprocal of the sum instead of K IEEE
-// divisions (p differs from e/s by at most ~2 ulp). Keeps d[k] = z_k - max and returns
-// log(s) so CE can use log-softmax. s = sum of exp(d) >= exp(0) = 1 (normal) for finite z.
-//
-// ce_log: log(p + 1e-32). For p >= 2^-80, ulp(p) >= 2^-103 ~ 9.9e-32, so p + 1e-32 rounds to p
-// in fp32 and log(p + 1e-32) = log p = d - log s (log-softmax; no cancellation: d <= 0 and
-// -log s <= 0). Below that (or NaN) log(p + 1e-32) itself is taken. One log per
-// voxel instead of K; the rare exact path sits behind a branch taken only when some channel of
-// the voxel is tiny.
 // 1/x for normal x with |x| in [2^-126, 2^126] (here x in [1e-32, 16]): the hardware reciprocal,
 // relative error <= 2^-23 (PTX rcp.approx.ftz.f32), no slow path or subroutine call.
 __device__ __forceinline__ float fast_rcp(float x) {
@@ -253,12 +45,12 @@ __device__ __forceinline__ float fast_rcp(float x) {
 constexpr float kLogSoftmaxMinP = 8.2718061255302767e-25f;  // 2^-80
 
 // exp and log of the fp32 CE + Dice path: CUDA's expf (<= 2 ulp; range reduction around MUFU.EX2,
-// 10 SASS instructions against exp_poly's 19) and logf (<= 1 ulp; no division, where log_poly's
-// f / (2 + f) is an IEEE divide with a slow-path call). This path is issue-bound on that math (run 3:
-// bf16 logits, 25% fewer bytes, ran slower than fp32), and its outputs are well conditioned in p
-// (log-softmax CE, sums of p, gradients relative to p). The ROI BCE keeps the shared polynomials:
-// its gradient c / (1 - p + 1e-6) near p = 1 turns ulp-level changes of p into 1e-5 changes of
-// the result, and a reciprocal fast path there failed the GPU tolerance tests in run 3.
+// about half the instructions of exp_poly) and logf (<= 1 ulp; no division, where log_poly's
+// f / (2 + f) is an IEEE divide with a slow-path call). This path is issue-bound on that math
+// (bf16 logits, with a quarter fewer bytes, ran slower than fp32), and its outputs are well
+// conditioned in p (log-softmax CE, sums of p, gradients relative to p). The ROI BCE keeps the
+// shared polynomials: its gradient c / (1 - p + 1e-6) near p = 1 turns ulp-level changes of p
+// into 1e-5 changes of the result, beyond the GPU tests' tolerance.
 __device__ __forceinline__ float dce_exp(float x) { return expf(x); }
 __device__ __forceinline__ float dce_log(float x) { return logf(x); }
 
@@ -440,12 +232,6 @@ struct LevelTable {
   double weight[kDceMaxLevels];
 };
 
-__device__ __forceinline__ double warp_sum_d(double x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
-
 // One block of kFinThreads: one warp per (level, item, sum) at a time, reading that sum's
 // partials as one contiguous run (coalesced). Each lane issues kFinUnroll independent loads per
 // step into separate accumulators, summed in a fixed order, so the result stays bitwise
@@ -507,11 +293,10 @@ __global__ void __launch_bounds__(kFinThreads)
   }
 }
 
-// Resident blocks per SM the backward asks of ptxas, for float math. K <= 4: four (64 registers;
-// left alone it chose 80 and 3 blocks). Wider buckets: the blocks they had with one launch per
-// level, 3 with hard labels and 2 with soft targets; without the bound the level table cost them
-// one (<float, int64_t, true, 8>: 89 registers against 80, <float, float, false, 16>: 137
-// against 128), with it they fit without spilling. float64 keeps the default.
+// Resident blocks per SM the backward asks of ptxas, for float math. K <= 4: four (left alone
+// ptxas chose one block fewer). Wider buckets: 3 with hard labels and 2 with soft targets; the
+// level table would otherwise cost them a block, and with the bound they fit without spilling.
+// float64 keeps the default.
 template <typename A, int KM, bool HARD>
 constexpr int kBwdMinBlocks = sizeof(A) != 4 ? 1 : KM <= 4 ? 4 : HARD ? 3 : 2;
 
@@ -621,206 +406,6 @@ __global__ void __launch_bounds__(kThreads, kBwdMinBlocks<acc_t<TL>, KM, HARD>)
   }
 }
 
-// ---- ROI BCE ------------------------------------------------------------------------------------
-
-template <typename TL, typename L, int KM>
-__global__ void __launch_bounds__(kThreads)
-    bce_fwd_kernel(const TL* __restrict__ z, const L* __restrict__ lab, int K, int64_t V,
-                   bool aligned, uint64_t roi_mask, double* __restrict__ partial) {
-  if constexpr (kExactK<KM>) K = KM;
-  using A = acc_t<TL>;
-  constexpr int VEC = Bucket<KM>::vec;
-  constexpr int64_t kTile = Bucket<KM>::tile;
-  const int64_t blk = blockIdx.x, nblk = gridDim.x, b = blockIdx.y;
-  const int64_t ntiles = num_tiles<KM>(V);
-  const TL* zb = z + b * K * V;
-  const L* lb = lab + b * V;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __shared__ double wsum[kWarps];  // per-warp float64 running sums, as in dce_fwd_kernel
-  if (lane == 0) wsum[warp] = 0.0;
-  A acc[1] = {A(0)};
-  int pending = 0;
-#pragma unroll 1
-  for (int64_t t = blk; t < ntiles; t += nblk) {
-    const int64_t v0 = t * kTile + int64_t(threadIdx.x) * VEC;
-    if (v0 < V) {
-      TL zr[KM][VEC];
-      L lr[VEC];
-#pragma unroll
-      for (int k = 0; k < KM; ++k)
-        if (k < K) load_vec(zb + k * V, v0, V, aligned, zr[k]);
-      load_vec(lb, v0, V, aligned, lr);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        if (v0 + j >= V) continue;
-        A p[KM];
-#pragma unroll
-        for (int k = 0; k < KM; ++k) p[k] = k < K ? load_acc(zr[k][j]) : A(0);
-        softmax_regs<KM>(K, p);
-        const int64_t y = static_cast<int64_t>(lr[j]);
-#pragma unroll
-        for (int k = 0; k < KM; ++k)
-          if (k < K && ((roi_mask >> k) & 1u)) acc[0] += dce::bce_term(y == k, p[k]);
-      }
-    }
-    if (++pending == kFlushTiles<KM>) {
-      pending = 0;
-      flush_to_warp_sums(acc, &wsum[warp], lane);
-    }
-  }
-  flush_to_warp_sums(acc, &wsum[warp], lane);
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double total = 0.0;
-    for (int w = 0; w < kWarps; ++w) total += wsum[w];
-    partial[b * nblk + blk] = total;
-  }
-}
-
-template <typename A>
-__global__ void __launch_bounds__(kThreads)
-    bce_finalize_kernel(const double* __restrict__ partial, int64_t n, double scale,
-                        A* __restrict__ loss) {
-  __shared__ double red[kWarps];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  double s = 0.0;
-  for (int64_t i = threadIdx.x; i < n; i += kThreads) s += partial[i];
-  s = warp_sum_d(s);
-  if (lane == 0) red[warp] = s;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double t = 0.0;
-    for (int w = 0; w < kWarps; ++w) t += red[w];
-    *loss = static_cast<A>(-t * scale);
-  }
-}
-
-template <typename TL, typename L, int KM>
-__global__ void __launch_bounds__(kThreads)
-    bce_bwd_kernel(const TL* __restrict__ z, const L* __restrict__ lab, int K, int64_t V,
-                   bool aligned, uint64_t roi_mask, const acc_t<TL>* __restrict__ grad_out,
-                   double inv_bv, TL* __restrict__ gz) {
-  if constexpr (kExactK<KM>) K = KM;
-  using A = acc_t<TL>;
-  constexpr int VEC = Bucket<KM>::vec;
-  constexpr int64_t kTile = Bucket<KM>::tile;
-  const int64_t blk = blockIdx.x, nblk = gridDim.x, b = blockIdx.y;
-  const int64_t ntiles = num_tiles<KM>(V);
-  const A c = grad_out[0] * static_cast<A>(inv_bv);
-  const TL* zb = z + b * K * V;
-  const L* lb = lab + b * V;
-  TL* gzb = gz + b * K * V;
-#pragma unroll 1
-  for (int64_t t = ntiles - 1 - blk; t >= 0; t -= nblk) {
-    const int64_t v0 = t * kTile + int64_t(threadIdx.x) * VEC;
-    if (v0 >= V) continue;
-    TL zr[KM][VEC];
-    L lr[VEC];
-#pragma unroll
-    for (int k = 0; k < KM; ++k)
-      if (k < K) load_vec(zb + k * V, v0, V, aligned, zr[k]);
-    load_vec(lb, v0, V, aligned, lr);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      A p[KM], g[KM];
-#pragma unroll
-      for (int k = 0; k < KM; ++k) p[k] = k < K ? load_acc(zr[k][j]) : A(0);
-      softmax_regs<KM>(K, p);
-      const int64_t y = static_cast<int64_t>(lr[j]);
-      A dot = A(0);
-#pragma unroll
-      for (int k = 0; k < KM; ++k) {
-        g[k] = (k < K && ((roi_mask >> k) & 1u)) ? dce::bce_grad_p(y == k, p[k], c) : A(0);
-        dot += p[k] * g[k];
-      }
-#pragma unroll
-      for (int k = 0; k < KM; ++k)
-        if (k < K) zr[k][j] = store_as<TL>(dce::softmax_grad(p[k], g[k], dot));
-    }
-#pragma unroll
-    for (int k = 0; k < KM; ++k)
-      if (k < K) store_vec(gzb + k * V, v0, V, aligned, zr[k]);
-  }
-}
-
-// ---- host helpers -------------------------------------------------------------------------------
-
-template <typename Fn>
-void dispatch_km(int64_t K, Fn&& fn) {
-  if (K < 2 || K > kDceMaxK)
-    throw std::invalid_argument("dice_ce_loss (CUDA): K must be in 2.." + std::to_string(kDceMaxK) +
-                                ", got " + std::to_string(K));
-  if (K == 2) return fn(std::integral_constant<int, 2>{});
-  if (K == 3) return fn(std::integral_constant<int, 3>{});
-  if (K == 4) return fn(std::integral_constant<int, 4>{});
-  if (K <= 8) return fn(std::integral_constant<int, 8>{});
-  return fn(std::integral_constant<int, 16>{});
-}
-
-
-inline bool is_aligned(uintptr_t p, size_t bytes) { return p % bytes == 0; }
-
-uint64_t channel_mask(const std::vector<int64_t>& channels, int64_t K, const char* what) {
-  uint64_t m = 0;
-  for (int64_t j : channels) {
-    if (j < 0 || j >= K)
-      throw std::invalid_argument(std::string(what) + ": channel " + std::to_string(j) +
-                                  " out of range for K = " + std::to_string(K));
-    m |= uint64_t(1) << j;
-  }
-  return m;
-}
-
-// Partials the workspace holds per item: one per kDcePartialVoxels voxels (no tile is smaller).
-inline int64_t partial_slots(int64_t V) { return (V + kDcePartialVoxels - 1) / kDcePartialVoxels; }
-
-void check_sizes(int64_t B, int64_t V, const char* what) {
-  if (B > 65535 || B < 1)
-    throw std::invalid_argument(std::string(what) + ": batch of " + std::to_string(B) +
-                                " items is outside 1..65535 for one launch");
-  if (V < 1)
-    throw std::invalid_argument(std::string(what) + ": " + std::to_string(V) +
-                                " voxels per item; the kernels need at least one");
-}
-
-// Grid-stride blocks per item (at most `cap`). Blocks get equal work (within one tile), so a
-// launch costs about waves x tiles per block, waves = ceil(G B / resident): of the block counts
-// that fill 1..8 whole waves, keep the cheapest (the fewest blocks among equals: fewer partials).
-// B = 2 at 160^3 gives one wave; B = 67 on 132 slots gives several full waves, not 67 blocks.
-inline int64_t blocks_per_item(int64_t resident, int64_t B, int64_t ntiles, int64_t cap) {
-  int64_t best = 1, best_cost = -1;
-  for (int64_t waves_target = 1; waves_target <= 8; ++waves_target) {
-    const int64_t G = std::clamp<int64_t>(waves_target * resident / B, 1, cap);
-    const int64_t cost = ((G * B + resident - 1) / resident) * ((ntiles + G - 1) / G);
-    if (best_cost < 0 || cost < best_cost) {
-      best = G;
-      best_cost = cost;
-    }
-  }
-  return best;
-}
-
-// Blocks per item for each level of one launch of Kernel, given each level's tiles per item: the
-// grid-stride plan of blocks_per_item for all the launch's tiles together, shared out in
-// proportion to the levels' tiles (one level keeps the whole plan), so the coarse levels ride in
-// the finest level's waves and blocks have about the same work. At most one block per tile, so a
-// forward kernel's partials (one per block) fit the workspace (partial_slots). Capping the
-// forward at one block per 4096 voxels instead left 2x3x80^3 at a quarter wave of blocks on an
-// H200, each thread waiting on 4 tiles' loads in turn (10.3 us against the backward's 11.3 us,
-// which moves twice the bytes).
-template <auto Kernel>
-std::vector<int64_t> level_blocks(int device, int64_t B, const std::vector<int64_t>& tiles) {
-  int64_t total = 0;
-  for (int64_t t : tiles) total += t;
-  const int resident = resident_blocks(reinterpret_cast<const void*>(Kernel), kThreads, 0, device,
-                                       "dice_ce_loss");
-  const int64_t G = blocks_per_item(resident, B, total, total);
-  std::vector<int64_t> blocks;
-  for (int64_t t : tiles)
-    blocks.push_back(std::clamp<int64_t>((G * t + total - 1) / total, int64_t(1), t));
-  return blocks;
-}
-
 // Level indices grouped by target dtype code, in order of first appearance: one launch per
 // group, so one in all when every level's targets share a dtype (as in training).
 std::vector<std::vector<size_t>> target_groups(const std::vector<int>& codes) {
@@ -882,16 +467,6 @@ void for_each_launch(int logits_code, int64_t K, const std::vector<int>& target_
   });
 }
 
-// The kernel types of one ROI BCE call: calls fn(TypeTag<TL>, TypeTag<label type>,
-// integral_constant<int, KM>).
-template <typename Fn>
-void for_bce_types(int logits_code, int label_code, int64_t K, Fn&& fn) {
-  dispatch_floating(logits_code, "roi_bce_loss logits", [&](auto ltag) {
-    dispatch_labels(label_code, "roi_bce_loss labels",
-                    [&](auto ttag) { dispatch_km(K, [&](auto km) { fn(ltag, ttag, km); }); });
-  });
-}
-
 }  // namespace
 }  // namespace colabx::cuda
 
@@ -916,7 +491,7 @@ void dice_ce_loss_forward_cuda(const std::vector<uintptr_t>& logits,
   double* work = reinterpret_cast<double*>(workspace);
   LevelTable lv{};
   lv.n = static_cast<int>(L);
-  int64_t capacity = 0;  // the partials Python allocated: B * NS per partial slot
+  int64_t capacity = 0;  // the partials of the workspace: B * NS per partial slot
   for (size_t l = 0; l < L; ++l) {
     check_sizes(B, V[l], "dice_ce_loss");
     lv.inv_bv[l] = 1.0 / (double(B) * double(V[l]));
@@ -995,66 +570,6 @@ void dice_ce_loss_backward_cuda(uintptr_t grad_out, const std::vector<uintptr_t>
     kernel<<<level_grid(p, B), kThreads, 0, st>>>(
         p, static_cast<int>(K), reinterpret_cast<const A*>(grad_out), inv_bj, dmask, smooth);
     check_launch("dice_ce_loss backward");
-  });
-}
-
-void roi_bce_loss_forward_cuda(uintptr_t logits, uintptr_t labels, int logits_code, int label_code,
-                               int64_t B, int64_t K, int64_t V,
-                               const std::vector<int64_t>& roi_channels, uintptr_t loss,
-                               uintptr_t workspace, int device, uintptr_t stream) {
-  const uint64_t roi = channel_mask(roi_channels, K, "roi_bce_loss");
-  cudaStream_t st = static_cast<cudaStream_t>(prepare(device, stream, "roi_bce_loss"));
-  check_sizes(B, V, "roi_bce_loss");
-  double* work = reinterpret_cast<double*>(workspace);
-  int64_t n_part = 0;
-  for_bce_types(logits_code, label_code, K, [&](auto ltag, auto ttag, auto km) {
-    using TL = typename decltype(ltag)::type;
-    using Lb = typename decltype(ttag)::type;
-    constexpr int KM = decltype(km)::value;
-    constexpr int VEC = Bucket<KM>::vec;
-    const bool aligned = V % VEC == 0 && is_aligned(logits, sizeof(TL) * VEC) &&
-                         is_aligned(labels, sizeof(Lb) * VEC);
-    constexpr auto kernel = bce_fwd_kernel<TL, Lb, KM>;
-    const int64_t G = level_blocks<kernel>(device, B, {num_tiles<KM>(V)})[0];
-    n_part = B * G;
-    const dim3 grid(static_cast<unsigned>(G), static_cast<unsigned>(B));
-    kernel<<<grid, kThreads, 0, st>>>(
-        reinterpret_cast<const TL*>(logits), reinterpret_cast<const Lb*>(labels),
-        static_cast<int>(K), V, aligned, roi, work);
-    check_launch("roi_bce_loss forward");
-  });
-  dispatch_floating(logits_code, "roi_bce_loss logits", [&](auto ltag) {
-    using A = acc_t<typename decltype(ltag)::type>;
-    bce_finalize_kernel<A><<<1, kThreads, 0, st>>>(work, n_part, 1.0 / (double(B) * double(V)),
-                                                   reinterpret_cast<A*>(loss));
-    check_launch("roi_bce_loss finalize");
-  });
-}
-
-void roi_bce_loss_backward_cuda(uintptr_t grad_out, uintptr_t logits, uintptr_t labels,
-                                int logits_code, int label_code, int64_t B, int64_t K, int64_t V,
-                                const std::vector<int64_t>& roi_channels, uintptr_t grad_logits,
-                                int device, uintptr_t stream) {
-  const uint64_t roi = channel_mask(roi_channels, K, "roi_bce_loss");
-  cudaStream_t st = static_cast<cudaStream_t>(prepare(device, stream, "roi_bce_loss"));
-  check_sizes(B, V, "roi_bce_loss");
-  for_bce_types(logits_code, label_code, K, [&](auto ltag, auto ttag, auto km) {
-    using TL = typename decltype(ltag)::type;
-    using Lb = typename decltype(ttag)::type;
-    using A = acc_t<TL>;
-    constexpr int KM = decltype(km)::value;
-    constexpr int VEC = Bucket<KM>::vec;
-    const bool aligned = V % VEC == 0 && is_aligned(logits, sizeof(TL) * VEC) &&
-                         is_aligned(grad_logits, sizeof(TL) * VEC) &&
-                         is_aligned(labels, sizeof(Lb) * VEC);
-    constexpr auto kernel = bce_bwd_kernel<TL, Lb, KM>;
-    const int64_t G = level_blocks<kernel>(device, B, {num_tiles<KM>(V)})[0];
-    const dim3 grid(static_cast<unsigned>(G), static_cast<unsigned>(B));
-    kernel<<<grid, kThreads, 0, st>>>(
-        reinterpret_cast<const TL*>(logits), reinterpret_cast<const Lb*>(labels),
-        static_cast<int>(K), V, aligned, roi, reinterpret_cast<const A*>(grad_out),
-        1.0 / (double(B) * double(V)), reinterpret_cast<TL*>(grad_logits));
-    check_launch("roi_bce_loss backward");
   });
 }
 

@@ -1,4 +1,5 @@
-// CUDA entry points of the fused CE + Dice loss and the ROI BCE loss (compiled with nvcc only).
+// CUDA entry points of the fused CE + Dice loss (compiled with nvcc only), and the kernels'
+// limits and workspace sizes, which every build's bindings report to Python.
 #pragma once
 
 #include <cstdint>
@@ -7,16 +8,32 @@
 namespace colabx {
 namespace cuda {
 // The forward kernels launch at most one block (one partial sum) per tile of an item, and no
-// tile is smaller than kDcePartialVoxels voxels; Python sizes the workspace with it.
+// tile is smaller than kDcePartialVoxels voxels; the workspace sizes below follow from it.
 constexpr int kDcePartialVoxels = 256;
 // Largest K the CUDA kernels take (all channels of a voxel live in registers); Python runs the
-// reference twin above it.
+// pure-PyTorch twin above it.
 constexpr int kDceMaxK = 16;
 // Most deep-supervision levels one CUDA call takes.
 constexpr int kDceMaxLevels = 16;
+
+// Forward partials per item of V voxels: one per block, and no block covers fewer voxels.
+inline int64_t partial_slots(int64_t V) { return (V + kDcePartialVoxels - 1) / kDcePartialVoxels; }
+
+// float64 entries of the CE + Dice forward's workspace: per level and item its block partials,
+// then L * B final sums, each 3K+1 wide.
+inline int64_t dice_ce_loss_workspace_size(int64_t B, int64_t K, const std::vector<int64_t>& V) {
+  int64_t slots = 0;
+  for (const int64_t v : V) slots += B * partial_slots(v);
+  return (slots + static_cast<int64_t>(V.size()) * B) * (3 * K + 1);
+}
+
+// Whether the CUDA kernels take K channels over `levels` levels (else Python runs the twin).
+inline bool dice_ce_loss_supported(int64_t K, int64_t levels) {
+  return K >= 2 && K <= kDceMaxK && levels >= 1 && levels <= kDceMaxLevels;
+}
 }  // namespace cuda
 
-// workspace: float64, sum_l B*ceil(V_l/kDcePartialVoxels)*(3K+1) + L*B*(3K+1) entries.
+// workspace: float64, cuda::dice_ce_loss_workspace_size(B, K, V) entries.
 void dice_ce_loss_forward_cuda(const std::vector<uintptr_t>& logits,
                                const std::vector<uintptr_t>& targets, int logits_code,
                                const std::vector<int>& target_codes, int64_t B, int64_t K,
@@ -34,16 +51,5 @@ void dice_ce_loss_backward_cuda(uintptr_t grad_out, const std::vector<uintptr_t>
                                 const std::vector<uintptr_t>& grad_logits,
                                 const std::vector<uintptr_t>& grad_targets, int device,
                                 uintptr_t stream);
-
-// workspace: float64, B*ceil(V/kDcePartialVoxels) entries.
-void roi_bce_loss_forward_cuda(uintptr_t logits, uintptr_t labels, int logits_code, int label_code,
-                               int64_t B, int64_t K, int64_t V,
-                               const std::vector<int64_t>& roi_channels, uintptr_t loss,
-                               uintptr_t workspace, int device, uintptr_t stream);
-
-void roi_bce_loss_backward_cuda(uintptr_t grad_out, uintptr_t logits, uintptr_t labels,
-                                int logits_code, int label_code, int64_t B, int64_t K, int64_t V,
-                                const std::vector<int64_t>& roi_channels, uintptr_t grad_logits,
-                                int device, uintptr_t stream);
 
 }  // namespace colabx

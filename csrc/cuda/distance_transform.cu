@@ -9,14 +9,13 @@
 //      (uint16), runs the shared envelope (common/distance_transform.h) and writes the result in
 //      place; the last pass writes the square root. Lines longer than kEdtSmemMaxN use the same
 //      code with a [pos][line] global workspace instead of shared memory.
-//   Fast path for those lines (lines_async_kernel): the column is staged with cp.async, so all n
-//   loads of a thread are in flight at once (the plain staging loop kept ~4 loads per thread in
-//   flight, far too few for DRAM latency at 4-5 warps per SM); the envelope stack keeps each
+//   Those lines (lines_async_kernel) stage the column with cp.async, so all n loads of a thread
+//   are in flight at once (a plain staging loop keeps a few loads per thread in flight, too few
+//   for DRAM latency at 4-5 warps per SM); the envelope stack keeps each
 //   vertex's value next to its index (overwriting the consumed part of the staged column), so
 //   pops and advances read the stack without a dependent second load; vertex indices are uint8
 //   when n <= 256 (5 bytes per position: 5 blocks per SM instead of 4 at n = 256). Same
-//   arithmetic as edt::envelope_1d, so the results are bit-identical to lines_smem_kernel, which
-//   stays available (COLABX_EDT_LEGACY=1) for A/B checks.
+//   arithmetic as edt::envelope_1d, so the results are bit-identical to the plain envelope.
 #if !defined(COLABX_CUDA_EMULATION)  // tests/cuda_emulation runs this file on host threads
 #include <cuda_pipeline_primitives.h>
 #include <cuda_runtime.h>
@@ -24,7 +23,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -131,24 +129,6 @@ __global__ void rows_reg_kernel(const uint8_t* __restrict__ mask, float* __restr
   }
 }
 
-// Lines: `lines` of n positions; line l = (o, c) with o = l / inner, c = l % inner starts at
-// data + o * n * inner + c, position q at + q * inner. In place.
-template <bool kSqrt>
-__global__ void lines_smem_kernel(float* __restrict__ data, int64_t lines, int64_t inner, int n,
-                                  float w2) {
-  extern __shared__ float smem[];
-  const int t = threadIdx.x, nt = blockDim.x;
-  const int64_t line = int64_t(blockIdx.x) * nt + t;
-  if (line >= lines) return;  // no block-wide barrier below: threads own disjoint slots
-  float* fcol = smem;                                            // [n][nt]
-  uint16_t* vcol = reinterpret_cast<uint16_t*>(smem + int64_t(n) * nt);  // [n][nt]
-  const int64_t o = line / inner, c = line - o * inner;
-  float* base = data + o * n * inner + c;
-#pragma unroll 4
-  for (int q = 0; q < n; ++q) fcol[q * nt + t] = base[q * inner];
-  edt::envelope_1d<kSqrt>(fcol + t, nt, base, inner, vcol + t, nt, n, w2);
-}
-
 // Envelope of one line whose column sits in shared memory, element q at f[q * nt]; v has room
 // for n vertex indices at the same stride. Same decisions and arithmetic as edt::envelope_1d, but
 // stack slot s holds both the vertex index (v[s * nt]) and its value (f[s * nt]): a push at step q
@@ -220,8 +200,10 @@ __device__ __forceinline__ void envelope_stacked(float* f, V* v, int nt, float* 
   }
 }
 
-// Same lines and layout as lines_smem_kernel (V: uint8_t when n <= 256, else uint16_t). Each
-// thread copies its own column into its own smem slots with cp.async and waits for its own copies
+// Lines: `lines` of n positions; line l = (o, c) with o = l / inner, c = l % inner starts at
+// data + o * n * inner + c, position q at + q * inner; updated in place. A thread's column sits in
+// shared memory as [n][nt] floats, then its vertex indices as [n][nt] V (uint8_t when n <= 256,
+// else uint16_t). Each thread copies its own column into its own smem slots with cp.async and waits for its own copies
 // before reading them (no other thread touches those slots: no barrier). All reads of the line
 // precede its writes, and lines are disjoint across threads, so the in-place update is safe.
 template <bool kSqrt, typename V>
@@ -296,29 +278,14 @@ void lines_async_pass(float* data, int64_t lines, int64_t inner, int n, float w2
   check_launch("distance_transform lines_async_kernel");
 }
 
-// COLABX_EDT_LEGACY=1 (read per call) routes the rows to rows_kernel and the strided passes to
-// lines_smem_kernel.
-bool use_legacy_lines() {
-  const char* e = std::getenv("COLABX_EDT_LEGACY");
-  return e != nullptr && e[0] == '1';
-}
-
 template <bool kSqrt>
 void lines_pass(float* data, int64_t lines, int64_t inner, int n, float w2, float* workspace,
-                bool legacy, cudaStream_t st) {
-  if (n <= kEdtSmemMaxN && !legacy) {
+                cudaStream_t st) {
+  if (n <= kEdtSmemMaxN) {
     if (n <= 256)
       lines_async_pass<kSqrt, uint8_t>(data, lines, inner, n, w2, st);
     else
       lines_async_pass<kSqrt, uint16_t>(data, lines, inner, n, w2, st);
-  } else if (n <= kEdtSmemMaxN) {
-    size_t smem = 0;
-    const int threads = smem_block(lines_smem_kernel<kSqrt>, n,
-                                   int(sizeof(float) + sizeof(uint16_t)), &smem);
-    const int64_t blocks = (lines + threads - 1) / threads;
-    if (blocks > int64_t(INT32_MAX)) throw std::invalid_argument("distance_transform: too many lines");
-    lines_smem_kernel<kSqrt><<<unsigned(blocks), threads, smem, st>>>(data, lines, inner, n, w2);
-    check_launch("distance_transform lines_smem_kernel");
   } else {
     if (workspace == nullptr)
       throw std::invalid_argument("distance_transform: an axis longer than " +
@@ -334,11 +301,10 @@ void lines_pass(float* data, int64_t lines, int64_t inner, int n, float w2, floa
 
 void transform(const uint8_t* mask, float* out, int64_t batch, int64_t D, int64_t H, int64_t W,
                const float sp[3], bool three_d, bool invert, float* workspace, cudaStream_t st) {
-  const bool legacy = use_legacy_lines();
   const int64_t rows = batch * D * H;
   const unsigned rgrid = grid_for(rows * 32, 256);
   const int w = int(W);
-  if (legacy || W > 512)
+  if (W > 512)
     rows_kernel<<<rgrid, 256, 0, st>>>(mask, out, rows, w, sp[2], invert);
   else if (W <= 32)
     rows_reg_kernel<1><<<rgrid, 256, 0, st>>>(mask, out, rows, w, sp[2], invert);
@@ -354,11 +320,11 @@ void transform(const uint8_t* mask, float* out, int64_t batch, int64_t D, int64_
   // H lines: (item, slice, w), stride W.
   const int64_t hlines = batch * D * W;
   if (three_d) {
-    lines_pass<false>(out, hlines, W, int(H), sp[1] * sp[1], workspace, legacy, st);
+    lines_pass<false>(out, hlines, W, int(H), sp[1] * sp[1], workspace, st);
     // D lines: (item, h, w), stride H * W.
-    lines_pass<true>(out, batch * H * W, H * W, int(D), sp[0] * sp[0], workspace, legacy, st);
+    lines_pass<true>(out, batch * H * W, H * W, int(D), sp[0] * sp[0], workspace, st);
   } else {
-    lines_pass<true>(out, hlines, W, int(H), sp[1] * sp[1], workspace, legacy, st);
+    lines_pass<true>(out, hlines, W, int(H), sp[1] * sp[1], workspace, st);
   }
 }
 

@@ -1,8 +1,8 @@
 // csrc/cuda/context_labels.cu on host threads (cuda_emulation.h): tests/test_cuda_emulation.py
 // rewrites the file's launches into context_labels.emu.cu (in the build directory) and calls,
-// through ctypes, emu_context_labels (one named kernel: "flat", "tiled" or "tiled2" with `rows`
-// thread rows per block, clamped to 1..most) or emu_context_labels_entry (the host entry points,
-// which choose the kernel and the rows themselves).
+// through ctypes, emu_context_labels (one named kernel: "flat", or "tiled" with `rows` thread
+// rows per block, clamped to 1..most) or emu_context_labels_entry (the host entry points, which
+// choose the kernel and the rows themselves).
 #include "cuda_emulation.h"
 
 #include <string>
@@ -29,7 +29,7 @@ struct Call {
   double margin, tau;
 };
 
-// 0: ran; 2: the named kernel does not take this geometry (make_tile2 refused it).
+// 0: ran; 2: the named kernel does not take this geometry (make_tile refused it).
 template <typename T, typename L, int TMAX>
 int run(const Call& c) {
   using A = acc_t<T>;
@@ -55,28 +55,17 @@ int run(const Call& c) {
                        outs.p[0], masks.p[0], margin, tau);
     return 0;
   }
-  size_t smem = 0;
-  if (kernel == "tiled2") {
-    Tile2 tl;
-    if (!make_tile2(p, sizeof(A), &tl, &smem)) return 2;
-    tl.R = std::clamp(c.rows, 1, tl.R);
-    const dim3 threads(static_cast<unsigned>(tl.TW * tl.R));
-    if (c.backward)
-      cuda_emu::launch(bwd_tiled2<T, L, TMAX>, tile2_grid(p, tl), threads, smem, smem_raw, p, tl,
-                       grads, o, y, d, reinterpret_cast<T*>(c.grad_o), margin, tau);
-    else
-      cuda_emu::launch(fwd_tiled2<T, L, TMAX>, tile2_grid(p, tl), threads, smem, smem_raw, p, tl, o,
-                       y, d, outs, masks, margin, tau);
-    return 0;
-  }
   if (kernel != "tiled") throw std::invalid_argument("unknown kernel " + kernel);
-  const Tile tl = make_tile(p, static_cast<int>(cuda_emu::kSharedBytes), sizeof(A), &smem);
-  const dim3 grid(static_cast<unsigned>(p.B * tl.ntz * tl.nty * tl.ntx));
+  size_t smem = 0;
+  ctxlab::Tile tl;
+  if (!ctxlab::make_tile(p, sizeof(A), &tl, &smem)) return 2;
+  tl.R = std::clamp(c.rows, 1, tl.R);
+  const dim3 threads(static_cast<unsigned>(tl.TW * tl.R));
   if (c.backward)
-    cuda_emu::launch(bwd_tiled<T, L, TMAX>, grid, dim3(threads_for(tl.n1)), smem, smem_raw, p, tl,
+    cuda_emu::launch(bwd_tiled<T, L, TMAX>, tile_grid(p, tl), threads, smem, smem_raw, p, tl,
                      grads, o, y, d, reinterpret_cast<T*>(c.grad_o), margin, tau);
   else
-    cuda_emu::launch(fwd_tiled<T, L, TMAX>, grid, dim3(threads_for(tl.n1)), smem, smem_raw, p, tl, o,
+    cuda_emu::launch(fwd_tiled<T, L, TMAX>, tile_grid(p, tl), threads, smem, smem_raw, p, tl, o,
                      y, d, outs, masks, margin, tau);
   return 0;
 }
@@ -107,7 +96,7 @@ extern "C" int emu_context_labels(int backward, const char* kernel, int rows, in
   });
 }
 
-// The largest t the CUDA kernels take (colabx.ops.context_labels._CUDA_MAX_T mirrors it).
+// The largest t the CUDA kernels take (the bindings' context_labels_cuda_supported checks it).
 extern "C" int emu_context_labels_max_t() { return colabx::ctxlab::kCudaMaxT; }
 
 // The host entry points, as Python calls them. Returns 0, or 1 with the error message in err.

@@ -197,7 +197,17 @@ int guarded(char* err, int errlen, Fn&& fn) {
   }
 }
 
+// A C array argument as the std::vector the host entry points take.
+template <typename T>
+std::vector<T> vec(const T* p, int n) {
+  return std::vector<T>(p, p + n);
+}
+
 }  // namespace cuda_emu
+
+// The occupancy the emulated device reports, settable from Python (defined here, not inline: each
+// emulation library is one translation unit, and the symbol must be exported).
+extern "C" void emu_set_resident_blocks(int blocks) { cuda_emu::resident = blocks; }
 
 inline void __syncthreads() { cuda_emu::block->all->arrive_and_wait(); }
 

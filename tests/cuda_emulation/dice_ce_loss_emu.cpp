@@ -6,20 +6,9 @@
 #undef __shared__
 #define __shared__ static  // the kernels' fixed-size shared arrays (blocks run in turn)
 
-#include <vector>
-
 #include "dice_ce_loss.emu.cu"
 
-namespace {
-
-template <typename T>
-std::vector<T> vec(const T* p, int n) {
-  return std::vector<T>(p, p + n);
-}
-
-}  // namespace
-
-extern "C" void emu_set_resident_blocks(int blocks) { cuda_emu::resident = blocks; }
+using cuda_emu::vec;
 
 // The kernels' limits, as the CUDA build's bindings report them to Python
 // (csrc/bindings/dice_ce_loss.cpp): partial voxels, max K, max levels.
@@ -53,25 +42,5 @@ extern "C" int emu_dice_ce_loss_backward(int L, uintptr_t grad_out, const uintpt
                                        vec(target_codes, L), B, K, vec(V, L), vec(dice, nd),
                                        vec(weights, L), smooth, stats, vec(grad_logits, L),
                                        vec(grad_targets, L), 0, 0);
-  });
-}
-
-extern "C" int emu_roi_bce_loss_forward(uintptr_t logits, uintptr_t labels, int logits_code,
-                                        int label_code, int64_t B, int64_t K, int64_t V,
-                                        const int64_t* roi, int nr, uintptr_t loss, uintptr_t work,
-                                        char* err, int errlen) {
-  return cuda_emu::guarded(err, errlen, [&] {
-    colabx::roi_bce_loss_forward_cuda(logits, labels, logits_code, label_code, B, K, V,
-                                      vec(roi, nr), loss, work, 0, 0);
-  });
-}
-
-extern "C" int emu_roi_bce_loss_backward(uintptr_t grad_out, uintptr_t logits, uintptr_t labels,
-                                         int logits_code, int label_code, int64_t B, int64_t K,
-                                         int64_t V, const int64_t* roi, int nr,
-                                         uintptr_t grad_logits, char* err, int errlen) {
-  return cuda_emu::guarded(err, errlen, [&] {
-    colabx::roi_bce_loss_backward_cuda(grad_out, logits, labels, logits_code, label_code, B, K, V,
-                                       vec(roi, nr), grad_logits, 0, 0);
   });
 }

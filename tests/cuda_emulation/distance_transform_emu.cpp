@@ -3,7 +3,6 @@
 // distance_transform.emu.cu (in the build directory) and calls emu_distance_transform.
 #include "cuda_emulation.h"
 
-#include <cstdlib>
 #include <vector>
 
 namespace colabx::cuda {
@@ -14,22 +13,15 @@ alignas(16) float smem[cuda_emu::kSharedBytes / sizeof(float)];  // the kernels'
 
 #include "distance_transform.emu.cu"
 
-// legacy: COLABX_EDT_LEGACY's kernels (rows_kernel, lines_smem_kernel). Returns 0, or 1 with the
-// error message in err.
+// Returns 0, or 1 with the error message in err.
 extern "C" int emu_distance_transform(uintptr_t mask, uintptr_t out, uintptr_t scratch,
                                       uintptr_t workspace, int64_t batch, const int64_t* spatial,
-                                      const double* spacing, int nsp, int signed_, int legacy,
-                                      char* err, int errlen) {
+                                      const double* spacing, int nsp, int signed_, char* err,
+                                      int errlen) {
   cuda_emu::dynamic_shared = reinterpret_cast<unsigned char*>(colabx::cuda::smem);
-  if (legacy)
-    setenv("COLABX_EDT_LEGACY", "1", 1);
-  else
-    unsetenv("COLABX_EDT_LEGACY");
-  const int rc = cuda_emu::guarded(err, errlen, [&] {
+  return cuda_emu::guarded(err, errlen, [&] {
     colabx::cuda::distance_transform_forward_cuda(
         mask, out, scratch, workspace, batch, std::vector<int64_t>(spatial, spatial + nsp),
         std::vector<double>(spacing, spacing + nsp), signed_ != 0, 0, 0);
   });
-  unsetenv("COLABX_EDT_LEGACY");
-  return rc;
 }

@@ -7,7 +7,7 @@ import torch
 
 from colabx import context_labels
 from colabx.bench.harness import Case
-from colabx.reference.context_labels import context_labels_reference
+from colabx.twins.context_labels import context_labels_twin
 
 
 def _inputs(B, t, c, n, device):
@@ -59,11 +59,11 @@ def cases(device: torch.device, quick: bool = False) -> list[Case]:
         def ours(o_, y_, d_, c_, levels):
             return context_labels(o_, y_, d_, c_, levels=levels, validate=False)
 
-        compiled = torch.compile(context_labels_reference, dynamic=False)
+        compiled = torch.compile(context_labels_twin, dynamic=False)
         for levels in (1, 4):
             impls = {
                 "colabx": _fwd_bwd(ours, o, y, d, c, levels, []),
-                "eager": _fwd_bwd(context_labels_reference, o, y, d, c, levels, []),
+                "eager": _fwd_bwd(context_labels_twin, o, y, d, c, levels, []),
                 "compile": _fwd_bwd(compiled, o, y, d, c, levels, []),
             }
             out.append(

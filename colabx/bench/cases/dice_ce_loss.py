@@ -7,7 +7,8 @@ import torch
 
 import colabx
 from colabx.bench.harness import Case
-from colabx.reference import dice_ce_loss as ref
+from colabx.twins import dice_ce_loss as ref
+from colabx.twins import roi_bce_loss as bce_ref
 
 
 def _fwd_bwd(loss_fn, wrt):
@@ -77,14 +78,14 @@ def _roi_case(device: torch.device, b: int, k: int, spatial: tuple[int, ...]) ->
     z = (2 * torch.randn(shape, generator=g)).to(device).requires_grad_()
     lab = torch.randint(0, k, (b, *spatial), generator=g).to(device)
     roi = list(range(1, k))
-    compiled = torch.compile(ref.roi_bce_loss)
+    compiled = torch.compile(bce_ref.roi_bce_loss)
     return Case(
         op="roi_bce_loss fwd+bwd",
         size="x".join(str(s) for s in shape) + " float32, int64 labels",
         impls={
             # validate=False: what a training loop uses (no label-range pass / host sync)
             "colabx": _fwd_bwd(lambda: colabx.roi_bce_loss(z, lab, roi, validate=False), (z,)),
-            "eager": _fwd_bwd(lambda: ref.roi_bce_loss(z, lab, roi), (z,)),
+            "eager": _fwd_bwd(lambda: bce_ref.roi_bce_loss(z, lab, roi), (z,)),
             "compile": _fwd_bwd(lambda: compiled(z, lab, roi), (z,)),
         },
         bytes_moved=2 * z.numel() * z.element_size() + lab.numel() * lab.element_size(),

@@ -8,7 +8,7 @@ import torch
 
 import colabx
 from colabx.bench.harness import Case
-from colabx.reference.distance_transform import distance_transform as twin
+from colabx.twins.distance_transform import distance_transform as twin
 
 SPACING = (0.8, 0.8, 2.5)
 

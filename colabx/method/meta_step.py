@@ -1,0 +1,459 @@
+"""CoLab's meta step, fast (docs/design.md, "The meta step", steps 1-6).
+
+On a batch ``(x, y, d)`` (images, integer labels, distance to the ROI):
+
+1. ŷ = context_labels(g_ω(x), y, d, levels=f.output_strides with deep supervision), graph to ω
+   kept;
+2. θ* = θ − α ∇θ L_seg(f_θ(x), ŷ) (L_seg = :func:`colabx.dice_ce_loss` over all deep-supervision
+   levels, Dice over channels 1..K−1, default level weights), α = the current learning rate;
+3. v = ∇θ* L_ROI(f_θ*(x), y) (L_ROI = :func:`colabx.roi_bce_loss` on channels 1..c−1, full
+   resolution);
+4. ε = fd_eps/‖v‖, θ± = θ ± εv; the θ+ and θ− forwards (one after the other, or as one
+   grouped-convolution U-Net; see ``MetaConfig.theta_pm``) under ``no_grad``, autocast off;
+   G± = ∂L_seg(f_θ±(x), ŷ)/∂ŷ from ONE fused loss call on the concatenated ``[z+; z−]``;
+5. ONE backward of −α (G+ − G−)/(2ε) through context_labels and g_ω fills the generator's
+   ``.grad``;
+6. the caller's optimizer (Adam in CoLab) steps ω; :meth:`MetaStep.plain_step` then does the
+   ordinary update of θ on labels from the updated ω.
+
+``meta_grad="exact"`` replaces the finite difference of step 4 by the mixed second derivative
+itself, ∂/∂ŷ ⟨v, ∇θ L_seg(f_θ(x), ŷ)⟩, by double backward through the pure-PyTorch twin of the
+loss (the fused loss has first derivatives only). ``mode="per_sample"`` is the reference code's
+semantics: one inner step and one generator update per sample.
+
+The networks are called with :func:`torch.func.functional_call`, which runs the modules' own
+forward: InstanceNorm (no running statistics) normalises each sample with its own statistics in
+either mode, exactly as the reference's modules do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+from torch.func import functional_call
+
+from colabx._precision import no_tf32, tf32_unless
+from colabx.method.grouped import grouped_unet_forward
+from colabx.ops.context_labels import context_labels
+from colabx.ops.dice_ce_loss import dice_ce_loss
+from colabx.ops.roi_bce_loss import roi_bce_loss
+from colabx.twins import dice_ce_loss as _twin
+
+__all__ = ["DIFFERENCES", "ORDERS", "GradReducer", "InnerPass", "MetaConfig", "MetaStep",
+           "MetaStepInfo", "UpdateCounter", "current_lr"]
+
+_MODES = ("batched", "per_sample")
+_META_GRADS = ("fd", "exact")
+_THETA_PM = ("sequential", "grouped")
+#: Iteration orders (:attr:`MetaConfig.order`) and finite differences (``difference``).
+ORDERS = ("reference", "shared")
+DIFFERENCES = ("central", "one_sided")
+
+
+@dataclass
+class MetaConfig:
+    """Options of :class:`MetaStep`.
+
+    num_classes : c >= 2 (background included); the segmentation net has ``K = c + t − 1``
+        outputs, the generator ``t``.
+    margin, tau : the soft mask of :func:`colabx.context_labels` (defaults 30, 20).
+    fd_eps : ε = fd_eps/‖v‖ (0.01, the reference's value).
+    mode : ``"batched"`` (default; one inner step and one generator gradient on the batch) or
+        ``"per_sample"`` (the reference's semantics; one of each per sample, the optimizer
+        stepping after every sample).
+    meta_grad : ``"fd"`` (finite difference, default) or ``"exact"`` (double backward).
+    theta_pm : how the θ+ and θ− forwards run, always without autograd graph, then ONE fused loss
+        call on ``[z+; z−]``: ``"sequential"`` (two functional calls; default) or ``"grouped"``
+        (one U-Net with every layer's two parameter sets concatenated and ``groups=2``
+        convolutions, :mod:`colabx.method.grouped`). Sequential is faster on the GPU (H200, B=2,
+        80³, 30 features, whole meta part: 129 vs 151 ms) and for large nets on the CPU (48³, 30
+        features, 4 pools: 1.12 vs 1.96 s); grouped wins for small nets on the CPU (32³, 8
+        features, 3 pools: 47 vs 62 ms; ``benchmarks/RESULTS.md``).
+    amp : autocast the generator, the inner step and the L_ROI forwards in ``amp_dtype``; the θ±
+        forwards always run with autocast disabled, in the parameters' dtype.
+    fd_tf32 : let the θ± forwards use TF32 convolutions and matmuls as torch's settings allow
+        (faster on Ampere and later GPUs); off by default, the θ± forwards run in full fp32.
+        On an H200 (B=2, 80³, 30 features) TF32 θ± make the meta part 6 % faster (121 vs
+        129 ms) and the fd meta-gradient's relative error 3.8e-2 instead of 3.3e-2
+        (``benchmarks/RESULTS.md``). The exact meta-gradient always runs in full fp32.
+    recompute_generator : run the generator forward of step 1 without autograd graph and again,
+        with graph, just before the backward of step 5 (one more generator forward per meta
+        update), so the generator's activations are not held through f's passes: the same
+        gradient, a lower peak. Off by default; turn it on when memory binds. On an H200
+        (B=2, 80³, 30 features) the meta part's peak growth falls to 0.60× (2221 vs 3696 MiB)
+        for 6 % more time; on the CPU (B=2, 32³, 8 features) 84 vs 95 MiB, 5 % slower.
+    order : ``"reference"`` (default): the meta step runs its own inner forward+backward of f
+        on labels from the current ω, then the caller's plain update trains θ on labels from
+        the updated ω (:meth:`MetaStep.step`, then :meth:`MetaStep.plain_step`).
+        ``"shared"``: one forward+backward of f on labels from the current ω
+        (:meth:`MetaStep.shared_forward`) gives both the inner step's gradient and the plain
+        update's, so an iteration runs f's forward+backward twice instead of three times; the
+        plain update then trains on labels one generator update old (ω moves slowly: Adam at
+        3e-4, every ``meta_period`` iterations). The generator gradient at a given (θ, ω,
+        batch) is the same in both orders (tested to 1e-9 in float64). Batched mode only.
+    difference : ``"central"`` (default; the paper's (G(θ+εv) − G(θ−εv))/(2ε)) or
+        ``"one_sided"``: (G(θ+εv) − G(θ))/ε with G(θ) = ∂L_seg/∂ŷ taken from the inner forward,
+        which saves the θ− forward. Its error is O(ε) where the central one's is O(ε²) on a
+        smooth net; both are O(ε) on LeakyReLU U-Nets (measured: within 2× of each other,
+        ``tests/test_meta_order.py``). The inner forward must then run in the θ± precision:
+        refused with ``amp``; TF32 is turned off for it unless ``fd_tf32``.
+    skip_without_roi : skip the generator update when the batch (sample, per-sample) has no ROI
+        voxel (its context labels do not depend on ω then: d = +inf, M = 0).
+    validate : let the fused ops validate their inputs (a pass over the labels each call).
+    """
+
+    num_classes: int
+    margin: float = 30.0
+    tau: float = 20.0
+    fd_eps: float = 0.01
+    mode: str = "batched"
+    meta_grad: str = "fd"
+    theta_pm: str = "sequential"
+    amp: bool = False
+    amp_dtype: torch.dtype = torch.bfloat16
+    fd_tf32: bool = False
+    recompute_generator: bool = False
+    order: str = "reference"
+    difference: str = "central"
+    skip_without_roi: bool = True
+    validate: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) \
+                or self.num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2, got {self.num_classes!r}")
+        for name, allowed in (("mode", _MODES), ("meta_grad", _META_GRADS),
+                              ("theta_pm", _THETA_PM), ("order", ORDERS),
+                              ("difference", DIFFERENCES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not self.fd_eps > 0:
+            raise ValueError(f"fd_eps must be > 0, got {self.fd_eps}")
+        if self.order == "shared" and self.mode != "batched":
+            raise ValueError("order: shared needs mode batched (per_sample takes one inner step "
+                             "per sample, the reference's semantics)")
+        if self.difference == "one_sided" and self.amp:
+            raise ValueError("difference: one_sided reuses G(θ) from the inner forward, which "
+                             "runs under autocast here while the θ+ forward runs in fp32: the "
+                             "difference would measure the precision change, not the "
+                             "perturbation; use central, or turn amp off")
+
+
+@dataclass
+class MetaStepInfo:
+    """What one generator update saw: ``skipped`` (no ROI, or ‖v‖ = 0 / not finite), the inner
+    loss L_seg(θ, ŷ), L_ROI(θ*), ‖v‖ and ε (0 when not computed)."""
+
+    skipped: bool
+    l_seg: float = 0.0
+    l_roi: float = 0.0
+    v_norm: float = 0.0
+    eps: float = 0.0
+
+
+@dataclass
+class InnerPass:
+    """The forward of f at θ on labels from the current ω (:meth:`MetaStep.shared_forward`).
+
+    ``loss`` = L_seg(f_θ(x), ŷ); after the caller's backward of it (any gradient scaling undone,
+    averaged over processes), f's ``.grad`` is ∇θ L_seg, the inner step's gradient.
+    ``labels`` are ŷ per level, with their graph to ω when a meta update follows (else
+    detached), ``leaves`` the detached copies the loss saw; with ``difference="one_sided"`` they
+    require grad and the backward leaves G(θ) = ∂L_seg/∂ŷ in their ``.grad``."""
+
+    labels: list[Tensor]
+    leaves: list[Tensor]
+    loss: Tensor
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    """α for :meth:`MetaStep.step`: the learning rate of the optimizer's first parameter group."""
+    return float(optimizer.param_groups[0]["lr"])
+
+
+class UpdateCounter:
+    """Meta update every ``period`` iterations: ``counter.tick()`` is True on iterations
+    0, period, 2·period, ... (then call :meth:`MetaStep.step`; always call ``plain_step``)."""
+
+    def __init__(self, period: int = 1) -> None:
+        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+            raise ValueError(f"period must be an int >= 1, got {period!r}")
+        self.period = period
+        self.iteration = 0
+
+    def tick(self) -> bool:
+        due = self.iteration % self.period == 0
+        self.iteration += 1
+        return due
+
+
+class GradReducer(Protocol):
+    """How a data-parallel run combines what the meta step computes on its local batch
+    (:class:`colabx.train.distributed.ProcessGroupReducer` for torch.distributed)."""
+
+    def mean_(self, tensors: Sequence[Tensor]) -> None:
+        """Replace each tensor, in place, by its mean over the processes."""
+
+    def any(self, flag: bool) -> bool:
+        """True when ``flag`` is True on any process."""
+
+
+def _as_list(z) -> list[Tensor]:
+    return list(z) if isinstance(z, (list, tuple)) else [z]
+
+
+class MetaStep:
+    """CoLab meta step for a segmentation net ``f`` (:class:`colabx.models.UNet`, ``K = c + t − 1``
+    outputs, with or without deep supervision) and a task generator ``g`` (``t`` outputs).
+
+    ``step(x, y, d, lr, gen_optimizer)`` computes the generator gradient (into ``g``'s ``.grad``,
+    overwritten) and, when an optimizer is given, steps it; ``plain_step(x, y, d, seg_optimizer)``
+    is the ordinary update of θ. ``x [B, C, *S]``, ``y [B, *S]`` int labels, ``d [B, *S]``
+    distances (+inf for items without ROI). ``f``'s parameters are never changed by ``step``.
+
+    With a ``reducer`` (data-parallel training, batched mode), each process passes its share of
+    the global batch; the inner-step gradient and v are averaged over the processes, so θ*, ε and
+    θ± are those of the global batch, and the generator gradient each process leaves in ``.grad``
+    is its share: averaging it over the processes (the caller's job, like any parameter gradient)
+    gives the single-process gradient of the global batch (equal local batch sizes).
+    """
+
+    def __init__(self, f: torch.nn.Module, g: torch.nn.Module, config: MetaConfig,
+                 reducer: GradReducer | None = None) -> None:
+        self.f, self.g, self.config = f, g, config
+        self.reducer = reducer
+        self.roi_channels = list(range(1, config.num_classes))
+
+    # -- pieces ------------------------------------------------------------------------------
+    def levels(self):
+        return self.f.output_strides if getattr(self.f, "deep_supervision", False) else 1
+
+    def _autocast(self, x: Tensor, enabled: bool):
+        if not enabled:
+            return torch.autocast(x.device.type, enabled=False)
+        return torch.autocast(x.device.type, dtype=self.config.amp_dtype)
+
+    def labels(self, x: Tensor, y: Tensor, d: Tensor):
+        """ŷ = context_labels(g(x), y, d) at f's output levels (differentiable to ω)."""
+        c = self.config
+        with self._autocast(x, c.amp):
+            o = self.g(x)
+        return context_labels(o, y, d, c.num_classes, c.margin, c.tau, self.levels(),
+                              validate=c.validate)
+
+    def _loss(self, z, yhat) -> Tensor:
+        return dice_ce_loss(z, yhat, validate=False)
+
+    def _theta_pm_logits(self, params: dict, v: dict, eps: Tensor, x: Tensor) -> list[Tensor]:
+        """Logits of f_θ+ and f_θ− concatenated along the batch: per level ``[2B, K, *S_l]``,
+        the first B rows θ+. No autograd graph, autocast off, TF32 only with ``fd_tf32``."""
+        f = self.f
+        with torch.no_grad(), self._autocast(x, False), tf32_unless(self.config.fd_tf32):
+            if self.config.theta_pm == "grouped":
+                sets = [{n: p + eps * v[n] for n, p in params.items()},
+                        {n: p - eps * v[n] for n, p in params.items()}]
+                return grouped_unet_forward(f, sets, x)
+            zp = _as_list(functional_call(f, {n: p + eps * v[n] for n, p in params.items()},
+                                          (x,)))
+            zm = _as_list(functional_call(f, {n: p - eps * v[n] for n, p in params.items()},
+                                          (x,)))
+            return [torch.cat((a, b)) for a, b in zip(zp, zm, strict=True)]
+
+    def _upstream_fd(self, params, v, eps, x, yhat_d: list[Tensor],
+                     g0: list[Tensor] | None = None) -> list[Tensor]:
+        """(G+ − G−)/(2ε) per level, G± = ∂L_seg(f_θ±(x), ŷ)/∂ŷ, from one fused loss call; or,
+        given ``g0`` = G(θ) (one-sided difference), (G+ − G(θ))/ε from the θ+ forward alone.
+
+        The loss of the concatenated batch ``[z+; z−]`` against ``[ŷ; ŷ]`` is (L+ + L−)/2 (CE and
+        Dice are per-item sums/means), so its gradient w.r.t. the target rows is G±/2."""
+        if g0 is not None:
+            with torch.no_grad(), self._autocast(x, False), tf32_unless(self.config.fd_tf32):
+                zp = _as_list(functional_call(
+                    self.f, {n: p + eps * v[n] for n, p in params.items()}, (x,)))
+            leaf = [t.clone().requires_grad_() for t in yhat_d]
+            with torch.enable_grad():
+                gp = torch.autograd.grad(self._loss(zp, leaf), leaf)
+            return [(a - b) / eps for a, b in zip(gp, g0, strict=True)]
+        z = self._theta_pm_logits(params, v, eps, x)
+        leaf = [torch.cat((t, t)).requires_grad_() for t in yhat_d]
+        with torch.enable_grad():
+            loss = self._loss(z, leaf)
+            gl = torch.autograd.grad(loss, leaf)
+        b = x.shape[0]
+        return [(gr[:b] - gr[b:]) / eps for gr in gl]  # (G+/2 − G−/2)/ε = (G+ − G−)/(2ε)
+
+    def _upstream_exact(self, params, v, x, yhat_d: list[Tensor]) -> list[Tensor]:
+        """∂/∂ŷ ⟨v, ∇θ L_seg(f_θ(x), ŷ)⟩ by double backward through the twin loss
+        (autocast off, the parameters' dtype)."""
+        f = self.f
+        leaf = [t.clone().requires_grad_() for t in yhat_d]
+        p_req = {n: p.detach().requires_grad_() for n, p in params.items()}
+        with torch.enable_grad(), self._autocast(x, False), no_tf32():
+            z = _as_list(functional_call(f, p_req, (x,)))
+            loss = _twin.dice_ce_loss(z, leaf)
+            gth = torch.autograd.grad(loss, list(p_req.values()), create_graph=True)
+            h = sum((gt * v[n]).sum() for gt, n in zip(gth, p_req, strict=True))
+            return list(torch.autograd.grad(h, leaf))
+
+    def _inner_precision(self, x: Tensor):
+        """Autocast and TF32 of f's forward at θ: as configured, except that a one-sided
+        difference needs it in the θ± precision (autocast off, TF32 only with ``fd_tf32``)."""
+        c = self.config
+        if c.difference == "one_sided":
+            return contextlib.ExitStack(), tf32_unless(c.fd_tf32)
+        return self._autocast(x, c.amp), contextlib.nullcontext()
+
+    def _generator_grad(self, x: Tensor, y: Tensor, d: Tensor, lr: float,
+                        inner: InnerPass | None = None) -> MetaStepInfo:
+        """Steps 1-5 on one batch; the ω-gradient is ACCUMULATED into g's ``.grad``. With
+        ``inner`` (order "shared"), steps 1-2 were the caller's: ŷ and G(θ) come from it and
+        the inner gradient from f's ``.grad``."""
+        c = self.config
+        has_roi = bool((y > 0).any())
+        if self.reducer is not None:
+            has_roi = self.reducer.any(has_roi)
+        if c.skip_without_roi and not has_roi:
+            return MetaStepInfo(skipped=True)
+        f = self.f
+        names = [n for n, _ in f.named_parameters()]
+        plist = [p for _, p in f.named_parameters()]
+        params = {n: p.detach() for n, p in zip(names, plist, strict=True)}
+        one_sided = c.difference == "one_sided" and c.meta_grad == "fd"
+        if inner is not None:
+            yhat = inner.labels
+            yhat_d = [t.detach() for t in yhat]
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in plist]
+            l_seg = inner.loss
+            g0 = [leaf.grad for leaf in inner.leaves] if one_sided else None
+            if one_sided and any(g is None for g in g0):
+                raise ValueError("difference: one_sided needs G(θ): the InnerPass came from a "
+                                 "shared_forward of another configuration, or its loss was not "
+                                 "backpropagated")
+        else:
+            if c.recompute_generator:                                   # 1. ŷ
+                with torch.no_grad():
+                    yhat_d = _as_list(self.labels(x, y, d))
+            else:  # graph to ω kept until step 5
+                yhat = _as_list(self.labels(x, y, d))
+                yhat_d = [t.detach() for t in yhat]
+            single = not getattr(f, "deep_supervision", False)
+            leaves = [t.clone().requires_grad_() for t in yhat_d] if one_sided else yhat_d
+            autocast, tf32 = self._inner_precision(x)
+            with torch.enable_grad():
+                with autocast, tf32:                                    # 2. inner step
+                    z = f(x)
+                l_seg = self._loss(z, leaves[0] if single else leaves)
+                out = torch.autograd.grad(l_seg, plist + (leaves if one_sided else []))
+            grads, g0 = list(out[:len(plist)]), (list(out[len(plist):]) if one_sided else None)
+            if self.reducer is not None:
+                self.reducer.mean_(grads)
+        with torch.enable_grad():
+            star = {n: (params[n] - lr * gr).requires_grad_()
+                    for n, gr in zip(names, grads, strict=True)}
+            with self._autocast(x, c.amp):                              # 3. v = ∇θ* L_ROI
+                z_star = _as_list(functional_call(f, star, (x,)))[0]
+            l_roi = roi_bce_loss(z_star, y, self.roi_channels, validate=c.validate)
+            # the coarser deep-supervision heads do not reach L_ROI: their v is 0
+            vl = torch.autograd.grad(l_roi, list(star.values()), allow_unused=True,
+                                     materialize_grads=True)
+        # detach: torch 2.4 materialises unused gradients as zeros that require grad, and the
+        # reducer averages v in place
+        v = {n: t.detach().to(params[n].dtype) for n, t in zip(names, vl, strict=True)}
+        if self.reducer is not None:
+            self.reducer.mean_(list(v.values()))
+        acc = torch.float64 if plist[0].dtype == torch.float64 else torch.float32
+        vnorm = torch.sqrt(sum((t.to(acc) ** 2).sum() for t in v.values()))
+        vn = float(vnorm)
+        info = MetaStepInfo(skipped=False, l_seg=float(l_seg.detach()),
+                            l_roi=float(l_roi.detach()), v_norm=vn)
+        if not (vn > 0.0 and vn < float("inf")):
+            info.skipped = True
+            return info
+        if c.meta_grad == "fd":
+            eps = (c.fd_eps / vnorm).to(plist[0].dtype)                 # 4. θ± = θ ± εv
+            info.eps = float(eps)
+            up = self._upstream_fd(params, v, eps, x, yhat_d, g0)
+        else:
+            up = self._upstream_exact(params, v, x, yhat_d)
+        up = [(-lr) * u for u in up]                                    # 5. one backward
+        if c.recompute_generator:
+            with torch.enable_grad():
+                yhat = _as_list(self.labels(x, y, d))
+        torch.autograd.backward(yhat, up)
+        return info
+
+    # -- public -------------------------------------------------------------------------------
+    def shared_forward(self, x: Tensor, y: Tensor, d: Tensor, meta_due: bool = True
+                       ) -> InnerPass:
+        """Order "shared", first half of an iteration: ŷ from the current ω (graph to ω kept
+        when ``meta_due``), z = f(x) and L_seg(z, ŷ), for the caller to backpropagate (f's
+        ``.grad`` becomes the gradient of both the inner step and the plain update); then
+        :meth:`step` with ``inner=`` the returned pass when ``meta_due``, then the optimizer
+        steps of θ and ω."""
+        c = self.config
+        keep = meta_due and not c.recompute_generator
+        with torch.enable_grad() if keep else torch.no_grad():
+            labels = _as_list(self.labels(x, y, d))
+        one_sided = meta_due and c.difference == "one_sided" and c.meta_grad == "fd"
+        leaves = [t.detach().requires_grad_(one_sided) for t in labels]
+        autocast, tf32 = self._inner_precision(x)
+        with autocast, tf32:
+            z = self.f(x)
+        single = not getattr(self.f, "deep_supervision", False)
+        loss = self._loss(z, leaves[0] if single else leaves)
+        return InnerPass(labels=labels, leaves=leaves, loss=loss)
+
+    def step(self, x: Tensor, y: Tensor, d: Tensor, lr: float,
+             gen_optimizer: torch.optim.Optimizer | None = None,
+             inner: InnerPass | None = None) -> list[MetaStepInfo]:
+        """One meta update of ω at inner learning rate ``lr`` (α, the current LR of θ).
+
+        Batched mode: one gradient on the batch, written to the generator's ``.grad`` (old
+        gradients dropped), then ``gen_optimizer.step()`` if given and not skipped. Per-sample
+        mode: for each sample the same, the optimizer stepping after each sample; without an
+        optimizer the per-sample gradients are summed with ω fixed. Returns one
+        :class:`MetaStepInfo` per generator update (one, or B in per-sample mode).
+
+        ``inner`` (order "shared", batched): the pass of :meth:`shared_forward` on this batch,
+        its loss already backpropagated so that f's ``.grad`` holds ∇θ L_seg (unscaled and,
+        under data parallelism, averaged over the processes); θ is not yet stepped."""
+        if inner is not None and self.config.mode != "batched":
+            raise ValueError("inner: a shared forward serves the batched mode only")
+        gparams = list(self.g.parameters())
+        items = ([(x, y, d)] if self.config.mode == "batched" else
+                 [(x[b:b + 1], y[b:b + 1], d[b:b + 1]) for b in range(x.shape[0])])
+        for p in gparams:
+            p.grad = None
+        infos = []
+        for xb, yb, db in items:
+            if gen_optimizer is not None:
+                for p in gparams:
+                    p.grad = None
+            info = self._generator_grad(xb, yb, db, lr, inner)
+            infos.append(info)
+            if gen_optimizer is not None and not info.skipped:
+                gen_optimizer.step()
+        return infos
+
+    def plain_step(self, x: Tensor, y: Tensor, d: Tensor,
+                   seg_optimizer: torch.optim.Optimizer) -> float:
+        """The ordinary update of θ: ŷ from the (updated) generator without gradient, L_seg,
+        backward, ``seg_optimizer.step()`` (autocast per ``config.amp``). Returns the loss."""
+        c = self.config
+        with torch.no_grad():
+            yhat = self.labels(x, y, d)
+        seg_optimizer.zero_grad(set_to_none=True)
+        with self._autocast(x, c.amp):
+            z = self.f(x)
+        loss = self._loss(z, yhat)
+        loss.backward()
+        seg_optimizer.step()
+        return float(loss.detach())
+
+    def __call__(self, *args, **kwargs):
+        return self.step(*args, **kwargs)
