@@ -206,9 +206,6 @@ def train(sampling_results: Sequence, sampling_results_val, model: torch.nn.Modu
             meters.top1val.update(accuracy_top1(zval[0] if deep else zval, yv, c), B)
             for meter, v in zip(meters.val.values(), vals, strict=True):
                 meter.update(float(v.detach()), B)
-        meters.batch_time.update(time.time() - end)
-        end = time.time()
-        if it % args.print_freq == 0:
-            logging.info(meters.progress_line(epoch, it, args.numIteration))
+        end = meters.end_iteration(logging, args, epoch, it, end)
     meters.log_tensorboard(args, epoch)
     return meters

@@ -276,6 +276,15 @@ class EpochMeters:
                     epoch, iteration, num_iterations, bt=self.batch_time, lo=self.losses,
                     lv=self.val["lossval"], t1=self.top1)
 
+    def end_iteration(self, logger, args, epoch: int, iteration: int, started: float) -> float:
+        """Time the iteration begun at ``started`` and log its progress line to ``logger`` every
+        ``args.print_freq`` iterations, as the reference does; returns the next start time."""
+        now = time.time()
+        self.batch_time.update(now - started)
+        if iteration % args.print_freq == 0:
+            logger.info(self.progress_line(epoch, iteration, args.numIteration))
+        return now
+
     def log_tensorboard(self, args, epoch: int) -> None:
         """With ``args.tensorboard``: the epoch averages through ``tensorboard_logger``."""
         if not getattr(args, "tensorboard", False):
@@ -441,10 +450,7 @@ def train_reference(sampling_results: Sequence, sampling_results_val, model: tor
         torch.nn.utils.clip_grad_norm_(model.parameters(), 12)
         optimizer.step()
         _record_iteration(meters, args, it, output, loss, ypick, outputval, yvb, vals, B)
-        meters.batch_time.update(time.time() - end)
-        end = time.time()
-        if it % args.print_freq == 0:
-            logging.info(meters.progress_line(epoch, it, args.numIteration))
+        end = meters.end_iteration(logging, args, epoch, it, end)
     meters.log_tensorboard(args, epoch)
     return meters
 
