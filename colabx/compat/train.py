@@ -18,11 +18,10 @@ from colabx.compat.twins import (
     loss_mask_levels,
     soft_distance_mask,
 )
-from colabx.method.meta_step import MetaConfig, MetaStep
+from colabx.method.meta_step import META_MODES, MetaConfig, MetaStep
 
 __all__ = ["train"]
 
-_META_MODES = ("per_sample", "batched")
 
 
 class _Tap(torch.nn.Module):
@@ -128,8 +127,8 @@ def train(sampling_results: Sequence, sampling_results_val, model: torch.nn.Modu
     None). Raises ValueError on a ``meta_mode`` other than ``"per_sample"`` / ``"batched"``
     or on sampler output of the wrong layout or length.
     """
-    if meta_mode not in _META_MODES:
-        raise ValueError(f"train: meta_mode must be one of {_META_MODES}, got {meta_mode!r}")
+    if meta_mode not in META_MODES:
+        raise ValueError(f"train: meta_mode must be one of {META_MODES}, got {meta_mode!r}")
     B, n_it = int(args.batch_size), int(args.numIteration)
     inputs, target, dist = _check_inputs(sampling_results, args, B * n_it)
     p0 = next(model.parameters())

@@ -44,13 +44,14 @@ from colabx.ops.dice_ce_loss import dice_ce_loss
 from colabx.ops.roi_bce_loss import roi_bce_loss
 from colabx.twins import dice_ce_loss as _twin
 
-__all__ = ["DIFFERENCES", "ORDERS", "GradReducer", "InnerPass", "MetaConfig", "MetaStep",
-           "MetaStepInfo", "UpdateCounter", "current_lr"]
+__all__ = ["DIFFERENCES", "META_GRADS", "META_MODES", "ORDERS", "THETA_PM", "GradReducer",
+           "InnerPass", "MetaConfig", "MetaStep", "MetaStepInfo", "UpdateCounter", "current_lr"]
 
-_MODES = ("batched", "per_sample")
-_META_GRADS = ("fd", "exact")
-_THETA_PM = ("sequential", "grouped")
-#: Iteration orders (:attr:`MetaConfig.order`) and finite differences (``difference``).
+#: The choices of :class:`MetaConfig` (the trainer's options offer the same): ``mode``,
+#: ``meta_grad``, ``theta_pm``, iteration ``order`` and finite ``difference``.
+META_MODES = ("batched", "per_sample")
+META_GRADS = ("fd", "exact")
+THETA_PM = ("sequential", "grouped")
 ORDERS = ("reference", "shared")
 DIFFERENCES = ("central", "one_sided")
 
@@ -127,8 +128,8 @@ class MetaConfig:
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) \
                 or self.num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2, got {self.num_classes!r}")
-        for name, allowed in (("mode", _MODES), ("meta_grad", _META_GRADS),
-                              ("theta_pm", _THETA_PM), ("order", ORDERS),
+        for name, allowed in (("mode", META_MODES), ("meta_grad", META_GRADS),
+                              ("theta_pm", THETA_PM), ("order", ORDERS),
                               ("difference", DIFFERENCES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

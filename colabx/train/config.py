@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from colabx.method.meta_step import DIFFERENCES, META_GRADS, META_MODES, ORDERS, THETA_PM
+
 __all__ = ["CHANGEABLE_ON_RESUME", "MODES", "PRESETS", "TRAIN_PRESETS", "ConfigError",
            "TrainConfig", "from_mapping", "load_config", "read_yaml", "resolved_meta_order",
            "resume_differences",
@@ -82,10 +84,10 @@ class TrainConfig:
                             "too often keep the network from learning them (paper supplement)",
                             lo=1, group="method")
     meta_mode: str = _opt("batched", "meta step on the whole batch (batched) or per sample as the "
-                          "reference code (per_sample)", choices=("batched", "per_sample"),
+                          "reference code (per_sample)", choices=META_MODES,
                           group="method")
     meta_grad: str = _opt("fd", "meta-gradient: finite difference (fd) or exact (double "
-                          "backward)", choices=("fd", "exact"), group="method")
+                          "backward)", choices=META_GRADS, group="method")
     meta_order: str = _opt(
         "auto", "iteration order: shared (one forward+backward of the network on labels from the "
         "current generator serves the meta step's inner step and the plain update, which then "
@@ -95,15 +97,15 @@ class TrainConfig:
         "published code's: the meta step's own forward+backward, then the plain update on "
         "labels from the updated generator), or "
         "auto: shared in batched meta mode, reference in per_sample mode",
-        choices=("auto", "reference", "shared"), group="method")
+        choices=("auto", *ORDERS), group="method")
     meta_difference: str = _opt(
         "auto", "finite difference of the fd meta-gradient: central (the paper's, theta+ and "
         "theta- forwards), one_sided (reuses the inner forward's dL/dy at theta: one forward "
         "less, error within 2x of central's; needs the inner forward in fp32), or auto: "
         "one_sided when the network runs in fp32 (the CPU), central under mixed precision",
-        choices=("auto", "central", "one_sided"), group="method")
+        choices=("auto", *DIFFERENCES), group="method")
     theta_pm: str = _opt("sequential", "how the theta+/- forwards run",
-                         choices=("sequential", "grouped"), group="method")
+                         choices=THETA_PM, group="method")
     fd_tf32: bool = _opt(False, "let the theta+/- forwards use TF32 on the GPU (faster; the "
                          "finite difference loses accuracy, see benchmarks/RESULTS.md)",
                          group="method")
