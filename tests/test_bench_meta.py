@@ -30,14 +30,18 @@ def test_bench_meta_quick_times_every_row(tmp_path, capsys):
     assert "| colab meta (shared order) |" in text and "period 4" in text
 
 
+@pytest.mark.slow  # bf16 convolutions on the CPU: ~45 s on 2 cores
 def test_bench_meta_quick_under_autocast(tmp_path):
-    """``--amp bf16``: every row still runs (the meta step's θ± passes stay fp32 inside);
-    the one-sided difference, which needs the inner forward in fp32, is refused."""
+    """``--amp bf16``: every row still runs (the meta step's θ± passes stay fp32 inside)."""
     out = tmp_path / "meta.json"
     assert main(["bench", "meta", "--quick", "--min-time", "0", "--amp", "bf16", "--out",
                  str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["setup"]["amp"] == "bf16"
     assert all(math.isfinite(v["median_ms"]) for v in data["timings"].values())
+
+
+def test_bench_meta_refuses_one_sided_under_autocast():
+    """The one-sided difference needs the inner forward in fp32."""
     with pytest.raises(SystemExit):
         main(["bench", "meta", "--quick", "--amp", "bf16", "--difference", "one_sided"])
