@@ -101,8 +101,8 @@ def _iterations(s: Setup, device: torch.device, difference: str,
     c = s.num_classes
     amp = amp_dtype is not None
 
-    def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp)
+    def autocast(on: bool = amp):
+        return torch.autocast(device.type, dtype=amp_dtype, enabled=on)
 
     x, y, d = s.batch_on(device)
     rows: dict[str, Callable[[], object]] = {}
@@ -145,20 +145,16 @@ def _iterations(s: Setup, device: torch.device, difference: str,
                 fopt.step()
 
             rows["colab meta (shared order)"] = shared
-    for name, meta_fn in (("restructured PyTorch", restructured_meta_step),
-                          ("reference-style PyTorch", reference_meta_step)):
+    mixed = {"amp": True, "amp_dtype": amp_dtype} if amp else {}
+    for name, meta_fn, kw in (("restructured PyTorch", restructured_meta_step, mixed),
+                              ("reference-style PyTorch", reference_meta_step, {})):
         f, g = s.nets(device, k)
         fopt = torch.optim.SGD(f.parameters(), lr=0.0, momentum=0.99, nesterov=True)
         gopt = torch.optim.Adam(g.parameters(), lr=0.0)
 
-        mixed = amp and meta_fn is restructured_meta_step
-
-        def twin(meta_fn=meta_fn, f=f, g=g, fopt=fopt, gopt=gopt, mixed=mixed):
-            if mixed:
-                meta_fn(f, g, x, y, d, c, ALPHA, gopt, amp=True, amp_dtype=amp_dtype)
-            else:
-                meta_fn(f, g, x, y, d, c, ALPHA, gopt)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=mixed):
+        def twin(meta_fn=meta_fn, f=f, g=g, fopt=fopt, gopt=gopt, kw=kw):
+            meta_fn(f, g, x, y, d, c, ALPHA, gopt, **kw)
+            with autocast(bool(kw)):
                 reference_plain_step(f, g, x, y, d, c, fopt)
 
         rows[name] = twin

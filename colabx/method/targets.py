@@ -80,7 +80,9 @@ class FixedTargets:
             if context is None:
                 raise ValueError("context: manual mode needs the batch's context maps")
             if self.context_lut is not None:
-                lut = self.context_lut.to(context.device)
+                if self.context_lut.device != context.device:  # moved once, not per batch
+                    self.context_lut = self.context_lut.to(context.device)
+                lut = self.context_lut
                 context = lut[context.long().clamp(0, lut.numel() - 1)] * (context < lut.numel())
             logits = _one_hot_logits(context, self.t)
             d = torch.zeros_like(d)

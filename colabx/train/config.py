@@ -22,8 +22,8 @@ import yaml
 from colabx.method.meta_step import DIFFERENCES, META_GRADS, META_MODES, ORDERS, THETA_PM
 
 __all__ = ["CHANGEABLE_ON_RESUME", "MODES", "PRESETS", "TRAIN_PRESETS", "ConfigError",
-           "TrainConfig", "from_mapping", "load_config", "read_yaml", "resolved_meta_order",
-           "resume_differences",
+           "TrainConfig", "from_mapping", "load_config", "read_yaml", "resolved_meta_difference",
+           "resolved_meta_order", "resume_differences",
            "save_config", "saved_options"]
 
 MODES = ("vanilla", "manual", "colab", "kmeans", "dilation")
@@ -294,6 +294,15 @@ def resolved_meta_order(cfg: TrainConfig) -> str:
     if cfg.meta_order != "auto":
         return cfg.meta_order
     return "shared" if cfg.meta_mode == "batched" else "reference"
+
+
+def resolved_meta_difference(cfg: TrainConfig, mixed_precision: bool) -> str:
+    """The finite difference a run uses: ``meta_difference``, with ``auto`` meaning one-sided
+    when the network runs in fp32 and central under mixed precision (``mixed_precision``: the
+    run's resolved ``amp`` is not none)."""
+    if cfg.meta_difference != "auto":
+        return cfg.meta_difference
+    return "central" if mixed_precision else "one_sided"
 
 
 def saved_options(config: Mapping[str, Any]) -> dict[str, Any]:

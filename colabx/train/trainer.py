@@ -58,6 +58,7 @@ from colabx.train import evaluation
 from colabx.train.config import (
     TRAIN_PRESETS,
     TrainConfig,
+    resolved_meta_difference,
     resolved_meta_order,
     resume_differences,
     save_config,
@@ -188,8 +189,6 @@ class Trainer:
                              f"amp {cfg.amp} means {amp} on {dev.type}; pass --amp none or use "
                              "central")
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-        self.meta_difference = cfg.meta_difference if cfg.meta_difference != "auto" else (
-            "one_sided" if self.amp_dtype is None else "central")
         torch.manual_seed(cfg.seed)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -335,7 +334,8 @@ class Trainer:
             mc = MetaConfig(num_classes=self.num_classes, margin=cfg.margin, tau=cfg.tau,
                             mode=cfg.meta_mode, meta_grad=cfg.meta_grad, theta_pm=cfg.theta_pm,
                             fd_tf32=cfg.fd_tf32, recompute_generator=cfg.recompute_generator,
-                            order=resolved_meta_order(cfg), difference=self.meta_difference,
+                            order=resolved_meta_order(cfg),
+                            difference=resolved_meta_difference(cfg, self.amp_dtype is not None),
                             amp=self.amp_dtype is not None,
                             amp_dtype=self.amp_dtype or torch.bfloat16)
             self.meta = MetaStep(self.f, self.g, mc,
