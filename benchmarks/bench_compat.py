@@ -12,7 +12,8 @@
   every iteration, deep supervision, distance masks): the reference-style loop
   (:func:`colabx.compat.twins.train_reference`) with its twins ("reference"), the same loop
   with the drop-ins installed by :func:`colabx.compat.apply_to_reference`
-  ("apply_to_reference"), and :func:`colabx.compat.train` ("colabx": per-sample meta steps, the
+  ("apply_to_reference"; on the CPU with its convolution routing, switched on for that row's
+  runs only), and :func:`colabx.compat.train` ("colabx": per-sample meta steps, the
   reference's semantics; "colabx_batched": one meta step per batch); each on its own copy of
   the same networks and optimizers.
 
@@ -52,7 +53,7 @@ from colabx.compat.twins import (
     one_hot2dist_reference,
     train_reference,
 )
-from colabx.models import UNet, task_generator
+from colabx.models import UNet, onednn_convolutions, task_generator
 
 
 def _loadavg() -> list[float] | None:
@@ -165,7 +166,9 @@ def _patched_reference_modules() -> types.ModuleType:
     common.hessian_vector_product_Unet = hessian_vector_product_reference
     utilities.one_hot2dist = one_hot2dist_reference
     utilities.hessian_vector_product_Unet = hessian_vector_product_reference
-    colabx.compat.apply_to_reference(common, utilities)
+    # the convolution routing is switched on around the row's own runs (see epoch_case), so
+    # that it does not stay on for the reference row in this process
+    colabx.compat.apply_to_reference(common, utilities, cpu_convolutions=False)
     return common
 
 
@@ -188,18 +191,22 @@ def epoch_case(device: torch.device, batch: int, iterations: int, n: int, featur
     g0 = task_generator(1, 2, 3, base_features=features, num_pool=pools).to(device)
     log = types.SimpleNamespace(info=lambda msg: None)
 
-    def run(fn, **kw):
+    def run(fn, routed=False, **kw):
         f, g = copy.deepcopy(f0), copy.deepcopy(g0)
         opt = torch.optim.SGD(f.parameters(), lr=1e-2, weight_decay=3e-5, momentum=0.99,
                               nesterov=True)
         opt_arch = torch.optim.Adam(g.parameters(), lr=3e-4)
-        return lambda: fn(sampling, None, f, g, None, opt, opt_arch, 1e-2, 0, log, args, **kw)
+
+        def epoch():
+            with onednn_convolutions(routed):
+                return fn(sampling, None, f, g, None, opt, opt_arch, 1e-2, 0, log, args, **kw)
+        return epoch
 
     return Case(op="train epoch", size=f"{iterations} it x {batch}x1x{n}^3, {features} features, "
                 f"{pools} pools", impls={
                     "colabx": run(colabx.compat.train),
                     "colabx_batched": run(colabx.compat.train, meta_mode="batched"),
-                    "apply_to_reference": run(train_reference,
+                    "apply_to_reference": run(train_reference, routed=device.type == "cpu",
                                               common=_patched_reference_modules()),
                     "reference": run(train_reference)})
 

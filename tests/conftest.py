@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from colabx._backend import cuda_kernels_available
+from colabx.models import disable_onednn_convolutions
 
 
 def pytest_collection_modifyitems(config, items):
@@ -18,6 +19,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _onednn_mode_off_after():
+    """``apply_to_reference()`` leaves the oneDNN convolution mode on for the thread: no test
+    may hand it to the next one."""
+    yield
+    disable_onednn_convolutions()
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import colabx.compat
+import colabx.models
 from colabx.compat import (
     calcualte_loss_val,
     calculate_loss,
@@ -477,7 +478,7 @@ def test_apply_to_reference_replaces_the_functions_the_reference_calls(reference
     import common
     import utilities
 
-    replaced = colabx.compat.apply_to_reference()
+    replaced = colabx.compat.apply_to_reference(cpu_convolutions=False)
     assert sorted(replaced) == ["common.calcualte_loss_val", "common.calculate_loss",
                                 "common.hessian_vector_product_Unet",
                                 "utilities.hessian_vector_product_Unet",
@@ -487,6 +488,28 @@ def test_apply_to_reference_replaces_the_functions_the_reference_calls(reference
     assert utilities.one_hot2dist is one_hot2dist
     # the reference's own functions look the names up in their module at call time
     assert common.train_step() == (calculate_loss, hessian_vector_product_Unet)
+
+
+def test_apply_to_reference_routes_cpu_convolutions(reference_modules):
+    """On a machine without CUDA (the default) the thread's batch-1 3D convolutions go to
+    oneDNN from then on; ``cpu_convolutions=False`` leaves PyTorch's dispatch alone."""
+    x = torch.randn(1, 8, 16, 16, 16)
+    w = torch.randn(8, 8, 3, 3, 3)
+
+    def kernels():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            torch.nn.functional.conv3d(x, w, padding=1)
+        return {e.key for e in prof.key_averages()}
+
+    before = kernels()
+    replaced = colabx.compat.apply_to_reference(cpu_convolutions=True)
+    assert replaced[-2:] == ["torch.conv3d", "torch.conv_transpose3d"]
+    assert "aten::mkldnn_convolution" in kernels()
+    colabx.models.disable_onednn_convolutions()
+    assert kernels() == before
+    assert "torch.conv3d" not in colabx.compat.apply_to_reference(cpu_convolutions=False)
+    default = colabx.compat.apply_to_reference()
+    assert ("torch.conv3d" in default) == (not torch.cuda.is_available())
 
 
 def test_apply_to_reference_changes_nothing_when_a_module_is_not_the_reference():

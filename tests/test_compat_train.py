@@ -153,3 +153,44 @@ def test_train_rejects_bad_input():
     with pytest.raises(ValueError, match="must be"):
         colabx.compat.train((x[:, 0], y, d, order), None, f, g, None, opt, opt, 1e-2, 0, log,
                             args)
+
+
+def test_one_forward_serves_the_steps_only_for_sample_independent_networks():
+    """The inner steps and the plain update share f's forward on the batch only where a
+    sample's output does not depend on the others (no batch norm or dropout in training)."""
+    from colabx.compat.train import _samples_independent
+
+    conv = torch.nn.Conv3d(1, 2, 3)
+    assert _samples_independent(torch.nn.Sequential(conv, torch.nn.InstanceNorm3d(2),
+                                                    torch.nn.Dropout3d(0.0)))
+    bn = torch.nn.Sequential(conv, torch.nn.BatchNorm3d(2))
+    assert not _samples_independent(bn)
+    assert _samples_independent(bn.eval())
+    assert not _samples_independent(torch.nn.Sequential(conv, torch.nn.Dropout3d(0.2)))
+
+
+def test_batch_norm_network_still_runs_the_reference_epoch():
+    """A network with batch norm gets a forward per step, as the reference runs it."""
+    args = _args()
+
+    def with_batch_norm(net):
+        for m in list(net.modules()):
+            for child_name, child in list(m.named_children()):
+                if isinstance(child, torch.nn.InstanceNorm3d):
+                    setattr(m, child_name, torch.nn.BatchNorm3d(child.num_features))
+        return net
+
+    def run(fn):
+        torch.manual_seed(0)
+        f = with_batch_norm(UNet(1, 3, 3, base_features=4, num_pool=2)).double()
+        g = task_generator(1, 2, 3, base_features=4, num_pool=2).double()
+        f0 = copy.deepcopy(f)
+        opt = torch.optim.SGD(f.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
+        opt_arch = torch.optim.Adam(g.parameters(), lr=3e-4)
+        fn(_sampling_results(False), None, f, g, None, opt, opt_arch, 1e-2, 0,
+           types.SimpleNamespace(info=lambda m: None), args)
+        return torch.cat([(p - q).detach().flatten()
+                          for p, q in zip(f.parameters(), f0.parameters(), strict=True)])
+
+    ref, ours = run(train_reference), run(colabx.compat.train)
+    assert float(ref.norm()) > 0 and _rel(ours, ref) < 1e-9

@@ -112,6 +112,7 @@ def test_trainer_shared_iteration_equals_a_hand_written_one(tmp_path, monkeypatc
     gradient, Adam step of ω, clipping, the optimizer step of θ, by hand."""
     import copy
 
+    from colabx.models import onednn_convolutions
     from colabx.train.config import TrainConfig
     from colabx.train.trainer import Trainer
 
@@ -130,9 +131,10 @@ def test_trainer_shared_iteration_equals_a_hand_written_one(tmp_path, monkeypatc
     fopt.load_state_dict(tr.opt.state_dict())
     ms = MetaStep(f, g, tr.meta.config)
     x, y, d = batch["image"], batch["label"], batch["distance"]
-    inner = ms.shared_forward(x, y, d)
-    inner.loss.backward()
-    ms.step(x, y, d, cfg.lr, inner=inner)
+    with onednn_convolutions():  # as the Trainer runs on the CPU
+        inner = ms.shared_forward(x, y, d)
+        inner.loss.backward()
+        ms.step(x, y, d, cfg.lr, inner=inner)
     gopt.step()
     norm = torch.nn.utils.clip_grad_norm_(f.parameters(), cfg.grad_clip)
     assert norm > cfg.grad_clip  # clipping is active
@@ -143,3 +145,34 @@ def test_trainer_shared_iteration_equals_a_hand_written_one(tmp_path, monkeypatc
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     for a, b in zip(tr.g.parameters(), g.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["per_sample", "batched"])
+@pytest.mark.parametrize("meta_grad,difference", [("fd", "central"), ("fd", "one_sided"),
+                                                   ("exact", "central")])
+def test_given_logits_give_the_same_generator_update_and_keep_their_graph(mode, meta_grad,
+                                                                          difference):
+    """``step(..., logits=f(x))``: the inner steps backpropagate through the caller's forward
+    (per sample through its rows) instead of running f; the generator's updates are the same
+    (float64: 1e-9), and the forward's graph is left for the plain update's backward."""
+    f, g, x, y, d = _setup()
+    cfg = MetaConfig(2, MARGIN, TAU, mode=mode, meta_grad=meta_grad, difference=difference)
+    g0 = [p.detach().clone() for p in g.parameters()]
+
+    def updates(**kw):
+        for p, p0 in zip(g.parameters(), g0, strict=True):
+            p.data.copy_(p0)
+        opt = torch.optim.Adam(g.parameters(), lr=1e-3)
+        MetaStep(f, g, cfg).step(x, y, d, LR, opt, **kw)
+        return torch.cat([p.detach().flatten() for p in g.parameters()]) - \
+            torch.cat([p.flatten() for p in g0])
+
+    ref = updates()
+    z = f(x)
+    ours = updates(logits=z)
+    assert ref.norm() > 0 and _rel(ours, ref) < 1e-9
+    sum(t.sum() for t in z).backward()  # the graph is still there
+    assert all(p.grad is not None for p in f.parameters())
+    with pytest.raises(ValueError, match="inner and logits"):
+        MetaStep(f, g, MetaConfig(2, order="shared")).step(x, y, d, LR, inner=object(),
+                                                           logits=z)

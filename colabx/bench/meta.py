@@ -12,6 +12,10 @@ run's plan with ``--run``):
 * ``reference-style PyTorch``: the published code's way (per-sample loop, network copies, two
   generator backwards; :func:`colabx.twins.meta.reference_meta_step` + the plain update).
 
+colabx's rows run their CPU convolutions on oneDNN as ``colabx train`` does
+(:func:`colabx.models.onednn_convolutions`); the two pure-PyTorch rows keep PyTorch's default
+dispatch.
+
 The meta part is an iteration with a generator update minus ``colab plain``; CoLab's cost at a
 generator period P is ``((P − 1) · plain + meta iteration) / P``, its overhead the percentage
 over ``vanilla`` (the number the paper quotes: 20–30 % for its schedule). Optimizers run with a
@@ -35,7 +39,7 @@ import torch
 from colabx import distance_transform
 from colabx.bench.harness import machine_info, time_callable, write_json
 from colabx.method.meta_step import DIFFERENCES, MetaConfig, MetaStep
-from colabx.models import UNet, task_generator
+from colabx.models import UNet, onednn_convolutions, task_generator
 from colabx.ops.context_labels import context_labels
 from colabx.ops.dice_ce_loss import dice_ce_loss
 from colabx.twins.meta import (
@@ -161,6 +165,12 @@ def _iterations(s: Setup, device: torch.device, difference: str,
     return rows
 
 
+def _colabx_row(name: str) -> bool:
+    """The rows that run as ``colabx train`` does, CPU convolutions on oneDNN; the twins'
+    rows keep PyTorch's default dispatch, as the published code has it."""
+    return name.startswith(("vanilla", "colab "))
+
+
 def _overheads(ms: dict[str, float], period: int) -> list[dict]:
     vanilla, plain = ms["vanilla"], ms["colab plain"]
     out = []
@@ -223,7 +233,8 @@ def main(argv: list[str] | None = None, prog: str = "colabx bench meta") -> dict
           flush=True)
     timings = {}
     for name, fn in _iterations(setup, device, args.difference, amp_dtype).items():
-        timings[name] = time_callable(fn, device, min_time_s=args.min_time, warmup=1)
+        with onednn_convolutions(device.type == "cpu" and _colabx_row(name)):
+            timings[name] = time_callable(fn, device, min_time_s=args.min_time, warmup=1)
         print(f"  {name}: {timings[name]['median_ms']:.1f} ms", flush=True)
     ms = {k: v["median_ms"] for k, v in timings.items()}
     rows = _overheads(ms, args.period)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+import torch
+
 from colabx.compat.common import calcualte_loss_val, calculate_loss
 from colabx.compat.utilities import hessian_vector_product_Unet, one_hot2dist
+from colabx.models.cpu_convolutions import enable_onednn_convolutions
 
 __all__ = ["apply_to_reference"]
 
@@ -26,7 +29,8 @@ _REPLACEMENTS = {
 
 
 def apply_to_reference(common: ModuleType | None = None,
-                       utilities: ModuleType | None = None) -> list[str]:
+                       utilities: ModuleType | None = None, *,
+                       cpu_convolutions: bool | None = None) -> list[str]:
     """Replace the reference's hot functions by colabx's drop-ins, in place.
 
     Call it once at the top of the reference's ``train.py`` (after its own imports)::
@@ -39,11 +43,18 @@ def apply_to_reference(common: ModuleType | None = None,
     common, utilities : module, optional
         The reference's ``common`` and ``utilities`` modules; by default imported by those names
         (so the reference's folder must be on ``sys.path``, as it is when its scripts run).
+    cpu_convolutions : bool, optional
+        Also run the calling thread's 3D convolutions of float32 CPU tensors on oneDNN from now
+        on (:func:`colabx.models.enable_onednn_convolutions`): the reference's per-sample passes
+        are batch 1, which PyTorch otherwise sends to its slow unfold + GEMM kernel. Default:
+        on when torch sees no CUDA device (a CPU run), off otherwise (the mode would add a
+        Python call to every torch call of a GPU run and change nothing).
 
     Returns
     -------
     list of str
-        The replaced attributes, as ``"module.name"``.
+        The replaced attributes, as ``"module.name"``, then ``"torch.conv3d"`` and
+        ``"torch.conv_transpose3d"`` when the convolutions were routed.
 
     Raises
     ------
@@ -70,4 +81,8 @@ def apply_to_reference(common: ModuleType | None = None,
         for attr, fn in _REPLACEMENTS[name].items():
             setattr(mod, attr, fn)
             replaced.append(f"{mod.__name__}.{attr}")
+    if cpu_convolutions is None:
+        cpu_convolutions = not torch.cuda.is_available()
+    if cpu_convolutions and enable_onednn_convolutions():
+        replaced += ["torch.conv3d", "torch.conv_transpose3d"]
     return replaced

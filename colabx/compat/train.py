@@ -19,6 +19,7 @@ from colabx.compat.twins import (
     soft_distance_mask,
 )
 from colabx.method.meta_step import META_MODES, MetaConfig, MetaStep
+from colabx.models.cpu_convolutions import onednn_convolutions
 
 __all__ = ["train"]
 
@@ -28,7 +29,8 @@ class _Tap(torch.nn.Module):
     """One of the reference's networks as :class:`~colabx.method.MetaStep` sees it (a list of
     ``levels`` outputs with deep supervision, ``output_strides`` 2^k), recording the detached
     outputs of its calls made with autograd on in ``taps`` (when a list): in a meta step those
-    are f(x), then f_θ*(x) (the θ± forwards run under ``no_grad``), and g(x) once."""
+    are f(x) (unless the caller passed f's logits), then f_θ*(x) (the θ± forwards run under
+    ``no_grad``), and g(x) once."""
 
     def __init__(self, net: torch.nn.Module, levels: int) -> None:
         super().__init__()
@@ -73,6 +75,24 @@ def _unrolled_logits(model: torch.nn.Module, args, xb: Tensor, yb: Tensor, qs, m
         return functional_call(model, star, (xb,))
 
 
+def _samples_independent(model: torch.nn.Module) -> bool:
+    """Whether a forward of ``model`` on a batch gives each sample what a forward on it alone
+    gives, so one forward can serve several steps: no batch norm and no active dropout."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training:
+            return False
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
+            return False
+    return True
+
+
+def _rows(output, s: slice, levels: int):
+    """Rows ``s`` of the network's raw output, as :class:`_Tap` hands it to the meta step."""
+    if levels > 1:
+        return [t[s] for t in list(output)[:levels]]
+    return output[s]
+
+
 def _background_task(meters: EpochMeters, logits: Tensor, t: int) -> tuple[int, list[float]]:
     """Per sample of ``logits`` ``[B, t, *S]``: record its counts of each generator class;
     return the background class after the last sample and each sample's class fractions."""
@@ -107,7 +127,9 @@ def train(sampling_results: Sequence, sampling_results_val, model: torch.nn.Modu
       ``optimizer.step()``.
 
     Labels, distances and images go to ``model``'s device once per iteration; masks, pooled
-    generator levels and deep-supervision labels are made there. Logged as the reference does:
+    generator levels and deep-supervision labels are made there. On the CPU the networks' 3D
+    convolutions run on oneDNN (:func:`colabx.models.onednn_convolutions`): per-sample passes
+    are batch 1, which PyTorch otherwise runs on its slow kernel. Logged as the reference does:
     the epoch banner, ``average BG class is`` (first sample of each meta step), the generator's
     class fractions with deep supervision on ``print_freq`` iterations, the skip notice, the
     ``Epoch: [e][i/n] ...`` line every ``print_freq`` iterations and, with
@@ -129,6 +151,14 @@ def train(sampling_results: Sequence, sampling_results_val, model: torch.nn.Modu
     """
     if meta_mode not in META_MODES:
         raise ValueError(f"train: meta_mode must be one of {META_MODES}, got {meta_mode!r}")
+    cpu = next(model.parameters()).device.type == "cpu"
+    with onednn_convolutions(cpu):
+        return _epoch(sampling_results, model, samplemodel, optimizer, optimizer_arch, alpha,
+                      epoch, logging, args, meta_mode)
+
+
+def _epoch(sampling_results, model, samplemodel, optimizer, optimizer_arch, alpha, epoch,
+           logging, args, meta_mode) -> EpochMeters:
     B, n_it = int(args.batch_size), int(args.numIteration)
     inputs, target, dist = _check_inputs(sampling_results, args, B * n_it)
     p0 = next(model.parameters())
@@ -138,6 +168,7 @@ def train(sampling_results: Sequence, sampling_results_val, model: torch.nn.Modu
     colab = not args.vanilla and not args.manuallabel
     levels = int(args.downsampling) if deep else 1
     f, g = _Tap(model, levels), _Tap(samplemodel, 1)
+    share = colab and _samples_independent(model)
     margin, tau = ((float(args.threshold_sub), float(args.threshold_dev)) if args.distdetach
                    else (0.0, 1.0))  # d = 0 below: M = exp(0) = 1 everywhere
     meta = MetaStep(f, g, MetaConfig(num_classes=c, margin=margin, tau=tau, fd_eps=0.01,
@@ -155,14 +186,18 @@ def train(sampling_results: Sequence, sampling_results_val, model: torch.nn.Modu
         d64 = torch.as_tensor(dist[sl]).to(dev) if args.distdetach else None
         d = d64.to(dtype) if d64 is not None else torch.zeros(y.shape, dtype=dtype, device=dev)
         yval = torch.where(y == 1, 0, torch.where(y == 2, 1, y)) if args.manuallabel else y
+        # f at θ on the batch: the plain update's forward and, as θ stays put during the meta
+        # steps, each inner step's too (their backwards go through its rows)
+        output = model(x) if share else None
         if it % args.taskupdate == 0:
             items = ([slice(b, b + 1) for b in range(B)] if meta_mode == "per_sample"
                      else [slice(0, B)])
             for i, s in enumerate(items):
                 if colab:
                     f.taps, g.taps = [], []
-                    info = meta.step(x[s], y[s], d[s], alpha, optimizer_arch)[0]
-                    gen, zval = g.taps[0], f.taps[1]
+                    logits = None if output is None else _rows(output, s, levels)
+                    info = meta.step(x[s], y[s], d[s], alpha, optimizer_arch, logits=logits)[0]
+                    gen, zval = g.taps[0], f.taps[-1]  # f's last graph-recording call: θ*
                     f.taps = g.taps = None
                     if info.skipped:
                         logging.info("skipping optimizing the meta-learner....")
@@ -187,7 +222,8 @@ def train(sampling_results: Sequence, sampling_results_val, model: torch.nn.Modu
                                             generator_levels(torch.softmax(gen, 1), args),
                                             masks, bg, alpha)
                 last = (zval, yval[s], calcualte_loss_val(args, yval[s], zval))
-        output = model(x)
+        if output is None:
+            output = model(x)
         with torch.no_grad():
             qs = generator_levels(torch.softmax(samplemodel(x), 1), args)
         masks = loss_mask_levels(soft_distance_mask(d64, args, dtype), args) if args.distdetach \

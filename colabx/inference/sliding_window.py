@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from colabx.models.cpu_convolutions import onednn_convolutions
+
 Model = nn.Module | Callable[[torch.Tensor], torch.Tensor | Sequence[torch.Tensor]]
 
 __all__ = ["MAX_WINDOWS", "gaussian_importance_map", "sliding_window_logits",
@@ -166,7 +168,8 @@ def sliding_window_logits(
     model : nn.Module or callable
         Maps ``[b, C, *patch_size]`` to logits ``[b, K, *patch_size]``, or to a list of them
         (deep supervision, finest first: only the first is used). Put in eval mode for the call
-        (its previous mode is restored) and run under ``torch.no_grad``.
+        (its previous mode is restored) and run under ``torch.no_grad``, CPU 3D convolutions
+        on oneDNN (:func:`~colabx.models.cpu_convolutions.onednn_convolutions`).
     image : Tensor ``[C, *S]`` or ``[B, C, *S]``, 2D or 3D
         Normalised image, any real dtype, on any device: it is moved once to the model's device
         (the device of its first parameter; the image's own device for a parameterless model).
@@ -252,7 +255,7 @@ def sliding_window_logits(
         from tqdm.auto import tqdm
         bar = tqdm(total=len(tiles), desc="sliding window", unit="tile")
     try:
-        with _eval_mode(model), torch.no_grad():
+        with _eval_mode(model), torch.no_grad(), onednn_convolutions(device.type == "cpu"):
             for i in range(0, len(tiles), batch_size):
                 chunk = tiles[i:i + batch_size]
                 batch = torch.stack([x[(b, slice(None), *sl)] for b, sl in chunk])

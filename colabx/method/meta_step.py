@@ -204,6 +204,13 @@ class GradReducer(Protocol):
         """True when ``flag`` is True on any process."""
 
 
+def _rows(z, b: int):
+    """Row ``b`` of a batch's logits, a tensor or one per level, keeping the batch axis."""
+    if isinstance(z, Tensor):
+        return z[b:b + 1]
+    return [t[b:b + 1] for t in z]
+
+
 def _as_list(z) -> list[Tensor]:
     return list(z) if isinstance(z, (list, tuple)) else [z]
 
@@ -310,10 +317,11 @@ class MetaStep:
         return self._autocast(x, c.amp), contextlib.nullcontext()
 
     def _generator_grad(self, x: Tensor, y: Tensor, d: Tensor, lr: float,
-                        inner: InnerPass | None = None) -> MetaStepInfo:
+                        inner: InnerPass | None = None, logits=None) -> MetaStepInfo:
         """Steps 1-5 on one batch; the ω-gradient is ACCUMULATED into g's ``.grad``. With
         ``inner`` (order "shared"), steps 1-2 were the caller's: ŷ and G(θ) come from it and
-        the inner gradient from f's ``.grad``."""
+        the inner gradient from f's ``.grad``. With ``logits`` (f's output at θ on ``x``, graph
+        kept), step 2 backpropagates through them instead of running f, keeping their graph."""
         c = self.config
         has_roi = bool((y > 0).any())
         if self.reducer is not None:
@@ -346,10 +354,14 @@ class MetaStep:
             leaves = [t.clone().requires_grad_() for t in yhat_d] if one_sided else yhat_d
             autocast, tf32 = self._inner_precision(x)
             with torch.enable_grad():
-                with autocast, tf32:                                    # 2. inner step
-                    z = f(x)
+                if logits is None:
+                    with autocast, tf32:                                # 2. inner step
+                        z = f(x)
+                else:
+                    z = logits
                 l_seg = self._loss(z, leaves[0] if single else leaves)
-                out = torch.autograd.grad(l_seg, plist + (leaves if one_sided else []))
+                out = torch.autograd.grad(l_seg, plist + (leaves if one_sided else []),
+                                          retain_graph=logits is not None)
             grads, g0 = list(out[:len(plist)]), (list(out[len(plist):]) if one_sided else None)
             if self.reducer is not None:
                 self.reducer.mean_(grads)
@@ -411,7 +423,8 @@ class MetaStep:
 
     def step(self, x: Tensor, y: Tensor, d: Tensor, lr: float,
              gen_optimizer: torch.optim.Optimizer | None = None,
-             inner: InnerPass | None = None) -> list[MetaStepInfo]:
+             inner: InnerPass | None = None,
+             logits: Tensor | Sequence[Tensor] | None = None) -> list[MetaStepInfo]:
         """One meta update of ω at inner learning rate ``lr`` (α, the current LR of θ).
 
         Batched mode: one gradient on the batch, written to the generator's ``.grad`` (old
@@ -422,20 +435,33 @@ class MetaStep:
 
         ``inner`` (order "shared", batched): the pass of :meth:`shared_forward` on this batch,
         its loss already backpropagated so that f's ``.grad`` holds ∇θ L_seg (unscaled and,
-        under data parallelism, averaged over the processes); θ is not yet stepped."""
+        under data parallelism, averaged over the processes); θ is not yet stepped.
+
+        ``logits`` (either order): f's output at θ on ``x`` (per level with deep supervision),
+        computed by the caller with autograd on and in the inner step's precision; the inner
+        steps backpropagate through it (per sample, through its rows) instead of running f
+        again, and leave its graph for the caller's plain update, whose forward it also is (θ
+        does not change in a meta step). Only for networks whose samples do not interact
+        (no batch norm or dropout in training mode)."""
         if inner is not None and self.config.mode != "batched":
             raise ValueError("inner: a shared forward serves the batched mode only")
+        if inner is not None and logits is not None:
+            raise ValueError("inner and logits: give one forward of f, not both")
         gparams = list(self.g.parameters())
-        items = ([(x, y, d)] if self.config.mode == "batched" else
-                 [(x[b:b + 1], y[b:b + 1], d[b:b + 1]) for b in range(x.shape[0])])
+        if self.config.mode == "batched":
+            items = [(x, y, d, logits)]
+        else:
+            items = [(x[b:b + 1], y[b:b + 1], d[b:b + 1],
+                      None if logits is None else _rows(logits, b))
+                     for b in range(x.shape[0])]
         for p in gparams:
             p.grad = None
         infos = []
-        for xb, yb, db in items:
+        for xb, yb, db, zb in items:
             if gen_optimizer is not None:
                 for p in gparams:
                     p.grad = None
-            info = self._generator_grad(xb, yb, db, lr, inner)
+            info = self._generator_grad(xb, yb, db, lr, inner, zb)
             infos.append(info)
             if gen_optimizer is not None and not info.skipped:
                 gen_optimizer.step()

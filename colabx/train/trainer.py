@@ -52,6 +52,7 @@ from colabx.data.preprocessing import (
 from colabx.device import resolve_device
 from colabx.method.meta_step import MetaConfig, MetaStep, UpdateCounter
 from colabx.method.targets import FixedTargets, fit_intensity_clusters
+from colabx.models.cpu_convolutions import onednn_convolutions
 from colabx.models.plan import NetworkPlan, auto_patch_size, build_networks, pool_kernel_sizes
 from colabx.ops.dice_ce_loss import dice_ce_loss
 from colabx.train import evaluation
@@ -423,10 +424,15 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def train_iteration(self, it: int, batch: dict[str, Any]) -> dict[str, float | Tensor]:
-        """One iteration on ``batch`` (this process's slice of global iteration ``it``).
+        """One iteration on ``batch`` (this process's slice of global iteration ``it``); on the
+        CPU its convolutions run on oneDNN (:func:`colabx.models.onednn_convolutions`).
 
         ``train_loss`` comes back as a 0-dim tensor on the device, not read back: reading it
         waits for the iteration's GPU work, which :meth:`_epoch` does one iteration late."""
+        with onednn_convolutions(self.device.type == "cpu"):
+            return self._iteration(it, batch)
+
+    def _iteration(self, it: int, batch: dict[str, Any]) -> dict[str, float | Tensor]:
         cfg, dev = self.cfg, self.device
         x = batch["image"].to(dev, non_blocking=True)
         y = batch["label"].to(dev, non_blocking=True)
