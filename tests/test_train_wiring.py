@@ -12,6 +12,7 @@ import torch
 
 from colabx import dice_ce_loss
 from colabx.method.meta_step import MetaConfig, MetaStep
+from colabx.models import onednn_convolutions
 from colabx.train.config import TrainConfig
 from colabx.train.trainer import Trainer
 
@@ -53,15 +54,16 @@ def _hand_loop(tr, f, g, n, clip):
             group["lr"] = alpha
         for group in gopt.param_groups:
             group["lr"] = _poly(GEN_LR, it)
-        if cfg.meta_mode == "per_sample":
-            ms.step(x, y, d, alpha, gopt)
-        else:
-            ms.step(x, y, d, alpha)
-            gopt.step()
-        with torch.no_grad():
-            targets = ms.labels(x, y, d)
-        opt.zero_grad(set_to_none=True)
-        dice_ce_loss(f(x), targets).backward()
+        with onednn_convolutions():  # the trainer's convolutions on the CPU
+            if cfg.meta_mode == "per_sample":
+                ms.step(x, y, d, alpha, gopt)
+            else:
+                ms.step(x, y, d, alpha)
+                gopt.step()
+            with torch.no_grad():
+                targets = ms.labels(x, y, d)
+            opt.zero_grad(set_to_none=True)
+            dice_ce_loss(f(x), targets).backward()
         norm = torch.nn.utils.clip_grad_norm_(f.parameters(), clip)
         opt.step()
         seen.append((alpha, float(norm)))
