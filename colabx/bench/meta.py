@@ -98,12 +98,20 @@ def _setup_from_run(run: str, batch: int) -> Setup:
 
 
 def _iterations(s: Setup, device: torch.device, difference: str,
-                amp_dtype: torch.dtype | None = None) -> dict[str, Callable[[], object]]:
+                amp_dtype: torch.dtype | None = None,
+                compile_mode: str | None = None) -> dict[str, Callable[[], object]]:
     """One callable per row, each one training iteration on the same batch; with ``amp_dtype``
     the network forwards run under autocast (colabx's θ± forwards stay fp32 as always; the
-    reference-style step has no mixed precision, as the published code)."""
+    reference-style step has no mixed precision, as the published code). With
+    ``compile_mode`` colabx's rows run ``torch.compile``d networks, as ``colabx train
+    --compile`` does."""
     c = s.num_classes
     amp = amp_dtype is not None
+
+    def compiled(*nets):
+        if compile_mode is None:
+            return nets
+        return tuple(torch.compile(n, mode=compile_mode) for n in nets)
 
     def autocast(on: bool = amp):
         return torch.autocast(device.type, dtype=amp_dtype, enabled=on)
@@ -113,6 +121,7 @@ def _iterations(s: Setup, device: torch.device, difference: str,
 
     fv, _ = s.nets(device, c)
     vopt = torch.optim.SGD(fv.parameters(), lr=0.0, momentum=0.99, nesterov=True)
+    (fv,) = compiled(fv)
     # t = 1: the context labels are one-hot(y) at every output level
     onehot = context_labels(torch.zeros(s.batch, 1, *s.patch, device=device), y, d, c,
                             levels=fv.output_strides if s.deep_supervision else 1)
@@ -130,6 +139,7 @@ def _iterations(s: Setup, device: torch.device, difference: str,
         f, g = s.nets(device, k)
         fopt = torch.optim.SGD(f.parameters(), lr=0.0, momentum=0.99, nesterov=True)
         gopt = torch.optim.Adam(g.parameters(), lr=0.0)
+        f, g = compiled(f, g)
         ms = MetaStep(f, g, MetaConfig(c, order=order, difference=difference, amp=amp,
                                        amp_dtype=amp_dtype or torch.bfloat16))
         if order == "reference":
@@ -205,6 +215,9 @@ def main(argv: list[str] | None = None, prog: str = "colabx bench meta") -> dict
     ap.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
                     help="autocast the network forwards (colabx and the restructured step; "
                     "the reference-style step stays fp32 as the published code; default none)")
+    ap.add_argument("--compile", choices=("off", "default", "reduce-overhead", "max-autotune"),
+                    default="off", help="torch.compile colabx's networks with this mode, as "
+                    "colabx train --compile --compile-mode MODE (default off)")
     ap.add_argument("--quick", action="store_true", help="a tiny network: a smoke run")
     ap.add_argument("--min-time", type=float, default=2.0,
                     help="seconds of timed repetitions per row (default 2)")
@@ -229,18 +242,24 @@ def main(argv: list[str] | None = None, prog: str = "colabx bench meta") -> dict
     print(f"# {prog} on {info.get('gpu', info['cpu'])} ({info['device']}), torch "
           f"{info['torch']}, {info['torch_threads']} CPU threads; batch {setup.batch}, patch "
           f"{list(setup.patch)}, {len(setup.pools)} pools, {setup.features} features, c "
-          f"{setup.num_classes}, t {setup.t}, {args.difference} difference, amp {args.amp}",
+          f"{setup.num_classes}, t {setup.t}, {args.difference} difference, amp {args.amp}, "
+          f"compile {args.compile}",
           flush=True)
     timings = {}
-    for name, fn in _iterations(setup, device, args.difference, amp_dtype).items():
+    compile_mode = None if args.compile == "off" else args.compile
+    for name, fn in _iterations(setup, device, args.difference, amp_dtype,
+                                compile_mode).items():
         with onednn_convolutions(device.type == "cpu" and _colabx_row(name)):
-            timings[name] = time_callable(fn, device, min_time_s=args.min_time, warmup=1)
+            # compiling (and recording CUDA graphs) takes the first calls
+            timings[name] = time_callable(fn, device, min_time_s=args.min_time,
+                                          warmup=1 if compile_mode is None else 3)
         print(f"  {name}: {timings[name]['median_ms']:.1f} ms", flush=True)
     ms = {k: v["median_ms"] for k, v in timings.items()}
     rows = _overheads(ms, args.period)
     payload = {"machine": info, "command": f"{prog} " + " ".join(argv or []),
                "setup": {**setup.__dict__, "difference": args.difference, "amp": args.amp,
-                         "period": args.period}, "timings": timings, "rows": rows}
+                         "period": args.period, "compile": args.compile},
+               "timings": timings, "rows": rows}
     write_json(args.out.format(device=device.type), payload)
     p = args.period
     print(f"\n| per iteration | ms | meta part / plain | period 1: ms, over vanilla | "

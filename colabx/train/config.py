@@ -151,7 +151,16 @@ class TrainConfig:
     amp: str = _opt("auto", "mixed precision for network forwards: auto (bf16 on CUDA, none on "
                     "CPU), none, bf16, fp16; the meta step's theta+/- passes stay fp32",
                     choices=AMP_CHOICES)
-    compile: bool = _opt(False, "torch.compile the networks")
+    compile: bool = _opt(False, "torch.compile both networks: every pass of the iteration (the "
+                         "plain update, the inner step, L_ROI at theta*, the theta+/- forwards, "
+                         "the generator's labels); not with meta_grad exact (double backward). "
+                         "Off by default: on the CPU a compiled iteration was slower (colabx bench "
+                         "meta: 302 vs 213 ms); colabx bench meta --compile measures it where "
+                         "you train")
+    compile_mode: str = _opt("default", "torch.compile mode with --compile: default, "
+                             "reduce-overhead (CUDA graphs of the compiled passes) or "
+                             "max-autotune", choices=("default", "reduce-overhead",
+                                                      "max-autotune"))
     seed: int = _opt(0, "random seed (networks, data, augmentation)", lo=0, hi=2**32 - 1)
     deterministic: bool = _opt(False, "deterministic algorithms (slower on GPU)")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N", group="run")
@@ -225,6 +234,12 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.meta_difference == "one_sided" and cfg.amp in ("bf16", "fp16"):
         raise ConfigError(f"meta_difference: one_sided needs the inner forward in fp32, but amp "
                           f"is {cfg.amp}; use central or --amp none")
+    if cfg.compile and cfg.meta_grad == "exact":
+        raise ConfigError("compile: torch.compile does not differentiate its graphs twice, which "
+                          "the exact meta-gradient needs; use meta_grad fd or no --compile")
+    if cfg.compile and cfg.theta_pm == "grouped":
+        raise ConfigError("compile: the grouped theta+/- forward is colabx's own grouped U-Net, "
+                          "not the compiled network; use theta_pm sequential")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
         raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {cfg.device!r}")
 
@@ -275,8 +290,8 @@ def from_mapping(values: Mapping[str, Any]) -> TrainConfig:
 #: Options a resumed run may change (how it runs, how long, what it reports); every other option
 #: decides what the run computes and must equal the run's own.
 CHANGEABLE_ON_RESUME = ("epochs", "num_workers", "device", "threads", "progress", "amp",
-                        "compile", "deterministic", "val_every", "val_cases", "overlap",
-                        "snapshot_every", "save_every", "preprocessed")
+                        "compile", "compile_mode", "deterministic", "val_every", "val_cases",
+                        "overlap", "snapshot_every", "save_every", "preprocessed")
 
 
 #: Options added after runs were saved with an older behaviour than today's default: a saved

@@ -330,7 +330,11 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.amp_dtype == torch.float16)
         self.levels = self.f.output_strides if cfg.deep_supervision else 1
-        self.f_run = torch.compile(self.f) if cfg.compile else self.f
+        # --compile: the iteration calls the compiled wrappers (the meta step's θ*, θ± passes
+        # too, through functional_call); evaluation, snapshots and checkpoints use the modules
+        self.f_run = torch.compile(self.f, mode=cfg.compile_mode) if cfg.compile else self.f
+        g_run = torch.compile(self.g, mode=cfg.compile_mode) \
+            if cfg.compile and self.g is not None else self.g
         if cfg.mode == "colab":
             mc = MetaConfig(num_classes=self.num_classes, margin=cfg.margin, tau=cfg.tau,
                             mode=cfg.meta_mode, meta_grad=cfg.meta_grad, theta_pm=cfg.theta_pm,
@@ -339,7 +343,7 @@ class Trainer:
                             difference=resolved_meta_difference(cfg, self.amp_dtype is not None),
                             amp=self.amp_dtype is not None,
                             amp_dtype=self.amp_dtype or torch.bfloat16)
-            self.meta = MetaStep(self.f, self.g, mc,
+            self.meta = MetaStep(self.f_run, g_run, mc,
                                  ProcessGroupReducer() if self.dist.enabled else None)
             self.fixed = None
         else:
