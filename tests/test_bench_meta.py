@@ -41,6 +41,21 @@ def test_bench_meta_quick_under_autocast(tmp_path):
     assert all(math.isfinite(v["median_ms"]) for v in data["timings"].values())
 
 
+@pytest.mark.slow  # compiles five networks' iterations: ~40 s on 2 cores
+def test_bench_meta_quick_compiled(tmp_path):
+    """``--compile default``: colabx's rows run compiled networks, every row still times."""
+    from torch._dynamo.utils import counters
+
+    out = tmp_path / "meta.json"
+    counters.clear()
+    assert main(["bench", "meta", "--quick", "--min-time", "0", "--compile", "default",
+                 "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["setup"]["compile"] == "default"
+    assert all(math.isfinite(v["median_ms"]) for v in data["timings"].values())
+    assert counters["stats"]["unique_graphs"] >= 5  # vanilla's f; f and g in both orders
+
+
 def test_bench_meta_refuses_one_sided_under_autocast():
     """The one-sided difference needs the inner forward in fp32."""
     with pytest.raises(SystemExit):

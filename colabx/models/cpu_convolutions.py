@@ -48,9 +48,10 @@ class _OneDNNConvolutions(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func not in (torch.conv3d, torch.conv_transpose3d) or torch.compiler.is_compiling():
+        if (func not in (torch.conv3d, torch.conv_transpose3d) or len(args) < 2
+                or torch.compiler.is_compiling()):  # (input and weight by keyword: left alone)
             return func(*args, **kwargs)
-        x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+        x, weight = args[0], args[1]
         if not isinstance(x, torch.Tensor) or not _routed(x):
             return func(*args, **kwargs)
         groups = args[_GROUPS_ARG] if len(args) > _GROUPS_ARG else kwargs.get("groups", 1)
