@@ -106,6 +106,20 @@ def test_pointwise_model_is_reproduced(shape, patch, overlap):
         torch.testing.assert_close(out, want, atol=2e-6, rtol=1e-5)
 
 
+def test_tiles_per_forward_change_nothing_but_speed():
+    """A U-Net's logits with 1, 2 (the CPU default) and 3 tiles per forward agree to float32
+    rounding (the convolutions run on other oneDNN paths per batch size)."""
+    from colabx.models import UNet
+
+    torch.manual_seed(0)
+    net = UNet(1, 3, 3, base_features=4, num_pool=2)
+    x = torch.randn(1, 27, 21, 19)
+    one = sliding_window_logits(net, x, (16, 16, 8), batch_size=1)
+    for b in (None, 2, 3):
+        torch.testing.assert_close(sliding_window_logits(net, x, (16, 16, 8), batch_size=b),
+                                   one, rtol=1e-5, atol=1e-5)
+
+
 def test_tile_weighting_matches_hand_oracle():
     """2D image 20×13, patch 8×8, overlap 0.5: tiles start at rows 0,4,8,12 and columns 0,2,5;
     each voxel is the Gaussian-weighted mean of the means of the tiles covering it."""

@@ -157,7 +157,7 @@ def sliding_window_logits(
     overlap: float = 0.5,
     gaussian: bool = True,
     mirror_axes: Sequence[int] = (),
-    batch_size: int = 1,
+    batch_size: int | None = None,
     amp: torch.dtype | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
@@ -184,8 +184,11 @@ def sliding_window_logits(
     mirror_axes : sequence of int
         Spatial axes (0-based, array order) for mirror test-time augmentation: each tile is
         predicted under every combination of flips of these axes and the logits averaged.
-    batch_size : int
-        Tiles per forward pass.
+    batch_size : int, optional
+        Tiles per forward pass. Default: 2 on the CPU, where a batch-1 convolution costs a
+        batch-2 one (see :func:`colabx.models.onednn_convolutions`; a 128 × 128 × 64 image in
+        48 × 48 × 16 tiles with the CPU preset's U-Net: 4.1 s at 1, 2.4 s at 2), else 1. Tiles
+        are independent, so it changes speed and memory only.
     amp : torch.dtype or None
         ``torch.float16`` / ``torch.bfloat16``: run the forwards under ``torch.autocast``.
         Accumulation is float32 either way.
@@ -218,12 +221,15 @@ def sliding_window_logits(
     if any(not 0 <= a < nd for a in axes) or len(set(axes)) != len(axes):
         raise ValueError(f"mirror_axes must be distinct spatial axes in [0, {nd}), got "
                          f"{tuple(mirror_axes)}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if batch_size is not None and (isinstance(batch_size, bool)
+                                   or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if amp is not None and amp not in (torch.float16, torch.bfloat16):
         raise ValueError(f"amp must be None, torch.float16 or torch.bfloat16, got {amp}")
 
     device = _model_device(model, image.device)
+    if batch_size is None:
+        batch_size = 2 if device.type == "cpu" else 1
     x = image.to(device=device, dtype=torch.float32, non_blocking=True)
     size = tuple(x.shape[2:])
     pad = [max(p - s, 0) for p, s in zip(patch, size, strict=True)]
