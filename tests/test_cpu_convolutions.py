@@ -166,3 +166,17 @@ def test_decorator_scopes_the_mode():
     assert "aten::mkldnn_convolution" in _profiled_kernels(forward)
     after = _profiled_kernels(lambda: F.conv3d(x, w, b, 1, 1))
     assert "aten::mkldnn_convolution" not in after  # ATen's own choice again outside
+
+
+def test_environment_variable_keeps_pytorchs_dispatch(monkeypatch):
+    x, w, b = _inputs(CASES[0], 5)
+
+    def routed():
+        with onednn_convolutions():
+            F.conv3d(x, w, b, 1, 1)
+
+    monkeypatch.setenv("COLABX_CPU_CONVOLUTIONS", "pytorch")
+    assert "aten::mkldnn_convolution" not in _profiled_kernels(routed)
+    monkeypatch.setenv("COLABX_CPU_CONVOLUTIONS", "fast")
+    with pytest.raises(ValueError, match="COLABX_CPU_CONVOLUTIONS='fast'"):
+        routed()

@@ -19,6 +19,7 @@ forward + backward at batch 1 and 132 ms at batch 2 by default, 96 ms and 100 ms
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Iterator
 
@@ -72,8 +73,18 @@ class _OneDNNConvolutions(TorchFunctionMode):
         return out.contiguous()
 
 
+#: Environment variable that chooses the CPU convolution dispatch everywhere colabx would
+#: route it: ``onednn`` (default) or ``pytorch`` (PyTorch's own choice; measured on AVX-512,
+#: the routing may not pay on every CPU).
+ENV_VAR = "COLABX_CPU_CONVOLUTIONS"
+
+
 def _available() -> bool:
-    return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    choice = os.environ.get(ENV_VAR, "onednn")
+    if choice not in ("onednn", "pytorch"):
+        raise ValueError(f"{ENV_VAR}={choice!r}: expected onednn or pytorch")
+    return (choice == "onednn" and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled)
 
 
 @contextlib.contextmanager
@@ -87,7 +98,8 @@ def onednn_convolutions(enabled: bool = True) -> Iterator[None]:
 
     Every torch call in the block passes through the mode's Python handler (microseconds),
     so callers enable it for CPU work only (``enabled=device.type == "cpu"``); with
-    ``enabled=False``, or PyTorch built without oneDNN, the block runs without the mode. It
+    ``enabled=False``, ``COLABX_CPU_CONVOLUTIONS=pytorch`` in the environment, or PyTorch built
+    without oneDNN, the block runs without the mode. It
     applies to the calling thread; nested uses are one. Also usable as a decorator."""
     if not enabled or getattr(_active, "on", False) or not _available():
         yield
