@@ -116,6 +116,10 @@ def _iterations(s: Setup, device: torch.device, difference: str,
     def autocast(on: bool = amp):
         return torch.autocast(device.type, dtype=amp_dtype, enabled=on)
 
+    # colabx's rows enter the CPU convolution routing per iteration, as Trainer.train_iteration
+    # does; the twins' rows keep PyTorch's dispatch, as the published code has it
+    as_trainer = onednn_convolutions(device.type == "cpu")
+
     x, y, d = s.batch_on(device)
     rows: dict[str, Callable[[], object]] = {}
 
@@ -133,7 +137,7 @@ def _iterations(s: Setup, device: torch.device, difference: str,
         dice_ce_loss(z, onehot).backward()
         vopt.step()
 
-    rows["vanilla"] = vanilla
+    rows["vanilla"] = as_trainer(vanilla)
     k = c + s.t - 1
     for order in ("reference", "shared"):
         f, g = s.nets(device, k)
@@ -143,13 +147,14 @@ def _iterations(s: Setup, device: torch.device, difference: str,
         ms = MetaStep(f, g, MetaConfig(c, order=order, difference=difference, amp=amp,
                                        amp_dtype=amp_dtype or torch.bfloat16))
         if order == "reference":
-            rows["colab plain"] = lambda ms=ms, fopt=fopt: ms.plain_step(x, y, d, fopt)
+            rows["colab plain"] = as_trainer(lambda ms=ms, fopt=fopt: ms.plain_step(x, y, d,
+                                                                                      fopt))
 
             def reference(ms=ms, fopt=fopt, gopt=gopt):
                 ms.step(x, y, d, ALPHA, gopt)
                 ms.plain_step(x, y, d, fopt)
 
-            rows["colab meta (reference order)"] = reference
+            rows["colab meta (reference order)"] = as_trainer(reference)
         else:
             def shared(ms=ms, f=f, fopt=fopt, gopt=gopt):
                 fopt.zero_grad(set_to_none=True)
@@ -158,7 +163,7 @@ def _iterations(s: Setup, device: torch.device, difference: str,
                 ms.step(x, y, d, ALPHA, gopt, inner=inner)
                 fopt.step()
 
-            rows["colab meta (shared order)"] = shared
+            rows["colab meta (shared order)"] = as_trainer(shared)
     mixed = {"amp": True, "amp_dtype": amp_dtype} if amp else {}
     for name, meta_fn, kw in (("restructured PyTorch", restructured_meta_step, mixed),
                               ("reference-style PyTorch", reference_meta_step, {})):
@@ -173,12 +178,6 @@ def _iterations(s: Setup, device: torch.device, difference: str,
 
         rows[name] = twin
     return rows
-
-
-def _colabx_row(name: str) -> bool:
-    """The rows that run as ``colabx train`` does, CPU convolutions on oneDNN; the twins'
-    rows keep PyTorch's default dispatch, as the published code has it."""
-    return name.startswith(("vanilla", "colab "))
 
 
 def _overheads(ms: dict[str, float], period: int) -> list[dict]:
@@ -249,10 +248,9 @@ def main(argv: list[str] | None = None, prog: str = "colabx bench meta") -> dict
     compile_mode = None if args.compile == "off" else args.compile
     for name, fn in _iterations(setup, device, args.difference, amp_dtype,
                                 compile_mode).items():
-        with onednn_convolutions(device.type == "cpu" and _colabx_row(name)):
-            # compiling (and recording CUDA graphs) takes the first calls
-            timings[name] = time_callable(fn, device, min_time_s=args.min_time,
-                                          warmup=1 if compile_mode is None else 3)
+        # compiling (and recording CUDA graphs) takes the first calls
+        timings[name] = time_callable(fn, device, min_time_s=args.min_time,
+                                      warmup=1 if compile_mode is None else 3)
         print(f"  {name}: {timings[name]['median_ms']:.1f} ms", flush=True)
     ms = {k: v["median_ms"] for k, v in timings.items()}
     rows = _overheads(ms, args.period)
