@@ -18,6 +18,7 @@ CASES = [
     (2, 8, 16, (16, 15, 13), 3, 2, 1, False),  # strided, channels_last only
     (1, 16, 16, (8, 8, 8), 3, 1, 1, False),    # padded, 16 channels: no layout change
     (2, 32, 32, (8, 8, 8), 3, 1, 1, False),    # passes through unchanged
+    (2, 16, 8, (12, 11, 10), 3, 1, 1, False),  # 16 -> 8: channels_last for the output's sake
     (1, 6, 4, (9, 10, 11), 1, 1, 1, False),    # 1x1x1: channels_last, no padding
     (1, 8, 8, (12, 12, 12), 3, 1, 2, False),   # grouped: ATen already uses oneDNN
     (1, 16, 8, (8, 8, 8), 2, 2, 1, True),      # the U-Net's upsampling
@@ -89,6 +90,21 @@ def test_batch1_runs_on_onednn():
     names = _profiled_kernels(step)
     assert "aten::mkldnn_convolution" in names
     assert not any(n.startswith("aten::slow_conv3d") for n in names), sorted(names)
+
+
+@pytest.mark.parametrize(("cin", "cout", "relaid"), [(16, 8, True), (8, 16, True),
+                                                    (16, 32, False), (32, 32, False)])
+def test_layout_follows_both_channel_counts(cin, cout, relaid):
+    """A batch-2 convolution is copied to channels_last_3d when its input or its output channel
+    count is off oneDNN's 16-channel block, and passes through untouched otherwise."""
+    x = torch.randn(2, cin, 6, 6, 6)
+    w = torch.randn(cout, cin, 3, 3, 3)
+
+    def run():
+        with onednn_convolutions():
+            F.conv3d(x, w, None, 1, 1)
+
+    assert ("aten::clone" in _profiled_kernels(run)) == relaid
 
 
 def test_double_backward():

@@ -5,8 +5,11 @@ batch 1, one group and a kernel of at most 3 on its last two axes to oneDNN only
 ``N·C·D·H > 20480``, a threshold chosen for 2D images. Below it, which is every layer of a
 CoLab U-Net on per-sample patches (8 features at 32³: 8·32·32 = 8192), the convolution runs
 the unfold + GEMM kernel ``slow_conv3d``. And oneDNN's plain ``ncdhw`` kernels are slow when the
-channel count is not a multiple of its 16-channel blocks, where its ``ndhwc``
-(``channels_last_3d``) kernels are not.
+input or output channel count is not a multiple of its 16-channel blocks, where its ``ndhwc``
+(``channels_last_3d``) kernels are not (a decoder's 16 → 8 convolution included: routing on the
+output channels as well took the CPU preset's U-Net from 35.3 to 33.7 ms forward + backward at
+batch 2, and its task generator from 40.2 to 36.7 ms; 2 threads, medians of 8 interleaved
+rounds).
 
 Measured on this project's 2-core AVX-512 VM, torch 2.13, one thread, process CPU time (the
 numbers are in ``benchmarks/RESULTS.md``): a 3×3×3 convolution 8 → 8 channels at 32³ takes
@@ -43,9 +46,9 @@ def _routed(x: torch.Tensor) -> bool:
 class _OneDNNConvolutions(TorchFunctionMode):
     """Rewrites ``conv3d`` / ``conv_transpose3d`` calls on CPU float32 inputs: a batch-1 input
     that ATen would send to ``slow_conv3d`` is run as batch 2 with a zero second sample (its
-    output and gradients discarded, so the first sample's are unchanged), and an input whose
-    channel count is not a multiple of 16 runs in ``channels_last_3d`` (the output is returned
-    contiguous). Anything else passes through unchanged."""
+    output and gradients discarded, so the first sample's are unchanged), and a convolution
+    whose input or output channel count is not a multiple of 16 runs in ``channels_last_3d``
+    (the output is returned contiguous). Anything else passes through unchanged."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -60,7 +63,10 @@ class _OneDNNConvolutions(TorchFunctionMode):
         pad = (x.shape[0] == 1 and groups == 1 and any(k != 1 for k in kernel)
                and not (kernel[-1] > 3 and kernel[-2] > 3)
                and x.shape[1] * x.shape[2] * x.shape[3] <= _ATEN_BATCH1_ELEMENTS)
-        channels_last = x.shape[1] % _ONEDNN_CHANNEL_BLOCK != 0
+        out_channels = (weight.shape[1] * groups if func is torch.conv_transpose3d
+                        else weight.shape[0])
+        channels_last = (x.shape[1] % _ONEDNN_CHANNEL_BLOCK != 0
+                         or out_channels % _ONEDNN_CHANNEL_BLOCK != 0)
         if not (pad or channels_last):
             return func(*args, **kwargs)
         if pad:
