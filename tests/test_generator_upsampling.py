@@ -12,6 +12,7 @@ import torch
 from colabx.inference.analysis import neighbour_ratio
 from colabx.models import task_generator
 from colabx.models.plan import NetworkPlan, build_networks
+from colabx.models.unet import LinearUpsampling
 
 POOLS = [(2, 2, 1), (2, 2, 2), (2, 2, 2)]
 
@@ -27,6 +28,27 @@ def test_linear_upsampling_shapes_and_gradients(nd, pools, size):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in g.parameters())
     with pytest.raises(ValueError, match="upsampling must be one of"):
         task_generator(1, 2, nd, upsampling="cubic")
+
+
+@pytest.mark.parametrize("nd,cin,cout,scale", [(3, 16, 8, (2, 2, 1)), (3, 8, 16, (2, 2, 2)),
+                                                (2, 12, 5, (2, 2)), (3, 6, 6, (1, 2, 2))])
+def test_linear_upsampling_is_interpolation_then_conv(nd, cin, cout, scale):
+    """Whichever order it runs in (the 1x1 conv first when it narrows the channels), the module
+    computes conv1x1(interpolate(x)), values and gradients, against float64."""
+    torch.manual_seed(0)
+    up = LinearUpsampling(cin, cout, scale, nd).double()
+    x = torch.randn(2, cin, *[5 + i for i in range(nd)], dtype=torch.float64,
+                    requires_grad=True)
+    size = [n * k for n, k in zip(x.shape[2:], scale, strict=True)]
+    mode = "trilinear" if nd == 3 else "bilinear"
+    want = up.conv(torch.nn.functional.interpolate(x, size=size, mode=mode,
+                                                   align_corners=False))
+    got = up(x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    w = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, (x, up.conv.weight), w),
+                    torch.autograd.grad(want, (x, up.conv.weight), w), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_transposed_generator_starts_as_a_checkerboard_and_linear_does_not():

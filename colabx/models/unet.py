@@ -135,7 +135,14 @@ UPSAMPLING = ("transposed", "linear")
 class LinearUpsampling(nn.Module):
     """Upsampling by ``scale`` per axis with (bi/tri)linear interpolation (``align_corners=False``),
     then a 1x1 conv from ``in_channels`` to ``out_channels`` (no bias): the same shapes as the
-    transposed conv it replaces, every output voxel a smooth function of its neighbours'."""
+    transposed conv it replaces, every output voxel a smooth function of its neighbours'.
+
+    Interpolation mixes voxels within a channel with weights summing to 1 and the 1x1 conv
+    mixes channels within a voxel, so the two commute; when the conv narrows the channels
+    (a U-Net decoder halves them) it runs first, at the coarse resolution, and the
+    interpolation then moves half the channels: the same function (to float32 rounding) for
+    less work (the CPU preset's task generator, batch 2 at 32x32x16: a forward 14.4 -> 12.0 ms,
+    forward + backward 36.7 -> 33.0 ms on 2 threads)."""
 
     def __init__(self, in_channels: int, out_channels: int, scale: tuple[int, ...],
                  spatial_dims: int) -> None:
@@ -146,6 +153,9 @@ class LinearUpsampling(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = [n * k for n, k in zip(x.shape[2:], self.scale, strict=True)]
+        if self.conv.out_channels < self.conv.in_channels:
+            return nn.functional.interpolate(self.conv(x), size=size, mode=self.mode,
+                                             align_corners=False)
         return self.conv(nn.functional.interpolate(x, size=size, mode=self.mode,
                                                    align_corners=False))
 
