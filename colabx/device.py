@@ -6,7 +6,7 @@ import re
 
 import torch
 
-__all__ = ["resolve_device"]
+__all__ = ["optimizer_options", "resolve_device"]
 
 
 def resolve_device(spec: str, option: str = "device") -> torch.device:
@@ -34,3 +34,12 @@ def resolve_device(spec: str, option: str = "device") -> torch.device:
         raise ValueError(f"{option}: {spec!r} requested but this machine has {count} CUDA "
                          f"device(s) (cuda:0..cuda:{count - 1})")
     return dev
+
+
+def optimizer_options(device: torch.device) -> dict[str, bool]:
+    """Keyword arguments for the trainer's ``torch.optim`` optimizers of parameters on
+    ``device``: the fused step (one C++ kernel over all parameters) on the CPU, where the default
+    per-parameter loop is the slower one (the CPU preset's U-Net, 343k parameters in 62
+    tensors: AdamW 1.9 -> 0.5 ms per step, SGD with Nesterov momentum 1.1 -> 0.3 ms, 2
+    threads); PyTorch's default (the multi-tensor step) elsewhere."""
+    return {"fused": True} if device.type == "cpu" else {}

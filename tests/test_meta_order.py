@@ -114,6 +114,7 @@ def test_trainer_shared_iteration_equals_a_hand_written_one(tmp_path, monkeypatc
     gradient, Adam step of ω, clipping, the optimizer step of θ, by hand."""
     import copy
 
+    from colabx.device import optimizer_options
     from colabx.models import onednn_convolutions
     from colabx.train.config import TrainConfig
     from colabx.train.trainer import Trainer
@@ -127,9 +128,10 @@ def test_trainer_shared_iteration_equals_a_hand_written_one(tmp_path, monkeypatc
     assert tr.meta.config.difference == "one_sided"  # auto: the network runs in fp32 on the CPU
     batch = tr.batches[0]
     f, g = copy.deepcopy(tr.f), copy.deepcopy(tr.g)
+    fused = optimizer_options(torch.device("cpu"))  # the trainer's optimizers on the CPU
     fopt = torch.optim.SGD(f.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
-                           weight_decay=cfg.weight_decay)
-    gopt = torch.optim.Adam(g.parameters(), lr=cfg.gen_lr)
+                           weight_decay=cfg.weight_decay, **fused)
+    gopt = torch.optim.Adam(g.parameters(), lr=cfg.gen_lr, **fused)
     fopt.load_state_dict(tr.opt.state_dict())
     ms = MetaStep(f, g, tr.meta.config)
     x, y, d = batch["image"], batch["label"], batch["distance"]

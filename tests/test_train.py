@@ -3,6 +3,7 @@ and data-parallel (gloo, 2 processes) equivalence with single-process training."
 
 from __future__ import annotations
 
+import copy
 import csv
 import os
 import subprocess
@@ -46,6 +47,42 @@ def test_every_mode_trains_and_evaluates(cache, tmp_path, mode):
     assert any("final evaluation" in s for s in lines) and any("DSC" in s for s in lines)
     state = load_checkpoint(tmp_path / "checkpoint_final.pth")
     assert state["epoch"] == 1 and (state["generator"] is not None) == (mode == "colab")
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_cpu_optimizers_are_fused_and_continue_unfused_state(cache, tmp_path, optimizer):
+    """On the CPU both optimizers take the fused step; the state of an unfused optimizer (a
+    checkpoint of an earlier colabx) loads into them and continues as the unfused one would."""
+    tr = Trainer(_cfg(mode="colab", optimizer=optimizer), tmp_path, echo=lambda s: None)
+    assert tr.opt.defaults["fused"] and tr.gen_opt.defaults["fused"]
+    params = list(tr.f.parameters())
+    start = [p.detach().clone() for p in params]
+    cls = type(tr.opt)
+    kw = {k: tr.opt.defaults[k] for k in ("momentum", "nesterov", "weight_decay")
+          if k in tr.opt.defaults and (k != "momentum" or optimizer == "sgd")}
+    unfused = cls(params, lr=1e-2, **kw)
+    for step in range(3):
+        for i, p in enumerate(params):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * step + i))
+        unfused.step()
+    after = [p.detach().clone() for p in params]
+    continued = cls(params, lr=1e-2, **kw)
+    saved = copy.deepcopy(unfused.state_dict())  # what a checkpoint holds
+    continued.load_state_dict(copy.deepcopy(saved))
+    continued.step()
+    want = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, a in zip(params, after, strict=True):
+            p.copy_(a)
+    tr.opt.load_state_dict(saved)
+    for group in tr.opt.param_groups:
+        group["lr"] = 1e-2
+    tr.opt.step()
+    moved = max(float((w - a).abs().max()) for w, a in zip(want, after, strict=True))
+    assert moved > 0 and max(float((a - s).abs().max()) for a, s in zip(after, start,
+                                                                         strict=True)) > 0
+    for p, w in zip(params, want, strict=True):
+        torch.testing.assert_close(p.detach(), w, rtol=1e-5, atol=1e-6 * max(moved, 1e-3))
 
 
 @pytest.mark.parametrize("flag", [False, True])

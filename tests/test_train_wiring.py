@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from colabx import dice_ce_loss
+from colabx.device import optimizer_options
 from colabx.method.meta_step import MetaConfig, MetaStep
 from colabx.models import onednn_convolutions
 from colabx.train.config import TrainConfig
@@ -42,9 +43,10 @@ def _hand_loop(tr, f, g, n, clip):
     learning rate given to the meta step and the gradient norm before clipping."""
     cfg = tr.cfg
     ms = MetaStep(f, g, MetaConfig(tr.num_classes, cfg.margin, cfg.tau, mode=cfg.meta_mode))
+    fused = optimizer_options(torch.device("cpu"))  # the trainer's optimizers on the CPU
     opt = torch.optim.SGD(f.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True,
-                          weight_decay=WD)
-    gopt = torch.optim.Adam(g.parameters(), lr=GEN_LR)
+                          weight_decay=WD, **fused)
+    gopt = torch.optim.Adam(g.parameters(), lr=GEN_LR, **fused)
     seen = []
     for it in range(n):
         batch = tr.batches[it]

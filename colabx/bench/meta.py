@@ -12,9 +12,9 @@ run's plan with ``--run``):
 * ``reference-style PyTorch``: the published code's way (per-sample loop, network copies, two
   generator backwards; :func:`colabx.twins.meta.reference_meta_step` + the plain update).
 
-colabx's rows run their CPU convolutions on oneDNN as ``colabx train`` does
-(:func:`colabx.models.onednn_convolutions`); the two pure-PyTorch rows keep PyTorch's default
-dispatch.
+colabx's rows run their CPU convolutions on oneDNN and step fused optimizers on the CPU, as
+``colabx train`` does (:func:`colabx.models.onednn_convolutions`,
+:func:`colabx.device.optimizer_options`); the two pure-PyTorch rows keep PyTorch's defaults.
 
 The meta part is an iteration with a generator update minus ``colab plain``; CoLab's cost at a
 generator period P is ``((P − 1) · plain + meta iteration) / P``, its overhead the percentage
@@ -38,6 +38,7 @@ import torch
 
 from colabx import distance_transform
 from colabx.bench.harness import machine_info, time_callable, write_json
+from colabx.device import optimizer_options
 from colabx.method.meta_step import DIFFERENCES, MetaConfig, MetaStep
 from colabx.models import UNet, onednn_convolutions, task_generator
 from colabx.ops.context_labels import context_labels
@@ -124,7 +125,8 @@ def _iterations(s: Setup, device: torch.device, difference: str,
     rows: dict[str, Callable[[], object]] = {}
 
     fv, _ = s.nets(device, c)
-    vopt = torch.optim.SGD(fv.parameters(), lr=0.0, momentum=0.99, nesterov=True)
+    fused = optimizer_options(device)  # colabx's rows step their optimizers as the trainer does
+    vopt = torch.optim.SGD(fv.parameters(), lr=0.0, momentum=0.99, nesterov=True, **fused)
     (fv,) = compiled(fv)
     # t = 1: the context labels are one-hot(y) at every output level
     onehot = context_labels(torch.zeros(s.batch, 1, *s.patch, device=device), y, d, c,
@@ -141,8 +143,8 @@ def _iterations(s: Setup, device: torch.device, difference: str,
     k = c + s.t - 1
     for order in ("reference", "shared"):
         f, g = s.nets(device, k)
-        fopt = torch.optim.SGD(f.parameters(), lr=0.0, momentum=0.99, nesterov=True)
-        gopt = torch.optim.Adam(g.parameters(), lr=0.0)
+        fopt = torch.optim.SGD(f.parameters(), lr=0.0, momentum=0.99, nesterov=True, **fused)
+        gopt = torch.optim.Adam(g.parameters(), lr=0.0, **fused)
         f, g = compiled(f, g)
         ms = MetaStep(f, g, MetaConfig(c, order=order, difference=difference, amp=amp,
                                        amp_dtype=amp_dtype or torch.bfloat16))

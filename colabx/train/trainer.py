@@ -49,7 +49,7 @@ from colabx.data.preprocessing import (
     load_preprocessed,
     preprocess_dataset,
 )
-from colabx.device import resolve_device
+from colabx.device import optimizer_options, resolve_device
 from colabx.method.meta_step import MetaConfig, MetaStep, UpdateCounter
 from colabx.method.targets import FixedTargets, fit_intensity_clusters
 from colabx.models.cpu_convolutions import onednn_convolutions
@@ -319,13 +319,14 @@ class Trainer:
         self.dist.broadcast_module(self.f)
         if self.g is not None:
             self.dist.broadcast_module(self.g)
+        fused = optimizer_options(self.device)
         if cfg.optimizer == "sgd":
             self.opt = torch.optim.SGD(self.f.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                       nesterov=True, weight_decay=cfg.weight_decay)
+                                       nesterov=True, weight_decay=cfg.weight_decay, **fused)
         else:
             self.opt = torch.optim.AdamW(self.f.parameters(), lr=cfg.lr,
-                                         weight_decay=cfg.weight_decay)
-        self.gen_opt = torch.optim.Adam(self.g.parameters(), lr=cfg.gen_lr) \
+                                         weight_decay=cfg.weight_decay, **fused)
+        self.gen_opt = torch.optim.Adam(self.g.parameters(), lr=cfg.gen_lr, **fused) \
             if self.g is not None else None
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.amp_dtype == torch.float16)
