@@ -1,5 +1,6 @@
 """CoLab's training-time overhead as a user sees it: ``colabx train`` epoch times (log.csv) of
-CoLab (generator period 1 and 5, both iteration orders) over vanilla, same network, patch and data.
+CoLab (generator period 1 and 5, both iteration orders, and the published iteration: reference order
+with the central difference) over vanilla, same network, patch and data.
 
 Each configuration trains ``--epochs`` epochs on the built-in phantom in its own run folder;
 validation runs only after the last epoch, whose time is left out, and the first epoch is
@@ -36,6 +37,13 @@ CONFIGS = {
     "colab period 1, shared, one-sided": ["--mode", "colab", "--meta-period", "1",
                                           "--meta-order", "shared", "--meta-difference",
                                           "one_sided"],
+    # the published code's iteration: its order and the paper's central difference
+    "colab period 5, published iteration": ["--mode", "colab", "--meta-period", "5",
+                                            "--meta-order", "reference", "--meta-difference",
+                                            "central"],
+    "colab period 1, published iteration": ["--mode", "colab", "--meta-period", "1",
+                                            "--meta-order", "reference", "--meta-difference",
+                                            "central"],
 }
 
 

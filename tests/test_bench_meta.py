@@ -16,10 +16,12 @@ def test_bench_meta_quick_times_every_row(tmp_path, capsys):
     assert main(["bench", "meta", "--quick", "--min-time", "0", "--period", "4", "--out",
                  str(out)]) == 0
     data = json.loads(out.read_text())
+    assert data["setup"]["difference"] == "one_sided"  # auto, without autocast
     ms = {k: v["median_ms"] for k, v in data["timings"].items()}
     assert set(ms) == {"vanilla", "colab plain", "colab meta (reference order)",
-                       "colab meta (shared order)", "restructured PyTorch",
-                       "reference-style PyTorch"}
+                       "colab meta (shared order)", "colab meta (published iteration)",
+                       "restructured PyTorch", "reference-style PyTorch"}
+    assert {r["implementation"] for r in data["rows"]} == set(ms) - {"vanilla", "colab plain"}
     assert all(math.isfinite(v) and v > 0 for v in ms.values())
     for row in data["rows"]:
         meta = ms[row["implementation"]]
@@ -28,6 +30,18 @@ def test_bench_meta_quick_times_every_row(tmp_path, capsys):
         assert row["period_1_overhead_pct"] == pytest.approx(100 * (meta / ms["vanilla"] - 1))
     text = capsys.readouterr().out
     assert "| colab meta (shared order) |" in text and "period 4" in text
+    assert "faster than the published iteration (reference order, central difference)" in text
+
+
+def test_bench_meta_central_times_no_separate_published_row(tmp_path):
+    """With the central difference the reference-order row is the published iteration."""
+    out = tmp_path / "meta.json"
+    assert main(["bench", "meta", "--quick", "--min-time", "0", "--difference", "central",
+                 "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["setup"]["difference"] == "central"
+    assert "colab meta (published iteration)" not in data["timings"]
+    assert len(data["rows"]) == 4
 
 
 @pytest.mark.slow  # bf16 convolutions on the CPU: ~45 s on 2 cores

@@ -7,6 +7,10 @@ run's plan with ``--run``):
 * ``colab plain``: an iteration without a generator update (K = c + t − 1, labels from g);
 * ``colab meta (reference order)`` / ``(shared order)``: an iteration with a generator update,
   in the order of :attr:`colabx.method.MetaConfig.order` (``--difference`` applies to both);
+* ``colab meta (published iteration)``, with a one-sided ``--difference`` only: the reference
+  order with the paper's central difference, the iteration of the published code (and of
+  colabx before the shared order and the one-sided difference existed), so that the same run
+  says how much faster the default iteration is than that;
 * ``restructured PyTorch``: the same algorithm in plain PyTorch
   (:func:`colabx.twins.meta.restructured_meta_step` + the plain update);
 * ``reference-style PyTorch``: the published code's way (per-sample loop, network copies, two
@@ -141,22 +145,28 @@ def _iterations(s: Setup, device: torch.device, difference: str,
 
     rows["vanilla"] = as_trainer(vanilla)
     k = c + s.t - 1
-    for order in ("reference", "shared"):
+    variants = [("reference", difference), ("shared", difference)]
+    if difference != "central":
+        variants.append(("published", "central"))
+    for order, diff in variants:
         f, g = s.nets(device, k)
         fopt = torch.optim.SGD(f.parameters(), lr=0.0, momentum=0.99, nesterov=True, **fused)
         gopt = torch.optim.Adam(g.parameters(), lr=0.0, **fused)
         f, g = compiled(f, g)
-        ms = MetaStep(f, g, MetaConfig(c, order=order, difference=difference, amp=amp,
+        ms = MetaStep(f, g, MetaConfig(c, order="shared" if order == "shared" else "reference",
+                                       difference=diff, amp=amp,
                                        amp_dtype=amp_dtype or torch.bfloat16))
-        if order == "reference":
-            rows["colab plain"] = as_trainer(lambda ms=ms, fopt=fopt: ms.plain_step(x, y, d,
-                                                                                      fopt))
+        if order != "shared":
+            if order == "reference":
+                rows["colab plain"] = as_trainer(
+                    lambda ms=ms, fopt=fopt: ms.plain_step(x, y, d, fopt))
 
             def reference(ms=ms, fopt=fopt, gopt=gopt):
                 ms.step(x, y, d, ALPHA, gopt)
                 ms.plain_step(x, y, d, fopt)
 
-            rows["colab meta (reference order)"] = as_trainer(reference)
+            name = "reference order" if order == "reference" else "published iteration"
+            rows[f"colab meta ({name})"] = as_trainer(reference)
         else:
             def shared(ms=ms, f=f, fopt=fopt, gopt=gopt):
                 fopt.zero_grad(set_to_none=True)
@@ -186,7 +196,10 @@ def _overheads(ms: dict[str, float], period: int) -> list[dict]:
     vanilla, plain = ms["vanilla"], ms["colab plain"]
     out = []
     for name in ("colab meta (reference order)", "colab meta (shared order)",
-                 "restructured PyTorch", "reference-style PyTorch"):
+                 "colab meta (published iteration)", "restructured PyTorch",
+                 "reference-style PyTorch"):
+        if name not in ms:
+            continue
         meta = ms[name]
         row = {"implementation": name, "meta_part_ms": meta - plain,
                "meta_part_over_plain": (meta - plain) / plain}
@@ -211,8 +224,11 @@ def main(argv: list[str] | None = None, prog: str = "colabx bench meta") -> dict
     ap.add_argument("--t", type=int, default=2, help="contexts t (default 2)")
     ap.add_argument("--period", type=int, default=5,
                     help="generator update period for the amortised cost (default 5)")
-    ap.add_argument("--difference", choices=DIFFERENCES, default="central",
-                    help="finite difference of the meta-gradient (default central)")
+    ap.add_argument("--difference", choices=("auto", *DIFFERENCES), default="auto",
+                    help="finite difference of the meta-gradient in colabx's rows: central, "
+                    "one_sided, or auto (default), as colabx train: one_sided without --amp, "
+                    "central with it. With one_sided the published iteration (reference order, "
+                    "central difference) is timed too")
     ap.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
                     help="autocast the network forwards (colabx and the restructured step; "
                     "the reference-style step stays fp32 as the published code; default none)")
@@ -232,6 +248,8 @@ def main(argv: list[str] | None = None, prog: str = "colabx bench meta") -> dict
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     if amp_dtype is not None and args.difference == "one_sided":
         ap.error("--difference one_sided needs the inner forward in fp32: use --amp none")
+    if args.difference == "auto":
+        args.difference = "central" if amp_dtype is not None else "one_sided"
     if args.run:
         setup = _setup_from_run(args.run, args.batch)
     else:
@@ -273,5 +291,9 @@ def main(argv: list[str] | None = None, prog: str = "colabx bench meta") -> dict
               f"{r[f'period_{p}_overhead_pct']:+.0f} % |")
     ref, shared = ms["colab meta (reference order)"], ms["colab meta (shared order)"]
     print(f"\nshared order: a period-1 iteration {ref / shared:.2f}× faster than the reference "
-          "order")
+          f"order ({args.difference} difference in both)")
+    if "colab meta (published iteration)" in ms:
+        print(f"shared order, {args.difference} difference: "
+              f"{ms['colab meta (published iteration)'] / shared:.2f}× faster than the "
+              "published iteration (reference order, central difference)")
     return payload
