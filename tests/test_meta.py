@@ -355,3 +355,19 @@ def test_recomputed_generator_gives_the_same_gradient(mode, meta_grad):
         grads.append(_ggrad(g))
     assert grads[0].norm() > 0
     assert _rel(grads[1], grads[0]) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tensor_scale", [False, True])
+def test_shifted_parameters_round_as_per_tensor_arithmetic(dtype, tensor_scale):
+    """The multi-tensor θ* / θ± arithmetic of the meta step gives p + s·d bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(8, 1, 3, 3, 3), (8,), (3, 8, 1, 1, 1), (5, 7)]
+    params = {f"p{i}": torch.randn(s, generator=gen, dtype=dtype) for i, s in enumerate(shapes)}
+    direction = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+    for scale in (0.013, -0.013, -3e-4):
+        s = torch.tensor(scale, dtype=dtype) if tensor_scale else scale
+        got = cmeta._shifted(params, direction, s)
+        assert list(got) == list(params)
+        for (name, p), d in zip(params.items(), direction, strict=True):
+            assert torch.equal(got[name], p + s * d), (name, scale)

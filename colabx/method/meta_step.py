@@ -211,6 +211,15 @@ def _rows(z, b: int):
     return [t[b:b + 1] for t in z]
 
 
+def _shifted(params: dict[str, Tensor], direction: list[Tensor], scale: Tensor | float
+             ) -> dict[str, Tensor]:
+    """``{name: p + scale · d}`` over all parameters in two multi-tensor ops (on a GPU two
+    launches instead of two per parameter tensor); the same arithmetic, rounding for rounding,
+    as ``p + scale * d`` per tensor. ``scale``: a Python number or a 0-dim tensor."""
+    scaled = torch._foreach_mul(direction, scale)
+    return dict(zip(params, torch._foreach_add(list(params.values()), scaled), strict=True))
+
+
 def _as_list(z) -> list[Tensor]:
     return list(z) if isinstance(z, (list, tuple)) else [z]
 
@@ -263,13 +272,11 @@ class MetaStep:
         f = self.f
         with torch.no_grad(), self._autocast(x, False), tf32_unless(self.config.fd_tf32):
             if self.config.theta_pm == "grouped":
-                sets = [{n: p + eps * v[n] for n, p in params.items()},
-                        {n: p - eps * v[n] for n, p in params.items()}]
+                sets = [_shifted(params, list(v.values()), eps),
+                        _shifted(params, list(v.values()), -eps)]
                 return grouped_unet_forward(f, sets, x)
-            zp = _as_list(functional_call(f, {n: p + eps * v[n] for n, p in params.items()},
-                                          (x,)))
-            zm = _as_list(functional_call(f, {n: p - eps * v[n] for n, p in params.items()},
-                                          (x,)))
+            zp = _as_list(functional_call(f, _shifted(params, list(v.values()), eps), (x,)))
+            zm = _as_list(functional_call(f, _shifted(params, list(v.values()), -eps), (x,)))
             return [torch.cat((a, b)) for a, b in zip(zp, zm, strict=True)]
 
     def _upstream_fd(self, params, v, eps, x, yhat_d: list[Tensor],
@@ -281,8 +288,8 @@ class MetaStep:
         Dice are per-item sums/means), so its gradient w.r.t. the target rows is G±/2."""
         if g0 is not None:
             with torch.no_grad(), self._autocast(x, False), tf32_unless(self.config.fd_tf32):
-                zp = _as_list(functional_call(
-                    self.f, {n: p + eps * v[n] for n, p in params.items()}, (x,)))
+                zp = _as_list(functional_call(self.f, _shifted(params, list(v.values()), eps),
+                                              (x,)))
             leaf = [t.clone().requires_grad_() for t in yhat_d]
             with torch.enable_grad():
                 gp = torch.autograd.grad(self._loss(zp, leaf), leaf)
@@ -366,8 +373,7 @@ class MetaStep:
             if self.reducer is not None:
                 self.reducer.mean_(grads)
         with torch.enable_grad():
-            star = {n: (params[n] - lr * gr).requires_grad_()
-                    for n, gr in zip(names, grads, strict=True)}
+            star = {n: t.requires_grad_() for n, t in _shifted(params, grads, -lr).items()}
             with self._autocast(x, c.amp):                              # 3. v = ∇θ* L_ROI
                 z_star = _as_list(functional_call(f, star, (x,)))[0]
             l_roi = roi_bce_loss(z_star, y, self.roi_channels, validate=c.validate)
@@ -380,7 +386,8 @@ class MetaStep:
         if self.reducer is not None:
             self.reducer.mean_(list(v.values()))
         acc = torch.float64 if plist[0].dtype == torch.float64 else torch.float32
-        vnorm = torch.sqrt(sum((t.to(acc) ** 2).sum() for t in v.values()))
+        vnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
+            [t.to(acc) for t in v.values()])))
         vn = float(vnorm)
         info = MetaStepInfo(skipped=False, l_seg=float(l_seg.detach()),
                             l_roi=float(l_roi.detach()), v_norm=vn)
