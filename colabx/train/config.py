@@ -81,7 +81,9 @@ class TrainConfig:
                       group="method")
     meta_period: int = _opt(5, "update the task generator every N iterations (colab); 5 is the "
                             "published code's taskupdate default: context labels that change "
-                            "too often keep the network from learning them (paper supplement)",
+                            "too often keep the network from learning them (paper supplement); "
+                            "an update iteration costs about 2.5x one without on the CPU "
+                            "(benchmarks/RESULTS.md)",
                             lo=1, group="method")
     meta_mode: str = _opt("batched", "meta step on the whole batch (batched) or per sample as the "
                           "reference code (per_sample)", choices=META_MODES,
