@@ -23,27 +23,22 @@ import tempfile
 import time
 from pathlib import Path
 
+
+def _colab(period: int, order: str, difference: str | None = None) -> list[str]:
+    flags = ["--mode", "colab", "--meta-period", str(period), "--meta-order", order]
+    return flags + (["--meta-difference", difference] if difference else [])
+
+
 CONFIGS = {
     "vanilla": ["--mode", "vanilla"],
-    "colab period 5, reference order": ["--mode", "colab", "--meta-period", "5", "--meta-order",
-                                        "reference"],
-    "colab period 5, shared order": ["--mode", "colab", "--meta-period", "5", "--meta-order",
-                                     "shared"],
-    "colab period 1, reference order": ["--mode", "colab", "--meta-period", "1", "--meta-order",
-                                        "reference"],
-    "colab period 1, shared order, central": ["--mode", "colab", "--meta-period", "1",
-                                              "--meta-order", "shared", "--meta-difference",
-                                              "central"],
-    "colab period 1, shared, one-sided": ["--mode", "colab", "--meta-period", "1",
-                                          "--meta-order", "shared", "--meta-difference",
-                                          "one_sided"],
+    "colab period 5, reference order": _colab(5, "reference"),
+    "colab period 5, shared order": _colab(5, "shared"),
+    "colab period 1, reference order": _colab(1, "reference"),
+    "colab period 1, shared order, central": _colab(1, "shared", "central"),
+    "colab period 1, shared, one-sided": _colab(1, "shared", "one_sided"),
     # the published code's iteration: its order and the paper's central difference
-    "colab period 5, published iteration": ["--mode", "colab", "--meta-period", "5",
-                                            "--meta-order", "reference", "--meta-difference",
-                                            "central"],
-    "colab period 1, published iteration": ["--mode", "colab", "--meta-period", "1",
-                                            "--meta-order", "reference", "--meta-difference",
-                                            "central"],
+    "colab period 5, published iteration": _colab(5, "reference", "central"),
+    "colab period 1, published iteration": _colab(1, "reference", "central"),
 }
 
 
