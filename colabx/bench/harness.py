@@ -52,18 +52,54 @@ def time_callable(
     while len(times) < 5 or (
         time.perf_counter() - start_all < min_time_s and len(times) < max_reps
     ):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
+        times.append(_timed_call(fn, device))
+    return _summary(times)
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    device: torch.device,
+    min_time_s: float = 0.5,
+    rounds: int = 5,
+    warmup: int = 1,
+) -> dict[str, dict[str, float]]:
+    """:func:`time_callable` for several rows whose ratios matter, in ``rounds`` interleaved
+    rounds: each round times every row in turn for ``min_time_s / rounds`` (at least one call,
+    and at least 5 per row over all rounds), so a machine whose speed drifts during the run
+    slows every row alike instead of the rows timed last. ``warmup`` calls per row first.
+    Returns per row the statistics of all its timed calls, as :func:`time_callable`."""
+    for fn in fns.values():
+        for _ in range(warmup):
             fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    per_round = -(-5 // rounds)  # ceil: 5 calls per row over all rounds
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            n = 0
+            while n < per_round or time.perf_counter() - start < min_time_s / rounds:
+                times[name].append(_timed_call(fn, device))
+                n += 1
+    return {name: {**_summary(t), "rounds": rounds} for name, t in times.items()}
+
+
+def _timed_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one call: CUDA events on a GPU, wall time on the CPU."""
+    if device.type == "cuda":
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _summary(times: list[float]) -> dict[str, float]:
+    times = sorted(times)
     return {
         "median_ms": statistics.median(times),
         "min_ms": times[0],

@@ -24,7 +24,9 @@ The meta part is an iteration with a generator update minus ``colab plain``; CoL
 generator period P is ``((P − 1) · plain + meta iteration) / P``, its overhead the percentage
 over ``vanilla`` (the number the paper quotes: 20–30 % for its schedule). Optimizers run with a
 zero learning rate (momentum and Adam state still update), so every repetition does the same
-work. Prints markdown tables and writes JSON::
+work. The rows are timed in interleaved rounds (``--rounds``), so that a machine whose speed
+drifts during the run (a shared VM) moves every row alike. Prints markdown tables and writes
+JSON::
 
     colabx bench meta                          # CPU: B=2, 32³, 8 features, 3 pools
     colabx bench meta --device cuda --patch 80 --features 30 --pools 4
@@ -41,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from colabx import distance_transform
-from colabx.bench.harness import machine_info, time_callable, write_json
+from colabx.bench.harness import machine_info, time_interleaved, write_json
 from colabx.device import optimizer_options
 from colabx.method.meta_step import DIFFERENCES, MetaConfig, MetaStep
 from colabx.models import UNet, onednn_convolutions, task_generator
@@ -238,6 +240,9 @@ def main(argv: list[str] | None = None, prog: str = "colabx bench meta") -> dict
     ap.add_argument("--quick", action="store_true", help="a tiny network: a smoke run")
     ap.add_argument("--min-time", type=float, default=2.0,
                     help="seconds of timed repetitions per row (default 2)")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="interleaved rounds the rows are timed in, so that a drift of the "
+                    "machine's speed during the run moves every row alike (default 5)")
     ap.add_argument("--out", default="colabx_bench_meta_{device}.json", help="JSON output")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -245,6 +250,8 @@ def main(argv: list[str] | None = None, prog: str = "colabx bench meta") -> dict
         ap.error("--device cuda given but torch sees no CUDA device")
     if args.period < 1:
         ap.error("--period must be >= 1")
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     if amp_dtype is not None and args.difference == "one_sided":
         ap.error("--difference one_sided needs the inner forward in fp32: use --amp none")
@@ -264,27 +271,26 @@ def main(argv: list[str] | None = None, prog: str = "colabx bench meta") -> dict
           f"{setup.num_classes}, t {setup.t}, {args.difference} difference, amp {args.amp}, "
           f"compile {args.compile}",
           flush=True)
-    timings = {}
     compile_mode = None if args.compile == "off" else args.compile
-    for name, fn in _iterations(setup, device, args.difference, amp_dtype,
-                                compile_mode).items():
-        # compiling (and recording CUDA graphs) takes the first calls
-        timings[name] = time_callable(fn, device, min_time_s=args.min_time,
-                                      warmup=1 if compile_mode is None else 3)
-        print(f"  {name}: {timings[name]['median_ms']:.1f} ms", flush=True)
+    calls = _iterations(setup, device, args.difference, amp_dtype, compile_mode)
+    # compiling (and recording CUDA graphs) takes the first calls
+    timings = time_interleaved(calls, device, min_time_s=args.min_time, rounds=args.rounds,
+                               warmup=1 if compile_mode is None else 3)
+    for name, t in timings.items():
+        print(f"  {name}: {t['median_ms']:.1f} ms ({t['reps']} calls)", flush=True)
     ms = {k: v["median_ms"] for k, v in timings.items()}
-    rows = _overheads(ms, args.period)
+    overheads = _overheads(ms, args.period)
     payload = {"machine": info, "command": f"{prog} " + " ".join(argv or []),
                "setup": {**setup.__dict__, "difference": args.difference, "amp": args.amp,
                          "period": args.period, "compile": args.compile},
-               "timings": timings, "rows": rows}
+               "timings": timings, "rows": overheads}
     write_json(args.out.format(device=device.type), payload)
     p = args.period
     print(f"\n| per iteration | ms | meta part / plain | period 1: ms, over vanilla | "
           f"period {p}: ms, over vanilla |\n|---|---|---|---|---|")
     print(f"| vanilla | {ms['vanilla']:.1f} | | | |")
     print(f"| colab plain (no generator update) | {ms['colab plain']:.1f} | | | |")
-    for r in rows:
+    for r in overheads:
         print(f"| {r['implementation']} | {ms[r['implementation']]:.1f} | "
               f"{r['meta_part_over_plain']:.2f}× | {r['period_1_ms']:.1f}, "
               f"{r['period_1_overhead_pct']:+.0f} % | {r[f'period_{p}_ms']:.1f}, "
