@@ -147,28 +147,26 @@ def _iterations(s: Setup, device: torch.device, difference: str,
 
     rows["vanilla"] = as_trainer(vanilla)
     k = c + s.t - 1
-    variants = [("reference", difference), ("shared", difference)]
+    variants = [("reference order", "reference", difference),
+                ("shared order", "shared", difference)]
     if difference != "central":
-        variants.append(("published", "central"))
-    for order, diff in variants:
+        variants.append(("published iteration", "reference", "central"))
+    for label, order, diff in variants:
         f, g = s.nets(device, k)
         fopt = torch.optim.SGD(f.parameters(), lr=0.0, momentum=0.99, nesterov=True, **fused)
         gopt = torch.optim.Adam(g.parameters(), lr=0.0, **fused)
         f, g = compiled(f, g)
-        ms = MetaStep(f, g, MetaConfig(c, order="shared" if order == "shared" else "reference",
-                                       difference=diff, amp=amp,
+        ms = MetaStep(f, g, MetaConfig(c, order=order, difference=diff, amp=amp,
                                        amp_dtype=amp_dtype or torch.bfloat16))
-        if order != "shared":
-            if order == "reference":
-                rows["colab plain"] = as_trainer(
-                    lambda ms=ms, fopt=fopt: ms.plain_step(x, y, d, fopt))
-
+        if "colab plain" not in rows:
+            rows["colab plain"] = as_trainer(lambda ms=ms, fopt=fopt: ms.plain_step(x, y, d,
+                                                                                      fopt))
+        if order == "reference":
             def reference(ms=ms, fopt=fopt, gopt=gopt):
                 ms.step(x, y, d, ALPHA, gopt)
                 ms.plain_step(x, y, d, fopt)
 
-            name = "reference order" if order == "reference" else "published iteration"
-            rows[f"colab meta ({name})"] = as_trainer(reference)
+            rows[f"colab meta ({label})"] = as_trainer(reference)
         else:
             def shared(ms=ms, f=f, fopt=fopt, gopt=gopt):
                 fopt.zero_grad(set_to_none=True)
@@ -177,7 +175,7 @@ def _iterations(s: Setup, device: torch.device, difference: str,
                 ms.step(x, y, d, ALPHA, gopt, inner=inner)
                 fopt.step()
 
-            rows["colab meta (shared order)"] = as_trainer(shared)
+            rows[f"colab meta ({label})"] = as_trainer(shared)
     mixed = {"amp": True, "amp_dtype": amp_dtype} if amp else {}
     for name, meta_fn, kw in (("restructured PyTorch", restructured_meta_step, mixed),
                               ("reference-style PyTorch", reference_meta_step, {})):
@@ -197,12 +195,9 @@ def _iterations(s: Setup, device: torch.device, difference: str,
 def _overheads(ms: dict[str, float], period: int) -> list[dict]:
     vanilla, plain = ms["vanilla"], ms["colab plain"]
     out = []
-    for name in ("colab meta (reference order)", "colab meta (shared order)",
-                 "colab meta (published iteration)", "restructured PyTorch",
-                 "reference-style PyTorch"):
-        if name not in ms:
+    for name, meta in ms.items():
+        if name in ("vanilla", "colab plain"):
             continue
-        meta = ms[name]
         row = {"implementation": name, "meta_part_ms": meta - plain,
                "meta_part_over_plain": (meta - plain) / plain}
         for p in sorted({1, period}):

@@ -29,7 +29,7 @@ either mode, exactly as the reference's modules do.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -266,18 +266,29 @@ class MetaStep:
     def _loss(self, z, yhat) -> Tensor:
         return dice_ce_loss(z, yhat, validate=False)
 
+    @contextlib.contextmanager
+    def _fd_precision(self, x: Tensor) -> Iterator[None]:
+        """The θ± forwards' context: no autograd graph, autocast off, TF32 only with
+        ``fd_tf32``."""
+        with torch.no_grad(), self._autocast(x, False), tf32_unless(self.config.fd_tf32):
+            yield
+
+    def _shifted_logits(self, params: dict, v: dict, scale: Tensor, x: Tensor) -> list[Tensor]:
+        """f's logits at θ + scale·v, per level, in the θ± precision."""
+        with self._fd_precision(x):
+            return _as_list(functional_call(self.f, _shifted(params, list(v.values()), scale),
+                                            (x,)))
+
     def _theta_pm_logits(self, params: dict, v: dict, eps: Tensor, x: Tensor) -> list[Tensor]:
         """Logits of f_θ+ and f_θ− concatenated along the batch: per level ``[2B, K, *S_l]``,
-        the first B rows θ+. No autograd graph, autocast off, TF32 only with ``fd_tf32``."""
-        f = self.f
-        with torch.no_grad(), self._autocast(x, False), tf32_unless(self.config.fd_tf32):
-            if self.config.theta_pm == "grouped":
-                sets = [_shifted(params, list(v.values()), eps),
-                        _shifted(params, list(v.values()), -eps)]
-                return grouped_unet_forward(f, sets, x)
-            zp = _as_list(functional_call(f, _shifted(params, list(v.values()), eps), (x,)))
-            zm = _as_list(functional_call(f, _shifted(params, list(v.values()), -eps), (x,)))
-            return [torch.cat((a, b)) for a, b in zip(zp, zm, strict=True)]
+        the first B rows θ+, in the θ± precision."""
+        if self.config.theta_pm == "grouped":
+            with self._fd_precision(x):
+                sets = [_shifted(params, list(v.values()), s) for s in (eps, -eps)]
+                return grouped_unet_forward(self.f, sets, x)
+        zp = self._shifted_logits(params, v, eps, x)
+        zm = self._shifted_logits(params, v, -eps, x)
+        return [torch.cat((a, b)) for a, b in zip(zp, zm, strict=True)]
 
     def _upstream_fd(self, params, v, eps, x, yhat_d: list[Tensor],
                      g0: list[Tensor] | None = None) -> list[Tensor]:
@@ -287,9 +298,7 @@ class MetaStep:
         The loss of the concatenated batch ``[z+; z−]`` against ``[ŷ; ŷ]`` is (L+ + L−)/2 (CE and
         Dice are per-item sums/means), so its gradient w.r.t. the target rows is G±/2."""
         if g0 is not None:
-            with torch.no_grad(), self._autocast(x, False), tf32_unless(self.config.fd_tf32):
-                zp = _as_list(functional_call(self.f, _shifted(params, list(v.values()), eps),
-                                              (x,)))
+            zp = self._shifted_logits(params, v, eps, x)
             leaf = [t.clone().requires_grad_() for t in yhat_d]
             with torch.enable_grad():
                 gp = torch.autograd.grad(self._loss(zp, leaf), leaf)
