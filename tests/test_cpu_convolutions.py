@@ -196,3 +196,77 @@ def test_environment_variable_keeps_pytorchs_dispatch(monkeypatch):
     monkeypatch.setenv("COLABX_CPU_CONVOLUTIONS", "fast")
     with pytest.raises(ValueError, match="COLABX_CPU_CONVOLUTIONS='fast'"):
         routed()
+
+
+# (module, input shape, affine): InstanceNorm without running statistics, 1D to 3D, odd sizes
+NORM_CASES = [
+    (torch.nn.InstanceNorm3d, (2, 8, 9, 10, 11), True),
+    (torch.nn.InstanceNorm3d, (1, 3, 5, 4, 7), False),
+    (torch.nn.InstanceNorm2d, (3, 5, 17, 13), True),
+    (torch.nn.InstanceNorm1d, (2, 4, 19), True),
+]
+
+
+def _norm_grads(case, dtype, routed: bool, seed: int = 0):
+    module, shape, affine = case
+    g = torch.Generator().manual_seed(seed)
+    norm = module(shape[1], affine=affine).to(dtype)
+    if affine:
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(shape[1], generator=g) + 0.5)
+            norm.bias.copy_(torch.randn(shape[1], generator=g))
+    x = (torch.randn(shape, generator=g) * 3 + 2).to(dtype).requires_grad_()
+    with onednn_convolutions(routed):
+        out = norm(x)
+    up = torch.randn(shape, generator=g).to(dtype)
+    return (out, *torch.autograd.grad(out, (x, *norm.parameters()), up))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", NORM_CASES, ids=lambda c: f"{c[0].__name__}{c[1]}")
+def test_instance_norm_as_group_norm(case, dtype):
+    """InstanceNorm inside the block: the outputs and the gradients of input, weight and bias
+    of PyTorch's instance_norm (to rounding), computed by group_norm's kernels."""
+    ref = _norm_grads(case, dtype, routed=False)
+    got = _norm_grads(case, dtype, routed=True)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for r, o in zip(ref, got, strict=True):
+        torch.testing.assert_close(o, r, rtol=tol, atol=tol * float(r.detach().abs().max()))
+    kernels = _profiled_kernels(lambda: _norm_grads(case, dtype, routed=True))
+    assert "aten::native_group_norm" in kernels
+    assert "aten::native_batch_norm" not in kernels, sorted(kernels)
+
+
+def test_instance_norm_double_backward():
+    """The exact meta-gradient differentiates through the routed norm's backward."""
+    x = torch.randn(2, 4, 6, 5, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(4, dtype=torch.float64).add(0.5).requires_grad_()
+
+    def second(routed):
+        with onednn_convolutions(routed):
+            out = F.instance_norm(x, weight=w, bias=None, eps=1e-5)
+            (gx,) = torch.autograd.grad(out.pow(3).mean(), x, create_graph=True)
+            return torch.autograd.grad(gx.square().sum(), (x, w))
+
+    for r, o in zip(second(False), second(True), strict=True):
+        torch.testing.assert_close(o, r, rtol=1e-9, atol=1e-12)
+
+
+def test_instance_norm_with_running_stats_untouched():
+    """Running statistics (updated in training, used in eval) and a single voxel per channel
+    (instance_norm's error) stay with PyTorch's instance_norm."""
+    x = torch.randn(2, 3, 4, 5, 6)
+    plain, routed = (torch.nn.InstanceNorm3d(3, track_running_stats=True) for _ in range(2))
+    with onednn_convolutions():
+        kernels = _profiled_kernels(lambda: routed(x))
+        out = routed(x)
+    assert "aten::native_group_norm" not in kernels
+    plain(x)
+    assert torch.equal(out, plain(x))
+    torch.testing.assert_close(routed.running_mean, plain.running_mean)
+    routed.eval()
+    plain.eval()
+    with onednn_convolutions():
+        assert torch.equal(routed(x), plain(x))
+    with onednn_convolutions(), pytest.raises(ValueError, match="more than 1 spatial element"):
+        torch.nn.InstanceNorm3d(3)(torch.randn(2, 3, 1, 1, 1))

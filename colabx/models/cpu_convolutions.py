@@ -1,4 +1,5 @@
-"""Faster 3D convolutions on the CPU: :func:`onednn_convolutions`.
+"""Faster U-Net layers on the CPU: :func:`onednn_convolutions` (3D convolutions on oneDNN's fast
+paths, and InstanceNorm computed as GroupNorm).
 
 PyTorch's CPU dispatch (ATen's ``ConvParams::use_mkldnn``) sends a float32 convolution with
 batch 1, one group and a kernel of at most 3 on its last two axes to oneDNN only when
@@ -22,11 +23,13 @@ forward + backward at batch 1 and 132 ms at batch 2 by default, 96 ms and 100 ms
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["disable_onednn_convolutions", "enable_onednn_convolutions", "onednn_convolutions"]
@@ -43,15 +46,33 @@ def _routed(x: torch.Tensor) -> bool:
             and not x.is_mkldnn and not torch.is_autocast_enabled("cpu"))
 
 
+def _instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
+                   use_input_stats=True, momentum=0.1, eps=1e-5):
+    """``F.instance_norm`` (same signature); on a floating CPU input normalised by its own
+    statistics, with no running statistics to update, as ``F.group_norm`` with one group per
+    channel (module docstring)."""
+    if (isinstance(input, torch.Tensor) and input.device.type == "cpu"
+            and input.is_floating_point() and input.dim() >= 3 and use_input_stats
+            and running_mean is None and running_var is None
+            and math.prod(input.shape[2:]) > 1  # instance_norm's own error for one voxel
+            and not torch.is_autocast_enabled("cpu")):
+        return F.group_norm(input, input.shape[1], weight, bias, eps)
+    return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
+                           momentum, eps)
+
+
 class _OneDNNConvolutions(TorchFunctionMode):
     """Rewrites ``conv3d`` / ``conv_transpose3d`` calls on CPU float32 inputs: a batch-1 input
     that ATen would send to ``slow_conv3d`` is run as batch 2 with a zero second sample (its
     output and gradients discarded, so the first sample's are unchanged), and a convolution
     whose input or output channel count is not a multiple of 16 runs in ``channels_last_3d``
-    (the output is returned contiguous). Anything else passes through unchanged."""
+    (the output is returned contiguous). ``F.instance_norm`` calls (``nn.InstanceNorm*d``) go
+    through :func:`_instance_norm`. Anything else passes through unchanged."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.instance_norm and not torch.compiler.is_compiling():
+            return _instance_norm(*args, **kwargs)
         if (func not in (torch.conv3d, torch.conv_transpose3d) or len(args) < 2
                 or torch.compiler.is_compiling()):  # (input and weight by keyword: left alone)
             return func(*args, **kwargs)
@@ -97,10 +118,11 @@ def _available() -> bool:
 def onednn_convolutions(enabled: bool = True) -> Iterator[None]:
     """Within the block, 3D convolutions (``conv3d``, ``conv_transpose3d``, and so
     ``nn.Conv3d`` / ``nn.ConvTranspose3d``) of float32 CPU tensors run on oneDNN's fast paths,
-    as described in the module docstring. Outputs equal the default dispatch's up to float32
-    rounding; weight gradients carry oneDNN's float32 summation order, as PyTorch's own
-    dispatch does at batch >= 2; double backward works. GPU tensors, other dtypes, CPU autocast
-    and code under ``torch.compile`` are left alone.
+    and InstanceNorm of CPU tensors (``nn.InstanceNorm1d/2d/3d`` without running statistics)
+    as GroupNorm, as described in the module docstring. Outputs equal the default dispatch's up
+    to float32 rounding; weight gradients carry oneDNN's float32 summation order, as PyTorch's own
+    dispatch does at batch >= 2; double backward works. GPU tensors, convolutions of other
+    dtypes, CPU autocast and code under ``torch.compile`` are left alone.
 
     Every torch call in the block passes through the mode's Python handler (microseconds),
     so callers enable it for CPU work only (``enabled=device.type == "cpu"``); with
