@@ -1,6 +1,7 @@
 """CoLab's training-time overhead as a user sees it: ``colabx train`` epoch times (log.csv) of
-CoLab (generator period 1 and 5, both iteration orders, and the published iteration: reference order
-with the central difference) over vanilla, same network, patch and data.
+CoLab (generator period 1 and 5, both iteration orders, the published iteration: reference order
+with the central difference, and the generator and L_ROI passes in bf16) over vanilla, same
+network, patch and data.
 
 Each configuration trains ``--epochs`` epochs on the built-in phantom in its own run folder;
 validation runs only after the last epoch, whose time is left out, and the first epoch is
@@ -24,9 +25,11 @@ import time
 from pathlib import Path
 
 
-def _colab(period: int, order: str, difference: str | None = None) -> list[str]:
+def _colab(period: int, order: str, difference: str | None = None,
+           meta_amp: str | None = None) -> list[str]:
     flags = ["--mode", "colab", "--meta-period", str(period), "--meta-order", order]
-    return flags + (["--meta-difference", difference] if difference else [])
+    return flags + (["--meta-difference", difference] if difference else []) + \
+        (["--meta-amp", meta_amp] if meta_amp else [])
 
 
 CONFIGS = {
@@ -39,6 +42,9 @@ CONFIGS = {
     # the published code's iteration: its order and the paper's central difference
     "colab period 5, published iteration": _colab(5, "reference", "central"),
     "colab period 1, published iteration": _colab(1, "reference", "central"),
+    # the generator and L_ROI passes in bf16 (--meta-amp bf16; fast on CPUs with AMX)
+    "colab period 5, shared, bf16 meta passes": _colab(5, "shared", meta_amp="bf16"),
+    "colab period 1, shared, bf16 meta passes": _colab(1, "shared", meta_amp="bf16"),
 }
 
 

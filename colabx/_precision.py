@@ -7,7 +7,11 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 
-__all__ = ["accumulation_dtype", "no_tf32", "tf32_unless"]
+__all__ = ["AMP_DTYPES", "accumulation_dtype", "no_tf32", "tf32_unless"]
+
+#: The autocast dtype of each mixed-precision choice (``--amp``, ``--meta-amp``): None for none.
+AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16,
+                                             "fp16": torch.float16}
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

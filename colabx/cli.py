@@ -33,7 +33,7 @@ def _add_train_options(p: argparse.ArgumentParser, exclude: frozenset[str] | set
         g = groups.setdefault(meta["group"], p.add_argument_group(f"{meta['group']} options"))
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else f.default_factory()
-        text = f"{meta['help']} (default: {default})"
+        text = f"{meta['help']} (default: {default})".replace("%", "%%")  # argparse formats it
         kind = str(f.type).replace(" | None", "")
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": text}
         if kind == "bool":

@@ -6,7 +6,7 @@ import re
 
 import torch
 
-__all__ = ["optimizer_options", "resolve_device"]
+__all__ = ["cpu_has_amx", "optimizer_options", "resolve_device"]
 
 
 def resolve_device(spec: str, option: str = "device") -> torch.device:
@@ -43,3 +43,12 @@ def optimizer_options(device: torch.device) -> dict[str, bool]:
     tensors: AdamW 1.9 -> 0.5 ms per step, SGD with Nesterov momentum 1.1 -> 0.3 ms, 2
     threads); PyTorch's default (the multi-tensor step) elsewhere."""
     return {"fused": True} if device.type == "cpu" else {}
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later), whose bf16 matrix units
+    oneDNN's bf16 convolutions use: on this project's AMX VM the task generator's forward +
+    backward under CPU bf16 autocast took 28.5 ms against 43.5 ms in float32 (CPU preset, 2
+    threads). False where torch cannot tell (torch before 2.5 has no such query)."""
+    query = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(query()) if query is not None else False

@@ -74,3 +74,18 @@ def test_bench_meta_refuses_one_sided_under_autocast():
     """The one-sided difference needs the inner forward in fp32."""
     with pytest.raises(SystemExit):
         main(["bench", "meta", "--quick", "--amp", "bf16", "--difference", "one_sided"])
+
+
+def test_bench_meta_meta_amp(tmp_path, capsys):
+    """``--meta-amp bf16``: the generator and L_ROI passes of colabx's rows under CPU bf16
+    autocast, the one-sided difference kept (the network's passes stay fp32); bf16 beside fp16
+    autocast is refused."""
+    out = tmp_path / "meta.json"
+    assert main(["bench", "meta", "--quick", "--min-time", "0", "--rounds", "1", "--meta-amp",
+                 "bf16", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert (data["setup"]["meta_amp"], data["setup"]["difference"]) == ("bf16", "one_sided")
+    assert "meta passes bf16" in capsys.readouterr().out
+    assert all(math.isfinite(v["median_ms"]) for v in data["timings"].values())
+    with pytest.raises(SystemExit):
+        main(["bench", "meta", "--quick", "--amp", "fp16", "--meta-amp", "bf16"])

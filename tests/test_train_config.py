@@ -101,3 +101,19 @@ def test_saved_options_replace_retired_values():
     assert saved_options({"theta_pm": "grouped"})["theta_pm"] == "grouped"
     with pytest.raises(ConfigError, match="theta_pm"):
         from_mapping({"theta_pm": "vmap"})
+
+
+def test_meta_amp_resolves_against_amp():
+    """``amp`` (default) follows the run's resolved --amp, as colabx did before the option;
+    none and bf16 are taken as given; bf16 cannot share a meta step with fp16 autocast."""
+    from colabx.train.config import resolved_meta_amp
+
+    assert TrainConfig().meta_amp == "amp"
+    for amp in ("none", "bf16", "fp16"):
+        assert resolved_meta_amp(TrainConfig(), amp) == amp
+        assert resolved_meta_amp(TrainConfig(meta_amp="none"), amp) == "none"
+    assert resolved_meta_amp(TrainConfig(meta_amp="bf16"), "none") == "bf16"
+    with pytest.raises(ConfigError, match="meta_amp: bf16 with amp fp16"):
+        TrainConfig(meta_amp="bf16", amp="fp16")
+    with pytest.raises(ConfigError, match="meta_amp: must be one of"):
+        from_mapping({"meta_amp": "fp16"})

@@ -38,11 +38,12 @@ def _poly(base, it):
     return base * (1 - it / (EPOCHS * ITERS)) ** POLY
 
 
-def _hand_loop(tr, f, g, n, clip):
+def _hand_loop(tr, f, g, n, clip, meta_amp):
     """The iterations the trainer should run, written out; returns per iteration the inner
     learning rate given to the meta step and the gradient norm before clipping."""
     cfg = tr.cfg
-    ms = MetaStep(f, g, MetaConfig(tr.num_classes, cfg.margin, cfg.tau, mode=cfg.meta_mode))
+    ms = MetaStep(f, g, MetaConfig(tr.num_classes, cfg.margin, cfg.tau, mode=cfg.meta_mode,
+                                   meta_amp=meta_amp == "bf16", amp_dtype=torch.bfloat16))
     fused = optimizer_options(torch.device("cpu"))  # the trainer's optimizers on the CPU
     opt = torch.optim.SGD(f.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True,
                           weight_decay=WD, **fused)
@@ -85,15 +86,18 @@ def _spy_meta(tr):
     return calls
 
 
-@pytest.mark.parametrize("meta_mode,clip", [("batched", 12.0), ("batched", 0.05),
-                                            ("per_sample", 0.05)])
-def test_trainer_equals_the_hand_written_loop(cache, tmp_path, meta_mode, clip):
-    tr = Trainer(_cfg(meta_mode=meta_mode, grad_clip=clip), tmp_path, echo=lambda s: None)
+@pytest.mark.parametrize("meta_mode,clip,meta_amp", [
+    ("batched", 12.0, "amp"), ("batched", 0.05, "amp"), ("per_sample", 0.05, "amp"),
+    ("batched", 12.0, "bf16"),  # the generator and L_ROI passes under CPU bf16 autocast
+])
+def test_trainer_equals_the_hand_written_loop(cache, tmp_path, meta_mode, clip, meta_amp):
+    tr = Trainer(_cfg(meta_mode=meta_mode, grad_clip=clip, meta_amp=meta_amp), tmp_path,
+                 echo=lambda s: None)
     f, g = copy.deepcopy(tr.f), copy.deepcopy(tr.g)
     f0 = [p.detach().clone() for p in f.parameters()]
     calls = _spy_meta(tr)
     assert tr.run(max_epochs=2) is None  # iterations 0 and 1 of 3
-    seen = _hand_loop(tr, f, g, 2, clip)
+    seen = _hand_loop(tr, f, g, 2, clip, meta_amp)
     # equal, not close: the same operations in the same order, in one process
     for mine, hand in ((tr.f, f), (tr.g, g)):
         want = dict(hand.named_parameters())
@@ -127,3 +131,18 @@ def test_optimizer_settings_are_the_configured_ones(cache, tmp_path):
     assert {id(p) for p in group["params"]} == {id(p) for p in tr.f.parameters()}
     assert {id(p) for p in tr.gen_opt.param_groups[0]["params"]} == \
         {id(p) for p in tr.g.parameters()}
+
+
+def test_meta_amp_reaches_the_meta_step_and_warns_without_amx(cache, tmp_path, monkeypatch):
+    import colabx.train.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "cpu_has_amx", lambda: False)
+    lines: list[str] = []
+    tr = Trainer(_cfg(meta_amp="bf16"), tmp_path / "bf16", echo=lines.append)
+    c = tr.meta.config
+    assert (c.amp, c.meta_amp, c.amp_dtype) == (False, True, torch.bfloat16)
+    assert any("meta_amp bf16 on a CPU without AMX" in line for line in lines)
+    lines.clear()
+    tr = Trainer(_cfg(), tmp_path / "default", echo=lines.append)
+    assert (tr.meta.config.amp, tr.meta.config.meta_amp) == (False, False)
+    assert not any("AMX" in line for line in lines)

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from colabx import distance_transform
+from colabx._precision import AMP_DTYPES
 from colabx.bench.harness import machine_info, time_interleaved, write_json
 from colabx.device import optimizer_options
 from colabx.method.meta_step import DIFFERENCES, MetaConfig, MetaStep
@@ -106,12 +107,15 @@ def _setup_from_run(run: str, batch: int) -> Setup:
 
 def _iterations(s: Setup, device: torch.device, difference: str,
                 amp_dtype: torch.dtype | None = None,
-                compile_mode: str | None = None) -> dict[str, Callable[[], object]]:
+                compile_mode: str | None = None,
+                meta_amp_dtype: torch.dtype | None = None) -> dict[str, Callable[[], object]]:
     """One callable per row, each one training iteration on the same batch; with ``amp_dtype``
     the network forwards run under autocast (colabx's θ± forwards stay fp32 as always; the
     reference-style step has no mixed precision, as the published code). With
     ``compile_mode`` colabx's rows run ``torch.compile``d networks, as ``colabx train
-    --compile`` does."""
+    --compile`` does. ``meta_amp_dtype``: the autocast of the generator and L_ROI passes in
+    colabx's plain, reference-order and shared-order rows (``colabx train --meta-amp``); the
+    published iteration keeps ``amp_dtype``'s."""
     c = s.num_classes
     amp = amp_dtype is not None
 
@@ -156,8 +160,11 @@ def _iterations(s: Setup, device: torch.device, difference: str,
         fopt = torch.optim.SGD(f.parameters(), lr=0.0, momentum=0.99, nesterov=True, **fused)
         gopt = torch.optim.Adam(g.parameters(), lr=0.0, **fused)
         f, g = compiled(f, g)
-        ms = MetaStep(f, g, MetaConfig(c, order=order, difference=diff, amp=amp,
-                                       amp_dtype=amp_dtype or torch.bfloat16))
+        published = label == "published iteration"
+        ms = MetaStep(f, g, MetaConfig(
+            c, order=order, difference=diff, amp=amp,
+            meta_amp=None if published else meta_amp_dtype is not None,
+            amp_dtype=amp_dtype or meta_amp_dtype or torch.bfloat16))
         if "colab plain" not in rows:
             rows["colab plain"] = as_trainer(lambda ms=ms, fopt=fopt: ms.plain_step(x, y, d,
                                                                                       fopt))
@@ -229,6 +236,10 @@ def main(argv: list[str] | None = None, prog: str = "colabx bench meta") -> dict
     ap.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
                     help="autocast the network forwards (colabx and the restructured step; "
                     "the reference-style step stays fp32 as the published code; default none)")
+    ap.add_argument("--meta-amp", choices=("amp", "none", "bf16"), default="amp",
+                    help="precision of the generator and L_ROI passes in colabx's rows, as "
+                    "colabx train --meta-amp: as --amp (default), none, or bf16 (the published "
+                    "iteration's row keeps --amp's)")
     ap.add_argument("--compile", choices=("off", "default", "reduce-overhead", "max-autotune"),
                     default="off", help="torch.compile colabx's networks with this mode, as "
                     "colabx train --compile --compile-mode MODE (default off)")
@@ -247,9 +258,13 @@ def main(argv: list[str] | None = None, prog: str = "colabx bench meta") -> dict
         ap.error("--period must be >= 1")
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    amp_dtype = AMP_DTYPES[args.amp]
     if amp_dtype is not None and args.difference == "one_sided":
         ap.error("--difference one_sided needs the inner forward in fp32: use --amp none")
+    meta_amp = args.amp if args.meta_amp == "amp" else args.meta_amp
+    if meta_amp == "bf16" and args.amp == "fp16":
+        ap.error("--meta-amp bf16 with --amp fp16: one autocast dtype per meta step")
+    meta_amp_dtype = AMP_DTYPES[meta_amp]
     if args.difference == "auto":
         args.difference = "central" if amp_dtype is not None else "one_sided"
     if args.run:
@@ -264,10 +279,10 @@ def main(argv: list[str] | None = None, prog: str = "colabx bench meta") -> dict
           f"{info['torch']}, {info['torch_threads']} CPU threads; batch {setup.batch}, patch "
           f"{list(setup.patch)}, {len(setup.pools)} pools, {setup.features} features, c "
           f"{setup.num_classes}, t {setup.t}, {args.difference} difference, amp {args.amp}, "
-          f"compile {args.compile}",
+          f"meta passes {meta_amp}, compile {args.compile}",
           flush=True)
     compile_mode = None if args.compile == "off" else args.compile
-    calls = _iterations(setup, device, args.difference, amp_dtype, compile_mode)
+    calls = _iterations(setup, device, args.difference, amp_dtype, compile_mode, meta_amp_dtype)
     # compiling (and recording CUDA graphs) takes the first calls
     timings = time_interleaved(calls, device, min_time_s=args.min_time, rounds=args.rounds,
                                warmup=1 if compile_mode is None else 3)
@@ -277,6 +292,7 @@ def main(argv: list[str] | None = None, prog: str = "colabx bench meta") -> dict
     overheads = _overheads(ms, args.period)
     payload = {"machine": info, "command": f"{prog} " + " ".join(argv or []),
                "setup": {**setup.__dict__, "difference": args.difference, "amp": args.amp,
+                         "meta_amp": meta_amp,
                          "period": args.period, "compile": args.compile},
                "timings": timings, "rows": overheads}
     write_json(args.out.format(device=device.type), payload)

@@ -22,8 +22,8 @@ import yaml
 from colabx.method.meta_step import DIFFERENCES, META_GRADS, META_MODES, ORDERS, THETA_PM
 
 __all__ = ["CHANGEABLE_ON_RESUME", "MODES", "PRESETS", "TRAIN_PRESETS", "ConfigError",
-           "TrainConfig", "from_mapping", "load_config", "read_yaml", "resolved_meta_difference",
-           "resolved_meta_order", "resume_differences",
+           "TrainConfig", "from_mapping", "load_config", "read_yaml", "resolved_meta_amp",
+           "resolved_meta_difference", "resolved_meta_order", "resume_differences",
            "save_config", "saved_options"]
 
 MODES = ("vanilla", "manual", "colab", "kmeans", "dilation")
@@ -153,6 +153,15 @@ class TrainConfig:
     amp: str = _opt("auto", "mixed precision for network forwards: auto (bf16 on CUDA, none on "
                     "CPU), none, bf16, fp16; the meta step's theta+/- passes stay fp32",
                     choices=AMP_CHOICES)
+    meta_amp: str = _opt(
+        "amp", "mixed precision of the meta step's own passes (the task generator's forward "
+        "and backward, the L_ROI pass at theta*), which the finite difference never compares "
+        "(it compares the network's logits at theta and theta+/- on the same labels): amp "
+        "(as --amp), none, or bf16. bf16 on an AMX CPU made the CPU preset's CoLab iteration "
+        "1.1-1.2x faster, but moved the meta-gradient by 16-38 % of its norm from the fp32 "
+        "one (the fp32 finite difference is 2-18 % from the exact one), so the default keeps "
+        "these passes in --amp's precision (fp32 on the CPU, as the published code); "
+        "benchmarks/RESULTS.md", choices=("amp", "none", "bf16"), group="method")
     compile: bool = _opt(False, "torch.compile both networks: every pass of the iteration (the "
                          "plain update, the inner step, L_ROI at theta*, the theta+/- forwards, "
                          "the generator's labels); not with meta_grad exact (double backward). "
@@ -236,6 +245,9 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.meta_difference == "one_sided" and cfg.amp in ("bf16", "fp16"):
         raise ConfigError(f"meta_difference: one_sided needs the inner forward in fp32, but amp "
                           f"is {cfg.amp}; use central or --amp none")
+    if cfg.meta_amp == "bf16" and cfg.amp == "fp16":
+        raise ConfigError("meta_amp: bf16 with amp fp16 would need two autocast dtypes in one "
+                          "meta step; use meta_amp amp (fp16) or none")
     if cfg.compile and cfg.meta_grad == "exact":
         raise ConfigError("compile: torch.compile does not differentiate its graphs twice, which "
                           "the exact meta-gradient needs; use meta_grad fd or no --compile")
@@ -292,8 +304,8 @@ def from_mapping(values: Mapping[str, Any]) -> TrainConfig:
 #: Options a resumed run may change (how it runs, how long, what it reports); every other option
 #: decides what the run computes and must equal the run's own.
 CHANGEABLE_ON_RESUME = ("epochs", "num_workers", "device", "threads", "progress", "amp",
-                        "compile", "compile_mode", "deterministic", "val_every", "val_cases",
-                        "overlap", "snapshot_every", "save_every", "preprocessed")
+                        "meta_amp", "compile", "compile_mode", "deterministic", "val_every",
+                        "val_cases", "overlap", "snapshot_every", "save_every", "preprocessed")
 
 
 #: Options added after runs were saved with an older behaviour than today's default: a saved
@@ -320,6 +332,12 @@ def resolved_meta_difference(cfg: TrainConfig, mixed_precision: bool) -> str:
     if cfg.meta_difference != "auto":
         return cfg.meta_difference
     return "central" if mixed_precision else "one_sided"
+
+
+def resolved_meta_amp(cfg: TrainConfig, amp: str) -> str:
+    """The precision of a run's meta-step passes (generator, L_ROI at θ*): ``meta_amp``, with
+    ``amp`` meaning the run's resolved ``amp`` (none, bf16 or fp16)."""
+    return amp if cfg.meta_amp == "amp" else cfg.meta_amp
 
 
 def saved_options(config: Mapping[str, Any]) -> dict[str, Any]:

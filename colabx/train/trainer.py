@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from colabx._io import remove_stale_temporaries
+from colabx._precision import AMP_DTYPES
 from colabx.checkpoint import (
     capture_rng,
     load_checkpoint,
@@ -49,7 +50,7 @@ from colabx.data.preprocessing import (
     load_preprocessed,
     preprocess_dataset,
 )
-from colabx.device import optimizer_options, resolve_device
+from colabx.device import cpu_has_amx, optimizer_options, resolve_device
 from colabx.method.meta_step import MetaConfig, MetaStep, UpdateCounter
 from colabx.method.targets import FixedTargets, fit_intensity_clusters
 from colabx.models.cpu_convolutions import onednn_convolutions
@@ -59,6 +60,7 @@ from colabx.train import evaluation
 from colabx.train.config import (
     TRAIN_PRESETS,
     TrainConfig,
+    resolved_meta_amp,
     resolved_meta_difference,
     resolved_meta_order,
     resume_differences,
@@ -189,7 +191,11 @@ class Trainer:
             raise ValueError(f"meta_difference: one_sided needs the inner forward in fp32, but "
                              f"amp {cfg.amp} means {amp} on {dev.type}; pass --amp none or use "
                              "central")
-        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        self.amp_dtype = AMP_DTYPES[amp]
+        self.meta_amp_dtype = AMP_DTYPES[resolved_meta_amp(cfg, amp)]
+        if self.meta_amp_dtype == torch.bfloat16 and dev.type == "cpu" and not cpu_has_amx():
+            self.echo("warning: meta_amp bf16 on a CPU without AMX (or a torch that cannot "
+                      "tell): its bf16 convolutions may be slower than fp32 ones")
         torch.manual_seed(cfg.seed)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -343,7 +349,8 @@ class Trainer:
                             order=resolved_meta_order(cfg),
                             difference=resolved_meta_difference(cfg, self.amp_dtype is not None),
                             amp=self.amp_dtype is not None,
-                            amp_dtype=self.amp_dtype or torch.bfloat16)
+                            meta_amp=self.meta_amp_dtype is not None,
+                            amp_dtype=self.amp_dtype or self.meta_amp_dtype or torch.bfloat16)
             self.meta = MetaStep(self.f_run, g_run, mc,
                                  ProcessGroupReducer() if self.dist.enabled else None)
             self.fixed = None
@@ -569,7 +576,8 @@ class Trainer:
             f" patch {p.patch_size}, pooling {p.pool_kernel_sizes}, {nparam / 1e6:.2f} M "
             f"parameters, device {self.device}"
             f"{f' x{self.dist.world_size} processes' if self.dist.enabled else ''}, "
-            f"{cfg.epochs} epochs x {cfg.iterations} iterations, batch {cfg.batch_size}")
+            f"{cfg.epochs} epochs x {cfg.iterations} iterations, batch {cfg.batch_size}"
+            f"{_precision(self.amp_dtype, self.meta_amp_dtype if self.meta else None)}")
 
     def _book(self, out: dict[str, float | Tensor], stats: dict[str, list[float]], bar) -> None:
         """Records one finished iteration's numbers (device scalars read back here)."""
@@ -653,6 +661,14 @@ def _bar(total: int, desc: str, enabled: bool):
 
     return tqdm(total=total, desc=desc, unit="it", leave=False, disable=not enabled,
                 dynamic_ncols=True)
+
+
+def _precision(amp: torch.dtype | None, meta_amp: torch.dtype | None) -> str:
+    """The describe line's note on mixed precision ("" when everything runs in fp32)."""
+    name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    parts = [f"{what} {name[dt]}" for what, dt in (("network passes", amp),
+                                                   ("meta-step passes", meta_amp)) if dt]
+    return f", {' and '.join(parts)}" if parts else ""
 
 
 def _summary_line(row: dict[str, Any], epochs: int) -> str:
