@@ -1,6 +1,6 @@
 """Networks of CoLab: the segmentation U-Net, the task generator (same U-Net, t outputs) and the
 network plan that sizes both from the data, and :func:`onednn_convolutions`, which runs their
-CPU convolutions on oneDNN's fast paths.
+CPU convolutions on oneDNN's fast paths and their CPU InstanceNorm as GroupNorm.
 
 See :mod:`colabx.models.unet` for the reference configuration they reproduce and
 :mod:`colabx.models.plan` for the plan stored in checkpoints.
