@@ -253,8 +253,8 @@ def test_instance_norm_double_backward():
 
 
 def test_instance_norm_with_running_stats_untouched():
-    """Running statistics (updated in training, used in eval) and a single voxel per channel
-    (instance_norm's error) stay with PyTorch's instance_norm."""
+    """Running statistics (updated in training, used in eval), a single voxel per channel
+    (instance_norm's error) and other dtypes stay with PyTorch's instance_norm."""
     x = torch.randn(2, 3, 4, 5, 6)
     plain, routed = (torch.nn.InstanceNorm3d(3, track_running_stats=True) for _ in range(2))
     with onednn_convolutions():
@@ -270,3 +270,8 @@ def test_instance_norm_with_running_stats_untouched():
         assert torch.equal(routed(x), plain(x))
     with onednn_convolutions(), pytest.raises(ValueError, match="more than 1 spatial element"):
         torch.nn.InstanceNorm3d(3)(torch.randn(2, 3, 1, 1, 1))
+    xb = x.to(torch.bfloat16)  # dtypes other than float32/float64: PyTorch's own kernels
+    with onednn_convolutions():
+        assert "aten::native_group_norm" not in _profiled_kernels(lambda: F.instance_norm(xb))
+        inside = F.instance_norm(xb)
+    assert torch.equal(inside, F.instance_norm(xb))

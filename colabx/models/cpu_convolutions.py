@@ -48,11 +48,12 @@ def _routed(x: torch.Tensor) -> bool:
 
 def _instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
                    use_input_stats=True, momentum=0.1, eps=1e-5):
-    """``F.instance_norm`` (same signature); on a floating CPU input normalised by its own
-    statistics, with no running statistics to update, as ``F.group_norm`` with one group per
-    channel (module docstring)."""
+    """``F.instance_norm`` (same signature); on a float32 or float64 CPU input normalised by its
+    own statistics, with no running statistics to update, as ``F.group_norm`` with one group
+    per channel (module docstring)."""
     if (isinstance(input, torch.Tensor) and input.device.type == "cpu"
-            and input.is_floating_point() and input.dim() >= 3 and use_input_stats
+            and input.dtype in (torch.float32, torch.float64) and input.dim() >= 3
+            and use_input_stats
             and running_mean is None and running_var is None
             and math.prod(input.shape[2:]) > 1  # instance_norm's own error for one voxel
             and not torch.is_autocast_enabled("cpu")):
