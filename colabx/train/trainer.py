@@ -193,7 +193,8 @@ class Trainer:
                              "central")
         self.amp_dtype = AMP_DTYPES[amp]
         self.meta_amp_dtype = AMP_DTYPES[resolved_meta_amp(cfg, amp)]
-        if self.meta_amp_dtype == torch.bfloat16 and dev.type == "cpu" and not cpu_has_amx():
+        if (cfg.mode == "colab" and self.meta_amp_dtype == torch.bfloat16 and dev.type == "cpu"
+                and not cpu_has_amx()):
             self.echo("warning: meta_amp bf16 on a CPU without AMX (or a torch that cannot "
                       "tell): its bf16 convolutions may be slower than fp32 ones")
         torch.manual_seed(cfg.seed)
@@ -665,7 +666,7 @@ def _bar(total: int, desc: str, enabled: bool):
 
 def _precision(amp: torch.dtype | None, meta_amp: torch.dtype | None) -> str:
     """The describe line's note on mixed precision ("" when everything runs in fp32)."""
-    name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}
     parts = [f"{what} {name[dt]}" for what, dt in (("network passes", amp),
                                                    ("meta-step passes", meta_amp)) if dt]
     return f", {' and '.join(parts)}" if parts else ""
