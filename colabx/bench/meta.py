@@ -151,20 +151,19 @@ def _iterations(s: Setup, device: torch.device, difference: str,
 
     rows["vanilla"] = as_trainer(vanilla)
     k = c + s.t - 1
-    variants = [("reference order", "reference", difference),
-                ("shared order", "shared", difference)]
+    # (row label, order, difference, meta_amp: None follows amp, as the published iteration)
+    meta_amp = meta_amp_dtype is not None
+    variants = [("reference order", "reference", difference, meta_amp),
+                ("shared order", "shared", difference, meta_amp)]
     if difference != "central":
-        variants.append(("published iteration", "reference", "central"))
-    for label, order, diff in variants:
+        variants.append(("published iteration", "reference", "central", None))
+    for label, order, diff, meta in variants:
         f, g = s.nets(device, k)
         fopt = torch.optim.SGD(f.parameters(), lr=0.0, momentum=0.99, nesterov=True, **fused)
         gopt = torch.optim.Adam(g.parameters(), lr=0.0, **fused)
         f, g = compiled(f, g)
-        published = label == "published iteration"
-        ms = MetaStep(f, g, MetaConfig(
-            c, order=order, difference=diff, amp=amp,
-            meta_amp=None if published else meta_amp_dtype is not None,
-            amp_dtype=amp_dtype or meta_amp_dtype or torch.bfloat16))
+        ms = MetaStep(f, g, MetaConfig(c, order=order, difference=diff, amp=amp, meta_amp=meta,
+                                       amp_dtype=amp_dtype or meta_amp_dtype or torch.bfloat16))
         if "colab plain" not in rows:
             rows["colab plain"] = as_trainer(lambda ms=ms, fopt=fopt: ms.plain_step(x, y, d,
                                                                                       fopt))

@@ -666,7 +666,7 @@ def _bar(total: int, desc: str, enabled: bool):
 
 def _precision(amp: torch.dtype | None, meta_amp: torch.dtype | None) -> str:
     """The describe line's note on mixed precision ("" when everything runs in fp32)."""
-    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+    name = {dt: choice for choice, dt in AMP_DTYPES.items()}
     parts = [f"{what} {name[dt]}" for what, dt in (("network passes", amp),
                                                    ("meta-step passes", meta_amp)) if dt]
     return f", {' and '.join(parts)}" if parts else ""
