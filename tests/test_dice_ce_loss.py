@@ -111,6 +111,23 @@ def test_hard_equals_onehot_soft():
         torch.testing.assert_close(colabx.dice_ce_loss(z, lab2), lh.detach())
 
 
+
+
+@pytest.mark.parametrize("b,spatial", [(1, (1, 4, 5)), (2, (1, 6, 3)), (1, (1, 7)), (2, (1, 9))])
+@pytest.mark.parametrize("channel_axis", [False, True])
+def test_hard_labels_with_first_spatial_size_one(b, spatial, channel_axis):
+    """A depth (3D) or height (2D) of 1 is a spatial axis, not the labels' channel axis: the
+    op, its twin and the one-hot soft targets agree, for both losses."""
+    gen = torch.Generator().manual_seed(len(spatial) * 10 + b)
+    z = torch.randn((b, 3, *spatial), generator=gen)
+    lab = torch.randint(0, 3, (b, *spatial), generator=gen)
+    onehot = torch.nn.functional.one_hot(lab, 3).movedim(-1, 1).float()
+    hard = lab[:, None] if channel_axis else lab
+    for op, twin, kw in ((colabx.dice_ce_loss, ref.dice_ce_loss, {}),
+                         (colabx.roi_bce_loss, bce_ref.roi_bce_loss, {"roi_channels": [1, 2]})):
+        expected = twin(z, onehot, **kw)
+        torch.testing.assert_close(op(z, hard, **kw), expected, rtol=2e-6, atol=1e-7)
+        torch.testing.assert_close(twin(z, hard, **kw), expected, rtol=1e-7, atol=0.0)
 @pytest.mark.parametrize("weights", [None, [0.5, 0.3, 0.2], [1.0, 0.0, 2.0]])
 @pytest.mark.parametrize("channels", [None, [0, 2], [3]])
 def test_deep_supervision_levels(weights, channels):

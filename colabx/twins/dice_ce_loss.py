@@ -42,12 +42,16 @@ LEVEL_WEIGHTS: dict[int, tuple[float, ...]] = {
 }
 
 
-def as_probabilities(targets: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
-    """Soft targets as ``dtype``; hard labels ``[B, *S]`` / ``[B, 1, *S]`` as one-hot."""
+def as_probabilities(targets: torch.Tensor, logits: torch.Tensor,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """Soft targets as ``dtype``; hard labels ``[B, *S]`` / ``[B, 1, *S]`` as one-hot over the
+    ``K`` channels of ``logits`` ``[B, K, *S]``. The rank decides which label form it is, so
+    a first spatial size of 1 is not taken for the channel axis."""
     if targets.dtype.is_floating_point:
         return targets.to(dtype)
+    k = logits.shape[1]
     lab = targets.long()
-    if lab.dim() >= 2 and lab.shape[1] == 1:
+    if lab.dim() == logits.dim():
         lab = lab[:, 0]
     return torch.nn.functional.one_hot(lab, k).movedim(-1, 1).to(dtype)
 
@@ -56,10 +60,10 @@ def dice_ce_level(logits: torch.Tensor, targets: torch.Tensor, dice_channels: Se
                   smooth: float = 1e-5) -> torch.Tensor:
     """CE + Dice of one level (no weight)."""
     dt = accumulation_dtype(logits.dtype)
-    b, k = logits.shape[:2]
+    b = logits.shape[0]
     v = logits[0, 0].numel()
     p = torch.softmax(logits.to(dt), dim=1)
-    y = as_probabilities(targets, k, dt)
+    y = as_probabilities(targets, logits, dt)
     ce = -(y * torch.log(p + CE_EPS)).sum() / (b * v)
     dims = tuple(range(2, logits.dim()))
     tp = (p * y).sum(dims)

@@ -21,10 +21,10 @@ def roi_bce_loss(logits: torch.Tensor, labels: torch.Tensor,
     """One-vs-all BCE on the ROI channels of p = softmax(logits) over all K channels:
     −(1/(B·V)) Σ_voxels Σ_{j∈roi} [y_j log(p_j + 1e−6) + (1−y_j) log(1 − p_j + 1e−6)]."""
     dt = accumulation_dtype(logits.dtype)
-    b, k = logits.shape[:2]
+    b = logits.shape[0]
     v = logits[0, 0].numel()
     p = torch.softmax(logits.to(dt), dim=1)
-    y = as_probabilities(labels, k, dt)
+    y = as_probabilities(labels, logits, dt)
     roi = list(roi_channels)
     pr, yr = p[:, roi], y[:, roi]
     bce = yr * torch.log(pr + BCE_EPS) + (1 - yr) * torch.log(1 - pr + BCE_EPS)
