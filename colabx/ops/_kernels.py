@@ -20,19 +20,53 @@ The custom-op dispatch (schema parsing of list arguments, pytree handling) costs
 direct call; a training iteration makes ~10 such calls, so through the custom ops eagerly it
 would lose 1–3 ms of host time per iteration, which on the GPU is time the device waits. The
 Function with direct eager calls keeps that cost away without a second autograd path.
+
+The kernels' gradients have no autograd graph of their own, so the ops are differentiable once:
+:func:`first_order_only` makes a second differentiation raise instead of silently seeing
+constants (the exact meta-gradient differentiates the twins twice, not the ops).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["kernel_call"]
+__all__ = ["first_order_only", "kernel_call"]
 
 
 def kernel_call(op: Callable[..., Any], kernels: Callable[..., Any], *args: Any) -> Any:
     """``kernels(*args)`` in eager mode; ``op(*args)`` (the custom op wrapping ``kernels``) while
     ``torch.compile`` traces."""
     return op(*args) if torch.compiler.is_compiling() else kernels(*args)
+
+
+def first_order_only(op_name: str, twin: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator for the ``backward`` of an op's ``autograd.Function``. Under
+    ``create_graph=True`` the gradients it returns, when its saved inputs require grad, get a
+    ``grad_fn`` that raises a ``RuntimeError`` naming the op and its ``twin`` if they are
+    differentiated again; without it they would come back as constants, and a second derivative
+    through the op would be silently wrong. Like ``torch.autograd.function.once_differentiable``,
+    which only looks at whether the incoming gradients require grad (they usually do not)."""
+    message = (f"colabx.{op_name} is differentiable once: its gradient comes from a kernel, not "
+               f"from autograd ops. For second derivatives (create_graph=True, then a gradient "
+               f"of the gradient) use its twin, {twin}").encode()
+
+    def decorate(backward: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(backward)
+        def wrapper(ctx: Any, *grads: Any) -> Any:
+            if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+                return backward(ctx, *grads)
+            with torch.no_grad():
+                out = backward(ctx, *grads)
+            if not any(t.requires_grad for t in ctx.saved_tensors):
+                return out
+            outs = out if isinstance(out, tuple) else (out,)
+            raise_on_backward = torch._C._functions.DelayedError(message, len(outs))
+            marked = raise_on_backward(*[g if g is None else g.detach().requires_grad_()
+                                         for g in outs])
+            return marked if isinstance(out, tuple) else marked[0]
+        return wrapper
+    return decorate

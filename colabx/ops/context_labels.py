@@ -16,7 +16,7 @@ import torch
 from colabx import _backend
 from colabx._precision import accumulation_dtype
 from colabx.ops import _checks
-from colabx.ops._kernels import kernel_call
+from colabx.ops._kernels import first_order_only, kernel_call
 from colabx.twins.context_labels import (
     LevelsArg,
     context_labels_twin,
@@ -146,6 +146,7 @@ class _ContextLabels(torch.autograd.Function):
         return tuple(res)
 
     @staticmethod
+    @first_order_only("context_labels", "colabx.twins.context_labels.context_labels_twin")
     def backward(ctx, *grads):
         o, y, d = ctx.saved_tensors
         level_grads = list(grads[: ctx.nlev])

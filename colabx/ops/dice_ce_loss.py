@@ -19,7 +19,7 @@ from torch import Tensor
 from colabx import _backend
 from colabx._precision import accumulation_dtype
 from colabx.ops import _checks
-from colabx.ops._kernels import kernel_call
+from colabx.ops._kernels import first_order_only, kernel_call
 from colabx.twins import dice_ce_loss as _twin
 
 __all__ = ["dice_ce_loss"]
@@ -134,6 +134,7 @@ class _DiceCE(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @first_order_only("dice_ce_loss", "colabx.twins.dice_ce_loss.dice_ce_loss")
     def backward(ctx, grad_loss):
         n, dice_channels, weights, smooth = ctx.args
         saved = ctx.saved_tensors

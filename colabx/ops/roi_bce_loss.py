@@ -19,7 +19,7 @@ from torch import Tensor
 from colabx import _backend
 from colabx._precision import accumulation_dtype
 from colabx.ops import _checks
-from colabx.ops._kernels import kernel_call
+from colabx.ops._kernels import first_order_only, kernel_call
 from colabx.twins import roi_bce_loss as _twin
 
 __all__ = ["roi_bce_loss"]
@@ -99,6 +99,7 @@ class _RoiBCE(torch.autograd.Function):
         return kernel_call(_forward_op, _forward_kernels, logits, labels, roi_channels)
 
     @staticmethod
+    @first_order_only("roi_bce_loss", "colabx.twins.roi_bce_loss.roi_bce_loss")
     def backward(ctx, grad_loss):
         logits, labels = ctx.saved_tensors
         return kernel_call(_backward_op, _backward_kernels, grad_loss, logits, labels,
