@@ -152,6 +152,27 @@ def test_calculate_loss_matches_the_reference(case, with_masks, spatial):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()) + 1e-12)
 
 
+@pytest.mark.parametrize("deep, manual", [(True, False), (True, True), (False, False)])
+@pytest.mark.parametrize("losstype", [0, 1])
+@pytest.mark.parametrize("dtypes", [("f32", "f64", "f32"), ("f32", "f32", "f64"),
+                                    ("f64", "f32", "f32"), ("f32", "f64", "f64")], ids=str)
+def test_calculate_loss_returns_the_references_dtype_for_mixed_inputs(dtypes, losstype, deep,
+                                                                       manual):
+    """The reference's arithmetic promotes the loss to the widest dtype it reads: the logits,
+    the masks, and the generator's probabilities unless the labels are manual."""
+    dt = {"f32": torch.float32, "f64": torch.float64}
+    args = _args(2, 2, deep, 3, manual=manual)
+    y, zs, qs, ms = _inputs(args, (12, 10, 8), seed=5)
+    cast = [[t.detach().to(dt[d]).requires_grad_(t.requires_grad) for t in _flat(x)]
+            for x, d in zip((zs, qs, ms), dtypes, strict=True)]
+    zs, qs, ms = (c if deep else c[0] for c in cast)
+    kwargs = dict(losstype=losstype, BGcls=1)
+    ours = calculate_loss(args, y, zs, qs, loss_masks=_clone(ms), **kwargs)
+    want = calculate_loss_reference(args, y, zs, qs, loss_masks=_clone(ms), **kwargs)
+    assert ours.dtype == want.dtype
+    torch.testing.assert_close(ours, want, rtol=2e-6, atol=2e-6)
+
+
 @pytest.mark.parametrize("losstype, bg", [(0, 0), (1, 2)])
 def test_calculate_loss_gradient_reaches_a_differentiable_mask(losstype, bg):
     """Without deep supervision the reference leaves loss_masks untouched, so a mask that
@@ -363,6 +384,19 @@ def test_one_hot2dist_with_a_spacing_agrees_to_float32(resolution):
     seg = (rng.random((2, 19, 16, 11)) < 0.05).astype(np.float32)
     ours, want = one_hot2dist(seg, resolution), one_hot2dist_reference(seg, resolution)
     np.testing.assert_allclose(ours, want, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("resolution", [(0.7, 0.7, 0.7), (1.3, 0.35, 1.0)], ids=str)
+def test_one_hot2dist_integer_masks_with_a_spacing_truncate_as_the_reference(resolution):
+    """An integer ``seg`` truncates the distances; where float32 cannot tell on which side of an
+    integer a distance lies (0.7 * 90 is 63 in float32 and just below it in float64), the
+    result is still the reference's."""
+    seg = np.zeros((2, 96, 20, 12), np.int32)
+    seg[0, :3, 5:9, 4:7] = 1
+    seg[1, 40:, :, :] = 1
+    ours, want = one_hot2dist(seg, resolution), one_hot2dist_reference(seg, resolution)
+    assert ours.dtype == want.dtype
+    np.testing.assert_array_equal(ours, want)
 
 
 def test_one_hot2dist_rejects_other_ranks():

@@ -203,10 +203,12 @@ def calculate_loss(args, targets, output, taskGenerated, detach=False, criterion
     Returns
     -------
     Tensor
-        0-dim loss, float32 (float64 for float64 logits): Σ_levels w_l (Dice_l + CE_l) with
+        0-dim loss: Σ_levels w_l (Dice_l + CE_l) with
         the reference's weights (1/2^l, the last of several levels 0, normalised).
         Differentiable w.r.t. ``output`` and ``taskGenerated``. Equal to the reference's value
-        to float32 rounding.
+        to float32 rounding. Its dtype is the reference's, the promotion of the dtypes of the
+        logits, the masks and (unless ``manuallabel``) ``taskGenerated``; it is computed in
+        float32 (float64 for float64 logits).
     """
     deep = bool(args.deepsupervision)
     if not isinstance(targets, Tensor) or targets.dtype.is_floating_point:
@@ -234,16 +236,21 @@ def calculate_loss(args, targets, output, taskGenerated, detach=False, criterion
             forced.append(m)
         ms = forced
     weights = default_level_weights(len(zs)) if deep else [1.0]
+    # the reference's arithmetic promotes the loss to the widest dtype of what it reads (manual
+    # labels do not read the generator)
+    read = (*zs, *ms) if deep and args.manuallabel else (*zs, *qs, *ms)
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in read if t is not None])
     if losstype == 0:
         combs = [_soft_targets(args, y, q, m, k, 0, deep)
                  for y, q, m in zip(labels, qs, ms, strict=True)]
         dice_to = c if detach and (args.vanilla or not deep) else c + args.taskcls - 1
-        return dice_ce_loss(zs, combs, list(range(1, dice_to)), weights, validate=False)
+        return dice_ce_loss(zs, combs, list(range(1, dice_to)), weights,
+                            validate=False).to(dtype)
     bg = int(BGcls)
     total = 0
     for w, z, y, q, m in zip(weights, zs, labels, qs, ms, strict=True):
         total = total + w * _cross_entropy(z, _soft_targets(args, y, q, m, k, bg, deep))
-    return total
+    return total.to(dtype)
 
 
 @fork_safe

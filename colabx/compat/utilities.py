@@ -68,7 +68,9 @@ def one_hot2dist(seg: np.ndarray, resolution: Sequence[float] | None = None) -> 
         reference). Per channel with any voxel inside: outside, the Euclidean distance to the
         nearest inside voxel; inside, −(distance to the nearest outside voxel − 1). Channels
         without voxels are 0. With unit spacing the values are scipy's bit for bit (distances
-        below 2048 voxels); with a spacing they agree to float32 rounding.
+        below 2048 voxels); with a spacing they agree to float32 rounding, and an integer
+        ``seg`` is the reference's exactly (a channel where float32 cannot decide a truncation
+        is computed by scipy).
 
     Safe in forked workers whose parent used torch's threads (no torch op runs here). With
     :func:`cache_distance_maps` set, a mask seen before is read back instead of recomputed.
@@ -96,16 +98,24 @@ def _one_hot2dist(seg: np.ndarray, resolution: Sequence[float] | None) -> np.nda
     inside = np.ascontiguousarray(seg, dtype=bool)
     full = inside.reshape(len(seg), -1).all(axis=1)
     d = distance_transform(torch.from_numpy(inside), spacing=resolution, signed=True).numpy()
-    if resolution is None or bool(np.all(np.asarray(resolution, dtype=float) == 1.0)):
+    unit = resolution is None or bool(np.all(np.asarray(resolution, dtype=float) == 1.0))
+    if unit:
         if float(np.abs(d).max()) < _EXACT_RECOVERY_MAX:
             # scipy's float64 sqrt of the integer squared distance, recovered from float32:
             # inside, 1 - d is the float32 distance to the background exactly
             e = np.sqrt(np.rint(np.square(np.where(inside, 1 - d, d), dtype=np.float64)))
             d = np.where(inside, 1 - e, e)
+    scipy_channels = full  # no background: scipy measures to a voxel outside the array
+    if not unit and np.issubdtype(seg.dtype, np.integer):
+        # truncation: where float32 cannot tell on which side of an integer the distance lies
+        # (0.7 * 90 is 63 in float32 and just below it in float64), defer to scipy's float64
+        a = np.abs(d.astype(np.float64))
+        slack = 4 * np.finfo(np.float32).eps * (a + 1)
+        undecided = np.floor(np.maximum(a - slack, 0)) != np.floor(a + slack)
+        scipy_channels = scipy_channels | undecided.reshape(len(seg), -1).any(axis=1)
     res = np.zeros_like(seg)
     res[...] = d
-    for k in np.flatnonzero(full):
-        # no background: scipy measures to a voxel outside the array; defer to it
+    for k in np.flatnonzero(scipy_channels):
         res[k] = one_hot2dist_reference(seg[k:k + 1], resolution)[0]
     return res
 
