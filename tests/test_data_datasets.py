@@ -290,6 +290,36 @@ def test_error_labels_without_background(tmp_path):
         load_dataset(root)
 
 
+GAP = ({"background": 0, "tumour": 2}, r"values 0, 1, \.\.\., N-1 once each.*missing \[1\]")
+WIDE_GAP = ({"background": 0, "organ": 1, "tumour": 4}, r"missing \[2, 3\]")
+REPEAT = ({"background": 0, "organ": 1, "tumour": 1}, r"once each.*repeated \[1\]")
+
+
+@pytest.mark.parametrize("layout, labels, match", [  # MSD labels are keyed by value: no repeats
+    ("nnunet", *GAP), ("nnunet", *WIDE_GAP), ("nnunet", *REPEAT), ("msd", *GAP),
+    ("msd", *WIDE_GAP)])
+def test_error_labels_not_consecutive(tmp_path, layout, labels, match):
+    """A gap would be a class that dataset.json does not declare: the network would get an output
+    for it and every mean would average it in."""
+    root = tmp_path / "ds"
+    if layout == "nnunet":
+        make_nnunet(root)
+        _edit_json(root, labels=labels)
+    else:
+        make_msd(root)
+        _edit_json(root, labels={str(v): name for name, v in labels.items()})
+    with _raises(match):
+        load_dataset(root)
+
+
+def test_error_ignore_label_not_the_largest(tmp_path):
+    root = tmp_path / "ds"
+    make_nnunet(root)
+    _edit_json(root, labels={"background": 0, "ignore": 1, "organ": 2})
+    with _raises(r"ignore label \(1\) must be the largest label value \(2\)"):
+        load_dataset(root)
+
+
 def test_error_num_training_mismatch(tmp_path):
     root = tmp_path / "ds"
     make_nnunet(root)

@@ -320,6 +320,20 @@ def _check_labels(labels: dict[str, int], path: Path) -> None:
         raise DatasetError(f"{path}: dataset.json labels {labels} have no background (value 0)")
     if any(v < 0 for v in labels.values()):
         raise DatasetError(f"{path}: dataset.json labels {labels} must be >= 0")
+    # nnU-Net v2's rule: the network has one output per value up to the largest, so a gap would
+    # be a class that dataset.json does not declare (trained, scored and averaged all the same)
+    values = sorted(labels.values())
+    if values != list(range(len(values))):
+        missing = sorted(set(range(values[-1] + 1)) - set(values))
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        what = f"missing {missing}" if missing else f"repeated {repeated}"
+        raise DatasetError(f"{path}: dataset.json labels {labels} must take the values 0, 1, "
+                           f"..., N-1 once each, as nnU-Net v2 requires ({what}); renumber the "
+                           "label maps and dataset.json")
+    ignore = labels.get("ignore")
+    if ignore is not None and ignore != values[-1]:
+        raise DatasetError(f"{path}: dataset.json's ignore label ({ignore}) must be the largest "
+                           f"label value ({values[-1]}), as nnU-Net v2 requires")
 
 
 def _nnunet_labels(obj: Any, path: Path) -> tuple[dict[str, int], int | None]:
