@@ -157,6 +157,38 @@ def test_resume_refuses_options_that_must_match(phantom, tmp_path, capsys):
     assert load_checkpoint(run / "checkpoint_latest.pth")["epoch"] == 1
 
 
+def test_resume_refuses_a_dataset_whose_cases_changed(phantom, tmp_path, capsys):
+    """A case added to the dataset changes the split: held-out cases could be trained on and
+    checkpoint_best chosen on other cases, so resuming is refused; files that are only touched
+    (the same cases) resume with a warning."""
+    import json
+
+    data = tmp_path / "data"
+    shutil.copytree(phantom, data)
+    run = tmp_path / "run"
+    _partial_run(data, run, tmp_path)
+    added = []
+    for sub, suffix in (("imagesTr", "_0000"), ("labelsTr", ""), ("contextTr", "")):
+        src = data / sub / f"phantom_000{suffix}.nii.gz"
+        added.append(data / sub / f"phantom_900{suffix}.nii.gz")
+        shutil.copy(src, added[-1])
+    js = json.loads((data / "dataset.json").read_text())
+    (data / "dataset.json").write_text(json.dumps({**js, "numTraining": js["numTraining"] + 1}))
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "the dataset's cases changed since this run started" in err
+    assert "new: ['phantom_900']" in err
+    assert load_checkpoint(run / "checkpoint_latest.pth")["epoch"] == 1
+
+    for p in added:
+        p.unlink()
+    (data / "dataset.json").write_text(json.dumps(js))
+    os.utime(data / "labelsTr" / "phantom_001.nii.gz")
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
+    assert "warning: resume: the dataset's files" in capsys.readouterr().out
+    assert load_checkpoint(run / "checkpoint_final.pth")["epoch"] == 2
+
+
 def test_resume_applies_and_logs_options_that_may_change(phantom, tmp_path, capsys,
                                                          monkeypatch):
     run = tmp_path / "run"

@@ -408,14 +408,37 @@ class Trainer:
             {"centres": list(self.fixed.centres), "body_threshold": self.fixed.body_threshold},
             "dataset": {"root": str(self.dataset.root), "preprocessed": str(self.pre.root),
                         "labels": self.dataset.labels, "channel_names":
-                        list(self.dataset.channel_names), "val_ids": self.val_ids},
+                        list(self.dataset.channel_names), "val_ids": self.val_ids,
+                        "train_ids": self.train_ids},
             "preprocessing_plans": {k: v for k, v in self.pre.plans.items() if k != "cases"},
             "log": self.log.rows if self.log is not None else [],
         }
 
+    def _check_resumed_data(self, state: dict[str, Any]) -> None:
+        """Refuse to resume on another split (cases added, removed or renamed: the validation
+        cases, and so ``checkpoint_best``, would change, and held-out cases could be trained on);
+        warn when only the files' fingerprint changed (edited, touched or copied files, or
+        other preprocessing), which the split does not show."""
+        saved = state.get("dataset", {})
+        for name, key, now in (("validation", "val_ids", self.val_ids),
+                               ("training", "train_ids", self.train_ids)):
+            before = saved.get(key)
+            if before is not None and list(before) != list(now):
+                gone, new = sorted(set(before) - set(now)), sorted(set(now) - set(before))
+                raise ValueError(f"{self.out}: the dataset's cases changed since this run "
+                                 f"started: its {name} cases would change (no longer there: "
+                                 f"{gone}; new: {new}); restore the dataset's cases, or start a "
+                                 "new run with another --out")
+        before = state.get("preprocessing_plans", {}).get("fingerprint")
+        if before is not None and before != self.pre.plans.get("fingerprint"):
+            self.echo("warning: resume: the dataset's files (or their modification times) or "
+                      "its preprocessing changed since this run's checkpoint; the cases and "
+                      "their split are the same, and training goes on with the data as it is now")
+
     def _load_state(self, state: dict[str, Any]) -> list[dict[str, Any]]:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"checkpoint format {state.get('format')} is not supported")
+        self._check_resumed_data(state)
         self.f.load_state_dict(state["model"])
         if self.g is not None:
             self.g.load_state_dict(state["generator"])
