@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import json
 import os
 import shutil
 
@@ -99,6 +100,39 @@ def test_predict_refuses_a_folder_of_other_files_and_reruns_into_its_own(
     assert main(["predict", str(trained), str(phantom / "imagesTs"), str(fresh)]) == 0  # again
 
 
+def test_predict_refuses_another_predictions_folder_unless_overwrite(
+        phantom, trained, tmp_path, capsys):
+    """Another prediction's outputs would mix with this one's under this one's marker: refused;
+    --overwrite removes them first. A rerun of the same prediction removes a killed writer's
+    temporaries."""
+    both, one = tmp_path / "both", tmp_path / "one"
+    both.mkdir()
+    one.mkdir()
+    images = sorted((phantom / "imagesTr").iterdir())[:2]
+    for p in images:
+        shutil.copy(p, both / p.name)
+    shutil.copy(images[1], one / images[1].name)
+    out = tmp_path / "preds"
+    assert main(["predict", str(trained), str(both), str(out), "--device", "cpu",
+                 "--save-probabilities"]) == 0
+    first = sorted(p.name for p in out.iterdir())
+    assert main(["predict", str(trained), str(one), str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out}: holds the predictions of another colabx predict" in err
+    assert "--overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == first
+    assert main(["predict", str(trained), str(one), str(out), "--device", "cpu",
+                 "--overwrite"]) == 0
+    case = images[1].name.replace("_0000.nii.gz", "")
+    assert sorted(p.name for p in out.iterdir()) == ["colabx_predict.json", f"{case}.nii.gz"]
+    assert json.loads((out / "colabx_predict.json").read_text())["cases"] == [case]
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    stale = out / f".{case}.nii.gz.{dead}.0123abcd.tmp"
+    stale.write_bytes(b"half")
+    assert main(["predict", str(trained), str(one), str(out), "--device", "cpu"]) == 0
+    assert not stale.exists()
+
+
 def test_failed_predict_leaves_no_folder(phantom, trained, tmp_path, capsys):
     bad = tmp_path / "in"
     bad.mkdir()
@@ -161,8 +195,6 @@ def test_resume_refuses_a_dataset_whose_cases_changed(phantom, tmp_path, capsys)
     """A case added to the dataset changes the split: held-out cases could be trained on and
     checkpoint_best chosen on other cases, so resuming is refused; files that are only touched
     (the same cases) resume with a warning."""
-    import json
-
     data = tmp_path / "data"
     shutil.copytree(phantom, data)
     run = tmp_path / "run"

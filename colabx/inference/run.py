@@ -6,6 +6,7 @@ labels), so a run directory, or a single checkpoint file, is all ``colabx predic
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -14,7 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from colabx._io import atomic_write, check_output_folder, mark_output_folder
+from colabx._io import (
+    OutputFolderError,
+    atomic_write,
+    check_output_folder,
+    mark_output_folder,
+    remove_stale_temporaries,
+)
 from colabx.checkpoint import load_checkpoint
 from colabx.data.datasets import scan_images
 from colabx.data.image_io import (
@@ -84,6 +91,47 @@ def _save_probabilities(path: Path, probabilities: np.ndarray, names: list[str],
     atomic_write(path, write)
 
 
+def _reuse_output_folder(out: Path, info: dict[str, Any], overwrite: bool) -> None:
+    """An earlier prediction folder may be written again by the same prediction (same run,
+    checkpoint, input cases and options: a rerun, e.g. after an interruption); another
+    prediction's files would mix with this one's and be listed under this one's marker, so it
+    is refused, or with ``overwrite`` its label maps, probabilities and contexts are removed
+    first. Temporaries of a killed writer are removed either way."""
+    marker = out / PREDICT_MARKER
+    if not marker.is_file():
+        return
+    try:
+        previous = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        previous = None
+    if previous != json.loads(json.dumps(info)):
+        if not overwrite:
+            shown = "" if not isinstance(previous, dict) else (
+                f" (run {previous.get('run')}, checkpoint {previous.get('checkpoint')}, input "
+                f"{previous.get('input')})")
+            raise OutputFolderError(
+                f"{out}: holds the predictions of another colabx predict{shown}, or of other "
+                "options or cases; they would mix with this one's: choose another folder, or "
+                "pass --overwrite to replace them")
+        _remove_predictions(out, previous if isinstance(previous, dict) else {})
+    remove_stale_temporaries(out)
+
+
+def _remove_predictions(out: Path, previous: dict[str, Any]) -> None:
+    """The outputs an earlier prediction wrote into ``out`` (all label maps of its file ending,
+    when its marker does not list its cases)."""
+    ending = previous.get("file_ending")
+    endings = (ending,) if ending in IMAGE_ENDINGS else tuple(IMAGE_ENDINGS)
+    cases = previous.get("cases")
+    contexts = out / "contexts"
+    targets = [(out, (*endings, ".npz"))] + ([(contexts, endings)] if contexts.is_dir() else [])
+    for folder, suffixes in targets:
+        for p in folder.iterdir():
+            stem = next((p.name[:-len(e)] for e in suffixes if p.name.endswith(e)), None)
+            if stem is not None and p.is_file() and (cases is None or stem in cases):
+                p.unlink()
+
+
 def predict_folder(run: str | os.PathLike[str], input_dir: str | os.PathLike[str],
                    output_dir: str | os.PathLike[str], *, checkpoint: str = "final",
                    device: str = "auto", overlap: float = 0.5, mirror: bool | None = None,
@@ -109,8 +157,10 @@ def predict_folder(run: str | os.PathLike[str], input_dir: str | os.PathLike[str
     ``mirror`` None: mirror test-time augmentation over every spatial axis on CUDA, none on
     the CPU (where it multiplies the time by 2^D). ``postprocess``
     (:data:`~colabx.inference.postprocess.POSTPROCESSING`) is applied to each label map before it
-    is written (not to contexts or probabilities). ``output_dir`` must be absent, empty or an
-    earlier ``predict_folder`` output (it holds ``colabx_predict.json``), unless ``overwrite``.
+    is written (not to contexts or probabilities). ``output_dir`` must be absent, empty or the
+    output of the same prediction (``colabx_predict.json`` records run, checkpoint, input cases
+    and options: a rerun), unless ``overwrite``; ``overwrite`` writes into a folder of other
+    files and leaves them, and replaces another prediction's outputs (removed first).
     Everything is checked before it is created; when prediction fails, a folder this call
     created is removed again if it holds no prediction.
 
@@ -118,7 +168,8 @@ def predict_folder(run: str | os.PathLike[str], input_dir: str | os.PathLike[str
         FileNotFoundError: no checkpoint, or no input folder.
         DatasetError: input files misnamed, mixed endings, missing channels, unreadable or
             inconsistent; SimpleITK missing for ``.nrrd``/``.mha``.
-        OutputFolderError: ``output_dir`` holds other files (and not ``overwrite``).
+        OutputFolderError: ``output_dir`` holds other files, or another prediction's (and not
+            ``overwrite``).
         ValueError: ``overlap`` outside ``[0, 0.9]`` or a bad ``device``.
     """
     if not 0.0 <= overlap <= MAX_OVERLAP:
@@ -148,11 +199,13 @@ def predict_folder(run: str | os.PathLike[str], input_dir: str | os.PathLike[str
     mirror_axes = tuple(range(plan["spatial_dims"])) if mirror else ()
     amp = torch.bfloat16 if dev.type == "cuda" else None
     names = channel_names(plan, plans)
-    created = mark_output_folder(out, PREDICT_MARKER, {
-        "run": str(Path(run).absolute()), "checkpoint": checkpoint,
-        "input": str(src.absolute()), "overlap": overlap, "mirror": mirror,
-        "postprocess": postprocess, "file_ending": ending,
-        "probabilities": save_probabilities, "contexts": save_contexts, "channels": names})
+    info = {"run": str(Path(run).absolute()), "checkpoint": checkpoint,
+            "input": str(src.absolute()), "overlap": overlap, "mirror": mirror,
+            "postprocess": postprocess, "file_ending": ending,
+            "probabilities": save_probabilities, "contexts": save_contexts, "channels": names,
+            "cases": sorted(cases)}
+    _reuse_output_folder(out, info, overwrite)
+    created = mark_output_folder(out, PREDICT_MARKER, info)
     from tqdm.auto import tqdm
 
     written: list[Path] = []
