@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from colabx.cli import main
+from colabx.data.datasets import DatasetError
 from colabx.data.image_io import read_image, write_image
 from colabx.data.phantom import write_phantom
 from colabx.inference.predict import predict_labels
+from colabx.inference.run import predict_folder
 from colabx.train.config import TrainConfig
 from colabx.train.trainer import Trainer
 
@@ -133,6 +135,22 @@ def test_bad_inputs_are_clear_errors(trained, tmp_path, capsys):
     empty.mkdir()
     assert _predict(run, empty, tmp_path / "o3") == 2
     assert "holds no image files" in capsys.readouterr().err
+    # files that are no image are left out, as nnU-Net's prediction does; an image of another
+    # ending is still an error
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    shutil.copy(image, notes / f"{CASE}_0000.nii.gz")
+    (notes / "README.txt").write_text("scans of 2026-12-03")
+    assert main(["predict", str(run), str(notes), str(tmp_path / "o5"), "--device", "cpu"]) == 0
+    assert sorted(p.name for p in (tmp_path / "o5").iterdir()) == [
+        "colabx_predict.json", f"{CASE}.nii.gz"]
+    (notes / "other_0000.nii").write_bytes(b"")
+    assert main(["predict", str(run), str(notes), str(tmp_path / "o6"), "--device", "cpu"]) == 2
+    assert "mixes file endings" in capsys.readouterr().err
+    with pytest.raises(DatasetError, match=r"other_0000\.nii: image file has the wrong file "
+                                           r"ending \(expected '\.nii\.gz'\)"):
+        predict_folder(run, notes, tmp_path / "o7", device="cpu", file_ending=".nii.gz",
+                       progress=False)
 
 
 def test_mha_copy_trains_predicts_and_evaluates_like_nifti(trained, tmp_path, capsys):

@@ -410,17 +410,22 @@ def scan_images(folder: Path, ending: str, n_channels: int,
     """Group ``{case}_{XXXX}{ending}`` files of ``folder`` by case, checking channels
     (``declared_by`` says, in error messages, where the channel count comes from).
 
-    ``whole_files``: a file whose name has no 4-digit channel suffix is one whole case
-    (MSD-named, ``{case}{ending}``: a 3D image of one channel, or a 4D image holding the
-    channels, checked when it is read) instead of an error."""
+    ``whole_files`` (a folder of images to predict): a file whose name has no 4-digit channel
+    suffix is one whole case (MSD-named, ``{case}{ending}``: a 3D image of one channel, or a 4D
+    image holding the channels, checked when it is read) instead of an error, and files that are
+    no image (a README, a CSV) are left out, as nnU-Net's prediction does; an image of another
+    ending is still an error."""
     groups: dict[str, dict[int, Path]] = {}
     whole: dict[str, tuple[Path, ...]] = {}
     for p in sorted(folder.iterdir()):
         if p.name.startswith(".") or p.is_dir():
             continue
+        if whole_files and image_ending(p) is None:
+            continue
         if not p.name.endswith(ending):
-            raise DatasetError(f"{p}: image file has the wrong file ending (dataset.json "
-                               f"file_ending is {ending!r})")
+            expected = f"expected {ending!r}" if whole_files else \
+                f"dataset.json file_ending is {ending!r}"
+            raise DatasetError(f"{p}: image file has the wrong file ending ({expected})")
         m = _CHANNEL_RE.match(p.name[: -len(ending)])
         if m is not None:
             groups.setdefault(m["case"], {})[int(m["channel"])] = p
