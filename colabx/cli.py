@@ -130,7 +130,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("reference", type=Path, help="folder of reference {case}.nii.gz")
     ev.add_argument("--labels", type=Path, required=True,
                     help="dataset.json whose labels name the classes")
-    ev.add_argument("--out", type=Path, help="summary JSON (default: PREDICTIONS/summary.json)")
+    ev.add_argument("--out", type=Path, help="summary JSON (default: PREDICTIONS/summary.json); "
+                    "the per-case CSV goes beside it, with the suffix .csv")
     ev.add_argument("--postprocess", default="none", choices=POSTPROCESSING,
                     help="post-process each prediction before scoring (as predict "
                     "--postprocess; the files are unchanged); default none")
@@ -258,15 +259,15 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from colabx.inference.metrics import evaluate_folders, write_summary
+    from colabx.inference.metrics import check_summary_path, evaluate_folders, write_summary
     from colabx.train.evaluation import format_metrics
 
+    out = check_summary_path(args.out or args.predictions / "summary.json")
     result = evaluate_folders(args.predictions, args.reference, args.labels, progress=True,
                               postprocess=args.postprocess)
-    out = args.out or args.predictions / "summary.json"
-    write_summary(result, out)
+    written = write_summary(result, out)
     print(format_metrics(result))
-    print(f"written: {out}")
+    print(f"written: {', '.join(str(p) for p in written)}")
     return 0
 
 

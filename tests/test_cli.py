@@ -76,6 +76,12 @@ def test_train_predict_evaluate(phantom, tmp_path, monkeypatch, capsys):
     a = json.loads((tmp_path / "lcc-none.json").read_text())
     b = json.loads((tmp_path / "preds-lcc.json").read_text())
     assert b["postprocess"] == "lcc" and a["foreground_mean"] == b["foreground_mean"]
+    capsys.readouterr()
+    # --out NAME.csv would have the per-case CSV replace the summary: refused before scoring
+    assert main(["evaluate", str(preds), str(phantom / "labelsTs"), "--labels",
+                 str(phantom / "dataset.json"), "--out", str(tmp_path / "scores.csv")]) == 2
+    assert "cannot end in .csv" in capsys.readouterr().err
+    assert not (tmp_path / "scores.csv").exists()
 
 
 def test_bench_compares_with_the_twins(tmp_path, capsys):

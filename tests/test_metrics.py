@@ -297,6 +297,10 @@ def test_evaluate_folders_and_write_summary(tmp_path):
     assert rows[0].split(",")[:3] == ["case", "class", "name"] and len(rows) == 1 + 3 * 2
     assert rows[-1].startswith("c2,2,tumour,0.0,")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["summary.csv", "summary.json"]
+    # a summary path ending in .csv would be replaced by the per-case CSV: refused, nothing written
+    with pytest.raises(ValueError, match=r"summary\.CSV: the summary is JSON.*cannot end in \.csv"):
+        write_summary(res, tmp_path / "out" / "summary.CSV")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["summary.csv", "summary.json"]
 
 
 def test_evaluate_folders_errors(tmp_path):

@@ -375,6 +375,21 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
+def check_summary_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` as the JSON summary's, refused if it ends in ``.csv``: the per-case CSV beside it
+    takes that name and would replace the JSON.
+
+    Raises:
+        ValueError: ``path`` ends in ``.csv``.
+    """
+    out = Path(path)
+    if out.suffix.lower() == ".csv":
+        raise ValueError(f"{out}: the summary is JSON and its per-case CSV is written beside it "
+                         f"as {out.name}, so the summary's path cannot end in .csv; give "
+                         f"{out.with_suffix('.json')}")
+    return out
+
+
 def write_summary(result: Mapping[str, Any], path: str | os.PathLike[str]) -> list[Path]:
     """Write an evaluation result as JSON (NaN → ``null``), and, when it has ``"cases"``, a CSV
     of per-case rows beside it (``path`` with suffix ``.csv``: columns case, class, name and
@@ -382,8 +397,11 @@ def write_summary(result: Mapping[str, Any], path: str | os.PathLike[str]) -> li
 
     Returns:
         The paths written.
+
+    Raises:
+        ValueError: ``path`` ends in ``.csv`` (:func:`check_summary_path`).
     """
-    out = Path(path)
+    out = check_summary_path(path)
     text = json.dumps(_jsonable(result), indent=1, allow_nan=False)
     atomic_write_text(out, text)
     written = [out]
