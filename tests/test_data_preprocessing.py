@@ -338,6 +338,7 @@ def test_bad_target_spacing(tmp_path):
         _run(tmp_path / "ds", tmp_path / "out", target_spacing=(1.0, 1.0))
     with pytest.raises(ValueError, match="target_spacing"):
         _run(tmp_path / "ds", tmp_path / "out", target_spacing=(1.0, 0.0, 1.0))
+    assert not (tmp_path / "out").exists()  # checked before the folder is made
 
 
 def test_ignore_label_is_not_roi(tmp_path):

@@ -587,10 +587,7 @@ def preprocess_dataset(
                 and not _missing_files(out, old)):
             return PreprocessedDataset(out, old, from_cache=True)
     check_output_folder(out, PREPROCESSED_MARKER, "preprocessed dataset", accept=(PLANS_NAME,))
-    mark_output_folder(out, PREPROCESSED_MARKER, {"dataset": str(ds.root)})
-    remove_stale_temporaries(out, recursive=False)
-    plans_path.unlink(missing_ok=True)  # from here on the folder is invalid until written anew
-
+    # the options are checked against the data before anything is created
     spacings = [read_geometry(c.images[0])[1] for c in ds.cases]
     ndims = {len(s) for s in spacings}
     if len(ndims) != 1:
@@ -599,6 +596,10 @@ def preprocess_dataset(
     ndim = ndims.pop()
     median = tuple(float(x) for x in np.median(np.array(spacings, np.float64), axis=0))
     target = median if target_spacing is None else _check_spacing(target_spacing, ndim)
+
+    mark_output_folder(out, PREPROCESSED_MARKER, {"dataset": str(ds.root)})
+    remove_stale_temporaries(out, recursive=False)
+    plans_path.unlink(missing_ok=True)  # from here on the folder is invalid until written anew
 
     ct_channels = tuple(i for i, s in enumerate(schemes) if s == "ct")
     ct_stats: list[dict[str, float] | None] = [None] * len(schemes)
