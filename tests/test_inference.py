@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -249,6 +250,12 @@ def test_predict_case_matches_rule():
     lab = predict_case(m, img, 3, (8, 8, 8))
     with torch.no_grad():
         assert torch.equal(lab, predict_labels(m(torch.from_numpy(img)[None]), 3)[0])
+    # a read-only array (the memory map of PreprocessedDataset.load_case): same result, and no
+    # warning about tensors of non-writable arrays
+    img.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(predict_case(m, img, 3, (8, 8, 8)), lab)
 
 
 # -- raw cases: round trip through preprocessing ------------------------------------------------

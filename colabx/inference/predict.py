@@ -140,7 +140,10 @@ def predict_case(
     Returns:
         int64 ``[*S]`` on the model's device.
     """
-    x = torch.from_numpy(np.ascontiguousarray(image)) if isinstance(image, np.ndarray) else image
+    if isinstance(image, np.ndarray):
+        # a read-only memory map (load_case) is copied: torch has no read-only tensors
+        image = np.require(image, requirements=["C_CONTIGUOUS", "WRITEABLE"])
+    x = torch.from_numpy(image) if isinstance(image, np.ndarray) else image
     if x.dim() != len(patch_size) + 1:
         raise ValueError(f"image must be [C, *S] with {len(patch_size)} spatial axes (as "
                          f"patch_size), got shape {tuple(x.shape)}")
