@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -341,6 +342,16 @@ def test_errors():
         colabx.dice_ce_loss(z, y, dice_channels=[1, 1])
     with pytest.raises(TypeError, match="dice_channels"):
         colabx.dice_ce_loss(z, y, dice_channels=[1.0])
+    with pytest.raises(TypeError, match=r"targets must be soft targets \(float32, .*\) or integer "
+                                        r"labels \(.*\), got torch.complex64"):
+        colabx.dice_ce_loss(z, y.to(torch.complex64))
+    with pytest.raises(TypeError, match="roi_channels must be a sequence of ints, got Tensor"):
+        colabx.roi_bce_loss(z, lab, torch.tensor(1))
+    # channel lists as NumPy arrays or tensors are sequences too
+    for channels in (np.array([1, 2]), torch.tensor([1, 2])):
+        assert colabx.dice_ce_loss(z, y, dice_channels=channels) == \
+            colabx.dice_ce_loss(z, y, dice_channels=[1, 2])
+        assert colabx.roi_bce_loss(z, lab, channels) == colabx.roi_bce_loss(z, lab, [1, 2])
     with pytest.raises(ValueError, match="level_weights has 2 entries"):
         colabx.dice_ce_loss(z, y, level_weights=[1, 2])
     with pytest.raises(ValueError, match="level_weights must be finite and >= 0"):
@@ -353,7 +364,7 @@ def test_errors():
         colabx.dice_ce_loss(z, y, smooth="1")
     with pytest.raises(TypeError, match="logits must be float32"):
         colabx.dice_ce_loss(z.int(), y)
-    with pytest.raises(TypeError, match=r"targets\[1\] must be an integer label tensor"):
+    with pytest.raises(TypeError, match=r"targets\[1\] must be soft targets .* or integer labels"):
         colabx.dice_ce_loss([z, z], [y, torch.zeros(2, 4, 5, dtype=torch.complex64)])
     with pytest.raises(TypeError, match=r"logits\[1\] has dtype"):
         colabx.dice_ce_loss([z, z.double()], [y, y])

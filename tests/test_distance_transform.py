@@ -171,6 +171,20 @@ def test_scalar_spacing_and_thread_counts():
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("spacing", [
+    (np.float32(0.8), np.float32(1.25), np.float32(2.5)),  # nibabel's header.get_zooms()
+    np.array([0.8, 1.25, 2.5]), torch.tensor([0.8, 1.25, 2.5], dtype=torch.float64)],
+    ids=["numpy-scalars", "ndarray", "tensor"])
+def test_numpy_and_torch_spacings(spacing):
+    rng = np.random.default_rng(6)
+    mask = rng.random((2, 13, 11, 9)) < 0.02
+    close(colabx.distance_transform(torch.from_numpy(mask), spacing),
+          scipy_edt(mask, (0.8, 1.25, 2.5)))
+    for one in (np.float32(2.5), np.int64(2), np.array(2.5)):
+        close(colabx.distance_transform(torch.from_numpy(mask), one),
+              scipy_edt(mask, (float(one),) * 3))
+
+
 def test_internal_function_and_empty_tensor():
     mask = torch.zeros(2, 4, 5, dtype=torch.bool)
     mask[0, 1, 2] = True

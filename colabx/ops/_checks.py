@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numbers
 import operator
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -58,10 +60,11 @@ def check_shape(x: torch.Tensor, name: str, expected: Sequence[int], expected_de
 def check_spacing(
     spacing: Sequence[float] | None, ndim: int, name: str = "spacing"
 ) -> tuple[float, ...] | None:
-    """Per-axis voxel spacing: ``ndim`` finite positive numbers, or None for unit spacing."""
+    """Per-axis voxel spacing: ``ndim`` finite positive numbers, or None for unit spacing. A
+    single number (Python, NumPy or a 0-dim array/tensor) applies to every axis."""
     if spacing is None:
         return None
-    if isinstance(spacing, (int, float)):
+    if isinstance(spacing, numbers.Real) or getattr(spacing, "ndim", None) == 0:
         spacing = [float(spacing)] * ndim
     try:
         values = tuple(float(s) for s in spacing)
@@ -77,7 +80,7 @@ def check_spacing(
 
 def check_channels(channels: object, k: int, name: str) -> list[int]:
     if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence):
-        if isinstance(channels, torch.Tensor):
+        if isinstance(channels, (torch.Tensor, np.ndarray)) and channels.ndim == 1:
             channels = channels.tolist()
         else:
             raise TypeError(f"{name} must be a sequence of ints, got {type(channels).__name__}")

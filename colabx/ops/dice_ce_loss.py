@@ -257,6 +257,9 @@ def dice_ce_loss(logits: Tensor | Sequence[Tensor], targets: Tensor | Sequence[T
     cdt = accumulation_dtype(z0.dtype)
     prepared = []
     for i, (z, t) in enumerate(zip(zs, ts, strict=True)):
+        if t.is_complex():
+            raise TypeError(f"{tname(i)} must be soft targets (float32, float16, bfloat16 or "
+                            f"float64) or integer labels (uint8/int32/int64/bool), got {t.dtype}")
         if t.dtype.is_floating_point:
             _checks.check_floating(t, tname(i))
             if tuple(t.shape) != tuple(z.shape):

@@ -7,10 +7,12 @@ The kernels (``colabx._C``) run the separable lower-envelope-of-parabolas algori
 """
 
 import contextlib
+import numbers
 import os
 from collections.abc import Iterator, Sequence
 from typing import List
 
+import numpy as np
 import torch
 
 from colabx import _backend
@@ -127,6 +129,8 @@ def distance_transform(
     spacing : sequence of float, float or None
         Physical size of a voxel along each spatial axis (``(sh, sw)`` or ``(sd, sh, sw)``),
         finite and > 0; a single number applies to every axis; None means 1 (voxel units).
+        NumPy arrays and scalars are numbers too (nibabel's ``header.get_zooms()`` gives
+        ``np.float32`` values).
     signed : bool
         False (default): ``out[b, x]`` is the distance from x to the nearest nonzero voxel of
         item b: 0 on nonzero voxels, ``+inf`` everywhere in an item without any. This equals
@@ -165,9 +169,8 @@ def distance_transform(
     if not isinstance(signed, bool):
         raise TypeError(f"signed must be a bool, got {type(signed).__name__}")
     nsp = mask.dim() - 1
-    if isinstance(spacing, (str, bytes, bool)) or (
-        spacing is not None and not isinstance(spacing, (int, float, Sequence, torch.Tensor))
-    ):
+    if isinstance(spacing, (str, bytes, bool)) or (spacing is not None and not isinstance(
+            spacing, (numbers.Real, Sequence, torch.Tensor, np.ndarray))):
         raise TypeError(f"spacing must be a sequence of floats, a float or None, got {spacing!r}")
     if isinstance(spacing, torch.Tensor):
         spacing = spacing.tolist()
