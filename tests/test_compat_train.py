@@ -3,6 +3,7 @@ reference-style epoch of colabx.compat.twins.train_reference: one epoch on tiny 
 
 import copy
 import re
+import sys
 import types
 
 import numpy as np
@@ -52,12 +53,18 @@ def _sampling_results(manual: bool):
     return x, y, dist.astype(np.float64), list(range(N))
 
 
-def _epoch(fn, dtype, args, **kw):
-    """One epoch of ``fn`` from a fixed initialisation; (Δθ, Δω) as float64 vectors, the log."""
+def _epoch(fn, dtype, args, *, near_tie=False, **kw):
+    """One epoch of ``fn`` from a fixed initialisation; (Δθ, Δω) as float64 vectors, the log.
+    ``near_tie``: the generator's context logits differ by ~1e-12, which softmax rounds away."""
     torch.manual_seed(0)
     f0 = UNet(1, args.NumsClass + args.taskcls - 1, 3, base_features=4, num_pool=2,
               deep_supervision=args.deepsupervision).to(dtype)
     g0 = task_generator(1, args.taskcls, 3, base_features=4, num_pool=2).to(dtype)
+    if near_tie:
+        with torch.no_grad():
+            head = g0.seg_outputs[-1]
+            head.weight.zero_()  # a 1x1 conv without bias
+            head.weight[1] = 1e-12
     f, g = copy.deepcopy(f0), copy.deepcopy(g0)
     opt = torch.optim.SGD(f.parameters(), lr=1e-2, weight_decay=3e-5, momentum=0.99,
                           nesterov=True)
@@ -110,6 +117,20 @@ def test_train_is_the_reference_epoch_in_float64(mode):
     if args.deepsupervision and not args.vanilla:
         assert sum("Task 1 portion" in s for s in clog) == 2 * 2 * len(range(0, 2,
                                                                           args.print_freq))
+
+
+def test_task_portion_log_lines_follow_the_softmax_as_the_reference():
+    """The "Task 1 portion" lines count the argmax of the generator's softmax probabilities, the
+    background class that of its logits, as in the reference: with near-tied logits they
+    differ, and both match the reference's."""
+    args = _args()
+    _, _, rlog = _epoch(train_reference, torch.float32, args, near_tie=True)
+    _, _, clog = _epoch(colabx.compat.train, torch.float32, args, near_tie=True)
+    portions = [s for s in clog if "Task 1 portion" in s]
+    assert portions and portions == [s for s in rlog if "Task 1 portion" in s]
+    assert "Task 1 portion0 1.0" in portions  # the softmax ties: argmax is the first class
+    bg = [s for s in clog if "average BG class" in s]
+    assert bg == [s for s in rlog if "average BG class" in s]
 
 
 @pytest.mark.parametrize("mode", ["colab-deep-mask", "colab-single-level"])
@@ -194,3 +215,20 @@ def test_batch_norm_network_still_runs_the_reference_epoch():
 
     ref, ours = run(train_reference), run(colabx.compat.train)
     assert float(ref.norm()) > 0 and _rel(ours, ref) < 1e-9
+
+
+def test_tensorboard_scalars_in_the_reference_order(monkeypatch):
+    """The epoch's averages go to ``tensorboard_logger`` under the reference's names and in its
+    order (the Dice diagnostic before the BCE one)."""
+    from colabx.compat.twins import EpochMeters
+
+    logged = []
+    stub = types.ModuleType("tensorboard_logger")
+    stub.log_value = lambda name, value, step: logged.append((name, step))
+    monkeypatch.setitem(sys.modules, "tensorboard_logger", stub)
+    EpochMeters().log_tensorboard(types.SimpleNamespace(tensorboard=True), 7)
+    expected = ["train_loss", "train_lossval", "train_acc", "trainval_acc",
+                "train_lossvaldsc", "train_lossvalbce", "train_lossvalpbce", "train_lossvalnbce",
+                "train_lossvalpz", "train_lossvalnz", "train_lossvalprc", "train_lossvalsen",
+                "train_lossvalspe"]
+    assert logged == [(name, 7) for name in expected]

@@ -93,15 +93,26 @@ def _rows(output, s: slice, levels: int):
     return output[s]
 
 
-def _background_task(meters: EpochMeters, logits: Tensor, t: int) -> tuple[int, list[float]]:
-    """Per sample of ``logits`` ``[B, t, *S]``: record its counts of each generator class;
-    return the background class after the last sample and each sample's class fractions."""
-    per_sample = logits.argmax(1).reshape(logits.shape[0], -1)
-    counts = torch.stack([torch.bincount(s, minlength=t) for s in per_sample]).cpu().numpy()
+def _class_counts(scores: Tensor, t: int) -> np.ndarray:
+    """Per sample of ``scores`` ``[B, t, *S]``, the voxel count of each class of its argmax."""
+    per_sample = scores.argmax(1).reshape(scores.shape[0], -1)
+    return torch.stack([torch.bincount(s, minlength=t) for s in per_sample]).cpu().numpy()
+
+
+def _background_task(meters: EpochMeters, logits: Tensor, t: int) -> int:
+    """Record each sample's counts of the generator's classes (argmax of its logits, as the
+    reference); return the background class after the last sample."""
     bg = 0
-    for row in counts:
+    for row in _class_counts(logits, t):
         bg = meters.background_task(row.astype(float))
-    return bg, [row / per_sample.shape[1] for row in counts]
+    return bg
+
+
+def _task_portions(logits: Tensor, t: int) -> list[np.ndarray]:
+    """Each sample's class fractions for the "Task 1 portion" log lines: the argmax of the
+    softmax probabilities, as the reference logs them (near-tied logits can tie there)."""
+    counts = _class_counts(torch.softmax(logits, 1), t)
+    return list(counts / counts[0].sum())
 
 
 @fork_safe
@@ -136,14 +147,16 @@ def train(sampling_results: Sequence, sampling_results_val, model: torch.nn.Modu
     ``args.tensorboard``, the epoch averages through ``tensorboard_logger``. The meta
     diagnostics logged are the last sample's (per-sample mode) or the batch's (batched).
 
-    Differences from the reference, all outside the updates: the generator update is skipped
-    (and the notice logged) only when the whole meta gradient v is 0 or not finite (the
-    reference skips when any layer's part of v is all zero); ``vanilla``'s debugging comparison
-    with ``calculate_loss_origin`` is not logged; ``sampling_results_val``, ``criterion`` and
-    ``bratsflag`` are unused, as in the reference. Deep-supervision levels have strides 2^k on
-    every axis, as the reference's pooling of the generator output assumes (patches whose
-    network pools anisotropically fail there and here). Each case's distance map is the
-    sampler's work: :func:`colabx.compat.cache_distance_maps` makes it once per run.
+    Differences from the reference, outside the updates except the degenerate case of the
+    skip rule: the generator update is skipped (and the notice logged) only when the whole meta
+    gradient v is 0 or not finite (the reference skips when any layer's part of v is all zero);
+    torch's global random generator is left where it was (the reference initialises a fresh
+    U-Net per meta step, which draws from it, so later draws differ); ``vanilla``'s debugging
+    comparison with ``calculate_loss_origin`` is not logged; ``sampling_results_val``,
+    ``criterion`` and ``bratsflag`` are unused, as in the reference. Deep-supervision levels
+    have strides 2^k on every axis, as the reference's pooling of the generator output assumes
+    (patches whose network pools anisotropically fail there and here). Each case's distance
+    map is the sampler's work: :func:`colabx.compat.cache_distance_maps` makes it once per run.
 
     Returns the epoch's :class:`~colabx.compat.twins.EpochMeters` (the reference returns
     None). Raises ValueError on a ``meta_mode`` other than ``"per_sample"`` / ``"batched"``
@@ -205,11 +218,11 @@ def _epoch(sampling_results, model, samplemodel, optimizer, optimizer_arch, alph
                     with torch.no_grad():
                         gen = samplemodel(x[s])
                     zval = None
-                bg, fractions = _background_task(meters, gen, t)
+                bg = _background_task(meters, gen, t)
                 if i == 0:
                     logging.info("average BG class is " + str(bg))
                 if deep and it % args.print_freq == 0:
-                    for frac in fractions:
+                    for frac in _task_portions(gen, t):
                         for k in range(t):
                             logging.info("Task 1 portion" + str(k) + " " + str(frac[k]))
                 if i < len(items) - 1:

@@ -250,6 +250,8 @@ class AverageMeter:
 #: The diagnostics of ``calcualte_loss_val`` in its return order, as the epoch's meters name them.
 VAL_METERS = ("lossval", "lossvalbce", "lossvaldsc", "lossvalpbce", "lossvalnbce", "lossvalpz",
               "lossvalnz", "lossvalprc", "lossvalsen", "lossvalspe")
+#: The order the reference logs them to TensorBoard after ``train_lossval`` (Dice first).
+TENSORBOARD_ORDER = ("lossvaldsc", "lossvalbce", *VAL_METERS[3:])
 
 
 class EpochMeters:
@@ -295,7 +297,7 @@ class EpochMeters:
         log_value("train_lossval", self.val["lossval"].avg, epoch)
         log_value("train_acc", self.top1.avg, epoch)
         log_value("trainval_acc", self.top1val.avg, epoch)
-        for name in VAL_METERS[1:]:
+        for name in TENSORBOARD_ORDER:
             log_value(f"train_{name}", self.val[name].avg, epoch)
 
 
