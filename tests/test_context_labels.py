@@ -322,6 +322,8 @@ def _good():
         (lambda a: a.update(margin=float("nan")), ValueError, "margin"),
         (lambda a: a.update(tau=0.0), ValueError, "tau"),
         (lambda a: a.update(tau=float("inf")), ValueError, "tau"),
+        (lambda a: a.update(tau=1e-50), ValueError, r"tau must be > 0 in float32.*rounds to 0"),
+        (lambda a: a.update(tau=np.True_), TypeError, "tau must be a real number"),
         (lambda a: a["distance"].view(-1).__setitem__(3, float("nan")), ValueError, "distance"),
         (lambda a: a.update(levels=0), ValueError, "levels"),
         (lambda a: a.update(levels=[2, 1]), ValueError, "levels"),
@@ -338,6 +340,15 @@ def test_bad_arguments(mutate, exc, match):
     mutate(args)
     with pytest.raises(exc, match=match):
         context_labels(**args)
+
+
+def test_numpy_scalars_for_margin_and_tau():
+    o, y, d = _good()
+    want = context_labels(o, y, d, 3, margin=12.5, tau=4.0, return_mask=True)
+    got = context_labels(o, y, d, 3, margin=np.float32(12.5), tau=np.float64(4.0),
+                         return_mask=True)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_validate_false_skips_data_checks():

@@ -209,6 +209,9 @@ def test_bad_inputs():
     for bad in [(0.0, 1.0), (-1.0, 1.0), (float("inf"), 1.0), (float("nan"), 1.0)]:
         with pytest.raises(ValueError, match="spacing"):
             colabx.distance_transform(m, spacing=bad)
+    for bad in [(1e19, 1.0), (1.0, 1e-25)]:  # squared in float32: inf, or 0
+        with pytest.raises(ValueError, match=r"spacing values must be between 1e-12 and 1e\+12"):
+            colabx.distance_transform(m, spacing=bad)
     with pytest.raises(TypeError, match="spacing"):
         colabx.distance_transform(m, spacing="ab")
     with pytest.raises(TypeError, match="signed"):

@@ -57,6 +57,10 @@ def check_shape(x: torch.Tensor, name: str, expected: Sequence[int], expected_de
         )
 
 
+#: Voxel spacings the float32 kernels square without overflow or underflow (any unit).
+SPACING_RANGE = (1e-12, 1e12)
+
+
 def check_spacing(
     spacing: Sequence[float] | None, ndim: int, name: str = "spacing"
 ) -> tuple[float, ...] | None:
@@ -75,6 +79,10 @@ def check_spacing(
     for s in values:
         if not (s > 0 and s != float("inf")):
             raise ValueError(f"{name} values must be finite and > 0, got {values}")
+        if not SPACING_RANGE[0] <= s <= SPACING_RANGE[1]:
+            raise ValueError(f"{name} values must be between {SPACING_RANGE[0]:g} and "
+                             f"{SPACING_RANGE[1]:g} (the kernels square them in float32), got "
+                             f"{values}")
     return values
 
 

@@ -8,9 +8,11 @@ colabx's C++ kernels, CUDA tensors its CUDA kernels when the extension says they
 """
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import List, Optional
 
+import numpy as np
 import torch
 
 from colabx import _backend
@@ -182,7 +184,8 @@ def context_labels(
     num_classes : int
         ``c >= 2``, background included.
     margin, tau : float
-        Soft mask ``M = 1 if d < margin else exp((margin - d) / tau)``; ``tau > 0``.
+        Soft mask ``M = 1 if d < margin else exp((margin - d) / tau)``; ``tau > 0`` (and not
+        0 once rounded to float32).
     levels : int or sequence
         ``n`` -> ``n`` deep-supervision levels with isotropic strides ``2**k``; or a sequence of
         per-level strides (int or per-axis tuple), non-decreasing, each dividing the next.
@@ -227,12 +230,15 @@ def context_labels(
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2 (background included), got {num_classes}")
     for name, v in (("margin", margin), ("tau", tau)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
             raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
         if not math.isfinite(v):
             raise ValueError(f"{name} must be finite, got {v}")
     if tau <= 0:
         raise ValueError(f"tau must be > 0, got {tau}")
+    if tau <= 2.0 ** -150:  # the kernels divide by it in float32, where it would round to 0
+        raise ValueError(f"tau must be > 0 in float32, got {tau}, which rounds to 0")
+    margin, tau = float(margin), float(tau)
     strides = normalize_levels(levels, spatial)
     if validate and labels.numel() > 0 and labels.dtype != torch.bool:
         lo_t, hi_t = torch.aminmax(labels)

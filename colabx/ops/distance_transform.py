@@ -128,9 +128,9 @@ def distance_transform(
         on CPU or CUDA. Every batch item is transformed independently.
     spacing : sequence of float, float or None
         Physical size of a voxel along each spatial axis (``(sh, sw)`` or ``(sd, sh, sw)``),
-        finite and > 0; a single number applies to every axis; None means 1 (voxel units).
-        NumPy arrays and scalars are numbers too (nibabel's ``header.get_zooms()`` gives
-        ``np.float32`` values).
+        between 1e-12 and 1e12 (the kernels square them in float32); a single number applies to
+        every axis; None means 1 (voxel units). NumPy arrays and scalars are numbers too
+        (nibabel's ``header.get_zooms()`` gives ``np.float32`` values).
     signed : bool
         False (default): ``out[b, x]`` is the distance from x to the nearest nonzero voxel of
         item b: 0 on nonzero voxels, ``+inf`` everywhere in an item without any. This equals
