@@ -105,7 +105,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="also write contexts/{case}.<ending>: the network's context map (argmax "
                     "over the t context channels, values 0..t-1) in the image's grid")
     pr.add_argument("--overwrite", action="store_true",
-                    help="write into an OUTPUT folder that holds other files")
+                    help="write into an OUTPUT folder that holds other files, or replace "
+                    "another prediction's outputs there")
+    pr.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                    help="progress bar (default on)")
     pr.add_argument("--postprocess", default="none", choices=POSTPROCESSING,
                     help="lcc: keep the largest connected component of the ROI classes' union "
                     "(the paper's post-processing); lcc_per_class: per class (nnU-Net's); "
@@ -132,6 +135,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="dataset.json whose labels name the classes")
     ev.add_argument("--out", type=Path, help="summary JSON (default: PREDICTIONS/summary.json); "
                     "the per-case CSV goes beside it, with the suffix .csv")
+    ev.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                    help="progress bar (default on)")
     ev.add_argument("--postprocess", default="none", choices=POSTPROCESSING,
                     help="post-process each prediction before scoring (as predict "
                     "--postprocess; the files are unchanged); default none")
@@ -254,7 +259,8 @@ def _predict(args: argparse.Namespace) -> int:
     predict_folder(args.run, args.input, args.output, checkpoint=args.checkpoint,
                    device=args.device, overlap=args.overlap, mirror=args.mirror,
                    overwrite=args.overwrite, postprocess=args.postprocess,
-                   save_probabilities=args.save_probabilities, save_contexts=args.save_contexts)
+                   save_probabilities=args.save_probabilities, save_contexts=args.save_contexts,
+                   progress=args.progress)
     return 0
 
 
@@ -263,8 +269,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from colabx.train.evaluation import format_metrics
 
     out = check_summary_path(args.out or args.predictions / "summary.json")
-    result = evaluate_folders(args.predictions, args.reference, args.labels, progress=True,
-                              postprocess=args.postprocess)
+    result = evaluate_folders(args.predictions, args.reference, args.labels,
+                              progress=args.progress, postprocess=args.postprocess)
     written = write_summary(result, out)
     print(format_metrics(result))
     print(f"written: {', '.join(str(p) for p in written)}")
@@ -340,6 +346,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"colabx {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # every file is written atomically: nothing is half-written
+        if os.environ.get("COLABX_DEBUG"):
+            raise
+        print(f"colabx {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -103,6 +103,13 @@ def test_undefined_counts_are_reported_beside_the_means(tmp_path):
     assert "sensitivity in 1 case(s) (empty reference)" in text
     write_summary(s, tmp_path / "s.json")
     assert json.loads((tmp_path / "s.json").read_text())["foreground_undefined"]["precision"] == 2
+    # two ROI classes: the counts are per (class, case), and say so
+    two = z.copy()
+    two[4:, 4:] = 2
+    s2 = summarize([evaluate_case(z, two, 3), evaluate_case(two, two, 3)])
+    assert s2["foreground_undefined"]["sensitivity"] == 2  # class 1 in both cases
+    assert "sensitivity in 2 (class, case) pair(s) (empty reference)" in \
+        format_metrics({**s2, "cases": {}})
 
 
 @pytest.mark.parametrize("far_in", ["pred", "ref"])

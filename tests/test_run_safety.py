@@ -122,7 +122,8 @@ def test_predict_refuses_another_predictions_folder_unless_overwrite(
     assert "--overwrite" in err
     assert sorted(p.name for p in out.iterdir()) == first
     assert main(["predict", str(trained), str(one), str(out), "--device", "cpu",
-                 "--overwrite"]) == 0
+                 "--overwrite", "--no-progress"]) == 0
+    assert "predicting" not in capsys.readouterr().err  # no progress bar
     case = images[1].name.replace("_0000.nii.gz", "")
     assert sorted(p.name for p in out.iterdir()) == ["colabx_predict.json", f"{case}.nii.gz"]
     assert json.loads((out / "colabx_predict.json").read_text())["cases"] == [case]
@@ -397,6 +398,17 @@ def test_tensorboard_holds_every_epoch_once_after_two_resumes(phantom, tmp_path)
 
 
 # -- 9. smaller ----------------------------------------------------------------------------------
+
+def test_interrupt_is_one_line_and_exit_130(monkeypatch, capsys):
+    import colabx.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(colabx.cli._COMMANDS, "evaluate", interrupted)
+    assert main(["evaluate", "p", "r", "--labels", "l.json"]) == 130
+    assert capsys.readouterr().err == "colabx evaluate: interrupted\n"
+
 
 def test_resume_without_out_and_existing_run_exit_2(trained, phantom, capsys):
     assert main(["train", "--resume"]) == 2

@@ -145,6 +145,8 @@ def format_metrics(result: dict[str, Any]) -> str:
     if undefined:
         why = {"sensitivity": "empty reference", "precision": "nothing predicted",
                "hd95": "not computed", "dice": "not computed"}
+        # counted per class and case: with several ROI classes they are not cases
+        unit = "case(s)" if len(result.get("mean") or {}) <= 1 else "(class, case) pair(s)"
         rows.append("undefined, left out of the mean: " + ", ".join(
-            f"{m} in {n} case(s) ({why.get(m, 'undefined')})" for m, n in undefined.items()))
+            f"{m} in {n} {unit} ({why.get(m, 'undefined')})" for m, n in undefined.items()))
     return "\n".join(rows)
