@@ -230,6 +230,27 @@ def test_no_roi_skips_without_nan():
     assert torch.isfinite(gr).all() and float(gr.abs().max()) == 0.0
 
 
+def test_patch_without_roi_voxels_of_a_case_with_one_is_not_skipped():
+    """A patch whose case has an ROI outside it (finite distances, M > 0) carries a real
+    meta-gradient (L_ROI's false positives): it updates ω, as in the published code and the
+    twin; only all-+inf distances (no ROI in the case) skip."""
+    f, g, x, y, d = _setup(roi=False)
+    d = 5.0 + torch.rand(d.shape, dtype=d.dtype, generator=torch.Generator().manual_seed(3)) * 20
+    assert not (y > 0).any() and torch.isfinite(d).all()
+    for mode in ("batched", "per_sample"):
+        for p in g.parameters():
+            p.grad = None
+        info = MetaStep(f, g, MetaConfig(2, MARGIN, TAU, mode=mode)).step(x, y, d, LR)
+        assert not any(i.skipped for i in info) and all(i.v_norm > 0 for i in info)
+        ours = _ggrad(g)
+        assert float(ours.abs().max()) > 0
+        for p in g.parameters():
+            p.grad = None
+        twin = reference_meta_step if mode == "per_sample" else restructured_meta_step
+        twin(f, g, x, y, d, 2, LR, margin=MARGIN, tau=TAU)
+        assert _rel(ours, _ggrad(g)) < 1e-9
+
+
 def test_zero_v_skips_without_nan(monkeypatch):
     f, g, x, y, d = _setup()
     monkeypatch.setattr(cmeta, "roi_bce_loss", lambda z, *a, **k: 0.0 * z.sum())

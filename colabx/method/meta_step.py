@@ -111,8 +111,11 @@ class MetaConfig:
         smooth net; both are O(ε) on LeakyReLU U-Nets (measured: within 2× of each other,
         ``tests/test_meta_order.py``). The inner forward must then run in the θ± precision:
         refused with ``amp``; TF32 is turned off for it unless ``fd_tf32``.
-    skip_without_roi : skip the generator update when the batch (sample, per-sample) has no ROI
-        voxel (its context labels do not depend on ω then: d = +inf, M = 0).
+    skip_without_roi : skip the generator update when no voxel of the batch (sample, per-sample)
+        has a finite distance to an ROI, i.e. its cases have none: d = +inf, so M = 0 and the
+        context labels do not depend on ω. A patch without ROI voxels from a case with an ROI is
+        not skipped: its d is finite, and L_ROI's gradient through it is a real signal (false
+        positives), as in the published code, which has no such skip.
     validate : let the fused ops validate their inputs (a pass over the labels each call).
     """
 
@@ -356,7 +359,7 @@ class MetaStep:
         the inner gradient from f's ``.grad``. With ``logits`` (f's output at θ on ``x``, graph
         kept), step 2 backpropagates through them instead of running f, keeping their graph."""
         c = self.config
-        has_roi = bool((y > 0).any())
+        has_roi = bool(torch.isfinite(d).any())  # an ROI in the batch's cases, maybe not in it
         if self.reducer is not None:
             has_roi = self.reducer.any(has_roi)
         if c.skip_without_roi and not has_roi:

@@ -73,8 +73,10 @@ def reference_meta_step(f, g, x, y, d, num_classes: int, lr: float, gen_optimize
     ``f``; v = ∇θ* L_ROI(f_θ*(x_b), y_b); ε = fd_eps/‖v‖; for θ+ = θ + εv and θ− = θ − εv in turn:
     L_seg(f_θ±(x_b), context_labels(g(x_b))) and its gradient w.r.t. ω; ω-gradient
     −lr (∇ω L+ − ∇ω L−)/(2ε); then ``gen_optimizer.step()`` (so sample b+1 sees the updated ω).
-    Samples without ROI voxels, or with ‖v‖ = 0, are skipped. With ``gen_optimizer=None`` the
-    per-sample gradients are summed into the generator's ``.grad`` and ω stays fixed.
+    Samples whose distances are all +inf (no ROI in their case: ŷ does not depend on ω), or with
+    ‖v‖ = 0, are skipped (the reference skips on a zero layer of v only). With
+    ``gen_optimizer=None`` the per-sample gradients are summed into the generator's ``.grad``
+    and ω stays fixed.
     ``f``'s parameters are never changed. Returns one dict per sample (``skipped``, ``v_norm``).
     """
     levels = _levels(f)
@@ -86,7 +88,7 @@ def reference_meta_step(f, g, x, y, d, num_classes: int, lr: float, gen_optimize
     infos = []
     for b in range(x.shape[0]):
         xb, yb, db = x[b:b + 1], y[b:b + 1], d[b:b + 1]
-        if not bool((yb > 0).any()):
+        if not bool(torch.isfinite(db).any()):
             infos.append({"skipped": True, "v_norm": 0.0})
             continue
         meta = copy.deepcopy(f)  # the reference rebuilds the network for every sample
@@ -136,7 +138,8 @@ def restructured_meta_step(f, g, x, y, d, num_classes: int, lr: float, gen_optim
     v = ∇θ* L_ROI; ε = fd_eps/‖v‖; under ``no_grad`` the logits of f_θ+ and f_θ− (one after the
     other); G± = ∂L_seg(f_θ±(x), ŷ)/∂ŷ on a detached ŷ; one backward of −lr (G+ − G−)/(2ε)
     through context_labels and g. The generator's ``.grad`` is overwritten; ``gen_optimizer``,
-    if given, then steps. Skipped (grads None, no step) when the batch has no ROI or ‖v‖ = 0.
+    if given, then steps. Skipped (grads None, no step) when all the batch's distances are +inf
+    or ‖v‖ = 0.
     Precision as :class:`colabx.method.MetaConfig`: ``amp`` autocasts the generator, inner-step
     and L_ROI forwards to ``amp_dtype``; the θ± forwards run without autocast, in full fp32
     unless ``fd_tf32``.
@@ -145,7 +148,7 @@ def restructured_meta_step(f, g, x, y, d, num_classes: int, lr: float, gen_optim
     roi = list(range(1, num_classes))
     for p in g.parameters():
         p.grad = None
-    if not bool((y > 0).any()):
+    if not bool(torch.isfinite(d).any()):
         return {"skipped": True, "v_norm": 0.0}
     autocast = torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp)
     yhat = _labels(g, x, y, d, num_classes, margin, tau, levels, autocast)
