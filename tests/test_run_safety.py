@@ -147,16 +147,20 @@ def test_failed_predict_leaves_no_folder(phantom, trained, tmp_path, capsys):
 
 # -- 2. --resume ---------------------------------------------------------------------------------
 
+def _partial_config(phantom, **kw):
+    from colabx.train.config import TrainConfig
+
+    return TrainConfig(dataset=str(phantom), mode="colab", epochs=2, iterations=2,
+                       base_features=4, num_pool=2, patch_size=[16, 16, 8], num_workers=0,
+                       progress=False, threads=1, val_cases=1, snapshot_every=0, device="cpu",
+                       **kw)
+
+
 def _partial_run(phantom, out, tmp_path, **kw):
     """A colab run stopped after 1 of 2 epochs, as a killed training leaves it."""
-    from colabx.train.config import TrainConfig
     from colabx.train.trainer import Trainer
 
-    cfg = TrainConfig(dataset=str(phantom), mode="colab", epochs=2, iterations=2,
-                      base_features=4, num_pool=2, patch_size=[16, 16, 8], num_workers=0,
-                      progress=False, threads=1, val_cases=1, snapshot_every=0, device="cpu",
-                      **kw)
-    Trainer(cfg, out, echo=lambda s: None).run(max_epochs=1)
+    Trainer(_partial_config(phantom, **kw), out, echo=lambda s: None).run(max_epochs=1)
 
 
 def test_runs_saved_before_an_option_existed_resume(phantom, tmp_path):
@@ -220,6 +224,25 @@ def test_resume_refuses_a_dataset_whose_cases_changed(phantom, tmp_path, capsys)
     assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
     assert "warning: resume: the dataset's files" in capsys.readouterr().out
     assert load_checkpoint(run / "checkpoint_final.pth")["epoch"] == 2
+
+
+def test_resume_may_turn_fp16_loss_scaling_on(phantom, tmp_path):
+    """A run saved without fp16 holds a disabled GradScaler's empty state; resuming it with
+    fp16 (--amp fp16 on CUDA, simulated here: the scaler follows amp_dtype) starts a fresh
+    scale instead of failing to load that state."""
+    from colabx.train.trainer import Trainer
+
+    class Fp16(Trainer):
+        def _setup_runtime(self):
+            super()._setup_runtime()
+            self.amp_dtype = torch.float16
+
+    run = tmp_path / "run"
+    _partial_run(phantom, run, tmp_path)
+    assert load_checkpoint(run / "checkpoint_latest.pth")["scaler"] == {}
+    resumed = Fp16(_partial_config(phantom), run, resume=True, echo=lambda s: None)
+    assert resumed.scaler.is_enabled() and resumed.start_epoch == 1
+    assert resumed.scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale()
 
 
 def test_resume_applies_and_logs_options_that_may_change(phantom, tmp_path, capsys,

@@ -444,7 +444,10 @@ class Trainer:
             self.g.load_state_dict(state["generator"])
             self.gen_opt.load_state_dict(state["gen_optimizer"])
         self.opt.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"] and self.scaler.is_enabled():
+            # a run saved without fp16 holds a disabled scaler's empty state: a resume that
+            # turns fp16 on starts a fresh scale
+            self.scaler.load_state_dict(state["scaler"])
         restore_rng(state["rng"])
         self.counter.iteration = state["meta_counter"]
         self.start_epoch, self.best_dsc = state["epoch"], state["best_dsc"]
