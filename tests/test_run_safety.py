@@ -279,6 +279,29 @@ def test_bad_test_label_stops_the_run_before_training(phantom, tmp_path, capsys)
     assert not run.exists()
 
 
+def test_training_labels_with_the_ignore_label_are_refused(phantom, tmp_path, capsys):
+    """The training losses have no ignored voxels: a dataset whose training labels hold the
+    ignore value is refused before training, with nothing written to the run folder."""
+    import nibabel as nib
+    import numpy as np
+
+    data = tmp_path / "data"
+    shutil.copytree(phantom, data)
+    js = json.loads((data / "dataset.json").read_text())
+    js["labels"]["ignore"] = 2
+    (data / "dataset.json").write_text(json.dumps(js))
+    path = data / "labelsTr" / "phantom_001.nii.gz"
+    img = nib.load(str(path))
+    lbl = np.asarray(img.dataobj).copy()
+    lbl[:2] = 2  # two slices of "unknown"
+    nib.save(nib.Nifti1Image(lbl, img.affine), str(path))
+    out = tmp_path / "run"
+    assert _train(str(data), "--out", str(out)) == 2
+    err = capsys.readouterr().err
+    assert "training case(s) (phantom_001) hold the ignore label 2" in err
+    assert not out.exists()
+
+
 def test_split_without_training_case_is_a_clear_error(phantom, tmp_path, capsys):
     assert _train(str(phantom), "--val-fraction", "0.9", "--out", str(tmp_path / "r")) == 2
     assert "val_fraction: 0.9 holds out all 4 case(s), leaving no training case" in \

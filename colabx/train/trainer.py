@@ -232,6 +232,7 @@ class Trainer:
                 self.echo(f"preprocessed {len(pre)} cases into {pre_dir}")
         self.dist.barrier()
         self.pre: PreprocessedDataset = load_preprocessed(pre_dir)
+        self._refuse_ignored_voxels()
         ids = sorted(self.pre.case_ids)
         n_val = 0 if cfg.val_fraction == 0 or len(ids) < 2 else \
             max(1, round(cfg.val_fraction * len(ids)))
@@ -242,6 +243,23 @@ class Trainer:
         self.num_classes = max(labels) + 1
         self._check_split(len(ids))
         self._check_test_cases()
+
+    def _refuse_ignored_voxels(self) -> None:
+        """The training losses (L_seg, L_ROI and the context labels) have no ignored voxels:
+        they would take the ignore value for an ordinary class (a target of no channel, a
+        false positive for Dice), so a dataset whose training labels hold it is refused."""
+        ignore = self.dataset.ignore_label
+        if ignore is None:
+            return
+        cases = self.pre.plans["cases"]
+        holding = sorted(c for c in self.pre.case_ids if ignore in cases[c].get("classes", ()))
+        if holding:
+            shown = ", ".join(holding[:5]) + (", ..." if len(holding) > 5 else "")
+            raise ValueError(f"{self.dataset.root}: the label maps of {len(holding)} training "
+                             f"case(s) ({shown}) hold the ignore label {ignore}, which colabx "
+                             "train does not leave out of its losses yet (it would learn those "
+                             "voxels as a class of their own); relabel them, or remove the "
+                             "ignore label, to train (preprocess, predict and evaluate accept it)")
 
     def _check_split(self, n_cases: int) -> None:
         """Refuse a split that leaves nothing to train on; warn when nothing is held out."""
