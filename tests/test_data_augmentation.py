@@ -136,6 +136,40 @@ def test_intensity_transforms_leave_labels_unchanged():
     assert torch.isfinite(out["image"]).all()
 
 
+def test_noise_standard_deviation_is_drawn_from_the_range_as_nnunet():
+    """batchgenerators draws the noise's standard deviation from ``noise_variance`` (despite the
+    name): over many draws, the added noise's std is uniform in (0, 0.1): mean 0.05, max 0.1."""
+    img = torch.zeros(1, 16, 16, 16)
+    s = {"image": img, "label": torch.zeros(16, 16, 16, dtype=torch.int16),
+         "distance": torch.zeros(16, 16, 16)}
+    only = {k: 0.0 for k in NO_INTENSITY}
+    cfg = AugmentConfig(mirror_p=0, rotation_p=0, scale_p=0, **{**only, "noise_p": 1.0})
+    sds = torch.tensor([float(augment(s, cfg, torch.Generator().manual_seed(i))["image"].std())
+                        for i in range(300)])
+    assert float(sds.max()) < 0.1 * 1.05 and float(sds.min()) < 0.01
+    assert abs(float(sds.mean()) - 0.05) < 0.005
+
+
+@pytest.mark.parametrize("lo, hi", [(0.5, 0.8), (0.75, 1.25), (1.1, 1.5)])
+def test_factor_ranges_on_one_side_of_one_stay_in_range(lo, hi):
+    """Ranges straddling 1 are drawn as nnU-Net's BGContrast (half below 1, half above); a range
+    on one side of 1 is drawn uniformly within itself."""
+    img = torch.rand(1, 6, 6, 6) + 1
+    s = {"image": img, "label": torch.zeros(6, 6, 6, dtype=torch.int16),
+         "distance": torch.zeros(6, 6, 6)}
+    only = {k: 0.0 for k in NO_INTENSITY}
+    cfg = AugmentConfig(mirror_p=0, rotation_p=0, scale_p=0,
+                        **{**only, "brightness_p": 1.0, "brightness_range": (lo, hi)})
+    factors = torch.tensor([float((augment(s, cfg, torch.Generator().manual_seed(i))["image"]
+                                   / img).mean()) for i in range(400)])
+    assert float(factors.min()) >= lo - 1e-6 and float(factors.max()) <= hi + 1e-6
+    below = float((factors < 1).float().mean())
+    if lo < 1 < hi:
+        assert 0.4 < below < 0.6
+    else:
+        assert abs(float(factors.mean()) - (lo + hi) / 2) < 0.03 * (hi - lo) + 0.01
+
+
 def test_gamma_retains_stats_and_contrast_keeps_range():
     img = torch.randn(3, 12, 12, 12) * torch.tensor([1.0, 5.0, 0.3]).view(3, 1, 1, 1)
     s = {"image": img, "label": torch.zeros(12, 12, 12, dtype=torch.int16),

@@ -28,7 +28,8 @@ plain centre crop; mirroring is an exact flip either way.
   everywhere or +inf everywhere, as preprocessing writes it).
 
 **Intensity** (image only, after the spatial transform, nnU-Net v2's order): Gaussian noise
-(p = 0.1, variance U(0, 0.1), same field scale for all channels), Gaussian blur (p = 0.2, per
+(p = 0.1, standard deviation U(0, 0.1): batchgenerators calls the range a variance but draws
+the standard deviation from it; same field scale for all channels), Gaussian blur (p = 0.2, per
 channel p = 0.5, σ ∈ U(0.5, 1) per axis), multiplicative brightness (p = 0.15, factor per channel),
 contrast (p = 0.15, per channel, around the channel mean, clipped to the channel's previous
 range), inverted gamma (p = 0.1) and gamma (p = 0.3): γ per channel, range normalised to [0, 1],
@@ -75,7 +76,7 @@ class AugmentConfig:
     anisotropic: bool | None = None  # None: decided from the spacing
     anisotropy_ratio: float = 3.0
     noise_p: float = 0.1
-    noise_variance: tuple[float, float] = (0.0, 0.1)
+    noise_variance: tuple[float, float] = (0.0, 0.1)  # batchgenerators' name: a std range
     blur_p: float = 0.2
     blur_sigma: tuple[float, float] = (0.5, 1.0)
     brightness_p: float = 0.15
@@ -220,11 +221,13 @@ def _uniforms(generator: torch.Generator, n: int) -> list[float]:
 
 
 def _two_sided(lo: float, hi: float, side: float, u: float) -> float:
-    """nnU-Net's ``BGContrast`` draw: half the time from (lo, 1), else from (max(lo, 1), hi)."""
-    if side < 0.5 and lo < 1.0:
-        return lo + u * (min(hi, 1.0) - lo)
-    a = max(lo, 1.0)
-    return a + u * (hi - a)
+    """nnU-Net's ``BGContrast`` draw for a range that straddles 1: half the time from (lo, 1),
+    else from (1, hi); a range on one side of 1 is drawn uniformly."""
+    if hi <= 1.0 or lo >= 1.0:
+        return lo + u * (hi - lo)
+    if side < 0.5:
+        return lo + u * (1.0 - lo)
+    return 1.0 + u * (hi - 1.0)
 
 
 def _rotation(angles: Sequence[float], ndim: int, low: int | None) -> np.ndarray:
@@ -373,7 +376,7 @@ def _intensity(image: torch.Tensor, config: AugmentConfig,
         lo, hi = config.noise_variance
         noise = torch.randn(image.shape, generator=generator, device=generator.device,
                             dtype=image.dtype).to(image.device)
-        image = image + noise * math.sqrt(lo + u[1] * (hi - lo))
+        image = image + noise * (lo + u[1] * (hi - lo))
     u = _uniforms(generator, 1 + c * (1 + nsp))
     if u[0] < config.blur_p:
         lo, hi = config.blur_sigma
