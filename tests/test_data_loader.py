@@ -110,6 +110,25 @@ def test_loader_with_workers_and_resume_matches_indexing(dataset):
             _equal(g, w)
 
 
+def test_batches_do_not_depend_on_the_torch_thread_count(dataset):
+    """Large enough patches that torch splits the contrast and gamma transforms' float32 channel
+    means over threads: batch i is still the same with 1 or 2 threads in the calling process
+    (as in a worker), so --threads and --num-workers may change on resume."""
+    cfg = AugmentConfig(contrast_p=1.0, gamma_p=1.0, inverted_gamma_p=0.5)
+    batches = _batches(dataset, patch_size=(40, 48, 48), batch_size=2, augment=cfg)
+    old = torch.get_num_threads()
+    try:
+        got = {}
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got[n] = [batches[i] for i in range(3)]
+            assert torch.get_num_threads() == n  # restored after sampling
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(got[1], got[2], strict=True):
+        _equal(a, b)
+
+
 def test_ddp_slices_concatenate_to_the_full_batch(dataset):
     full = _batches(dataset, batch_size=5)[7]
     parts = [_batches(dataset, batch_size=5, samples=s)[7]

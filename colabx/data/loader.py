@@ -29,9 +29,10 @@ on first use; nothing but the folder path and ``plans.json`` content is pickled 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -182,7 +183,8 @@ class PatchBatches(torch.utils.data.Dataset):
     def __getitem__(self, iteration: int) -> dict[str, Any]:
         if not isinstance(iteration, (int, np.integer)) or not 0 <= iteration < len(self):
             raise IndexError(f"iteration {iteration!r} out of range [0, {len(self)})")
-        items = [self.sample(int(iteration), b) for b in self.sample_indices]
+        with _one_torch_thread():
+            items = [self.sample(int(iteration), b) for b in self.sample_indices]
         batch: dict[str, Any] = {
             "image": torch.stack([s["image"] for s in items]).float(),
             "label": torch.stack([s["label"] for s in items]).long(),
@@ -193,6 +195,22 @@ class PatchBatches(torch.utils.data.Dataset):
         batch["case_ids"] = [s["case_id"] for s in items]
         batch["roi_forced"] = torch.tensor([s["roi_forced"] for s in items])
         return batch
+
+
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """One torch thread while a batch is sampled, in the workers and in the calling process
+    alike: float32 reductions (the contrast and gamma transforms' channel means) round
+    differently with other thread counts, and batch ``i`` must not depend on them."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _worker_init(_: int) -> None:
@@ -216,9 +234,9 @@ def make_loader(
     item is seeded by its own iteration index, so the output is identical for any
     ``num_workers``. Resume a run at iteration ``k`` with ``start=k``.
 
-    ``num_workers=0`` samples in the calling process with its torch thread count; on a shared or
-    busy CPU, many threads on these small per-patch ops are far slower than one (measured on 2
-    loaded cores: 3 vs 42 augmented 80³ patches/s), so prefer ``num_workers >= 1``.
+    ``num_workers=0`` samples in the calling process, with one torch thread as the workers do
+    (so that batch ``i`` does not depend on the thread count); prefer ``num_workers >= 1``, which
+    overlaps sampling with training.
     """
     if not isinstance(batches, PatchBatches):
         raise TypeError(f"batches must be a PatchBatches, got {type(batches).__name__}")
