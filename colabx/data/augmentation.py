@@ -35,7 +35,15 @@ contrast (p = 0.15, per channel, around the channel mean, clipped to the channel
 range), inverted gamma (p = 0.1) and gamma (p = 0.3): γ per channel, range normalised to [0, 1],
 ``x ** γ``, then mean and standard deviation restored ("retain stats"). Factors in
 ``(lo, hi)`` ranges that straddle 1 are drawn as nnU-Net's ``BGContrast``: half the time in
-``(lo, 1)``, half in ``(1, hi)``.
+``(lo, 1)``, half in ``(1, hi)``; a range on one side of 1 is drawn uniformly.
+
+Where it departs from nnU-Net v2's defaults: no low-resolution simulation (nnU-Net's
+``SimulateLowResolutionTransform``, p = 0.25); rotation is ±30° for 2D and anisotropic data too
+(nnU-Net: ±180° for dummy-2D data and 2D patches, ±15° for 2D patches whose sides differ by more
+than 1.5×); the scale factor is drawn as ``BGContrast`` (half below 1, half above)
+where nnU-Net draws it uniformly in (0.7, 1.4); anisotropy is decided from the spacing, not
+from the patch shape. These have not been studied here; they are listed so that a comparison
+with nnU-Net knows them.
 
 All randomness comes from the ``generator`` argument, drawn in a fixed order, so a generator
 state fixes the result; a CPU generator gives the same draws for CPU and CUDA samples.
