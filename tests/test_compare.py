@@ -87,6 +87,15 @@ def test_compare_tables_and_restart(tmp_path, monkeypatch, capsys):
         assert (out / n / "checkpoint_final.pth").stat().st_mtime_ns == t  # not retrained
     text = capsys.readouterr().out
     assert "finished earlier, skipped" in text and "| colab |" in text
+    # finished runs of other options are refused, before anything trains
+    other = [a if a != "4" else "6" for a in args]  # --base-features 6
+    monkeypatch.setattr(Trainer, "__init__", spy)
+    starts.clear()
+    assert main(other) == 2
+    err = capsys.readouterr().err
+    assert "this finished run was trained with other options (base_features: run 4, asked 6)" \
+        in err
+    assert starts == []
 
     payload = json.loads((out / "compare.json").read_text())
     table = payload["table"]

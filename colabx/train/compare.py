@@ -200,12 +200,14 @@ def run_compare(base: TrainConfig, modes: Sequence[str], seeds: Sequence[int],
     """Train and evaluate every (mode, seed) of ``base`` into ``out_dir`` and write the tables.
 
     Finished runs are skipped and interrupted ones resumed, so a stopped compare continues where
-    it stopped when called again. Under ``torchrun`` the runs go one after another, each on all
-    processes. Returns the table (rank 0; None elsewhere).
+    it stopped when called again; a finished run trained with other options (how and where it
+    ran aside) is refused before anything trains. Under ``torchrun`` the runs go one after
+    another, each on all processes. Returns the table (rank 0; None elsewhere).
 
     Raises:
         OutputFolderError: ``out_dir`` holds files that are not a compare.
-        ValueError: unknown modes, repeated modes or seeds, or manual mode without context maps.
+        ValueError: unknown modes, repeated modes or seeds, manual mode without context maps,
+            or a finished run of other options.
     """
     from colabx.train.trainer import Trainer
 
@@ -225,9 +227,13 @@ def run_compare(base: TrainConfig, modes: Sequence[str], seeds: Sequence[int],
         mark_output_folder(out, COMPARE_MARKER, {"modes": list(modes), "seeds": list(seeds),
                                                  "options": base.to_dict()})
     dist.barrier()
+    finished = {key: out / f"{key[0]}-seed{key[1]}" for key in configs
+                if _finished(out / f"{key[0]}-seed{key[1]}")}
+    for key, run in finished.items():
+        _check_finished_options(run, configs[key])
     for (mode, seed), cfg in configs.items():
         run = out / f"{mode}-seed{seed}"
-        if (run / "checkpoint_final.pth").is_file() and (run / "evaluation.json").is_file():
+        if (mode, seed) in finished:
             echo(f"compare: {run.name} finished earlier, skipped")
             continue
         resume = holds_run(run)
@@ -253,6 +259,33 @@ def run_compare(base: TrainConfig, modes: Sequence[str], seeds: Sequence[int],
     _figure(values, modes, seeds, out / "compare.png")
     echo(text)
     return table
+
+
+def _finished(run: Path) -> bool:
+    return (run / "checkpoint_final.pth").is_file() and (run / "evaluation.json").is_file()
+
+
+#: Options a finished run may differ in and still be tabulated: how and where it ran.
+_RUN_ONLY = frozenset({"num_workers", "device", "threads", "progress", "compile_mode",
+                       "val_every", "val_cases", "snapshot_every", "save_every", "preprocessed"})
+
+
+def _check_finished_options(run: Path, cfg: TrainConfig) -> None:
+    """A finished run is reused only when it was trained as ``cfg`` asks (how and where it ran
+    aside): a table mixing, say, base features or epochs would compare different things."""
+    from colabx.checkpoint import load_checkpoint
+    from colabx.train.config import resume_differences, saved_options
+    from colabx.train.trainer import _absolute_paths
+
+    state = load_checkpoint(run / "checkpoint_final.pth")
+    saved = _absolute_paths(TrainConfig(**saved_options(state["config"]))).to_dict()
+    fixed, changed = resume_differences(saved, _absolute_paths(cfg).to_dict())
+    differ = {**fixed, **{k: v for k, v in changed.items() if k not in _RUN_ONLY}}
+    if differ:
+        listed = "; ".join(f"{k}: run {a!r}, asked {b!r}" for k, (a, b) in differ.items())
+        raise ValueError(f"{run}: this finished run was trained with other options ({listed}); "
+                         "a compare tabulates runs of the same options: give the same options, "
+                         "or use another --out")
 
 
 def _check_manual(cfg: TrainConfig) -> None:
