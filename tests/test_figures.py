@@ -52,3 +52,40 @@ def test_figures_of_a_vanilla_and_a_colab_run(tmp_path, monkeypatch, capsys):
     colab = report["runs"][str(runs[1])]
     assert len(colab["neighbour_ratio_mean"]) == 3 and len(colab["cases"]) == 2
     assert "neighbour_ratio" not in report["runs"][str(runs[0])]  # vanilla has no generator
+
+
+def _phantom_2d(src, dst):
+    """The tiny phantom as a 2D dataset: each case's axial slice with the most ROI voxels."""
+    import shutil
+
+    import nibabel as nib
+
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        (dst / sub).mkdir(parents=True)
+        labels = sub.replace("images", "labels")
+        for f in sorted((src / sub).glob("*.nii.gz")):
+            cid = f.name.split("_0000")[0].removesuffix(".nii.gz")
+            roi = np.asarray(nib.load(src / labels / f"{cid}.nii.gz").dataobj) > 0
+            k = int(np.argmax(roi.sum((0, 1))))
+            img = nib.load(f)
+            sliced = nib.Nifti1Image(np.asarray(img.dataobj)[..., k], img.affine)
+            nib.save(sliced, dst / sub / f.name)
+    shutil.copy(src / "dataset.json", dst / "dataset.json")
+    return dst
+
+
+def test_figures_of_a_2d_run(tmp_path, monkeypatch):
+    """Fig. 8 shows a 2D case whole (it sliced the last axis and drew a 1-D row, a crash)."""
+    monkeypatch.setenv("COLABX_CACHE", str(tmp_path / "cache"))
+    data = _phantom_2d(write_phantom(tmp_path / "phantom", preset="tiny", num_cases=3,
+                                     num_test=2), tmp_path / "p2d")
+    run = tmp_path / "colab2d"
+    tiny_2d = [a for a in TINY if a != "8"]  # --patch-size 16 16
+    assert main(["train", str(data), "--mode", "colab", "--out", str(run), *tiny_2d]) == 0
+    out = tmp_path / "figs"
+    assert main(["figures", str(run), "--out", str(out)]) == 0
+    for name in FIGURES:
+        img = mpimg.imread(out / name)
+        assert float(img[..., :3].std()) > 0.05, f"{name} is blank"
+    report = json.loads((out / "figures.json").read_text())
+    assert len(report["runs"][str(run)]["neighbour_ratio_mean"]) == 2

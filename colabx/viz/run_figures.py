@@ -26,11 +26,13 @@ FIGURES = ("fig3_logit_density.png", "fig8_context_maps.png", "fig11_intensity_h
 _MAX_VOXELS = 200_000  # per run in Fig. 3 (a fixed random subset beyond)
 
 
-def _roi_slice(label: np.ndarray) -> tuple[int, int]:
-    """(axis, index) of the slice with the most ROI voxels along the last axis."""
-    axis = label.ndim - 1
-    counts = (label > 0).reshape(-1, label.shape[axis]).sum(0)
-    return axis, int(np.argmax(counts))
+def _roi_slice(label: np.ndarray) -> tuple[slice | int, ...]:
+    """The index of the 2D view Fig. 8 shows: a 2D case whole, a 3D case's slice with the most
+    ROI voxels along the last axis."""
+    if label.ndim == 2:
+        return (slice(None), slice(None))
+    counts = (label > 0).reshape(-1, label.shape[-1]).sum(0)
+    return (slice(None),) * (label.ndim - 1) + (int(np.argmax(counts)),)
 
 
 def write_figures(runs: list[str | os.PathLike[str]], out_dir: str | os.PathLike[str], *,
@@ -76,8 +78,7 @@ def write_figures(runs: list[str | os.PathLike[str]], out_dir: str | os.PathLike
             if o.q is not None:
                 ratios[case.id] = neighbour_ratio(o.q)
             if k < max_cases:
-                axis, i = _roi_slice(np.asarray(case.label))
-                pick = (slice(None),) * axis + (i,)
+                pick = _roi_slice(np.asarray(case.label))
                 slices.append(CaseSlice(
                     f"{run.name} / {case.id}", img[pick], np.asarray(case.label)[pick],
                     z.argmax(0).numpy()[pick], c,
