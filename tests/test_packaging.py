@@ -7,6 +7,7 @@ trees, wheels, an in-place ``_C`` and run outputs.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import tarfile
@@ -52,12 +53,20 @@ def test_sdist_has_the_build_inputs_and_no_clutter(tmp_path, monkeypatch):
     for rel in CLUTTER:
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_text("clutter\n")
+    # the version is written once, in colabx/__init__.py: the metadata follows it
+    init = src / "colabx" / "__init__.py"
+    text = init.read_text()
+    assert text.count('__version__ = "') == 1
+    init.write_text(re.sub(r'__version__ = "[^"]*"', '__version__ = "9.8.7"', text))
 
     monkeypatch.chdir(src)
     name = build_sdist(str(tmp_path / "out"))
+    assert name == "colabx-9.8.7.tar.gz"
     with tarfile.open(tmp_path / "out" / name) as tar:
         prefix = f"{name.removesuffix('.tar.gz')}/"
         members = {m.name.removeprefix(prefix) for m in tar.getmembers() if m.isfile()}
+        pkg_info = tar.extractfile(f"{prefix}PKG-INFO").read().decode()
+    assert "\nVersion: 9.8.7\n" in pkg_info
 
     needed = {"pyproject.toml", "CMakeLists.txt", "LICENSE", "README.md"}
     needed |= {p for p in tracked if p.startswith(("csrc/", "colabx/"))}
