@@ -25,7 +25,7 @@ LAYERS = ["colabx.twins", "colabx.ops", "colabx.data", "colabx.models", "colabx.
           "colabx.inference", "colabx.viz", "colabx.train"]
 #: Shared helpers below every layer.
 BASE = ["colabx._C", "colabx._backend", "colabx._io", "colabx._moved", "colabx._precision",
-        "colabx.checkpoint", "colabx.device"]
+        "colabx._threads", "colabx.checkpoint", "colabx.device"]
 
 
 def _modules() -> dict[str, Path]:

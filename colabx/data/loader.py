@@ -29,16 +29,16 @@ on first use; nothing but the folder path and ``plans.json`` content is pickled 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from colabx._threads import one_torch_thread
 from colabx.data.augmentation import AugmentConfig, augment, sample_spatial
 from colabx.data.preprocessing import PreprocessedDataset
 from colabx.data.sampling import SamplingCase, as_patch_size, sample_patch
@@ -183,7 +183,9 @@ class PatchBatches(torch.utils.data.Dataset):
     def __getitem__(self, iteration: int) -> dict[str, Any]:
         if not isinstance(iteration, (int, np.integer)) or not 0 <= iteration < len(self):
             raise IndexError(f"iteration {iteration!r} out of range [0, {len(self)})")
-        with _one_torch_thread():
+        # one thread, as in the workers: float32 reductions (the contrast and gamma transforms'
+        # channel means) round differently with other counts, and batch i must not depend on it
+        with one_torch_thread():
             items = [self.sample(int(iteration), b) for b in self.sample_indices]
         batch: dict[str, Any] = {
             "image": torch.stack([s["image"] for s in items]).float(),
@@ -195,22 +197,6 @@ class PatchBatches(torch.utils.data.Dataset):
         batch["case_ids"] = [s["case_id"] for s in items]
         batch["roi_forced"] = torch.tensor([s["roi_forced"] for s in items])
         return batch
-
-
-@contextlib.contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """One torch thread while a batch is sampled, in the workers and in the calling process
-    alike: float32 reductions (the contrast and gamma transforms' channel means) round
-    differently with other thread counts, and batch ``i`` must not depend on them."""
-    n = torch.get_num_threads()
-    if n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _worker_init(_: int) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from colabx import _backend
+from colabx._threads import one_torch_thread
 from colabx.ops import _checks
 from colabx.twins import distance_transform as _ref
 
@@ -49,15 +50,11 @@ def fork_safe_intraop() -> Iterator[None]:
     The C++ kernels of colabx start their own ``std::thread`` workers per call, which is safe
     after ``fork``.
     """
-    n = torch.get_num_threads()
-    if not _forked or n == 1:
+    if not _forked:
         yield
         return
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _as_feature_bytes(mask: torch.Tensor) -> torch.Tensor:

@@ -275,11 +275,10 @@ def _check_finished_options(run: Path, cfg: TrainConfig) -> None:
     aside): a table mixing, say, base features or epochs would compare different things."""
     from colabx.checkpoint import load_checkpoint
     from colabx.train.config import resume_differences, saved_options
-    from colabx.train.trainer import _absolute_paths
 
     state = load_checkpoint(run / "checkpoint_final.pth")
-    saved = _absolute_paths(TrainConfig(**saved_options(state["config"]))).to_dict()
-    fixed, changed = resume_differences(saved, _absolute_paths(cfg).to_dict())
+    saved = TrainConfig(**saved_options(state["config"])).to_dict()
+    fixed, changed = resume_differences(saved, cfg.to_dict())  # dataset paths compared absolute
     differ = {**fixed, **{k: v for k, v in changed.items() if k not in _RUN_ONLY}}
     if differ:
         listed = "; ".join(f"{k}: run {a!r}, asked {b!r}" for k, (a, b) in differ.items())
