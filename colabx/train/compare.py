@@ -63,16 +63,18 @@ def paired_seed_interval(per_seed: Sequence[float]) -> tuple[float, float, float
     return mean, mean - half, mean + half
 
 
+def _finite_mean(values: Sequence[float]) -> float:
+    """Mean of the finite ``values``; NaN when there is none."""
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
 def _case_values(result: dict[str, Any]) -> dict[str, dict[str, float]]:
     """case id → metric → mean over the ROI classes (NaN skipped) of one evaluation result."""
-    out = {}
-    for cid, case in result["cases"].items():
-        out[cid] = {}
-        for m in METRIC_NAMES:
-            vals = [v[m] for v in case["metrics"].values()
-                    if v[m] is not None and math.isfinite(v[m])]
-            out[cid][m] = float(np.mean(vals)) if vals else math.nan
-    return out
+    return {cid: {m: _finite_mean([math.nan if v[m] is None else v[m]
+                                   for v in case["metrics"].values()])
+                  for m in METRIC_NAMES}
+            for cid, case in result["cases"].items()}
 
 
 def _evaluate(run: Path, ds: Dataset) -> dict[str, dict[str, dict[str, float]]]:
@@ -87,11 +89,6 @@ def _evaluate(run: Path, ds: Dataset) -> dict[str, dict[str, dict[str, float]]]:
         out["lcc"] = _case_values(evaluate_folders(preds, ds.root / "labelsTs", ds.labels,
                                                    ds.file_ending, postprocess="lcc"))
     return out
-
-
-def _finite_mean(values: Sequence[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return float(np.mean(finite)) if finite else math.nan
 
 
 def _summaries(values: dict[tuple[str, int], dict], modes: Sequence[str], seeds: Sequence[int]
