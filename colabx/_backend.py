@@ -54,10 +54,25 @@ def num_threads() -> int:
 
 
 @functools.cache
-def cuda_kernels_available() -> bool:
-    """True when the extension was built with CUDA and its runtime sees a device."""
+def cuda_kernels_available(device: int | None = None) -> bool:
+    """True when the extension was built with CUDA, its runtime sees a device and, for CUDA device
+    index ``device``, the build holds code that device can run (see ``cuda_architectures``)."""
+    return _cuda_unavailable_reason(device) is None
+
+
+@functools.cache
+def _cuda_unavailable_reason(device: int | None) -> str | None:
+    """Why colabx's CUDA kernels cannot run (on ``device``), with what to do; None when they can."""
     _C = ext()
-    return bool(_C.built_with_cuda) and _C.cuda_device_count() > 0
+    if not _C.built_with_cuda or _C.cuda_device_count() == 0:
+        return ("colabx was built without CUDA kernels (or its CUDA runtime sees no device); "
+                "rebuild with nvcc on PATH (COLABX_CUDA=on) for the fused kernels")
+    if device is not None and not _C.cuda_kernels_run_on(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        return (f"colabx's CUDA kernels were built for architectures {_C.cuda_architectures}, "
+                f"none of which cuda:{device} (compute capability {major}.{minor}) can run; "
+                f"rebuild from source with COLABX_CUDA_ARCHS={major}{minor} for the fused kernels")
+    return None
 
 
 def stream_of(t: torch.Tensor) -> int:
@@ -77,20 +92,16 @@ _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", _public_raw_stream)
 def use_cuda_kernels(t: torch.Tensor, op: str) -> bool:
     """Whether ``op`` on CUDA tensor ``t`` runs colabx's CUDA kernels.
 
-    False means the caller must run the pure-PyTorch twin; a warning says so once.
+    False means the caller must run the pure-PyTorch twin; a warning says so once per op.
     """
-    if cuda_kernels_available():
+    reason = _cuda_unavailable_reason(t.device.index)
+    if reason is None:
         return True
-    _warn_fallback(op)
+    _warn_fallback(op, reason)
     return False
 
 
 @functools.cache
-def _warn_fallback(op: str) -> None:
-    warnings.warn(
-        f"colabx.{op}: colabx was built without CUDA kernels (or its CUDA runtime sees no device); "
-        "running the pure-PyTorch twin on the GPU instead. Rebuild with nvcc on PATH "
-        "(COLABX_CUDA=on) for the fused kernels.",
-        RuntimeWarning,
-        stacklevel=3,
-    )
+def _warn_fallback(op: str, reason: str) -> None:
+    warnings.warn(f"colabx.{op}: {reason}. Running the pure-PyTorch twin on the GPU instead.",
+                  RuntimeWarning, stacklevel=3)

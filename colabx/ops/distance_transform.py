@@ -91,7 +91,7 @@ def compute_distance_transform(
         _C = _backend.ext()
         strided = spatial[:-1]
         workspace = None
-        if max(strided) > _C.distance_transform_cuda_smem_max_n:
+        if max(strided) > _C.distance_transform_cuda_smem_max_n(m.device.index):
             workspace = torch.empty(out.numel() * 2, dtype=torch.float32, device=m.device)
         _C.distance_transform_forward_cuda(
             m.data_ptr(), out.data_ptr(), _backend.addr(scratch), _backend.addr(workspace),

@@ -24,8 +24,9 @@ void register_distance_transform(py::module_& m) {
         py::arg("batch"), py::arg("spatial"), py::arg("spacing"), py::arg("signed_"),
         py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
         "CUDA exact EDT; workspace (8 bytes per voxel) is needed only when a strided axis is "
-        "longer than distance_transform_cuda_smem_max_n.");
-  m.attr("distance_transform_cuda_smem_max_n") = cuda::kEdtSmemMaxN;
+        "longer than distance_transform_cuda_smem_max_n(device).");
+  m.def("distance_transform_cuda_smem_max_n", &cuda::edt_smem_max_n, py::arg("device"),
+        "The longest strided axis the CUDA EDT runs without a workspace on `device`.");
 #endif
 }
 }  // namespace colabx

@@ -7,7 +7,7 @@
 //      every global access coalesces. A thread stages its column in shared memory ([pos][thread]
 //      layout: consecutive threads hit consecutive banks) with its envelope's vertex indices
 //      (uint16), runs the shared envelope (common/distance_transform.h) and writes the result in
-//      place; the last pass writes the square root. Lines longer than kEdtSmemMaxN use the same
+//      place; the last pass writes the square root. Lines longer than edt_smem_max_n use the same
 //      code with a [pos][line] global workspace instead of shared memory.
 //   Those lines (lines_async_kernel) stage the column with cp.async, so all n loads of a thread
 //   are in flight at once (a plain staging loop keeps a few loads per thread in flight, too few
@@ -280,8 +280,8 @@ void lines_async_pass(float* data, int64_t lines, int64_t inner, int n, float w2
 
 template <bool kSqrt>
 void lines_pass(float* data, int64_t lines, int64_t inner, int n, float w2, float* workspace,
-                cudaStream_t st) {
-  if (n <= kEdtSmemMaxN) {
+                int smem_max_n, cudaStream_t st) {
+  if (n <= smem_max_n) {
     if (n <= 256)
       lines_async_pass<kSqrt, uint8_t>(data, lines, inner, n, w2, st);
     else
@@ -289,7 +289,7 @@ void lines_pass(float* data, int64_t lines, int64_t inner, int n, float w2, floa
   } else {
     if (workspace == nullptr)
       throw std::invalid_argument("distance_transform: an axis longer than " +
-                                  std::to_string(kEdtSmemMaxN) + " needs the CUDA workspace");
+                                  std::to_string(smem_max_n) + " needs the CUDA workspace");
     const int threads = 128;
     const int64_t blocks = (lines + threads - 1) / threads;
     if (blocks > int64_t(INT32_MAX)) throw std::invalid_argument("distance_transform: too many lines");
@@ -300,7 +300,8 @@ void lines_pass(float* data, int64_t lines, int64_t inner, int n, float w2, floa
 }
 
 void transform(const uint8_t* mask, float* out, int64_t batch, int64_t D, int64_t H, int64_t W,
-               const float sp[3], bool three_d, bool invert, float* workspace, cudaStream_t st) {
+               const float sp[3], bool three_d, bool invert, float* workspace, int smem_max_n,
+               cudaStream_t st) {
   const int64_t rows = batch * D * H;
   const unsigned rgrid = grid_for(rows * 32, 256);
   const int w = int(W);
@@ -320,15 +321,26 @@ void transform(const uint8_t* mask, float* out, int64_t batch, int64_t D, int64_
   // H lines: (item, slice, w), stride W.
   const int64_t hlines = batch * D * W;
   if (three_d) {
-    lines_pass<false>(out, hlines, W, int(H), sp[1] * sp[1], workspace, st);
+    lines_pass<false>(out, hlines, W, int(H), sp[1] * sp[1], workspace, smem_max_n, st);
     // D lines: (item, h, w), stride H * W.
-    lines_pass<true>(out, batch * H * W, H * W, int(D), sp[0] * sp[0], workspace, st);
+    lines_pass<true>(out, batch * H * W, H * W, int(D), sp[0] * sp[0], workspace, smem_max_n, st);
   } else {
-    lines_pass<true>(out, hlines, W, int(H), sp[1] * sp[1], workspace, st);
+    lines_pass<true>(out, hlines, W, int(H), sp[1] * sp[1], workspace, smem_max_n, st);
   }
 }
 
 }  // namespace
+
+int edt_smem_max_n(int device) {
+  int optin = 0;
+  const cudaError_t err =
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("distance_transform: shared memory query failed: ") +
+                             cudaGetErrorString(err));
+  // 32 threads x 6 bytes per position (uint16 vertex indices: lines over 256)
+  return std::max(256, std::min(kEdtSmemMaxN, optin / (32 * 6)));
+}
 
 void distance_transform_forward_cuda(uintptr_t mask_addr, uintptr_t out_addr,
                                      uintptr_t scratch_addr, uintptr_t workspace_addr,
@@ -344,13 +356,14 @@ void distance_transform_forward_cuda(uintptr_t mask_addr, uintptr_t out_addr,
   const float* sp = g.sp;
 
   auto st = static_cast<cudaStream_t>(prepare(device, stream, "distance_transform"));
+  const int smem_max_n = edt_smem_max_n(device);
   const auto* mask = reinterpret_cast<const uint8_t*>(mask_addr);
   auto* out = reinterpret_cast<float*>(out_addr);
   auto* ws = reinterpret_cast<float*>(workspace_addr);
-  transform(mask, out, batch, D, H, W, sp, three_d, false, ws, st);
+  transform(mask, out, batch, D, H, W, sp, three_d, false, ws, smem_max_n, st);
   if (!signed_) return;
   auto* din = reinterpret_cast<float*>(scratch_addr);
-  transform(mask, din, batch, D, H, W, sp, three_d, true, ws, st);
+  transform(mask, din, batch, D, H, W, sp, three_d, true, ws, smem_max_n, st);
   const int64_t total = batch * D * H * W;
   signed_kernel<<<grid_for(total, 256), 256, 0, st>>>(mask, out, din, total);
   check_launch("distance_transform signed_kernel");

@@ -20,6 +20,25 @@ int device_count() {
   return n;
 }
 
+namespace {
+// Compiled for the same architectures as every other kernel: its image exists for a device
+// exactly when theirs do.
+__global__ void probe_kernel() {}
+}  // namespace
+
+bool kernels_run_on(int device) {
+  int previous = 0;
+  if (cudaGetDevice(&previous) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  cudaFuncAttributes attributes;
+  const cudaError_t err = cudaFuncGetAttributes(&attributes, probe_kernel);
+  cudaGetLastError();  // clear "no kernel image" so it does not surface at the next launch check
+  cudaSetDevice(previous);
+  return err == cudaSuccess;
+}
+
 void* prepare(int device, uintptr_t stream, const char* what) {
   cudaError_t err = cudaSetDevice(device);
   if (err != cudaSuccess)

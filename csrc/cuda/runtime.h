@@ -9,6 +9,10 @@ namespace colabx::cuda {
 // Number of CUDA devices; 0 when no driver or device is present (never throws).
 int device_count();
 
+// Whether this build holds machine code or PTX that `device` can run (false on a GPU older than
+// every architecture in COLABX_CUDA_ARCHS; never throws). Leaves the current device as it was.
+bool kernels_run_on(int device);
+
 // Makes `device` current for this thread and returns the stream handle as cudaStream_t-compatible
 // pointer. Throws std::runtime_error naming `what` on failure.
 void* prepare(int device, uintptr_t stream, const char* what);

@@ -63,6 +63,7 @@ inline dim3 gridDim;
 namespace cuda_emu {
 
 constexpr size_t kSharedBytes = 228 * 1024;
+inline int shared_optin = static_cast<int>(kSharedBytes);
 
 struct Block {
   std::unique_ptr<std::barrier<>> all;
@@ -115,7 +116,8 @@ template <typename... KArgs, typename... Args>
 void launch(void (*kernel)(KArgs...), dim3 grid, dim3 threads, size_t smem, unsigned char* shared,
             Args... args) {
   if (threads.y != 1 || threads.z != 1) throw std::logic_error("emulation: 1-D blocks only");
-  if (smem > kSharedBytes) throw std::logic_error("emulation: more shared memory than a GPU has");
+  if (smem > static_cast<size_t>(shared_optin))
+    throw std::logic_error("emulation: more shared memory than the device grants a block");
   gridDim = grid;
   blockDim = threads;
   const unsigned n = threads.x, nwarps = (n + 31) / 32;
@@ -208,6 +210,8 @@ std::vector<T> vec(const T* p, int n) {
 // The occupancy the emulated device reports, settable from Python (defined here, not inline: each
 // emulation library is one translation unit, and the symbol must be exported).
 extern "C" void emu_set_resident_blocks(int blocks) { cuda_emu::resident = blocks; }
+// The opt-in shared memory per block the emulated device reports (sm_75: 64 KB, sm_86: 99 KB).
+extern "C" void emu_set_shared_optin(int bytes) { cuda_emu::shared_optin = bytes; }
 
 inline void __syncthreads() { cuda_emu::block->all->arrive_and_wait(); }
 
@@ -248,12 +252,12 @@ constexpr cudaError_t cudaSuccess = 0;
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin };
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
-  *value = static_cast<int>(cuda_emu::kSharedBytes);
+  *value = cuda_emu::shared_optin;
   return cudaSuccess;
 }
 template <typename Kernel>
 cudaError_t cudaFuncSetAttribute(Kernel, cudaFuncAttribute, int bytes) {
-  return bytes <= static_cast<int>(cuda_emu::kSharedBytes) ? cudaSuccess : 1;
+  return bytes <= cuda_emu::shared_optin ? cudaSuccess : 1;
 }
 inline const char* cudaGetErrorString(cudaError_t) { return "emulated error"; }
 

@@ -25,3 +25,5 @@ extern "C" int emu_distance_transform(uintptr_t mask, uintptr_t out, uintptr_t s
         std::vector<double>(spacing, spacing + nsp), signed_ != 0, 0, 0);
   });
 }
+
+extern "C" int emu_edt_smem_max_n() { return colabx::cuda::edt_smem_max_n(0); }
