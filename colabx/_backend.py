@@ -64,9 +64,15 @@ def cuda_kernels_available(device: int | None = None) -> bool:
 def _cuda_unavailable_reason(device: int | None) -> str | None:
     """Why colabx's CUDA kernels cannot run (on ``device``), with what to do; None when they can."""
     _C = ext()
-    if not _C.built_with_cuda or _C.cuda_device_count() == 0:
-        return ("colabx was built without CUDA kernels (or its CUDA runtime sees no device); "
-                "rebuild with nvcc on PATH (COLABX_CUDA=on) for the fused kernels")
+    if not _C.built_with_cuda:
+        return ("colabx was built without CUDA kernels; rebuild with nvcc on PATH "
+                "(COLABX_CUDA=on) for the fused kernels")
+    if _C.cuda_device_count() == 0:
+        major, minor = divmod(_C.cuda_runtime_version // 10, 100)
+        return (f"colabx's CUDA runtime sees no device ({_C.cuda_device_count_error()}); its "
+                f"kernels were built with CUDA {major}.{minor}, whose runtime needs a driver at "
+                "least that new (CUDA 13: 580 or newer): update the NVIDIA driver, or rebuild "
+                "with a CUDA toolkit the driver supports")
     if device is not None and not _C.cuda_kernels_run_on(device):
         major, minor = torch.cuda.get_device_capability(device)
         return (f"colabx's CUDA kernels were built for architectures {_C.cuda_architectures}, "

@@ -38,7 +38,7 @@ def test_without_kernels_cuda_tensors_go_to_the_twins_with_one_warning(monkeypat
                                                                  cuda_device_count=lambda: 0))
     z = _fake_cuda((2, 3, 8, 8))
     with pytest.warns(RuntimeWarning, match=r"colabx\.dice_ce_loss: colabx was built without "
-                      r"CUDA kernels .* Running the pure-PyTorch twin"):
+                      r"CUDA kernels; rebuild .* Running the pure-PyTorch twin"):
         assert not dce_op._kernels_for(z, 3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per op
@@ -72,6 +72,18 @@ def test_a_gpu_older_than_the_built_architectures_goes_to_the_twins(monkeypatch,
         warnings.simplefilter("error")
         assert _backend.use_cuda_kernels(on_1, "dice_ce_loss")
     assert _backend.cuda_kernels_available(1) and _backend.cuda_kernels_available()
+
+
+def test_a_driver_too_old_for_the_runtime_is_named(monkeypatch, fresh_warnings):
+    built = SimpleNamespace(
+        built_with_cuda=True, cuda_device_count=lambda: 0, cuda_runtime_version=13000,
+        cuda_device_count_error=lambda: "CUDA driver version is insufficient for CUDA runtime "
+                                        "version")
+    monkeypatch.setattr(_backend, "ext", lambda: built)
+    with pytest.warns(RuntimeWarning, match=r"colabx's CUDA runtime sees no device \(CUDA driver "
+                      r"version is insufficient .*\); its kernels were built with CUDA 13\.0, "
+                      r".* update the NVIDIA driver"):
+        assert not dce_op._kernels_for(_fake_cuda((2, 3, 8, 8)), 3)
 
 
 def test_with_kernels_no_warning(monkeypatch, fresh_warnings):

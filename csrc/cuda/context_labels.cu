@@ -670,7 +670,8 @@ void context_labels_forward_cuda(const Plan& p, uintptr_t o, int o_dtype, uintpt
                                  uintptr_t d, const std::vector<uintptr_t>& outs,
                                  const std::vector<uintptr_t>& masks, double margin, double tau,
                                  int device, uintptr_t stream) {
-  cudaStream_t st = static_cast<cudaStream_t>(cuda::prepare(device, stream, "context_labels"));
+  const cuda::DeviceScope scope(device, "context_labels");
+  const auto st = reinterpret_cast<cudaStream_t>(stream);
   if (p.B == 0 || p.voxels() == 0) return;
   for_kernel_types(p, o_dtype, y_dtype, [&](auto tag, auto ltag, auto tm) {
     using T = typename decltype(tag)::type;
@@ -704,7 +705,8 @@ void context_labels_forward_cuda(const Plan& p, uintptr_t o, int o_dtype, uintpt
 void context_labels_backward_cuda(const Plan& p, const std::vector<uintptr_t>& grads, uintptr_t o,
                                   int o_dtype, uintptr_t y, int y_dtype, uintptr_t d, uintptr_t grad_o,
                                   double margin, double tau, int device, uintptr_t stream) {
-  cudaStream_t st = static_cast<cudaStream_t>(cuda::prepare(device, stream, "context_labels"));
+  const cuda::DeviceScope scope(device, "context_labels");
+  const auto st = reinterpret_cast<cudaStream_t>(stream);
   if (p.B == 0 || p.voxels() == 0) return;
   for_kernel_types(p, o_dtype, y_dtype, [&](auto tag, auto ltag, auto tm) {
     using T = typename decltype(tag)::type;

@@ -486,7 +486,8 @@ void dice_ce_loss_forward_cuda(const std::vector<uintptr_t>& logits,
       V.size() != L || weights.size() != L)
     throw std::invalid_argument("dice_ce_loss_forward_cuda: bad per-level argument lengths");
   const uint64_t dmask = channel_mask(dice_channels, K, "dice_ce_loss");
-  cudaStream_t st = static_cast<cudaStream_t>(prepare(device, stream, "dice_ce_loss"));
+  const cuda::DeviceScope scope(device, "dice_ce_loss");
+  const auto st = reinterpret_cast<cudaStream_t>(stream);
   const int64_t NS = 3 * K + 1;
   double* work = reinterpret_cast<double*>(workspace);
   LevelTable lv{};
@@ -543,7 +544,8 @@ void dice_ce_loss_backward_cuda(uintptr_t grad_out, const std::vector<uintptr_t>
     throw std::invalid_argument("dice_ce_loss_backward_cuda: bad per-level argument lengths");
   for (int64_t v : V) check_sizes(B, v, "dice_ce_loss");  // every level before any launch
   const uint64_t dmask = channel_mask(dice_channels, K, "dice_ce_loss");
-  cudaStream_t st = static_cast<cudaStream_t>(prepare(device, stream, "dice_ce_loss"));
+  const cuda::DeviceScope scope(device, "dice_ce_loss");
+  const auto st = reinterpret_cast<cudaStream_t>(stream);
   const int64_t NS = 3 * K + 1;
   const double inv_bj = 1.0 / (double(B) * double(dice_channels.size()));
   for_each_launch(logits_code, K, target_codes,

@@ -257,10 +257,12 @@ int smem_block(Kernel kernel, int n, int bytes, size_t* smem_out) {
   if (smem > 48 * 1024) {
     cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (err != cudaSuccess)
+    if (err != cudaSuccess) {
+      cudaGetLastError();  // not to be reported again by the next launch check
       throw std::runtime_error(std::string("distance_transform: cannot reserve ") +
                                std::to_string(smem) + " bytes of shared memory: " +
                                cudaGetErrorString(err));
+    }
   }
   *smem_out = smem;
   return threads;
@@ -335,9 +337,11 @@ int edt_smem_max_n(int device) {
   int optin = 0;
   const cudaError_t err =
       cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (err != cudaSuccess)
+  if (err != cudaSuccess) {
+    cudaGetLastError();
     throw std::runtime_error(std::string("distance_transform: shared memory query failed: ") +
                              cudaGetErrorString(err));
+  }
   // 32 threads x 6 bytes per position (uint16 vertex indices: lines over 256)
   return std::max(256, std::min(kEdtSmemMaxN, optin / (32 * 6)));
 }
@@ -355,7 +359,8 @@ void distance_transform_forward_cuda(uintptr_t mask_addr, uintptr_t out_addr,
   const bool three_d = g.three_d;
   const float* sp = g.sp;
 
-  auto st = static_cast<cudaStream_t>(prepare(device, stream, "distance_transform"));
+  const cuda::DeviceScope scope(device, "distance_transform");
+  const auto st = reinterpret_cast<cudaStream_t>(stream);
   const int smem_max_n = edt_smem_max_n(device);
   const auto* mask = reinterpret_cast<const uint8_t*>(mask_addr);
   auto* out = reinterpret_cast<float*>(out_addr);

@@ -153,7 +153,8 @@ void roi_bce_loss_forward_cuda(uintptr_t logits, uintptr_t labels, int logits_co
                                const std::vector<int64_t>& roi_channels, uintptr_t loss,
                                uintptr_t workspace, int device, uintptr_t stream) {
   const uint64_t roi = channel_mask(roi_channels, K, "roi_bce_loss");
-  cudaStream_t st = static_cast<cudaStream_t>(prepare(device, stream, "roi_bce_loss"));
+  const cuda::DeviceScope scope(device, "roi_bce_loss");
+  const auto st = reinterpret_cast<cudaStream_t>(stream);
   check_sizes(B, V, "roi_bce_loss");
   double* work = reinterpret_cast<double*>(workspace);
   int64_t n_part = 0;
@@ -186,7 +187,8 @@ void roi_bce_loss_backward_cuda(uintptr_t grad_out, uintptr_t logits, uintptr_t 
                                 const std::vector<int64_t>& roi_channels, uintptr_t grad_logits,
                                 int device, uintptr_t stream) {
   const uint64_t roi = channel_mask(roi_channels, K, "roi_bce_loss");
-  cudaStream_t st = static_cast<cudaStream_t>(prepare(device, stream, "roi_bce_loss"));
+  const cuda::DeviceScope scope(device, "roi_bce_loss");
+  const auto st = reinterpret_cast<cudaStream_t>(stream);
   check_sizes(B, V, "roi_bce_loss");
   for_bce_types(logits_code, label_code, K, [&](auto ltag, auto ttag, auto km) {
     using TL = typename decltype(ltag)::type;

@@ -11,13 +11,29 @@
 
 namespace colabx::cuda {
 
+namespace {
+cudaError_t count_devices(int* n) {
+  const cudaError_t err = cudaGetDeviceCount(n);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear the "no driver" error so that no later check reports it
+    *n = 0;
+  }
+  return err;
+}
+}  // namespace
+
+int runtime_version() { return CUDART_VERSION; }
+
 int device_count() {
   int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky "no driver" error
-    return 0;
-  }
+  count_devices(&n);
   return n;
+}
+
+const char* device_count_error() {
+  int n = 0;
+  const cudaError_t err = count_devices(&n);
+  return err == cudaSuccess ? "" : cudaGetErrorString(err);
 }
 
 namespace {
@@ -39,12 +55,20 @@ bool kernels_run_on(int device) {
   return err == cudaSuccess;
 }
 
-void* prepare(int device, uintptr_t stream, const char* what) {
-  cudaError_t err = cudaSetDevice(device);
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string(what) + ": cudaSetDevice(" + std::to_string(device) +
-                             ") failed: " + cudaGetErrorString(err));
-  return reinterpret_cast<void*>(stream);
+DeviceScope::DeviceScope(int device, const char* what) {
+  cudaError_t err = cudaGetDevice(&previous_);
+  if (err == cudaSuccess && previous_ != device) err = cudaSetDevice(device);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    throw std::runtime_error(std::string(what) + ": cannot make CUDA device " +
+                             std::to_string(device) + " current: " + cudaGetErrorString(err));
+  }
+}
+
+DeviceScope::~DeviceScope() {
+  int current = -1;
+  if (cudaGetDevice(&current) == cudaSuccess && current != previous_) cudaSetDevice(previous_);
+  cudaGetLastError();
 }
 
 void check_launch(const char* what) {
@@ -64,8 +88,10 @@ int resident_blocks(const void* kernel, int threads, size_t smem, int device, co
   cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err == cudaSuccess)
     err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
-  if (err != cudaSuccess)
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // not to be reported again by the next launch check
     throw std::runtime_error(std::string(what) + ": occupancy query failed: " + cudaGetErrorString(err));
+  }
   return cache[key] = std::max(1, sms * per_sm);
 }
 

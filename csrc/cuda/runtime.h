@@ -13,9 +13,26 @@ int device_count();
 // every architecture in COLABX_CUDA_ARCHS; never throws). Leaves the current device as it was.
 bool kernels_run_on(int device);
 
-// Makes `device` current for this thread and returns the stream handle as cudaStream_t-compatible
-// pointer. Throws std::runtime_error naming `what` on failure.
-void* prepare(int device, uintptr_t stream, const char* what);
+// CUDART_VERSION of the toolkit this build used (e.g. 13000 for CUDA 13.0).
+int runtime_version();
+
+// Why the runtime sees no device ("" when it sees one): e.g. a driver older than this CUDA runtime.
+const char* device_count_error();
+
+// Makes `device` current for the scope and restores the caller's device at its end: colabx's
+// static runtime shares the thread's current context with torch's runtime, so an op on cuda:1
+// must not leave torch's current device at 1. Throws std::runtime_error naming `what` when the
+// device cannot be made current.
+class DeviceScope {
+ public:
+  DeviceScope(int device, const char* what);
+  ~DeviceScope();
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  int previous_ = -1;
+};
 
 // Throws std::runtime_error naming `what` if the last launch failed.
 void check_launch(const char* what);

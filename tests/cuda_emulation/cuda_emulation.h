@@ -260,6 +260,7 @@ cudaError_t cudaFuncSetAttribute(Kernel, cudaFuncAttribute, int bytes) {
   return bytes <= cuda_emu::shared_optin ? cudaSuccess : 1;
 }
 inline const char* cudaGetErrorString(cudaError_t) { return "emulated error"; }
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 
 inline float __int_as_float(int i) {
   float f;
@@ -282,7 +283,9 @@ T __ldg(const T* p) {
 
 // colabx::cuda's runtime helpers (csrc/cuda/runtime.h), for the emulated device.
 namespace colabx::cuda {
-inline void* prepare(int, uintptr_t stream, const char*) { return reinterpret_cast<void*>(stream); }
+struct DeviceScope {
+  DeviceScope(int, const char*) {}
+};
 inline void check_launch(const char*) {}
 inline int resident_blocks(const void*, int, size_t, int, const char*) { return cuda_emu::resident; }
 }  // namespace colabx::cuda
