@@ -15,11 +15,16 @@ import scipy.ndimage as ndi
 from colabx.data.datasets import DatasetError, load_dataset
 from colabx.data.preprocessing import (
     crop_to_nonzero,
+    ct_statistics,
+    fullres_target_spacing,
     load_preprocessed,
+    nearest_indices,
     normalization_schemes,
+    normalize_image,
     preprocess_dataset,
     resample_image,
     resample_labels,
+    separate_z_axis,
     target_shape,
 )
 
@@ -106,6 +111,46 @@ def test_crop_to_nonzero_union_over_channels():
     assert bbox == (slice(0, 4), slice(0, 5), slice(0, 6)) and not mask.any()
 
 
+def test_nonzero_mask_has_its_holes_filled():
+    img = np.zeros((1, 9, 9, 9), np.float32)
+    img[0, 1:8, 1:8, 1:8] = 5.0
+    img[0, 3:6, 3:6, 3:6] = 0.0  # an enclosed zero region (e.g. air in a bowel loop)
+    img[0, 1:8, 1:8, 1] = 0.0  # and an open one: a zero face stays outside the mask
+    bbox, mask = crop_to_nonzero(img)
+    assert mask[3:6, 3:6, 3:6].all() and not mask[1:8, 1:8, 1].any()
+    assert mask.sum() == 7 * 7 * 6 and bbox == (slice(1, 8), slice(1, 8), slice(2, 8))
+
+
+def test_target_spacing_follows_nnunet_for_thick_slices():
+    # ACDC-like: thick, few slices; the 10th percentile of the thick axis, not the median
+    spacings = [(0.8, 0.8, z) for z in (5.0, 5.0, 6.0, 3.0, 2.5)]
+    shapes = [(200, 200, 16)] * 5
+    np.testing.assert_allclose(fullres_target_spacing(spacings, shapes),
+                               (0.8, 0.8, np.percentile([5.0, 5.0, 6.0, 3.0, 2.5], 10)))
+    assert fullres_target_spacing(spacings, shapes)[2] == pytest.approx(2.7)
+    # many slices (3 x 16 is not below 40): the median stays
+    assert fullres_target_spacing(spacings, [(40, 40, 16)] * 5) == (0.8, 0.8, 5.0)
+    # spacing under 3x the others: the median stays
+    assert fullres_target_spacing([(1.0, 1.0, 2.5)] * 3, shapes[:3]) == (1.0, 1.0, 2.5)
+    # the 10th percentile is never below the other axes' spacing
+    low = fullres_target_spacing([(1.0, 1.0, 4.0)] * 3 + [(1.0, 1.0, 0.5)] * 2, shapes)
+    assert low[2] == pytest.approx(1.0 + 1e-5)
+    # 2D
+    assert fullres_target_spacing([(0.5, 0.7), (0.7, 0.9), (0.6, 0.8)], [(9, 9)] * 3) == \
+        (0.6, 0.8)
+
+
+def test_separate_z_axis_rule():
+    assert separate_z_axis((0.8, 1.0, 3.1), (1.0, 1.0, 1.0)) == 2
+    assert separate_z_axis((1.0, 1.0, 1.0), (4.0, 1.0, 1.0)) == 0  # the target is anisotropic
+    assert separate_z_axis((1.0, 1.0, 2.9), (1.0, 1.0, 2.9)) is None
+    assert separate_z_axis((0.3, 1.25, 1.25), (1.0, 1.0, 1.0)) is None  # two coarse axes
+    assert separate_z_axis((1.0, 5.0), (1.0, 1.0)) is None  # 2D
+    np.testing.assert_array_equal(nearest_indices(3, 7), [0, 0, 1, 1, 1, 2, 2])
+    np.testing.assert_array_equal(nearest_indices(7, 3), [1, 3, 5])
+    np.testing.assert_array_equal(nearest_indices(5, 5), np.arange(5))
+
+
 def test_resample_labels_one_hot_argmax_keeps_classes():
     rng = np.random.default_rng(0)
     lbl = ndi.zoom(rng.integers(0, 5, size=(6, 6, 4)), 3, order=0).astype(np.int16)  # blobs
@@ -134,13 +179,100 @@ def test_resample_image_order3_and_identity():
     np.testing.assert_array_equal(resample_image(img, (20, 6, 5)), img)
 
 
+def test_cubic_resampling_is_clipped_to_the_input_range():
+    step = np.zeros((1, 12, 5, 5), np.float32)
+    step[0, 6:] = 3.0
+    for shape in [(29, 5, 5), (7, 9, 5)]:
+        out = resample_image(step, shape)
+        assert out.min() == 0.0 and out.max() == 3.0  # unclipped splines ring to -0.27 and 3.27
+        assert 0 < out[0, shape[0] // 2].mean() < 3
+
+
+def test_separate_z_resampling_is_in_plane_then_nearest():
+    rng = np.random.default_rng(1)
+    img = rng.normal(size=(2, 9, 8, 5)).astype(np.float32)
+    shape = (13, 6, 11)
+    out = resample_image(img, shape, separate_axis=2)
+    idx = nearest_indices(5, 11)
+    for c in range(2):
+        planes = np.stack([resample_image(img[c, :, :, k][None], shape[:2])[0]
+                           for k in range(5)], axis=-1)
+        np.testing.assert_allclose(out[c], planes[:, :, idx], rtol=0, atol=0)
+    # along the separate axis nothing is interpolated: every output slice is an input slice's
+    # in-plane resampling
+    lbl = ndi.zoom(rng.integers(0, 4, size=(4, 4, 5)), (3, 3, 1), order=0).astype(np.int16)
+    got = resample_labels(lbl, (7, 17, 9), separate_axis=2)
+    want = np.stack([resample_labels(lbl[:, :, k], (7, 17)) for k in range(5)], axis=-1)
+    np.testing.assert_array_equal(got, want[:, :, nearest_indices(5, 9)])
+    np.testing.assert_array_equal(resample_labels(lbl, (12, 12, 2), separate_axis=2),
+                                  lbl[:, :, nearest_indices(5, 2)])
+
+
 def test_normalization_schemes_from_names_and_override():
     assert normalization_schemes(["CT", "T2", "ct"]) == ("ct", "zscore", "ct")
+    assert normalization_schemes(["noNorm", "RESCALE_TO_0_1", "rgb_to_0_1", "zscore", "MR"]) == \
+        ("nonorm", "rescale_to_0_1", "rgb_to_0_1", "zscore", "zscore")
     assert normalization_schemes(["CT", "T2"], "MR") == ("zscore", "zscore")
     assert normalization_schemes(["x"], "CT") == ("ct",)
     assert normalization_schemes(["a", "b"], ["ct", "zscore"]) == ("ct", "zscore")
     with pytest.raises(ValueError, match="one per channel"):
         normalization_schemes(["a", "b"], ["CT"])
+
+
+def test_normalize_image_schemes():
+    rng = np.random.default_rng(2)
+    img = rng.uniform(10, 200, size=(4, 6, 7)).astype(np.float32)
+    img[:, :2] = 0.0
+    mask = np.any(img != 0, axis=0)
+    out, used = normalize_image(img, mask, ["nonorm", "rescale_to_0_1", "rgb_to_0_1", "zscore"],
+                                [None] * 4, [False, False, False, False])
+    np.testing.assert_array_equal(out[0], img[0])
+    x = img[1].astype(np.float64)
+    np.testing.assert_allclose(out[1], (x - x.min()) / (x.max() - x.min()), rtol=1e-6)
+    np.testing.assert_allclose(out[2], img[2] / 255.0, rtol=1e-6)
+    # z-score without the mask: over every voxel, zeros included and not kept at 0
+    x = img[3].astype(np.float64)
+    np.testing.assert_allclose(out[3], (x - x.mean()) / x.std(), rtol=1e-5, atol=1e-6)
+    assert used[3] == {"mean": pytest.approx(x.mean()), "std": pytest.approx(x.std())}
+    # with the mask: statistics inside it, 0 outside
+    masked, used = normalize_image(img[3:], mask, ["zscore"], [None], [True])
+    v = x[mask]
+    np.testing.assert_allclose(masked[0][mask], (v - v.mean()) / v.std(), rtol=1e-5, atol=1e-6)
+    assert (masked[0][~mask] == 0).all()
+    with pytest.raises(ValueError, match=r"channel 0 \(rgb_to_0_1\) has values in \[300, 300\]; "
+                       r"RGB channels must lie in \[0, 255\]"):
+        normalize_image(np.full((1, 2, 2), 300.0), mask[:2, :2], ["rgb_to_0_1"], [None])
+
+
+def _mixture_quantile(cases, q):
+    """Independent oracle: the smallest value where the equal-weight mixture's CDF reaches q."""
+    grid = np.unique(np.concatenate(cases))
+    cdf = np.mean([np.searchsorted(np.sort(c), grid, side="right") / c.size for c in cases],
+                  axis=0)
+    return grid[np.searchsorted(cdf, q / 100 - 1e-12)]
+
+
+def test_ct_statistics_weigh_every_case_equally():
+    rng = np.random.default_rng(3)
+    cases = [rng.normal(0, 10, 50), rng.normal(300, 40, 5000), rng.normal(100, 5, 700)]
+    st = ct_statistics([c.astype(np.float32) for c in cases] + [np.zeros(0, np.float32)])
+    cases = [c.astype(np.float32).astype(np.float64) for c in cases]
+    mean = np.mean([c.mean() for c in cases])
+    var = np.mean([((c - mean) ** 2).mean() for c in cases])
+    assert st["mean"] == pytest.approx(mean, rel=1e-12) and st["std"] == pytest.approx(
+        np.sqrt(var), rel=1e-12)
+    assert st["lower"] == _mixture_quantile(cases, 0.5)
+    assert st["upper"] == _mixture_quantile(cases, 99.5)
+    assert st["cases"] == 3 and st["voxels"] == 5750
+    # nnU-Net's random draws (the same number per case, with replacement) converge to it; pooling
+    # every voxel would not (the 5000-voxel case would dominate)
+    draws = np.concatenate([np.random.RandomState(1234).choice(c, 200_000) for c in cases])
+    np.testing.assert_allclose([st["lower"], st["upper"], st["mean"], st["std"]],
+                               [*np.percentile(draws, [0.5, 99.5]), draws.mean(), draws.std()],
+                               rtol=0.02, atol=0.5)
+    assert abs(np.concatenate(cases).mean() - st["mean"]) > 100
+    with pytest.raises(ValueError, match="no foreground"):
+        ct_statistics([np.zeros(0)])
 
 
 # -- the pipeline ---------------------------------------------------------------------------------
@@ -185,12 +317,13 @@ def test_label_and_context_values_preserved(tmp_path):
 def test_ct_normalization_statistics(tmp_path):
     cases = make_ds(tmp_path / "ds", spacings=[SPACINGS[0]])  # same spacing: no resampling
     pre = _run(tmp_path / "ds", tmp_path / "out")
-    fg = np.concatenate([img[0][BOX][lbl[BOX] > 0] for img, lbl, _, _ in cases.values()])
-    fg = fg.astype(np.float64)
-    lo, hi = np.percentile(fg, [0.5, 99.5])
-    mean, std = fg.mean(), fg.std()
+    fg = [img[0][BOX][lbl[BOX] > 0].astype(np.float64) for img, lbl, _, _ in cases.values()]
+    lo, hi = (_mixture_quantile(fg, q) for q in (0.5, 99.5))
+    mean = np.mean([v.mean() for v in fg])
+    std = np.sqrt(np.mean([((v - mean) ** 2).mean() for v in fg]))
     norm = pre.plans["normalization"][0]
-    assert norm["scheme"] == "ct" and norm["voxels"] == fg.size
+    assert norm["scheme"] == "ct" and norm["voxels"] == sum(v.size for v in fg)
+    assert not norm["use_mask_for_norm"]
     np.testing.assert_allclose([norm["lower"], norm["upper"], norm["mean"], norm["std"]],
                                [lo, hi, mean, std], rtol=1e-12)
     for cid, (img, _, _, _) in cases.items():
@@ -329,7 +462,7 @@ def test_progress_bar_can_be_disabled(tmp_path, capsys):
     assert "preprocessing" not in err
     preprocess_dataset(tmp_path / "ds", tmp_path / "b", progress=True)  # path accepted too
     err = capsys.readouterr().err
-    assert "preprocessing" in err and "CT intensity statistics" in err
+    assert "preprocessing" in err and "dataset fingerprint" in err
 
 
 def test_bad_target_spacing(tmp_path):
@@ -358,3 +491,57 @@ def test_ignore_label_is_not_roi(tmp_path):
     np.testing.assert_allclose(c.distance, ndi.distance_transform_edt(
         ~roi, sampling=pre.target_spacing), rtol=1e-6, atol=1e-5)
     assert (c.distance[np.asarray(c.label) == 3] > 0).all()
+
+
+def test_zscore_mask_only_when_cropping_removed_a_quarter(tmp_path):
+    """nnU-Net's rule: z-score channels use the nonzero mask when the median case kept < 75 % of
+    its voxels after cropping (here 41 %); with no zero background, the whole image is used."""
+    make_ds(tmp_path / "ds", channels=("T2",), spacings=[SPACINGS[0]])
+    masked = _run(tmp_path / "ds", tmp_path / "masked")
+    assert masked.plans["median_relative_size_after_cropping"] == pytest.approx(
+        np.prod([s.stop - s.start for s in BOX]) / np.prod(SHAPE))
+    assert masked.plans["normalization"][0]["use_mask_for_norm"]
+    for path in sorted((tmp_path / "ds" / "imagesTr").iterdir()):  # no zero voxel left
+        img = nib.load(str(path))
+        _save(path, np.asarray(img.dataobj) + np.float32(1000.0), SPACINGS[0])
+    whole = _run(tmp_path / "ds", tmp_path / "whole")
+    assert whole.plans["median_relative_size_after_cropping"] == 1.0
+    assert not whole.plans["normalization"][0]["use_mask_for_norm"]
+    for cid in whole:
+        c = whole.load_case(cid)
+        assert c.image.shape[1:] == SHAPE  # nothing cropped
+        raw = np.asarray(nib.load(str(tmp_path / "ds" / "imagesTr" / f"{cid}_0000.nii.gz"))
+                         .dataobj).astype(np.float64)
+        stats = c.meta["channel_stats"][0]
+        np.testing.assert_allclose([stats["mean"], stats["std"]], [raw.mean(), raw.std()],
+                                   rtol=1e-10)
+        outside = np.ones(SHAPE, bool)
+        outside[BOX] = False
+        np.testing.assert_allclose(c.image[0][outside], (1000 - raw.mean()) / raw.std(),
+                                   rtol=1e-5)
+
+
+def test_rgb_channel_out_of_range_names_the_file(tmp_path):
+    make_ds(tmp_path / "ds", n_cases=2, channels=("rgb_to_0_1",))
+    with pytest.raises(DatasetError, match=r"case_000_0000\.nii\.gz: channel 0 \(rgb_to_0_1\) "
+                                           r"has values in"):
+        _run(tmp_path / "ds", tmp_path / "out")
+    assert not (tmp_path / "out" / "plans.json").exists()
+
+
+def test_a_failing_first_run_leaves_no_folder(tmp_path):
+    make_ds(tmp_path / "ds")
+    _save(tmp_path / "ds" / "labelsTr" / "case_002.nii.gz", np.zeros((22, 17, 9), np.uint8),
+          SPACINGS[2])
+    with pytest.raises(DatasetError, match="case_002"):
+        _run(tmp_path / "ds", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # an earlier run's folder stays (without plans.json: invalid until written anew)
+    (tmp_path / "ds" / "labelsTr" / "case_002.nii.gz").unlink()
+    make_ds(tmp_path / "ds")
+    _run(tmp_path / "ds", tmp_path / "out")
+    _save(tmp_path / "ds" / "labelsTr" / "case_002.nii.gz", np.zeros((22, 17, 9), np.uint8),
+          SPACINGS[2])
+    with pytest.raises(DatasetError, match="case_002"):
+        _run(tmp_path / "ds", tmp_path / "out")
+    assert (tmp_path / "out").is_dir() and not (tmp_path / "out" / "plans.json").exists()

@@ -384,3 +384,22 @@ def test_logit_resampling_matches_forward_convention(src, dst):
         factors = [d / s for d, s in zip(dst, src, strict=True)]
         want = ndi.zoom(z[k], factors, order=1, mode="nearest", grid_mode=True)
         np.testing.assert_allclose(got[k], want, atol=1e-5)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_logit_resampling_of_anisotropic_data_is_in_plane_then_nearest(axis):
+    """nnU-Net's export of anisotropic data: linear within the slices across the separate axis,
+    nearest neighbour along it."""
+    from colabx.data.preprocessing import nearest_indices
+    from colabx.inference.predict import _resize_logits
+
+    src, dst = (7, 12, 5), (9, 10, 13)
+    z = np.random.default_rng(axis).normal(size=(2, *src)).astype(np.float32)
+    got = _resize_logits(torch.from_numpy(z)[None], dst, separate_axis=axis)[0].numpy()
+    plane = [n for a, n in enumerate(dst) if a != axis]
+    for k in range(2):
+        moved = np.moveaxis(z[k], axis, 0)
+        slices = np.stack([ndi.zoom(s, [d / n for d, n in zip(plane, s.shape, strict=True)],
+                                    order=1, mode="nearest", grid_mode=True) for s in moved])
+        want = np.moveaxis(slices[nearest_indices(src[axis], dst[axis])], 0, axis)
+        np.testing.assert_allclose(got[k], want, atol=1e-5)

@@ -4,35 +4,48 @@
 :func:`colabx.data.datasets.load_dataset` into arrays ready for patch sampling, following nnU-Net
 v2's order of operations (crop → normalise → resample):
 
-1. **Crop to nonzero** (nnU-Net's ``crop_to_nonzero``): the bounding box of the union over channels
-   of ``image != 0`` is applied to the image, the label and the context map. An all-zero image is
-   not cropped. Foreground outside the box is lost, as in nnU-Net.
-2. **Normalise** per channel, the scheme chosen from the channel name (``"CT"``, any case → CT,
-   anything else → per-case z-score) unless ``modality`` overrides it:
+1. **Crop to nonzero** (nnU-Net's ``crop_to_nonzero``): the bounding box of the nonzero mask (the
+   union over channels of ``image != 0``, holes filled) is applied to the image, the label and the
+   context map. An all-zero image is not cropped. Foreground outside the box is lost, as in
+   nnU-Net.
+2. **Normalise** per channel, the scheme chosen from the channel name by nnU-Net v2's table
+   (case-insensitive: ``"CT"`` → ct, ``"noNorm"``, ``"zscore"``, ``"rescale_to_0_1"``,
+   ``"rgb_to_0_1"``; any other name → zscore) unless ``modality`` overrides it:
 
    * ``"ct"``: clip to the 0.5 / 99.5 percentiles of the foreground voxels (label > 0, the
-     ``ignore`` label excluded) of *all* training cases after cropping, then subtract the mean and
-     divide by the standard deviation of those same (unclipped) foreground voxels, as nnU-Net v2's
-     ``CTNormalization`` with its fingerprint. Every foreground voxel is used (no subsampling);
-     this holds 4 bytes per foreground voxel of the dataset in memory once.
-   * ``"zscore"``: per case and channel, mean and standard deviation over the nonzero region (the
-     crop mask: union over channels of ``image != 0``); voxels outside it are set to 0 (nnU-Net's
-     ``ZScoreNormalization`` with ``use_mask_for_norm``). An all-zero image uses every voxel.
+     ``ignore`` label excluded; nnU-Net includes it) of the training cases after cropping, then
+     subtract their mean and divide by their standard deviation (unclipped), as nnU-Net v2's
+     ``CTNormalization``. Every case weighs the same, as in nnU-Net, which draws 10^8 / N voxels
+     from each case; colabx computes that equal-weight distribution's statistics exactly from
+     every foreground voxel instead of from random draws (4 bytes per foreground voxel of the
+     dataset in memory once).
+   * ``"zscore"``: per case and channel, mean and standard deviation, nnU-Net's
+     ``ZScoreNormalization``. Over the nonzero mask (and the labelled voxels of training cases,
+     as nnU-Net's ``seg >= 0``), with voxels outside it set to 0, when the median training case
+     kept less than 75 % of its voxels after cropping (nnU-Net's ``use_mask_for_norm``, recorded
+     in ``plans.json``); else over every voxel of the cropped image.
+   * ``"nonorm"``: unchanged; ``"rescale_to_0_1"``: minus the case's minimum, divided by the
+     range; ``"rgb_to_0_1"``: divided by 255 (values outside [0, 255] are refused).
 
    Standard deviations below 1e-8 are replaced by 1e-8.
-3. **Resample** to ``target_spacing`` (default: the per-axis median spacing of the training cases)
-   onto the shape ``round(shape * spacing / target_spacing)`` (nnU-Net's rule), with
+3. **Resample** to ``target_spacing`` onto the shape ``round(shape * spacing / target_spacing)``
+   (nnU-Net's rule). The default target is nnU-Net v2's: the per-axis median spacing of the
+   training cases, except that a median coarsest axis over 3x the others whose median cropped
+   size is under a third of the others' (thick, few slices) takes the 10th percentile of its
+   spacings (at least the others' spacing). Resampling uses
    ``scipy.ndimage.zoom(..., grid_mode=True, mode="nearest")``: voxel *centres* are mapped
    (``x_in = (x_out + 0.5) * n_in / n_out - 0.5``, as ``skimage.transform.resize`` used by nnU-Net)
-   and the edge is extended. Images: cubic spline (order 3), float32, which may overshoot the
-   clip range slightly. Label and context maps: **one-hot linear + argmax** — each class present
+   and the edge is extended. Images: cubic spline (order 3), float32, clipped to the input's
+   range as skimage does. Label and context maps: **one-hot linear + argmax** — each class present
    in the case is resampled as a 0/1 map with order 1 and every output voxel takes the class of
    highest weight (ties → the lowest class value). This is nnU-Net's choice of order 1 on one-hot
    maps (nnU-Net thresholds each class at 0.5 in turn; argmax is used here so that no voxel is left
    unassigned where three classes meet), giving smooth boundaries where nearest-neighbour gives
    staircases and shifts them by up to half a voxel; it can only produce classes present in the
-   input. A case whose shape does not change is not resampled (nnU-Net does the same). nnU-Net's
-   "separate z" resampling of very anisotropic data (order 0 across slices) is not done.
+   input. A case whose shape does not change is not resampled (nnU-Net does the same).
+   **Anisotropic data** (the case's or the target spacing's largest/smallest ratio over 3, with
+   one coarsest axis: :func:`separate_z_axis`) is resampled as nnU-Net's "separate z": as above
+   within each slice across the coarse axis, nearest neighbour along it.
 4. **Distance map**: ``colabx.distance_transform(roi, spacing=target_spacing)`` with
    ``roi = label > 0`` (the ``ignore`` label excluded): the distance in mm from each voxel to the
    nearest ROI voxel, 0 on the ROI. A case without ROI gets ``+inf`` everywhere; it is stored as
@@ -60,7 +73,7 @@ everything. Contents are not hashed: a file rewritten with the same size and the
 noticed. Files of cases no longer in the dataset are left in ``out_dir`` (not listed in
 ``plans.json``, so never read).
 
-**Parallelism**: ``num_workers > 0`` runs cases (and the CT statistics pass) in a ``spawn`` process
+**Parallelism**: ``num_workers > 0`` runs cases (and the fingerprint pass) in a ``spawn`` process
 pool; each worker writes its own case's files and returns only metadata, so results are identical
 to the serial run. Workers use one torch thread each.
 
@@ -73,6 +86,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -97,40 +111,52 @@ __all__ = [
     "PreprocessedDataset",
     "compute_fingerprint",
     "crop_to_nonzero",
+    "ct_statistics",
+    "fullres_target_spacing",
     "load_preprocessed",
+    "nearest_indices",
     "normalization_schemes",
     "normalize_image",
+    "plan_normalization",
     "preprocess_dataset",
     "preprocess_held_out_case",
     "resample_image",
     "resample_labels",
+    "separate_z_axis",
     "target_shape",
 ]
 
 #: Bumped whenever the output format or the computation changes; part of the fingerprint.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 PLANS_NAME = "plans.json"
 #: Marker of a folder written by :func:`preprocess_dataset` (other non-empty folders are refused).
 PREPROCESSED_MARKER = "colabx_preprocessed.json"
 CT_PERCENTILES = (0.5, 99.5)
+#: nnU-Net's anisotropy threshold: a coarsest spacing more than 3x the finest is "anisotropic".
+ANISOTROPY_THRESHOLD = 3.0
+#: nnU-Net normalises z-score channels within the nonzero mask only when cropping to it left less
+#: than this fraction of the voxels (median over the training cases).
+MASK_FOR_NORM_BELOW = 0.75
 _STD_EPS = 1e-8
-_SCHEMES = ("ct", "zscore")
+#: nnU-Net v2's channel-name → scheme table (names compared case-insensitively; others: zscore).
+SCHEMES = ("ct", "nonorm", "zscore", "rescale_to_0_1", "rgb_to_0_1")
 
 
 # -- array operations -----------------------------------------------------------------------------
 
 
 def crop_to_nonzero(image: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray]:
-    """Bounding box of the union over channels of ``image != 0`` (nnU-Net's crop-to-nonzero).
+    """Bounding box of nnU-Net's nonzero mask: the union over channels of ``image != 0`` with its
+    holes filled (``scipy.ndimage.binary_fill_holes``, as nnU-Net's ``create_nonzero_mask``).
 
     Args:
         image: ``[C, *S]``.
 
     Returns:
         ``(bbox, mask)``: one slice per spatial axis (the whole axis when the image is all zero)
-        and the nonzero mask ``[*S]`` of the *uncropped* image.
+        and the hole-filled nonzero mask ``[*S]`` of the *uncropped* image.
     """
-    mask = np.any(image != 0, axis=0)
+    mask = ndi.binary_fill_holes(np.any(image != 0, axis=0))
     if not mask.any():
         return tuple(slice(0, n) for n in mask.shape), mask
     bbox = []
@@ -139,6 +165,51 @@ def crop_to_nonzero(image: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray]:
         nz = np.flatnonzero(mask.any(axis=other))
         bbox.append(slice(int(nz[0]), int(nz[-1]) + 1))
     return tuple(bbox), mask
+
+
+def fullres_target_spacing(spacings: Sequence[Sequence[float]],
+                           cropped_shapes: Sequence[Sequence[int]]) -> tuple[float, ...]:
+    """nnU-Net v2's target spacing: the per-axis median spacing, except for anisotropic data.
+
+    When the median's coarsest axis is more than 3x the coarsest other axis *and* the median
+    cropped size along it times 3 is below the smallest other median size (thick slices, few of
+    them), that axis takes the 10th percentile of its spacings instead (at least the coarsest other
+    spacing + 1e-5), so that the cases with thinner slices are not thrown away.
+    """
+    sp = np.asarray(spacings, np.float64)
+    target = np.percentile(sp, 50, axis=0)
+    if sp.shape[1] < 2:
+        return tuple(float(t) for t in target)
+    size = np.percentile(np.asarray(cropped_shapes, np.float64), 50, axis=0)
+    worst = int(np.argmax(target))
+    others = [a for a in range(len(target)) if a != worst]
+    other_spacing = max(target[a] for a in others)
+    if (target[worst] > ANISOTROPY_THRESHOLD * other_spacing
+            and size[worst] * ANISOTROPY_THRESHOLD < min(size[a] for a in others)):
+        low = float(np.percentile(sp[:, worst], 10))
+        target[worst] = low if low >= other_spacing else other_spacing + 1e-5
+    return tuple(float(t) for t in target)
+
+
+def separate_z_axis(spacing: Sequence[float], target: Sequence[float]) -> int | None:
+    """The axis nnU-Net resamples on its own, with nearest neighbour ("separate z"), or None.
+
+    ``spacing`` is checked first, then ``target``: the first whose largest/smallest ratio exceeds
+    3 names its coarsest axis, unless two axes share that spacing (then None). 2D images: None.
+    """
+    if len(spacing) != 3:
+        return None
+    for sp in (np.asarray(spacing, np.float64), np.asarray(target, np.float64)):
+        if sp.max() / sp.min() > ANISOTROPY_THRESHOLD:
+            coarsest = np.flatnonzero(sp == sp.max())
+            return int(coarsest[0]) if len(coarsest) == 1 else None
+    return None
+
+
+def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+    """Nearest input index of every output position when ``n_in`` voxels are resampled to
+    ``n_out`` with voxel centres mapped (``x_in = (x_out + 0.5) * n_in / n_out - 0.5``)."""
+    return np.minimum(((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64), n_in - 1)
 
 
 def target_shape(shape: Sequence[int], spacing: Sequence[float],
@@ -156,24 +227,55 @@ def _zoom(arr: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
     return out
 
 
-def resample_image(image: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """Resample ``image [C, *S]`` to ``[C, *shape]`` with cubic splines (order 3): a new float32
-    array (a copy when the shape is unchanged)."""
+def _clipped_cubic(arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Cubic resampling clipped to the input's value range (``skimage.transform.resize``'s
+    ``clip=True``, which nnU-Net uses): no overshoot at sharp edges."""
+    if arr.shape == shape:
+        return arr.copy()
+    out = _zoom(arr, shape, 3)
+    return np.clip(out, arr.min(), arr.max(), out=out)
+
+
+def _separately(arr: np.ndarray, shape: tuple[int, ...], axis: int,
+                in_plane: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]) -> np.ndarray:
+    """``arr`` resampled slice by slice across ``axis`` with ``in_plane``, then along ``axis``
+    by nearest neighbour."""
+    plane = tuple(n for a, n in enumerate(shape) if a != axis)
+    moved = np.moveaxis(arr, axis, 0)
+    slices = np.stack([in_plane(np.ascontiguousarray(s), plane) for s in moved])
+    slices = np.take(slices, nearest_indices(moved.shape[0], shape[axis]), axis=0)
+    return np.ascontiguousarray(np.moveaxis(slices, 0, axis))
+
+
+def resample_image(image: np.ndarray, shape: Sequence[int],
+                   separate_axis: int | None = None) -> np.ndarray:
+    """Resample ``image [C, *S]`` to ``[C, *shape]``: a new float32 array (a copy when the shape is
+    unchanged). Cubic splines (order 3) clipped to each input's range; with ``separate_axis``
+    (see :func:`separate_z_axis`) cubic within each slice across that axis and nearest neighbour
+    along it, as nnU-Net does for anisotropic data."""
     shape = tuple(int(n) for n in shape)
     if tuple(image.shape[1:]) == shape:
         return np.array(image, dtype=np.float32)  # a copy, as when resampling
-    return np.stack([_zoom(np.asarray(c, np.float32), shape, 3) for c in image]).astype(
-        np.float32, copy=False)
+    channels = [np.asarray(c, np.float32) for c in image]
+    if separate_axis is None:
+        out = [_clipped_cubic(c, shape) for c in channels]
+    else:
+        out = [_separately(c, shape, separate_axis, _clipped_cubic) for c in channels]
+    return np.stack(out).astype(np.float32, copy=False)
 
 
-def resample_labels(labels: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """Resample a label map to ``shape``: one-hot per present class, order 1, argmax.
+def resample_labels(labels: np.ndarray, shape: Sequence[int],
+                    separate_axis: int | None = None) -> np.ndarray:
+    """Resample a label map to ``shape``: one-hot per present class, order 1, argmax; with
+    ``separate_axis``, so within each slice across that axis and nearest neighbour along it.
 
     Ties go to the lowest class value. Only classes present in ``labels`` can appear. Same dtype.
     """
     shape = tuple(int(n) for n in shape)
     if tuple(labels.shape) == shape:
         return labels.copy()
+    if separate_axis is not None:
+        return _separately(labels, shape, separate_axis, resample_labels)
     classes = np.unique(labels)
     out = np.full(shape, classes[0], dtype=labels.dtype)
     if len(classes) == 1:
@@ -189,11 +291,12 @@ def resample_labels(labels: np.ndarray, shape: Sequence[int]) -> np.ndarray:
 
 def normalization_schemes(channel_names: Sequence[str],
                           modality: str | Sequence[str] | None = None) -> tuple[str, ...]:
-    """Per-channel scheme, ``"ct"`` or ``"zscore"``.
+    """Per-channel scheme, one of :data:`SCHEMES`, by nnU-Net v2's table.
 
-    ``modality`` None: from the channel names (``"CT"`` in any case → ``"ct"``, else ``"zscore"``).
-    A string applies to every channel, a sequence gives one per channel; each is a modality name
-    (``"CT"`` → ct, e.g. ``"MR"`` → zscore) or a scheme name (``"ct"``, ``"zscore"``).
+    ``modality`` None: from the channel names. A string applies to every channel, a sequence gives
+    one per channel. Names are compared case-insensitively: ``"CT"`` → ct, ``"noNorm"`` → nonorm,
+    ``"zscore"``, ``"rescale_to_0_1"``, ``"rgb_to_0_1"``; any other name (e.g. ``"MR"``, ``"T2"``)
+    → zscore.
     """
     n = len(channel_names)
     if modality is None:
@@ -205,29 +308,58 @@ def normalization_schemes(channel_names: Sequence[str],
         if len(names) != n or not all(isinstance(m, str) for m in names):
             raise ValueError(f"modality must be a string or {n} strings (one per channel "
                              f"{list(channel_names)}), got {modality!r}")
-    return tuple("ct" if m.strip().lower() == "ct" else "zscore" for m in names)
+    return tuple(m.strip().casefold() if m.strip().casefold() in SCHEMES else "zscore"
+                 for m in names)
 
 
 def normalize_image(image: np.ndarray, mask: np.ndarray, schemes: Sequence[str],
-                    ct_stats: Sequence[dict[str, float] | None]) -> tuple[np.ndarray, list[dict]]:
-    """Normalise the cropped ``image [C, *S]`` into a new float32 array; also return per channel
-    the statistics used for this case (zscore channels: mean and std; CT channels: nothing)."""
+                    ct_stats: Sequence[dict[str, float] | None],
+                    use_mask: Sequence[bool] | None = None) -> tuple[np.ndarray, list[dict]]:
+    """Normalise the cropped ``image [C, *S]`` into a new float32 array, channel by channel, as
+    nnU-Net v2's schemes do; also return per channel the statistics used for this case.
+
+    Args:
+        image: ``[C, *S]``, cropped.
+        mask: bool ``[*S]``: the region z-score channels are normalised within when their
+            ``use_mask`` is true (nnU-Net: the hole-filled nonzero mask, and for training cases
+            also the labelled voxels); voxels outside it are set to 0. An empty mask means every
+            voxel.
+        schemes: one of :data:`SCHEMES` per channel.
+        ct_stats: per channel the dataset's CT statistics (``lower``, ``upper``, ``mean``,
+            ``std``), None for other schemes.
+        use_mask: per channel; default True for every channel (colabx's plans before format 2).
+
+    Raises:
+        ValueError: an ``rgb_to_0_1`` channel with values outside ``[0, 255]``.
+    """
     out = np.empty_like(image, dtype=np.float32)
     used: list[dict] = []
     region = mask if mask.any() else np.ones_like(mask)
     for c, scheme in enumerate(schemes):
         x = image[c].astype(np.float64)
+        stats: dict = {}
         if scheme == "ct":
             st = ct_stats[c]
             assert st is not None
             x = (np.clip(x, st["lower"], st["upper"]) - st["mean"]) / max(st["std"], _STD_EPS)
-            used.append({})
-        else:
-            v = x[region]
-            mean, std = float(v.mean()), float(v.std())
-            x = (x - mean) / max(std, _STD_EPS)
-            x[~region] = 0.0
-            used.append({"mean": mean, "std": std})
+        elif scheme == "zscore":
+            masked = True if use_mask is None else bool(use_mask[c])
+            v = x[region] if masked else x
+            stats = {"mean": float(v.mean()), "std": float(v.std())}
+            x = (x - stats["mean"]) / max(stats["std"], _STD_EPS)
+            if masked:
+                x[~region] = 0.0
+        elif scheme == "rescale_to_0_1":
+            x = x - x.min()
+            x /= max(float(x.max()), _STD_EPS)
+        elif scheme == "rgb_to_0_1":
+            if x.min() < 0 or x.max() > 255:
+                raise ValueError(f"channel {c} (rgb_to_0_1) has values in [{x.min():g}, "
+                                 f"{x.max():g}]; RGB channels must lie in [0, 255]")
+            x = x / 255.0
+        elif scheme != "nonorm":
+            raise ValueError(f"unknown normalisation scheme {scheme!r}; expected one of {SCHEMES}")
+        used.append(stats)
         out[c] = x
     return out, used
 
@@ -273,6 +405,7 @@ class _Job:
     out_dir: Path
     schemes: tuple[str, ...]
     ct_stats: tuple[dict[str, float] | None, ...]
+    use_mask: tuple[bool, ...]
     target_spacing: tuple[float, ...]
 
 
@@ -282,21 +415,58 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def _ct_samples(args: tuple[Dataset, Case, tuple[int, ...]]) -> list[np.ndarray]:
-    """Foreground intensities (after cropping) of the CT channels of one case."""
+def _case_fingerprint(args: tuple[Dataset, Case, tuple[int, ...]]) -> dict[str, Any]:
+    """What the dataset-level choices need of one case (nnU-Net's fingerprint): its shape after
+    cropping, the fraction of voxels cropping kept, and the foreground intensities (label > 0,
+    ignore excluded, after cropping) of the CT channels ``args[2]``."""
     dataset, case, channels = args
     d = dataset.load_case(case)
     bbox, _ = crop_to_nonzero(d.image)
     assert d.label is not None
     fg = _foreground(d.label[bbox], dataset.ignore_label)
-    return [d.image[(c, *bbox)][fg].astype(np.float32) for c in channels]
+    cropped = [s.stop - s.start for s in bbox]
+    return {"cropped_shape": cropped,
+            "relative_size": float(np.prod(cropped) / np.prod(d.image.shape[1:])),
+            "ct": [d.image[(c, *bbox)][fg].astype(np.float32) for c in channels]}
+
+
+def _weighted_percentile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
+    """The smallest value whose cumulative weight reaches ``q`` percent of the total."""
+    order = np.argsort(values, kind="stable")
+    cumulative = np.cumsum(weights[order])
+    i = int(np.searchsorted(cumulative, q / 100.0 * cumulative[-1], side="left"))
+    return float(values[order[min(i, len(values) - 1)]])
+
+
+def ct_statistics(per_case: Sequence[np.ndarray]) -> dict[str, float]:
+    """CT normalisation statistics of one channel from each training case's foreground
+    intensities, every case weighing the same (nnU-Net draws the same number of voxels from each
+    case; this is that distribution exactly, without the random draws): the 0.5 / 99.5
+    percentiles, mean and standard deviation.
+
+    Raises:
+        ValueError: no case has foreground voxels.
+    """
+    cases = [np.asarray(v, np.float64) for v in per_case if np.size(v)]
+    if not cases:
+        raise ValueError("no foreground voxels")
+    values = np.concatenate(cases)
+    weights = np.concatenate([np.full(v.size, 1.0 / (v.size * len(cases))) for v in cases])
+    mean = float(np.dot(weights, values))
+    std = float(np.sqrt(np.dot(weights, (values - mean) ** 2)))
+    lower, upper = (_weighted_percentile(values, weights, q) for q in CT_PERCENTILES)
+    return {"lower": lower, "upper": upper, "mean": mean, "std": std,
+            "voxels": int(values.size), "cases": len(cases)}
 
 
 def _case_arrays(ds: Dataset, case: Case, schemes: Sequence[str],
-                 ct_stats: Sequence[dict[str, float] | None], target: Sequence[float]
+                 ct_stats: Sequence[dict[str, float] | None], use_mask: Sequence[bool] | None,
+                 target: Sequence[float], *, label_in_mask: bool
                  ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """One labelled case cropped, normalised, resampled to ``target``, with its distance map:
-    the arrays (image, label, distance, context when present) and their metadata."""
+    the arrays (image, label, distance, context when present) and their metadata.
+    ``label_in_mask``: the z-score mask also holds the labelled voxels (nnU-Net's training cases);
+    False normalises as prediction does, from the image alone."""
     d = ds.load_case(case)
     if d.label is None:
         raise DatasetError(f"{case.images[0]}: case {case.id!r} has no label file")
@@ -304,12 +474,17 @@ def _case_arrays(ds: Dataset, case: Case, schemes: Sequence[str],
     image = d.image[(slice(None), *bbox)]
     label = d.label[bbox]
     context = None if d.context is None else d.context[bbox]
-    image, used = normalize_image(image, mask[bbox], schemes, ct_stats)
+    region = mask[bbox] | (label != 0) if label_in_mask else mask[bbox]
+    try:
+        image, used = normalize_image(image, region, schemes, ct_stats, use_mask)
+    except ValueError as e:
+        raise DatasetError(f"{case.images[0]}: {e}") from e
     shape = target_shape(label.shape, d.spacing, target)
-    image = resample_image(image, shape)
-    label = resample_labels(label, shape)
+    axis = separate_z_axis(d.spacing, target)
+    image = resample_image(image, shape, axis)
+    label = resample_labels(label, shape, axis)
     if context is not None:
-        context = resample_labels(context, shape)
+        context = resample_labels(context, shape, axis)
     roi = _foreground(label, ds.ignore_label)
     arrays = {"image": image, "label": label.astype(np.int16),
               "distance": _distance(roi, tuple(target))}
@@ -321,6 +496,7 @@ def _case_arrays(ds: Dataset, case: Case, schemes: Sequence[str],
         "crop_bbox": [[s.start, s.stop] for s in bbox],
         "cropped_shape": [s.stop - s.start for s in bbox],
         "shape": list(shape),
+        "separate_z_axis": axis,
         "classes": [int(x) for x in np.unique(label)],
         "roi_voxels": int(np.count_nonzero(roi)),
         "channel_stats": used,
@@ -328,26 +504,36 @@ def _case_arrays(ds: Dataset, case: Case, schemes: Sequence[str],
     return arrays, meta
 
 
+def plan_normalization(plans: dict[str, Any]
+                       ) -> tuple[tuple[str, ...], tuple[dict | None, ...], tuple[bool, ...]]:
+    """``(schemes, ct_stats, use_mask)`` of a ``plans.json`` (plans before format 2, which always
+    normalised z-score channels within the nonzero mask, give use_mask True)."""
+    norm = plans["normalization"]
+    return (tuple(n["scheme"] for n in norm),
+            tuple(n if n["scheme"] == "ct" else None for n in norm),
+            tuple(bool(n.get("use_mask_for_norm", True)) for n in norm))
+
+
 def preprocess_held_out_case(dataset: Dataset, case: Case, plans: dict[str, Any]
                              ) -> PreprocessedCase:
-    """A labelled held-out (test) case preprocessed in memory exactly as the training cases of
-    ``plans`` were (their normalisation statistics and target spacing).
+    """A labelled held-out (test) case preprocessed in memory as the training cases of ``plans``
+    were (their normalisation statistics and target spacing), except that its label does not
+    enter the z-score mask: the image is normalised exactly as prediction normalises it.
 
     Raises:
         DatasetError: the case's files are invalid or it has no label.
     """
-    norm = plans["normalization"]
-    schemes = tuple(n["scheme"] for n in norm)
-    ct_stats = tuple(n if n["scheme"] == "ct" else None for n in norm)
+    schemes, ct_stats, use_mask = plan_normalization(plans)
     target = tuple(float(s) for s in plans["target_spacing"])
-    arrays, meta = _case_arrays(dataset, case, schemes, ct_stats, target)
+    arrays, meta = _case_arrays(dataset, case, schemes, ct_stats, use_mask, target,
+                                label_in_mask=False)
     return PreprocessedCase(case.id, arrays["image"], arrays["label"], arrays["distance"],
                             arrays.get("context"), target, meta)
 
 
 def _process_case(job: _Job) -> dict[str, Any]:
-    arrays, meta = _case_arrays(job.dataset, job.case, job.schemes, job.ct_stats,
-                                job.target_spacing)
+    arrays, meta = _case_arrays(job.dataset, job.case, job.schemes, job.ct_stats, job.use_mask,
+                                job.target_spacing, label_in_mask=True)
     files = _case_files(job.case.id, "context" in arrays)
     for k, arr in arrays.items():
         _save_npy(job.out_dir / files[k], arr)
@@ -595,9 +781,24 @@ def preprocess_dataset(
                            f"({sorted(ndims)} spatial axes)")
     ndim = ndims.pop()
     median = tuple(float(x) for x in np.median(np.array(spacings, np.float64), axis=0))
-    target = median if target_spacing is None else _check_spacing(target_spacing, ndim)
+    chosen = None if target_spacing is None else _check_spacing(target_spacing, ndim)
 
-    mark_output_folder(out, PREPROCESSED_MARKER, {"dataset": str(ds.root)})
+    created = mark_output_folder(out, PREPROCESSED_MARKER, {"dataset": str(ds.root)})
+    try:
+        return _preprocess_into(ds, out, schemes, settings, fingerprint, spacings, median,
+                                chosen, num_workers, progress)
+    except BaseException:
+        if created:  # a failed first run leaves no folder behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _preprocess_into(ds: Dataset, out: Path, schemes: tuple[str, ...], settings: dict[str, Any],
+                     fingerprint: str, spacings: list[tuple[float, ...]],
+                     median: tuple[float, ...], chosen: tuple[float, ...] | None,
+                     num_workers: int, progress: bool) -> PreprocessedDataset:
+    """The work of :func:`preprocess_dataset` once ``out`` is marked."""
+    plans_path = out / PLANS_NAME
     remove_stale_temporaries(out, recursive=False)
     plans_path.unlink(missing_ok=True)  # from here on the folder is invalid until written anew
 
@@ -605,20 +806,20 @@ def preprocess_dataset(
     ct_stats: list[dict[str, float] | None] = [None] * len(schemes)
     pool = _pool(num_workers, len(ds.cases))
     try:
-        if ct_channels:
-            samples = _map(_ct_samples, [(ds, c, ct_channels) for c in ds.cases], pool, progress,
-                           "CT intensity statistics")
-            for j, ch in enumerate(ct_channels):
-                v = np.concatenate([s[j] for s in samples]).astype(np.float64)
-                if v.size == 0:
-                    raise DatasetError(f"{ds.root}: no foreground anywhere: CT normalisation "
-                                       "needs foreground voxels (label > 0) in the training "
-                                       "labels")
-                lo, hi = np.percentile(v, CT_PERCENTILES)
-                ct_stats[ch] = {"lower": float(lo), "upper": float(hi), "mean": float(v.mean()),
-                                "std": float(v.std()), "voxels": int(v.size)}
-            del samples, v
-        jobs = [_Job(ds, c, out, schemes, tuple(ct_stats), target) for c in ds.cases]
+        prints = _map(_case_fingerprint, [(ds, c, ct_channels) for c in ds.cases], pool,
+                      progress, "dataset fingerprint")
+        relative_size = float(np.median([f["relative_size"] for f in prints]))
+        use_mask = tuple(s == "zscore" and relative_size < MASK_FOR_NORM_BELOW for s in schemes)
+        target = chosen if chosen is not None else fullres_target_spacing(
+            spacings, [f["cropped_shape"] for f in prints])
+        for j, ch in enumerate(ct_channels):
+            try:
+                ct_stats[ch] = ct_statistics([f["ct"][j] for f in prints])
+            except ValueError:
+                raise DatasetError(f"{ds.root}: no foreground anywhere: CT normalisation needs "
+                                   "foreground voxels (label > 0) in the training labels") from None
+        del prints
+        jobs = [_Job(ds, c, out, schemes, tuple(ct_stats), use_mask, target) for c in ds.cases]
         metas = _map(_process_case, jobs, pool, progress, "preprocessing")
     finally:
         if pool is not None:
@@ -636,15 +837,18 @@ def preprocess_dataset(
                     "ignore_label": ds.ignore_label},
         "median_spacing": list(median),
         "target_spacing": list(target),
+        "median_relative_size_after_cropping": relative_size,
         "normalization": [
-            {"channel": i, "name": ds.channel_names[i], "scheme": s,
-             **({"percentiles": list(CT_PERCENTILES), **ct_stats[i]} if s == "ct" else
-                {"region": "nonzero (per case)"})}
-            for i, s in enumerate(schemes)
+            {"channel": i, "name": ds.channel_names[i], "scheme": s, "use_mask_for_norm": m,
+             **({"percentiles": list(CT_PERCENTILES), **ct_stats[i]} if s == "ct" else {})}
+            for i, (s, m) in enumerate(zip(schemes, use_mask, strict=True))
         ],
         "resampling": {
-            "image": "scipy.ndimage.zoom order 3, grid_mode=True, mode='nearest'",
+            "image": "scipy.ndimage.zoom order 3, grid_mode=True, mode='nearest', clipped to "
+                     "the input's range",
             "label": "one-hot per class, order 1, argmax (ties: lowest class)",
+            "separate_z": "spacing or target anisotropic (> 3): within slices as above, "
+                          "nearest neighbour across them",
             "shape": "round(shape * spacing / target_spacing)",
         },
         "distance": {"of": "label > 0 (ignore label excluded)", "units": "mm",

@@ -23,12 +23,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from colabx.data.datasets import Case, Dataset
+from colabx.data.datasets import Case, Dataset, DatasetError
 from colabx.data.image_io import write_label_map
 from colabx.data.preprocessing import (
     crop_to_nonzero,
+    nearest_indices,
     normalize_image,
+    plan_normalization,
     resample_image,
+    separate_z_axis,
     target_shape,
 )
 from colabx.inference.sliding_window import Model, sliding_window_logits
@@ -166,13 +169,24 @@ def _num_classes(plans: dict[str, Any]) -> int:
     return max(v for v in d["labels"].values() if v != ignore) + 1
 
 
-def _resize_logits(logits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+def _resize_logits(logits: torch.Tensor, shape: tuple[int, ...],
+                   separate_axis: int | None = None) -> torch.Tensor:
     """Linear resampling ``[1, K, *S] -> [1, K, *shape]`` with voxel centres mapped as the forward
-    resampling does (``align_corners=False`` is scipy's ``grid_mode=True``; edges clamped)."""
+    resampling does (``align_corners=False`` is scipy's ``grid_mode=True``; edges clamped). With
+    ``separate_axis`` (a spatial axis), bilinear within each slice across it and nearest neighbour
+    along it (nnU-Net's export of anisotropic data)."""
     if tuple(logits.shape[2:]) == shape:
         return logits
-    mode = "bilinear" if len(shape) == 2 else "trilinear"
-    return F.interpolate(logits, size=shape, mode=mode, align_corners=False)
+    if separate_axis is None:
+        mode = "bilinear" if len(shape) == 2 else "trilinear"
+        return F.interpolate(logits, size=shape, mode=mode, align_corners=False)
+    dim = 2 + separate_axis
+    plane = tuple(n for a, n in enumerate(shape) if a != separate_axis)
+    slices = logits[0].movedim(dim - 1, 0)  # [S_axis, K, *plane_in]
+    if tuple(slices.shape[2:]) != plane:
+        slices = F.interpolate(slices, size=plane, mode="bilinear", align_corners=False)
+    index = torch.from_numpy(nearest_indices(slices.shape[0], shape[separate_axis]))
+    return slices[index.to(slices.device)].movedim(0, dim - 1)[None]
 
 
 @dataclass(frozen=True)
@@ -265,17 +279,19 @@ def predict_raw(
     if len(target) != len(spacing):
         raise ValueError(f"{paths[0]}: image has {len(spacing)} spatial axes but the plans' "
                          f"target spacing {target} has {len(target)}")
-    norm = plans["normalization"]
-    schemes = [n["scheme"] for n in norm]
-    ct_stats = [n if n["scheme"] == "ct" else None for n in norm]
+    schemes, ct_stats, use_mask = plan_normalization(plans)
     c = _num_classes(plans) if num_classes is None else num_classes
 
     bbox, mask = crop_to_nonzero(image)
     cropped = image[(slice(None), *bbox)]
-    x, _ = normalize_image(cropped, mask[bbox], schemes, ct_stats)
-    x = resample_image(x, target_shape(cropped.shape[1:], spacing, target))
+    try:
+        x, _ = normalize_image(cropped, mask[bbox], schemes, ct_stats, use_mask)
+    except ValueError as e:
+        raise DatasetError(f"{paths[0]}: {e}") from e
+    x = resample_image(x, target_shape(cropped.shape[1:], spacing, target),
+                       separate_z_axis(spacing, target))
     logits = sliding_window_logits(model, torch.from_numpy(x), patch_size, **kwargs)
-    logits = _resize_logits(logits, tuple(cropped.shape[1:]))
+    logits = _resize_logits(logits, tuple(cropped.shape[1:]), separate_z_axis(target, spacing))
     return RawPrediction(logits, bbox, tuple(image.shape[1:]), spacing, affine, c)
 
 
