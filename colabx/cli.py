@@ -33,7 +33,9 @@ def _add_train_options(p: argparse.ArgumentParser, exclude: frozenset[str] | set
         g = groups.setdefault(meta["group"], p.add_argument_group(f"{meta['group']} options"))
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else f.default_factory()
-        text = f"{meta['help']} (default: {default})".replace("%", "%%")  # argparse formats it
+        # a None default is described by the help text itself
+        text = meta["help"] if default is None else f"{meta['help']} (default: {default})"
+        text = text.replace("%", "%%")  # argparse formats it
         kind = str(f.type).replace(" | None", "")
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": text}
         if kind == "bool":
@@ -66,11 +68,13 @@ def _parser() -> argparse.ArgumentParser:
                     "keys are errors); command-line flags override it")
     tr.add_argument("--out", type=Path, help="run directory (default: "
                     "colabx_runs/<dataset>-<mode>-<time>)")
+    from colabx.train.config import CHANGEABLE_ON_RESUME
+
+    changeable = ", ".join("--" + k.replace("_", "-") for k in CHANGEABLE_ON_RESUME)
     tr.add_argument("--resume", action="store_true",
                     help="continue the run in --out from its latest checkpoint; options given "
-                    "with it must match the run's, except epochs, device, workers, threads, "
-                    "progress, amp, compile, deterministic and the validation, snapshot and save "
-                    "settings, which are applied and logged")
+                    f"with it must match the run's, except {changeable}, which are applied and "
+                    "logged")
     tr.add_argument("--overwrite", action="store_true",
                     help="start a new run in a --out folder that holds other files or an "
                     "earlier run (whose files are removed first)")
@@ -141,11 +145,18 @@ def _parser() -> argparse.ArgumentParser:
                     help="post-process each prediction before scoring (as predict "
                     "--postprocess; the files are unchanged); default none")
 
-    pp = sub.add_parser("preprocess", help="crop, resample, normalise, distance maps (cached)")
+    pp = sub.add_parser("preprocess", help="crop, resample, normalise, distance maps (cached)",
+                        description="Preprocess a dataset's training cases as nnU-Net v2 does "
+                        "(crop to nonzero, normalisation by channel name, resampling to the "
+                        "target spacing) and add the ROI distance maps, into a folder that "
+                        "`colabx train --preprocessed` reads; an unchanged dataset is not "
+                        "redone.")
     pp.add_argument("dataset", type=Path, help="dataset folder (nnU-Net v2 raw or MSD)")
     pp.add_argument("--out", type=Path, help="output folder (default: the trainer's cache)")
-    pp.add_argument("--target-spacing", type=float, nargs="+", help="mm per array axis")
-    pp.add_argument("--workers", type=int, default=2, help="worker processes")
+    pp.add_argument("--target-spacing", type=float, nargs="+",
+                    help="mm per array axis (default: nnU-Net's rule: the median spacing, or "
+                    "the 10th percentile along a thick, sparsely sampled axis)")
+    pp.add_argument("--workers", type=int, default=2, help="worker processes (default: 2)")
 
     cp = sub.add_parser(
         "compare", help="train and evaluate several modes x seeds on one split and tabulate "
@@ -154,7 +165,8 @@ def _parser() -> argparse.ArgumentParser:
         "in its own run folder under --out, evaluate all on the same held-out cases, and write "
         "compare.md/.csv/.json/.png: per mode mean ± sd over seeds of DSC, sensitivity, "
         "precision and HD95, without and with post-processing (largest connected component), "
-        "and the paired difference to vanilla over (case, seed) with a bootstrap 95% interval. "
+        "and the difference to vanilla: per seed the mean paired difference over the cases, "
+        "then its mean over seeds with a 95% t-interval (n/a with one seed). "
         "Restartable: finished runs are skipped, interrupted ones resumed.")
     cp.add_argument("dataset", nargs="?", default=None,
                     help="dataset folder (default: the built-in phantom)")
@@ -177,8 +189,10 @@ def _parser() -> argparse.ArgumentParser:
     fg.add_argument("--cases", nargs="+", help="held-out case ids (default: all labelled test "
                     "cases, else the validation cases)")
     fg.add_argument("--out", type=Path, help="output folder (default: FIRST_RUN/figures)")
-    fg.add_argument("--checkpoint", default="final", choices=("final", "best", "latest"))
-    fg.add_argument("--max-cases", type=int, default=3, help="cases shown in Fig. 8 per run")
+    fg.add_argument("--checkpoint", default="final", choices=("final", "best", "latest"),
+                    help="which checkpoint of each run (default: final)")
+    fg.add_argument("--max-cases", type=int, default=3,
+                    help="cases shown in Fig. 8 per run (default: 3)")
 
     sub.add_parser("bench", add_help=False,
                    help="time the fused ops against their pure-PyTorch twins (colabx bench -h); "
@@ -189,7 +203,10 @@ def _parser() -> argparse.ArgumentParser:
     ph.add_argument("out", type=Path, help="output folder (must be empty or absent)")
     ph.add_argument("--cases", type=int, help="training cases (default: the preset's)")
     ph.add_argument("--test-cases", type=int, help="test cases (default: the preset's)")
-    ph.add_argument("--preset", default="default", help="phantom preset")
+    from colabx.data.phantom import PHANTOM_PRESETS
+
+    ph.add_argument("--preset", default="default", choices=tuple(PHANTOM_PRESETS),
+                    help="phantom preset (default: default)")
     ph.add_argument("--seed", type=int, default=0, help="generator seed")
     ph.add_argument("--overwrite", action="store_true", help="replace a non-empty folder")
     return ap
@@ -303,7 +320,8 @@ def _preprocess(args: argparse.Namespace) -> int:
     pre = preprocess_dataset(ds, out, target_spacing=args.target_spacing,
                              num_workers=args.workers)
     state = "up to date (cached)" if pre.from_cache else "written"
-    print(f"{len(pre)} cases {state}: {out} (target spacing {list(pre.target_spacing)} mm)")
+    spacing = [round(s, 6) for s in pre.target_spacing]
+    print(f"{len(pre)} cases {state}: {out} (target spacing {spacing} mm)")
     return 0
 
 

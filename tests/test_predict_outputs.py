@@ -153,6 +153,35 @@ def test_bad_inputs_are_clear_errors(trained, tmp_path, capsys):
                        progress=False)
 
 
+def test_a_missing_run_or_checkpoint_is_named(trained, tmp_path, capsys):
+    root, data, _ = trained
+    images = data / "imagesTs"
+    assert _predict(tmp_path / "nope" / "checkpoint_final.pth", images, tmp_path / "o") == 2
+    assert f"{tmp_path / 'nope' / 'checkpoint_final.pth'}: no such checkpoint file" in \
+        capsys.readouterr().err
+    assert _predict(tmp_path / "nope", images, tmp_path / "o") == 2
+    assert f"{tmp_path / 'nope'}: no such run folder" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_case_failing_midway_leaves_nothing_half_done(trained, tmp_path, capsys):
+    root, data, _ = trained
+    run = root / "run"
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(data / "imagesTs" / f"{CASE}_0000.nii.gz", inputs / "a_0000.nii.gz")
+    raw = (data / "imagesTs" / f"{CASE}_0000.nii.gz").read_bytes()
+    (inputs / "b_0000.nii.gz").write_bytes(raw[:len(raw) // 2])  # truncated: read fails late
+    assert _predict(run, inputs, tmp_path / "new") == 2
+    assert "b_0000.nii.gz" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # case a had been written: it goes with the folder
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("kept")
+    assert _predict(run, inputs, mine, "--overwrite") == 2
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
 def test_mha_copy_trains_predicts_and_evaluates_like_nifti(trained, tmp_path, capsys):
     root, data, nii = trained
     mha_data = _to_mha(data, tmp_path / "phantom_mha")

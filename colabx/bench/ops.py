@@ -25,7 +25,8 @@ OPS = ("dice_ce_loss", "context_labels", "distance_transform")
 def main(argv: list[str] | None = None, prog: str = "colabx bench",
          default_out: str = "colabx_bench_ops_{device}.json") -> dict:
     """Parse ``argv``, run the cases, print the table, write the JSON; returns the payload."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    summary = " ".join(__doc__.split("\n\n")[0].split())  # the docstring's first paragraph
+    parser = argparse.ArgumentParser(prog=prog, description=summary)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")

@@ -44,6 +44,9 @@ __all__ = ["MAX_OVERLAP", "PREDICT_MARKER", "channel_names", "load_trained_model
 def _checkpoint_path(run: Path, which: str) -> Path:
     if run.is_file():
         return run
+    if not run.is_dir():
+        kind = "checkpoint file" if run.suffix == ".pth" else "run folder"
+        raise FileNotFoundError(f"{run}: no such {kind}")
     p = run / f"checkpoint_{which}.pth"
     if not p.is_file():
         have = sorted(x.name for x in run.glob("checkpoint_*.pth")) if run.is_dir() else []
@@ -161,8 +164,9 @@ def predict_folder(run: str | os.PathLike[str], input_dir: str | os.PathLike[str
     output of the same prediction (``colabx_predict.json`` records run, checkpoint, input cases
     and options: a rerun), unless ``overwrite``; ``overwrite`` writes into a folder of other
     files and leaves them, and replaces another prediction's outputs (removed first).
-    Everything is checked before it is created; when prediction fails, a folder this call
-    created is removed again if it holds no prediction.
+    Everything is checked before it is created; when prediction fails (an unreadable case, or
+    Ctrl-C), a folder this call created is removed again, and in an existing folder the files
+    this call wrote are.
 
     Raises:
         FileNotFoundError: no checkpoint, or no input folder.
@@ -205,10 +209,12 @@ def predict_folder(run: str | os.PathLike[str], input_dir: str | os.PathLike[str
             "probabilities": save_probabilities, "contexts": save_contexts, "channels": names,
             "cases": sorted(cases)}
     _reuse_output_folder(out, info, overwrite)
+    had_marker = (out / PREDICT_MARKER).is_file()
     created = mark_output_folder(out, PREDICT_MARKER, info)
     from tqdm.auto import tqdm
 
     written: list[Path] = []
+    extras: list[Path] = []  # probabilities and contexts
     try:
         for cid, images in tqdm(sorted(cases.items()), desc="predicting", unit="case",
                                 disable=not progress):
@@ -216,16 +222,27 @@ def predict_folder(run: str | os.PathLike[str], input_dir: str | os.PathLike[str
                                num_classes=plan["num_classes"], overlap=overlap,
                                mirror_axes=mirror_axes, amp=amp)
             if save_probabilities:
-                _save_probabilities(out / f"{cid}.npz", pred.probabilities(), names,
-                                    pred.spacing, pred.affine)
+                extras.append(out / f"{cid}.npz")
+                _save_probabilities(extras[-1], pred.probabilities(), names, pred.spacing,
+                                    pred.affine)
             if save_contexts:
-                save_prediction(pred.contexts(), images[0], out / "contexts" / f"{cid}{ending}")
+                extras.append(out / "contexts" / f"{cid}{ending}")
+                save_prediction(pred.contexts(), images[0], extras[-1])
             label = pred.labels()
             if postprocess != "none":
                 label = apply_postprocess(label, postprocess)
             written.append(save_prediction(label, images[0], out / f"{cid}{ending}"))
     except BaseException:
-        if created and not written:
+        # nothing half-done stays: a folder this call created goes, else what it wrote
+        if created:
             shutil.rmtree(out, ignore_errors=True)
+        else:
+            for path in written + extras:
+                path.unlink(missing_ok=True)
+            if save_contexts and (out / "contexts").is_dir() and not any(
+                    (out / "contexts").iterdir()):
+                (out / "contexts").rmdir()
+            if not had_marker:
+                (out / PREDICT_MARKER).unlink(missing_ok=True)
         raise
     return written

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from colabx.data.phantom import PHANTOM_PRESETS
 from colabx.method.meta_step import DIFFERENCES, META_GRADS, META_MODES, ORDERS, THETA_PM
 
 __all__ = ["CHANGEABLE_ON_RESUME", "MODES", "PRESETS", "TRAIN_PRESETS", "ConfigError",
@@ -53,12 +54,13 @@ class TrainConfig:
         None, "dataset folder (nnU-Net v2 raw or MSD layout); default: the built-in phantom",
         group="data")
     phantom_preset: str = _opt("default", "built-in phantom preset used when no dataset is given",
-                               group="data")
+                               choices=tuple(PHANTOM_PRESETS), group="data")
     preprocessed: str | None = _opt(
         None, "folder for the preprocessed dataset (default: a cache folder keyed by the dataset "
         "path; reused while the dataset and settings are unchanged)", group="data")
     target_spacing: list[float] | None = _opt(
-        None, "resample to this spacing in mm (array axis order); default: median spacing",
+        None, "resample to this spacing in mm (array axis order); default: nnU-Net's rule, the "
+        "median spacing or the 10th percentile along a thick, sparsely sampled axis",
         group="data")
     val_fraction: float = _opt(0.2, "fraction of training cases held out for validation",
                                lo=0.0, hi=0.9, group="data")
@@ -82,8 +84,8 @@ class TrainConfig:
     meta_period: int = _opt(5, "update the task generator every N iterations (colab); 5 is the "
                             "published code's taskupdate default: context labels that change "
                             "too often keep the network from learning them (paper supplement); "
-                            "an update iteration costs about 2.5x one without on the CPU "
-                            "(benchmarks/RESULTS.md)",
+                            "at period 1 a CPU epoch costs 2.8-3.1x a vanilla one, at 5 "
+                            "1.6-1.7x (benchmarks/RESULTS.md)",
                             lo=1, group="method")
     meta_mode: str = _opt("batched", "meta step on the whole batch (batched) or per sample as the "
                           "reference code (per_sample)", choices=META_MODES,
@@ -139,8 +141,10 @@ class TrainConfig:
         hi=8, group="network")
     deep_supervision: bool = _opt(True, "deep-supervision heads and loss", group="network")
     # -- optimisation ---------------------------------------------------------------------------
-    epochs: int = _opt(1000, "epochs", lo=1)
-    iterations: int = _opt(250, "iterations per epoch", lo=1)
+    epochs: int = _opt(1000, "epochs (nnU-Net's 1000 x 250 iterations; the published CoLab "
+                       "code runs 2000 x 100, 20% fewer iterations)", lo=1)
+    iterations: int = _opt(250, "iterations per epoch (nnU-Net's; published CoLab code: 100)",
+                           lo=1)
     batch_size: int = _opt(2, "global batch size (split over DDP processes)", lo=1)
     optimizer: str = _opt("sgd", "segmentation-network optimizer: sgd (Nesterov, the "
                           "reference's) or adamw", choices=("sgd", "adamw"))

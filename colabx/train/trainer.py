@@ -621,8 +621,10 @@ class Trainer:
             f" patch {p.patch_size}, pooling {p.pool_kernel_sizes}, {nparam / 1e6:.2f} M "
             f"parameters, device {self.device}"
             f"{f' x{self.dist.world_size} processes' if self.dist.enabled else ''}, "
-            f"{cfg.epochs} epochs x {cfg.iterations} iterations, batch {cfg.batch_size}"
-            f"{_precision(self.amp_dtype, self.meta_amp_dtype if self.meta else None)}")
+            f"{cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''} x {cfg.iterations} iterations, "
+            f"batch {cfg.batch_size}"
+            f"{_precision(self.amp_dtype, self.meta_amp_dtype if self.meta else None)}"
+            f"{_meta_line(self.meta.config, cfg.meta_period) if self.meta else ''}")
 
     def _book(self, out: dict[str, float | Tensor], stats: dict[str, list[float]], bar) -> None:
         """Records one finished iteration's numbers (device scalars read back here)."""
@@ -714,6 +716,13 @@ def _precision(amp: torch.dtype | None, meta_amp: torch.dtype | None) -> str:
     parts = [f"{what} {name[dt]}" for what, dt in (("network passes", amp),
                                                    ("meta-step passes", meta_amp)) if dt]
     return f", {' and '.join(parts)}" if parts else ""
+
+
+def _meta_line(mc: MetaConfig, period: int) -> str:
+    """The describe line's note on the meta step as resolved (config.yaml may say auto)."""
+    every = "every iteration" if period == 1 else f"every {period} iterations"
+    return (f", meta step {every} ({mc.order} order, {mc.difference} difference, "
+            f"{mc.meta_grad} meta-gradient)")
 
 
 def _summary_line(row: dict[str, Any], epochs: int) -> str:
