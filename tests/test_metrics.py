@@ -320,7 +320,13 @@ def test_evaluate_folders_errors(tmp_path):
     (tmp_path / "c1.nii.gz").rename(tmp_path / "pred" / "c1.nii.gz")
     with pytest.raises(DatasetError, match=r"c9\.nii\.gz: no reference"):
         evaluate_folders(tmp_path / "pred", tmp_path / "ref", labels)
-    (tmp_path / "pred" / "c9.nii.gz").unlink()
+    for k in range(10, 17):
+        _save(tmp_path / "pred" / f"c{k}.nii.gz", np.zeros((10, 12, 6)))
+    with pytest.raises(DatasetError, match=r"no reference .* for 8 prediction\(s\): c10, c11, "
+                                           r"c12, c13, c14 and 3 more$"):
+        evaluate_folders(tmp_path / "pred", tmp_path / "ref", labels)
+    for k in [9, *range(10, 17)]:
+        (tmp_path / "pred" / f"c{k}.nii.gz").unlink()
     _save(tmp_path / "pred" / "c1.nii.gz", np.zeros((10, 12, 6)), shift=3.0)
     with pytest.raises(DatasetError, match=r"pred/c1\.nii\.gz: prediction affine differs"):
         evaluate_folders(tmp_path / "pred", tmp_path / "ref", labels)

@@ -325,11 +325,11 @@ def evaluate_folders(
     missing = sorted(set(refs) - set(preds))
     if missing:
         raise DatasetError(f"{pdir / (missing[0] + file_ending)}: prediction missing for "
-                           f"{len(missing)} reference case(s) of {rdir}: {missing[:5]}")
+                           f"{len(missing)} reference case(s) of {rdir}: {_some(missing)}")
     extra = sorted(set(preds) - set(refs))
     if extra:
         raise DatasetError(f"{preds[extra[0]]}: no reference {rdir / (extra[0] + file_ending)} "
-                           f"for {len(extra)} prediction(s): {extra[:5]}")
+                           f"for {len(extra)} prediction(s): {_some(extra)}")
     if not refs:
         raise DatasetError(f"{rdir}: no reference files ending with {file_ending!r}")
 
@@ -417,3 +417,9 @@ def write_summary(result: Mapping[str, Any], path: str | os.PathLike[str]) -> li
         atomic_write_text(csv_path, buf.getvalue())
         written.append(csv_path)
     return written
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    """Up to ``shown`` names, with how many more there are."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
