@@ -28,13 +28,21 @@ def case_seed(*case) -> int:
 
 
 def make_inputs(B, t, c, S, dtype=torch.float32, device="cpu", seed=0, label_dtype=torch.int64,
-                scale=3.0):
+                scale=3.0, far_roi=False):
+    """Random logits, labels (70 % background) and distances (0 on the ROI, unless ``far_roi``:
+    then ROI voxels get distances at or past the margin, some +inf, which the mask must ignore
+    there)."""
     g = torch.Generator().manual_seed(seed)
     o = (torch.randn(B, t, *S, generator=g, dtype=torch.float64) * scale).to(dtype)
     y = torch.randint(0, c, (B, *S), generator=g)
     y = torch.where(torch.rand(B, *S, generator=g) < 0.7, torch.zeros_like(y), y)
     d = torch.rand(B, *S, generator=g, dtype=torch.float64) * 80.0
-    d[y > 0] = 0.0
+    if far_roi:
+        far = 30.0 + 40.0 * torch.rand(B, *S, generator=g, dtype=torch.float64)
+        far.view(-1)[::5] = float("inf")
+        d = torch.where(y > 0, far, d)
+    else:
+        d[y > 0] = 0.0
     if B > 1:  # one item without ROI
         y[-1] = 0
         d[-1] = float("inf")
@@ -249,6 +257,34 @@ def test_levels_vs_numpy_oracle(S, levels, pick):
     ref_out, ref_mask = _numpy_oracle(o, y, d, c, stride)
     np.testing.assert_allclose(outs[pick].numpy(), ref_out, atol=1e-12)
     np.testing.assert_allclose(masks[pick].numpy(), ref_mask, atol=1e-12)
+
+
+@pytest.mark.parametrize("S", [(9, 11), (7, 6, 9)], ids=["2d", "3d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_roi_voxels_keep_their_label_whatever_their_distance(S, dtype):
+    """The mask is 1 and the label one-hot at ROI voxels even where d says far (an unsigned or
+    another class's distance map): the numpy oracle and the twin agree with the kernel at full
+    resolution and pooled."""
+    c, t = 3, 3
+    o, y, d = make_inputs(2, t, c, S, dtype, seed=21, far_roi=True)
+    assert (d[y > 0] >= 30).all() and torch.isinf(d[y > 0]).any()
+    o.requires_grad_(True)
+    outs, masks = context_labels(o, y, d, c, levels=[1, 2], return_mask=True)
+    assert (masks[0][y > 0] == 1).all()
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for level, stride in enumerate([(1,) * len(S), (2,) * len(S)]):
+        ref_out, ref_mask = _numpy_oracle(o.detach().to(acc), y, d.to(acc), c, stride)
+        tol = 1e-12 if dtype == torch.float64 else 1e-6
+        np.testing.assert_allclose(outs[level].detach().numpy(), ref_out, atol=tol)
+        np.testing.assert_allclose(masks[level].numpy(), ref_mask, atol=tol)
+    rlabs, rmasks = context_labels_twin(o, y, d, c, levels=[1, 2], return_mask=True)
+    grads = [torch.randn_like(a) for a in outs]
+    (ga,) = torch.autograd.grad(outs, [o], grads)
+    (gb,) = torch.autograd.grad(rlabs, [o], grads)
+    for a, b in zip([*outs, *masks], [*rlabs, *rmasks], strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), **FP_TOL[dtype])
+    tol = FP_TOL[dtype] if dtype != torch.float16 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(ga, gb, **tol)
 
 
 def test_unused_level_gradient_and_determinism():

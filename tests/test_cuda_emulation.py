@@ -185,9 +185,9 @@ def _call(emu, backward, kernel, rows, o, y, d, c, flat_strides, levels, masks=N
     return rc == 0
 
 
-def _inputs(B, t, c, S, dtype, label_dtype=torch.int64, seed=0):
+def _inputs(B, t, c, S, dtype, label_dtype=torch.int64, seed=0, far_roi=False):
     """test_context_labels' inputs, with the distance in the kernels' accumulation dtype."""
-    o, y, d = make_inputs(B, t, c, S, dtype, seed=seed, label_dtype=label_dtype)
+    o, y, d = make_inputs(B, t, c, S, dtype, seed=seed, label_dtype=label_dtype, far_roi=far_roi)
     return o, y, d.to(torch.float64 if dtype == torch.float64 else torch.float32)
 
 
@@ -240,11 +240,11 @@ def _compare(emulated, cpu, dtype):
     torch.testing.assert_close(g.float(), cg.float(), **GRAD_TOL[dtype])
 
 
-def _check_case(emu, kernel, rows, case, dtype=torch.float32, seed=0):
+def _check_case(emu, kernel, rows, case, dtype=torch.float32, seed=0, far_roi=False):
     """Forward and backward (a gradient on every level) of `kernel` (None: the host entry
     points' choice) against the CPU kernels."""
     B, t, c, S, lev = case
-    o, y, d = _inputs(B, t, c, S, dtype, seed=seed)
+    o, y, d = _inputs(B, t, c, S, dtype, seed=seed, far_roi=far_roi)
     probe = _emulated(emu, kernel, rows, o, y, d, c, lev, [None] * 8)
     assert probe is not None, f"the {kernel} kernels should take this geometry"
     grads = _upstream(probe[0], keep=range(len(probe[0])))
@@ -276,6 +276,14 @@ def _id(case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 def test_tiled_kernels_match_the_cpu_kernels(emu, case, dtype):
     _check_case(emu, "tiled", 2, case, dtype, seed=len(case[3]) + case[1])
+
+
+@pytest.mark.parametrize("kernel", ["tiled", "flat"])
+def test_roi_voxels_far_by_their_distance_keep_their_label(emu, kernel):
+    # ROI voxels whose distance says "far" (even +inf): mask 1 and one-hot label, as on the CPU
+    case = (2, 3, 3, (9, 11, 37), [1, 2] if kernel == "tiled" else 1)
+    _check_case(emu, kernel, 2 if kernel == "tiled" else 0, case, torch.float32, seed=8,
+                far_roi=True)
 
 
 @pytest.mark.parametrize("case", TILED_CASES[:4], ids=_id)
