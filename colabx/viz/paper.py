@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,7 @@ class CaseSlice:
 
 def context_map_figure(rows: Sequence[CaseSlice], path: Path) -> None:
     """Fig. 8: one row per case slice (ROI classes red/green/..., contexts in other colours)."""
-    fig, axes = plt.subplots(len(rows), 5, figsize=(16, 3.3 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 5, figsize=(16, 3.8 * len(rows)), squeeze=False)
     for ax_row, r in zip(axes, rows, strict=True):
         k = int(max(r.argmax.max(), r.label.max(),
                     0 if r.q_argmax is None else r.q_argmax.max())) + 1
@@ -93,7 +94,9 @@ def context_map_figure(rows: Sequence[CaseSlice], path: Path) -> None:
         for ax, (name, img, cm, lim) in zip(ax_row, panels, strict=False):
             ax.imshow(img.T, cmap=cm, origin="lower", interpolation="nearest",
                       **({} if lim is None else {"vmin": lim[0], "vmax": lim[1]}))
-            ax.set_title(f"{r.title}: {name}" if name == "image" else name, fontsize=9)
+            # a long run/case title is wrapped to the panel's width instead of running off it
+            title = "\n".join([*textwrap.wrap(r.title, 30), name]) if name == "image" else name
+            ax.set_title(title, fontsize=9)
         for ax in ax_row:
             ax.axis("off")
     fig.tight_layout()
