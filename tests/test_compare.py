@@ -4,6 +4,7 @@ trains no finished run again; the paired interval over seeds and its coverage.""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -107,6 +108,10 @@ def test_compare_tables_and_restart(tmp_path, monkeypatch, capsys):
         assert dsc["vs_vanilla"]["pairs"] == 4  # 2 test cases x 2 seeds
         assert dsc["vs_vanilla"]["seeds"] == 2
         assert "vs_vanilla" not in table[post]["vanilla"]["dice"]
+    # each seed's number is its run's evaluation.json foreground mean
+    for s in (0, 1):
+        fg = json.loads((out / f"colab-seed{s}" / "evaluation.json").read_text())
+        assert table["none"]["colab"]["dice"]["per_seed"][s] == fg["foreground_mean"]["dice"]
     # the paired difference: per seed the mean over cases of colab - vanilla, then over seeds
     cases = payload["cases"]
     per_seed = [np.mean([cases[f"colab-seed{s}"]["none"][c]["dice"]
@@ -129,3 +134,30 @@ def test_compare_refuses_seed_and_mode_options(tmp_path, capsys):
     assert main(["compare", "--modes", "colab", "colab", "--out", str(tmp_path / "c")]) == 2
     assert "modes: expected distinct modes" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_seed_means_follow_the_evaluation_and_undefined_ones_read_n_a():
+    """Two ROI classes, one missing from a case: the seed's mean is the foreground mean of
+    evaluation.json (per class over cases, then over classes: (0.2 + 0.9) / 2), not the mean of
+    the cases' class means ((0.2 + 0.9) / 2 and 0.2 give 0.375); a metric undefined in every
+    seed reads n/a, not nan."""
+    from colabx.inference.metrics import summarize
+    from colabx.train.compare import _case_values, _foreground, _markdown, _summaries
+
+    def metrics(dice, precision):
+        return {"dice": dice, "sensitivity": 1.0, "precision": precision, "hd95": 1.0,
+                "tp": 1, "fp": 0, "fn": 0, "n_pred": 1, "n_ref": 1}
+
+    per_case = [{1: metrics(0.2, math.nan), 2: metrics(0.9, math.nan)},
+                {1: metrics(0.2, math.nan)}]
+    result = {**summarize(per_case),
+              "cases": {f"c{i}": {"metrics": c} for i, c in enumerate(per_case)}}
+    values = {(mode, s): {"none": _case_values(result)} for mode in ("vanilla", "colab")
+              for s in (0, 1)}
+    fg = {key: {"none": _foreground(result)} for key in values}
+    table = _summaries(values, fg, ["vanilla", "colab"], [0, 1])
+    dsc = table["none"]["colab"]["dice"]
+    assert dsc["per_seed"] == [pytest.approx(0.55)] * 2 and dsc["mean"] == pytest.approx(0.55)
+    assert math.isnan(table["none"]["colab"]["precision"]["mean"])
+    text = _markdown(table, [0, 1])
+    assert "nan" not in text and "| n/a ± n/a<br>Δ n/a [n/a, n/a] |" in text

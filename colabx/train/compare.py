@@ -6,7 +6,8 @@ Layout of the compare folder (marker ``colabx_compare.json``)::
     <mode>-seed<seed>/    one run folder each (resumed when interrupted, skipped when finished)
     compare.md / .csv / .json / .png
 
-Per mode: mean ± sd over seeds of the per-seed means of DSC, sensitivity, precision and HD95,
+Per mode: mean ± sd over seeds of each seed's foreground mean of DSC, sensitivity, precision
+and HD95 (as the run's evaluation.json forms it: per class over the cases, then over classes),
 without and with post-processing (the largest connected component, :mod:`colabx.inference.
 postprocess`); and against vanilla the paired difference: per seed, the mean over the test
 cases of (mode − vanilla), then the mean of these over seeds with a 95 % t-interval (n_seeds − 1
@@ -77,22 +78,30 @@ def _case_values(result: dict[str, Any]) -> dict[str, dict[str, float]]:
             for cid, case in result["cases"].items()}
 
 
-def _evaluate(run: Path, ds: Dataset) -> dict[str, dict[str, dict[str, float]]]:
-    """post-processing → case → metric for one finished run of dataset ``ds``: its final
-    evaluation, and its test predictions again after the largest-connected-component
-    post-processing."""
+def _foreground(result: dict[str, Any]) -> dict[str, float]:
+    """metric → the result's foreground mean (per class over cases, then over classes: the
+    number evaluation.json and ``colabx evaluate`` report; NaN where undefined)."""
+    fg = result["foreground_mean"]
+    return {m: math.nan if fg[m] is None else float(fg[m]) for m in METRIC_NAMES}
+
+
+def _evaluate(run: Path, ds: Dataset) -> tuple[dict[str, Any], dict[str, Any]]:
+    """For one finished run of dataset ``ds``, by post-processing (its final evaluation, and its
+    test predictions again after the largest-connected-component post-processing): case →
+    metric (class mean, for pairing cases), and metric → foreground mean."""
     from colabx.inference.metrics import evaluate_folders
 
-    out = {"none": _case_values(json.loads((run / "evaluation.json").read_text()))}
+    results = {"none": json.loads((run / "evaluation.json").read_text())}
     preds = run / "predictions_test"
     if preds.is_dir():
-        out["lcc"] = _case_values(evaluate_folders(preds, ds.root / "labelsTs", ds.labels,
-                                                   ds.file_ending, postprocess="lcc"))
-    return out
+        results["lcc"] = evaluate_folders(preds, ds.root / "labelsTs", ds.labels,
+                                          ds.file_ending, postprocess="lcc")
+    return ({post: _case_values(r) for post, r in results.items()},
+            {post: _foreground(r) for post, r in results.items()})
 
 
-def _summaries(values: dict[tuple[str, int], dict], modes: Sequence[str], seeds: Sequence[int]
-               ) -> dict[str, Any]:
+def _summaries(values: dict[tuple[str, int], dict], foreground: dict[tuple[str, int], dict],
+               modes: Sequence[str], seeds: Sequence[int]) -> dict[str, Any]:
     table: dict[str, Any] = {}
     for post in POSTPROCESSING:
         rows = {}
@@ -101,10 +110,10 @@ def _summaries(values: dict[tuple[str, int], dict], modes: Sequence[str], seeds:
                 continue
             row: dict[str, Any] = {}
             for m in METRIC_NAMES:
-                per_seed = [np.nanmean([c[m] for c in values[(mode, s)][post].values()])
-                            for s in seeds]
-                row[m] = {"mean": float(np.mean(per_seed)),
-                          "sd": float(np.std(per_seed, ddof=1)) if len(seeds) > 1 else math.nan,
+                per_seed = [foreground[(mode, s)][post][m] for s in seeds]
+                finite = [v for v in per_seed if math.isfinite(v)]
+                row[m] = {"mean": _finite_mean(per_seed),
+                          "sd": float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan,
                           "per_seed": [float(v) for v in per_seed]}
                 if mode != "vanilla" and "vanilla" in modes:
                     diffs = [[values[(mode, s)][post][cid][m] - values[("vanilla", s)][post][cid][m]
@@ -138,7 +147,7 @@ def _markdown(table: dict[str, Any], seeds: Sequence[int]) -> str:
             cells = []
             for m in METRIC_NAMES:
                 r = row[m]
-                cell = f"{r['mean']:.3f} ± {_fmt(r['sd'], '.3f')}"
+                cell = f"{_fmt(r['mean'], '.3f')} ± {_fmt(r['sd'], '.3f')}"
                 if "vs_vanilla" in r:
                     v = r["vs_vanilla"]
                     lo, hi = v["ci95"]
@@ -244,11 +253,13 @@ def run_compare(base: TrainConfig, modes: Sequence[str], seeds: Sequence[int],
     # every run trained on the same dataset: read it once
     first = out / f"{modes[0]}-seed{seeds[0]}" / "checkpoint_final.pth"
     ds = load_dataset(load_checkpoint(first)["dataset"]["root"])
-    values = {(m, s): _evaluate(out / f"{m}-seed{s}", ds) for m, s in configs}
-    table = _summaries(values, modes, seeds)
+    evaluated = {(m, s): _evaluate(out / f"{m}-seed{s}", ds) for m, s in configs}
+    values = {key: cases for key, (cases, _) in evaluated.items()}
+    table = _summaries(values, {key: fg for key, (_, fg) in evaluated.items()}, modes, seeds)
     payload = {"modes": list(modes), "seeds": list(seeds), "options": base.to_dict(),
                "table": table,
-               "cases": {f"{m}-seed{s}": v for (m, s), v in values.items()}}
+               "cases": {f"{m}-seed{s}": v for (m, s), v in values.items()},
+               "foreground": {f"{m}-seed{s}": fg for (m, s), (_, fg) in evaluated.items()}}
     atomic_write_text(out / "compare.json", json.dumps(json_safe(payload), indent=1) + "\n")
     atomic_write_text(out / "compare.csv", _csv(table))
     text = _markdown(table, seeds)
