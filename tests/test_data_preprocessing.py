@@ -119,6 +119,17 @@ def test_nonzero_mask_has_its_holes_filled():
     bbox, mask = crop_to_nonzero(img)
     assert mask[3:6, 3:6, 3:6].all() and not mask[1:8, 1:8, 1].any()
     assert mask.sum() == 7 * 7 * 6 and bbox == (slice(1, 8), slice(1, 8), slice(2, 8))
+    ring = np.zeros((1, 9, 9), np.float32)  # 2D: nothing is filled, as in nnU-Net
+    ring[0, 2:7, 2:7] = 1.0
+    ring[0, 4, 4] = 0.0
+    assert not crop_to_nonzero(ring)[1][4, 4]
+
+
+def test_target_shape_rounds_in_nnunets_order():
+    # spacing / target first, then times the size: products near .5 round as in nnU-Net
+    assert target_shape((5,), (1.2,), (0.8,)) == (7,)
+    assert target_shape((3,), (0.7,), (0.6,)) == (4,)
+    assert target_shape((4, 1), (1.0, 1.0), (3.0, 5.0)) == (1, 1)  # at least 1
 
 
 def test_target_spacing_follows_nnunet_for_thick_slices():
@@ -135,9 +146,12 @@ def test_target_spacing_follows_nnunet_for_thick_slices():
     # the 10th percentile is never below the other axes' spacing
     low = fullres_target_spacing([(1.0, 1.0, 4.0)] * 3 + [(1.0, 1.0, 0.5)] * 2, shapes)
     assert low[2] == pytest.approx(1.0 + 1e-5)
-    # 2D
+    # 2D: the median, even for an axis over 3x the other with few pixels (nnU-Net's 2D images
+    # carry a placeholder axis that is always the coarsest)
     assert fullres_target_spacing([(0.5, 0.7), (0.7, 0.9), (0.6, 0.8)], [(9, 9)] * 3) == \
         (0.6, 0.8)
+    assert fullres_target_spacing([(4, 1), (6, 1), (8, 1), (10, 1)], [(20, 200)] * 4) == \
+        (7.0, 1.0)
 
 
 def test_separate_z_axis_rule():
@@ -290,7 +304,7 @@ def test_crop_bounds_shapes_and_median_spacing(tmp_path):
         c = pre.load_case(cid)
         assert c.meta["crop_bbox"] == [[s.start, s.stop] for s in BOX]
         assert c.meta["cropped_shape"] == list(cropped)
-        want = tuple(int(round(n * s / t)) for n, s, t in zip(cropped, sp, target, strict=True))
+        want = tuple(int(round(s / t * n)) for n, s, t in zip(cropped, sp, target, strict=True))
         assert want == target_shape(cropped, sp, target)
         assert c.image.shape == (1, *want) and c.image.dtype == np.float32
         assert c.label.shape == c.distance.shape == c.context.shape == want

@@ -326,6 +326,15 @@ def test_raw_round_trip_identity(tmp_path):
     assert pred.dtype == np.int16 and pred.shape == SHAPE
     np.testing.assert_array_equal(pred, label)
     np.testing.assert_array_equal(affine, nib.load(str(images[0])).affine)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # current plans: no warning
+        predict_raw_case(_oracle(pre.plans, inten), images, pre.plans, (16, 16, 8))
+    # plans of the format before nnU-Net-style resampling: a warning, and the masked z-score
+    old = {**pre.plans, "format_version": 1}
+    with pytest.warns(RuntimeWarning, match="these plans are format 1: the model was trained "
+                                            "before colabx preprocessed as nnU-Net v2 does"):
+        again, _ = predict_raw_case(_oracle(old, inten), images, old, (16, 16, 8))
+    np.testing.assert_array_equal(again, label)
 
 
 def test_raw_round_trip_anisotropic(tmp_path):

@@ -18,7 +18,7 @@ v2's order of operations (crop → normalise → resample):
      ``CTNormalization``. Every case weighs the same, as in nnU-Net, which draws 10^8 / N voxels
      from each case; colabx computes that equal-weight distribution's statistics exactly from
      every foreground voxel instead of from random draws (4 bytes per foreground voxel of the
-     dataset in memory once).
+     dataset in memory once, sorted in place).
    * ``"zscore"``: per case and channel, mean and standard deviation, nnU-Net's
      ``ZScoreNormalization``. Over the nonzero mask (and the labelled voxels of training cases,
      as nnU-Net's ``seg >= 0``), with voxels outside it set to 0, when the median training case
@@ -146,8 +146,9 @@ SCHEMES = ("ct", "nonorm", "zscore", "rescale_to_0_1", "rgb_to_0_1")
 
 
 def crop_to_nonzero(image: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray]:
-    """Bounding box of nnU-Net's nonzero mask: the union over channels of ``image != 0`` with its
-    holes filled (``scipy.ndimage.binary_fill_holes``, as nnU-Net's ``create_nonzero_mask``).
+    """Bounding box of nnU-Net's nonzero mask: the union over channels of ``image != 0``, in 3D
+    with its holes filled (``scipy.ndimage.binary_fill_holes``, as nnU-Net's
+    ``create_nonzero_mask``).
 
     Args:
         image: ``[C, *S]``.
@@ -156,7 +157,9 @@ def crop_to_nonzero(image: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray]:
         ``(bbox, mask)``: one slice per spatial axis (the whole axis when the image is all zero)
         and the hole-filled nonzero mask ``[*S]`` of the *uncropped* image.
     """
-    mask = ndi.binary_fill_holes(np.any(image != 0, axis=0))
+    mask = np.any(image != 0, axis=0)
+    if mask.ndim == 3:  # nnU-Net fills 2D images as [1, x, y]: nothing is enclosed there
+        mask = ndi.binary_fill_holes(mask)
     if not mask.any():
         return tuple(slice(0, n) for n in mask.shape), mask
     bbox = []
@@ -174,11 +177,12 @@ def fullres_target_spacing(spacings: Sequence[Sequence[float]],
     When the median's coarsest axis is more than 3x the coarsest other axis *and* the median
     cropped size along it times 3 is below the smallest other median size (thick slices, few of
     them), that axis takes the 10th percentile of its spacings instead (at least the coarsest other
-    spacing + 1e-5), so that the cases with thinner slices are not thrown away.
+    spacing + 1e-5), so that the cases with thinner slices are not thrown away. 3D only: 2D
+    datasets keep the median, as in nnU-Net.
     """
     sp = np.asarray(spacings, np.float64)
     target = np.percentile(sp, 50, axis=0)
-    if sp.shape[1] < 2:
+    if sp.shape[1] != 3:  # nnU-Net's 2D images carry a placeholder third axis, always the worst
         return tuple(float(t) for t in target)
     size = np.percentile(np.asarray(cropped_shapes, np.float64), 50, axis=0)
     worst = int(np.argmax(target))
@@ -214,8 +218,9 @@ def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
 
 def target_shape(shape: Sequence[int], spacing: Sequence[float],
                  target_spacing: Sequence[float]) -> tuple[int, ...]:
-    """nnU-Net's resampled shape: ``round(shape * spacing / target_spacing)``, at least 1."""
-    return tuple(max(1, int(round(n * s / t)))
+    """nnU-Net's resampled shape: ``round(spacing / target_spacing * shape)`` (in that order, as
+    nnU-Net computes it: a product near .5 rounds as there), at least 1."""
+    return tuple(max(1, int(round(s / t * n)))
                  for n, s, t in zip(shape, spacing, target_spacing, strict=True))
 
 
@@ -430,33 +435,51 @@ def _case_fingerprint(args: tuple[Dataset, Case, tuple[int, ...]]) -> dict[str, 
             "ct": [d.image[(c, *bbox)][fg].astype(np.float32) for c in channels]}
 
 
-def _weighted_percentile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
-    """The smallest value whose cumulative weight reaches ``q`` percent of the total."""
-    order = np.argsort(values, kind="stable")
-    cumulative = np.cumsum(weights[order])
-    i = int(np.searchsorted(cumulative, q / 100.0 * cumulative[-1], side="left"))
-    return float(values[order[min(i, len(values) - 1)]])
+def _mixture_quantile(cases: Sequence[np.ndarray], q: float) -> float:
+    """The smallest value ``v`` of the sorted ``cases`` where the equal-weight mixture's CDF,
+    the mean over cases of the fraction of values <= v, reaches ``q`` percent (bisection on the
+    value: no concatenated copy of the data)."""
+    def cdf(x: float) -> float:
+        return float(np.mean([np.searchsorted(c, x, side="right") / c.size for c in cases]))
+
+    lo = float(min(c[0] for c in cases))
+    hi = float(max(c[-1] for c in cases))
+    if cdf(lo) >= q / 100.0:
+        return lo
+    while True:  # cdf(lo) < q <= cdf(hi)
+        mid = lo + (hi - lo) / 2
+        if mid in (lo, hi):
+            break
+        if cdf(mid) >= q / 100.0:
+            hi = mid
+        else:
+            lo = mid
+    return float(min(c[i] for c in cases if (i := np.searchsorted(c, lo, side="right")) < c.size))
 
 
 def ct_statistics(per_case: Sequence[np.ndarray]) -> dict[str, float]:
     """CT normalisation statistics of one channel from each training case's foreground
     intensities, every case weighing the same (nnU-Net draws the same number of voxels from each
     case; this is that distribution exactly, without the random draws): the 0.5 / 99.5
-    percentiles, mean and standard deviation.
+    percentiles, mean and standard deviation. The arrays are sorted in place; besides them it
+    needs one float64 copy of the largest case at a time.
 
     Raises:
         ValueError: no case has foreground voxels.
     """
-    cases = [np.asarray(v, np.float64) for v in per_case if np.size(v)]
+    cases = [np.asarray(v) for v in per_case if np.size(v)]
     if not cases:
         raise ValueError("no foreground voxels")
-    values = np.concatenate(cases)
-    weights = np.concatenate([np.full(v.size, 1.0 / (v.size * len(cases))) for v in cases])
-    mean = float(np.dot(weights, values))
-    std = float(np.sqrt(np.dot(weights, (values - mean) ** 2)))
-    lower, upper = (_weighted_percentile(values, weights, q) for q in CT_PERCENTILES)
-    return {"lower": lower, "upper": upper, "mean": mean, "std": std,
-            "voxels": int(values.size), "cases": len(cases)}
+    for c in cases:
+        c.sort()
+    means = np.array([c.mean(dtype=np.float64) for c in cases])
+    mean = float(means.mean())
+    # the mixture's variance: the mean of each case's variance about the common mean
+    variances = np.array([c.var(dtype=np.float64) for c in cases])
+    var = float(np.mean(variances + (means - mean) ** 2))
+    lower, upper = (_mixture_quantile(cases, q) for q in CT_PERCENTILES)
+    return {"lower": lower, "upper": upper, "mean": mean, "std": float(np.sqrt(var)),
+            "voxels": int(sum(c.size for c in cases)), "cases": len(cases)}
 
 
 def _case_arrays(ds: Dataset, case: Case, schemes: Sequence[str],

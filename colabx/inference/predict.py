@@ -4,9 +4,10 @@
 channels; the context channels 0 and c..K-1 all mean background); ``predict_contexts`` gives the
 argmax over the context channels alone (the network's context map). ``predict_raw`` runs the
 training preprocessing of :mod:`colabx.data.preprocessing` on a case's raw files (crop to nonzero,
-normalise with the stored statistics, cubic resampling to the target spacing), sliding-window
-inference, then inverts the geometry as nnU-Net does: the logits are resampled linearly back to
-the cropped original shape (same voxel-centre mapping as the forward resampling); labels,
+normalise with the stored statistics, cubic resampling to the target spacing, "separate z" for
+anisotropic spacings), sliding-window inference, then inverts the geometry as nnU-Net does: the
+logits are resampled linearly back to the cropped original shape (same voxel-centre mapping as
+the forward resampling; for anisotropic spacings linear within slices, nearest across); labels,
 context maps and probabilities are taken there and pasted into a background volume of the
 original shape (:class:`RawPrediction`). ``predict_raw_case`` returns the labels.
 """
@@ -14,6 +15,7 @@ original shape (:class:`RawPrediction`). ``predict_raw_case`` returns the labels
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from colabx.data.datasets import Case, Dataset, DatasetError
 from colabx.data.image_io import write_label_map
 from colabx.data.preprocessing import (
+    FORMAT_VERSION,
     crop_to_nonzero,
     nearest_indices,
     normalize_image,
@@ -252,9 +255,12 @@ def predict_raw(
 
     The preprocessing of training is applied with the plans' settings: crop to the nonzero
     bounding box, per-channel normalisation (CT: the stored dataset statistics; z-score: this
-    case's nonzero region), cubic resampling to ``plans["target_spacing"]``. The logits are
-    resampled linearly back to the cropped shape (labels, contexts and probabilities are then
-    taken there and pasted into the original shape, see :class:`RawPrediction`).
+    case's statistics, within its nonzero mask when the plans' ``use_mask_for_norm`` says so),
+    cubic resampling to ``plans["target_spacing"]`` (separate z for anisotropic spacings). The
+    logits are resampled back to the cropped shape in the same way at order 1 (labels, contexts
+    and probabilities are then taken there and pasted into the original shape, see
+    :class:`RawPrediction`). Plans of an older format (before this preprocessing followed
+    nnU-Net v2's) get a warning: the model was trained on differently resampled data.
 
     Args:
         model: the segmentation network.
@@ -281,6 +287,12 @@ def predict_raw(
                          f"target spacing {target} has {len(target)}")
     schemes, ct_stats, use_mask = plan_normalization(plans)
     c = _num_classes(plans) if num_classes is None else num_classes
+    if plans.get("format_version", 1) < FORMAT_VERSION:
+        warnings.warn(f"these plans are format {plans.get('format_version', 1)}: the model was "
+                      "trained before colabx preprocessed as nnU-Net v2 does (separate-z and "
+                      "clipped resampling, hole-filled nonzero mask), which prediction now "
+                      "applies; retrain for predictions that match its training exactly",
+                      RuntimeWarning, stacklevel=2)
 
     bbox, mask = crop_to_nonzero(image)
     cropped = image[(slice(None), *bbox)]
