@@ -167,7 +167,8 @@ def _parser() -> argparse.ArgumentParser:
         "precision and HD95, without and with post-processing (largest connected component), "
         "and the difference to vanilla: per seed the mean paired difference over the cases, "
         "then its mean over seeds with a 95% t-interval (n/a with one seed). "
-        "Restartable: finished runs are skipped, interrupted ones resumed.")
+        "Restartable: finished runs are skipped, interrupted ones resumed. Without DATASET: "
+        f"the built-in phantom, with the phantom-cpu preset replacing these defaults: {preset}.")
     cp.add_argument("dataset", nargs="?", default=None,
                     help="dataset folder (default: the built-in phantom)")
     cp.add_argument("--modes", nargs="+", default=["vanilla", "manual", "dilation", "kmeans",
