@@ -118,6 +118,7 @@ __all__ = [
     "normalization_schemes",
     "normalize_image",
     "plan_normalization",
+    "prepare_image",
     "preprocess_dataset",
     "preprocess_held_out_case",
     "resample_image",
@@ -408,9 +409,7 @@ class _Job:
     dataset: Dataset
     case: Case
     out_dir: Path
-    schemes: tuple[str, ...]
-    ct_stats: tuple[dict[str, float] | None, ...]
-    use_mask: tuple[bool, ...]
+    normalization: tuple  # (schemes, ct_stats, use_mask), as plan_normalization gives them
     target_spacing: tuple[float, ...]
 
 
@@ -482,8 +481,51 @@ def ct_statistics(per_case: Sequence[np.ndarray]) -> dict[str, float]:
             "voxels": int(sum(c.size for c in cases)), "cases": len(cases)}
 
 
-def _case_arrays(ds: Dataset, case: Case, schemes: Sequence[str],
-                 ct_stats: Sequence[dict[str, float] | None], use_mask: Sequence[bool] | None,
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image cropped, normalised and resampled (:func:`prepare_image`).
+
+    Attributes:
+        image: float32 ``[C, *shape]`` at the target spacing.
+        bbox: the crop, one slice per spatial axis of the original grid.
+        shape: the resampled spatial shape.
+        separate_axis: the axis resampled by nearest neighbour, or None (:func:`separate_z_axis`).
+        stats: per channel the statistics used (z-score: mean and std).
+    """
+
+    image: np.ndarray
+    bbox: tuple[slice, ...]
+    shape: tuple[int, ...]
+    separate_axis: int | None
+    stats: list[dict]
+
+
+def prepare_image(image: np.ndarray, spacing: Sequence[float], target: Sequence[float],
+                  normalization: tuple[Sequence[str], Sequence[dict | None], Sequence[bool] | None],
+                  source: str | os.PathLike[str], label: np.ndarray | None = None
+                  ) -> PreparedImage:
+    """Steps 1–3 of the module docstring for one image ``[C, *S]``: crop to nonzero, normalise
+    with ``normalization`` = ``(schemes, ct_stats, use_mask)`` (:func:`plan_normalization`),
+    resample to ``target``. ``label`` (uncropped): its labelled voxels join the z-score mask, as
+    for nnU-Net's training cases; None normalises from the image alone, as prediction does.
+
+    Raises:
+        DatasetError: a channel its scheme refuses (named with ``source``).
+    """
+    bbox, mask = crop_to_nonzero(image)
+    cropped = image[(slice(None), *bbox)]
+    region = mask[bbox] if label is None else mask[bbox] | (label[bbox] != 0)
+    try:
+        x, stats = normalize_image(cropped, region, *normalization)
+    except ValueError as e:
+        raise DatasetError(f"{source}: {e}") from e
+    shape = target_shape(cropped.shape[1:], spacing, target)
+    axis = separate_z_axis(spacing, target)
+    return PreparedImage(resample_image(x, shape, axis), bbox, shape, axis, stats)
+
+
+def _case_arrays(ds: Dataset, case: Case,
+                 normalization: tuple[Sequence[str], Sequence[dict | None], Sequence[bool]],
                  target: Sequence[float], *, label_in_mask: bool
                  ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """One labelled case cropped, normalised, resampled to ``target``, with its distance map:
@@ -493,26 +535,15 @@ def _case_arrays(ds: Dataset, case: Case, schemes: Sequence[str],
     d = ds.load_case(case)
     if d.label is None:
         raise DatasetError(f"{case.images[0]}: case {case.id!r} has no label file")
-    bbox, mask = crop_to_nonzero(d.image)
-    image = d.image[(slice(None), *bbox)]
-    label = d.label[bbox]
-    context = None if d.context is None else d.context[bbox]
-    region = mask[bbox] | (label != 0) if label_in_mask else mask[bbox]
-    try:
-        image, used = normalize_image(image, region, schemes, ct_stats, use_mask)
-    except ValueError as e:
-        raise DatasetError(f"{case.images[0]}: {e}") from e
-    shape = target_shape(label.shape, d.spacing, target)
-    axis = separate_z_axis(d.spacing, target)
-    image = resample_image(image, shape, axis)
-    label = resample_labels(label, shape, axis)
-    if context is not None:
-        context = resample_labels(context, shape, axis)
+    prep = prepare_image(d.image, d.spacing, target, normalization, case.images[0],
+                         d.label if label_in_mask else None)
+    bbox, shape, axis = prep.bbox, prep.shape, prep.separate_axis
+    label = resample_labels(d.label[bbox], shape, axis)
     roi = _foreground(label, ds.ignore_label)
-    arrays = {"image": image, "label": label.astype(np.int16),
+    arrays = {"image": prep.image, "label": label.astype(np.int16),
               "distance": _distance(roi, tuple(target))}
-    if context is not None:
-        arrays["context"] = context.astype(np.int16)
+    if d.context is not None:
+        arrays["context"] = resample_labels(d.context[bbox], shape, axis).astype(np.int16)
     meta = {
         "original_shape": list(d.label.shape),
         "original_spacing": list(d.spacing),
@@ -522,7 +553,7 @@ def _case_arrays(ds: Dataset, case: Case, schemes: Sequence[str],
         "separate_z_axis": axis,
         "classes": [int(x) for x in np.unique(label)],
         "roi_voxels": int(np.count_nonzero(roi)),
-        "channel_stats": used,
+        "channel_stats": prep.stats,
     }
     return arrays, meta
 
@@ -546,17 +577,16 @@ def preprocess_held_out_case(dataset: Dataset, case: Case, plans: dict[str, Any]
     Raises:
         DatasetError: the case's files are invalid or it has no label.
     """
-    schemes, ct_stats, use_mask = plan_normalization(plans)
     target = tuple(float(s) for s in plans["target_spacing"])
-    arrays, meta = _case_arrays(dataset, case, schemes, ct_stats, use_mask, target,
+    arrays, meta = _case_arrays(dataset, case, plan_normalization(plans), target,
                                 label_in_mask=False)
     return PreprocessedCase(case.id, arrays["image"], arrays["label"], arrays["distance"],
                             arrays.get("context"), target, meta)
 
 
 def _process_case(job: _Job) -> dict[str, Any]:
-    arrays, meta = _case_arrays(job.dataset, job.case, job.schemes, job.ct_stats, job.use_mask,
-                                job.target_spacing, label_in_mask=True)
+    arrays, meta = _case_arrays(job.dataset, job.case, job.normalization, job.target_spacing,
+                                label_in_mask=True)
     files = _case_files(job.case.id, "context" in arrays)
     for k, arr in arrays.items():
         _save_npy(job.out_dir / files[k], arr)
@@ -842,7 +872,8 @@ def _preprocess_into(ds: Dataset, out: Path, schemes: tuple[str, ...], settings:
                 raise DatasetError(f"{ds.root}: no foreground anywhere: CT normalisation needs "
                                    "foreground voxels (label > 0) in the training labels") from None
         del prints
-        jobs = [_Job(ds, c, out, schemes, tuple(ct_stats), use_mask, target) for c in ds.cases]
+        normalization = (schemes, tuple(ct_stats), use_mask)
+        jobs = [_Job(ds, c, out, normalization, target) for c in ds.cases]
         metas = _map(_process_case, jobs, pool, progress, "preprocessing")
     finally:
         if pool is not None:

@@ -25,17 +25,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from colabx.data.datasets import Case, Dataset, DatasetError
+from colabx.data.datasets import Case, Dataset
 from colabx.data.image_io import write_label_map
 from colabx.data.preprocessing import (
     FORMAT_VERSION,
-    crop_to_nonzero,
     nearest_indices,
-    normalize_image,
     plan_normalization,
-    resample_image,
+    prepare_image,
     separate_z_axis,
-    target_shape,
 )
 from colabx.inference.sliding_window import Model, sliding_window_logits
 
@@ -285,7 +282,6 @@ def predict_raw(
     if len(target) != len(spacing):
         raise ValueError(f"{paths[0]}: image has {len(spacing)} spatial axes but the plans' "
                          f"target spacing {target} has {len(target)}")
-    schemes, ct_stats, use_mask = plan_normalization(plans)
     c = _num_classes(plans) if num_classes is None else num_classes
     if plans.get("format_version", 1) < FORMAT_VERSION:
         warnings.warn(f"these plans are format {plans.get('format_version', 1)}: the model was "
@@ -294,17 +290,11 @@ def predict_raw(
                       "applies; retrain for predictions that match its training exactly",
                       RuntimeWarning, stacklevel=2)
 
-    bbox, mask = crop_to_nonzero(image)
-    cropped = image[(slice(None), *bbox)]
-    try:
-        x, _ = normalize_image(cropped, mask[bbox], schemes, ct_stats, use_mask)
-    except ValueError as e:
-        raise DatasetError(f"{paths[0]}: {e}") from e
-    x = resample_image(x, target_shape(cropped.shape[1:], spacing, target),
-                       separate_z_axis(spacing, target))
-    logits = sliding_window_logits(model, torch.from_numpy(x), patch_size, **kwargs)
-    logits = _resize_logits(logits, tuple(cropped.shape[1:]), separate_z_axis(target, spacing))
-    return RawPrediction(logits, bbox, tuple(image.shape[1:]), spacing, affine, c)
+    prep = prepare_image(image, spacing, target, plan_normalization(plans), paths[0])
+    logits = sliding_window_logits(model, torch.from_numpy(prep.image), patch_size, **kwargs)
+    cropped = tuple(s.stop - s.start for s in prep.bbox)
+    logits = _resize_logits(logits, cropped, separate_z_axis(target, spacing))
+    return RawPrediction(logits, prep.bbox, tuple(image.shape[1:]), spacing, affine, c)
 
 
 def predict_raw_case(

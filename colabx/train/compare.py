@@ -112,7 +112,7 @@ def _summaries(values: dict[tuple[str, int], dict], foreground: dict[tuple[str, 
             for m in METRIC_NAMES:
                 per_seed = [foreground[(mode, s)][post][m] for s in seeds]
                 finite = [v for v in per_seed if math.isfinite(v)]
-                row[m] = {"mean": _finite_mean(per_seed),
+                row[m] = {"mean": float(np.mean(finite)) if finite else math.nan,
                           "sd": float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan,
                           "per_seed": [float(v) for v in per_seed]}
                 if mode != "vanilla" and "vanilla" in modes:
@@ -233,12 +233,12 @@ def run_compare(base: TrainConfig, modes: Sequence[str], seeds: Sequence[int],
         mark_output_folder(out, COMPARE_MARKER, {"modes": list(modes), "seeds": list(seeds),
                                                  "options": base.to_dict()})
     dist.barrier()
-    finished = {key: out / f"{key[0]}-seed{key[1]}" for key in configs
-                if _finished(out / f"{key[0]}-seed{key[1]}")}
+    runs = {(m, s): f"{m}-seed{s}" for m, s in configs}  # run folder names
+    finished = {key: out / name for key, name in runs.items() if _finished(out / name)}
     for key, run in finished.items():
         _check_finished_options(run, configs[key])
     for (mode, seed), cfg in configs.items():
-        run = out / f"{mode}-seed{seed}"
+        run = out / runs[(mode, seed)]
         if (mode, seed) in finished:
             echo(f"compare: {run.name} finished earlier, skipped")
             continue
@@ -251,15 +251,15 @@ def run_compare(base: TrainConfig, modes: Sequence[str], seeds: Sequence[int],
     from colabx.data import load_dataset
 
     # every run trained on the same dataset: read it once
-    first = out / f"{modes[0]}-seed{seeds[0]}" / "checkpoint_final.pth"
+    first = out / runs[(modes[0], seeds[0])] / "checkpoint_final.pth"
     ds = load_dataset(load_checkpoint(first)["dataset"]["root"])
-    evaluated = {(m, s): _evaluate(out / f"{m}-seed{s}", ds) for m, s in configs}
+    evaluated = {key: _evaluate(out / name, ds) for key, name in runs.items()}
     values = {key: cases for key, (cases, _) in evaluated.items()}
     table = _summaries(values, {key: fg for key, (_, fg) in evaluated.items()}, modes, seeds)
     payload = {"modes": list(modes), "seeds": list(seeds), "options": base.to_dict(),
                "table": table,
-               "cases": {f"{m}-seed{s}": v for (m, s), v in values.items()},
-               "foreground": {f"{m}-seed{s}": fg for (m, s), (_, fg) in evaluated.items()}}
+               "cases": {runs[key]: v for key, v in values.items()},
+               "foreground": {runs[key]: fg for key, (_, fg) in evaluated.items()}}
     atomic_write_text(out / "compare.json", json.dumps(json_safe(payload), indent=1) + "\n")
     atomic_write_text(out / "compare.csv", _csv(table))
     text = _markdown(table, seeds)
