@@ -36,12 +36,13 @@ v2's order of operations (crop → normalise → resample):
    ``scipy.ndimage.zoom(..., grid_mode=True, mode="nearest")``: voxel *centres* are mapped
    (``x_in = (x_out + 0.5) * n_in / n_out - 0.5``, as ``skimage.transform.resize`` used by nnU-Net)
    and the edge is extended. Images: cubic spline (order 3), float32, clipped to the input's
-   range as skimage does. Label and context maps: **one-hot linear + argmax** — each class present
-   in the case is resampled as a 0/1 map with order 1 and every output voxel takes the class of
-   highest weight (ties → the lowest class value). This is nnU-Net's choice of order 1 on one-hot
-   maps (nnU-Net thresholds each class at 0.5 in turn; argmax is used here so that no voxel is left
-   unassigned where three classes meet), giving smooth boundaries where nearest-neighbour gives
-   staircases and shifts them by up to half a voxel; it can only produce classes present in the
+   range as skimage does. Label and context maps as nnU-Net's ``resize_segmentation``: each
+   class present in the case is resampled as a 0/1 map with order 1, and in ascending class order
+   every output voxel whose weight for the class is at least 0.5 takes it (so a tie at 0.5 goes to
+   the higher class, and thin structures halved by downsampling are kept); a voxel no class
+   reaches 0.5 in (three or more classes meeting) is 0. This gives smooth boundaries where
+   nearest-neighbour gives staircases and shifts them by up to half a voxel; it can only produce
+   the classes of the input and 0.
    input. A case whose shape does not change is not resampled (nnU-Net does the same).
    **Anisotropic data** (the case's or the target spacing's largest/smallest ratio over 3, with
    one coarsest axis: :func:`separate_z_axis`) is resampled as nnU-Net's "separate z": as above
@@ -128,7 +129,10 @@ __all__ = [
 ]
 
 #: Bumped whenever the output format or the computation changes; part of the fingerprint.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+#: The first format whose images are prepared as :func:`prepare_image` prepares them now (nnU-Net
+#: v2's resampling and masks); prediction warns for plans older than that.
+IMAGE_PIPELINE_FORMAT = 2
 PLANS_NAME = "plans.json"
 #: Marker of a folder written by :func:`preprocess_dataset` (other non-empty folders are refused).
 PREPROCESSED_MARKER = "colabx_preprocessed.json"
@@ -272,10 +276,10 @@ def resample_image(image: np.ndarray, shape: Sequence[int],
 
 def resample_labels(labels: np.ndarray, shape: Sequence[int],
                     separate_axis: int | None = None) -> np.ndarray:
-    """Resample a label map to ``shape``: one-hot per present class, order 1, argmax; with
-    ``separate_axis``, so within each slice across that axis and nearest neighbour along it.
-
-    Ties go to the lowest class value. Only classes present in ``labels`` can appear. Same dtype.
+    """Resample a label map to ``shape`` as nnU-Net's ``resize_segmentation`` at order 1: each
+    class's 0/1 map linearly, and in ascending class order every voxel whose weight is at least
+    0.5 takes the class; voxels no class reaches 0.5 in are 0. With ``separate_axis``, so within
+    each slice across that axis and nearest neighbour along it. Same dtype.
     """
     shape = tuple(int(n) for n in shape)
     if tuple(labels.shape) == shape:
@@ -283,15 +287,12 @@ def resample_labels(labels: np.ndarray, shape: Sequence[int],
     if separate_axis is not None:
         return _separately(labels, shape, separate_axis, resample_labels)
     classes = np.unique(labels)
-    out = np.full(shape, classes[0], dtype=labels.dtype)
     if len(classes) == 1:
-        return out
-    best = _zoom((labels == classes[0]).astype(np.float32), shape, 1)
-    for c in classes[1:]:
-        w = _zoom((labels == c).astype(np.float32), shape, 1)
-        better = w > best
-        out[better] = c
-        np.maximum(best, w, out=best)
+        return np.full(shape, classes[0], dtype=labels.dtype)
+    out = np.zeros(shape, dtype=labels.dtype)
+    for c in classes:
+        if c != 0:
+            out[_zoom((labels == c).astype(np.float32), shape, 1) >= 0.5] = c
     return out
 
 
@@ -900,7 +901,8 @@ def _preprocess_into(ds: Dataset, out: Path, schemes: tuple[str, ...], settings:
         "resampling": {
             "image": "scipy.ndimage.zoom order 3, grid_mode=True, mode='nearest', clipped to "
                      "the input's range",
-            "label": "one-hot per class, order 1, argmax (ties: lowest class)",
+            "label": "one-hot per class, order 1, each class where >= 0.5 in ascending order, "
+                     "else 0 (nnU-Net's resize_segmentation)",
             "separate_z": "spacing or target anisotropic (> 3): within slices as above, "
                           "nearest neighbour across them",
             "shape": "round(shape * spacing / target_spacing)",

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from colabx.data.datasets import Case, Dataset
 from colabx.data.image_io import write_label_map
 from colabx.data.preprocessing import (
-    FORMAT_VERSION,
+    IMAGE_PIPELINE_FORMAT,
     nearest_indices,
     plan_normalization,
     prepare_image,
@@ -283,7 +283,7 @@ def predict_raw(
         raise ValueError(f"{paths[0]}: image has {len(spacing)} spatial axes but the plans' "
                          f"target spacing {target} has {len(target)}")
     c = _num_classes(plans) if num_classes is None else num_classes
-    if plans.get("format_version", 1) < FORMAT_VERSION:
+    if plans.get("format_version", 1) < IMAGE_PIPELINE_FORMAT:
         warnings.warn(f"these plans are format {plans.get('format_version', 1)}: the model was "
                       "trained before colabx preprocessed as nnU-Net v2 does (separate-z and "
                       "clipped resampling, hole-filled nonzero mask), which prediction now "
