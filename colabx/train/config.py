@@ -133,12 +133,15 @@ class TrainConfig:
                          lo_open=True, group="method")
     # -- network --------------------------------------------------------------------------------
     patch_size: list[int] | None = _opt(
-        None, "training patch size (array axis order); default: the preset's", group="network")
+        None, "training patch size (array axis order); default: the median resampled image, at "
+        "most 128^3 voxels on CUDA and 64^3 on the CPU (the phantom: its preset's); the paper "
+        "trains 80 80 80", group="network")
     base_features: int = _opt(30, "U-Net features of the first stage", lo=1, group="network")
     max_features: int | None = _opt(None, "U-Net feature cap (default 320 3D / 480 2D)", lo=1,
                                     group="network")
     num_pool: int | None = _opt(
-        None, "U-Net downsamplings (default: as many as the patch allows, at most 5)", lo=1,
+        None, "U-Net downsamplings (default: as many as the patch allows, at most 5; the paper's "
+        "80^3 patches use 4)", lo=1,
         hi=8, group="network")
     deep_supervision: bool = _opt(True, "deep-supervision heads and loss", group="network")
     # -- optimisation ---------------------------------------------------------------------------
