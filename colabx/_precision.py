@@ -7,11 +7,18 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 
-__all__ = ["AMP_DTYPES", "accumulation_dtype", "no_tf32", "tf32_unless"]
+__all__ = ["AMP_DTYPES", "accumulation_dtype", "no_tf32", "resolve_amp", "tf32_unless"]
 
 #: The autocast dtype of each mixed-precision choice (``--amp``, ``--meta-amp``): None for none.
 AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16,
                                              "fp16": torch.float16}
+
+
+def resolve_amp(choice: str, device: torch.device) -> str:
+    """``--amp``'s ``auto``: bf16 on CUDA, none elsewhere; any other choice as given."""
+    if choice != "auto":
+        return choice
+    return "bf16" if device.type == "cuda" else "none"
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -17,6 +17,7 @@ def test_bench_meta_quick_times_every_row(tmp_path, capsys):
                  str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["setup"]["difference"] == "one_sided"  # auto, without autocast
+    assert data["setup"]["amp"] == "none"  # auto: as colabx train, none on the CPU
     ms = {k: v["median_ms"] for k, v in data["timings"].items()}
     assert set(ms) == {"vanilla", "colab plain", "colab meta (reference order)",
                        "colab meta (shared order)", "colab meta (published iteration)",
@@ -89,3 +90,14 @@ def test_bench_meta_meta_amp(tmp_path, capsys):
     assert all(math.isfinite(v["median_ms"]) for v in data["timings"].values())
     with pytest.raises(SystemExit):
         main(["bench", "meta", "--quick", "--amp", "fp16", "--meta-amp", "bf16"])
+
+
+def test_amp_auto_resolves_as_colabx_train():
+    """``--amp auto`` (bench meta's default, and train's) is bf16 on CUDA, none on the CPU."""
+    import torch
+
+    from colabx._precision import resolve_amp
+
+    assert resolve_amp("auto", torch.device("cuda", 1)) == "bf16"
+    assert resolve_amp("auto", torch.device("cpu")) == "none"
+    assert resolve_amp("fp16", torch.device("cuda")) == "fp16"

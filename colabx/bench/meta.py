@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from colabx import distance_transform
-from colabx._precision import AMP_DTYPES
+from colabx._precision import AMP_DTYPES, resolve_amp
 from colabx.bench.harness import machine_info, time_interleaved, write_json
 from colabx.device import optimizer_options
 from colabx.method.meta_step import DIFFERENCES, MetaConfig, MetaStep
@@ -232,9 +232,10 @@ def main(argv: list[str] | None = None, prog: str = "colabx bench meta") -> dict
                     "one_sided, or auto (default), as colabx train: one_sided without --amp, "
                     "central with it. With one_sided the published iteration (reference order, "
                     "central difference) is timed too")
-    ap.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+    ap.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto",
                     help="autocast the network forwards (colabx and the restructured step; "
-                    "the reference-style step stays fp32 as the published code; default none)")
+                    "the reference-style step stays fp32 as the published code): auto "
+                    "(default) as colabx train, bf16 on CUDA and none on the CPU")
     ap.add_argument("--meta-amp", choices=("amp", "none", "bf16"), default="amp",
                     help="precision of the generator and L_ROI passes in colabx's rows, as "
                     "colabx train --meta-amp: as --amp (default), none, or bf16 (the published "
@@ -257,6 +258,7 @@ def main(argv: list[str] | None = None, prog: str = "colabx bench meta") -> dict
         ap.error("--period must be >= 1")
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
+    args.amp = resolve_amp(args.amp, device)
     amp_dtype = AMP_DTYPES[args.amp]
     if amp_dtype is not None and args.difference == "one_sided":
         ap.error("--difference one_sided needs the inner forward in fp32: use --amp none")

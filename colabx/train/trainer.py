@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from colabx._io import remove_stale_temporaries
-from colabx._precision import AMP_DTYPES
+from colabx._precision import AMP_DTYPES, resolve_amp
 from colabx.checkpoint import (
     capture_rng,
     load_checkpoint,
@@ -184,7 +184,7 @@ class Trainer:
         if dev.type == "cuda" and self.dist.enabled:
             dev = torch.device("cuda", self.dist.local_rank)
         self.device = dev
-        amp = cfg.amp if cfg.amp != "auto" else ("bf16" if self.device.type == "cuda" else "none")
+        amp = resolve_amp(cfg.amp, dev)
         if amp != "none" and self.device.type != "cuda":
             raise ValueError(f"amp: {amp} mixed precision needs a CUDA device")
         if amp != "none" and cfg.mode == "colab" and cfg.meta_difference == "one_sided":
