@@ -139,14 +139,20 @@ def check_output_folder(folder: str | os.PathLike[str], marker: str, what: str, 
 
 
 def mark_output_folder(folder: str | os.PathLike[str], marker: str,
-                       info: dict[str, Any] | None = None) -> bool:
-    """Create ``folder`` if needed and write ``marker`` (JSON of ``info``) into it.
+                       info: dict[str, Any] | None = None) -> Path | None:
+    """Create ``folder`` (and missing parents) if needed and write ``marker`` (JSON of ``info``)
+    into it.
 
     Returns:
-        True when the folder did not exist before (the caller may remove it again on failure).
+        The outermost folder this call created (``folder`` or one of its parents), for the
+        caller to remove again on failure; None when ``folder`` existed.
     """
     out = Path(folder)
-    created = not out.exists()
+    created = None
+    for p in (out, *out.absolute().parents):
+        if p.exists():
+            break
+        created = p
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / marker, json.dumps(info or {}, indent=1) + "\n")
     return created

@@ -580,6 +580,10 @@ def test_a_failing_first_run_leaves_no_folder(tmp_path):
     with pytest.raises(DatasetError, match="case_002"):
         _run(tmp_path / "ds", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    # nor the parent folders it created
+    with pytest.raises(DatasetError, match="case_002"):
+        _run(tmp_path / "ds", tmp_path / "new" / "deeper" / "out")
+    assert not (tmp_path / "new").exists()
     # an earlier run's folder stays (without plans.json: invalid until written anew)
     (tmp_path / "ds" / "labelsTr" / "case_002.nii.gz").unlink()
     make_ds(tmp_path / "ds")

@@ -175,6 +175,8 @@ def test_a_case_failing_midway_leaves_nothing_half_done(trained, tmp_path, capsy
     assert _predict(run, inputs, tmp_path / "new") == 2
     assert "b_0000.nii.gz" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()  # case a had been written: it goes with the folder
+    assert _predict(run, inputs, tmp_path / "made" / "for" / "it") == 2
+    assert not (tmp_path / "made").exists()  # so do the parent folders it created
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("kept")

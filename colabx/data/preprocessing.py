@@ -842,8 +842,8 @@ def preprocess_dataset(
         return _preprocess_into(ds, out, schemes, settings, fingerprint, spacings, median,
                                 chosen, num_workers, progress)
     except BaseException:
-        if created:  # a failed first run leaves no folder behind
-            shutil.rmtree(out, ignore_errors=True)
+        if created is not None:  # a failed first run leaves no folder behind
+            shutil.rmtree(created, ignore_errors=True)
         raise
 
 

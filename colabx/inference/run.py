@@ -234,8 +234,8 @@ def predict_folder(run: str | os.PathLike[str], input_dir: str | os.PathLike[str
             written.append(save_prediction(label, images[0], out / f"{cid}{ending}"))
     except BaseException:
         # nothing half-done stays: a folder this call created goes, else what it wrote
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
         else:
             for path in written + extras:
                 path.unlink(missing_ok=True)
