@@ -99,3 +99,20 @@ def test_the_extension_names_the_architectures_it_was_built_for():
     archs = ext.cuda_architectures.split(",") if ext.cuda_architectures else []
     assert bool(archs) == ext.built_with_cuda
     assert all(a.split("-")[0].isdigit() for a in archs)
+
+
+def test_sizes_past_the_cuda_limits_go_to_the_twins(monkeypatch, fresh_warnings):
+    """A batch over 65535 (the kernels run items along gridDim.y) or an EDT axis past the
+    kernels' limits runs the twin instead of failing at launch; the limits come from the
+    extension, which reports them in every build."""
+    from colabx.ops import distance_transform as edt_op
+
+    monkeypatch.setattr(_backend, "_cuda_unavailable_reason", lambda device: None)
+    for b, expected in ((65535, True), (65536, False)):
+        assert dce_op._kernels_for(_fake_cuda((b, 3, 4, 4)), 3, 2) is expected
+        assert bce_op._kernels_for(_fake_cuda((b, 3, 4, 4)), 3) is expected
+        assert ctx_op._kernels_for(_fake_cuda((b, 2, 4, 4)), [1, 1, 1], 2) is expected
+    for spatial, expected in (((65535, 8), True), ((65536, 8), False), ((8, 2**28), True),
+                              ((8, 2**28 + 1), False), ((65535, 4, 4), True),
+                              ((4, 65536, 4), False), ((65536, 4, 4), False)):
+        assert edt_op._cuda_kernels_for(_fake_cuda((1, *spatial))) is expected, spatial

@@ -34,7 +34,7 @@ def _kernels_for(t: Tensor, k: int, n_levels: int = 1) -> bool:
     if t.device.type == "cpu":
         return True
     return (t.device.type == "cuda" and _backend.use_cuda_kernels(t, _OP)
-            and bool(_backend.ext().dice_ce_loss_cuda_supported(k, n_levels)))
+            and bool(_backend.ext().dice_ce_loss_cuda_supported(k, n_levels, t.shape[0])))
 
 
 def _levels_meta(logits: list[Tensor]) -> tuple[int, int, list[int]]:

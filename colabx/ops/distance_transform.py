@@ -2,7 +2,8 @@
 optional signed.
 
 The kernels (``colabx._C``) run the separable lower-envelope-of-parabolas algorithm
-(Felzenszwalb–Huttenlocher); on CUDA tensors without colabx's CUDA kernels the pure-PyTorch twin
+(Felzenszwalb–Huttenlocher); on CUDA tensors without colabx's CUDA kernels for their device, or
+with an axis past their limits (``_C.distance_transform_cuda_supported``), the pure-PyTorch twin
 (:mod:`colabx.twins.distance_transform`) runs instead. The op is not differentiable.
 """
 
@@ -87,7 +88,7 @@ def compute_distance_transform(
             bool(signed), _backend.num_threads(),
         )
         return out
-    if m.device.type == "cuda" and _backend.use_cuda_kernels(m, "distance_transform"):
+    if _cuda_kernels_for(m):
         _C = _backend.ext()
         strided = spatial[:-1]
         workspace = None
@@ -99,6 +100,13 @@ def compute_distance_transform(
         )
         return out
     return _ref.distance_transform(m, sp, signed)
+
+
+def _cuda_kernels_for(m: torch.Tensor) -> bool:
+    """Whether the CUDA kernels take this mask (CUDA tensor, kernels built for its device, axes
+    within their limits); else the twin runs."""
+    return (m.device.type == "cuda" and _backend.use_cuda_kernels(m, "distance_transform")
+            and bool(_backend.ext().distance_transform_cuda_supported(list(m.shape[1:]))))
 
 
 @torch.library.custom_op("colabx::distance_transform", mutates_args=())

@@ -33,7 +33,7 @@ def _kernels_for(t: Tensor, k: int) -> bool:
     if t.device.type == "cpu":
         return True
     return (t.device.type == "cuda" and _backend.use_cuda_kernels(t, _OP)
-            and bool(_backend.ext().roi_bce_loss_cuda_supported(k)))
+            and bool(_backend.ext().roi_bce_loss_cuda_supported(k, t.shape[0])))
 
 
 def _forward_kernels(logits: Tensor, labels: Tensor, roi_channels: List[int]) -> Tensor:

@@ -15,8 +15,9 @@ void register_dice_ce_loss(py::module_& m) {
   m.def("dice_ce_loss_backward_cpu", &dice_ce_loss_backward_cpu, nogil,
         "Backward: grads w.r.t. logits and soft targets from saved stats and grad_out.");
   // The CUDA kernels' limits and workspace sizes, in every build (Python asks before routing).
-  m.def("dice_ce_loss_cuda_supported", &cuda::dice_ce_loss_supported,
-        "Whether the CUDA kernels take K channels over the given number of levels.");
+  m.def("dice_ce_loss_cuda_supported", &cuda::dice_ce_loss_supported, py::arg("K"),
+        py::arg("levels"), py::arg("B"),
+        "Whether the CUDA kernels take B items of K channels over the given number of levels.");
   m.def("dice_ce_loss_cuda_workspace_size", &cuda::dice_ce_loss_workspace_size,
         "float64 entries of the CUDA forward's workspace for (B, K, voxels per level).");
 #if defined(COLABX_WITH_CUDA)

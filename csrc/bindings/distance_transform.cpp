@@ -3,10 +3,7 @@
 
 #include "bindings/registry.h"
 #include "common/distance_transform.h"
-
-#if defined(COLABX_WITH_CUDA)
 #include "cuda/distance_transform.h"
-#endif
 
 namespace py = pybind11;
 
@@ -18,6 +15,8 @@ void register_distance_transform(py::module_& m) {
         py::call_guard<py::gil_scoped_release>(),
         "Exact EDT of a contiguous uint8 mask [batch, *spatial] into float32 out (signed: needs "
         "a float32 scratch of the same size).");
+  m.def("distance_transform_cuda_supported", &cuda::edt_cuda_supported, py::arg("spatial"),
+        "Whether the CUDA EDT takes a mask of these spatial sizes (in every build).");
 #if defined(COLABX_WITH_CUDA)
   m.def("distance_transform_forward_cuda", &cuda::distance_transform_forward_cuda,
         py::arg("mask"), py::arg("out"), py::arg("scratch"), py::arg("workspace"),

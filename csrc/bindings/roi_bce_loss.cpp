@@ -14,8 +14,8 @@ void register_roi_bce_loss(py::module_& m) {
   m.def("roi_bce_loss_backward_cpu", &roi_bce_loss_backward_cpu, nogil,
         "ROI one-vs-all BCE backward (grad w.r.t. logits).");
   // The CUDA kernels' limits and workspace size, in every build (Python asks before routing).
-  m.def("roi_bce_loss_cuda_supported", &cuda::roi_bce_loss_supported,
-        "Whether the ROI BCE CUDA kernels take K channels.");
+  m.def("roi_bce_loss_cuda_supported", &cuda::roi_bce_loss_supported, py::arg("K"), py::arg("B"),
+        "Whether the ROI BCE CUDA kernels take B items of K channels.");
   m.def("roi_bce_loss_cuda_workspace_size", &cuda::roi_bce_loss_workspace_size,
         "float64 entries of the ROI BCE CUDA forward's workspace for (B, voxels).");
 #if defined(COLABX_WITH_CUDA)

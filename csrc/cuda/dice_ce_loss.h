@@ -15,6 +15,8 @@ constexpr int kDcePartialVoxels = 256;
 constexpr int kDceMaxK = 16;
 // Most deep-supervision levels one CUDA call takes.
 constexpr int kDceMaxLevels = 16;
+// Most items one CUDA call takes: the kernels run the batch along gridDim.y.
+constexpr int64_t kDceMaxBatch = 65535;
 
 // Forward partials per item of V voxels: one per block, and no block covers fewer voxels.
 inline int64_t partial_slots(int64_t V) { return (V + kDcePartialVoxels - 1) / kDcePartialVoxels; }
@@ -27,9 +29,10 @@ inline int64_t dice_ce_loss_workspace_size(int64_t B, int64_t K, const std::vect
   return (slots + static_cast<int64_t>(V.size()) * B) * (3 * K + 1);
 }
 
-// Whether the CUDA kernels take K channels over `levels` levels (else Python runs the twin).
-inline bool dice_ce_loss_supported(int64_t K, int64_t levels) {
-  return K >= 2 && K <= kDceMaxK && levels >= 1 && levels <= kDceMaxLevels;
+// Whether the CUDA kernels take B items of K channels over `levels` levels (else Python runs
+// the twin).
+inline bool dice_ce_loss_supported(int64_t K, int64_t levels, int64_t B) {
+  return K >= 2 && K <= kDceMaxK && levels >= 1 && levels <= kDceMaxLevels && B <= kDceMaxBatch;
 }
 }  // namespace cuda
 

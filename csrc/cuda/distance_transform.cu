@@ -38,7 +38,6 @@ namespace {
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kBig = 1 << 30;   // "no feature on this side" sentinel for row positions
 constexpr int kFar = 1 << 29;   // gaps at least this large mean "none"
-constexpr int kMaxRow = 1 << 28;
 
 // Inclusive warp scans over the lanes: max over lanes 0..lane, min over lanes lane..31.
 __device__ __forceinline__ int warp_prefix_max(int val, int lane) {
@@ -354,8 +353,9 @@ void distance_transform_forward_cuda(uintptr_t mask_addr, uintptr_t out_addr,
   const edt::Geometry g = edt::make_geometry(batch, spatial, spacing, signed_, scratch_addr);
   if (g.empty()) return;
   const int64_t D = g.D, H = g.H, W = g.W;
-  if (W > kMaxRow || H > 65535 || D > 65535)
-    throw std::invalid_argument("distance_transform: axis too long for the CUDA kernels");
+  if (!edt_cuda_supported(spatial))
+    throw std::invalid_argument("distance_transform: axis too long for the CUDA kernels "
+                                "(distance_transform_cuda_supported is false)");
   const bool three_d = g.three_d;
   const float* sp = g.sp;
 

@@ -13,8 +13,10 @@ namespace cuda {
 // float64 entries of the forward's workspace: one partial per block and item.
 inline int64_t roi_bce_loss_workspace_size(int64_t B, int64_t V) { return B * partial_slots(V); }
 
-// Whether the CUDA kernels take K channels (else Python runs the twin).
-inline bool roi_bce_loss_supported(int64_t K) { return K >= 2 && K <= kDceMaxK; }
+// Whether the CUDA kernels take B items of K channels (else Python runs the twin).
+inline bool roi_bce_loss_supported(int64_t K, int64_t B) {
+  return K >= 2 && K <= kDceMaxK && B <= kDceMaxBatch;
+}
 }  // namespace cuda
 
 // workspace: float64, cuda::roi_bce_loss_workspace_size(B, V) entries.
