@@ -264,6 +264,19 @@ def test_error_wrong_file_ending_on_disk(tmp_path):
         load_dataset(root)
 
 
+def test_files_that_are_no_image_are_left_out(tmp_path):
+    """Notes, spreadsheets and the like beside the cases are ignored, as nnU-Net ignores files
+    without the dataset's ending; the cases are found as without them."""
+    root = tmp_path / "ds"
+    make_nnunet(root)
+    before = load_dataset(root)
+    for sub in ("imagesTr", "labelsTr"):
+        (root / sub / "notes.txt").write_text("scanner protocol")
+        (root / sub / "volumes.csv").write_text("case,ml\n")
+    after = load_dataset(root)
+    assert [c.id for c in after.cases] == [c.id for c in before.cases]
+
+
 def test_error_wrong_file_ending_label(tmp_path):
     root = tmp_path / "ds"
     make_nnunet(root)
@@ -612,7 +625,7 @@ def test_error_msd_3d_image_for_two_channels(tmp_path):
     make_msd(root, n_channels=1)
     _edit_json(root, modality={"0": "a", "1": "b"})
     with _raises(r"brain_000\.nii\.gz: image of case 'brain_000' is 3D \(one channel\) but "
-                 r"dataset\.json declares 2 channels"):
+                 r"dataset\.json declares 2 channel\(s\)"):
         load_dataset(root).load_case("brain_000")
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from colabx.data.datasets import DatasetError
 from colabx.data.preprocessing import preprocess_dataset
 from colabx.inference import (
     evaluate_case,
@@ -335,6 +336,18 @@ def test_raw_round_trip_identity(tmp_path):
                                             "before colabx preprocessed as nnU-Net v2 does"):
         again, _ = predict_raw_case(_oracle(old, inten), images, old, (16, 16, 8))
     np.testing.assert_array_equal(again, label)
+
+
+def test_raw_prediction_names_the_models_channel_count(tmp_path):
+    """An input with the wrong number of channels: the message names the case without its file
+    ending and the model (prediction has no dataset.json) as what declares the channels."""
+    spacing, inten = (0.8, 1.0, 2.5), (200.0, 100.0, 300.0)
+    _dataset(tmp_path / "raw", spacing, "CT", inten)
+    pre = preprocess_dataset(tmp_path / "raw", tmp_path / "pre", progress=False)
+    images = [tmp_path / "raw/imagesTr/case_0000.nii.gz"] * 2
+    with pytest.raises(DatasetError, match=r"image of case 'case_0000' has 2 channel files but "
+                                           r"the model was trained with 1 channel\(s\)"):
+        predict_raw_case(_oracle(pre.plans, inten), images, pre.plans, (16, 16, 8))
 
 
 def test_raw_round_trip_anisotropic(tmp_path):

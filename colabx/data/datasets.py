@@ -135,6 +135,12 @@ class Dataset:
         return len(self.channel_names)
 
     @property
+    def _channels_source(self) -> str:
+        """Who declares the channels, for error messages: dataset.json, or (for the reader
+        prediction builds from a model's plans, which has no dataset.json) the model."""
+        return "dataset.json declares" if self.json else "the model was trained with"
+
+    @property
     def label_values(self) -> frozenset[int]:
         """Integer values allowed in label maps."""
         return frozenset(self.labels.values())
@@ -170,7 +176,7 @@ class Dataset:
             if v.data.shape[3] != c:
                 raise DatasetError(
                     f"{v.path}: image has {v.data.shape[3]} channels (4D shape "
-                    f"{v.data.shape}) but dataset.json declares {c}: "
+                    f"{v.data.shape}) but {self._channels_source} {c}: "
                     f"{', '.join(self.channel_names)}"
                 )
             channels = [np.asarray(v.data[..., i], dtype=np.float32) for i in range(c)]
@@ -180,8 +186,8 @@ class Dataset:
                 kind = (f"is {vols[0].data.ndim}D (one channel)" if len(vols) == 1
                         else f"has {len(vols)} channel files")
                 raise DatasetError(
-                    f"{case.images[0]}: image of case {case.id!r} {kind} but dataset.json "
-                    f"declares {c} channels"
+                    f"{case.images[0]}: image of case {case.id!r} {kind} but "
+                    f"{self._channels_source} {c} channel(s)"
                 )
             for v in vols:
                 if v.data.ndim not in (2, 3):
@@ -410,17 +416,18 @@ def scan_images(folder: Path, ending: str, n_channels: int,
     """Group ``{case}_{XXXX}{ending}`` files of ``folder`` by case, checking channels
     (``declared_by`` says, in error messages, where the channel count comes from).
 
-    ``whole_files`` (a folder of images to predict): a file whose name has no 4-digit channel
-    suffix is one whole case (MSD-named, ``{case}{ending}``: a 3D image of one channel, or a 4D
-    image holding the channels, checked when it is read) instead of an error, and files that are
-    no image (a README, a CSV) are left out, as nnU-Net's prediction does; an image of another
-    ending is still an error."""
+    Files that are no image (a README, a CSV, notes) are left out, as nnU-Net leaves out files
+    without the dataset's ending; an image of another ending is an error (nnU-Net would skip the
+    case silently). ``whole_files`` (a folder of images to predict): a file whose name has no
+    4-digit channel suffix is one whole case (MSD-named, ``{case}{ending}``: a 3D image of one
+    channel, or a 4D image holding the channels, checked when it is read) instead of an
+    error."""
     groups: dict[str, dict[int, Path]] = {}
     whole: dict[str, tuple[Path, ...]] = {}
     for p in sorted(folder.iterdir()):
         if p.name.startswith(".") or p.is_dir():
             continue
-        if whole_files and image_ending(p) is None:
+        if image_ending(p) is None:
             continue
         if not p.name.endswith(ending):
             expected = f"expected {ending!r}" if whole_files else \
@@ -457,9 +464,10 @@ def scan_images(folder: Path, ending: str, n_channels: int,
 
 
 def _scan_labels(folder: Path, ending: str, what: str) -> dict[str, Path]:
+    """``{case}{ending}`` files of ``folder`` by case; files that are no image are left out."""
     out: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or p.is_dir():
+        if p.name.startswith(".") or p.is_dir() or image_ending(p) is None:
             continue
         _check_ending(p, ending, what)
         out[p.name[: -len(ending)]] = p

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from colabx.data.datasets import Case, Dataset
-from colabx.data.image_io import write_label_map
+from colabx.data.image_io import image_ending, write_label_map
 from colabx.data.preprocessing import (
     IMAGE_PIPELINE_FORMAT,
     nearest_indices,
@@ -277,7 +277,9 @@ def predict_raw(
     if not paths:
         raise ValueError("images must name at least one image file")
     reader = _reader(plans)
-    image, spacing, affine = reader.load_image(Case(paths[0].name, paths))
+    name = paths[0].name
+    name = name[: len(name) - len(image_ending(name) or "")]
+    image, spacing, affine = reader.load_image(Case(name, paths))
     target = tuple(float(s) for s in plans["target_spacing"])
     if len(target) != len(spacing):
         raise ValueError(f"{paths[0]}: image has {len(spacing)} spatial axes but the plans' "
