@@ -513,8 +513,9 @@ def test_error_spacing_mismatch(tmp_path):
     root = tmp_path / "ds"
     make_nnunet(root, n_channels=1)
     lbl = np.zeros(SHAPE, np.uint8)
-    _save(root / "labelsTr" / "case_000.nii.gz", lbl, _affine(spacing=(0.8, 0.9, 2.501)))
-    with _raises(r"labelsTr/case_000\.nii\.gz: label spacing .* differs from .* by 0\.001 mm"):
+    _save(root / "labelsTr" / "case_000.nii.gz", lbl, _affine(spacing=(0.8, 0.9, 2.51)))
+    with _raises(r"labelsTr/case_000\.nii\.gz: label spacing .* differs from .* by 0\.01 mm "
+                 r"\(tolerance 0\.008 mm, 1% of a voxel\)"):
         load_dataset(root).load_case("case_000")
 
 
@@ -537,6 +538,14 @@ def test_geometry_within_tolerance_is_accepted(tmp_path):
     np.testing.assert_array_equal(case.label, lbl)
     np.testing.assert_array_equal(case.image, written["case_000"][0])
     np.testing.assert_allclose(case.spacing, SPACING, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(case.affine, _affine(), atol=1e-6)
+    # 5e-4 mm of drift (a label saved by an annotation tool): under 1 % of the 0.8 mm voxel, so
+    # a warning naming the files, and the label on the image's grid
+    _save(root / "labelsTr" / "case_000.nii.gz", lbl, _affine(origin=(10.0, -5.0, 3.0005)))
+    with pytest.warns(RuntimeWarning, match=r"case_000\.nii\.gz: label geometry differs from "
+                      r".*case_000_0000\.nii\.gz by 0\.0005 mm, under 1% of a voxel"):
+        case = load_dataset(root).load_case("case_000")
+    np.testing.assert_array_equal(case.label, lbl)
     np.testing.assert_allclose(case.affine, _affine(), atol=1e-6)
 
 

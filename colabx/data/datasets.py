@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,8 +60,12 @@ __all__ = [
     "scan_images",
 ]
 
-#: Largest difference (mm) tolerated between two files' spacing or affine entries.
+#: Differences (mm) between two files' spacing or affine entries up to this pass silently.
 GEOMETRY_TOLERANCE_MM = 1e-4
+#: Larger differences up to this fraction of the smallest voxel spacing warn and the files are
+#: taken as one grid (annotation tools often save labels with such drift; nnU-Net only warns
+#: about affines); beyond it they are an error.
+GEOMETRY_WARN_VOXELS = 0.01
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -256,22 +261,30 @@ class Dataset:
 
 
 def check_same_grid(ref: Volume, other: Volume, what: str) -> None:
-    """Raise unless ``other`` has ``ref``'s shape, spacing and affine (within 1e-4 mm)."""
+    """Raise unless ``other`` has ``ref``'s shape, and its spacing and affine within
+    :data:`GEOMETRY_WARN_VOXELS` of ``ref``'s smallest voxel spacing; warn for differences over
+    :data:`GEOMETRY_TOLERANCE_MM` that are within it."""
     rs, os_ = ref.data.shape[:3], other.data.shape[:3]
     if rs != os_:
         raise DatasetError(f"{other.path}: {what} shape {os_} differs from {ref.path} shape {rs}")
+    limit = max(GEOMETRY_TOLERANCE_MM, GEOMETRY_WARN_VOXELS * min(ref.spacing))
+    tolerance = f"tolerance {limit:.3g} mm, {GEOMETRY_WARN_VOXELS:.0%} of a voxel"
     ds = np.abs(np.subtract(ref.spacing, other.spacing)).max()
-    if ds > GEOMETRY_TOLERANCE_MM:
+    if ds > limit:
         raise DatasetError(
             f"{other.path}: {what} spacing {other.spacing} differs from {ref.path} spacing "
-            f"{ref.spacing} by {ds:.3g} mm (tolerance {GEOMETRY_TOLERANCE_MM} mm)"
+            f"{ref.spacing} by {ds:.3g} mm ({tolerance})"
         )
     da = np.abs(ref.affine - other.affine).max()
-    if da > GEOMETRY_TOLERANCE_MM:
+    if da > limit:
         raise DatasetError(
             f"{other.path}: {what} affine differs from {ref.path} affine by {da:.3g} mm "
-            f"(tolerance {GEOMETRY_TOLERANCE_MM} mm); origin/orientation mismatch"
+            f"({tolerance}); origin/orientation mismatch"
         )
+    if max(ds, da) > GEOMETRY_TOLERANCE_MM:
+        warnings.warn(f"{other.path}: {what} geometry differs from {ref.path} by "
+                      f"{max(ds, da):.3g} mm, under {GEOMETRY_WARN_VOXELS:.0%} of a voxel: "
+                      "taken as the same grid", RuntimeWarning, stacklevel=2)
 
 
 # -- dataset.json ---------------------------------------------------------------------------------
