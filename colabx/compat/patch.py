@@ -46,15 +46,20 @@ def apply_to_reference(common: ModuleType | None = None,
     cpu_convolutions : bool, optional
         Also run the calling thread's 3D convolutions of float32 CPU tensors on oneDNN from now
         on (:func:`colabx.models.enable_onednn_convolutions`): the reference's per-sample passes
-        are batch 1, which PyTorch otherwise sends to its slow unfold + GEMM kernel. Default:
-        on when torch sees no CUDA device (a CPU run), off otherwise (the mode would add a
-        Python call to every torch call of a GPU run and change nothing).
+        are batch 1, which PyTorch otherwise sends to its slow unfold + GEMM kernel. The routing
+        is a torch function mode that stays on in the calling thread (until
+        :func:`colabx.models.disable_onednn_convolutions`); it also runs InstanceNorm without
+        running statistics as GroupNorm with one group per channel (the same statistics, float32
+        rounding apart: about 2e-7 on the outputs). Default: on when torch sees no CUDA device
+        (a CPU run), off otherwise (the mode would add a Python call to every torch call of a
+        GPU run and change nothing).
 
     Returns
     -------
     list of str
         The replaced attributes, as ``"module.name"``, then ``"torch.conv3d"`` and
-        ``"torch.conv_transpose3d"`` when the convolutions were routed.
+        ``"torch.conv_transpose3d"`` when the convolutions were routed (InstanceNorm is then
+        rerouted too, see ``cpu_convolutions``).
 
     Raises
     ------

@@ -155,7 +155,12 @@ def train(sampling_results: Sequence, sampling_results_val, model: torch.nn.Modu
     comparison with ``calculate_loss_origin`` is not logged; ``sampling_results_val``,
     ``criterion`` and ``bratsflag`` are unused, as in the reference. Deep-supervision levels
     have strides 2^k on every axis, as the reference's pooling of the generator output assumes
-    (patches whose network pools anisotropically fail there and here). Each case's distance
+    (patches whose network pools anisotropically fail there and here). ROI voxels keep their
+    label (mask 1) at every level, also without deep supervision, where the reference's
+    ``calculate_loss`` blends an ROI voxel whose distance exceeds ``threshold_sub`` with
+    background (its deep-supervision branch forces the mask to 1 there, as colabx does); with
+    the reference sampler's distance maps (0 or negative inside the ROI) that never happens.
+    Each case's distance
     map is the sampler's work: :func:`colabx.compat.cache_distance_maps` makes it once per run.
 
     Returns the epoch's :class:`~colabx.compat.twins.EpochMeters` (the reference returns
