@@ -201,9 +201,9 @@ def test_check_foreground_counts(tmp_path):
 def test_image_smaller_than_patch_is_fine(tmp_path):
     root = tmp_path / "ds"
     make_nnunet(root, n_cases=1, n_channels=1)
-    _save(root / "imagesTr" / "case_000_0000.nii.gz", np.ones((2, 2, 1), np.float32))
-    _save(root / "labelsTr" / "case_000.nii.gz", np.ones((2, 2, 1), np.uint8))
-    assert load_dataset(root).load_case("case_000").image.shape[1:] == (2, 2, 1)
+    _save(root / "imagesTr" / "case_000_0000.nii.gz", np.ones((2, 2, 3), np.float32))
+    _save(root / "labelsTr" / "case_000.nii.gz", np.ones((2, 2, 3), np.uint8))
+    assert load_dataset(root).load_case("case_000").image.shape[1:] == (2, 2, 3)
 
 
 # -- dataset.json errors ---------------------------------------------------------------------------
@@ -663,4 +663,34 @@ def test_labels_ts_read_and_missing_one_refused(tmp_path):
     np.testing.assert_array_equal(ds.load_case("test_000").label, np.ones(SHAPE))
     (root / "labelsTs" / "test_000.nii.gz").rename(root / "labelsTs" / "other.nii.gz")
     with _raises(r"labelsTs/test_000\.nii\.gz: label file is missing"):
+        load_dataset(root)
+
+
+def test_one_slice_3d_files_are_read_as_2d(tmp_path):
+    """Images of size 1 along one axis in every training case (nnU-Net's 2D layout) are 2D
+    data: that axis and its spacing are dropped on reading, for images, labels and context
+    maps; an image to read that is not one slice there is an error naming it; size 1 along two
+    axes is refused."""
+    root = tmp_path / "ds"
+    written = make_nnunet(root, n_channels=1, context=True)
+    for cid, (image, label, ctx) in written.items():
+        _save(root / "imagesTr" / f"{cid}_0000.nii.gz", image[0][:, 4:5])
+        _save(root / "labelsTr" / f"{cid}.nii.gz", label[:, 4:5])
+        _save(root / "contextTr" / f"{cid}.nii.gz", ctx[:, 4:5])
+    ds = load_dataset(root)
+    assert ds.squeezed_axis == 1
+    case = ds.load_case("case_001")
+    np.testing.assert_array_equal(case.image[0], written["case_001"][0][0][:, 4])
+    np.testing.assert_array_equal(case.label, written["case_001"][1][:, 4])
+    np.testing.assert_array_equal(case.context, written["case_001"][2][:, 4])
+    np.testing.assert_allclose(case.spacing, (SPACING[0], SPACING[2]), rtol=1e-6)
+    np.testing.assert_allclose(ds.header_spacing(ds.cases[0]), case.spacing, rtol=1e-6)
+    _save(root / "imagesTs" / "test_000_0000.nii.gz", written["case_000"][0][0])
+    ds = load_dataset(root)
+    with _raises(r"test_000_0000\.nii\.gz: image of spatial shape \(7, 9, 5\) is not 2D stored "
+                 r"as 3D \(size 1 along axis 1\)"):
+        ds.load_image(ds.test_cases[0])
+    for cid, (image, _, _) in written.items():
+        _save(root / "imagesTr" / f"{cid}_0000.nii.gz", image[0][:1, 4:5])
+    with _raises(r"every training image has size 1 along axes \[0, 1\]"):
         load_dataset(root)

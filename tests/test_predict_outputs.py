@@ -213,3 +213,56 @@ def test_mha_copy_trains_predicts_and_evaluates_like_nifti(trained, tmp_path, ca
     np.testing.assert_array_equal(prob, np.load(ref_out / f"{CASE}.npz")["probabilities"])
     np.testing.assert_array_equal(lab, read_image(ref_out / f"{CASE}.nii.gz").data)
     np.testing.assert_array_equal(ctx, read_image(ref_out / "contexts" / f"{CASE}.nii.gz").data)
+
+
+def _one_slice_copy(src, dst, axis):
+    """A copy of an nnU-Net folder whose images and labels are each case's slice with the most
+    ROI, stored as 3D files with that axis of size 1 (nnU-Net's 2D layout: ``(1, X, Y)`` for
+    ``axis`` 0, ``(X, Y, 1)`` for 2), the affine placing the slice where it was."""
+    for images in ("imagesTr", "imagesTs"):
+        labels = images.replace("images", "labels")
+        for f in sorted((src / images).glob("*.nii.gz")):
+            cid = f.name.removesuffix("_0000.nii.gz")
+            lab = nib.load(src / labels / f"{cid}.nii.gz")
+            k = int(np.argmax((np.asarray(lab.dataobj) > 0).sum((0, 1))))
+            for p, sub in ((f, images), (src / labels / f"{cid}.nii.gz", labels)):
+                img = nib.load(p)
+                data = np.asarray(img.dataobj)[..., k:k + 1]
+                affine = img.affine.copy()
+                affine[:3, 3] = img.affine[:3] @ np.array([0.0, 0.0, k, 1.0])
+                if axis == 0:
+                    data, affine = np.moveaxis(data, 2, 0), affine[:, [2, 0, 1, 3]]
+                (dst / sub).mkdir(parents=True, exist_ok=True)
+                nib.save(nib.Nifti1Image(data, affine), dst / sub / p.name)
+    shutil.copy(src / "dataset.json", dst / "dataset.json")
+    return dst
+
+
+@pytest.mark.parametrize("axis", [0, 2])
+def test_2d_data_in_one_slice_3d_files_trains_a_2d_network(cache, tmp_path, axis):
+    """One-slice 3D files are 2D data (nnU-Net plans only its 2D configuration for them): read
+    without the size-1 axis, a 2D network trained, predictions written in the files' 3D grid; a
+    3D image to predict is refused, naming the file."""
+    from dataclasses import replace
+
+    from colabx.data.datasets import load_dataset
+
+    src = write_phantom(tmp_path / "phantom", preset="tiny", num_cases=3, num_test=1)
+    data = _one_slice_copy(src, tmp_path / "flat", axis)
+    ds = load_dataset(data)
+    assert ds.squeezed_axis == axis
+    assert ds.load_case(ds.cases[0]).label.ndim == 2
+    tr = Trainer(replace(_cfg(data), patch_size=[16, 16]), tmp_path / "run", echo=lambda s: None)
+    assert tr.plan.spatial_dims == 2 and len(tr.pre.target_spacing) == 2
+    tr.run()
+    assert _predict(tmp_path / "run", data / "imagesTs", tmp_path / "pred") == 0
+    image = nib.load(data / "imagesTs" / f"{CASE}_0000.nii.gz")
+    for out in (tmp_path / "pred" / f"{CASE}.nii.gz",
+                tmp_path / "pred" / "contexts" / f"{CASE}.nii.gz"):
+        pred = nib.load(out)
+        assert pred.shape == image.shape
+        np.testing.assert_allclose(pred.affine, image.affine, atol=1e-6)
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    shutil.copy(src / "imagesTs" / f"{CASE}_0000.nii.gz", whole)
+    assert _predict(tmp_path / "run", whole, tmp_path / "pred3d") == 2

@@ -44,6 +44,7 @@ from colabx.data.image_io import (
     DatasetError,
     Volume,
     image_ending,
+    read_geometry,
     read_image,
     read_label_map,
     require_sitk,
@@ -121,6 +122,10 @@ class Dataset:
         test_cases: the test cases (``imagesTs``), sorted by id; labels only with ``labelsTs``.
         ignore_label: nnU-Net's ``"ignore"`` label value, or None.
         json: the parsed ``dataset.json``.
+        squeezed_axis: 2D data stored in 3D files (nnU-Net's 2D layout, shape ``(1, X, Y)`` or
+            ``(X, Y, 1)``): the spatial axis of size 1 in every training image, which reading
+            drops, so that the data is 2D from there on (nnU-Net plans only its 2D
+            configuration for such data); None for 2D and 3D data.
     """
 
     root: Path
@@ -133,6 +138,7 @@ class Dataset:
     test_cases: list[Case] = field(default_factory=list)
     ignore_label: int | None = None
     json: dict[str, Any] = field(default_factory=dict, repr=False)
+    squeezed_axis: int | None = None
 
     @property
     def num_channels(self) -> int:
@@ -209,7 +215,14 @@ class Dataset:
             if bad:
                 where = f" in channel {i} ({self.channel_names[i]})" if c > 1 else ""
                 raise DatasetError(f"{p}: image has {bad} non-finite voxel(s) (NaN or inf){where}")
-        return np.stack(channels), ref.spacing, ref.affine
+        image, spacing = self._squeezed(np.stack(channels), ref.spacing, ref.path, "image", 1)
+        return image, spacing, ref.affine
+
+    def header_spacing(self, case: Case) -> tuple[float, ...]:
+        """The spacing :meth:`load_image` returns for ``case``, from its first file's header."""
+        spacing = read_geometry(case.images[0], "image")[1]
+        a = self.squeezed_axis
+        return spacing if a is None or len(spacing) != 3 else spacing[:a] + spacing[a + 1:]
 
     def load_label(self, case: Case, *, context: bool = False) -> np.ndarray | None:
         """Read and validate a case's label map (or its context map with ``context=True``).
@@ -229,8 +242,25 @@ class Dataset:
             return None
         # Context maps hold their own classes (organs, structures): any non-negative integers.
         if context:
-            return read_label_map(path, "context")
-        return read_label_map(path, "label", self.label_values, "dataset.json labels")
+            vol = read_label_map(path, "context")
+        else:
+            vol = read_label_map(path, "label", self.label_values, "dataset.json labels")
+        data, spacing = self._squeezed(vol.data, vol.spacing, vol.path, "context" if context
+                                       else "label")
+        return Volume(data, spacing, vol.affine, vol.path)
+
+    def _squeezed(self, data: np.ndarray, spacing: tuple[float, ...], path: Path, what: str,
+                  lead: int = 0) -> tuple[np.ndarray, tuple[float, ...]]:
+        """``data`` (``lead`` leading non-spatial axes) and ``spacing`` without
+        :attr:`squeezed_axis`."""
+        a = self.squeezed_axis
+        if a is None:
+            return data, spacing
+        if data.ndim - lead != 3 or data.shape[lead + a] != 1:
+            raise DatasetError(
+                f"{path}: {what} of spatial shape {data.shape[lead:]} is not 2D stored as 3D "
+                f"(size 1 along axis {a}), as every training image of this dataset is")
+        return np.squeeze(data, axis=lead + a), spacing[:a] + spacing[a + 1:]
 
     def load_case(self, case: Case | str) -> CaseData:
         """Read one case: image, label (and context map when present), spacing and affine.
@@ -567,7 +597,8 @@ def _load_nnunet(root: Path, js: dict[str, Any]) -> Dataset:
                          need_labels=False)
     return Dataset(root=root, layout="nnunet", name=str(js.get("name", root.name)),
                    channel_names=channels, labels=labels, file_ending=ending, cases=cases,
-                   test_cases=test, ignore_label=ignore, json=js)
+                   test_cases=test, ignore_label=ignore, json=js,
+                   squeezed_axis=singleton_axis(cases))
 
 
 # -- MSD ------------------------------------------------------------------------------------------
@@ -639,7 +670,37 @@ def _load_msd(root: Path, js: dict[str, Any]) -> Dataset:
     return Dataset(root=root, layout="msd", name=str(js.get("name", root.name)),
                    channel_names=channels, labels=labels, file_ending=ending,
                    cases=sorted(cases, key=lambda c: c.id),
-                   test_cases=sorted(test, key=lambda c: c.id), json=js)
+                   test_cases=sorted(test, key=lambda c: c.id), json=js,
+                   squeezed_axis=singleton_axis(cases))
+
+
+def singleton_axis(cases: Sequence[Case]) -> int | None:
+    """The spatial axis of size 1 in every case's first image file (2D data stored as 3D, read
+    from the headers), or None. A file whose header cannot be read is left out here; reading
+    the case says what is wrong with it.
+
+    Raises:
+        DatasetError: images of size 1 along more than one axis.
+    """
+    common: set[int] | None = None
+    for case in cases:
+        try:
+            shape, spacing, _ = read_geometry(case.images[0], "image")
+        except DatasetError:
+            continue
+        spatial = shape[:len(spacing)]
+        if len(spatial) != 3:
+            return None
+        ones = {a for a, n in enumerate(spatial) if n == 1}
+        common = ones if common is None else common & ones
+        if not common:
+            return None
+    if common is None:
+        return None
+    if len(common) > 1:
+        raise DatasetError(f"{cases[0].images[0]}: every training image has size 1 along axes "
+                           f"{sorted(common)}: colabx trains 2D and 3D data only")
+    return common.pop()
 
 
 # -- public entry points --------------------------------------------------------------------------

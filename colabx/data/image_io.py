@@ -352,7 +352,8 @@ def write_image(data: np.ndarray, out_path: str | Path, *, affine: np.ndarray | 
         data: ``[X, Y(, Z)]`` in colabx's axis order; written with its own dtype.
         out_path: ``.nii.gz`` (gzip-compressed), ``.nii``, ``.nrrd`` or ``.mha`` (compressed).
         affine: the 4×4 RAS voxel-to-world affine, or None to take ``reference``'s.
-        reference: an image file whose grid ``data`` is in (its first 2 or 3 axes); NIfTI
+        reference: an image file whose grid ``data`` is in (its first 2 or 3 axes; a 2D
+            ``data`` in a 3D file with one axis of size 1 is written with that axis); NIfTI
             output then keeps the reference's header (codes, units, description) when the
             reference is NIfTI too.
 
@@ -375,7 +376,8 @@ def write_image(data: np.ndarray, out_path: str | Path, *, affine: np.ndarray | 
         raise ValueError(f"{out}: only 2D or 3D arrays are written, got shape {arr.shape}")
     header = None
     if reference is not None:
-        shape, _, affine = read_geometry(reference, "reference")
+        shape, spacing, affine = read_geometry(reference, "reference")
+        arr = _unsqueezed(arr, tuple(shape[:len(spacing)]))
         if arr.shape != tuple(shape[:arr.ndim]):
             raise ValueError(f"array shape {arr.shape} differs from the spatial shape "
                              f"{tuple(shape[:arr.ndim])} of {reference} (shape {shape})")
@@ -411,6 +413,16 @@ def _sitk_bytes(arr: np.ndarray, affine: np.ndarray, out: Path) -> bytes:
         path = Path(tmp) / f"image{image_ending(out)}"
         sitk.WriteImage(img, str(path), useCompression=True)
         return path.read_bytes()
+
+
+def _unsqueezed(arr: np.ndarray, spatial: tuple[int, ...]) -> np.ndarray:
+    """A 2D ``arr`` in the grid of a 3D file that holds 2D data (one axis of size 1, which
+    :class:`~colabx.data.datasets.Dataset` drops when reading) gets that axis back."""
+    if arr.ndim == 2 and len(spatial) == 3:
+        for a, n in enumerate(spatial):
+            if n == 1 and spatial[:a] + spatial[a + 1:] == arr.shape:
+                return np.expand_dims(arr, a)
+    return arr
 
 
 def write_label_map(label: np.ndarray, reference: str | Path, out_path: str | Path) -> Path:

@@ -105,7 +105,6 @@ from colabx._io import (
     remove_stale_temporaries,
 )
 from colabx.data.datasets import Case, Dataset, DatasetError, load_dataset
-from colabx.data.image_io import read_geometry
 
 __all__ = [
     "PreprocessedCase",
@@ -828,7 +827,7 @@ def preprocess_dataset(
             return PreprocessedDataset(out, old, from_cache=True)
     check_output_folder(out, PREPROCESSED_MARKER, "preprocessed dataset", accept=(PLANS_NAME,))
     # the options are checked against the data before anything is created
-    spacings = [read_geometry(c.images[0])[1] for c in ds.cases]
+    spacings = [ds.header_spacing(c) for c in ds.cases]
     ndims = {len(s) for s in spacings}
     if len(ndims) != 1:
         raise DatasetError(f"{ds.root}: training cases mix 2D and 3D images "
@@ -889,7 +888,7 @@ def _preprocess_into(ds: Dataset, out: Path, schemes: tuple[str, ...], settings:
         "settings": settings,
         "dataset": {"root": str(ds.root), "name": ds.name, "layout": ds.layout,
                     "channel_names": list(ds.channel_names), "labels": ds.labels,
-                    "ignore_label": ds.ignore_label},
+                    "ignore_label": ds.ignore_label, "squeezed_axis": ds.squeezed_axis},
         "median_spacing": list(median),
         "target_spacing": list(target),
         "median_relative_size_after_cropping": relative_size,

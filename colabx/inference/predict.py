@@ -160,7 +160,8 @@ def _reader(plans: dict[str, Any]) -> Dataset:
     d = plans["dataset"]
     return Dataset(root=Path(d["root"]), layout=d["layout"], name=d["name"],
                    channel_names=tuple(d["channel_names"]), labels=dict(d["labels"]),
-                   file_ending=".nii.gz", cases=[], ignore_label=d.get("ignore_label"))
+                   file_ending=".nii.gz", cases=[], ignore_label=d.get("ignore_label"),
+                   squeezed_axis=d.get("squeezed_axis"))
 
 
 def _num_classes(plans: dict[str, Any]) -> int:
