@@ -93,8 +93,9 @@ class PhantomPreset:
 #: ``"default"``: 96 × 96 × 32 at 1.5 × 1.5 × 3 mm, which ``colabx train`` uses with no dataset.
 #: Its 48 × 48 × 16 patch (72 × 72 × 48 mm) is half the slab along every axis: every structure is
 #: within about one patch width of any other, a lesion is seen with much of its organ, but never
-#: the whole body, and a 3-pool U-Net on it runs about 0.3 s per iteration (batch 2, 8 features)
-#: on one CPU core. ``"tiny"``: the same anatomy sampled at 32 × 32 × 12 for tests
+#: the whole body, and the ``phantom-cpu`` preset's CoLab epochs on it (60 iterations, batch 2,
+#: 8 features, 3 pools) take 7–9 s on 2 CPU cores (README, measured 2026-12-04).
+#: ``"tiny"``: the same anatomy sampled at 32 × 32 × 12 for tests
 #: (milliseconds per case).
 PHANTOM_PRESETS: dict[str, PhantomPreset] = {
     "default": PhantomPreset((96, 96, 32), (1.5, 1.5, 3.0), 16, 8, (48, 48, 16)),

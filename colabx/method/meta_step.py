@@ -74,7 +74,8 @@ class MetaConfig:
         convolutions, :mod:`colabx.method.grouped`). Sequential is faster on the GPU (H200, B=2,
         80³, 30 features, whole meta part: 129 vs 151 ms) and for large nets on the CPU (48³, 30
         features, 4 pools: 1.12 vs 1.96 s); grouped wins for small nets on the CPU (32³, 8
-        features, 3 pools: 47 vs 62 ms; ``benchmarks/RESULTS.md``).
+        features, 3 pools: 47 vs 62 ms; measured by 2026-12-03, commit e5ce5ab;
+        ``benchmarks/RESULTS.md`` has the runs of the same comparison in its tables).
     amp : autocast the generator, the inner step and the L_ROI forwards in ``amp_dtype``; the θ±
         forwards always run with autocast disabled, in the parameters' dtype.
     meta_amp : autocast (in ``amp_dtype``) of the meta step's own passes alone: the generator's

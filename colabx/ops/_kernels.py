@@ -4,9 +4,10 @@ shapes, so the graph does not break there).
 
 Each op has ONE autograd path, a ``torch.autograd.Function`` whose forward and backward call
 :func:`kernel_call`; the custom ops carry no autograd formula. Host cost per forward+backward on
-the CPU (torch 2.13, one thread, ``[2, 3, 8, 8, 8]`` inputs, best of 5 × 500 calls), measured
-when the custom ops also held the autograd formula (``register_autograd``) and eager calls went
-through a second, separate ``autograd.Function``:
+the CPU (torch 2.13, one thread, ``[2, 3, 8, 8, 8]`` inputs, best of 5 × 500 calls; this
+project's 2-core AVX-512 machine, 2026-12-03, commit d4cffa1), measured when the custom ops also
+held the autograd formula (``register_autograd``) and eager calls went through a second,
+separate ``autograd.Function``:
 
 =================  ===========================  ==========================  =====================
 op                 custom op with autograd      autograd.Function, direct   Function → custom ops
