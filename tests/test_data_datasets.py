@@ -694,3 +694,26 @@ def test_one_slice_3d_files_are_read_as_2d(tmp_path):
         _save(root / "imagesTr" / f"{cid}_0000.nii.gz", image[0][:1, 4:5])
     with _raises(r"every training image has size 1 along axes \[0, 1\]"):
         load_dataset(root)
+
+
+def test_a_prediction_folder_mixing_namings_warns(tmp_path):
+    """Channel files and a file without a channel suffix in one folder to predict (say a label
+    map copied among the images): each is a case, and a warning names the single files."""
+    from colabx.data.datasets import scan_images
+
+    folder = tmp_path / "in"
+    _save(folder / "a_0000.nii.gz", np.zeros(SHAPE, np.float32))
+    _save(folder / "a.nii.gz", np.zeros(SHAPE, np.uint8))
+    with pytest.raises(DatasetError, match="both a whole image file and channel files"):
+        scan_images(folder, ".nii.gz", 1, whole_files=True)
+    (folder / "a.nii.gz").rename(folder / "a_label.nii.gz")
+    with pytest.warns(RuntimeWarning, match=r"holds 1 file\(s\) without a channel suffix "
+                      r"\(a_label\.nii\.gz\), each predicted as a single-file case"):
+        cases = scan_images(folder, ".nii.gz", 1, whole_files=True)
+    assert sorted(cases) == ["a", "a_label"]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one naming: no warning
+        (folder / "a_label.nii.gz").unlink()
+        assert sorted(scan_images(folder, ".nii.gz", 1, whole_files=True)) == ["a"]

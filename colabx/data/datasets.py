@@ -503,6 +503,12 @@ def scan_images(folder: Path, ending: str, n_channels: int,
             raise DatasetError(f"{paths[0]}: case {case!r} is both a whole image file and "
                                f"channel files {case}_XXXX{ending}; keep one of them")
         out[case] = paths
+    if groups and whole:  # e.g. a label map copied among the images
+        names = sorted(p[0].name for p in whole.values())
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        warnings.warn(f"{folder}: besides {{case}}_XXXX{ending} channel files it holds "
+                      f"{len(names)} file(s) without a channel suffix ({shown}), each predicted "
+                      "as a single-file case", RuntimeWarning, stacklevel=2)
     return out
 
 
