@@ -8,10 +8,13 @@
 * Output folders carry a marker file (:func:`mark_output_folder`): colabx writes into an empty
   folder, or one that holds its own marker, and refuses any other non-empty folder unless told to
   overwrite (:func:`check_output_folder`), so a user's own files are never replaced.
+* A folder being written by one colabx process is locked (:func:`lock_folder`), so that a second
+  process started on the same folder stops with an error instead of interleaving its files.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -21,8 +24,12 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["OutputFolderError", "atomic_write", "atomic_write_text", "check_output_folder",
-           "json_safe", "mark_output_folder", "remove_stale_temporaries"]
+__all__ = ["FolderLock", "OutputFolderError", "atomic_write", "atomic_write_text",
+           "check_output_folder", "json_safe", "lock_folder", "mark_output_folder",
+           "remove_stale_temporaries"]
+
+#: The lock file of :func:`lock_folder`; not a file of the folder's contents.
+LOCK_FILE = ".colabx.lock"
 
 _TMP_RE = re.compile(r"^\..+\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
 
@@ -130,12 +137,23 @@ def check_output_folder(folder: str | os.PathLike[str], marker: str, what: str, 
         raise OutputFolderError(f"{out}: exists and is not a folder")
     if not out.is_dir() or overwrite:
         return
-    entries = {p.name for p in out.iterdir()}
+    entries = {p.name for p in out.iterdir()} - {LOCK_FILE}
     if entries and not {marker, *accept} & entries:
         shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
         raise OutputFolderError(
             f"{out}: folder is not empty and is not a colabx {what} (it holds {shown}); choose "
             "an empty or new folder, or pass --overwrite to write into it")
+
+
+def _make_folder(out: Path) -> Path | None:
+    """Create ``out`` and missing parents; returns the outermost folder created, or None."""
+    created = None
+    for p in (out, *out.absolute().parents):
+        if p.exists():
+            break
+        created = p
+    out.mkdir(parents=True, exist_ok=True)
+    return created
 
 
 def mark_output_folder(folder: str | os.PathLike[str], marker: str,
@@ -148,11 +166,50 @@ def mark_output_folder(folder: str | os.PathLike[str], marker: str,
         caller to remove again on failure; None when ``folder`` existed.
     """
     out = Path(folder)
-    created = None
-    for p in (out, *out.absolute().parents):
-        if p.exists():
-            break
-        created = p
-    out.mkdir(parents=True, exist_ok=True)
+    created = _make_folder(out)
     atomic_write_text(out / marker, json.dumps(info or {}, indent=1) + "\n")
     return created
+
+
+class FolderLock:
+    """An exclusive ``flock`` on a folder's :data:`LOCK_FILE`, held until :meth:`release` or the
+    process ends (the kernel drops it on any exit, ``kill -9`` included, so no stale lock is
+    left). ``created`` is the outermost folder that locking created, or None; ``new_file``
+    whether locking created the lock file."""
+
+    def __init__(self, fd: int, path: Path, created: Path | None, new_file: bool) -> None:
+        self._fd: int | None = fd
+        self.path, self.created, self.new_file = path, created, new_file
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def lock_folder(folder: str | os.PathLike[str], what: str) -> FolderLock:
+    """Create ``folder`` if needed and take its lock for this process.
+
+    Raises:
+        OutputFolderError: another process holds the lock; the message names the folder, the
+            holder's process id and ``what`` the folder is for.
+    """
+    out = Path(folder)
+    created = _make_folder(out)
+    path = out / LOCK_FILE
+    new_file = not path.exists()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise OutputFolderError(f"{out}: another colabx process (pid {holder}) is writing this "
+                                f"{what}; wait for it to finish, stop it, or choose another "
+                                "folder") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return FolderLock(fd, path, created, new_file)

@@ -224,6 +224,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.dataset is not None:
         given["dataset"] = str(args.dataset)
     given = {**(read_yaml(args.config) if args.config is not None else {}), **given}
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it: "
+                         "pass one of them")
     if args.resume:
         if args.out is None:
             raise ValueError("--resume needs --out RUN_DIR, the run folder to continue")
@@ -347,6 +350,17 @@ _COMMANDS = {"train": _train, "compare": _compare, "predict": _predict, "evaluat
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``colabx`` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    name = " ".join(["colabx", *argv[:1]]) if argv and not argv[0].startswith("-") else "colabx"
+    try:
+        return _main(argv, name)
+    except KeyboardInterrupt:  # every file is written atomically: nothing is half-written
+        if os.environ.get("COLABX_DEBUG"):
+            raise
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str], name: str) -> int:
     if argv[:2] == ["bench", "meta"]:  # its own parser: colabx.bench.meta
         from colabx.bench.meta import main as bench_meta
 
@@ -357,19 +371,14 @@ def main(argv: list[str] | None = None) -> int:
 
         bench(argv[1:])
         return 0
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(argv)  # imports torch: Ctrl-C here is caught by main too
     try:
         return _COMMANDS[args.command](args)
     except (ValueError, OSError) as e:  # bad options, data or files: a message, not a traceback
         if os.environ.get("COLABX_DEBUG"):
             raise
-        print(f"colabx {args.command}: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # every file is written atomically: nothing is half-written
-        if os.environ.get("COLABX_DEBUG"):
-            raise
-        print(f"colabx {args.command}: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

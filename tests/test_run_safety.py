@@ -8,10 +8,12 @@ import errno
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
+import colabx
 from colabx import _io
 from colabx.checkpoint import load_checkpoint
 from colabx.cli import main
@@ -145,6 +147,78 @@ def test_failed_predict_leaves_no_folder(phantom, trained, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_second_process_on_a_run_folder_is_refused(phantom, tmp_path, capsys):
+    """Two trainings writing one run folder would interleave their checkpoints and logs: while
+    one process holds the folder, another stops before touching it; the lock goes with its
+    holder, also when that is killed."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from colabx._io import lock_folder; "
+         "lock = lock_folder(sys.argv[1], 'run folder'); print('locked', flush=True); "
+         "time.sleep(120)", str(run)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(Path(colabx.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for extra in ((), ("--overwrite",)):
+            assert _train(str(phantom), "--mode", "vanilla", "--out", str(run), *extra) == 2
+            err = capsys.readouterr().err
+            assert f"{run}: another colabx process (pid {holder.pid}) is writing this run " \
+                "folder" in err
+            assert {p.name for p in run.iterdir()} == {_io.LOCK_FILE}
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _train(str(phantom), "--mode", "vanilla", "--out", str(run)) == 0
+    # released when the run ended: another run may resume it
+    _io.lock_folder(run, "run folder").release()
+
+
+def test_checkpoint_best_is_written_before_checkpoint_latest(phantom, tmp_path, monkeypatch):
+    """A run killed between the two saves of an improving epoch: checkpoint_best.pth holds at
+    least the score checkpoint_latest.pth records, so the resumed run still ends with the best
+    epoch's weights. (Saved the other way round, checkpoint_latest would record the new best
+    while checkpoint_best held the old one, and the resumed run would never replace it.)"""
+    from colabx.train import trainer as trainer_module
+
+    scores = {1: 0.2, 2: 0.5}
+    validated: list[int] = []
+
+    def validate(evaluator, ids):
+        validated.append(len(validated) + 1)
+        dsc = scores[min(len(validated), 2)]
+        return dict.fromkeys(("val_dsc", "val_sensitivity", "val_precision"), dsc)
+
+    monkeypatch.setattr(trainer_module.evaluation, "validate", validate)
+    real_save = trainer_module.save_checkpoint
+    saves_of_epoch_2 = []
+
+    def killed_between_the_saves_of_epoch_2(path, state):
+        if state["epoch"] == 2:
+            saves_of_epoch_2.append(path.name)
+            if len(saves_of_epoch_2) == 2:
+                raise KeyboardInterrupt
+        real_save(path, state)
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", killed_between_the_saves_of_epoch_2)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        trainer_module.Trainer(_partial_config(phantom), run, echo=lambda s: None).run()
+    latest = load_checkpoint(run / "checkpoint_latest.pth")
+    best = load_checkpoint(run / "checkpoint_best.pth")
+    assert best["best_dsc"] >= latest["best_dsc"]
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", real_save)
+    validated[:] = [1]  # the resumed run validates epoch 2 again
+    trainer_module.Trainer(_partial_config(phantom), run, resume=True,
+                           echo=lambda s: None).run()
+    best = load_checkpoint(run / "checkpoint_best.pth")
+    assert best["epoch"] == 2 and best["best_dsc"] == 0.5
+
+
 # -- 2. --resume ---------------------------------------------------------------------------------
 
 def _partial_config(phantom, **kw):
@@ -250,9 +324,13 @@ def test_resume_applies_and_logs_options_that_may_change(phantom, tmp_path, caps
     run = tmp_path / "run"
     _partial_run(phantom, run, tmp_path)
     monkeypatch.chdir(tmp_path)  # the run stored its dataset as an absolute path
-    assert main(["train", "--out", str(run), "--resume", "--epochs", "3", "--no-progress"]) == 0
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "3", "--no-progress",
+                 "--theta-pm", "grouped", "--recompute-generator"]) == 0
     out = capsys.readouterr().out
     assert "resume: epochs 2 -> 3" in out
+    # the same meta-gradient computed another way: a resumed run may switch
+    assert "resume: theta_pm 'sequential' -> 'grouped'" in out
+    assert "resume: recompute_generator False -> True" in out
     state = load_checkpoint(run / "checkpoint_final.pth")
     assert state["epoch"] == 3 and state["config"]["epochs"] == 3
     assert state["config"]["dataset"] == str(phantom.absolute())
@@ -454,6 +532,27 @@ def test_interrupt_is_one_line_and_exit_130(monkeypatch, capsys):
     monkeypatch.setitem(colabx.cli._COMMANDS, "evaluate", interrupted)
     assert main(["evaluate", "p", "r", "--labels", "l.json"]) == 130
     assert capsys.readouterr().err == "colabx evaluate: interrupted\n"
+
+
+def test_interrupt_while_starting_up_is_one_line_and_exit_130(monkeypatch, capsys):
+    """Ctrl-C while the command line is being built (it imports torch: seconds) is the same
+    one line and exit status as during the command."""
+    import colabx.cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(colabx.cli, "_parser", interrupted)
+    assert main(["train", "--epochs", "1"]) == 130
+    assert capsys.readouterr().err == "colabx train: interrupted\n"
+
+
+def test_resume_with_overwrite_is_refused(trained, capsys):
+    before = (trained / "checkpoint_latest.pth").read_bytes()
+    assert _train("--out", str(trained), "--resume", "--overwrite") == 2
+    assert "--resume continues the run in --out and --overwrite replaces it: pass one of them" \
+        in capsys.readouterr().err
+    assert (trained / "checkpoint_latest.pth").read_bytes() == before
 
 
 def test_resume_without_out_and_existing_run_exit_2(trained, phantom, capsys):

@@ -311,10 +311,12 @@ def from_mapping(values: Mapping[str, Any]) -> TrainConfig:
 
 
 #: Options a resumed run may change (how it runs, how long, what it reports); every other option
-#: decides what the run computes and must equal the run's own.
+#: decides what the run computes and must equal the run's own. theta_pm, fd_tf32 and
+#: recompute_generator compute the same meta-gradient in another way or precision, as amp does.
 CHANGEABLE_ON_RESUME = ("epochs", "num_workers", "device", "threads", "progress", "amp",
                         "meta_amp", "compile", "compile_mode", "deterministic", "val_every",
-                        "val_cases", "overlap", "snapshot_every", "save_every", "preprocessed")
+                        "val_cases", "overlap", "snapshot_every", "save_every", "preprocessed",
+                        "theta_pm", "fd_tf32", "recompute_generator")
 
 
 #: Options added after runs were saved with an older behaviour than today's default: a saved

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from colabx._io import remove_stale_temporaries
+from colabx._io import lock_folder, remove_stale_temporaries
 from colabx._precision import AMP_DTYPES, resolve_amp
 from colabx.checkpoint import (
     capture_rng,
@@ -129,6 +130,15 @@ class Trainer:
         self.out = Path(out_dir)
         self.dist = dist or Dist()
         self.echo = echo if self.dist.is_main else (lambda s: None)
+        # held until run() ends: a second process on this folder stops here
+        self._lock = lock_folder(self.out, "run folder") if self.dist.is_main else None
+        try:
+            self._start(cfg, resume, overwrite)
+        except BaseException:
+            self._unlock(failed=True)
+            raise
+
+    def _start(self, cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
         cfg = _absolute_paths(cfg)
         state = None
         if resume:
@@ -154,6 +164,19 @@ class Trainer:
             if self.dist.is_main else None
         if self.dist.is_main:
             save_config(self.cfg, self.out / "config.yaml")
+
+    def _unlock(self, failed: bool = False) -> None:
+        """Release the run folder's lock. After a failed start, the folder is left as it was
+        found: removed when locking created it and nothing else was written, else without the
+        lock file when locking created that."""
+        lock, self._lock = self._lock, None
+        if lock is None:
+            return
+        if failed and lock.new_file:
+            lock.path.unlink(missing_ok=True)
+        lock.release()
+        if failed and lock.created is not None and not any(self.out.iterdir()):
+            shutil.rmtree(lock.created)
 
     def _resumed_config(self, state: dict[str, Any], cfg: TrainConfig) -> TrainConfig:
         """The configuration of a resumed run: the run's own, with the changes ``cfg`` asks for
@@ -583,7 +606,14 @@ class Trainer:
     def run(self, max_epochs: int | None = None) -> dict[str, Any] | None:
         """Train from the current epoch to ``cfg.epochs`` (or stop after ``max_epochs`` more
         epochs, leaving a resumable run), then evaluate. Returns the final evaluation (rank 0;
-        None when stopped early or on other ranks)."""
+        None when stopped early or on other ranks). The run folder's lock is released when it
+        returns or raises."""
+        try:
+            return self._run(max_epochs)
+        finally:
+            self._unlock()
+
+    def _run(self, max_epochs: int | None) -> dict[str, Any] | None:
         cfg = self.cfg
         stop = cfg.epochs if max_epochs is None else min(cfg.epochs,
                                                          self.start_epoch + max_epochs)
@@ -675,13 +705,13 @@ class Trainer:
             row["epoch_time"] = time.perf_counter() - t0
             self.log.add(row)
             self.echo(_summary_line(row, cfg.epochs))
-            improved = row.get("val_dsc", -1.0) > self.best_dsc
-            if improved:
+            # checkpoint_best before checkpoint_latest: a run killed between the two saves then
+            # resumes with a best_dsc that checkpoint_best.pth really holds
+            if row.get("val_dsc", -1.0) > self.best_dsc:
                 self.best_dsc = row["val_dsc"]
+                self._save("checkpoint_best.pth", epoch + 1)
             if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
                 self._save("checkpoint_latest.pth", epoch + 1)
-            if improved:
-                self._save("checkpoint_best.pth", epoch + 1)
         self.dist.barrier()
 
 
