@@ -101,3 +101,12 @@ def test_amp_auto_resolves_as_colabx_train():
     assert resolve_amp("auto", torch.device("cuda", 1)) == "bf16"
     assert resolve_amp("auto", torch.device("cpu")) == "none"
     assert resolve_amp("fp16", torch.device("cuda")) == "fp16"
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_bench_meta_refuses_compile_modes_with_cuda_graphs(mode, capsys):
+    """As colabx train refuses them for CoLab: graph replays overwrite what the meta step
+    holds across passes."""
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "meta", "--quick", "--compile", mode])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err

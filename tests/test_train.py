@@ -205,6 +205,12 @@ def test_compile_refuses_what_it_cannot_run():
         TrainConfig(compile=True, theta_pm="grouped")
     with pytest.raises(ConfigError, match="compile_mode: must be one of"):
         TrainConfig(compile_mode="fast")
+    # CUDA graphs: their replays overwrite what the meta step holds across passes
+    for mode in ("reduce-overhead", "max-autotune"):
+        with pytest.raises(ConfigError, match=f"compile_mode: {mode} captures CUDA graphs"):
+            TrainConfig(mode="colab", compile=True, compile_mode=mode)
+        TrainConfig(mode="vanilla", compile=True, compile_mode=mode)
+    TrainConfig(mode="colab", compile=True, compile_mode="max-autotune-no-cudagraphs")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a CPU-only machine")

@@ -240,9 +240,11 @@ def main(argv: list[str] | None = None, prog: str = "colabx bench meta") -> dict
                     help="precision of the generator and L_ROI passes in colabx's rows, as "
                     "colabx train --meta-amp: as --amp (default), none, or bf16 (the published "
                     "iteration's row keeps --amp's)")
-    ap.add_argument("--compile", choices=("off", "default", "reduce-overhead", "max-autotune"),
+    ap.add_argument("--compile", choices=("off", "default", "max-autotune-no-cudagraphs"),
                     default="off", help="torch.compile colabx's networks with this mode, as "
-                    "colabx train --compile --compile-mode MODE (default off)")
+                    "colabx train --compile --compile-mode MODE (default off); the modes that "
+                    "capture CUDA graphs are refused for CoLab, whose meta step holds outputs "
+                    "that graph replays overwrite")
     ap.add_argument("--quick", action="store_true", help="a tiny network: a smoke run")
     ap.add_argument("--min-time", type=float, default=2.0,
                     help="seconds of timed repetitions per row (default 2)")

@@ -22,10 +22,10 @@ import yaml
 from colabx.data.phantom import PHANTOM_PRESETS
 from colabx.method.meta_step import DIFFERENCES, META_GRADS, META_MODES, ORDERS, THETA_PM
 
-__all__ = ["CHANGEABLE_ON_RESUME", "MODES", "PRESETS", "TRAIN_PRESETS", "ConfigError",
-           "TrainConfig", "from_mapping", "load_config", "read_yaml", "resolved_meta_amp",
-           "resolved_meta_difference", "resolved_meta_order", "resume_differences",
-           "save_config", "saved_options"]
+__all__ = ["CHANGEABLE_ON_RESUME", "CUDA_GRAPH_COMPILE_MODES", "MODES", "PRESETS",
+           "TRAIN_PRESETS", "ConfigError", "TrainConfig", "from_mapping", "load_config",
+           "read_yaml", "resolved_meta_amp", "resolved_meta_difference", "resolved_meta_order",
+           "resume_differences", "save_config", "saved_options"]
 
 MODES = ("vanilla", "manual", "colab", "kmeans", "dilation")
 AMP_CHOICES = ("auto", "none", "bf16", "fp16")
@@ -178,9 +178,11 @@ class TrainConfig:
                          "meta: 302 vs 213 ms); colabx bench meta --compile measures it where "
                          "you train")
     compile_mode: str = _opt("default", "torch.compile mode with --compile: default, "
-                             "reduce-overhead (CUDA graphs of the compiled passes) or "
-                             "max-autotune", choices=("default", "reduce-overhead",
-                                                      "max-autotune"))
+                             "max-autotune-no-cudagraphs, or reduce-overhead and max-autotune "
+                             "(both capture CUDA graphs, whose replays overwrite outputs the meta "
+                             "step holds from one pass to the next: not with mode colab)",
+                             choices=("default", "max-autotune-no-cudagraphs",
+                                      "reduce-overhead", "max-autotune"))
     seed: int = _opt(0, "random seed (networks, data, augmentation)", lo=0, hi=2**32 - 1)
     deterministic: bool = _opt(False, "deterministic algorithms (slower on GPU)")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N", group="run")
@@ -260,6 +262,12 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.compile and cfg.meta_grad == "exact":
         raise ConfigError("compile: torch.compile does not differentiate its graphs twice, which "
                           "the exact meta-gradient needs; use meta_grad fd or no --compile")
+    if cfg.compile and cfg.mode == "colab" and cfg.compile_mode in CUDA_GRAPH_COMPILE_MODES:
+        raise ConfigError(f"compile_mode: {cfg.compile_mode} captures CUDA graphs, whose replays "
+                          "overwrite outputs that the meta step holds from one pass to the next "
+                          "(the inner gradient, the theta+ logits, the generator's logits: a "
+                          "RuntimeError on an H200); with mode colab use compile_mode default "
+                          "or max-autotune-no-cudagraphs")
     if cfg.compile and cfg.theta_pm == "grouped":
         raise ConfigError("compile: the grouped theta+/- forward is colabx's own grouped U-Net, "
                           "not the compiled network; use theta_pm sequential")
@@ -308,6 +316,12 @@ def from_mapping(values: Mapping[str, Any]) -> TrainConfig:
             v = [float(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in v]
         clean[k] = v
     return TrainConfig(**clean)
+
+
+#: torch.compile modes that capture CUDA graphs (torch's cudagraph trees): refused for the meta
+#: step, measured to fail there (a RuntimeError reading overwritten graph outputs, H200,
+#: 2026-12-04).
+CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
 
 #: Options a resumed run may change (how it runs, how long, what it reports); every other option
