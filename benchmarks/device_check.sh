@@ -3,9 +3,11 @@
 #   1. builds colabx._C in place with nvcc (sm_90 by default: COLABX_CUDA_ARCHS),
 #   2. runs the GPU tests (pytest -m cuda) and compute-sanitizer on one small case per kernel,
 #   3. runs bench_ops on CUDA (colabx vs eager twin vs torch.compile twin; EDT also vs cuCIM when
-#      it imports: carry its wheel in .whl/) and profile_kernels,
-#   4. runs bench_meta_step on CUDA (colabx MetaStep vs the reference-style and restructured
-#      PyTorch meta steps, B=2, 80³, 30 features; at most 180 s),
+#      it imports: carry its wheel in .whl/) and profile_kernels; COLABX_BENCH_OPS limits the ops,
+#   4. runs `colabx bench meta` on CUDA at the paper's sizes (B=2, 80³, 30 features, 4 pools) in
+#      the two default configurations, fp32 with the one-sided difference and bf16 with the
+#      central one: vanilla, CoLab's iterations and the pure-PyTorch steps, same run; only when
+#      asked (stage metastep), bench_meta_step (issue 4's meta-step table; at most 180 s),
 #   5. runs bench_train and bench_data on the phantom (trainer patches/s consumed vs loader
 #      patches/s delivered with 4/8/12 workers; at most 150 s; nibabel and pyyaml wheels in .whl/),
 #   6. runs bench_compat on CUDA (the colabx.compat drop-ins vs the reference-style twins; 60 s),
@@ -17,17 +19,23 @@
 #      80^3 loss kernels (throughput, occupancy, warp stalls; ~60 s), into $OUT/ncu.txt,
 # writing logs and JSON under $OUT (default benchmarks/results) and printing summary tables last.
 # Usage: benchmarks/device_check.sh [STAGE ...]
-#   STAGE: all (default) | test | bench | train | meta | compat | compare | ncu;
+#   STAGE: all (default) | test | bench | train | meta | metastep | compat | compare | ncu;
 #   stages run in the order given ("all" = test bench train meta compat). Each log and JSON lands in
 #   $OUT, and, when $OUT is given, all of them again in $OUT/device_check.tgz (the device tool
 #   returns at most 8 files).
-# COLABX_SKIP_BUILD=1 uses a colabx/_C*.so already in place (e.g. built elsewhere for this Python).
+# COLABX_SKIP_BUILD=1 uses a colabx/_C*.so already in place (e.g. built elsewhere for this Python:
+# on a development machine with nvcc and a python3.12 that has pybind11,
+# `PYTHON=python3.12 COLABX_BUILD_TAG=py312 scripts/dev_build.sh cuda` leaves
+# colabx/_C.cpython-312-x86_64-linux-gnu.so to carry, saving the lease the ~130 s build).
+# COLABX_CHECK_SECONDS=N ends every step by N seconds after the start (each step's own limit is
+# cut to what is left; a step with under 20 s left is skipped and reported), so that a call of the
+# device tool returns with its logs before the tool's own limit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stages=" ${*:-all} "
 [ "$stages" = " all " ] && stages=" test bench train meta compat "
 for s in $stages; do
-  case $s in test|bench|train|meta|compat|compare|ncu) ;; *) echo "device_check: unknown stage '$s'"; exit 2 ;; esac
+  case $s in test|bench|train|meta|metastep|compat|compare|ncu) ;; *) echo "device_check: unknown stage '$s'"; exit 2 ;; esac
 done
 bundle() { tar czf /tmp/device_check.tgz -C "$OUT" --exclude device_check.tgz . && mv /tmp/device_check.tgz "$OUT/"; }
 # a given $OUT (the device tool's) gets the archive, also after a failed build; the default
@@ -57,10 +65,21 @@ fi
 $py -c "import colabx._C as c, colabx._backend as b; print('cuda kernels:', c.built_with_cuda, 'devices:', c.cuda_device_count(), 'usable:', b.cuda_kernels_available())"
 
 status=0
+deadline=${COLABX_CHECK_SECONDS:-0}
+# budget SECONDS: prints SECONDS cut to the time left before COLABX_CHECK_SECONDS (5 s spare), or
+# nothing (and fails) when under 20 s are left
+budget() {
+  [ "$deadline" -gt 0 ] || { echo "$1"; return 0; }
+  local left=$((deadline - SECONDS - 5))
+  [ "$left" -ge 20 ] || return 1
+  echo $(($1 < left ? $1 : left))
+}
+
 # run_logged SECONDS LOG MODULE ARGS...: `python -m MODULE ARGS...` under a timeout, output into
 # $OUT/LOG; a failure or timeout is reported and fails the check
 run_logged() {
-  local limit=$1 log=$2
+  local limit log=$2
+  limit=$(budget "$1") || { echo "$3: skipped, COLABX_CHECK_SECONDS reached"; status=1; return; }
   shift 2
   timeout "$limit" $py -m "$@" >"$OUT/$log" 2>&1 || { echo "$1: failed or timed out"; status=1; }
 }
@@ -78,8 +97,11 @@ stage_test() {
   grep -E "^(FAILED|ERROR)" "$OUT/pytest_cuda.log" | head -30
   echo "gpu tests: $((SECONDS - t0)) s"
   t0=$SECONDS
-  if command -v compute-sanitizer >/dev/null; then
-    timeout 120 compute-sanitizer --tool memcheck --error-exitcode 7 --print-limit 20 \
+  local limit
+  if ! limit=$(budget 120); then
+    echo "compute-sanitizer: skipped, COLABX_CHECK_SECONDS reached"; status=1
+  elif command -v compute-sanitizer >/dev/null; then
+    timeout "$limit" compute-sanitizer --tool memcheck --error-exitcode 7 --print-limit 20 \
       $py benchmarks/sanitize_cuda.py >"$OUT/sanitizer.log" 2>&1
     rc=$?
     tail -4 "$OUT/sanitizer.log"
@@ -92,8 +114,10 @@ stage_test() {
 
 stage_bench() {
   t0=$SECONDS
+  # shellcheck disable=SC2086
   run_logged 260 bench_ops_cuda.log benchmarks.bench_ops --device cuda --min-time 0.2 \
-    --cuda-graphs --out "$OUT/ops_cuda.json"
+    --cuda-graphs --ops ${COLABX_BENCH_OPS:-dice_ce_loss context_labels distance_transform} \
+    --out "$OUT/ops_cuda.json"
   run_logged 90 profile_kernels.log benchmarks.profile_kernels --out "$OUT/kernels.json"
   cat "$OUT/profile_kernels.log"
   show_table bench_ops_cuda.log '^| op '
@@ -120,20 +144,24 @@ cuda_bench() {
   echo "$1 bench: $((SECONDS - t0)) s"
 }
 
-# the meta JSON is written after the timings and again after the float64 accuracy part, so a
-# timeout in the latter keeps the timings
+# what users run: colabx bench meta at the paper's sizes, in the defaults of fp32 (one-sided
+# difference; the published iteration, reference order with the central difference, is timed
+# beside it) and of bf16 (central difference)
 stage_meta() {
-  cuda_bench meta 180 benchmarks.bench_meta_step '^| part '
-  # what users run: colabx bench meta at the paper's sizes, fp32 (both differences) and bf16
-  local v
-  for v in "none central" "none one_sided" "bf16 central"; do
+  local v t0=$SECONDS
+  for v in "none one_sided" "bf16 central"; do
     set -- $v
     run_logged 120 "colabx_bench_meta_$1_$2.log" colabx bench meta --device cuda --patch 80 \
-      --features 30 --pools 4 --min-time 0.5 --amp "$1" --difference "$2" \
+      --features 30 --pools 4 --min-time 2 --amp "$1" --difference "$2" \
       --out "$OUT/colabx_bench_meta_$1_$2.json"
     show_table "colabx_bench_meta_$1_$2.log" '^| per iteration'
   done
+  echo "meta bench: $((SECONDS - t0)) s"
 }
+
+# the meta JSON is written after the timings and again after the float64 accuracy part, so a
+# timeout in the latter keeps the timings
+stage_metastep() { cuda_bench meta 180 benchmarks.bench_meta_step '^| part '; }
 
 stage_compat() { cuda_bench compat 60 benchmarks.bench_compat '^| op '; }
 
