@@ -328,9 +328,10 @@ def test_update_counter_and_config_errors():
 
 def test_amp_autocasts_the_same_passes_as_the_restructured_twin():
     # bf16 autocast of the generator, inner-step and L_ROI forwards (θ± in fp32) moves the
-    # generator gradient by ~25 % on this tiny net (measured 27.5 %); colabx and the twin,
-    # autocasting the same passes, agree: measured 0 here (bit-identical on this CPU), the
-    # fp32 steps differ by 1.4e-5 (fused vs twin losses round differently).
+    # generator gradient by ~25 % on this tiny net (measured 25.7-27.5 %); colabx and the twin,
+    # autocasting the same passes, agree to the bf16 rounding of their different pass
+    # structure: bit-identical on the Intel CPU of 2026-11, 5.2e-3 on an AMD EPYC with
+    # avx512_bf16 (2026-12-04); their fp32 steps differ by 1.2e-5 (fused vs twin losses).
     f, g, x, y, d = _setup(nd=2, size=16, dtype=torch.float32)
     MetaStep(f, g, MetaConfig(2, MARGIN, TAU, amp=True)).step(x, y, d, LR)
     ours = _ggrad(g)
@@ -338,7 +339,7 @@ def test_amp_autocasts_the_same_passes_as_the_restructured_twin():
     twin = _ggrad(g)
     restructured_meta_step(f, g, x, y, d, 2, LR, margin=MARGIN, tau=TAU)
     fp32 = _ggrad(g)
-    assert _rel(ours, twin) < 1e-4
+    assert _rel(ours, twin) < 2e-2
     assert _rel(twin, fp32) > 5e-2
 
 
