@@ -232,6 +232,12 @@ def test_manual_mode_without_context_maps(cache, tmp_path):
     shutil.rmtree(ds / "contextTr")
     with pytest.raises(ValueError, match=r"mode: manual needs manual context maps \(contextTr/\)"):
         Trainer(_cfg(mode="manual", dataset=str(ds)), tmp_path / "run")
+    # refused before preprocessing (minutes on a real dataset), and no run folder is left
+    from colabx.data import load_dataset
+    from colabx.train.trainer import cache_dir, preprocessed_key
+
+    assert not (cache_dir() / "preprocessed" / preprocessed_key(load_dataset(ds))).exists()
+    assert not (tmp_path / "run").exists()
 
 
 def test_manual_contexts_choose_the_context_classes(cache, tmp_path):

@@ -245,6 +245,10 @@ class Trainer:
         else:
             root = Path(cfg.dataset)
         self.dataset = load_dataset(root)
+        if cfg.mode == "manual" and not any(c.context is not None for c in self.dataset.cases):
+            # before preprocessing, which can take minutes
+            raise ValueError(f"mode: manual needs manual context maps (contextTr/) in "
+                             f"{self.dataset.root}")
         pre_dir = Path(cfg.preprocessed) if cfg.preprocessed else (
             cache_dir() / "preprocessed" / preprocessed_key(self.dataset))
         if self.dist.is_main:
