@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +213,15 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _warn_unused(command: str, configs: list, flags: set[str]) -> None:
+    """A warning line for each option given on the command line that the run(s) would not
+    use."""
+    from colabx.train.config import unused_options
+
+    for message in unused_options(configs, sorted(flags)):
+        print(f"colabx {command}: warning: {message}", file=sys.stderr)
+
+
 def _train(args: argparse.Namespace) -> int:
     from colabx.checkpoint import load_checkpoint
     from colabx.train.config import from_mapping, read_yaml, saved_options
@@ -223,6 +232,7 @@ def _train(args: argparse.Namespace) -> int:
              if k not in {"command", "config", "out", "resume", "overwrite", "dataset"}}
     if args.dataset is not None:
         given["dataset"] = str(args.dataset)
+    flags = set(given)  # on the command line (a --config file may hold every option)
     given = {**(read_yaml(args.config) if args.config is not None else {}), **given}
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it: "
@@ -235,6 +245,7 @@ def _train(args: argparse.Namespace) -> int:
         cfg = from_mapping({**saved, **given})
     else:
         cfg = from_mapping({**default_config(given.get("dataset")).to_dict(), **given})
+    _warn_unused(args.command, [cfg], flags)
     out = args.out or Path("colabx_runs") / (
         f"{Path(cfg.dataset).name if cfg.dataset else 'phantom'}-{cfg.mode}-"
         f"{time.strftime('%Y%m%d-%H%M%S')}")
@@ -259,12 +270,14 @@ def _compare(args: argparse.Namespace) -> int:
              if k not in {"command", "config", "out", "overwrite", "dataset", "modes", "seeds"}}
     if args.dataset is not None:
         given["dataset"] = str(Path(args.dataset).absolute())
+    flags = set(given)  # on the command line (a --config file may hold every option)
     given = {**(read_yaml(args.config) if args.config is not None else {}), **given}
     for key in ("mode", "seed"):
         if key in given:
             raise ValueError(f"{key}: set by compare for each run (--modes, --seeds), not by "
                              "the configuration")
     cfg = from_mapping({**default_config(given.get("dataset")).to_dict(), **given})
+    _warn_unused(args.command, [replace(cfg, mode=m) for m in args.modes], flags)
     out = args.out or Path("colabx_runs") / (
         f"compare-{Path(cfg.dataset).name if cfg.dataset else 'phantom'}")
     dist = init_from_env(cfg.device)

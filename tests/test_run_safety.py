@@ -555,6 +555,20 @@ def test_resume_with_overwrite_is_refused(trained, capsys):
     assert (trained / "checkpoint_latest.pth").read_bytes() == before
 
 
+def test_flags_the_run_would_not_use_are_warned_about(trained, phantom, capsys):
+    """Given on the command line only: a --config file (a run's config.yaml holds every
+    option) is not warned about."""
+    assert _train(str(phantom), "--mode", "vanilla", "--t", "3", "--meta-period", "2",
+                  "--out", str(trained)) == 2
+    err = capsys.readouterr().err
+    assert "colabx train: warning: --t has no effect here: it is used by modes colab and " \
+        "kmeans" in err
+    assert "colabx train: warning: --meta-period has no effect here: it is used by mode " \
+        "colab only" in err
+    assert _train("--config", str(trained / "config.yaml"), "--out", str(trained)) == 2
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_resume_without_out_and_existing_run_exit_2(trained, phantom, capsys):
     assert main(["train", "--resume"]) == 2
     assert "--resume needs --out" in capsys.readouterr().err

@@ -117,3 +117,36 @@ def test_meta_amp_resolves_against_amp():
         TrainConfig(meta_amp="bf16", amp="fp16")
     with pytest.raises(ConfigError, match="meta_amp: must be one of"):
         from_mapping({"meta_amp": "fp16"})
+
+
+def test_options_that_would_do_nothing_are_named():
+    """Multi-mode audit: flags that the chosen configuration never reads (``--t`` with manual
+    contexts, meta-step flags in vanilla, ``--compile-mode`` without ``--compile``, ...) were
+    silently ignored."""
+    from colabx.train.config import unused_options
+
+    def unused(given, **kw):
+        return [m.split(" has no effect")[0] for m in unused_options([TrainConfig(**kw)], given)]
+
+    assert unused(["t", "lr", "margin"], mode="manual") == ["--t"]
+    assert unused(["t"], mode="kmeans") == [] and unused(["t"], mode="dilation") == ["--t"]
+    assert unused(["manual_contexts"], mode="colab") == ["--manual-contexts"]
+    meta = ["meta_period", "meta_order", "gen_lr", "meta_amp", "recompute_generator"]
+    assert unused(meta, mode="vanilla") == [f"--{k.replace('_', '-')}" for k in meta]
+    assert unused(meta, mode="colab") == []
+    assert unused(["meta_difference", "fd_tf32", "theta_pm"], mode="colab",
+                  meta_grad="exact") == ["--meta-difference", "--fd-tf32", "--theta-pm"]
+    assert unused(["theta_pm"], mode="colab", meta_difference="one_sided") == ["--theta-pm"]
+    assert unused(["theta_pm"], mode="colab") == []  # auto: central under mixed precision
+    assert unused(["compile_mode"], compile_mode="max-autotune-no-cudagraphs") == \
+        ["--compile-mode"]
+    assert unused(["compile_mode"], compile=True) == []
+    # compare: an option is used when any compared mode uses it
+    cfgs = [TrainConfig(mode=m) for m in ("vanilla", "manual")]
+    assert [m.split(" ")[0] for m in unused_options(cfgs, ["t", "meta_period"])] == \
+        ["--t", "--meta-period"]
+    cfgs.append(TrainConfig(mode="colab"))
+    assert unused_options(cfgs, ["t", "meta_period"]) == []
+    assert unused_options([TrainConfig(mode="manual")], ["t"]) == [
+        "--t has no effect here: it is used by modes colab and kmeans (dilation has 2 "
+        "contexts, manual its maps' classes) only"]

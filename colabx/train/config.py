@@ -12,7 +12,7 @@ import dataclasses
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from colabx.method.meta_step import DIFFERENCES, META_GRADS, META_MODES, ORDERS,
 __all__ = ["CHANGEABLE_ON_RESUME", "CUDA_GRAPH_COMPILE_MODES", "MODES", "PRESETS",
            "TRAIN_PRESETS", "ConfigError", "TrainConfig", "from_mapping", "load_config",
            "read_yaml", "resolved_meta_amp", "resolved_meta_difference", "resolved_meta_order",
-           "resume_differences", "save_config", "saved_options"]
+           "resume_differences", "save_config", "saved_options", "unused_options"]
 
 MODES = ("vanilla", "manual", "colab", "kmeans", "dilation")
 AMP_CHOICES = ("auto", "none", "bf16", "fp16")
@@ -348,6 +348,43 @@ def resolved_meta_order(cfg: TrainConfig) -> str:
     if cfg.meta_order != "auto":
         return cfg.meta_order
     return "shared" if cfg.meta_mode == "batched" else "reference"
+
+
+def _colab(c: TrainConfig) -> bool:
+    return c.mode == "colab"
+
+
+def _fd(c: TrainConfig) -> bool:
+    return c.mode == "colab" and c.meta_grad == "fd"
+
+
+#: Options that only some configurations use: (does ``cfg`` use it, which configurations do).
+_USED_BY: dict[str, tuple[Callable[[TrainConfig], bool], str]] = {
+    "t": (lambda c: c.mode in ("colab", "kmeans"),
+          "modes colab and kmeans (dilation has 2 contexts, manual its maps' classes)"),
+    "manual_contexts": (lambda c: c.mode == "manual", "mode manual"),
+    **dict.fromkeys(("meta_period", "meta_mode", "meta_grad", "meta_order", "recompute_generator",
+                     "generator_upsampling", "gen_lr", "meta_amp"), (_colab, "mode colab")),
+    **dict.fromkeys(("meta_difference", "fd_tf32"), (_fd, "mode colab with meta_grad fd")),
+    "theta_pm": (lambda c: _fd(c) and c.meta_difference != "one_sided",
+                 "mode colab with meta_grad fd and the central difference (one_sided runs "
+                 "theta+ only)"),
+    "compile_mode": (lambda c: c.compile, "--compile"),
+}
+
+
+def unused_options(configs: Sequence[TrainConfig], given: Iterable[str]) -> list[str]:
+    """Messages for the options in ``given`` (set by the user) that none of ``configs`` uses
+    (``colabx train``: one configuration; ``colabx compare``: one per mode), e.g. ``--t`` with
+    ``--mode manual``: they would silently do nothing."""
+    out = []
+    for name in given:
+        if name in _USED_BY:
+            used, by = _USED_BY[name]
+            if not any(used(c) for c in configs):
+                flag = "--" + name.replace("_", "-")
+                out.append(f"{flag} has no effect here: it is used by {by} only")
+    return out
 
 
 def resolved_meta_difference(cfg: TrainConfig, mixed_precision: bool) -> str:
