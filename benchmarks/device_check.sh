@@ -6,7 +6,8 @@
 #      it imports: carry its wheel in .whl/) and profile_kernels; COLABX_BENCH_OPS limits the ops,
 #   4. runs `colabx bench meta` on CUDA at the paper's sizes (B=2, 80³, 30 features, 4 pools) in
 #      the two default configurations, fp32 with the one-sided difference and bf16 with the
-#      central one: vanilla, CoLab's iterations and the pure-PyTorch steps, same run; only when
+#      central one: vanilla, CoLab's iterations and the pure-PyTorch steps, same run, each row
+#      then profiled (how busy its kernels keep the GPU, its costliest kernels); only when
 #      asked (stage metastep), bench_meta_step (issue 4's meta-step table; at most 180 s),
 #   5. runs bench_train and bench_data on the phantom (trainer patches/s consumed vs loader
 #      patches/s delivered with 4/8/12 workers; at most 150 s; nibabel and pyyaml wheels in .whl/),
@@ -152,7 +153,7 @@ stage_meta() {
   for v in "none one_sided" "bf16 central"; do
     set -- $v
     run_logged 120 "colabx_bench_meta_$1_$2.log" colabx bench meta --device cuda --patch 80 \
-      --features 30 --pools 4 --min-time 2 --amp "$1" --difference "$2" \
+      --features 30 --pools 4 --min-time 2 --amp "$1" --difference "$2" --profile 3 \
       --out "$OUT/colabx_bench_meta_$1_$2.json"
     show_table "colabx_bench_meta_$1_$2.log" '^| per iteration'
   done

@@ -110,3 +110,22 @@ def test_bench_meta_refuses_compile_modes_with_cuda_graphs(mode, capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "meta", "--quick", "--compile", mode])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_bench_meta_profile_names_where_each_rows_time_goes(tmp_path, capsys):
+    out = tmp_path / "meta.json"
+    assert main(["bench", "meta", "--quick", "--min-time", "0", "--rounds", "1", "--profile",
+                 "1", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert set(data["profile"]) == set(data["timings"])
+    for row in data["profile"].values():
+        assert row["wall_ms"] > 0 and row["device_ms"] is None  # no kernel time on the CPU
+        assert 0 < len(row["top"]) <= 8 and all(t["self_ms"] >= 0 for t in row["top"])
+        assert [t["self_ms"] for t in row["top"]] == sorted((t["self_ms"] for t in row["top"]),
+                                                            reverse=True)
+        # the network's convolutions are where a training iteration spends its time
+        assert any("conv" in t["op"] for t in row["top"])
+    text = capsys.readouterr().out
+    assert "| profile (1 calls per row) | wall ms | most time per call |" in text
+    with pytest.raises(SystemExit):
+        main(["bench", "meta", "--quick", "--profile", "-1"])

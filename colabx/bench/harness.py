@@ -1,5 +1,5 @@
 """Timing harness shared by the benchmark scripts: median wall time per implementation, ratios
-against the baselines measured in the same run, effective bandwidth, JSON output."""
+against the baselines measured in the same run, effective bandwidth, profiles, JSON output."""
 
 from __future__ import annotations
 
@@ -82,6 +82,48 @@ def time_interleaved(
                 times[name].append(_timed_call(fn, device))
                 n += 1
     return {name: {**_summary(t), "rounds": rounds} for name, t in times.items()}
+
+
+def profile_calls(fns: dict[str, Callable[[], object]], device: torch.device, reps: int = 3,
+                  top: int = 8) -> dict[str, dict]:
+    """Per row, ``reps`` calls (after one unprofiled call) under ``torch.profiler``: the wall
+    time per call, on a GPU the kernels' time per call (``device_ms``: how much of the wall time
+    the GPU works; the rest is the host preparing launches, or waiting), and the ``top``
+    operations per call, ranked by kernel time on a GPU (kernels by name) and by self CPU time on
+    the CPU (aten operators)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    out = {}
+    for name, fn in fns.items():
+        fn()
+        _sync(device)
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            _sync(device)
+            wall_ms = (time.perf_counter() - start) * 1e3 / reps
+        per_op: dict[str, list[float]] = {}
+        if cuda:
+            for e in prof.events():
+                if e.device_type == DeviceType.CUDA:
+                    entry = per_op.setdefault(e.name, [0.0, 0])
+                    entry[0] += e.time_range.elapsed_us()
+                    entry[1] += 1
+        else:
+            for e in prof.key_averages():
+                per_op[e.key] = [e.self_cpu_time_total, e.count]
+        ranked = sorted(per_op.items(), key=lambda kv: kv[1][0], reverse=True)
+        out[name] = {
+            "wall_ms": wall_ms,
+            "device_ms": sum(v[0] for v in per_op.values()) / 1e3 / reps if cuda else None,
+            "top": [{"op": op, "self_ms": us / 1e3 / reps, "calls": n / reps}
+                    for op, (us, n) in ranked[:top]],
+        }
+    return out
 
 
 def _timed_call(fn: Callable[[], object], device: torch.device) -> float:

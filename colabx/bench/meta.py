@@ -32,6 +32,10 @@ JSON::
     colabx bench meta --device cuda --patch 80 --features 30 --pools 4
     colabx bench meta --run runs/liver         # a trained run's network plan
     colabx bench meta --quick --min-time 0     # tiny net: a smoke run
+    colabx bench meta --device cuda --profile 5  # + where each row's time goes
+
+``--profile N`` profiles N calls of every row after the timings: on a GPU, a row whose kernels
+keep the GPU busy for much less than its wall time is bound by the host (launch overhead).
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ import torch
 
 from colabx import distance_transform
 from colabx._precision import AMP_DTYPES, resolve_amp
-from colabx.bench.harness import machine_info, time_interleaved, write_json
+from colabx.bench.harness import machine_info, profile_calls, time_interleaved, write_json
 from colabx.device import optimizer_options
 from colabx.method.meta_step import DIFFERENCES, MetaConfig, MetaStep
 from colabx.models import UNet, onednn_convolutions, task_generator
@@ -251,6 +255,11 @@ def main(argv: list[str] | None = None, prog: str = "colabx bench meta") -> dict
     ap.add_argument("--rounds", type=int, default=5,
                     help="interleaved rounds the rows are timed in, so that a drift of the "
                     "machine's speed during the run moves every row alike (default 5)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after the timings, profile N calls of every row (torch.profiler): "
+                    "wall time, on a GPU the kernels' time (how busy the GPU is), and the "
+                    "operations that take the most time; into the table and the JSON "
+                    "(default 0: off)")
     ap.add_argument("--out", default="colabx_bench_meta_{device}.json", help="JSON output")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -260,6 +269,8 @@ def main(argv: list[str] | None = None, prog: str = "colabx bench meta") -> dict
         ap.error("--period must be >= 1")
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
+    if args.profile < 0:
+        ap.error("--profile must be >= 0")
     args.amp = resolve_amp(args.amp, device)
     amp_dtype = AMP_DTYPES[args.amp]
     if amp_dtype is not None and args.difference == "one_sided":
@@ -316,4 +327,20 @@ def main(argv: list[str] | None = None, prog: str = "colabx bench meta") -> dict
         print(f"shared order, {args.difference} difference: "
               f"{ms['colab meta (published iteration)'] / shared:.2f}× faster than the "
               "published iteration (reference order, central difference)")
+    if args.profile:
+        payload["profile"] = profile_calls(calls, device, reps=args.profile)
+        write_json(args.out.format(device=device.type), payload)
+        _print_profile(payload["profile"], args.profile)
     return payload
+
+
+def _print_profile(profile: dict[str, dict], reps: int) -> None:
+    gpu = next(iter(profile.values()))["device_ms"] is not None
+    print(f"\n| profile ({reps} calls per row) | wall ms | "
+          + ("GPU kernels ms | GPU busy | " if gpu else "") + "most time per call |\n|---|---|"
+          + ("---|---|" if gpu else "") + "---|")
+    for name, p in profile.items():
+        busy = f"{p['device_ms']:.1f} | {100 * p['device_ms'] / p['wall_ms']:.0f} % | " \
+            if gpu else ""
+        shown = "; ".join(f"{t['op'][:48]} {t['self_ms']:.2f} ms" for t in p["top"][:3])
+        print(f"| {name} | {p['wall_ms']:.1f} | {busy}{shown} |")
