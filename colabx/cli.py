@@ -240,8 +240,19 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.out is None:
             raise ValueError("--resume needs --out RUN_DIR, the run folder to continue")
+        latest = args.out / "checkpoint_latest.pth"
+        if not latest.is_file():
+            raise ValueError(f"{args.out}: nothing to resume (no checkpoint_latest.pth; a run "
+                             "writes it after its first epoch, then every --save-every epochs); "
+                             "start the run without --resume")
+        try:
+            state = load_checkpoint(latest)
+        except ValueError as e:
+            raise ValueError(f"{e}; the run cannot be resumed: --overwrite starts it anew "
+                             "(its checkpoint_best.pth or checkpoint_final.pth, if readable, "
+                             "can still be predicted from)") from e
         # the run's own options, then what was given: the trainer refuses what may not change
-        saved = saved_options(load_checkpoint(args.out / "checkpoint_latest.pth")["config"])
+        saved = saved_options(state["config"])
         cfg = from_mapping({**saved, **given})
     else:
         cfg = from_mapping({**default_config(given.get("dataset")).to_dict(), **given})

@@ -569,6 +569,17 @@ def test_flags_the_run_would_not_use_are_warned_about(trained, phantom, capsys):
     assert "warning" not in capsys.readouterr().err
 
 
+def test_resume_without_a_readable_checkpoint_says_what_to_do(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    assert _train("--out", str(run), "--resume") == 2
+    assert f"{run}: nothing to resume (no checkpoint_latest.pth" in capsys.readouterr().err
+    (run / "checkpoint_latest.pth").write_bytes(b"PK\x03\x04 cut off by a full disk")
+    assert _train("--out", str(run), "--resume") == 2
+    err = capsys.readouterr().err
+    assert "not a readable checkpoint" in err and "--overwrite starts it anew" in err
+
+
 def test_resume_without_out_and_existing_run_exit_2(trained, phantom, capsys):
     assert main(["train", "--resume"]) == 2
     assert "--resume needs --out" in capsys.readouterr().err
