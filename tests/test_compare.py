@@ -161,3 +161,50 @@ def test_seed_means_follow_the_evaluation_and_undefined_ones_read_n_a():
     assert math.isnan(table["none"]["colab"]["precision"]["mean"])
     text = _markdown(table, [0, 1])
     assert "nan" not in text and "| n/a ± n/a<br>Δ n/a [n/a, n/a] |" in text
+
+
+def test_several_roi_classes_get_a_table_each():
+    """Multi-class audit: with c >= 3 compare showed only the foreground mean, which can hide
+    one class getting worse. Each ROI class's table uses that class alone: its seed value is
+    the class's mean over the cases (evaluation.json's "mean"), its pairs only the cases where
+    the class is defined."""
+    from types import SimpleNamespace
+
+    from colabx.inference.metrics import summarize
+    from colabx.train.compare import _csv, _markdown, _roi_classes, _table
+
+    def metrics(dice):
+        return {"dice": dice, "sensitivity": 1.0, "precision": 1.0, "hd95": 1.0,
+                "tp": 1, "fp": 0, "fn": 0, "n_pred": 1, "n_ref": 1}
+
+    def result(liver, tumour):
+        per_case = [{1: metrics(liver[0]), 2: metrics(tumour)}, {1: metrics(liver[1])}]
+        # as read back from evaluation.json: class keys are strings there
+        cases = {f"c{i}": {"metrics": {str(k): v for k, v in c.items()}}
+                 for i, c in enumerate(per_case)}
+        return {**summarize(per_case), "cases": cases}
+
+    results = {("vanilla", s): {"none": result((0.8, 0.6), 0.5)} for s in (0, 1)}
+    results.update({("colab", s): {"none": result((0.7, 0.5), 0.9 + 0.02 * s)}
+                    for s in (0, 1)})
+    modes, seeds = ["vanilla", "colab"], [0, 1]
+    ds = SimpleNamespace(labels={"background": 0, "liver": 1, "tumour": 2, "ignore": 3},
+                         ignore_label=3)
+    assert _roi_classes(ds) == {"liver": 1, "tumour": 2}
+    assert _roi_classes(SimpleNamespace(labels={"background": 0, "liver": 1},
+                                        ignore_label=None)) == {}
+    liver = _table(results, modes, seeds, 1)[0]["none"]["colab"]["dice"]
+    tumour = _table(results, modes, seeds, 2)[0]["none"]["colab"]["dice"]
+    assert liver["per_seed"] == [pytest.approx(0.6)] * 2
+    assert liver["vs_vanilla"]["mean"] == pytest.approx(-0.1) and \
+        liver["vs_vanilla"]["pairs"] == 4
+    assert tumour["per_seed"] == [pytest.approx(0.9), pytest.approx(0.92)]
+    assert tumour["vs_vanilla"]["mean"] == pytest.approx(0.41) and \
+        tumour["vs_vanilla"]["pairs"] == 2  # the tumour is in one case of two
+    table = _table(results, modes, seeds)[0]
+    per_class = {name: _table(results, modes, seeds, v)[0] for name, v in _roi_classes(ds).items()}
+    rows = _csv(table, per_class).splitlines()
+    assert rows[0].endswith(",pairs,class") and len(rows) == 1 + 3 * 2 * 4
+    assert sum(r.endswith(",tumour") for r in rows) == 8
+    assert "### class tumour, post-processing: none" in _markdown(per_class["tumour"], seeds,
+                                                                  "class tumour, ")

@@ -7,7 +7,8 @@ Layout of the compare folder (marker ``colabx_compare.json``)::
     compare.md / .csv / .json / .png
 
 Per mode: mean ± sd over seeds of each seed's foreground mean of DSC, sensitivity, precision
-and HD95 (as the run's evaluation.json forms it: per class over the cases, then over classes),
+and HD95 (as the run's evaluation.json forms it: per class over the cases, then over classes;
+with several ROI classes, each class's table follows the foreground one),
 without and with post-processing (the largest connected component, :mod:`colabx.inference.
 postprocess`); and against vanilla the paired difference: per seed, the mean over the test
 cases of (mode − vanilla), then the mean of these over seeds with a 95 % t-interval (n_seeds − 1
@@ -70,25 +71,32 @@ def _finite_mean(values: Sequence[float]) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
-def _case_values(result: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """case id → metric → mean over the ROI classes (NaN skipped) of one evaluation result."""
-    return {cid: {m: _finite_mean([math.nan if v[m] is None else v[m]
-                                   for v in case["metrics"].values()])
-                  for m in METRIC_NAMES}
-            for cid, case in result["cases"].items()}
+def _case_values(result: dict[str, Any], cls: int | None = None) -> dict[str, dict[str, float]]:
+    """case id → metric → mean over the ROI classes (NaN skipped) of one evaluation result; with
+    ``cls`` (a label value) that class's value alone (NaN where undefined)."""
+    def pick(metrics: dict) -> dict[str, float]:
+        chosen = [v for k, v in metrics.items() if cls is None or int(k) == cls]
+        return {m: _finite_mean([math.nan if v[m] is None else v[m] for v in chosen])
+                for m in METRIC_NAMES}
+
+    return {cid: pick(case["metrics"]) for cid, case in result["cases"].items()}
 
 
-def _foreground(result: dict[str, Any]) -> dict[str, float]:
+def _foreground(result: dict[str, Any], cls: int | None = None) -> dict[str, float]:
     """metric → the result's foreground mean (per class over cases, then over classes: the
-    number evaluation.json and ``colabx evaluate`` report; NaN where undefined)."""
-    fg = result["foreground_mean"]
-    return {m: math.nan if fg[m] is None else float(fg[m]) for m in METRIC_NAMES}
+    number evaluation.json and ``colabx evaluate`` report), or with ``cls`` that class's mean
+    over the cases; NaN where undefined."""
+    if cls is None:
+        fg = result["foreground_mean"]
+    else:
+        fg = next((v for k, v in result["mean"].items() if int(k) == cls), {})
+    return {m: math.nan if fg.get(m) is None else float(fg[m]) for m in METRIC_NAMES}
 
 
-def _evaluate(run: Path, ds: Dataset) -> tuple[dict[str, Any], dict[str, Any]]:
-    """For one finished run of dataset ``ds``, by post-processing (its final evaluation, and its
-    test predictions again after the largest-connected-component post-processing): case →
-    metric (class mean, for pairing cases), and metric → foreground mean."""
+def _results(run: Path, ds: Dataset) -> dict[str, dict[str, Any]]:
+    """One finished run's evaluations of dataset ``ds`` by post-processing: its final
+    evaluation, and its test predictions again after the largest-connected-component
+    post-processing."""
     from colabx.inference.metrics import evaluate_folders
 
     results = {"none": json.loads((run / "evaluation.json").read_text())}
@@ -96,8 +104,25 @@ def _evaluate(run: Path, ds: Dataset) -> tuple[dict[str, Any], dict[str, Any]]:
     if preds.is_dir():
         results["lcc"] = evaluate_folders(preds, ds.root / "labelsTs", ds.labels,
                                           ds.file_ending, postprocess="lcc")
-    return ({post: _case_values(r) for post, r in results.items()},
-            {post: _foreground(r) for post, r in results.items()})
+    return results
+
+
+def _roi_classes(ds: Dataset) -> dict[str, int]:
+    """ROI class name → label value, when the dataset has several (else none: the foreground
+    table is that class's)."""
+    roi = {k: v for k, v in ds.labels.items() if v != 0 and v != ds.ignore_label}
+    return dict(sorted(roi.items(), key=lambda kv: kv[1])) if len(roi) > 1 else {}
+
+
+def _table(results: dict[tuple[str, int], dict], modes: Sequence[str], seeds: Sequence[int],
+           cls: int | None = None) -> tuple[dict[str, Any], dict[tuple[str, int], dict]]:
+    """The summary table of the foreground (or of class ``cls``) and the per-case values it
+    pairs."""
+    values = {key: {post: _case_values(r, cls) for post, r in res.items()}
+              for key, res in results.items()}
+    fg = {key: {post: _foreground(r, cls) for post, r in res.items()}
+          for key, res in results.items()}
+    return _summaries(values, fg, modes, seeds), values
 
 
 def _summaries(values: dict[tuple[str, int], dict], foreground: dict[tuple[str, int], dict],
@@ -135,10 +160,10 @@ def _fmt(v: float, spec: str) -> str:
     return format(v, spec) if math.isfinite(v) else "n/a"
 
 
-def _markdown(table: dict[str, Any], seeds: Sequence[int]) -> str:
+def _markdown(table: dict[str, Any], seeds: Sequence[int], scope: str = "") -> str:
     lines = []
     for post, rows in table.items():
-        lines += [f"### post-processing: {post} (mean ± sd over seeds {list(seeds)}; Δ vs "
+        lines += [f"### {scope}post-processing: {post} (mean ± sd over seeds {list(seeds)}; Δ vs "
                   "vanilla: per seed the mean paired difference over the test cases, then its "
                   "mean over seeds with a 95 % t-interval)", "",
                   "| mode | " + " | ".join(METRIC_NAMES.values()) + " |",
@@ -159,19 +184,22 @@ def _markdown(table: dict[str, Any], seeds: Sequence[int]) -> str:
     return "\n".join(lines)
 
 
-def _csv(table: dict[str, Any]) -> str:
+def _csv(table: dict[str, Any], per_class: dict[str, dict[str, Any]]) -> str:
+    """One row per (scope, post-processing, mode, metric); ``class`` is ``foreground`` or an
+    ROI class's name."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["postprocess", "mode", "metric", "mean", "sd", "delta_vs_vanilla", "ci_low",
-                "ci_high", "seeds", "pairs"])
-    for post, rows in table.items():
-        for mode, row in rows.items():
-            for m in METRIC_NAMES:
-                r = row[m]
-                v = r.get("vs_vanilla", {"mean": "", "ci95": ["", ""], "seeds": "",
-                                         "pairs": ""})
-                w.writerow([post, mode, m, r["mean"], r["sd"], v["mean"], *v["ci95"],
-                            v["seeds"], v["pairs"]])
+                "ci_high", "seeds", "pairs", "class"])
+    for scope, scoped in (("foreground", table), *per_class.items()):
+        for post, rows in scoped.items():
+            for mode, row in rows.items():
+                for m in METRIC_NAMES:
+                    r = row[m]
+                    v = r.get("vs_vanilla", {"mean": "", "ci95": ["", ""], "seeds": "",
+                                             "pairs": ""})
+                    w.writerow([post, mode, m, r["mean"], r["sd"], v["mean"], *v["ci95"],
+                                v["seeds"], v["pairs"], scope])
     return buf.getvalue()
 
 
@@ -253,16 +281,20 @@ def run_compare(base: TrainConfig, modes: Sequence[str], seeds: Sequence[int],
     # every run trained on the same dataset: read it once
     first = out / runs[(modes[0], seeds[0])] / "checkpoint_final.pth"
     ds = load_dataset(load_checkpoint(first)["dataset"]["root"])
-    evaluated = {key: _evaluate(out / name, ds) for key, name in runs.items()}
-    values = {key: cases for key, (cases, _) in evaluated.items()}
-    table = _summaries(values, {key: fg for key, (_, fg) in evaluated.items()}, modes, seeds)
+    results = {key: _results(out / name, ds) for key, name in runs.items()}
+    table, values = _table(results, modes, seeds)
+    # several ROI classes: each one's table too (the foreground mean can hide a class)
+    per_class = {name: _table(results, modes, seeds, v)[0]
+                 for name, v in _roi_classes(ds).items()}
     payload = {"modes": list(modes), "seeds": list(seeds), "options": base.to_dict(),
-               "table": table,
+               "table": table, "per_class": per_class,
                "cases": {runs[key]: v for key, v in values.items()},
-               "foreground": {runs[key]: fg for key, (_, fg) in evaluated.items()}}
+               "foreground": {runs[key]: {post: _foreground(r) for post, r in res.items()}
+                              for key, res in results.items()}}
     atomic_write_text(out / "compare.json", json.dumps(json_safe(payload), indent=1) + "\n")
-    atomic_write_text(out / "compare.csv", _csv(table))
-    text = _markdown(table, seeds)
+    atomic_write_text(out / "compare.csv", _csv(table, per_class))
+    text = "\n".join([_markdown(table, seeds),
+                      *(_markdown(t, seeds, f"class {name}, ") for name, t in per_class.items())])
     atomic_write_text(out / "compare.md", text + "\n")
     _figure(values, modes, seeds, out / "compare.png")
     echo(text)
