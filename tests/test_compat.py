@@ -188,6 +188,17 @@ def test_calculate_loss_gradient_reaches_a_differentiable_mask(losstype, bg):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
 
 
+@pytest.mark.parametrize("bg", [-1, 4])
+def test_calculate_loss_names_a_background_class_outside_the_output(bg):
+    """The reference indexes past the channels (an IndexError deep in its loss): here a
+    ValueError naming BGcls and the valid range (K = c + t - 1 = 4 channels)."""
+    args = _args(3, 2, deep=False)
+    y, z, q, m = _inputs(args, (9, 7, 6))
+    with pytest.raises(ValueError, match=rf"calculate_loss: BGcls {bg} is not a channel of the "
+                       r"output \(0 to 3\)"):
+        calculate_loss(args, y, z, q, loss_masks=m, losstype=1, BGcls=bg)
+
+
 def test_calculate_loss_forces_the_ground_truth_into_every_masks_level():
     args = _args(3, 2, True, 3)
     y, zs, qs, ms = _inputs(args, (16, 16, 8))

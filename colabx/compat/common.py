@@ -247,6 +247,9 @@ def calculate_loss(args, targets, output, taskGenerated, detach=False, criterion
         return dice_ce_loss(zs, combs, list(range(1, dice_to)), weights,
                             validate=False).to(dtype)
     bg = int(BGcls)
+    if not 0 <= bg < zs[0].shape[1]:
+        raise ValueError(f"calculate_loss: BGcls {bg} is not a channel of the output (0 to "
+                         f"{zs[0].shape[1] - 1})")
     total = 0
     for w, z, y, q, m in zip(weights, zs, labels, qs, ms, strict=True):
         total = total + w * _cross_entropy(z, _soft_targets(args, y, q, m, k, bg, deep))
