@@ -129,3 +129,23 @@ def test_bench_meta_profile_names_where_each_rows_time_goes(tmp_path, capsys):
     assert "| profile (1 calls per row) | wall ms | most time per call |" in text
     with pytest.raises(SystemExit):
         main(["bench", "meta", "--quick", "--profile", "-1"])
+
+
+def test_bench_meta_fd_tf32_reaches_colabx_meta_steps(tmp_path, monkeypatch):
+    """``--fd-tf32`` goes into every colabx MetaStep of the run (the pure-PyTorch rows have no
+    such option) and into the JSON."""
+    import colabx.bench.meta as bench_meta
+
+    configs = []
+    real = bench_meta.MetaStep
+
+    def spy(f, g, config, *a, **kw):
+        configs.append(config)
+        return real(f, g, config, *a, **kw)
+
+    monkeypatch.setattr(bench_meta, "MetaStep", spy)
+    out = tmp_path / "meta.json"
+    assert main(["bench", "meta", "--quick", "--min-time", "0", "--rounds", "1", "--fd-tf32",
+                 "--out", str(out)]) == 0
+    assert len(configs) == 3 and all(c.fd_tf32 for c in configs)
+    assert json.loads(out.read_text())["setup"]["fd_tf32"] is True

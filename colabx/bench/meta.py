@@ -112,14 +112,16 @@ def _setup_from_run(run: str, batch: int) -> Setup:
 def _iterations(s: Setup, device: torch.device, difference: str,
                 amp_dtype: torch.dtype | None = None,
                 compile_mode: str | None = None,
-                meta_amp_dtype: torch.dtype | None = None) -> dict[str, Callable[[], object]]:
+                meta_amp_dtype: torch.dtype | None = None,
+                fd_tf32: bool = False) -> dict[str, Callable[[], object]]:
     """One callable per row, each one training iteration on the same batch; with ``amp_dtype``
     the network forwards run under autocast (colabx's θ± forwards stay fp32 as always; the
     reference-style step has no mixed precision, as the published code). With
     ``compile_mode`` colabx's rows run ``torch.compile``d networks, as ``colabx train
     --compile`` does. ``meta_amp_dtype``: the autocast of the generator and L_ROI passes in
     colabx's plain, reference-order and shared-order rows (``colabx train --meta-amp``); the
-    published iteration keeps ``amp_dtype``'s."""
+    published iteration keeps ``amp_dtype``'s. ``fd_tf32``: colabx's θ± forwards (and a
+    one-sided difference's inner forward) may use TF32 (``colabx train --fd-tf32``)."""
     c = s.num_classes
     amp = amp_dtype is not None
 
@@ -167,7 +169,8 @@ def _iterations(s: Setup, device: torch.device, difference: str,
         gopt = torch.optim.Adam(g.parameters(), lr=0.0, **fused)
         f, g = compiled(f, g)
         ms = MetaStep(f, g, MetaConfig(c, order=order, difference=diff, amp=amp, meta_amp=meta,
-                                       amp_dtype=amp_dtype or meta_amp_dtype or torch.bfloat16))
+                                       amp_dtype=amp_dtype or meta_amp_dtype or torch.bfloat16,
+                                       fd_tf32=fd_tf32))
         if "colab plain" not in rows:
             rows["colab plain"] = as_trainer(lambda ms=ms, fopt=fopt: ms.plain_step(x, y, d,
                                                                                       fopt))
@@ -244,6 +247,9 @@ def main(argv: list[str] | None = None, prog: str = "colabx bench meta") -> dict
                     help="precision of the generator and L_ROI passes in colabx's rows, as "
                     "colabx train --meta-amp: as --amp (default), none, or bf16 (the published "
                     "iteration's row keeps --amp's)")
+    ap.add_argument("--fd-tf32", action="store_true",
+                    help="let colabx's θ± forwards (and a one-sided difference's inner forward) "
+                    "use TF32 on the GPU, as colabx train --fd-tf32 (default: strict fp32)")
     ap.add_argument("--compile", choices=("off", "default", "max-autotune-no-cudagraphs"),
                     default="off", help="torch.compile colabx's networks with this mode, as "
                     "colabx train --compile --compile-mode MODE (default off); the modes that "
@@ -293,10 +299,11 @@ def main(argv: list[str] | None = None, prog: str = "colabx bench meta") -> dict
           f"{info['torch']}, {info['torch_threads']} CPU threads; batch {setup.batch}, patch "
           f"{list(setup.patch)}, {len(setup.pools)} pools, {setup.features} features, c "
           f"{setup.num_classes}, t {setup.t}, {args.difference} difference, amp {args.amp}, "
-          f"meta passes {meta_amp}, compile {args.compile}",
+          f"meta passes {meta_amp}, θ± TF32 {args.fd_tf32}, compile {args.compile}",
           flush=True)
     compile_mode = None if args.compile == "off" else args.compile
-    calls = _iterations(setup, device, args.difference, amp_dtype, compile_mode, meta_amp_dtype)
+    calls = _iterations(setup, device, args.difference, amp_dtype, compile_mode, meta_amp_dtype,
+                        args.fd_tf32)
     # compiling (and recording CUDA graphs) takes the first calls
     timings = time_interleaved(calls, device, min_time_s=args.min_time, rounds=args.rounds,
                                warmup=1 if compile_mode is None else 3)
@@ -306,7 +313,7 @@ def main(argv: list[str] | None = None, prog: str = "colabx bench meta") -> dict
     overheads = _overheads(ms, args.period)
     payload = {"machine": info, "command": f"{prog} " + " ".join(argv or []),
                "setup": {**setup.__dict__, "difference": args.difference, "amp": args.amp,
-                         "meta_amp": meta_amp,
+                         "meta_amp": meta_amp, "fd_tf32": args.fd_tf32,
                          "period": args.period, "compile": args.compile},
                "timings": timings, "rows": overheads}
     write_json(args.out.format(device=device.type), payload)
