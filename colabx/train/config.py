@@ -84,7 +84,7 @@ class TrainConfig:
     meta_period: int = _opt(5, "update the task generator every N iterations (colab); 5 is the "
                             "published code's taskupdate default: context labels that change "
                             "too often keep the network from learning them (paper supplement); "
-                            "at period 1 a CPU epoch costs 2.8-3.1x a vanilla one, at 5 "
+                            "at period 1 a CPU epoch costs 2.8-3.2x a vanilla one, at 5 "
                             "1.6-1.7x (benchmarks/RESULTS.md)",
                             lo=1, group="method")
     meta_mode: str = _opt("batched", "meta step on the whole batch (batched) or per sample as the "
