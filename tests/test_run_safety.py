@@ -285,10 +285,11 @@ def test_resume_refuses_a_dataset_whose_cases_changed(phantom, tmp_path, capsys)
         shutil.copy(src, added[-1])
     js = json.loads((data / "dataset.json").read_text())
     (data / "dataset.json").write_text(json.dumps({**js, "numTraining": js["numTraining"] + 1}))
-    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 2
-    err = capsys.readouterr().err
+    assert main(["train", "--out", str(run), "--resume", "--no-progress", "--epochs", "3"]) == 2
+    out, err = capsys.readouterr()
     assert "the dataset's cases changed since this run started" in err
     assert "new: ['phantom_900']" in err
+    assert "resume: epochs" not in out  # a refused resume announces no change
     assert load_checkpoint(run / "checkpoint_latest.pth")["epoch"] == 1
 
     for p in added:

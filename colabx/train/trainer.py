@@ -155,6 +155,8 @@ class Trainer:
         rows = None
         if state is not None:
             rows = self._load_state(state)
+            for line in self._resume_changes:
+                self.echo(line)
         if self.dist.is_main:
             if resume:
                 remove_stale_temporaries(self.out)
@@ -192,10 +194,11 @@ class Trainer:
         if cfg.epochs < done:
             raise ValueError(f"epochs: the run in {self.out} has already trained {done} epochs; "
                              f"--epochs {cfg.epochs} cannot undo them")
-        for k, (a, b) in changed.items():
-            extra = " (the poly learning-rate schedule now runs over the new total)" \
-                if k == "epochs" else ""
-            self.echo(f"resume: {k} {a!r} -> {b!r}{extra}")
+        # announced once the resume is accepted (the dataset is checked later)
+        self._resume_changes = [
+            f"resume: {k} {a!r} -> {b!r}" + (" (the poly learning-rate schedule now runs over "
+                                              "the new total)" if k == "epochs" else "")
+            for k, (a, b) in changed.items()]
         return TrainConfig(**{**saved, **{k: b for k, (_, b) in changed.items()}})
 
     # -- set-up ---------------------------------------------------------------------------------
