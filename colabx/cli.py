@@ -152,7 +152,9 @@ def _parser() -> argparse.ArgumentParser:
                         "`colabx train --preprocessed` reads; an unchanged dataset is not "
                         "redone.")
     pp.add_argument("dataset", type=Path, help="dataset folder (nnU-Net v2 raw or MSD)")
-    pp.add_argument("--out", type=Path, help="output folder (default: the trainer's cache)")
+    pp.add_argument("--out", type=Path, help="output folder (default: the trainer's cache, "
+                    "where colabx train finds it; a folder given here is used by colabx train "
+                    "--preprocessed FOLDER)")
     pp.add_argument("--target-spacing", type=float, nargs="+",
                     help="mm per array axis (default: nnU-Net's rule: the median spacing, or "
                     "the 10th percentile along a thick, sparsely sampled axis)")
@@ -350,6 +352,8 @@ def _preprocess(args: argparse.Namespace) -> int:
     state = "up to date (cached)" if pre.from_cache else "written"
     spacing = [round(s, 6) for s in pre.target_spacing]
     print(f"{len(pre)} cases {state}: {out} (target spacing {spacing} mm)")
+    if args.out is not None:
+        print(f"train on them with: colabx train {args.dataset} --preprocessed {out}")
     return 0
 
 

@@ -28,7 +28,10 @@ def test_make_phantom_writes_an_nnunet_dataset(phantom, capsys):
 def test_preprocess_then_cached(phantom, tmp_path, capsys):
     out = tmp_path / "pre"
     assert main(["preprocess", str(phantom), "--out", str(out), "--workers", "0"]) == 0
-    assert (out / "plans.json").is_file() and "written" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert (out / "plans.json").is_file() and "written" in text
+    # a folder of one's own: the command that trains on it
+    assert f"train on them with: colabx train {phantom} --preprocessed {out}" in text
     assert main(["preprocess", str(phantom), "--out", str(out), "--workers", "0"]) == 0
     assert "up to date" in capsys.readouterr().out
 
