@@ -3,6 +3,7 @@ one-sided), on the CPU in float64."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -94,6 +95,15 @@ def test_one_sided_needs_fp32_inner_forward_and_shared_needs_batched():
         TrainConfig(meta_difference="one_sided", amp="bf16")
     with pytest.raises(ConfigError, match="meta_order: shared needs meta_mode batched"):
         TrainConfig(meta_order="shared", meta_mode="per_sample")
+    # the exact meta-gradient has no difference: one_sided neither applies nor is refused, and
+    # leaves the inner forward's precision alone (autocast and TF32 as configured)
+    MetaConfig(2, difference="one_sided", meta_grad="exact", amp=True)
+    TrainConfig(meta_difference="one_sided", meta_grad="exact", amp="bf16")
+    f, g, x, *_ = _setup()
+    ms = MetaStep(f, g, MetaConfig(2, difference="one_sided", meta_grad="exact", amp=True,
+                                   amp_dtype=torch.bfloat16))
+    autocast, tf32 = ms._inner_precision(x.float())
+    assert isinstance(autocast, torch.autocast) and isinstance(tf32, contextlib.nullcontext)
 
 
 def test_default_order_is_shared_when_batched_and_reference_per_sample():

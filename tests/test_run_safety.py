@@ -177,6 +177,16 @@ def test_a_second_process_on_a_run_folder_is_refused(phantom, tmp_path, capsys):
     _io.lock_folder(run, "run folder").release()
 
 
+def test_a_failed_start_removes_only_the_empty_folders_it_created(phantom, tmp_path, capsys):
+    """--out new/run beside --preprocessed new/pre, both new, and the start fails after
+    preprocessing: the run folder goes, the preprocessed data and their parent stay."""
+    new = tmp_path / "new"
+    assert _train(str(phantom), "--mode", "vanilla", "--out", str(new / "run"),
+                  "--preprocessed", str(new / "pre"), "--patch-size", "5", "5", "5") == 2
+    assert "error" in capsys.readouterr().err
+    assert (new / "pre" / "plans.json").is_file() and not (new / "run").exists()
+
+
 def test_checkpoint_best_is_written_before_checkpoint_latest(phantom, tmp_path, monkeypatch):
     """A run killed between the two saves of an improving epoch: checkpoint_best.pth holds at
     least the score checkpoint_latest.pth records, so the resumed run still ends with the best

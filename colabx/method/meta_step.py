@@ -153,7 +153,7 @@ class MetaConfig:
                              "per sample, the reference's semantics)")
         if self.meta_amp is not None and not isinstance(self.meta_amp, bool):
             raise ValueError(f"meta_amp must be True, False or None, got {self.meta_amp!r}")
-        if self.difference == "one_sided" and self.amp:
+        if self.difference == "one_sided" and self.meta_grad == "fd" and self.amp:
             raise ValueError("difference: one_sided reuses G(θ) from the inner forward, which "
                              "runs under autocast here while the θ+ forward runs in fp32: the "
                              "difference would measure the precision change, not the "
@@ -349,7 +349,7 @@ class MetaStep:
         """Autocast and TF32 of f's forward at θ: as configured, except that a one-sided
         difference needs it in the θ± precision (autocast off, TF32 only with ``fd_tf32``)."""
         c = self.config
-        if c.difference == "one_sided":
+        if c.difference == "one_sided" and c.meta_grad == "fd":
             return contextlib.ExitStack(), tf32_unless(c.fd_tf32)
         return self._autocast(x, c.amp), contextlib.nullcontext()
 

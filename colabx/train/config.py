@@ -253,7 +253,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.meta_order == "shared" and cfg.meta_mode != "batched":  # auto picks reference there
         raise ConfigError("meta_order: shared needs meta_mode batched (per_sample takes one "
                           "inner step per sample, the published code's semantics)")
-    if cfg.meta_difference == "one_sided" and cfg.amp in ("bf16", "fp16"):
+    if (cfg.meta_difference == "one_sided" and cfg.meta_grad == "fd"
+            and cfg.amp in ("bf16", "fp16")):
         raise ConfigError(f"meta_difference: one_sided needs the inner forward in fp32, but amp "
                           f"is {cfg.amp}; use central or --amp none")
     if cfg.meta_amp == "bf16" and cfg.amp == "fp16":

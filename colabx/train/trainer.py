@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -177,8 +176,16 @@ class Trainer:
         if failed and lock.new_file:
             lock.path.unlink(missing_ok=True)
         lock.release()
-        if failed and lock.created is not None and not any(self.out.iterdir()):
-            shutil.rmtree(lock.created)
+        if failed and lock.created is not None:
+            # the folders locking created, innermost first, while empty: never what another
+            # step (a --preprocessed folder beside the run) or another run wrote into them
+            for folder in (self.out.absolute(), *self.out.absolute().parents):
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+                if folder == lock.created.absolute():
+                    break
 
     def _resumed_config(self, state: dict[str, Any], cfg: TrainConfig) -> TrainConfig:
         """The configuration of a resumed run: the run's own, with the changes ``cfg`` asks for
@@ -213,7 +220,8 @@ class Trainer:
         amp = resolve_amp(cfg.amp, dev)
         if amp != "none" and self.device.type != "cuda":
             raise ValueError(f"amp: {amp} mixed precision needs a CUDA device")
-        if amp != "none" and cfg.mode == "colab" and cfg.meta_difference == "one_sided":
+        if (amp != "none" and cfg.mode == "colab" and cfg.meta_grad == "fd"
+                and cfg.meta_difference == "one_sided"):
             raise ValueError(f"meta_difference: one_sided needs the inner forward in fp32, but "
                              f"amp {cfg.amp} means {amp} on {dev.type}; pass --amp none or use "
                              "central")
