@@ -14,12 +14,14 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import math
 import os
 import re
 import uuid
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,8 @@ __all__ = ["FolderLock", "OutputFolderError", "atomic_write", "atomic_write_text
 
 #: The lock file of :func:`lock_folder`; not a file of the folder's contents.
 LOCK_FILE = ".colabx.lock"
+#: flock's errors on file systems without locks (some NFS, FUSE and Lustre mounts)
+_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}
 
 _TMP_RE = re.compile(r"^\..+\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
 
@@ -177,7 +181,8 @@ class FolderLock:
     left). ``created`` is the outermost folder that locking created, or None; ``new_file``
     whether locking created the lock file."""
 
-    def __init__(self, fd: int, path: Path, created: Path | None, new_file: bool) -> None:
+    def __init__(self, fd: int | None, path: Path, created: Path | None,
+                 new_file: bool) -> None:
         self._fd: int | None = fd
         self.path, self.created, self.new_file = path, created, new_file
 
@@ -191,17 +196,25 @@ class FolderLock:
 
 
 def lock_folder(folder: str | os.PathLike[str], what: str) -> FolderLock:
-    """Create ``folder`` if needed and take its lock for this process.
+    """Create ``folder`` if needed and take its lock for this process. On a file system
+    without ``flock`` (some NFS, FUSE and Lustre mounts) it warns and returns a lock that
+    holds nothing.
 
     Raises:
-        OutputFolderError: another process holds the lock; the message names the folder, the
-            holder's process id and ``what`` the folder is for.
+        OutputFolderError: another process holds the lock (the message names the folder, the
+            holder's process id and ``what`` the folder is for), or ``folder`` is a file.
     """
     out = Path(folder)
+    if out.exists() and not out.is_dir():
+        raise OutputFolderError(f"{out}: exists and is not a folder")
     created = _make_folder(out)
     path = out / LOCK_FILE
     new_file = not path.exists()
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        writable = True
+    except PermissionError:  # another user's lock file in a shared folder: flock needs no write
+        fd, writable = os.open(path, os.O_RDONLY), False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -210,6 +223,18 @@ def lock_folder(folder: str | os.PathLike[str], what: str) -> FolderLock:
         raise OutputFolderError(f"{out}: another colabx process (pid {holder}) is writing this "
                                 f"{what}; wait for it to finish, stop it, or choose another "
                                 "folder") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as e:
+        os.close(fd)
+        if e.errno not in _NO_FLOCK:
+            raise
+        warnings.warn(f"{out}: this file system does not support locking ({e.strerror}); "
+                      f"nothing stops a second colabx process from writing this {what}",
+                      RuntimeWarning, stacklevel=2)
+        return FolderLock(None, path, created, new_file)
+    except BaseException:
+        os.close(fd)
+        raise
+    if writable:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
     return FolderLock(fd, path, created, new_file)

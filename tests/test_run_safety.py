@@ -616,3 +616,48 @@ def test_predict_channel_count_error_names_the_model(phantom, trained, tmp_path,
     assert main(["predict", str(trained), str(src), str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err
     assert f"the model of {trained} expects 1 channel(s)" in err and "dataset.json" not in err
+
+
+def test_run_folder_lock_on_odd_file_systems(tmp_path, monkeypatch):
+    """A file given as --out is named as such; a file system without flock warns and runs
+    unlocked (closing what it opened); another user's read-only lock file still locks."""
+    import errno
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(_io.OutputFolderError, match="afile: exists and is not a folder"):
+        _io.lock_folder(afile, "run folder")
+
+    opened = []
+    real_open = os.open
+
+    def spy_open(*a, **kw):
+        opened.append(real_open(*a, **kw))
+        return opened[-1]
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(_io.os, "open", spy_open)
+    monkeypatch.setattr(_io.fcntl, "flock", no_locks)
+    with pytest.warns(RuntimeWarning, match="does not support locking"):
+        lock = _io.lock_folder(tmp_path / "nfs", "run folder")
+    lock.release()
+    with pytest.raises(OSError):  # the descriptor it opened was closed
+        os.fstat(opened[-1])
+    monkeypatch.undo()
+
+    shared = tmp_path / "shared"
+    _io.lock_folder(shared, "run folder").release()
+
+    def another_users_file(path, flags, *a):  # root may write any file: refuse by hand
+        if flags & os.O_RDWR:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(_io.os, "open", another_users_file)
+    lock = _io.lock_folder(shared, "run folder")
+    monkeypatch.undo()
+    with pytest.raises(_io.OutputFolderError, match="another colabx process"):
+        _io.lock_folder(shared, "run folder")
+    lock.release()
