@@ -275,7 +275,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from colabx.train.compare import run_compare
-    from colabx.train.config import from_mapping, read_yaml
+    from colabx.train.config import MODES, from_mapping, read_yaml
     from colabx.train.distributed import init_from_env
     from colabx.train.trainer import default_config
 
@@ -289,8 +289,13 @@ def _compare(args: argparse.Namespace) -> int:
         if key in given:
             raise ValueError(f"{key}: set by compare for each run (--modes, --seeds), not by "
                              "the configuration")
-    cfg = from_mapping({**default_config(given.get("dataset")).to_dict(), **given})
-    _warn_unused(args.command, [replace(cfg, mode=m) for m in args.modes], flags)
+    # the base configuration takes the first compared mode (each run sets its own), so that
+    # options valid for the compared modes but not for the default mode are accepted
+    first = next((m for m in args.modes if m in MODES), None)
+    cfg = from_mapping({**default_config(given.get("dataset")).to_dict(), **given,
+                        **({"mode": first} if first else {})})
+    _warn_unused(args.command, [replace(cfg, mode=m) for m in dict.fromkeys(args.modes)
+                                if m in MODES], flags)
     out = args.out or Path("colabx_runs") / (
         f"compare-{Path(cfg.dataset).name if cfg.dataset else 'phantom'}")
     dist = init_from_env(cfg.device)

@@ -150,3 +150,26 @@ def test_options_that_would_do_nothing_are_named():
     assert unused_options([TrainConfig(mode="manual")], ["t"]) == [
         "--t has no effect here: it is used by modes colab and kmeans (dilation has 2 "
         "contexts, manual its maps' classes) only"]
+
+
+def test_compile_modes_with_cuda_graphs_refused_for_colab_only_and_old_runs_still_resume(
+        tmp_path, capsys):
+    """A CoLab run saved with compile_mode reduce-overhead or max-autotune (before they were
+    refused) reads back as their modes without CUDA graphs, so it resumes; other modes keep
+    them. compare takes them when no compared mode is colab."""
+    from colabx.cli import main
+    from colabx.train.config import saved_options
+
+    saved = TrainConfig(mode="vanilla", compile=True, compile_mode="reduce-overhead").to_dict()
+    for mode, old, now in (("colab", "reduce-overhead", "default"),
+                           ("colab", "max-autotune", "max-autotune-no-cudagraphs"),
+                           ("vanilla", "reduce-overhead", "reduce-overhead")):
+        opts = saved_options({**saved, "mode": mode, "compile_mode": old})
+        assert opts["compile_mode"] == now
+        TrainConfig(**opts)
+    base = ["compare", "--compile", "--compile-mode", "reduce-overhead", "--seeds", "0", "0",
+            "--out", str(tmp_path / "c")]
+    assert main([*base, "--modes", "vanilla", "dilation"]) == 2
+    assert "seeds: expected distinct seeds" in capsys.readouterr().err  # past the options
+    assert main([*base, "--modes", "vanilla", "colab"]) == 2
+    assert "compile_mode: reduce-overhead captures CUDA graphs" in capsys.readouterr().err

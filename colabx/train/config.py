@@ -323,6 +323,8 @@ def from_mapping(values: Mapping[str, Any]) -> TrainConfig:
 #: step, measured to fail there (a RuntimeError reading overwritten graph outputs, H200,
 #: 2026-12-04).
 CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+_WITHOUT_CUDA_GRAPHS = {"reduce-overhead": "default",
+                        "max-autotune": "max-autotune-no-cudagraphs"}
 
 
 #: Options a resumed run may change (how it runs, how long, what it reports); every other option
@@ -410,6 +412,10 @@ def saved_options(config: Mapping[str, Any]) -> dict[str, Any]:
     for key, renamed in RETIRED_VALUES.items():
         if out.get(key) in renamed:
             out[key] = renamed[out[key]]
+    if out.get("mode", "colab") == "colab" and out.get("compile_mode") in CUDA_GRAPH_COMPILE_MODES:
+        # refused for CoLab since (CUDA graphs fail in the meta step; on the CPU these modes
+        # compiled as their counterparts without graphs), so that the run can resume
+        out["compile_mode"] = _WITHOUT_CUDA_GRAPHS[out["compile_mode"]]
     return out
 
 
