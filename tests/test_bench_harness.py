@@ -46,3 +46,26 @@ def test_time_interleaved_spends_the_minimum_time_across_rounds():
                            warmup=0)
     # 25 ms per round of ~1 ms calls: far more than the 2 a round needs for 5 in all
     assert out["a"]["reps"] >= 20
+
+
+def test_kernel_times_leave_out_annotations_that_span_kernels():
+    """On a GPU, a record_function range (the optimizers' ``Optimizer.step#...``) also appears
+    as a device-side event spanning kernels that are listed themselves: counted, the GPU would
+    look busier than it is (over 100 %)."""
+    from types import SimpleNamespace
+
+    from colabx.bench.harness import _kernel_times
+
+    def ev(name, dev, us, annotation=None):
+        e = SimpleNamespace(name=name, device_type=dev,
+                            time_range=SimpleNamespace(elapsed_us=lambda: us))
+        if annotation is not None:
+            e.is_user_annotation = annotation
+        return e
+
+    events = [ev("aten::add", "cpu", 9.0), ev("Optimizer.step#Adam.step", "cpu", 50.0),
+              ev("void add_kernel", "cuda", 3.0), ev("void adam_kernel", "cuda", 20.0),
+              ev("Optimizer.step#Adam.step", "cuda", 24.0),  # older torch: no flag
+              ev("Torch-Compiled Region", "cuda", 30.0, annotation=True)]
+    assert _kernel_times(events, "cuda") == [("void add_kernel", 3.0),
+                                            ("void adam_kernel", 20.0)]

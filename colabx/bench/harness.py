@@ -108,11 +108,10 @@ def profile_calls(fns: dict[str, Callable[[], object]], device: torch.device, re
             wall_ms = (time.perf_counter() - start) * 1e3 / reps
         per_op: dict[str, list[float]] = {}
         if cuda:
-            for e in prof.events():
-                if e.device_type == DeviceType.CUDA:
-                    entry = per_op.setdefault(e.name, [0.0, 0])
-                    entry[0] += e.time_range.elapsed_us()
-                    entry[1] += 1
+            for name, us in _kernel_times(prof.events(), DeviceType.CUDA):
+                entry = per_op.setdefault(name, [0.0, 0])
+                entry[0] += us
+                entry[1] += 1
         else:
             for e in prof.key_averages():
                 per_op[e.key] = [e.self_cpu_time_total, e.count]
@@ -124,6 +123,18 @@ def profile_calls(fns: dict[str, Callable[[], object]], device: torch.device, re
                     for op, (us, n) in ranked[:top]],
         }
     return out
+
+
+def _kernel_times(events, device_type) -> list[tuple[str, float]]:
+    """(name, µs) of the device's kernels among profiler ``events``. A ``record_function``
+    range (``Optimizer.step#Adam.step``, a compiled region) also has a device-side event
+    spanning its kernels, which would count them twice: marked ``is_user_annotation`` on newer
+    torch, and named as its host-side range on older ones."""
+    events = list(events)
+    host = {e.name for e in events if e.device_type != device_type}
+    return [(e.name, e.time_range.elapsed_us()) for e in events
+            if e.device_type == device_type and not getattr(e, "is_user_annotation", False)
+            and e.name not in host]
 
 
 def _timed_call(fn: Callable[[], object], device: torch.device) -> float:
