@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 from dataclasses import MISSING, fields, replace
@@ -357,8 +358,11 @@ def _preprocess(args: argparse.Namespace) -> int:
     state = "up to date (cached)" if pre.from_cache else "written"
     spacing = [round(s, 6) for s in pre.target_spacing]
     print(f"{len(pre)} cases {state}: {out} (target spacing {spacing} mm)")
-    if args.out is not None:
-        print(f"train on them with: colabx train {args.dataset} --preprocessed {out}")
+    if args.out is not None:  # its settings too: other ones would preprocess the folder anew
+        spacing_flag = "" if args.target_spacing is None else \
+            " --target-spacing " + " ".join(str(v) for v in args.target_spacing)
+        print(f"train on them with: colabx train {shlex.quote(str(args.dataset))} "
+              f"--preprocessed {shlex.quote(str(out))}{spacing_flag}")
     return 0
 
 

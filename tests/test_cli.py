@@ -32,6 +32,10 @@ def test_preprocess_then_cached(phantom, tmp_path, capsys):
     assert (out / "plans.json").is_file() and "written" in text
     # a folder of one's own: the command that trains on it
     assert f"train on them with: colabx train {phantom} --preprocessed {out}" in text
+    spaced = tmp_path / "my pre"
+    assert main(["preprocess", str(phantom), "--out", str(spaced), "--workers", "0",
+                 "--target-spacing", "2", "2", "2"]) == 0
+    assert f"--preprocessed '{spaced}' --target-spacing 2.0 2.0 2.0" in capsys.readouterr().out
     assert main(["preprocess", str(phantom), "--out", str(out), "--workers", "0"]) == 0
     assert "up to date" in capsys.readouterr().out
 
