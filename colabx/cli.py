@@ -221,6 +221,8 @@ def _warn_unused(command: str, configs: list, flags: set[str]) -> None:
     use."""
     from colabx.train.config import unused_options
 
+    if os.environ.get("RANK", "0") != "0":  # torchrun: once, from the first process
+        return
     for message in unused_options(configs, sorted(flags)):
         print(f"colabx {command}: warning: {message}", file=sys.stderr)
 

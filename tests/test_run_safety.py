@@ -566,7 +566,7 @@ def test_resume_with_overwrite_is_refused(trained, capsys):
     assert (trained / "checkpoint_latest.pth").read_bytes() == before
 
 
-def test_flags_the_run_would_not_use_are_warned_about(trained, phantom, capsys):
+def test_flags_the_run_would_not_use_are_warned_about(trained, phantom, capsys, monkeypatch):
     """Given on the command line only: a --config file (a run's config.yaml holds every
     option) is not warned about."""
     assert _train(str(phantom), "--mode", "vanilla", "--t", "3", "--meta-period", "2",
@@ -577,6 +577,10 @@ def test_flags_the_run_would_not_use_are_warned_about(trained, phantom, capsys):
     assert "colabx train: warning: --meta-period has no effect here: it is used by mode " \
         "colab only" in err
     assert _train("--config", str(trained / "config.yaml"), "--out", str(trained)) == 2
+    assert "warning" not in capsys.readouterr().err
+    # under torchrun, once (from rank 0), not once per process
+    monkeypatch.setenv("RANK", "1")
+    _train(str(phantom), "--mode", "vanilla", "--t", "3", "--out", str(trained))
     assert "warning" not in capsys.readouterr().err
 
 

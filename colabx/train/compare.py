@@ -305,9 +305,11 @@ def _finished(run: Path) -> bool:
     return (run / "checkpoint_final.pth").is_file() and (run / "evaluation.json").is_file()
 
 
-#: Options a finished run may differ in and still be tabulated: how and where it ran.
+#: Options a finished run may differ in and still be tabulated: how and where it ran (and, as on
+#: resume, how the same meta-gradient was computed).
 _RUN_ONLY = frozenset({"num_workers", "device", "threads", "progress", "compile_mode",
-                       "val_every", "val_cases", "snapshot_every", "save_every", "preprocessed"})
+                       "val_every", "val_cases", "snapshot_every", "save_every", "preprocessed",
+                       "theta_pm", "fd_tf32", "recompute_generator"})
 
 
 def _check_finished_options(run: Path, cfg: TrainConfig) -> None:
