@@ -211,6 +211,15 @@ def test_compile_refuses_what_it_cannot_run():
             TrainConfig(mode="colab", compile=True, compile_mode=mode)
         TrainConfig(mode="vanilla", compile=True, compile_mode=mode)
     TrainConfig(mode="colab", compile=True, compile_mode="max-autotune-no-cudagraphs")
+    # the meta step's options are not refused in modes that have no meta step (they are
+    # warned about as unused on the command line instead)
+    for kw in ({"compile": True, "meta_grad": "exact"}, {"compile": True, "theta_pm": "grouped"},
+               {"meta_amp": "bf16", "amp": "fp16"},
+               {"meta_difference": "one_sided", "amp": "bf16"},
+               {"meta_order": "shared", "meta_mode": "per_sample"}):
+        TrainConfig(mode="vanilla", **kw)
+        with pytest.raises(ConfigError):
+            TrainConfig(mode="colab", **kw)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a CPU-only machine")

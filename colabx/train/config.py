@@ -250,26 +250,27 @@ def validate(cfg: TrainConfig) -> None:
             or len(set(cfg.manual_contexts)) != len(cfg.manual_contexts)):
         raise ConfigError(f"manual_contexts: distinct context-map values >= 1 expected, got "
                           f"{cfg.manual_contexts}")
-    if cfg.meta_order == "shared" and cfg.meta_mode != "batched":  # auto picks reference there
+    colab = cfg.mode == "colab"  # the meta step's options concern CoLab alone
+    if colab and cfg.meta_order == "shared" and cfg.meta_mode != "batched":  # (auto: reference)
         raise ConfigError("meta_order: shared needs meta_mode batched (per_sample takes one "
                           "inner step per sample, the published code's semantics)")
-    if (cfg.meta_difference == "one_sided" and cfg.meta_grad == "fd"
+    if (colab and cfg.meta_difference == "one_sided" and cfg.meta_grad == "fd"
             and cfg.amp in ("bf16", "fp16")):
         raise ConfigError(f"meta_difference: one_sided needs the inner forward in fp32, but amp "
                           f"is {cfg.amp}; use central or --amp none")
-    if cfg.meta_amp == "bf16" and cfg.amp == "fp16":
+    if colab and cfg.meta_amp == "bf16" and cfg.amp == "fp16":
         raise ConfigError("meta_amp: bf16 with amp fp16 would need two autocast dtypes in one "
                           "meta step; use meta_amp amp (fp16) or none")
-    if cfg.compile and cfg.meta_grad == "exact":
+    if colab and cfg.compile and cfg.meta_grad == "exact":
         raise ConfigError("compile: torch.compile does not differentiate its graphs twice, which "
                           "the exact meta-gradient needs; use meta_grad fd or no --compile")
-    if cfg.compile and cfg.mode == "colab" and cfg.compile_mode in CUDA_GRAPH_COMPILE_MODES:
+    if colab and cfg.compile and cfg.compile_mode in CUDA_GRAPH_COMPILE_MODES:
         raise ConfigError(f"compile_mode: {cfg.compile_mode} captures CUDA graphs, whose replays "
                           "overwrite outputs that the meta step holds from one pass to the next "
                           "(the inner gradient, the theta+ logits, the generator's logits: a "
                           "RuntimeError on an H200); with mode colab use compile_mode default "
                           "or max-autotune-no-cudagraphs")
-    if cfg.compile and cfg.theta_pm == "grouped":
+    if colab and cfg.compile and cfg.theta_pm == "grouped":
         raise ConfigError("compile: the grouped theta+/- forward is colabx's own grouped U-Net, "
                           "not the compiled network; use theta_pm sequential")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):

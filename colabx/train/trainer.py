@@ -241,7 +241,7 @@ class Trainer:
         if self.dist.enabled and self.cfg.batch_size % self.dist.world_size:
             raise ValueError(f"batch_size: {cfg.batch_size} is not divisible by the "
                              f"{self.dist.world_size} processes")
-        if self.dist.enabled and cfg.meta_mode == "per_sample":
+        if self.dist.enabled and cfg.mode == "colab" and cfg.meta_mode == "per_sample":
             raise ValueError("meta_mode: per_sample is the single-process reference semantics; "
                              "use batched with several processes")
 
