@@ -33,6 +33,20 @@ def _recorded_dtypes(f, g, cfg: MetaConfig, x, y, d) -> tuple[list, list]:
     return seen_f, seen_g
 
 
+@pytest.fixture
+def _two_threads():
+    """On the AMD EPYC development machine (2026-12-04), with torch at 1 thread (left so by an
+    earlier test's ``--threads 1``), the bf16 L_ROI pass of this tiny network sometimes gave a
+    non-finite v, so the step was skipped (as designed) before its θ+ forward and the test saw
+    one forward fewer; the same step at 2 threads never did. Not root-caused (it did not
+    reproduce outside the meta step); pinned here so that the test checks what it is about."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("_two_threads")
 @pytest.mark.parametrize("order,difference,f_calls", [
     ("shared", "one_sided", ["inner", "roi", "theta+"]),
     ("reference", "central", ["inner", "roi", "theta+", "theta-"]),
