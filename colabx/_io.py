@@ -137,8 +137,7 @@ def check_output_folder(folder: str | os.PathLike[str], marker: str, what: str, 
             ``overwrite``.
     """
     out = Path(folder)
-    if out.exists() and not out.is_dir():
-        raise OutputFolderError(f"{out}: exists and is not a folder")
+    _refuse_file(out)
     if not out.is_dir() or overwrite:
         return
     entries = {p.name for p in out.iterdir()} - {LOCK_FILE}
@@ -149,8 +148,18 @@ def check_output_folder(folder: str | os.PathLike[str], marker: str, what: str, 
             "an empty or new folder, or pass --overwrite to write into it")
 
 
+def _refuse_file(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputFolderError(f"{out}: exists and is not a folder")
+
+
 def _make_folder(out: Path) -> Path | None:
-    """Create ``out`` and missing parents; returns the outermost folder created, or None."""
+    """Create ``out`` and missing parents; returns the outermost folder created, or None.
+
+    Raises:
+        OutputFolderError: ``out`` is a file.
+    """
+    _refuse_file(out)
     created = None
     for p in (out, *out.absolute().parents):
         if p.exists():
@@ -205,8 +214,6 @@ def lock_folder(folder: str | os.PathLike[str], what: str) -> FolderLock:
             holder's process id and ``what`` the folder is for), or ``folder`` is a file.
     """
     out = Path(folder)
-    if out.exists() and not out.is_dir():
-        raise OutputFolderError(f"{out}: exists and is not a folder")
     created = _make_folder(out)
     path = out / LOCK_FILE
     new_file = not path.exists()

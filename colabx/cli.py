@@ -216,6 +216,21 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _training_options(args: argparse.Namespace, own: set[str], dataset: str | None
+                      ) -> tuple[dict[str, Any], set[str]]:
+    """The training options of ``train``/``compare``: those of the ``--config`` file overridden
+    by those on the command line (not the command's ``own`` flags), and the names of the
+    latter (a --config file may hold every option, a run's config.yaml does)."""
+    from colabx.train.config import read_yaml
+
+    given = {k: v for k, v in vars(args).items()
+             if k not in {"command", "config", "out", "overwrite", "dataset", *own}}
+    if dataset is not None:
+        given["dataset"] = dataset
+    flags = set(given)
+    return {**(read_yaml(args.config) if args.config is not None else {}), **given}, flags
+
+
 def _warn_unused(command: str, configs: list, flags: set[str]) -> None:
     """A warning line for each option given on the command line that the run(s) would not
     use."""
@@ -229,16 +244,12 @@ def _warn_unused(command: str, configs: list, flags: set[str]) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from colabx.checkpoint import load_checkpoint
-    from colabx.train.config import from_mapping, read_yaml, saved_options
+    from colabx.train.config import from_mapping, saved_options
     from colabx.train.distributed import init_from_env
     from colabx.train.trainer import Trainer, default_config
 
-    given = {k: v for k, v in vars(args).items()
-             if k not in {"command", "config", "out", "resume", "overwrite", "dataset"}}
-    if args.dataset is not None:
-        given["dataset"] = str(args.dataset)
-    flags = set(given)  # on the command line (a --config file may hold every option)
-    given = {**(read_yaml(args.config) if args.config is not None else {}), **given}
+    given, flags = _training_options(args, {"resume"},
+                                     None if args.dataset is None else str(args.dataset))
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it: "
                          "pass one of them")
@@ -278,16 +289,12 @@ def _train(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from colabx.train.compare import run_compare
-    from colabx.train.config import MODES, from_mapping, read_yaml
+    from colabx.train.config import MODES, from_mapping
     from colabx.train.distributed import init_from_env
     from colabx.train.trainer import default_config
 
-    given = {k: v for k, v in vars(args).items()
-             if k not in {"command", "config", "out", "overwrite", "dataset", "modes", "seeds"}}
-    if args.dataset is not None:
-        given["dataset"] = str(Path(args.dataset).absolute())
-    flags = set(given)  # on the command line (a --config file may hold every option)
-    given = {**(read_yaml(args.config) if args.config is not None else {}), **given}
+    given, flags = _training_options(args, {"modes", "seeds"}, None if args.dataset is None
+                                     else str(Path(args.dataset).absolute()))
     for key in ("mode", "seed"):
         if key in given:
             raise ValueError(f"{key}: set by compare for each run (--modes, --seeds), not by "

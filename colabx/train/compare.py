@@ -115,14 +115,15 @@ def _roi_classes(ds: Dataset) -> dict[str, int]:
 
 
 def _table(results: dict[tuple[str, int], dict], modes: Sequence[str], seeds: Sequence[int],
-           cls: int | None = None) -> tuple[dict[str, Any], dict[tuple[str, int], dict]]:
-    """The summary table of the foreground (or of class ``cls``) and the per-case values it
-    pairs."""
+           cls: int | None = None) -> tuple[dict[str, Any], dict[tuple[str, int], dict],
+                                            dict[tuple[str, int], dict]]:
+    """The summary table of the foreground (or of class ``cls``), the per-case values it pairs
+    and the per-run means it summarises."""
     values = {key: {post: _case_values(r, cls) for post, r in res.items()}
               for key, res in results.items()}
     fg = {key: {post: _foreground(r, cls) for post, r in res.items()}
           for key, res in results.items()}
-    return _summaries(values, fg, modes, seeds), values
+    return _summaries(values, fg, modes, seeds), values, fg
 
 
 def _summaries(values: dict[tuple[str, int], dict], foreground: dict[tuple[str, int], dict],
@@ -282,15 +283,14 @@ def run_compare(base: TrainConfig, modes: Sequence[str], seeds: Sequence[int],
     first = out / runs[(modes[0], seeds[0])] / "checkpoint_final.pth"
     ds = load_dataset(load_checkpoint(first)["dataset"]["root"])
     results = {key: _results(out / name, ds) for key, name in runs.items()}
-    table, values = _table(results, modes, seeds)
+    table, values, foreground = _table(results, modes, seeds)
     # several ROI classes: each one's table too (the foreground mean can hide a class)
     per_class = {name: _table(results, modes, seeds, v)[0]
                  for name, v in _roi_classes(ds).items()}
     payload = {"modes": list(modes), "seeds": list(seeds), "options": base.to_dict(),
                "table": table, "per_class": per_class,
                "cases": {runs[key]: v for key, v in values.items()},
-               "foreground": {runs[key]: {post: _foreground(r) for post, r in res.items()}
-                              for key, res in results.items()}}
+               "foreground": {runs[key]: fg for key, fg in foreground.items()}}
     atomic_write_text(out / "compare.json", json.dumps(json_safe(payload), indent=1) + "\n")
     atomic_write_text(out / "compare.csv", _csv(table, per_class))
     text = "\n".join([_markdown(table, seeds),
