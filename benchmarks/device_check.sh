@@ -150,9 +150,9 @@ cuda_bench() {
 # beside it) and of bf16 (central difference)
 stage_meta() {
   local v t0=$SECONDS
-  # the third: the bf16 default with TF32 θ± forwards (strict fp32 by default; run 7's
-  # bench_meta_step: TF32 θ± 13 % faster, fd error 3.8e-2 against 3.3e-2)
-  for v in "none one_sided" "bf16 central" "bf16 central --fd-tf32"; do
+  # the last two: each default with TF32 θ± forwards (and, one-sided, inner forward), strict fp32
+  # by default (run 7's bench_meta_step: TF32 θ± 13 % faster, fd error 3.8e-2 against 3.3e-2)
+  for v in "none one_sided" "bf16 central" "none one_sided --fd-tf32" "bf16 central --fd-tf32"; do
     # shellcheck disable=SC2086
     set -- $v
     local name="colabx_bench_meta_$1_$2${3:+_tf32}"
