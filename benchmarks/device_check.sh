@@ -155,9 +155,9 @@ stage_meta() {
   for v in "none one_sided" "bf16 central" "none one_sided --fd-tf32" "bf16 central --fd-tf32"; do
     # shellcheck disable=SC2086
     set -- $v
-    local name="colabx_bench_meta_$1_$2${3:+_tf32}"
+    local name="colabx_bench_meta_$1_$2${3:+_tf32}" extra=${3:-}
     run_logged 120 "$name.log" colabx bench meta --device cuda --patch 80 --features 30 \
-      --pools 4 --min-time 2 --amp "$1" --difference "$2" $3 --profile 3 --out "$OUT/$name.json"
+      --pools 4 --min-time 2 --amp "$1" --difference "$2" $extra --profile 3 --out "$OUT/$name.json"
     show_table "$name.log" '^| per iteration'
   done
   echo "meta bench: $((SECONDS - t0)) s"

@@ -69,3 +69,24 @@ def test_kernel_times_leave_out_annotations_that_span_kernels():
               ev("Torch-Compiled Region", "cuda", 30.0, annotation=True)]
     assert _kernel_times(events, "cuda") == [("void add_kernel", 3.0),
                                             ("void adam_kernel", 20.0)]
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+@pytest.mark.parametrize("device", ["cpu", "cuda"], ids=["host", "gpu-faked"])
+def test_profile_calls_reports_every_row_under_its_name(monkeypatch, device):
+    """Each row comes back under its own name, with its own wall time (the device path once
+    keyed rows by their last kernel's name, so rows overwrote each other). The device path runs
+    here with its synchronisation and kernel list faked."""
+    from colabx.bench import harness
+
+    if device == "cuda":
+        monkeypatch.setattr(harness, "_sync", lambda dev: None)
+        monkeypatch.setattr(harness, "_kernel_times",
+                            lambda events, kind: [("void k1", 2000.0), ("void k2", 1000.0)])
+    rows = {"first": lambda: time.sleep(0.002), "second": lambda: time.sleep(0.02)}
+    out = harness.profile_calls(rows, torch.device(device), reps=2)
+    assert list(out) == ["first", "second"]
+    assert 2.0 <= out["first"]["wall_ms"] < out["second"]["wall_ms"]
+    if device == "cuda":
+        assert out["second"]["device_ms"] == pytest.approx(1.5)
+        assert [t["op"] for t in out["second"]["top"]] == ["void k1", "void k2"]

@@ -108,8 +108,8 @@ def profile_calls(fns: dict[str, Callable[[], object]], device: torch.device, re
             wall_ms = (time.perf_counter() - start) * 1e3 / reps
         per_op: dict[str, list[float]] = {}
         if cuda:
-            for name, us in _kernel_times(prof.events(), DeviceType.CUDA):
-                entry = per_op.setdefault(name, [0.0, 0])
+            for kernel, us in _kernel_times(prof.events(), DeviceType.CUDA):
+                entry = per_op.setdefault(kernel, [0.0, 0])
                 entry[0] += us
                 entry[1] += 1
         else:
