@@ -113,7 +113,7 @@ def _iterations(s: Setup, device: torch.device, difference: str,
                 amp_dtype: torch.dtype | None = None,
                 compile_mode: str | None = None,
                 meta_amp_dtype: torch.dtype | None = None,
-                fd_tf32: bool = False) -> dict[str, Callable[[], object]]:
+                fd_tf32: bool = True) -> dict[str, Callable[[], object]]:
     """One callable per row, each one training iteration on the same batch; with ``amp_dtype``
     the network forwards run under autocast (colabx's θ± forwards stay fp32 as always; the
     reference-style step has no mixed precision, as the published code). With
@@ -121,7 +121,7 @@ def _iterations(s: Setup, device: torch.device, difference: str,
     --compile`` does. ``meta_amp_dtype``: the autocast of the generator and L_ROI passes in
     colabx's plain, reference-order and shared-order rows (``colabx train --meta-amp``); the
     published iteration keeps ``amp_dtype``'s. ``fd_tf32``: colabx's θ± forwards (and a
-    one-sided difference's inner forward) may use TF32 (``colabx train --fd-tf32``)."""
+    one-sided difference's inner forward) may use TF32 (``colabx train``'s default)."""
     c = s.num_classes
     amp = amp_dtype is not None
 
@@ -247,9 +247,10 @@ def main(argv: list[str] | None = None, prog: str = "colabx bench meta") -> dict
                     help="precision of the generator and L_ROI passes in colabx's rows, as "
                     "colabx train --meta-amp: as --amp (default), none, or bf16 (the published "
                     "iteration's row keeps --amp's)")
-    ap.add_argument("--fd-tf32", action="store_true",
+    ap.add_argument("--fd-tf32", action=argparse.BooleanOptionalAction, default=True,
                     help="let colabx's θ± forwards (and a one-sided difference's inner forward) "
-                    "use TF32 on the GPU, as colabx train --fd-tf32 (default: strict fp32)")
+                    "use TF32 on the GPU as torch allows, as colabx train (default); "
+                    "--no-fd-tf32: strict fp32, as colabx train --no-fd-tf32")
     ap.add_argument("--compile", choices=("off", "default", "max-autotune-no-cudagraphs"),
                     default="off", help="torch.compile colabx's networks with this mode, as "
                     "colabx train --compile --compile-mode MODE (default off); the modes that "

@@ -86,11 +86,14 @@ class MetaConfig:
         and the one-sided difference is allowed (``colabx train --meta-amp bf16``). In bf16 on
         an AMX CPU a CoLab iteration was 1.1-1.2x faster, and the fd meta-gradient moved by
         16-38 % of its norm from the float32 one (test networks of ``tests/test_meta_amp.py``).
-    fd_tf32 : let the θ± forwards use TF32 convolutions and matmuls as torch's settings allow
-        (faster on Ampere and later GPUs); off by default, the θ± forwards run in full fp32.
-        On an H200 (B=2, 80³, 30 features) TF32 θ± make the meta part 6 % faster (121 vs
-        129 ms) and the fd meta-gradient's relative error 3.8e-2 instead of 3.3e-2
-        (``benchmarks/RESULTS.md``). The exact meta-gradient always runs in full fp32.
+    fd_tf32 : let the θ± forwards (and a one-sided difference's inner forward) use TF32
+        convolutions and matmuls as torch's settings allow (default), as every pass of the
+        published code runs; ``False``: strict fp32 for them. On an H200 (B=2, 80³, 30
+        features) strict fp32 made an update iteration of ``colabx train`` 15-18 % slower
+        (137 vs 116 ms fp32, 110 vs 89 ms bf16 autocast) for an fd meta-gradient 3.3e-2
+        instead of 3.8e-2 (relative) off the float64 one, where the finite difference itself
+        is 9.2e-2 off the exact meta-gradient (``benchmarks/RESULTS.md``). No effect on the
+        CPU. The exact meta-gradient always runs in full fp32.
     recompute_generator : run the generator forward of step 1 without autograd graph and again,
         with graph, just before the backward of step 5 (one more generator forward per meta
         update), so the generator's activations are not held through f's passes: the same
@@ -130,7 +133,7 @@ class MetaConfig:
     amp: bool = False
     amp_dtype: torch.dtype = torch.bfloat16
     meta_amp: bool | None = None
-    fd_tf32: bool = False
+    fd_tf32: bool = True
     recompute_generator: bool = False
     order: str = "reference"
     difference: str = "central"
