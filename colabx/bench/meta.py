@@ -33,6 +33,7 @@ JSON::
     colabx bench meta --run runs/liver         # a trained run's network plan
     colabx bench meta --quick --min-time 0     # tiny net: a smoke run
     colabx bench meta --device cuda --profile 5  # + where each row's time goes
+    colabx bench meta --device cuda --cuda-graphs  # as colabx train --cuda-graphs
 
 ``--profile N`` profiles N calls of every row after the timings: on a GPU, a row whose kernels
 keep the GPU busy for much less than its wall time is bound by the host (launch overhead).
@@ -54,6 +55,7 @@ from colabx.method.meta_step import DIFFERENCES, MetaConfig, MetaStep
 from colabx.models import UNet, onednn_convolutions, task_generator
 from colabx.ops.context_labels import context_labels
 from colabx.ops.dice_ce_loss import dice_ce_loss
+from colabx.train.cuda_graph import CapturedStep
 from colabx.twins.meta import (
     reference_meta_step,
     reference_plain_step,
@@ -113,7 +115,8 @@ def _iterations(s: Setup, device: torch.device, difference: str,
                 amp_dtype: torch.dtype | None = None,
                 compile_mode: str | None = None,
                 meta_amp_dtype: torch.dtype | None = None,
-                fd_tf32: bool = True) -> dict[str, Callable[[], object]]:
+                fd_tf32: bool = True,
+                cuda_graphs: bool = False) -> dict[str, Callable[[], object]]:
     """One callable per row, each one training iteration on the same batch; with ``amp_dtype``
     the network forwards run under autocast (colabx's θ± forwards stay fp32 as always; the
     reference-style step has no mixed precision, as the published code). With
@@ -121,7 +124,10 @@ def _iterations(s: Setup, device: torch.device, difference: str,
     --compile`` does. ``meta_amp_dtype``: the autocast of the generator and L_ROI passes in
     colabx's plain, reference-order and shared-order rows (``colabx train --meta-amp``); the
     published iteration keeps ``amp_dtype``'s. ``fd_tf32``: colabx's θ± forwards (and a
-    one-sided difference's inner forward) may use TF32 (``colabx train``'s default)."""
+    one-sided difference's inner forward) may use TF32 (``colabx train``'s default).
+    ``cuda_graphs``: colabx's updates of θ without a generator update (the vanilla and plain
+    rows, the plain part of the reference order's) replay their loss and backward from a CUDA
+    graph, as ``colabx train --cuda-graphs``."""
     c = s.num_classes
     amp = amp_dtype is not None
 
@@ -138,7 +144,22 @@ def _iterations(s: Setup, device: torch.device, difference: str,
     as_trainer = onednn_convolutions(device.type == "cpu")
 
     x, y, d = s.batch_on(device)
+    inputs = {"image": x, "label": y, "distance": d}
     rows: dict[str, Callable[[], object]] = {}
+
+    def update(loss_fn, net, opt):
+        """θ's update: ``loss_fn(inputs)``, its backward (replayed with ``cuda_graphs``), the
+        optimizer step."""
+        step = CapturedStep(loss_fn, net.parameters(), inputs) if cuda_graphs else None
+
+        def run():
+            opt.zero_grad(set_to_none=True)
+            if step is None:
+                loss_fn(inputs).backward()
+            else:
+                step(inputs)
+            opt.step()
+        return run
 
     fv, _ = s.nets(device, c)
     fused = optimizer_options(device)  # colabx's rows step their optimizers as the trainer does
@@ -148,14 +169,12 @@ def _iterations(s: Setup, device: torch.device, difference: str,
     onehot = context_labels(torch.zeros(s.batch, 1, *s.patch, device=device), y, d, c,
                             levels=fv.output_strides if s.deep_supervision else 1)
 
-    def vanilla():
-        vopt.zero_grad(set_to_none=True)
+    def vanilla_loss(inp):
         with autocast():
-            z = fv(x)
-        dice_ce_loss(z, onehot).backward()
-        vopt.step()
+            z = fv(inp["image"])
+        return dice_ce_loss(z, onehot, validate=False)
 
-    rows["vanilla"] = as_trainer(vanilla)
+    rows["vanilla"] = as_trainer(update(vanilla_loss, fv, vopt))
     k = c + s.t - 1
     # (row label, order, difference, meta_amp: None follows amp, as the published iteration)
     meta_amp = meta_amp_dtype is not None
@@ -171,13 +190,14 @@ def _iterations(s: Setup, device: torch.device, difference: str,
         ms = MetaStep(f, g, MetaConfig(c, order=order, difference=diff, amp=amp, meta_amp=meta,
                                        amp_dtype=amp_dtype or meta_amp_dtype or torch.bfloat16,
                                        fd_tf32=fd_tf32))
-        if "colab plain" not in rows:
-            rows["colab plain"] = as_trainer(lambda ms=ms, fopt=fopt: ms.plain_step(x, y, d,
-                                                                                      fopt))
         if order == "reference":
-            def reference(ms=ms, fopt=fopt, gopt=gopt):
+            plain = update(lambda inp, ms=ms: ms.update_loss(inp["image"], inp["label"],
+                                                             inp["distance"]), f, fopt)
+            rows.setdefault("colab plain", as_trainer(plain))
+
+            def reference(ms=ms, gopt=gopt, plain=plain):
                 ms.step(x, y, d, ALPHA, gopt)
-                ms.plain_step(x, y, d, fopt)
+                plain()
 
             rows[f"colab meta ({label})"] = as_trainer(reference)
         else:
@@ -251,6 +271,10 @@ def main(argv: list[str] | None = None, prog: str = "colabx bench meta") -> dict
                     help="let colabx's θ± forwards (and a one-sided difference's inner forward) "
                     "use TF32 on the GPU as torch allows, as colabx train (default); "
                     "--no-fd-tf32: strict fp32, as colabx train --no-fd-tf32")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="replay colabx's updates of the network without a generator update "
+                    "(vanilla's, CoLab's plain iteration and the reference order's plain part) "
+                    "from CUDA graphs, as colabx train --cuda-graphs (CUDA only)")
     ap.add_argument("--compile", choices=("off", "default", "max-autotune-no-cudagraphs"),
                     default="off", help="torch.compile colabx's networks with this mode, as "
                     "colabx train --compile --compile-mode MODE (default off); the modes that "
@@ -278,6 +302,8 @@ def main(argv: list[str] | None = None, prog: str = "colabx bench meta") -> dict
         ap.error("--rounds must be >= 1")
     if args.profile < 0:
         ap.error("--profile must be >= 0")
+    if args.cuda_graphs and (device.type != "cuda" or args.compile != "off"):
+        ap.error("--cuda-graphs needs --device cuda and no --compile")
     args.amp = resolve_amp(args.amp, device)
     amp_dtype = AMP_DTYPES[args.amp]
     if amp_dtype is not None and args.difference == "one_sided":
@@ -300,11 +326,12 @@ def main(argv: list[str] | None = None, prog: str = "colabx bench meta") -> dict
           f"{info['torch']}, {info['torch_threads']} CPU threads; batch {setup.batch}, patch "
           f"{list(setup.patch)}, {len(setup.pools)} pools, {setup.features} features, c "
           f"{setup.num_classes}, t {setup.t}, {args.difference} difference, amp {args.amp}, "
-          f"meta passes {meta_amp}, θ± TF32 {args.fd_tf32}, compile {args.compile}",
+          f"meta passes {meta_amp}, θ± TF32 {args.fd_tf32}, compile {args.compile}, "
+          f"CUDA graphs {args.cuda_graphs}",
           flush=True)
     compile_mode = None if args.compile == "off" else args.compile
     calls = _iterations(setup, device, args.difference, amp_dtype, compile_mode, meta_amp_dtype,
-                        args.fd_tf32)
+                        args.fd_tf32, args.cuda_graphs)
     # compiling (and recording CUDA graphs) takes the first calls
     timings = time_interleaved(calls, device, min_time_s=args.min_time, rounds=args.rounds,
                                warmup=1 if compile_mode is None else 3)
@@ -315,6 +342,7 @@ def main(argv: list[str] | None = None, prog: str = "colabx bench meta") -> dict
     payload = {"machine": info, "command": f"{prog} " + " ".join(argv or []),
                "setup": {**setup.__dict__, "difference": args.difference, "amp": args.amp,
                          "meta_amp": meta_amp, "fd_tf32": args.fd_tf32,
+                         "cuda_graphs": args.cuda_graphs,
                          "period": args.period, "compile": args.compile},
                "timings": timings, "rows": overheads}
     write_json(args.out.format(device=device.type), payload)

@@ -507,17 +507,23 @@ class MetaStep:
                 gen_optimizer.step()
         return infos
 
-    def plain_step(self, x: Tensor, y: Tensor, d: Tensor,
-                   seg_optimizer: torch.optim.Optimizer) -> float:
-        """The ordinary update of θ: ŷ from the (updated) generator without gradient, L_seg,
-        backward, ``seg_optimizer.step()`` (autocast per ``config.amp``). Returns the loss."""
-        c = self.config
+    def update_loss(self, x: Tensor, y: Tensor, d: Tensor) -> Tensor:
+        """The ordinary update's loss L_seg(f(x), ŷ), ŷ from the current generator without
+        gradient, f's forward under autocast per ``config.amp``: the loss of every iteration
+        without a generator update, in either order. No host synchronisation (what
+        ``colabx train --cuda-graphs`` captures)."""
         with torch.no_grad():
             yhat = self.labels(x, y, d)
-        seg_optimizer.zero_grad(set_to_none=True)
-        with self._autocast(x, c.amp):
+        with self._autocast(x, self.config.amp):
             z = self.f(x)
-        loss = self._loss(z, yhat)
+        return self._loss(z, yhat)
+
+    def plain_step(self, x: Tensor, y: Tensor, d: Tensor,
+                   seg_optimizer: torch.optim.Optimizer) -> float:
+        """The ordinary update of θ: :meth:`update_loss`, backward, ``seg_optimizer.step()``.
+        Returns the loss."""
+        seg_optimizer.zero_grad(set_to_none=True)
+        loss = self.update_loss(x, y, d)
         loss.backward()
         seg_optimizer.step()
         return float(loss.detach())

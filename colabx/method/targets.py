@@ -59,6 +59,7 @@ class FixedTargets:
         self.levels, self.margin, self.tau = levels, margin, tau
         self.centres = None if cluster_centres is None else sorted(cluster_centres)
         self.body_threshold = body_threshold
+        self._mids: dict[tuple, Tensor] = {}
         self.context_lut = None
         if context_values is not None:
             if len(context_values) != t - 1:
@@ -95,9 +96,11 @@ class FixedTargets:
 
     def clusters(self, intensity: Tensor) -> Tensor:
         """Nearest-centre cluster of every voxel (0 outside the body)."""
-        centres = torch.tensor(self.centres, dtype=intensity.dtype, device=intensity.device)
-        mids = (centres[1:] + centres[:-1]) / 2
-        k = torch.bucketize(intensity.contiguous(), mids)
+        key = (intensity.dtype, intensity.device)
+        if self._mids.get(key) is None:  # made once: a host-to-device copy per batch would
+            centres = torch.tensor(self.centres, dtype=intensity.dtype)  # stop CUDA graphs
+            self._mids[key] = ((centres[1:] + centres[:-1]) / 2).to(intensity.device)
+        k = torch.bucketize(intensity.contiguous(), self._mids[key])
         if self.body_threshold is not None:
             k = torch.where(intensity > self.body_threshold, k, torch.zeros_like(k))
         return k

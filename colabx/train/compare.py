@@ -309,7 +309,7 @@ def _finished(run: Path) -> bool:
 #: resume, how the same meta-gradient was computed).
 _RUN_ONLY = frozenset({"num_workers", "device", "threads", "progress", "compile_mode",
                        "val_every", "val_cases", "snapshot_every", "save_every", "preprocessed",
-                       "theta_pm", "fd_tf32", "recompute_generator"})
+                       "theta_pm", "fd_tf32", "recompute_generator", "cuda_graphs"})
 
 
 def _check_finished_options(run: Path, cfg: TrainConfig) -> None:

@@ -187,6 +187,13 @@ class TrainConfig:
                              "step holds from one pass to the next: not with mode colab)",
                              choices=("default", "max-autotune-no-cudagraphs",
                                       "reduce-overhead", "max-autotune"))
+    cuda_graphs: bool = _opt(False, "replay the update of the network (labels, forward, loss, "
+                             "backward) from one CUDA graph captured at the first iteration, "
+                             "instead of launching its kernels one by one; generator updates, "
+                             "gradient clipping and optimizer steps stay eager. CUDA only, one "
+                             "process, not with --compile or --amp fp16; holds one more "
+                             "iteration's activations. Off by default (benchmarks/RESULTS.md: "
+                             "colabx bench meta --cuda-graphs measures it)")
     seed: int = _opt(0, "random seed (networks, data, augmentation)", lo=0, hi=2**32 - 1)
     deterministic: bool = _opt(False, "deterministic algorithms (slower on GPU)")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N", group="run")
@@ -277,6 +284,12 @@ def validate(cfg: TrainConfig) -> None:
     if colab and cfg.compile and cfg.theta_pm == "grouped":
         raise ConfigError("compile: the grouped theta+/- forward is colabx's own grouped U-Net, "
                           "not the compiled network; use theta_pm sequential")
+    if cfg.cuda_graphs and cfg.compile:
+        raise ConfigError("cuda_graphs: not with --compile (torch.compile's reduce-overhead mode "
+                          "is its own CUDA-graph capture); use one of them")
+    if cfg.cuda_graphs and cfg.amp == "fp16":
+        raise ConfigError("cuda_graphs: not with amp fp16, whose loss scaler checks for "
+                          "overflow on the host; use amp bf16 or none")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
         raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {cfg.device!r}")
 
@@ -338,7 +351,7 @@ _WITHOUT_CUDA_GRAPHS = {"reduce-overhead": "default",
 CHANGEABLE_ON_RESUME = ("epochs", "num_workers", "device", "threads", "progress", "amp",
                         "meta_amp", "compile", "compile_mode", "deterministic", "val_every",
                         "val_cases", "overlap", "snapshot_every", "save_every", "preprocessed",
-                        "theta_pm", "fd_tf32", "recompute_generator")
+                        "theta_pm", "fd_tf32", "recompute_generator", "cuda_graphs")
 
 
 #: Options added after runs were saved with an older behaviour than today's default: a saved

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,7 @@ from colabx.train.config import (
     save_config,
     saved_options,
 )
+from colabx.train.cuda_graph import CapturedStep
 from colabx.train.distributed import Dist, ProcessGroupReducer
 from colabx.train.logs import RunLog
 from colabx.train.run_dir import check_new_run_folder, start_run_folder
@@ -241,6 +242,10 @@ class Trainer:
         if self.dist.enabled and self.cfg.batch_size % self.dist.world_size:
             raise ValueError(f"batch_size: {cfg.batch_size} is not divisible by the "
                              f"{self.dist.world_size} processes")
+        if cfg.cuda_graphs and (dev.type != "cuda" or self.dist.enabled):
+            where = "several processes" if self.dist.enabled else f"device {dev}"
+            raise ValueError(f"cuda_graphs: captures one process's iteration on a CUDA device, "
+                             f"but this run is on {where}; leave out --cuda-graphs")
         if self.dist.enabled and cfg.mode == "colab" and cfg.meta_mode == "per_sample":
             raise ValueError("meta_mode: per_sample is the single-process reference semantics; "
                              "use batched with several processes")
@@ -421,6 +426,7 @@ class Trainer:
                                       body_threshold=body,
                                       context_values=cfg.manual_contexts)
         self.counter = UpdateCounter(cfg.meta_period)
+        self.captured: CapturedStep | None = None  # cuda_graphs: captured at the first update
         world, rank = self.dist.world_size, self.dist.rank
         local = cfg.batch_size // world
         self.batches = PatchBatches(
@@ -544,29 +550,22 @@ class Trainer:
             due = self.counter.tick()
         self.opt.zero_grad(set_to_none=True)
         unscaled = False
-        if self.meta is not None and self.meta.config.order == "shared":
+        if due and self.meta.config.order == "shared":
             # one forward+backward of f: the inner step's gradient and the plain update's
-            inner = self.meta.shared_forward(x, y, d, meta_due=due)
+            inner = self.meta.shared_forward(x, y, d, meta_due=True)
             loss = inner.loss
             self.scaler.scale(loss).backward()
             self.dist.mean_grads(self.f.parameters())
-            if due:
-                self.scaler.unscale_(self.opt)
-                unscaled = True
-                out.update(self._meta_update(x, y, d, lr, inner))
+            self.scaler.unscale_(self.opt)
+            unscaled = True
+            out.update(self._meta_update(x, y, d, lr, inner))
         else:
-            if self.meta is not None:
-                if due:
-                    out.update(self._meta_update(x, y, d, lr))
-                with torch.no_grad():
-                    targets = self.meta.labels(x, y, d)
-            else:
-                ctx = batch.get("context")
-                targets = self.fixed.targets(x, y, d, None if ctx is None else ctx.to(dev))
-            with self._autocast():
-                z = self.f_run(x)
-            loss = dice_ce_loss(z, targets, validate=False)
-            self.scaler.scale(loss).backward()
+            if due:
+                out.update(self._meta_update(x, y, d, lr))
+            inputs = {"image": x, "label": y, "distance": d}
+            if batch.get("context") is not None:
+                inputs["context"] = batch["context"].to(dev, non_blocking=True)
+            loss = self._update_backward(inputs)
             self.dist.mean_grads(self.f.parameters())
         if cfg.grad_clip > 0:
             if not unscaled:
@@ -577,6 +576,28 @@ class Trainer:
         # the global batch's loss (each process's loss is the mean over its equal share)
         out["train_loss"] = self.dist.mean(loss.detach())
         return out
+
+    def _update_loss(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        """The update's loss on labels from the current generator (or the mode's fixed rule):
+        all an iteration without a generator update computes before its backward."""
+        x, y, d = inputs["image"], inputs["label"], inputs["distance"]
+        if self.meta is not None:
+            return self.meta.update_loss(x, y, d)
+        targets = self.fixed.targets(x, y, d, inputs.get("context"))
+        with self._autocast():
+            z = self.f_run(x)
+        return dice_ce_loss(z, targets, validate=False)
+
+    def _update_backward(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        """The update's loss and its backward into f's ``.grad``, eager or (``cuda_graphs``)
+        replayed from the graph captured at the first call. Returns the loss."""
+        if not self.cfg.cuda_graphs:
+            loss = self._update_loss(inputs)
+            self.scaler.scale(loss).backward()
+            return loss
+        if self.captured is None:
+            self.captured = CapturedStep(self._update_loss, self.f.parameters(), inputs)
+        return self.captured(inputs)
 
     def _meta_update(self, x, y, d, lr: float, inner=None) -> dict[str, float]:
         if self.cfg.meta_mode == "per_sample":

@@ -1,0 +1,85 @@
+"""``colabx train --cuda-graphs``: the update of θ (forward, loss, backward) captured once in a
+CUDA graph and replayed, so that the host no longer launches its kernels one by one.
+
+What is captured is the work of every iteration without a generator update (every iteration
+outside mode ``colab``): the labels (the generator's forward and ``context_labels``, or the
+mode's fixed rule), the network's forward, ``dice_ce_loss`` and the backward into the network's
+``.grad``. The generator updates (the meta step, whose passes hold outputs from one pass to the
+next), gradient clipping and the optimizer steps stay eager: they read the learning rate of the
+iteration and, under data parallelism, need collectives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+
+class CapturedStep:
+    """``loss_fn(inputs)`` and the backward of its loss into the parameters' ``.grad``,
+    captured once in a CUDA graph and replayed on new inputs.
+
+    Parameters
+    ----------
+    loss_fn : callable
+        ``inputs → 0-dim loss``; must build the same computation on every call and must not
+        synchronise with the host (no ``.item()``, no input validation passes).
+    params : iterable of Parameter
+        The parameters whose gradients the backward computes (those requiring grad). They
+        must only ever be updated in place (optimizer steps), never replaced.
+    inputs : mapping of str to Tensor
+        CUDA tensors with the names, shapes and dtypes of every later call.
+    warmup : int
+        Eager calls before the capture, on a side stream (cuDNN chooses its algorithms there,
+        lazily built state is built). Their gradients are dropped: parameters and optimizer
+        state stay as they were.
+
+    Each call copies its ``inputs`` into the captured ones, replays the graph, points every
+    parameter's ``.grad`` at the gradient the graph wrote (overwritten by the next call) and
+    returns the loss (a copy, safe to read after later calls).
+    """
+
+    def __init__(self, loss_fn: Callable[[Mapping[str, Tensor]], Tensor],
+                 params: Iterable[torch.nn.Parameter], inputs: Mapping[str, Tensor],
+                 warmup: int = 3) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self.inputs = {name: t.detach().clone() for name, t in inputs.items()}
+        for name, t in self.inputs.items():
+            if t.device.type != "cuda":
+                raise ValueError(f"inputs[{name!r}]: CUDA graphs capture CUDA tensors, got one "
+                                 f"on {t.device}")
+        side = torch.cuda.Stream(self.inputs[next(iter(self.inputs))].device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                self._drop_grads()
+                loss_fn(self.inputs).backward()
+        torch.cuda.current_stream().wait_stream(side)
+        self._drop_grads()
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: the data loader's pin-memory thread may call CUDA meanwhile
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            loss = loss_fn(self.inputs)
+            loss.backward()
+        self.loss = loss.detach()
+        self.grads = [p.grad for p in self.params]
+        self._drop_grads()
+
+    def _drop_grads(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        for name, static in self.inputs.items():
+            new = inputs[name]
+            if new.shape != static.shape or new.dtype != static.dtype:
+                raise ValueError(f"inputs[{name!r}]: the graph was captured for "
+                                 f"{tuple(static.shape)} {static.dtype}, got "
+                                 f"{tuple(new.shape)} {new.dtype}")
+            static.copy_(new, non_blocking=True)
+        self.graph.replay()
+        for p, grad in zip(self.params, self.grads, strict=True):
+            p.grad = grad
+        return self.loss.clone()

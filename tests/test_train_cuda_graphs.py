@@ -1,0 +1,126 @@
+"""``colabx train --cuda-graphs``: the update replayed from a CUDA graph trains as the eager
+update does (on a GPU: same weights after iterations with and without generator updates, each
+replay on a new batch), and the option is refused where it cannot run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from colabx.train.config import ConfigError, TrainConfig
+from colabx.train.trainer import Trainer
+
+
+@pytest.fixture(autouse=True)
+def _nondeterministic_after():
+    """deterministic=True turns deterministic algorithms on for the process: off again after."""
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(phantom_preset="tiny", mode="colab", epochs=3, iterations=3, batch_size=2,
+                base_features=4, max_features=16, num_pool=2, patch_size=[16, 16, 8],
+                val_fraction=0.0, num_workers=0, progress=False, snapshot_every=0,
+                margin=4.0, tau=4.0, meta_period=2, device="cuda", deterministic=True)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode,extra", [
+    ("vanilla", {}),
+    ("kmeans", {}),
+    ("colab", {"meta_order": "shared"}),  # bf16 autocast, central difference
+    ("colab", {"meta_order": "reference"}),
+    ("colab", {"amp": "none", "meta_difference": "one_sided", "grad_clip": 0.05}),
+])
+def test_captured_update_trains_as_the_eager_one(cache, tmp_path, mode, extra):
+    nets = {}
+    for graphs in (False, True):
+        tr = Trainer(_cfg(mode=mode, cuda_graphs=graphs, **extra), tmp_path / str(graphs),
+                     echo=lambda s: None)
+        start = [p.detach().clone() for p in tr.f.parameters()]
+        replays = []
+        if graphs:
+            real = Trainer._update_backward
+
+            def spy(self, inputs, real=real, replays=replays):
+                replays.append(self.captured is not None)
+                return real(self, inputs)
+
+            tr._update_backward = spy.__get__(tr)
+        assert tr.run(max_epochs=2) is None  # 6 iterations, generator updates at 3 of them
+        if graphs:
+            assert tr.captured is not None
+            # colab: the update iterations' plain part is captured only in the reference order
+            assert len(replays) == (6 if mode != "colab" or extra.get("meta_order") ==
+                                    "reference" else 3)
+            assert replays[0] is False and all(replays[1:])
+        moved = max(float((p.detach() - q).abs().max())
+                    for p, q in zip(tr.f.parameters(), start, strict=True))
+        assert moved > 1e-3
+        nets[graphs] = (tr.f, tr.g)
+    for eager, captured in zip(nets[False], nets[True], strict=True):
+        if eager is None:
+            continue
+        want = dict(eager.named_parameters())
+        for name, p in captured.named_parameters():
+            torch.testing.assert_close(p, want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_cuda_graphs_is_refused_off_a_single_gpu(cache, tmp_path):
+    with pytest.raises(ValueError, match="cuda_graphs: captures one process's iteration on a "
+                                         "CUDA device, but this run is on device cpu"):
+        Trainer(_cfg(device="cpu", cuda_graphs=True), tmp_path, echo=lambda s: None)
+    assert not (tmp_path / "checkpoint_latest.pth").exists()
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"compile": True}, "cuda_graphs: not with --compile"),
+    ({"amp": "fp16"}, "cuda_graphs: not with amp fp16"),
+])
+def test_cuda_graphs_conflicts_are_config_errors(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        _cfg(cuda_graphs=True, **kw)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_captured_step_replays_loss_and_gradients_of_new_inputs(amp):
+    """Each replay computes the loss and gradients of the inputs it is given (not of the
+    capture's), equal to an eager call's; the gradients land in the parameters' ``.grad``."""
+    from colabx import context_labels, dice_ce_loss
+    from colabx.models import UNet
+    from colabx.train.cuda_graph import CapturedStep
+
+    net = UNet(1, 3, spatial_dims=3, base_features=4, max_features=16,
+               pool_kernel_sizes=[(2, 2, 2)] * 2, deep_supervision=True).cuda()
+
+    def loss_fn(inp):
+        with torch.autocast("cuda", dtype=amp or torch.bfloat16, enabled=amp is not None):
+            z = net(inp["image"])
+        yhat = context_labels(inp["gen"], inp["label"], inp["distance"], 2, 4.0, 4.0,
+                              net.output_strides, validate=False)
+        return dice_ce_loss(z, yhat, validate=False)
+
+    def batch(seed):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        y = (torch.rand(2, 16, 16, 8, device="cuda", generator=g) > 0.8).long()
+        return {"image": torch.randn(2, 1, 16, 16, 8, device="cuda", generator=g),
+                "gen": torch.randn(2, 2, 16, 16, 8, device="cuda", generator=g),
+                "label": y, "distance": torch.where(y > 0, 0.0, 3.0)}
+
+    step = CapturedStep(loss_fn, net.parameters(), batch(0))
+    for seed in (1, 2):
+        inp = batch(seed)
+        loss = step(inp)
+        got = [p.grad.clone() for p in net.parameters()]
+        net.zero_grad(set_to_none=True)
+        want_loss = loss_fn(inp)
+        want_loss.backward()
+        torch.testing.assert_close(loss, want_loss.detach(), rtol=1e-5, atol=1e-6)
+        for p, g in zip(net.parameters(), got, strict=True):
+            torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match=r"inputs\['image'\]: the graph was captured for "
+                                         r"\(2, 1, 16, 16, 8\)"):
+        step({**batch(3), "image": torch.zeros(1, 1, 16, 16, 8, device="cuda")})
