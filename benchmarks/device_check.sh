@@ -150,12 +150,13 @@ cuda_bench() {
 # beside it) and of bf16 (central difference)
 stage_meta() {
   local v t0=$SECONDS
-  # the last two: each default with TF32 θ± forwards (and, one-sided, inner forward), strict fp32
-  # by default (run 7's bench_meta_step: TF32 θ± 13 % faster, fd error 3.8e-2 against 3.3e-2)
-  for v in "none one_sided" "bf16 central" "none one_sided --fd-tf32" "bf16 central --fd-tf32"; do
+  # then each with the updates without a generator update replayed from CUDA graphs
+  # (colabx train --cuda-graphs)
+  for v in "none one_sided" "bf16 central" "none one_sided --cuda-graphs" \
+           "bf16 central --cuda-graphs"; do
     # shellcheck disable=SC2086
     set -- $v
-    local name="colabx_bench_meta_$1_$2${3:+_tf32}" extra=${3:-}
+    local name="colabx_bench_meta_$1_$2${3:+_graphs}" extra=${3:-}
     run_logged 120 "$name.log" colabx bench meta --device cuda --patch 80 --features 30 \
       --pools 4 --min-time 2 --amp "$1" --difference "$2" $extra --profile 3 --out "$OUT/$name.json"
     show_table "$name.log" '^| per iteration'
