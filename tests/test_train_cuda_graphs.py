@@ -88,7 +88,8 @@ def test_cuda_graphs_conflicts_are_config_errors(kw, match):
 @pytest.mark.parametrize("amp", [None, torch.bfloat16])
 def test_captured_step_replays_loss_and_gradients_of_new_inputs(amp):
     """Each replay computes the loss and gradients of the inputs it is given (not of the
-    capture's), equal to an eager call's; the gradients land in the parameters' ``.grad``."""
+    capture's), equal to an eager call's up to the rounding of the convolution algorithms (TF32
+    in fp32: stale inputs would be O(1) off); the gradients land in the parameters' ``.grad``."""
     from colabx import context_labels, dice_ce_loss
     from colabx.models import UNet
     from colabx.train.cuda_graph import CapturedStep
@@ -110,6 +111,7 @@ def test_captured_step_replays_loss_and_gradients_of_new_inputs(amp):
                 "gen": torch.randn(2, 2, 16, 16, 8, device="cuda", generator=g),
                 "label": y, "distance": torch.where(y > 0, 0.0, 3.0)}
 
+    torch.use_deterministic_algorithms(True, warn_only=True)  # off again after the test
     step = CapturedStep(loss_fn, net.parameters(), batch(0))
     for seed in (1, 2):
         inp = batch(seed)
@@ -118,9 +120,10 @@ def test_captured_step_replays_loss_and_gradients_of_new_inputs(amp):
         net.zero_grad(set_to_none=True)
         want_loss = loss_fn(inp)
         want_loss.backward()
-        torch.testing.assert_close(loss, want_loss.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loss, want_loss.detach(), rtol=1e-4, atol=1e-6)
         for p, g in zip(net.parameters(), got, strict=True):
-            torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+            scale = float(p.grad.abs().max())
+            torch.testing.assert_close(g, p.grad, rtol=2e-3, atol=2e-3 * scale)
     with pytest.raises(ValueError, match=r"inputs\['image'\]: the graph was captured for "
                                          r"\(2, 1, 16, 16, 8\)"):
         step({**batch(3), "image": torch.zeros(1, 1, 16, 16, 8, device="cuda")})
