@@ -97,6 +97,8 @@ stage_test() {
     --junitxml="$OUT/pytest_cuda.xml"
   grep -E "(passed|failed|error)" "$OUT/pytest_cuda.log" | tail -3
   grep -E "^(FAILED|ERROR)" "$OUT/pytest_cuda.log" | head -30
+  # the reasons too: the device tool may not return the log itself (at most 8 files come back)
+  grep -E "^E   " "$OUT/pytest_cuda.log" | head -30
   echo "gpu tests: $((SECONDS - t0)) s"
   t0=$SECONDS
   local limit
