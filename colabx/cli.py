@@ -112,6 +112,10 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--overwrite", action="store_true",
                     help="write into an OUTPUT folder that holds other files, or replace "
                     "another prediction's outputs there")
+    pr.add_argument("--continue", dest="continue_prediction", action="store_true",
+                    help="in OUTPUT, the folder of the same prediction that was interrupted, "
+                    "predict only the cases without a label map (files are written "
+                    "atomically, a case's label map last: those there are complete)")
     pr.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                     help="progress bar (default on)")
     pr.add_argument("--postprocess", default="none", choices=POSTPROCESSING,
@@ -322,7 +326,7 @@ def _predict(args: argparse.Namespace) -> int:
                    device=args.device, overlap=args.overlap, mirror=args.mirror,
                    overwrite=args.overwrite, postprocess=args.postprocess,
                    save_probabilities=args.save_probabilities, save_contexts=args.save_contexts,
-                   progress=args.progress)
+                   progress=args.progress, continue_prediction=args.continue_prediction)
     return 0
 
 

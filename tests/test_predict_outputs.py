@@ -266,3 +266,34 @@ def test_2d_data_in_one_slice_3d_files_trains_a_2d_network(cache, tmp_path, axis
     whole.mkdir()
     shutil.copy(src / "imagesTs" / f"{CASE}_0000.nii.gz", whole)
     assert _predict(tmp_path / "run", whole, tmp_path / "pred3d") == 2
+
+
+def test_continue_predicts_only_the_cases_an_interrupted_run_left(trained, tmp_path, capsys):
+    """--continue (nnU-Net's --continue_prediction) keeps the complete cases of an interrupted
+    run of the same prediction and predicts the rest; without it a rerun predicts every case."""
+    root, data, _ = trained
+    run = root / "run"
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("a", "b"):
+        shutil.copy(data / "imagesTs" / f"{CASE}_0000.nii.gz", inputs / f"{name}_0000.nii.gz")
+    out = tmp_path / "out"
+    assert _predict(run, inputs, out) == 0
+    full = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # as a kill after case a: b's label map (written last) missing, its other outputs there
+    (out / "b.nii.gz").unlink()
+    (out / "b.npz").write_bytes(b"stale")
+    kept = (out / "a.nii.gz").stat()
+    capsys.readouterr()
+    assert _predict(run, inputs, out, "--continue") == 0
+    assert "continuing: 1 of 2 cases already predicted" in capsys.readouterr().out
+    assert (out / "a.nii.gz").stat().st_ino == kept.st_ino  # not written again
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == full
+    assert _predict(run, inputs, out) == 0  # a rerun without --continue writes every case
+    assert (out / "a.nii.gz").stat().st_ino != kept.st_ino
+    assert _predict(run, inputs, out, "--continue", "--overwrite") == 2
+    assert "continue_prediction keeps the outputs of an interrupted run" in \
+        capsys.readouterr().err
+    r = predict_folder(run, inputs, out, device="cpu", progress=False,
+                       save_probabilities=True, save_contexts=True, continue_prediction=True)
+    assert r == [out / "a.nii.gz", out / "b.nii.gz"]

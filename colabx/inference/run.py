@@ -140,8 +140,8 @@ def predict_folder(run: str | os.PathLike[str], input_dir: str | os.PathLike[str
                    device: str = "auto", overlap: float = 0.5, mirror: bool | None = None,
                    file_ending: str | None = None, progress: bool = True,
                    overwrite: bool = False, postprocess: str = "none",
-                   save_probabilities: bool = False, save_contexts: bool = False
-                   ) -> list[Path]:
+                   save_probabilities: bool = False, save_contexts: bool = False,
+                   continue_prediction: bool = False) -> list[Path]:
     """Segment every case of ``input_dir`` into ``output_dir/{case}{file_ending}`` (the
     images' grid and header; every file written atomically).
 
@@ -168,14 +168,23 @@ def predict_folder(run: str | os.PathLike[str], input_dir: str | os.PathLike[str
     Ctrl-C), a folder this call created is removed again, and in an existing folder the files
     this call wrote are.
 
+    ``continue_prediction`` (nnU-Net's ``--continue_prediction``): in the folder of the same
+    prediction, cases whose label map is there are not predicted again: after a run that was
+    killed (a label map is written, atomically, after its case's other outputs, so a case with
+    one is complete). Returns the label maps of all cases, in case order.
+
     Raises:
         FileNotFoundError: no checkpoint, or no input folder.
         DatasetError: input files misnamed, mixed endings, missing channels, unreadable or
             inconsistent; SimpleITK missing for ``.nrrd``/``.mha``.
         OutputFolderError: ``output_dir`` holds other files, or another prediction's (and not
             ``overwrite``).
-        ValueError: ``overlap`` outside ``[0, 0.9]`` or a bad ``device``.
+        ValueError: ``overlap`` outside ``[0, 0.9]``, a bad ``device``, or
+            ``continue_prediction`` with ``overwrite``.
     """
+    if continue_prediction and overwrite:
+        raise ValueError("continue_prediction keeps the outputs of an interrupted run of the "
+                         "same prediction and overwrite replaces another prediction's: pass one")
     if not 0.0 <= overlap <= MAX_OVERLAP:
         raise ValueError(f"overlap: must be in [0, {MAX_OVERLAP}], got {overlap}")
     if postprocess not in POSTPROCESSING:
@@ -210,14 +219,20 @@ def predict_folder(run: str | os.PathLike[str], input_dir: str | os.PathLike[str
             "cases": sorted(cases)}
     _reuse_output_folder(out, info, overwrite)
     had_marker = (out / PREDICT_MARKER).is_file()
+    labels = {cid: out / f"{cid}{ending}" for cid in sorted(cases)}
+    todo = sorted(cid for cid, path in labels.items()
+                  if not (continue_prediction and had_marker and path.is_file()))
     created = mark_output_folder(out, PREDICT_MARKER, info)
     from tqdm.auto import tqdm
 
+    if progress and len(todo) < len(cases):
+        tqdm.write(f"continuing: {len(cases) - len(todo)} of {len(cases)} cases already "
+                   f"predicted in {out}")
     written: list[Path] = []
     extras: list[Path] = []  # probabilities and contexts
     try:
-        for cid, images in tqdm(sorted(cases.items()), desc="predicting", unit="case",
-                                disable=not progress):
+        for cid in tqdm(todo, desc="predicting", unit="case", disable=not progress):
+            images = cases[cid]
             pred = predict_raw(f, images, plans, plan["patch_size"],
                                num_classes=plan["num_classes"], overlap=overlap,
                                mirror_axes=mirror_axes, amp=amp)
@@ -231,7 +246,7 @@ def predict_folder(run: str | os.PathLike[str], input_dir: str | os.PathLike[str
             label = pred.labels()
             if postprocess != "none":
                 label = apply_postprocess(label, postprocess)
-            written.append(save_prediction(label, images[0], out / f"{cid}{ending}"))
+            written.append(save_prediction(label, images[0], labels[cid]))
     except BaseException:
         # nothing half-done stays: a folder this call created goes, else what it wrote
         if created is not None:
@@ -245,4 +260,4 @@ def predict_folder(run: str | os.PathLike[str], input_dir: str | os.PathLike[str
             if not had_marker:
                 (out / PREDICT_MARKER).unlink(missing_ok=True)
         raise
-    return written
+    return list(labels.values())
