@@ -149,3 +149,33 @@ def test_bench_meta_fd_tf32_reaches_colabx_meta_steps(tmp_path, monkeypatch):
                  "--out", str(out)]) == 0
     assert len(configs) == 3 and all(c.fd_tf32 for c in configs)
     assert json.loads(out.read_text())["setup"]["fd_tf32"] is True
+
+
+def test_bench_meta_fd_tf32_is_on_unless_turned_off(tmp_path, monkeypatch):
+    """As colabx train: TF32 θ± by default, --no-fd-tf32 for strict fp32."""
+    import colabx.bench.meta as bench_meta
+
+    configs = []
+    real = bench_meta.MetaStep
+
+    def spy(f, g, config, *a, **kw):
+        configs.append(config)
+        return real(f, g, config, *a, **kw)
+
+    monkeypatch.setattr(bench_meta, "MetaStep", spy)
+    for flag, want in (([], True), (["--no-fd-tf32"], False)):
+        configs.clear()
+        out = tmp_path / f"meta{want}.json"
+        assert main(["bench", "meta", "--quick", "--min-time", "0", "--rounds", "1", *flag,
+                     "--out", str(out)]) == 0
+        assert configs and all(c.fd_tf32 is want for c in configs)
+        assert json.loads(out.read_text())["setup"]["fd_tf32"] is want
+
+
+@pytest.mark.parametrize("extra", [[], ["--device", "cuda", "--compile", "default"]])
+def test_bench_meta_cuda_graphs_needs_cuda_without_compile(extra, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "meta", "--quick", "--cuda-graphs", *extra])
+    err = capsys.readouterr().err
+    assert ("--cuda-graphs needs --device cuda and no --compile" in err
+            or "--device cuda given but torch sees no CUDA device" in err)
