@@ -170,7 +170,9 @@ def _rows_for(f: UNet, g: UNet, ds: bool, cuda: bool, x: Tensor, y: Tensor, d: T
     kw = {"margin": margin, "tau": tau}
 
     def colabx(**cfg) -> MetaStep:
-        return MetaStep(f, g, MetaConfig(NUM_CLASSES, **kw, **cfg))
+        # strict-fp32 θ± unless a variant says fd_tf32 (colabx train's default since run 8):
+        # the restructured twin's default, and what earlier runs' tables measured
+        return MetaStep(f, g, MetaConfig(NUM_CLASSES, **kw, **{"fd_tf32": False, **cfg}))
 
     def meta(ms: MetaStep) -> Callable[[], object]:
         return lambda: ms.step(x, y, d, LR)

@@ -113,9 +113,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="write into an OUTPUT folder that holds other files, or replace "
                     "another prediction's outputs there")
     pr.add_argument("--continue", dest="continue_prediction", action="store_true",
-                    help="in OUTPUT, the folder of the same prediction that was interrupted, "
-                    "predict only the cases without a label map (files are written "
-                    "atomically, a case's label map last: those there are complete)")
+                    help="in OUTPUT, the folder of the same prediction that was killed (kill -9, "
+                    "out of memory, a lost machine), predict only the cases whose outputs are "
+                    "not all there (files are written atomically: those there are complete; "
+                    "a failure colabx sees, Ctrl-C included, removes what it wrote instead)")
     pr.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                     help="progress bar (default on)")
     pr.add_argument("--postprocess", default="none", choices=POSTPROCESSING,

@@ -294,6 +294,10 @@ def test_continue_predicts_only_the_cases_an_interrupted_run_left(trained, tmp_p
     assert _predict(run, inputs, out, "--continue", "--overwrite") == 2
     assert "continue_prediction keeps the outputs of an interrupted run" in \
         capsys.readouterr().err
+    (out / "b.npz").unlink()  # a case with a requested output missing is not complete
+    kept = (out / "a.nii.gz").stat()
     r = predict_folder(run, inputs, out, device="cpu", progress=False,
                        save_probabilities=True, save_contexts=True, continue_prediction=True)
     assert r == [out / "a.nii.gz", out / "b.nii.gz"]
+    assert (out / "a.nii.gz").stat().st_ino == kept.st_ino
+    assert (out / "b.npz").read_bytes() == full["b.npz"]

@@ -93,6 +93,16 @@ def test_cli_flags_parse_to_config_types():
         ("vanilla", [32, 32, 16], False, 0.02, 3)
 
 
+def test_runs_saved_before_tf32_theta_pm_keep_strict_fp32():
+    """A configuration saved before fd_tf32 existed meant strict-fp32 θ± forwards (the default
+    until run 8): it resumes so; a saved value is kept."""
+    from colabx.train.config import saved_options
+
+    assert saved_options({"mode": "colab"})["fd_tf32"] is False
+    assert saved_options({"mode": "colab", "fd_tf32": True})["fd_tf32"] is True
+    assert TrainConfig().fd_tf32 is True
+
+
 def test_saved_options_replace_retired_values():
     """Runs saved with the retired vmap θ± forwards resume on the sequential ones (same math)."""
     from colabx.train.config import saved_options

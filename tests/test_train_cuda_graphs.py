@@ -30,6 +30,8 @@ def _cfg(**kw) -> TrainConfig:
 @pytest.mark.parametrize("mode,extra", [
     ("vanilla", {}),
     ("kmeans", {}),
+    ("dilation", {}),
+    ("manual", {}),
     ("colab", {"meta_order": "shared"}),  # bf16 autocast, central difference
     ("colab", {"meta_order": "reference"}),
     ("colab", {"amp": "none", "meta_difference": "one_sided", "grad_clip": 0.05}),
@@ -51,7 +53,7 @@ def test_captured_update_trains_as_the_eager_one(cache, tmp_path, mode, extra):
             tr._update_backward = spy.__get__(tr)
         assert tr.run(max_epochs=2) is None  # 6 iterations, generator updates at 3 of them
         if graphs:
-            assert tr.captured is not None
+            assert tr.captured is None  # released once training stops
             # colab: the update iterations' plain part is captured only in the reference order
             assert len(replays) == (6 if mode != "colab" or extra.get("meta_order") ==
                                     "reference" else 3)
@@ -68,11 +70,16 @@ def test_captured_update_trains_as_the_eager_one(cache, tmp_path, mode, extra):
             torch.testing.assert_close(p, want[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_cuda_graphs_is_refused_off_a_single_gpu(cache, tmp_path):
+@pytest.mark.parametrize("world,where", [(1, "device cpu"), (2, "several processes")])
+def test_cuda_graphs_is_refused_off_a_single_gpu(cache, tmp_path, world, where):
+    from colabx.train.distributed import Dist
+
+    out = tmp_path / "run"
     with pytest.raises(ValueError, match="cuda_graphs: captures one process's iteration on a "
-                                         "CUDA device, but this run is on device cpu"):
-        Trainer(_cfg(device="cpu", cuda_graphs=True), tmp_path, echo=lambda s: None)
-    assert not (tmp_path / "checkpoint_latest.pth").exists()
+                                         f"CUDA device, but this run is on {where}"):
+        Trainer(_cfg(device="cpu", cuda_graphs=True), out, dist=Dist(0, world),
+                echo=lambda s: None)
+    assert not out.exists()  # nothing left behind
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -127,3 +134,11 @@ def test_captured_step_replays_loss_and_gradients_of_new_inputs(amp):
     with pytest.raises(ValueError, match=r"inputs\['image'\]: the graph was captured for "
                                          r"\(2, 1, 16, 16, 8\)"):
         step({**batch(3), "image": torch.zeros(1, 1, 16, 16, 8, device="cuda")})
+
+
+def test_captured_step_refuses_tensors_off_the_gpu():
+    from colabx.train.cuda_graph import CapturedStep
+
+    with pytest.raises(ValueError, match=r"inputs\['image'\]: CUDA graphs capture CUDA "
+                                         r"tensors, got one on cpu"):
+        CapturedStep(lambda inp: inp["image"].sum(), [], {"image": torch.zeros(2)})

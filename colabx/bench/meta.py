@@ -209,8 +209,11 @@ def _iterations(s: Setup, device: torch.device, difference: str,
                 fopt.step()
 
             rows[f"colab meta ({label})"] = as_trainer(shared)
+    # the restructured twin in colabx's precision (θ± included); the reference-style step has
+    # no mixed precision and runs every pass with torch's default TF32, as the published code
     mixed = {"amp": True, "amp_dtype": amp_dtype} if amp else {}
-    for name, meta_fn, kw in (("restructured PyTorch", restructured_meta_step, mixed),
+    for name, meta_fn, kw in (("restructured PyTorch", restructured_meta_step,
+                               {**mixed, "fd_tf32": fd_tf32}),
                               ("reference-style PyTorch", reference_meta_step, {})):
         f, g = s.nets(device, k)
         fopt = torch.optim.SGD(f.parameters(), lr=0.0, momentum=0.99, nesterov=True)
@@ -218,7 +221,7 @@ def _iterations(s: Setup, device: torch.device, difference: str,
 
         def twin(meta_fn=meta_fn, f=f, g=g, fopt=fopt, gopt=gopt, kw=kw):
             meta_fn(f, g, x, y, d, c, ALPHA, gopt, **kw)
-            with autocast(bool(kw)):
+            with autocast(kw.get("amp", False)):
                 reference_plain_step(f, g, x, y, d, c, fopt)
 
         rows[name] = twin

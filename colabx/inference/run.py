@@ -169,9 +169,11 @@ def predict_folder(run: str | os.PathLike[str], input_dir: str | os.PathLike[str
     this call wrote are.
 
     ``continue_prediction`` (nnU-Net's ``--continue_prediction``): in the folder of the same
-    prediction, cases whose label map is there are not predicted again: after a run that was
-    killed (a label map is written, atomically, after its case's other outputs, so a case with
-    one is complete). Returns the label maps of all cases, in case order.
+    prediction, cases whose outputs are all there (label map, and the probabilities and context
+    map when asked for) are not predicted again: after a run that was killed (``kill -9``, out
+    of memory, a lost machine; a failure this function sees, Ctrl-C included, removes what the
+    call wrote, as above). Every file is written atomically, so one that is there is complete.
+    Returns the label maps of all cases, in case order.
 
     Raises:
         FileNotFoundError: no checkpoint, or no input folder.
@@ -220,8 +222,13 @@ def predict_folder(run: str | os.PathLike[str], input_dir: str | os.PathLike[str
     _reuse_output_folder(out, info, overwrite)
     had_marker = (out / PREDICT_MARKER).is_file()
     labels = {cid: out / f"{cid}{ending}" for cid in sorted(cases)}
-    todo = sorted(cid for cid, path in labels.items()
-                  if not (continue_prediction and had_marker and path.is_file()))
+
+    def complete(cid: str) -> bool:
+        files = [labels[cid]] + [out / f"{cid}.npz"] * save_probabilities + \
+            [out / "contexts" / f"{cid}{ending}"] * save_contexts
+        return all(p.is_file() for p in files)
+
+    todo = [cid for cid in labels if not (continue_prediction and had_marker and complete(cid))]
     created = mark_output_folder(out, PREDICT_MARKER, info)
     from tqdm.auto import tqdm
 

@@ -89,7 +89,7 @@ class MetaConfig:
     fd_tf32 : let the θ± forwards (and a one-sided difference's inner forward) use TF32
         convolutions and matmuls as torch's settings allow (default), as every pass of the
         published code runs; ``False``: strict fp32 for them. On an H200 (B=2, 80³, 30
-        features) strict fp32 made an update iteration of ``colabx train`` 15-18 % slower
+        features; ``colabx bench meta``) strict fp32 made an update iteration 18-22 % slower
         (137 vs 116 ms fp32, 110 vs 89 ms bf16 autocast) for an fd meta-gradient 3.3e-2
         instead of 3.8e-2 (relative) off the float64 one, where the finite difference itself
         is 9.2e-2 off the exact meta-gradient (``benchmarks/RESULTS.md``). No effect on the
@@ -510,8 +510,9 @@ class MetaStep:
     def update_loss(self, x: Tensor, y: Tensor, d: Tensor) -> Tensor:
         """The ordinary update's loss L_seg(f(x), ŷ), ŷ from the current generator without
         gradient, f's forward under autocast per ``config.amp``: the loss of every iteration
-        without a generator update, in either order. No host synchronisation (what
-        ``colabx train --cuda-graphs`` captures)."""
+        without a generator update, in either order. With ``config.validate`` off (the
+        default) it does not synchronise with the host, so ``colabx train --cuda-graphs`` can
+        capture it."""
         with torch.no_grad():
             yhat = self.labels(x, y, d)
         with self._autocast(x, self.config.amp):

@@ -114,7 +114,7 @@ class TrainConfig:
     fd_tf32: bool = _opt(True, "let the theta+/- forwards (and a one-sided difference's inner "
                          "forward) use TF32 convolutions on the GPU as torch allows, as every "
                          "pass of the published code does; --no-fd-tf32 runs them in strict "
-                         "fp32 (H200, 80^3: an update iteration 15-18% slower, the fd "
+                         "fp32 (H200, 80^3: an update iteration 18-22% slower, the fd "
                          "meta-gradient 3.3% instead of 3.8% off the float64 one, against "
                          "the finite difference's own 9%; benchmarks/RESULTS.md)",
                          group="method")
@@ -187,13 +187,20 @@ class TrainConfig:
                              "step holds from one pass to the next: not with mode colab)",
                              choices=("default", "max-autotune-no-cudagraphs",
                                       "reduce-overhead", "max-autotune"))
-    cuda_graphs: bool = _opt(False, "replay the update of the network (labels, forward, loss, "
-                             "backward) from one CUDA graph captured at the first iteration, "
-                             "instead of launching its kernels one by one; generator updates, "
-                             "gradient clipping and optimizer steps stay eager. CUDA only, one "
-                             "process, not with --compile or --amp fp16; holds one more "
-                             "iteration's activations. Off by default (benchmarks/RESULTS.md: "
-                             "colabx bench meta --cuda-graphs measures it)")
+    cuda_graphs: bool = _opt(False, "replay the network's update (labels, forward, loss, "
+                             "backward) from a CUDA graph, captured at the first iteration "
+                             "without a generator update, instead of launching its kernels "
+                             "one by one: every iteration of the modes without a generator; "
+                             "with mode colab the iterations without a generator update (and, "
+                             "in the reference order, an update iteration's plain update; the "
+                             "shared order runs its update iterations eagerly). Generator "
+                             "updates, gradient clipping and optimizer steps stay eager. CUDA "
+                             "only, one process, not with --compile or --amp fp16; holds one "
+                             "more iteration's activations while training. Off by default: on "
+                             "an H200 at 80^3 it saved 2-5% of those iterations' best times "
+                             "(more of their median on a noisy host), and the meta iterations "
+                             "stay as they are (benchmarks/RESULTS.md; colabx bench meta "
+                             "--cuda-graphs measures it)")
     seed: int = _opt(0, "random seed (networks, data, augmentation)", lo=0, hi=2**32 - 1)
     deterministic: bool = _opt(False, "deterministic algorithms (slower on GPU)")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N", group="run")
@@ -357,7 +364,7 @@ CHANGEABLE_ON_RESUME = ("epochs", "num_workers", "device", "threads", "progress"
 #: Options added after runs were saved with an older behaviour than today's default: a saved
 #: configuration without them meant these values.
 LEGACY_DEFAULTS = {"generator_upsampling": "transposed", "meta_order": "reference",
-                   "meta_difference": "central"}
+                   "meta_difference": "central", "fd_tf32": False}
 #: Values older runs could hold that are gone, and what replaces them (same results): the vmap
 #: θ± forwards were slower than the sequential ones in every measurement.
 RETIRED_VALUES = {"theta_pm": {"vmap": "sequential"}}

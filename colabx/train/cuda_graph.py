@@ -1,12 +1,15 @@
 """``colabx train --cuda-graphs``: the update of θ (forward, loss, backward) captured once in a
 CUDA graph and replayed, so that the host no longer launches its kernels one by one.
 
-What is captured is the work of every iteration without a generator update (every iteration
-outside mode ``colab``): the labels (the generator's forward and ``context_labels``, or the
-mode's fixed rule), the network's forward, ``dice_ce_loss`` and the backward into the network's
-``.grad``. The generator updates (the meta step, whose passes hold outputs from one pass to the
-next), gradient clipping and the optimizer steps stay eager: they read the learning rate of the
-iteration and, under data parallelism, need collectives.
+What is captured, at the first iteration without a generator update, is the update of θ: the
+labels (the generator's forward and ``context_labels``, or the mode's fixed rule), the
+network's forward, ``dice_ce_loss`` and the backward into the network's ``.grad``. It is
+replayed in every iteration outside mode ``colab``; in mode ``colab`` in the iterations without
+a generator update and, in the reference order, for an update iteration's plain update (the
+shared order's update iterations share that forward and backward with the meta step and run
+eagerly). The generator updates (the meta step, whose passes hold outputs from one pass to the
+next), gradient clipping and the optimizer steps stay eager: they read the iteration's learning
+rate, and the meta step's skip checks read the device.
 """
 
 from __future__ import annotations
@@ -72,13 +75,17 @@ class CapturedStep:
             p.grad = None
 
     def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
-        for name, static in self.inputs.items():
+        if set(inputs) != set(self.inputs):
+            raise ValueError(f"inputs: the graph was captured for {sorted(self.inputs)}, got "
+                             f"{sorted(inputs)}")
+        for name, static in self.inputs.items():  # all checked before any is overwritten
             new = inputs[name]
-            if new.shape != static.shape or new.dtype != static.dtype:
+            if (new.shape, new.dtype, new.device) != (static.shape, static.dtype, static.device):
                 raise ValueError(f"inputs[{name!r}]: the graph was captured for "
-                                 f"{tuple(static.shape)} {static.dtype}, got "
-                                 f"{tuple(new.shape)} {new.dtype}")
-            static.copy_(new, non_blocking=True)
+                                 f"{tuple(static.shape)} {static.dtype} on {static.device}, "
+                                 f"got {tuple(new.shape)} {new.dtype} on {new.device}")
+        for name, static in self.inputs.items():
+            static.copy_(inputs[name], non_blocking=True)
         self.graph.replay()
         for p, grad in zip(self.params, self.grads, strict=True):
             p.grad = grad

@@ -666,6 +666,9 @@ class Trainer:
         for epoch in range(self.start_epoch, stop):
             self._epoch(epoch, batches)
         del batches, loader
+        if self.captured is not None:  # the graph's memory, and the gradients in it, go now
+            self.captured = None
+            self.f.zero_grad(set_to_none=True)
         if stop < cfg.epochs:
             return None
         result = None
