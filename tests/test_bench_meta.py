@@ -131,9 +131,12 @@ def test_bench_meta_profile_names_where_each_rows_time_goes(tmp_path, capsys):
         main(["bench", "meta", "--quick", "--profile", "-1"])
 
 
-def test_bench_meta_fd_tf32_reaches_colabx_meta_steps(tmp_path, monkeypatch):
-    """``--fd-tf32`` goes into every colabx MetaStep of the run (the pure-PyTorch rows have no
-    such option) and into the JSON."""
+@pytest.mark.parametrize("flag,want", [([], True), (["--fd-tf32"], True),
+                                       (["--no-fd-tf32"], False)])
+def test_bench_meta_fd_tf32_reaches_colabx_meta_steps(tmp_path, monkeypatch, flag, want):
+    """As colabx train: TF32 θ± by default, ``--no-fd-tf32`` for strict fp32; the setting goes
+    into every colabx MetaStep of the run (the pure-PyTorch rows have no such option) and into
+    the JSON."""
     import colabx.bench.meta as bench_meta
 
     configs = []
@@ -145,31 +148,10 @@ def test_bench_meta_fd_tf32_reaches_colabx_meta_steps(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench_meta, "MetaStep", spy)
     out = tmp_path / "meta.json"
-    assert main(["bench", "meta", "--quick", "--min-time", "0", "--rounds", "1", "--fd-tf32",
+    assert main(["bench", "meta", "--quick", "--min-time", "0", "--rounds", "1", *flag,
                  "--out", str(out)]) == 0
-    assert len(configs) == 3 and all(c.fd_tf32 for c in configs)
-    assert json.loads(out.read_text())["setup"]["fd_tf32"] is True
-
-
-def test_bench_meta_fd_tf32_is_on_unless_turned_off(tmp_path, monkeypatch):
-    """As colabx train: TF32 θ± by default, --no-fd-tf32 for strict fp32."""
-    import colabx.bench.meta as bench_meta
-
-    configs = []
-    real = bench_meta.MetaStep
-
-    def spy(f, g, config, *a, **kw):
-        configs.append(config)
-        return real(f, g, config, *a, **kw)
-
-    monkeypatch.setattr(bench_meta, "MetaStep", spy)
-    for flag, want in (([], True), (["--no-fd-tf32"], False)):
-        configs.clear()
-        out = tmp_path / f"meta{want}.json"
-        assert main(["bench", "meta", "--quick", "--min-time", "0", "--rounds", "1", *flag,
-                     "--out", str(out)]) == 0
-        assert configs and all(c.fd_tf32 is want for c in configs)
-        assert json.loads(out.read_text())["setup"]["fd_tf32"] is want
+    assert len(configs) == 3 and all(c.fd_tf32 is want for c in configs)
+    assert json.loads(out.read_text())["setup"]["fd_tf32"] is want
 
 
 @pytest.mark.parametrize("extra", [[], ["--device", "cuda", "--compile", "default"]])
