@@ -195,10 +195,23 @@ class FolderLock:
         self._fd: int | None = fd
         self.path, self.created, self.new_file = path, created, new_file
 
-    def release(self) -> None:
+    def release(self, undo: bool = False) -> None:
+        """Drop the lock. ``undo`` (a start that failed): also remove what locking created, the
+        lock file and, innermost first, those of the folders it created that are empty (never
+        what another step or run wrote into them)."""
+        if undo and self.new_file:
+            self.path.unlink(missing_ok=True)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if undo and self.created is not None:
+            for folder in (self.path.parent.absolute(), *self.path.parent.absolute().parents):
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+                if folder == self.created.absolute():
+                    break
 
     def __del__(self) -> None:
         self.release()

@@ -140,6 +140,12 @@ class MetaConfig:
     skip_without_roi: bool = True
     validate: bool = False
 
+    @property
+    def one_sided(self) -> bool:
+        """Whether the fd meta-gradient takes the one-sided difference, G(θ) from the inner
+        forward (``difference`` applies to ``meta_grad="fd"`` only)."""
+        return self.difference == "one_sided" and self.meta_grad == "fd"
+
     def __post_init__(self) -> None:
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) \
                 or self.num_classes < 2:
@@ -156,7 +162,7 @@ class MetaConfig:
                              "per sample, the reference's semantics)")
         if self.meta_amp is not None and not isinstance(self.meta_amp, bool):
             raise ValueError(f"meta_amp must be True, False or None, got {self.meta_amp!r}")
-        if self.difference == "one_sided" and self.meta_grad == "fd" and self.amp:
+        if self.one_sided and self.amp:
             raise ValueError("difference: one_sided reuses G(θ) from the inner forward, which "
                              "runs under autocast here while the θ+ forward runs in fp32: the "
                              "difference would measure the precision change, not the "
@@ -352,7 +358,7 @@ class MetaStep:
         """Autocast and TF32 of f's forward at θ: as configured, except that a one-sided
         difference needs it in the θ± precision (autocast off, TF32 only with ``fd_tf32``)."""
         c = self.config
-        if c.difference == "one_sided" and c.meta_grad == "fd":
+        if c.one_sided:
             return contextlib.ExitStack(), tf32_unless(c.fd_tf32)
         return self._autocast(x, c.amp), contextlib.nullcontext()
 
@@ -372,7 +378,7 @@ class MetaStep:
         names = [n for n, _ in f.named_parameters()]
         plist = [p for _, p in f.named_parameters()]
         params = {n: p.detach() for n, p in zip(names, plist, strict=True)}
-        one_sided = c.difference == "one_sided" and c.meta_grad == "fd"
+        one_sided = c.one_sided
         if inner is not None:
             yhat = inner.labels
             yhat_d = [t.detach() for t in yhat]
@@ -452,7 +458,7 @@ class MetaStep:
         keep = meta_due and not c.recompute_generator
         with torch.enable_grad() if keep else torch.no_grad():
             labels = _as_list(self.labels(x, y, d))
-        one_sided = meta_due and c.difference == "one_sided" and c.meta_grad == "fd"
+        one_sided = meta_due and c.one_sided
         leaves = [t.detach().requires_grad_(one_sided) for t in labels]
         autocast, tf32 = self._inner_precision(x)
         with autocast, tf32:

@@ -97,7 +97,7 @@ class FixedTargets:
     def clusters(self, intensity: Tensor) -> Tensor:
         """Nearest-centre cluster of every voxel (0 outside the body)."""
         key = (intensity.dtype, intensity.device)
-        if self._mids.get(key) is None:  # made once: a host-to-device copy per batch would
+        if key not in self._mids:  # made once: a host-to-device copy per batch would
             centres = torch.tensor(self.centres, dtype=intensity.dtype)  # stop CUDA graphs
             self._mids[key] = ((centres[1:] + centres[:-1]) / 2).to(intensity.device)
         k = torch.bucketize(intensity.contiguous(), self._mids[key])

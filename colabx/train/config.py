@@ -347,9 +347,9 @@ def from_mapping(values: Mapping[str, Any]) -> TrainConfig:
 #: torch.compile modes that capture CUDA graphs (torch's cudagraph trees): refused for the meta
 #: step, measured to fail there (a RuntimeError reading overwritten graph outputs, H200,
 #: 2026-12-04).
-CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 _WITHOUT_CUDA_GRAPHS = {"reduce-overhead": "default",
                         "max-autotune": "max-autotune-no-cudagraphs"}
+CUDA_GRAPH_COMPILE_MODES = tuple(_WITHOUT_CUDA_GRAPHS)
 
 
 #: Options a resumed run may change (how it runs, how long, what it reports); every other option

@@ -174,19 +174,7 @@ class Trainer:
         lock, self._lock = self._lock, None
         if lock is None:
             return
-        if failed and lock.new_file:
-            lock.path.unlink(missing_ok=True)
-        lock.release()
-        if failed and lock.created is not None:
-            # the folders locking created, innermost first, while empty: never what another
-            # step (a --preprocessed folder beside the run) or another run wrote into them
-            for folder in (self.out.absolute(), *self.out.absolute().parents):
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break
-                if folder == lock.created.absolute():
-                    break
+        lock.release(undo=failed)  # a --preprocessed folder beside the run is left alone
 
     def _resumed_config(self, state: dict[str, Any], cfg: TrainConfig) -> TrainConfig:
         """The configuration of a resumed run: the run's own, with the changes ``cfg`` asks for
