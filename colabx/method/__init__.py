@@ -10,6 +10,7 @@ from colabx.method.meta_step import (
     MetaConfig,
     MetaStep,
     MetaStepInfo,
+    MetaTensors,
     UpdateCounter,
     current_lr,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "MetaConfig",
     "MetaStep",
     "MetaStepInfo",
+    "MetaTensors",
     "UpdateCounter",
     "current_lr",
     "fit_intensity_clusters",

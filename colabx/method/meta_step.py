@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -45,7 +45,8 @@ from colabx.ops.roi_bce_loss import roi_bce_loss
 from colabx.twins import dice_ce_loss as _twin
 
 __all__ = ["DIFFERENCES", "META_GRADS", "META_MODES", "ORDERS", "THETA_PM", "GradReducer",
-           "InnerPass", "MetaConfig", "MetaStep", "MetaStepInfo", "UpdateCounter", "current_lr"]
+           "InnerPass", "MetaConfig", "MetaStep", "MetaStepInfo", "MetaTensors", "UpdateCounter",
+           "current_lr"]
 
 #: The choices of :class:`MetaConfig` (the trainer's options offer the same): ``mode``,
 #: ``meta_grad``, ``theta_pm``, iteration ``order`` and finite ``difference``.
@@ -179,6 +180,26 @@ class MetaStepInfo:
     l_roi: float = 0.0
     v_norm: float = 0.0
     eps: float = 0.0
+
+
+class MetaTensors(NamedTuple):
+    """What :meth:`MetaStep.gradients` computed, as 0-dim tensors on the device, read by
+    :meth:`info` (one synchronisation) when the caller chooses: ``usable`` (bool: the generator
+    gradient is to be stepped; False where :class:`MetaStepInfo` says skipped), L_seg(θ, ŷ),
+    L_ROI(θ*), ‖v‖ and ε."""
+
+    usable: Tensor
+    l_seg: Tensor
+    l_roi: Tensor
+    v_norm: Tensor
+    eps: Tensor
+
+    def info(self) -> MetaStepInfo:
+        usable, l_seg, l_roi, v_norm, eps = torch.stack(
+            [t.detach().to(torch.float64) for t in self]).tolist()
+        if not usable:
+            return MetaStepInfo(skipped=True, l_seg=l_seg, l_roi=l_roi, v_norm=v_norm)
+        return MetaStepInfo(skipped=False, l_seg=l_seg, l_roi=l_roi, v_norm=v_norm, eps=eps)
 
 
 @dataclass
@@ -362,18 +383,28 @@ class MetaStep:
             return contextlib.ExitStack(), tf32_unless(c.fd_tf32)
         return self._autocast(x, c.amp), contextlib.nullcontext()
 
-    def _generator_grad(self, x: Tensor, y: Tensor, d: Tensor, lr: float,
-                        inner: InnerPass | None = None, logits=None) -> MetaStepInfo:
+    def _generator_grad(self, x: Tensor, y: Tensor, d: Tensor, lr: float | Tensor,
+                        inner: InnerPass | None = None, logits=None, host_checks: bool = True
+                        ) -> MetaTensors | None:
         """Steps 1-5 on one batch; the ω-gradient is ACCUMULATED into g's ``.grad``. With
         ``inner`` (order "shared"), steps 1-2 were the caller's: ŷ and G(θ) come from it and
         the inner gradient from f's ``.grad``. With ``logits`` (f's output at θ on ``x``, graph
-        kept), step 2 backpropagates through them instead of running f, keeping their graph."""
+        kept), step 2 backpropagates through them instead of running f, keeping their graph.
+
+        ``host_checks``: the skip checks (no ROI; ‖v‖ zero or not finite) read the device and
+        return early (None: skipped before L_ROI), saving the passes a skipped update does not
+        need. Without them nothing is read back: the checks become ``usable``, and an unusable
+        update's generator gradient is zero."""
         c = self.config
-        has_roi = bool(torch.isfinite(d).any())  # an ROI in the batch's cases, maybe not in it
-        if self.reducer is not None:
-            has_roi = self.reducer.any(has_roi)
-        if c.skip_without_roi and not has_roi:
-            return MetaStepInfo(skipped=True)
+        keep = None
+        if host_checks:
+            has_roi = bool(torch.isfinite(d).any())  # an ROI in the batch's cases, maybe not in it
+            if self.reducer is not None:
+                has_roi = self.reducer.any(has_roi)
+            if c.skip_without_roi and not has_roi:
+                return None
+        elif c.skip_without_roi:
+            keep = torch.isfinite(d).any()
         f = self.f
         names = [n for n, _ in f.named_parameters()]
         plist = [p for _, p in f.named_parameters()]
@@ -427,24 +458,26 @@ class MetaStep:
         acc = torch.float64 if plist[0].dtype == torch.float64 else torch.float32
         vnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
             [t.to(acc) for t in v.values()])))
-        vn = float(vnorm)
-        info = MetaStepInfo(skipped=False, l_seg=float(l_seg.detach()),
-                            l_roi=float(l_roi.detach()), v_norm=vn)
-        if not (vn > 0.0 and vn < float("inf")):
-            info.skipped = True
-            return info
-        if c.meta_grad == "fd":
-            eps = (c.fd_eps / vnorm).to(plist[0].dtype)                 # 4. θ± = θ ± εv
-            info.eps = float(eps)
+        usable = (vnorm > 0) & torch.isfinite(vnorm)
+        if keep is not None:
+            usable = usable & keep
+        eps = (c.fd_eps / vnorm).to(plist[0].dtype) if c.meta_grad == "fd" \
+            else vnorm.new_zeros((), dtype=plist[0].dtype)
+        out = MetaTensors(usable, l_seg.detach(), l_roi.detach(), vnorm, eps)
+        if host_checks and not bool(usable):
+            return out
+        if c.meta_grad == "fd":                                         # 4. θ± = θ ± εv
             up = self._upstream_fd(params, v, eps, x, yhat_d, g0)
         else:
             up = self._upstream_exact(params, v, x, yhat_d)
         up = [(-lr) * u for u in up]                                    # 5. one backward
+        if not host_checks:  # an unusable update's ε may be inf: no NaN into the gradient
+            up = [torch.where(usable, u, 0.0) for u in up]
         if c.recompute_generator:
             with torch.enable_grad():
                 yhat = _as_list(self.labels(x, y, d))
         torch.autograd.backward(yhat, up)
-        return info
+        return out
 
     # -- public -------------------------------------------------------------------------------
     def shared_forward(self, x: Tensor, y: Tensor, d: Tensor, meta_due: bool = True
@@ -507,11 +540,44 @@ class MetaStep:
             if gen_optimizer is not None:
                 for p in gparams:
                     p.grad = None
-            info = self._generator_grad(xb, yb, db, lr, inner, zb)
+            result = self._generator_grad(xb, yb, db, lr, inner, zb)
+            info = MetaStepInfo(skipped=True) if result is None else result.info()
             infos.append(info)
             if gen_optimizer is not None and not info.skipped:
                 gen_optimizer.step()
         return infos
+
+    def gradients(self, x: Tensor, y: Tensor, d: Tensor, lr: Tensor,
+                  inner: InnerPass | None = None) -> MetaTensors:
+        """Batched mode: :meth:`step`'s generator gradient (into g's ``.grad``, old gradients
+        dropped) without reading anything back to the host, so that ``colabx train
+        --cuda-graphs`` can capture it: ``lr`` (α) is a 0-dim tensor on the device, and the
+        skip checks come back as ``usable`` in the returned :class:`MetaTensors` (an unusable
+        update leaves a zero gradient: do not step the optimizer then). It runs every pass
+        even for an update that :meth:`step` would skip early. ``inner`` as in :meth:`step`.
+        Not with a ``reducer`` (whose ROI check is a host decision across processes)."""
+        if self.config.mode != "batched":
+            raise ValueError("gradients: batched mode only (per_sample steps the optimizer "
+                             "between samples)")
+        if self.reducer is not None:
+            raise ValueError("gradients: not with a reducer; use step")
+        for p in self.g.parameters():
+            p.grad = None
+        return self._generator_grad(x, y, d, lr, inner, host_checks=False)
+
+    def update_pass(self, x: Tensor, y: Tensor, d: Tensor, lr: Tensor
+                    ) -> tuple[Tensor | None, MetaTensors]:
+        """The device work of an iteration with a generator update, without host reads, for
+        CUDA graph capture (batched mode; :meth:`gradients`' conditions). Order "shared":
+        :meth:`shared_forward`, the backward of its loss into f's ``.grad`` (the plain update's
+        gradient, no loss scaling) and :meth:`gradients` with it; returns ``(loss, tensors)``.
+        Order "reference": :meth:`gradients` alone; returns ``(None, tensors)`` (the plain
+        update, on labels from the updated ω, is the caller's)."""
+        if self.config.order == "shared":
+            inner = self.shared_forward(x, y, d, meta_due=True)
+            inner.loss.backward()
+            return inner.loss, self.gradients(x, y, d, lr, inner=inner)
+        return None, self.gradients(x, y, d, lr)
 
     def update_loss(self, x: Tensor, y: Tensor, d: Tensor) -> Tensor:
         """The ordinary update's loss L_seg(f(x), ŷ), ŷ from the current generator without
