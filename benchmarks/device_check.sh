@@ -155,8 +155,8 @@ cuda_bench() {
 # beside it) and of bf16 (central difference)
 stage_meta() {
   local v t0=$SECONDS
-  # then each with the updates without a generator update replayed from CUDA graphs
-  # (colabx train --cuda-graphs)
+  # then each with its iterations replayed from CUDA graphs (colabx train --cuda-graphs: the
+  # updates of θ and the update iterations' meta passes)
   for v in "none one_sided" "bf16 central" "none one_sided --cuda-graphs" \
            "bf16 central --cuda-graphs"; do
     # shellcheck disable=SC2086

@@ -35,29 +35,41 @@ def _cfg(**kw) -> TrainConfig:
     ("colab", {"meta_order": "shared"}),  # bf16 autocast, central difference
     ("colab", {"meta_order": "reference"}),
     ("colab", {"amp": "none", "meta_difference": "one_sided", "grad_clip": 0.05}),
+    ("colab", {"meta_grad": "exact"}),  # its meta step stays eager
 ])
-def test_captured_update_trains_as_the_eager_one(cache, tmp_path, mode, extra):
+def test_captured_iterations_train_as_the_eager_ones(cache, tmp_path, mode, extra):
     nets = {}
     for graphs in (False, True):
         tr = Trainer(_cfg(mode=mode, cuda_graphs=graphs, **extra), tmp_path / str(graphs),
                      echo=lambda s: None)
         start = [p.detach().clone() for p in tr.f.parameters()]
-        replays = []
+        calls, passes = [], []
         if graphs:
-            real = Trainer._update_backward
+            real, real_pass = Trainer._replayed, Trainer._meta_pass
 
-            def spy(self, inputs, real=real, replays=replays):
-                replays.append(self.captured is not None)
-                return real(self, inputs)
+            def spy(self, name, *args, real=real, calls=calls):
+                calls.append((name, name in self.captured))
+                return real(self, name, *args)
 
-            tr._update_backward = spy.__get__(tr)
+            tr._replayed = spy.__get__(tr)
+            def meta_pass(inputs, tr=tr, real_pass=real_pass, passes=passes):
+                passes.append(1)
+                return real_pass(tr, inputs)
+
+            tr._meta_pass = meta_pass
         assert tr.run(max_epochs=2) is None  # 6 iterations, generator updates at 3 of them
         if graphs:
-            assert tr.captured is None  # released once training stops
-            # colab: the update iterations' plain part is captured only in the reference order
-            assert len(replays) == (6 if mode != "colab" or extra.get("meta_order") ==
-                                    "reference" else 3)
-            assert replays[0] is False and all(replays[1:])
+            assert tr.captured == {}  # released once training stops
+            meta = mode == "colab" and extra.get("meta_grad") != "exact"
+            shared = mode == "colab" and extra.get("meta_order") != "reference"
+            # the update graph serves every iteration without a generator update, and the
+            # reference order's plain update; the meta graph every generator update
+            want = {"update": 3 if shared else 6, "meta": 3 if meta else 0}
+            for name, n in want.items():
+                seen = [hit for key, hit in calls if key == name]
+                assert seen == [False] + [True] * (n - 1), (name, calls)
+            # three warm-up calls and the capture: the later updates replayed the graph
+            assert len(passes) == (4 if meta else 0)
         moved = max(float((p.detach() - q).abs().max())
                     for p, q in zip(tr.f.parameters(), start, strict=True))
         assert moved > 1e-3
@@ -68,6 +80,44 @@ def test_captured_update_trains_as_the_eager_one(cache, tmp_path, mode, extra):
         want = dict(eager.named_parameters())
         for name, p in captured.named_parameters():
             torch.testing.assert_close(p, want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+class _EagerCapture:
+    """CapturedStep's contract without a GPU: every call runs the step eagerly."""
+
+    def __init__(self, step_fn, params, inputs):
+        self.step_fn = step_fn
+
+    def __call__(self, inputs):
+        return self.step_fn(inputs)
+
+
+@pytest.mark.parametrize("extra", [{"meta_order": "shared"}, {"meta_order": "reference"},
+                                   {"meta_difference": "central"}])
+def test_the_graph_paths_of_an_iteration_train_as_the_eager_ones(cache, tmp_path, monkeypatch,
+                                                                 extra):
+    """On the CPU, with the capture replaced by eager calls: the trainer's --cuda-graphs paths
+    (the meta passes without host reads, the generator stepped after reading their flag) give
+    the weights and logged numbers of its eager paths, bit for bit."""
+    import colabx.train.trainer as trainer_module
+
+    runs = {}
+    for graphs in (False, True):
+        tr = Trainer(_cfg(device="cpu", **extra), tmp_path / str(graphs), echo=lambda s: None)
+        if graphs:
+            monkeypatch.setattr(trainer_module, "CapturedStep", _EagerCapture)
+            tr.cfg.cuda_graphs = True  # after the device check, which refuses it on a CPU
+        assert tr.run(max_epochs=2) is None
+        if graphs:
+            assert tr.captured == {}  # released once training stops
+        runs[graphs] = tr
+    eager, graphed = runs[False], runs[True]
+    for a, b in ((eager.f, graphed.f), (eager.g, graphed.g)):
+        for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+            assert torch.equal(p, q), name
+    keys = ("train_loss", "meta_skipped", "meta_l_seg", "meta_l_roi", "meta_v_norm")
+    assert [[r[k] for k in keys] for r in eager.log.rows] == \
+        [[r[k] for k in keys] for r in graphed.log.rows]
 
 
 @pytest.mark.parametrize("world,where", [(1, "device cpu"), (2, "several processes")])
@@ -94,7 +144,7 @@ def test_cuda_graphs_conflicts_are_config_errors(kw, match):
 @pytest.mark.cuda
 @pytest.mark.parametrize("amp", [None, torch.bfloat16])
 def test_captured_step_replays_loss_and_gradients_of_new_inputs(amp):
-    """Each replay computes the loss and gradients of the inputs it is given (not of the
+    """Each replay computes the outputs and gradients of the inputs it is given (not of the
     capture's), equal to an eager call's up to the rounding of the convolution algorithms (TF32
     in fp32: stale inputs would be O(1) off); the gradients land in the parameters' ``.grad``."""
     from colabx import context_labels, dice_ce_loss
@@ -118,11 +168,17 @@ def test_captured_step_replays_loss_and_gradients_of_new_inputs(amp):
                 "gen": torch.randn(2, 2, 16, 16, 8, device="cuda", generator=g),
                 "label": y, "distance": torch.where(y > 0, 0.0, 3.0)}
 
+    def step_fn(inp):  # outputs of any (named) tuple structure come back as they were made
+        loss = loss_fn(inp)
+        loss.backward()
+        return loss, None
+
     torch.use_deterministic_algorithms(True, warn_only=True)  # off again after the test
-    step = CapturedStep(loss_fn, net.parameters(), batch(0))
+    step = CapturedStep(step_fn, net.parameters(), batch(0))
     for seed in (1, 2):
         inp = batch(seed)
-        loss = step(inp)
+        loss, none = step(inp)
+        assert none is None
         got = [p.grad.clone() for p in net.parameters()]
         net.zero_grad(set_to_none=True)
         want_loss = loss_fn(inp)

@@ -125,9 +125,10 @@ def _iterations(s: Setup, device: torch.device, difference: str,
     colabx's plain, reference-order and shared-order rows (``colabx train --meta-amp``); the
     published iteration keeps ``amp_dtype``'s. ``fd_tf32``: colabx's θ± forwards (and a
     one-sided difference's inner forward) may use TF32 (``colabx train``'s default).
-    ``cuda_graphs``: colabx's updates of θ without a generator update (the vanilla and plain
-    rows, the plain part of the reference order's) replay their loss and backward from a CUDA
-    graph, as ``colabx train --cuda-graphs``."""
+    ``cuda_graphs``: colabx's rows replay their passes from CUDA graphs, as ``colabx train
+    --cuda-graphs``: the updates of θ without a generator update (the vanilla and plain rows,
+    the plain part of the reference order's) and the meta passes of the update iterations
+    (with the shared forward and backward in the shared order)."""
     c = s.num_classes
     amp = amp_dtype is not None
 
@@ -147,18 +148,40 @@ def _iterations(s: Setup, device: torch.device, difference: str,
     inputs = {"image": x, "label": y, "distance": d}
     rows: dict[str, Callable[[], object]] = {}
 
+    def backward(loss_fn):
+        def step_fn(inp):
+            loss = loss_fn(inp)
+            loss.backward()
+            return loss
+        return step_fn
+
     def update(loss_fn, net, opt):
         """θ's update: ``loss_fn(inputs)``, its backward (replayed with ``cuda_graphs``), the
         optimizer step."""
-        step = CapturedStep(loss_fn, net.parameters(), inputs) if cuda_graphs else None
+        step = CapturedStep(backward(loss_fn), net.parameters(), inputs) if cuda_graphs \
+            else backward(loss_fn)
 
         def run():
             opt.zero_grad(set_to_none=True)
-            if step is None:
-                loss_fn(inputs).backward()
-            else:
-                step(inputs)
+            step(inputs)
             opt.step()
+        return run
+
+    def replayed_meta(ms, f, g, gopt):
+        """With ``cuda_graphs``, an update iteration's meta passes replayed from a graph
+        (:meth:`MetaStep.update_pass`, as ``colabx train --cuda-graphs``), then the
+        generator's step; else None."""
+        if not cuda_graphs:
+            return None
+        meta_inputs = {**inputs, "lr": torch.full((), ALPHA, device=device)}
+        step = CapturedStep(lambda inp: ms.update_pass(inp["image"], inp["label"],
+                                                       inp["distance"], inp["lr"]),
+                            [*f.parameters(), *g.parameters()], meta_inputs)
+
+        def run():
+            _, tensors = step(meta_inputs)
+            if not tensors.info().skipped:
+                gopt.step()
         return run
 
     fv, _ = s.nets(device, c)
@@ -190,22 +213,29 @@ def _iterations(s: Setup, device: torch.device, difference: str,
         ms = MetaStep(f, g, MetaConfig(c, order=order, difference=diff, amp=amp, meta_amp=meta,
                                        amp_dtype=amp_dtype or meta_amp_dtype or torch.bfloat16,
                                        fd_tf32=fd_tf32))
+        graphed = replayed_meta(ms, f, g, gopt)
         if order == "reference":
             plain = update(lambda inp, ms=ms: ms.update_loss(inp["image"], inp["label"],
                                                              inp["distance"]), f, fopt)
             rows.setdefault("colab plain", as_trainer(plain))
 
-            def reference(ms=ms, gopt=gopt, plain=plain):
-                ms.step(x, y, d, ALPHA, gopt)
+            def reference(ms=ms, gopt=gopt, plain=plain, graphed=graphed):
+                if graphed is None:
+                    ms.step(x, y, d, ALPHA, gopt)
+                else:
+                    graphed()
                 plain()
 
             rows[f"colab meta ({label})"] = as_trainer(reference)
         else:
-            def shared(ms=ms, f=f, fopt=fopt, gopt=gopt):
+            def shared(ms=ms, f=f, fopt=fopt, gopt=gopt, graphed=graphed):
                 fopt.zero_grad(set_to_none=True)
-                inner = ms.shared_forward(x, y, d)
-                inner.loss.backward()
-                ms.step(x, y, d, ALPHA, gopt, inner=inner)
+                if graphed is None:
+                    inner = ms.shared_forward(x, y, d)
+                    inner.loss.backward()
+                    ms.step(x, y, d, ALPHA, gopt, inner=inner)
+                else:
+                    graphed()
                 fopt.step()
 
             rows[f"colab meta ({label})"] = as_trainer(shared)

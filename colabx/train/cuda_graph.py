@@ -1,15 +1,15 @@
-"""``colabx train --cuda-graphs``: the update of θ (forward, loss, backward) captured once in a
-CUDA graph and replayed, so that the host no longer launches its kernels one by one.
+"""``colabx train --cuda-graphs``: the iteration's passes (forwards, losses, backwards) captured
+once in CUDA graphs and replayed, so that the host no longer launches their kernels one by one.
 
-What is captured, at the first iteration without a generator update, is the update of θ: the
-labels (the generator's forward and ``context_labels``, or the mode's fixed rule), the
-network's forward, ``dice_ce_loss`` and the backward into the network's ``.grad``. It is
-replayed in every iteration outside mode ``colab``; in mode ``colab`` in the iterations without
-a generator update and, in the reference order, for an update iteration's plain update (the
-shared order's update iterations share that forward and backward with the meta step and run
-eagerly). The generator updates (the meta step, whose passes hold outputs from one pass to the
-next), gradient clipping and the optimizer steps stay eager: they read the iteration's learning
-rate, and the meta step's skip checks read the device.
+Two graphs, each captured at its first use: the update of θ (the labels, from the generator's
+forward and ``context_labels`` or the mode's fixed rule, the network's forward, ``dice_ce_loss``
+and the backward into the network's ``.grad``), replayed in every iteration without a
+generator update and for the reference order's plain update; and, in mode ``colab`` with the
+batched finite-difference meta step, an update iteration's passes
+(:meth:`colabx.method.MetaStep.update_pass`: in the shared order the shared forward and
+backward too), whose skip checks come back as a device flag read once after the replay.
+Gradient clipping and the optimizer steps stay eager: they read the iteration's learning rate,
+and the generator's step depends on that flag.
 """
 
 from __future__ import annotations
@@ -19,19 +19,34 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor
 
+Outputs = Tensor | tuple | None
+
+
+def _map(fn: Callable[[Tensor], Tensor], out: Outputs) -> Outputs:
+    """``fn`` applied to every tensor of a step's outputs: a tensor, None, or a (named) tuple
+    of them."""
+    if out is None:
+        return None
+    if isinstance(out, Tensor):
+        return fn(out)
+    items = [_map(fn, o) for o in out]
+    return type(out)._make(items) if hasattr(out, "_make") else tuple(items)
+
 
 class CapturedStep:
-    """``loss_fn(inputs)`` and the backward of its loss into the parameters' ``.grad``,
-    captured once in a CUDA graph and replayed on new inputs.
+    """``step_fn(inputs)``, forward passes and the backward passes that write the parameters'
+    ``.grad``, captured once in a CUDA graph and replayed on new inputs.
 
     Parameters
     ----------
-    loss_fn : callable
-        ``inputs → 0-dim loss``; must build the same computation on every call and must not
-        synchronise with the host (no ``.item()``, no input validation passes).
+    step_fn : callable
+        ``inputs → outputs`` (a tensor, None, or a (named) tuple of them), running its own
+        backward passes; must build the same computation on every call and must not
+        synchronise with the host (no ``.item()``, no input validation passes, no branch on a
+        device value).
     params : iterable of Parameter
-        The parameters whose gradients the backward computes (those requiring grad). They
-        must only ever be updated in place (optimizer steps), never replaced.
+        Every parameter whose gradient the step computes (those not requiring grad are left
+        out). They must only ever be updated in place (optimizer steps), never replaced.
     inputs : mapping of str to Tensor
         CUDA tensors with the names, shapes and dtypes of every later call.
     warmup : int
@@ -40,11 +55,12 @@ class CapturedStep:
         state stay as they were.
 
     Each call copies its ``inputs`` into the captured ones, replays the graph, points every
-    parameter's ``.grad`` at the gradient the graph wrote (overwritten by the next call) and
-    returns the loss (a copy, safe to read after later calls).
+    parameter's ``.grad`` at the gradient the graph wrote (None where the step wrote none;
+    overwritten by the next call) and returns a copy of the outputs (safe to read after later
+    calls).
     """
 
-    def __init__(self, loss_fn: Callable[[Mapping[str, Tensor]], Tensor],
+    def __init__(self, step_fn: Callable[[Mapping[str, Tensor]], Outputs],
                  params: Iterable[torch.nn.Parameter], inputs: Mapping[str, Tensor],
                  warmup: int = 3) -> None:
         self.params = [p for p in params if p.requires_grad]
@@ -58,15 +74,14 @@ class CapturedStep:
         with torch.cuda.stream(side):
             for _ in range(warmup):
                 self._drop_grads()
-                loss_fn(self.inputs).backward()
+                step_fn(self.inputs)
         torch.cuda.current_stream().wait_stream(side)
         self._drop_grads()
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: the data loader's pin-memory thread may call CUDA meanwhile
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            loss = loss_fn(self.inputs)
-            loss.backward()
-        self.loss = loss.detach()
+            out = step_fn(self.inputs)
+        self.outputs = _map(Tensor.detach, out)
         self.grads = [p.grad for p in self.params]
         self._drop_grads()
 
@@ -74,7 +89,7 @@ class CapturedStep:
         for p in self.params:
             p.grad = None
 
-    def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
+    def __call__(self, inputs: Mapping[str, Tensor]) -> Outputs:
         if set(inputs) != set(self.inputs):
             raise ValueError(f"inputs: the graph was captured for {sorted(self.inputs)}, got "
                              f"{sorted(inputs)}")
@@ -89,4 +104,4 @@ class CapturedStep:
         self.graph.replay()
         for p, grad in zip(self.params, self.grads, strict=True):
             p.grad = grad
-        return self.loss.clone()
+        return _map(Tensor.clone, self.outputs)

@@ -414,7 +414,9 @@ class Trainer:
                                       body_threshold=body,
                                       context_values=cfg.manual_contexts)
         self.counter = UpdateCounter(cfg.meta_period)
-        self.captured: CapturedStep | None = None  # cuda_graphs: captured at the first update
+        # cuda_graphs: "update" (θ's update) and "meta" (an update iteration's meta passes),
+        # each captured at its first use
+        self.captured: dict[str, CapturedStep] = {}
         world, rank = self.dist.world_size, self.dist.rank
         local = cfg.batch_size // world
         self.batches = PatchBatches(
@@ -538,7 +540,17 @@ class Trainer:
             due = self.counter.tick()
         self.opt.zero_grad(set_to_none=True)
         unscaled = False
-        if due and self.meta.config.order == "shared":
+        inputs = {"image": x, "label": y, "distance": d}
+        if batch.get("context") is not None:
+            inputs["context"] = batch["context"].to(dev, non_blocking=True)
+        shared = due and self.meta.config.order == "shared"
+        loss = None
+        if due and self._meta_replayed():
+            loss, tensors = self._replayed(
+                "meta", self._meta_pass, [*self.f.parameters(), *self.g.parameters()],
+                {**inputs, "lr": torch.full((), lr, device=dev)})
+            out.update(self._meta_stats(self._step_generator([tensors.info()])))
+        elif shared:
             # one forward+backward of f: the inner step's gradient and the plain update's
             inner = self.meta.shared_forward(x, y, d, meta_due=True)
             loss = inner.loss
@@ -547,13 +559,10 @@ class Trainer:
             self.scaler.unscale_(self.opt)
             unscaled = True
             out.update(self._meta_update(x, y, d, lr, inner))
-        else:
-            if due:
-                out.update(self._meta_update(x, y, d, lr))
-            inputs = {"image": x, "label": y, "distance": d}
-            if batch.get("context") is not None:
-                inputs["context"] = batch["context"].to(dev, non_blocking=True)
-            loss = self._update_backward(inputs)
+        elif due:
+            out.update(self._meta_update(x, y, d, lr))
+        if not shared:
+            loss = self._replayed("update", self._update_step, self.f.parameters(), inputs)
             self.dist.mean_grads(self.f.parameters())
         if cfg.grad_clip > 0:
             if not unscaled:
@@ -576,25 +585,49 @@ class Trainer:
             z = self.f_run(x)
         return dice_ce_loss(z, targets, validate=False)
 
-    def _update_backward(self, inputs: Mapping[str, Tensor]) -> Tensor:
-        """The update's loss and its backward into f's ``.grad``, eager or (``cuda_graphs``)
-        replayed from the graph captured at the first call. Returns the loss."""
+    def _update_step(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        """The update's loss and its backward into f's ``.grad``. Returns the loss."""
+        loss = self._update_loss(inputs)
+        self.scaler.scale(loss).backward()
+        return loss
+
+    def _replayed(self, name: str, step_fn, params, inputs: Mapping[str, Tensor]):
+        """``step_fn(inputs)``, eager or (``cuda_graphs``) replayed from the graph captured at
+        the first call under ``name`` (:class:`CapturedStep`)."""
         if not self.cfg.cuda_graphs:
-            loss = self._update_loss(inputs)
-            self.scaler.scale(loss).backward()
-            return loss
-        if self.captured is None:
-            self.captured = CapturedStep(self._update_loss, self.f.parameters(), inputs)
-        return self.captured(inputs)
+            return step_fn(inputs)
+        if name not in self.captured:
+            self.captured[name] = CapturedStep(step_fn, params, inputs)
+        return self.captured[name](inputs)
+
+    def _meta_replayed(self) -> bool:
+        """Whether a generator update's passes replay from a graph: ``cuda_graphs`` with the
+        batched finite-difference meta step (per-sample updates step the optimizer between
+        samples; the exact meta-gradient stays eager)."""
+        cfg = self.cfg
+        return cfg.cuda_graphs and cfg.meta_mode == "batched" and cfg.meta_grad == "fd"
+
+    def _meta_pass(self, inputs: Mapping[str, Tensor]):
+        """The device work of an update iteration (:meth:`MetaStep.update_pass`): in the
+        shared order also the loss of the plain update and its gradient in f's ``.grad``."""
+        return self.meta.update_pass(inputs["image"], inputs["label"], inputs["distance"],
+                                     inputs["lr"])
+
+    def _step_generator(self, infos: list) -> list:
+        """The generator's optimizer step after a batched meta step (none when skipped)."""
+        if not infos[0].skipped:
+            self.dist.mean_grads(self.g.parameters())
+            self.gen_opt.step()
+        return infos
 
     def _meta_update(self, x, y, d, lr: float, inner=None) -> dict[str, float]:
         if self.cfg.meta_mode == "per_sample":
             infos = self.meta.step(x, y, d, lr, self.gen_opt)
         else:
-            infos = self.meta.step(x, y, d, lr, inner=inner)
-            if not infos[0].skipped:
-                self.dist.mean_grads(self.g.parameters())
-                self.gen_opt.step()
+            infos = self._step_generator(self.meta.step(x, y, d, lr, inner=inner))
+        return self._meta_stats(infos)
+
+    def _meta_stats(self, infos: list) -> dict[str, float]:
         done = [i for i in infos if not i.skipped]
         l_seg, l_roi = _mean([i.l_seg for i in done]), _mean([i.l_roi for i in done])
         if self.dist.enabled:  # this process's share; v (and so its norm) is already global
@@ -654,9 +687,11 @@ class Trainer:
         for epoch in range(self.start_epoch, stop):
             self._epoch(epoch, batches)
         del batches, loader
-        if self.captured is not None:  # the graph's memory, and the gradients in it, go now
-            self.captured = None
+        if self.captured:  # the graphs' memory, and the gradients in it, go now
+            self.captured = {}
             self.f.zero_grad(set_to_none=True)
+            if self.g is not None:
+                self.g.zero_grad(set_to_none=True)
         if stop < cfg.epochs:
             return None
         result = None
