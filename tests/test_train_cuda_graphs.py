@@ -67,7 +67,7 @@ def test_captured_iterations_train_as_the_eager_ones(cache, tmp_path, mode, extr
             want = {"update": 3 if shared else 6, "meta": 3 if meta else 0}
             for name, n in want.items():
                 seen = [hit for key, hit in calls if key == name]
-                assert seen == [False] + [True] * (n - 1), (name, calls)
+                assert seen == [False, *[True] * (n - 1)][:n], (name, calls)
             # three warm-up calls and the capture: the later updates replayed the graph
             assert len(passes) == (4 if meta else 0)
         moved = max(float((p.detach() - q).abs().max())
