@@ -187,20 +187,19 @@ class TrainConfig:
                              "step holds from one pass to the next: not with mode colab)",
                              choices=("default", "max-autotune-no-cudagraphs",
                                       "reduce-overhead", "max-autotune"))
-    cuda_graphs: bool = _opt(False, "replay the network's update (labels, forward, loss, "
-                             "backward) from a CUDA graph, captured at the first iteration "
-                             "without a generator update, instead of launching its kernels "
-                             "one by one: every iteration of the modes without a generator; "
-                             "with mode colab the iterations without a generator update (and, "
-                             "in the reference order, an update iteration's plain update; the "
-                             "shared order runs its update iterations eagerly). Generator "
-                             "updates, gradient clipping and optimizer steps stay eager. CUDA "
-                             "only, one process, not with --compile or --amp fp16; holds one "
-                             "more iteration's activations while training. Off by default: on "
-                             "an H200 at 80^3 it saved 2-5% of those iterations' best times "
-                             "(more of their median on a noisy host), and the meta iterations "
-                             "stay as they are (benchmarks/RESULTS.md; colabx bench meta "
-                             "--cuda-graphs measures it)")
+    cuda_graphs: bool = _opt(False, "replay the iteration's passes from CUDA graphs, each "
+                             "captured at its first use, instead of launching their kernels "
+                             "one by one: the network's update (labels, forward, loss, "
+                             "backward) in every iteration without a generator update and, "
+                             "with mode colab, an update iteration's meta passes (batched "
+                             "finite-difference meta step; in the shared order with its shared "
+                             "forward and backward); gradient clipping and optimizer steps stay "
+                             "eager. CUDA only, one process, not with --compile or --amp fp16; "
+                             "holds the activations of the captured iterations while training. "
+                             "Off by default: on an H200 at 80^3 it made the meta iteration "
+                             "5-11% and the others 2-5% faster, a period-5 run 3-8% faster "
+                             "(benchmarks/RESULTS.md, run 9; colabx bench meta --cuda-graphs "
+                             "measures it)")
     seed: int = _opt(0, "random seed (networks, data, augmentation)", lo=0, hi=2**32 - 1)
     deterministic: bool = _opt(False, "deterministic algorithms (slower on GPU)")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N", group="run")
