@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from colabx.cli import main
 
@@ -62,6 +63,7 @@ def test_bench_meta_quick_compiled(tmp_path):
     from torch._dynamo.utils import counters
 
     out = tmp_path / "meta.json"
+    torch._dynamo.reset()  # graphs compiled by earlier tests of the process would be reused
     counters.clear()
     assert main(["bench", "meta", "--quick", "--min-time", "0", "--compile", "default",
                  "--out", str(out)]) == 0

@@ -4,6 +4,8 @@ replay on a new batch), and the option is refused where it cannot run."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -83,10 +85,14 @@ def test_captured_iterations_train_as_the_eager_ones(cache, tmp_path, mode, extr
 
 
 class _EagerCapture:
-    """CapturedStep's contract without a GPU: every call runs the step eagerly."""
+    """CapturedStep's contract without a GPU: every call runs the step eagerly. Records the
+    steps it was built for."""
+
+    built: list[str] = []
 
     def __init__(self, step_fn, params, inputs):
         self.step_fn = step_fn
+        self.built.append(step_fn.__name__)
 
     def __call__(self, inputs):
         return self.step_fn(inputs)
@@ -98,18 +104,38 @@ def test_the_graph_paths_of_an_iteration_train_as_the_eager_ones(cache, tmp_path
                                                                  extra):
     """On the CPU, with the capture replaced by eager calls: the trainer's --cuda-graphs paths
     (the meta passes without host reads, the generator stepped after reading their flag) give
-    the weights and logged numbers of its eager paths, bit for bit."""
+    the weights and logged numbers of its eager paths, bit for bit, also when an update is
+    skipped (iteration 2's batch has no ROI in its cases)."""
     import colabx.train.trainer as trainer_module
+    from colabx.method.meta_step import MetaStep
+
+    def without_roi_at_2(self, it, batch, real=Trainer.train_iteration):
+        if it == 2:
+            batch = {**batch, "distance": torch.full_like(batch["distance"], math.inf)}
+        return real(self, it, batch)
 
     runs = {}
     for graphs in (False, True):
         tr = Trainer(_cfg(device="cpu", **extra), tmp_path / str(graphs), echo=lambda s: None)
+        tr.train_iteration = without_roi_at_2.__get__(tr)
+        eager_steps = []
         if graphs:
             monkeypatch.setattr(trainer_module, "CapturedStep", _EagerCapture)
+            monkeypatch.setattr(_EagerCapture, "built", [])
+
+            def counted(*args, real=MetaStep.step, seen=eager_steps, **kw):
+                seen.append(1)
+                return real(*args, **kw)
+
+            monkeypatch.setattr(MetaStep, "step", counted)
             tr.cfg.cuda_graphs = True  # after the device check, which refuses it on a CPU
-        assert tr.run(max_epochs=2) is None
+        assert tr.run(max_epochs=2) is None  # 6 iterations, generator updates at 0, 2, 4
         if graphs:
             assert tr.captured == {}  # released once training stops
+            assert sorted(_EagerCapture.built) == ["_meta_pass", "_update_step"]
+            assert eager_steps == []  # every generator update took the graph path
+        adam_steps = {int(st["step"]) for st in tr.gen_opt.state.values()}
+        assert adam_steps == {2}  # the update without ROI did not step the generator
         runs[graphs] = tr
     eager, graphed = runs[False], runs[True]
     for a, b in ((eager.f, graphed.f), (eager.g, graphed.g)):
@@ -118,6 +144,7 @@ def test_the_graph_paths_of_an_iteration_train_as_the_eager_ones(cache, tmp_path
     keys = ("train_loss", "meta_skipped", "meta_l_seg", "meta_l_roi", "meta_v_norm")
     assert [[r[k] for k in keys] for r in eager.log.rows] == \
         [[r[k] for k in keys] for r in graphed.log.rows]
+    assert sum(r["meta_skipped"] for r in eager.log.rows) == 1
 
 
 @pytest.mark.parametrize("world,where", [(1, "device cpu"), (2, "several processes")])

@@ -305,9 +305,10 @@ def main(argv: list[str] | None = None, prog: str = "colabx bench meta") -> dict
                     "use TF32 on the GPU as torch allows, as colabx train (default); "
                     "--no-fd-tf32: strict fp32, as colabx train --no-fd-tf32")
     ap.add_argument("--cuda-graphs", action="store_true",
-                    help="replay colabx's updates of the network without a generator update "
+                    help="replay colabx's rows from CUDA graphs, as colabx train "
+                    "--cuda-graphs: the updates of the network without a generator update "
                     "(vanilla's, CoLab's plain iteration and the reference order's plain part) "
-                    "from CUDA graphs, as colabx train --cuda-graphs (CUDA only)")
+                    "and the update iterations' meta passes (CUDA only)")
     ap.add_argument("--compile", choices=("off", "default", "max-autotune-no-cudagraphs"),
                     default="off", help="torch.compile colabx's networks with this mode, as "
                     "colabx train --compile --compile-mode MODE (default off); the modes that "

@@ -277,6 +277,8 @@ class MetaStep:
     overwritten) and, when an optimizer is given, steps it; ``plain_step(x, y, d, seg_optimizer)``
     is the ordinary update of θ. ``x [B, C, *S]``, ``y [B, *S]`` int labels, ``d [B, *S]``
     distances (+inf for items without ROI). ``f``'s parameters are never changed by ``step``.
+    ``gradients`` and ``update_pass`` compute what ``step`` does without reading the device
+    from the host, for CUDA graph capture (``colabx train --cuda-graphs``).
 
     With a ``reducer`` (data-parallel training, batched mode), each process passes its share of
     the global batch; the inner-step gradient and v are averaged over the processes, so θ*, ε and
@@ -396,6 +398,8 @@ class MetaStep:
         need. Without them nothing is read back: the checks become ``usable``, and an unusable
         update's generator gradient is zero."""
         c = self.config
+        if isinstance(lr, Tensor):
+            lr = lr.to(d.device, next(self.f.parameters()).dtype)
         keep = None
         if host_checks:
             has_roi = bool(torch.isfinite(d).any())  # an ROI in the batch's cases, maybe not in it
@@ -458,11 +462,12 @@ class MetaStep:
         acc = torch.float64 if plist[0].dtype == torch.float64 else torch.float32
         vnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
             [t.to(acc) for t in v.values()])))
-        usable = (vnorm > 0) & torch.isfinite(vnorm)
-        if keep is not None:
-            usable = usable & keep
         eps = (c.fd_eps / vnorm).to(plist[0].dtype) if c.meta_grad == "fd" \
             else vnorm.new_zeros((), dtype=plist[0].dtype)
+        # a subnormal ‖v‖ is finite and positive but overflows ε
+        usable = (vnorm > 0) & torch.isfinite(vnorm) & torch.isfinite(eps)
+        if keep is not None:
+            usable = usable & keep
         out = MetaTensors(usable, l_seg.detach(), l_roi.detach(), vnorm, eps)
         if host_checks and not bool(usable):
             return out
@@ -572,7 +577,8 @@ class MetaStep:
         :meth:`shared_forward`, the backward of its loss into f's ``.grad`` (the plain update's
         gradient, no loss scaling) and :meth:`gradients` with it; returns ``(loss, tensors)``.
         Order "reference": :meth:`gradients` alone; returns ``(None, tensors)`` (the plain
-        update, on labels from the updated ω, is the caller's)."""
+        update, on labels from the updated ω, is the caller's). Like any backward, the shared
+        order's adds to f's ``.grad``: the caller clears it first (``zero_grad``)."""
         if self.config.order == "shared":
             inner = self.shared_forward(x, y, d, meta_due=True)
             inner.loss.backward()

@@ -48,7 +48,9 @@ class CapturedStep:
         Every parameter whose gradient the step computes (those not requiring grad are left
         out). They must only ever be updated in place (optimizer steps), never replaced.
     inputs : mapping of str to Tensor
-        CUDA tensors with the names, shapes and dtypes of every later call.
+        CUDA tensors with the names, shapes and dtypes of every later call. No autograd graph
+        of an eager call through the same parameters may still be alive when the step is
+        captured (the capture fails on it): capture before, or after it is freed.
     warmup : int
         Eager calls before the capture, on a side stream (cuDNN chooses its algorithms there,
         lazily built state is built). Their gradients are dropped: parameters and optimizer

@@ -549,7 +549,10 @@ class Trainer:
             loss, tensors = self._replayed(
                 "meta", self._meta_pass, [*self.f.parameters(), *self.g.parameters()],
                 {**inputs, "lr": torch.full((), lr, device=dev)})
-            out.update(self._meta_stats(self._step_generator([tensors.info()])))
+            # (one process, no loss scaling: --cuda-graphs refuses several processes and fp16)
+            info = tensors.info()  # waits for the replay: the generator steps only if usable
+            self._step_generator(info.skipped)
+            out.update(self._meta_stats([info]))
         elif shared:
             # one forward+backward of f: the inner step's gradient and the plain update's
             inner = self.meta.shared_forward(x, y, d, meta_due=True)
@@ -613,18 +616,18 @@ class Trainer:
         return self.meta.update_pass(inputs["image"], inputs["label"], inputs["distance"],
                                      inputs["lr"])
 
-    def _step_generator(self, infos: list) -> list:
+    def _step_generator(self, skipped: bool) -> None:
         """The generator's optimizer step after a batched meta step (none when skipped)."""
-        if not infos[0].skipped:
+        if not skipped:
             self.dist.mean_grads(self.g.parameters())
             self.gen_opt.step()
-        return infos
 
     def _meta_update(self, x, y, d, lr: float, inner=None) -> dict[str, float]:
         if self.cfg.meta_mode == "per_sample":
             infos = self.meta.step(x, y, d, lr, self.gen_opt)
         else:
-            infos = self._step_generator(self.meta.step(x, y, d, lr, inner=inner))
+            infos = self.meta.step(x, y, d, lr, inner=inner)
+            self._step_generator(infos[0].skipped)
         return self._meta_stats(infos)
 
     def _meta_stats(self, infos: list) -> dict[str, float]:
