@@ -78,8 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {"command": "python -m benchmarks.convolution_floor " + " ".join(argv or []),
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "setup": {"batch": 2, "patch": [32, 32, 32], "features": 8, "pools": 3,
-                         "difference": "one_sided"},
+               "setup": {**setup.__dict__, "difference": "one_sided"},
                "rows": seen, "median": med, "floors": floors}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(payload, indent=1) + "\n")
